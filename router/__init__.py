@@ -1,0 +1,1 @@
+"""Decisions under budgets as pure functions: no Ray, no gRPC (see base.py)."""

@@ -1,0 +1,1 @@
+"""Generated from proto/wattserve/v1/wattserve.proto by codegen.py."""

@@ -1,0 +1,119 @@
+"""Assembles and runs a wattserve server: Ray, expert actors, gateway and the gRPC endpoint.
+
+``WattserveServer`` is used by ``wattserve serve`` and, unchanged, by the end-to-end tests (on a
+free loopback port). Besides our services it serves the standard ``grpc.health.v1`` health
+service (SERVING while at least one expert replica is healthy) and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from router.policies import make_policy
+from wattserve.errors import ConfigError
+from workers.models import default_cache_dir
+
+from ..cluster import ExpertPool, start_ray, stop_ray
+from ..config import WattserveConfig
+from ..gateway import Gateway
+from .gen import wattserve_pb2 as pb
+from .gen import wattserve_pb2_grpc as pb_grpc
+from .interceptors import ErrorInterceptor
+from .servicer import AdminServicer, InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+    pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+class WattserveServer:
+    def __init__(self, config: WattserveConfig, progress: Callable[[str], None] = log.info) -> None:
+        self.config = config
+        self.progress = progress
+        self.cache_dir = str(Path(config.model_cache_dir).expanduser() if config.model_cache_dir else default_cache_dir())
+        self.ray_address = ""
+        self._owns_ray = False
+        self.pool: ExpertPool | None = None
+        self.gateway: Gateway | None = None
+        self.server: aio.Server | None = None
+        self.health = HealthServicer()
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bring everything up; returns the bound port. Cleans up if any stage fails."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> int:
+        cfg = self.config
+        self.progress("starting Ray" + (f" (joining {cfg.ray.address})" if cfg.ray.address else " (embedded, loopback)"))
+        self.ray_address, self._owns_ray = start_ray(cfg.ray)
+        self.pool = ExpertPool(cfg.experts, self.cache_dir)
+        self.pool.create()
+        self.progress(f"loading {len(self.pool.all())} expert replica(s): {', '.join(r.name for r in self.pool.all())}")
+        await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress)
+        self.gateway = Gateway(cfg, self.pool, make_policy(cfg.gateway.routing_policy), on_health_change=self._set_health)
+        await self.gateway.start()
+
+        limit = cfg.gateway.max_message_bytes
+        self.server = aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        address = f"{cfg.gateway.host}:{cfg.gateway.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use? try --port 0)") from None
+        await self.server.start()
+        await self._set_health_async(any(s.healthy for s in self.gateway.replica_states()))
+        return self.port
+
+    def _set_health(self, serving: bool) -> None:
+        asyncio.get_running_loop().create_task(self._set_health_async(serving))
+
+    async def _set_health_async(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace_s)
+            self.server = None
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self.pool is not None:
+            self.pool.kill()
+            self.pool = None
+        if self._owns_ray:
+            stop_ray()
+            self._owns_ray = False

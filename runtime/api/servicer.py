@@ -1,0 +1,143 @@
+"""gRPC servicers: protobuf <-> domain objects, nothing else.
+
+Errors are domain exceptions raised by the gateway; ``interceptors.ErrorInterceptor`` maps them
+to status codes. Deadlines and cancellation need no code here: grpc.aio cancels the handler task,
+and the gateway's ``finally`` aborts the work on the expert.
+"""
+
+from __future__ import annotations
+
+import time
+
+import wattserve
+from wattserve.errors import InvalidRequest
+from wattserve.types import Priority, SamplingParams
+
+from ..gateway import Chunk, ClientRequest, Final, Gateway
+from .gen import wattserve_pb2 as pb
+from .gen import wattserve_pb2_grpc as pb_grpc
+
+
+def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) -> ClientRequest:
+    s = msg.sampling
+    if msg.priority not in Priority._value2member_map_ and msg.priority != pb.PRIORITY_UNSPECIFIED:
+        raise InvalidRequest(f"priority {msg.priority} is not one of LOW, NORMAL, HIGH")
+    return ClientRequest(
+        prompt=msg.prompt,
+        max_tokens=msg.max_tokens,
+        sampling=SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None,
+            stop=tuple(s.stop),
+            ignore_eos=s.ignore_eos,
+        ),
+        expert=msg.expert,
+        energy_budget_j=msg.energy_budget_j if msg.HasField("energy_budget_j") else None,
+        latency_budget_ms=msg.latency_budget_ms if msg.HasField("latency_budget_ms") else None,
+        priority=Priority(msg.priority) if msg.priority else Priority.NORMAL,
+        tenant=msg.tenant,
+        request_id=msg.request_id,
+        deadline_unix_s=None if time_remaining_s is None else time.time() + time_remaining_s,
+    )
+
+
+def usage_to_proto(final: Final) -> pb.Usage:
+    u = final.usage
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        expert=final.expert,
+        replica=final.replica,
+        ttft_ms=final.ttft_ms,
+        total_latency_ms=final.total_latency_ms,
+        energy_j=u.energy_j,
+        energy_source=u.energy_source,
+        finish_reason=u.finish_reason.value,
+        request_id=final.request_id,
+        routing_policy=final.plan.policy,
+        routing_reason=final.plan.reason,
+        expert_ttft_ms=u.ttft_ms,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def Generate(self, request, context):
+        req = request_from_proto(request, context.time_remaining())
+        async for item in self.gateway.generate(req):
+            if isinstance(item, Chunk):
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(text=item.text, token_ids=item.token_ids))
+            else:
+                yield pb.GenerateResponse(usage=usage_to_proto(item))
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, gateway: Gateway, ray_address: str) -> None:
+        self.gateway = gateway
+        self.ray_address = ray_address
+
+    async def ListExperts(self, request, context):
+        await self.gateway.poll_once()  # operators see the replicas' state now, not the last poll
+        experts = []
+        states = self.gateway.replica_states()
+        for spec in self.gateway.config.experts:
+            mine = [s for s in states if s.replica.expert == spec.name]
+            profiles = [s.profile for s in mine if s.profile is not None]
+            first = profiles[0] if profiles else None
+            experts.append(
+                pb.ExpertInfo(
+                    name=spec.name,
+                    model=first.model if first else spec.model_label,
+                    engine=spec.engine.kind,
+                    device_backend=spec.device.label,
+                    energy_source=first.energy_source if first else "",
+                    priority_class=spec.priority_class,
+                    max_batch=spec.max_batch,
+                    max_model_len=first.max_model_len if first else spec.max_model_len,
+                    params=first.params if first else 0,
+                    replicas=[_replica_to_proto(s) for s in mine],
+                )
+            )
+        return pb.ListExpertsResponse(experts=experts)
+
+    async def GetStatus(self, request, context):
+        gw = self.gateway
+        await gw.poll_once()
+        states = gw.replica_states()
+        energies = [s.profile.energy for s in states if s.profile and s.profile.energy]
+        return pb.GetStatusResponse(
+            version=wattserve.__version__,
+            uptime_s=gw.uptime_s(),
+            ray_address=self.ray_address,
+            routing_policy=gw.policy.name,
+            inflight=gw.inflight,
+            max_inflight=gw.gw.max_inflight,
+            healthy_replicas=sum(s.healthy for s in states),
+            total_replicas=len(states),
+            requests_total=gw.requests_total,
+            requests_failed=gw.requests_failed,
+            requests_energy_j=sum(e.requests_j for e in energies),
+            idle_energy_j=sum(e.idle_j for e in energies),
+            energy_sources=sorted({e.energy_source for e in energies}),
+        )
+
+
+def _replica_to_proto(state) -> pb.ExpertReplica:
+    p = state.profile
+    msg = pb.ExpertReplica(replica=state.replica.index, healthy=state.healthy, error=state.error)
+    if p is not None:
+        msg.running, msg.waiting = p.running, p.waiting
+        msg.prefill_ms_per_token = p.prefill_ms_per_token or 0.0
+        msg.decode_ms_per_token = p.decode_ms_per_token or 0.0
+        msg.j_per_token = p.j_per_token or 0.0
+        msg.requests_finished = p.requests_finished
+        msg.device = p.device
+        msg.energy_source = p.energy_source
+        if p.energy:
+            msg.requests_energy_j, msg.idle_energy_j = p.energy.requests_j, p.energy.idle_j
+            msg.device_energy_j = p.energy.device_j
+    return msg

@@ -1,0 +1,222 @@
+"""The ``wattserve`` command line: serve, generate, status, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from wattserve.errors import WattserveError
+
+DEFAULT_CONFIG = "configs/local.yaml"
+DEFAULT_TARGET = os.environ.get("WATTSERVE_TARGET", "127.0.0.1:50051")
+
+
+def _say(msg: str) -> None:
+    print(f"[wattserve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _load(args):
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    if getattr(args, "address", None):
+        cfg.ray.address = args.address
+    if getattr(args, "host", None):
+        cfg.gateway.host = args.host
+    if getattr(args, "port", None) is not None:
+        cfg.gateway.port = args.port
+    return cfg
+
+
+# -- prepare ------------------------------------------------------------------------------------
+def cmd_prepare(args) -> int:
+    from workers.models import default_cache_dir, prepare_all
+
+    cfg = _load(args)
+    cache = Path(cfg.model_cache_dir).expanduser() if cfg.model_cache_dir else default_cache_dir()
+    sources = [e.model for e in cfg.experts if e.model is not None]
+    dirs = prepare_all(sources, cache, progress=_say)
+    for expert, d in zip([e for e in cfg.experts if e.model is not None], dirs):
+        _say(f"{expert.name}: {d}")
+    return 0
+
+
+# -- serve --------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(args)
+    return asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg) -> int:
+    from .api.server import WattserveServer
+
+    server = WattserveServer(cfg, progress=_say)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    start = asyncio.create_task(server.start())
+    done, _ = await asyncio.wait({start, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if start not in done:
+        _say("interrupted while starting; shutting down")
+        start.cancel()
+        await server.stop()
+        return 130
+    port = start.result()
+    target = f"{cfg.gateway.host}:{port}"
+    experts = ", ".join(f"{e.name} ({e.model_label}, {e.engine.kind}, {e.device.label}) x{e.replicas}" for e in cfg.experts)
+    print(
+        f"\nwattserve is listening on {target} (gRPC: wattserve.v1.Inference, wattserve.v1.Admin)\n"
+        f"  experts: {experts}\n"
+        f"  send a prompt:  .venv/bin/wattserve generate --target {target} \"The capital of France is\"\n"
+        f"  status:         .venv/bin/wattserve status --target {target}\n"
+        f"  Ctrl-C stops the server.\n",
+        flush=True,
+    )
+    await stop.wait()
+    _say("shutting down")
+    await server.stop()
+    return 0
+
+
+# -- client commands ----------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    import grpc
+
+    from .api.gen import wattserve_pb2 as pb
+    from .api.gen import wattserve_pb2_grpc as pb_grpc
+
+    sampling = pb.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    req = pb.GenerateRequest(
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        expert=args.expert or "",
+        priority=pb.Priority.Value(f"PRIORITY_{args.priority.upper()}"),
+        tenant=args.tenant or "",
+    )
+    if args.budget_j is not None:
+        req.energy_budget_j = args.budget_j
+    if args.latency_budget_ms is not None:
+        req.latency_budget_ms = args.latency_budget_ms
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        try:
+            usage = None
+            for msg in stub.Generate(req, timeout=args.timeout):
+                if msg.HasField("chunk"):
+                    print(msg.chunk.text, end="", flush=True)
+                else:
+                    usage = msg.usage
+        except KeyboardInterrupt:
+            print("\n[cancelled]", file=sys.stderr)
+            return 130
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print()
+    if usage is not None:
+        print(
+            f"-- expert {usage.expert}/{usage.replica} | {usage.prompt_tokens} prompt + "
+            f"{usage.completion_tokens} completion tokens | finish {usage.finish_reason} | "
+            f"TTFT {usage.ttft_ms:.0f} ms | total {usage.total_latency_ms:.0f} ms | "
+            f"energy {usage.energy_j:.3f} J ({usage.energy_source})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_status(args) -> int:
+    import grpc
+
+    from .api.gen import wattserve_pb2 as pb
+    from .api.gen import wattserve_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        admin = pb_grpc.AdminStub(channel)
+        try:
+            status = admin.GetStatus(pb.GetStatusRequest(), timeout=args.timeout)
+            experts = admin.ListExperts(pb.ListExpertsRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(
+        f"wattserve {status.version} at {args.target}: up {status.uptime_s:.0f} s, ray {status.ray_address}, "
+        f"policy {status.routing_policy}\n"
+        f"  replicas healthy {status.healthy_replicas}/{status.total_replicas}, in flight "
+        f"{status.inflight}/{status.max_inflight}, requests {status.requests_total} "
+        f"({status.requests_failed} failed)\n"
+        f"  energy: requests {status.requests_energy_j:.2f} J, idle {status.idle_energy_j:.2f} J "
+        f"({', '.join(status.energy_sources) or 'no source yet'})"
+    )
+    header = f"  {'expert':<10} {'rep':>3} {'ok':>3} {'run':>4} {'wait':>4} {'prefill ms/tok':>14} {'decode ms/step':>14} {'J/tok':>8}  model (engine, source)"
+    print(header)
+    for e in experts.experts:
+        for r in e.replicas:
+            print(
+                f"  {e.name:<10} {r.replica:>3} {'yes' if r.healthy else 'NO':>3} {r.running:>4} {r.waiting:>4} "
+                f"{r.prefill_ms_per_token:>14.2f} {r.decode_ms_per_token:>14.2f} {r.j_per_token:>8.4f}  "
+                f"{e.model} ({e.engine}, {e.energy_source}){'  ' + r.error if r.error else ''}"
+            )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wattserve", description="Energy-aware LLM serving on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start Ray, the experts and the gRPC server")
+    s.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    s.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto, 10.0.0.5:6379)")
+    s.add_argument("--host", help="interface to listen on (default from config: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (0: any free port)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("prepare", help="convert the config's packaged models into the local cache")
+    s.add_argument("--config", default=DEFAULT_CONFIG)
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("generate", help="send a prompt and stream the answer")
+    s.add_argument("prompt")
+    s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET}, env WATTSERVE_TARGET)")
+    s.add_argument("--expert", help="pin an expert by name (default: the router decides)")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--budget-j", type=float, help="energy budget for this request in joules")
+    s.add_argument("--latency-budget-ms", type=float, help="latency budget in milliseconds")
+    s.add_argument("--priority", choices=["low", "normal", "high"], default="normal")
+    s.add_argument("--tenant")
+    s.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("status", help="show experts, load and energy of a running server")
+    s.add_argument("--target", default=DEFAULT_TARGET)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except WattserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

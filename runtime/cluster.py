@@ -1,0 +1,148 @@
+"""Ray lifecycle and the only code that creates Ray actors.
+
+``start_ray`` starts an embedded instance on loopback (or joins a cluster), ``ExpertPool``
+creates one actor per expert replica (named ``wattserve:<expert>:<i>``, restartable, placed by
+the resources in its spec) and waits until every replica has loaded its model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+from wattserve.errors import ConfigError
+from wattserve.specs import ExpertSpec
+from workers.expert import ExpertWorker
+
+from .config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(cfg: RayConfig) -> tuple[str, bool]:
+    """Start or join Ray; returns the GCS address and whether this call started the connection
+    (only then should the caller shut it down)."""
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address, False
+    if cfg.address:
+        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True)
+    else:
+        # Keep every Ray port on loopback: by default Ray binds the external interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+            _node_ip_address=cfg.node_ip_address,
+            include_dashboard=False,
+            namespace=cfg.namespace,
+            log_to_driver=True,
+        )
+    return ray.get_runtime_context().gcs_address, True
+
+
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@dataclass(slots=True)
+class Replica:
+    """A handle to one expert replica actor."""
+
+    expert: str
+    index: int
+    actor: ray.actor.ActorHandle
+
+    @property
+    def name(self) -> str:
+        return actor_name(self.expert, self.index)
+
+
+def actor_name(expert: str, index: int) -> str:
+    return f"wattserve:{expert}:{index}"
+
+
+class ExpertPool:
+    """Creates and owns the expert replica actors of a configuration."""
+
+    def __init__(self, experts: list[ExpertSpec], cache_dir: str) -> None:
+        self.specs = {e.name: e for e in experts}
+        self.cache_dir = cache_dir
+        self.replicas: dict[str, list[Replica]] = {}
+
+    def create(self) -> None:
+        actor_cls = ray.remote(ExpertWorker)
+        for spec in self.specs.values():
+            res = spec.resources
+            options = dict(
+                name=actor_name(spec.name, 0),
+                max_restarts=spec.max_restarts,
+                max_task_retries=0,  # a generation is not idempotent: never replay it silently
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                resources=dict(res.custom) or None,
+                max_concurrency=1024,
+            )
+            self.replicas[spec.name] = [
+                Replica(
+                    spec.name,
+                    i,
+                    actor_cls.options(**{**options, "name": actor_name(spec.name, i)}).remote(
+                        spec, i, self.cache_dir
+                    ),
+                )
+                for i in range(spec.replicas)
+            ]
+
+    def all(self) -> list[Replica]:
+        return [r for group in self.replicas.values() for r in group]
+
+    async def wait_ready(self, timeout_s: float, progress: Callable[[str], None] = log.info) -> None:
+        """Wait until every replica answers ``ready``; raise ConfigError naming those that failed."""
+        start = time.monotonic()
+        pending = {r.name: asyncio.ensure_future(_await(r.actor.ready.remote())) for r in self.all()}
+        failures: list[str] = []
+        while pending:
+            done, _ = await asyncio.wait(pending.values(), timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+            for name, fut in list(pending.items()):
+                if fut in done:
+                    del pending[name]
+                    if fut.exception() is not None:
+                        failures.append(f"{name}: {_root_cause(fut.exception())}")
+                    else:
+                        progress(f"{name} ready ({time.monotonic() - start:.1f} s)")
+            if pending and time.monotonic() - start > timeout_s:
+                for fut in pending.values():
+                    fut.cancel()
+                failures += [f"{name}: not ready after {timeout_s:.0f} s" for name in pending]
+                break
+            if pending and not done:
+                progress(f"waiting for {', '.join(sorted(pending))} to load ({time.monotonic() - start:.0f} s)")
+        if failures:
+            raise ConfigError("experts failed to start: " + "; ".join(failures))
+
+    def kill(self) -> None:
+        for r in self.all():
+            try:
+                ray.kill(r.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine at shutdown
+                pass
+
+
+async def _await(ref):
+    return await ref
+
+
+def _root_cause(exc: BaseException) -> str:
+    """Ray wraps actor constructor errors; show the innermost message."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause or exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

@@ -1,0 +1,150 @@
+"""The server's configuration: YAML files validated by pydantic models that forbid unknown keys.
+
+``load_config(path)`` returns a :class:`WattserveConfig` or raises ``ConfigError`` whose message
+names the file and the dotted path of every bad key, e.g.::
+
+    configs/local.yaml: experts.1.device.backnd: unknown key (allowed: backend, index, ...)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from wattserve.errors import ConfigError
+from wattserve.specs import ExpertSpec, Strict
+from wattserve.types import Priority
+
+
+class RayConfig(Strict):
+    """Where the experts run. No address: an embedded local Ray instance on loopback."""
+
+    address: str | None = Field(
+        default=None, description="Existing cluster, e.g. 10.0.0.5:6379 or auto; None: embedded."
+    )
+    namespace: str = Field(default="wattserve", description="Ray namespace for named actors.")
+    num_cpus: int | None = Field(default=2, ge=1, description="Embedded only: CPUs Ray may schedule.")
+    object_store_memory_mb: int = Field(default=256, ge=80, description="Embedded only.")
+    node_ip_address: str = Field(default="127.0.0.1", description="Embedded only: keep Ray on loopback.")
+    ready_timeout_s: float = Field(default=600.0, gt=0, description="Wait this long for experts to load.")
+
+
+class GatewayConfig(Strict):
+    host: str = Field(default="127.0.0.1", description="Interface the gRPC server binds.")
+    port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port.")
+    max_inflight: int = Field(
+        default=256, ge=1, description="Requests served at once; more get RESOURCE_EXHAUSTED."
+    )
+    max_prompt_bytes: int = Field(default=64 * 1024, ge=1, description="Larger prompts are rejected.")
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="gRPC message size limit.")
+    default_max_tokens: int = Field(default=128, ge=1, description="Used when a request sends 0.")
+    max_tokens_limit: int = Field(default=4096, ge=1, description="Upper bound on max_tokens.")
+    health_interval_s: float = Field(default=1.0, gt=0, description="How often expert telemetry is polled.")
+    health_timeout_s: float = Field(default=5.0, gt=0, description="A replica silent this long is unhealthy.")
+    routing_policy: Literal["least_loaded"] = "least_loaded"
+
+
+class TenantConfig(Strict):
+    name: str
+    energy_budget_j: float | None = Field(
+        default=None, ge=0, description="Energy the tenant may use per budget window (router issue enforces)."
+    )
+    budget_window_s: float = Field(default=3600.0, gt=0)
+    max_priority: Literal["low", "normal", "high"] = Field(
+        default="high", description="Requests above this priority are lowered to it."
+    )
+
+    @property
+    def max_priority_value(self) -> Priority:
+        return Priority[self.max_priority.upper()]
+
+
+class WattserveConfig(Strict):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    model_cache_dir: str | None = Field(
+        default=None,
+        description="Where converted models live; default $WATTSERVE_CACHE_DIR or ~/.cache/wattserve. "
+        "Relative paths are relative to the config file.",
+    )
+    experts: list[ExpertSpec] = Field(min_length=1)
+    tenants: list[TenantConfig] = Field(
+        default_factory=list, description="Empty: any tenant name is accepted."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> WattserveConfig:
+        for kind, names in (("expert", [e.name for e in self.experts]), ("tenant", [t.name for t in self.tenants])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {kind} names: {', '.join(dupes)}")
+        return self
+
+    def expert(self, name: str) -> ExpertSpec | None:
+        return next((e for e in self.experts if e.name == name), None)
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.name == name), None)
+
+
+def _models_in(annotation) -> list[type[Strict]]:
+    """The config models an annotation can hold (through Optional, list, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, Strict):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Best effort: the keys allowed where an unknown key ``loc[-1]`` was found."""
+    models: list[type[Strict]] = [WattserveConfig]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        by_tag = [m for m in models if getattr(m.model_fields.get("kind"), "default", None) == part]
+        if by_tag:  # a discriminated union puts the tag in the location
+            models = by_tag
+            continue
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [m for f in fields for m in _models_in(f.annotation)]
+        if not models:
+            return []
+    return sorted({k for m in models for k in m.model_fields})
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(tuple(err["loc"]))
+        return f"{where}: unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    return f"{where}: {err['msg']}"
+
+
+def parse_config(data: object, source: str = "<config>") -> WattserveConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return WattserveConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: str | Path) -> WattserveConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    cfg = parse_config(data, str(path))
+    if cfg.model_cache_dir and not Path(cfg.model_cache_dir).expanduser().is_absolute():
+        cfg.model_cache_dir = str((path.parent / cfg.model_cache_dir).resolve())
+    return cfg

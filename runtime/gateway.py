@@ -1,0 +1,338 @@
+"""The request lifecycle: admit -> route -> dispatch -> stream -> account.
+
+Transport-free: the gRPC servicer (``runtime/api/servicer.py``) converts protobuf to a
+:class:`ClientRequest` and the events yielded by :meth:`Gateway.generate` back. The gateway keeps
+fresh telemetry of every replica (polled in the background), asks the routing policy for a plan,
+streams from the chosen replica's Ray streaming generator, and on any exit path (finish, error,
+client cancel, deadline) makes sure the replica stops working on the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+
+import ray
+from ray.exceptions import RayActorError, RayError
+
+from router.base import Candidate, Plan, RequestFeatures, RoutingPolicy
+from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, WattserveError
+from wattserve.types import ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
+
+from .cluster import ExpertPool, Replica
+from .config import WattserveConfig
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_REQUEST_ID_CHARS = 128
+
+
+@dataclass(slots=True, frozen=True)
+class ClientRequest:
+    """A generation request as the API received it (not yet validated)."""
+
+    prompt: str
+    max_tokens: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    expert: str = ""
+    energy_budget_j: float | None = None
+    latency_budget_ms: float | None = None
+    priority: Priority = Priority.NORMAL
+    tenant: str = ""
+    request_id: str = ""
+    deadline_unix_s: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Chunk:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class Final:
+    request_id: str
+    expert: str
+    replica: int
+    usage: RequestUsage
+    ttft_ms: float  # gateway: received -> first token yielded
+    total_latency_ms: float
+    plan: Plan
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    replica: Replica
+    healthy: bool = False
+    profile: ExpertProfile | None = None
+    inflight: int = 0
+    last_ok_s: float = 0.0
+    error: str = "not polled yet"
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: WattserveConfig,
+        pool: ExpertPool,
+        policy: RoutingPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_health_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.gw = config.gateway
+        self.pool = pool
+        self.policy = policy
+        self.clock = clock
+        self.on_health_change = on_health_change
+        self.states = {(r.expert, r.index): ReplicaState(r) for r in pool.all()}
+        self.started_s = clock()
+        self.inflight = 0
+        self.requests_total = 0
+        self.requests_failed = 0
+        self._poller: asyncio.Task | None = None
+        self._any_healthy: bool | None = None
+
+    # -- telemetry ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.poll_once()
+        self._poller = asyncio.create_task(self._poll_forever(), name="gateway-telemetry")
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.gw.health_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001 - telemetry must never stop
+                log.exception("telemetry poll failed")
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(s) for s in self.states.values()))
+        any_healthy = any(s.healthy for s in self.states.values())
+        if any_healthy != self._any_healthy:
+            self._any_healthy = any_healthy
+            if self.on_health_change:
+                self.on_health_change(any_healthy)
+
+    async def _poll(self, state: ReplicaState) -> None:
+        try:
+            profile = await asyncio.wait_for(_await(state.replica.actor.profile.remote()), self.gw.health_timeout_s)
+        except asyncio.TimeoutError:
+            state.healthy = False
+            state.error = f"no telemetry for {self.gw.health_timeout_s:.0f} s"
+            return
+        except RayError as exc:  # dead, restarting or failed to construct
+            state.healthy = False
+            state.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+            return
+        state.profile = profile
+        state.healthy = profile.healthy
+        state.error = profile.error
+        state.last_ok_s = self.clock()
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self, req: ClientRequest) -> ClientRequest:
+        """Check every field; return the request with defaults filled in."""
+        gw = self.gw
+        if not req.prompt:
+            raise InvalidRequest("prompt is empty: send the text to continue")
+        size = len(req.prompt.encode("utf-8", "surrogatepass"))
+        if size > gw.max_prompt_bytes:
+            raise InvalidRequest(f"prompt is {size} bytes; this server accepts at most {gw.max_prompt_bytes}")
+        max_tokens = req.max_tokens or gw.default_max_tokens
+        if max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be positive (got {req.max_tokens})")
+        if max_tokens > gw.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens {max_tokens} is above this server's limit of {gw.max_tokens_limit}")
+        s = req.sampling
+        if not math.isfinite(s.temperature) or s.temperature < 0:
+            raise InvalidRequest(f"sampling.temperature must be >= 0 (got {s.temperature}); 0 is greedy")
+        top_p = s.top_p or 1.0
+        if not 0 < top_p <= 1:
+            raise InvalidRequest(f"sampling.top_p must be in (0, 1] (got {s.top_p})")
+        if s.top_k < 0:
+            raise InvalidRequest(f"sampling.top_k must be >= 0 (got {s.top_k}); 0 disables it")
+        if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
+        if req.expert and self.config.expert(req.expert) is None:
+            known = ", ".join(e.name for e in self.config.experts)
+            raise InvalidRequest(f"unknown expert {req.expert!r}; known experts: {known}")
+        for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
+        if len(req.request_id) > MAX_REQUEST_ID_CHARS or not req.request_id.isprintable():
+            raise InvalidRequest(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
+        tenant = req.tenant or "default"
+        priority = req.priority
+        if self.config.tenants:
+            t = self.config.tenant(tenant)
+            if t is None:
+                raise InvalidRequest(f"unknown tenant {tenant!r}")
+            priority = min(priority, t.max_priority_value)
+        return replace(
+            req,
+            max_tokens=max_tokens,
+            sampling=replace(s, top_p=top_p),
+            tenant=tenant,
+            priority=Priority(priority),
+        )
+
+    # -- the lifecycle --------------------------------------------------------------------------
+    async def generate(self, request: ClientRequest) -> AsyncIterator[Chunk | Final]:
+        """Serve one request; yields text chunks, then one :class:`Final`.
+
+        Raises domain errors (InvalidRequest, QueueFull, NoHealthyExpert, ExpertUnavailable,
+        EngineDead); whichever way the caller leaves, the replica's work is aborted.
+        """
+        received = self.clock()
+        req = self.validate(request)
+        if self.inflight >= self.gw.max_inflight:
+            raise QueueFull(
+                f"server is at its limit of {self.gw.max_inflight} requests in flight; retry shortly",
+                retry_after_ms=200,
+            )
+        self.inflight += 1
+        self.requests_total += 1
+        try:
+            async for item in self._serve(req, received):
+                yield item
+        except BaseException:
+            self.requests_failed += 1
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _serve(self, req: ClientRequest, received: float) -> AsyncIterator[Chunk | Final]:
+        features = RequestFeatures(
+            prompt_chars=len(req.prompt),
+            max_tokens=req.max_tokens,
+            priority=req.priority,
+            tenant=req.tenant,
+            expert=req.expert or None,
+            energy_budget_j=req.energy_budget_j,
+            latency_budget_ms=req.latency_budget_ms,
+        )
+        plan = self.policy.plan(features, self._candidates())
+        call = GenerateCall(
+            request_id=uuid.uuid4().hex,
+            prompt=req.prompt,
+            max_tokens=req.max_tokens,
+            sampling=req.sampling,
+            priority=req.priority,
+            tenant=req.tenant,
+            deadline_unix_s=req.deadline_unix_s,
+        )
+        state, stream, first = await self._dispatch(plan, call)
+        replica = state.replica
+        ttft_ms = None
+        finished = False
+        tokens_streamed = 0
+        try:
+            events = first
+            while True:
+                for ev in events:
+                    if ev.text or ev.token_ids:
+                        if ttft_ms is None:
+                            ttft_ms = 1000.0 * (self.clock() - received)
+                        tokens_streamed += len(ev.token_ids)
+                        yield Chunk(ev.text, ev.token_ids)
+                    if ev.usage is not None:
+                        finished = True
+                        yield Final(
+                            request_id=req.request_id or call.request_id,
+                            expert=replica.expert,
+                            replica=replica.index,
+                            usage=ev.usage,
+                            ttft_ms=ttft_ms if ttft_ms is not None else 1000.0 * (self.clock() - received),
+                            total_latency_ms=1000.0 * (self.clock() - received),
+                            plan=plan,
+                        )
+                        return
+                events = await self._next(stream, replica, tokens_streamed)
+        finally:
+            state.inflight -= 1
+            if not finished:
+                _abandon(stream, replica, call.request_id)
+
+    async def _dispatch(self, plan: Plan, call: GenerateCall):
+        """Start the call on the first candidate that admits it; returns its first events."""
+        full: list[str] = []
+        for cand in plan.ranked:
+            state = self.states[cand.key]
+            stream = state.replica.actor.generate.remote(call)
+            state.inflight += 1
+            try:
+                first = await self._next(stream, state.replica, 0)
+            except QueueFull as exc:
+                state.inflight -= 1
+                full.append(str(exc))
+                continue
+            except BaseException:
+                state.inflight -= 1
+                _abandon(stream, state.replica, call.request_id)
+                raise
+            return state, stream, first
+        raise QueueFull("every eligible replica is full: " + " | ".join(full), retry_after_ms=250)
+
+    async def _next(self, stream, replica: Replica, tokens_streamed: int):
+        try:
+            ref = await stream.__anext__()
+            return await ref
+        except StopAsyncIteration:
+            raise ExpertUnavailable(
+                f"expert {replica.expert}/{replica.index} ended the stream without a final message"
+            ) from None
+        except WattserveError:
+            raise  # Ray re-raises actor errors as instances of the original class
+        except RayActorError as exc:
+            self.states[(replica.expert, replica.index)].healthy = False
+            raise ExpertUnavailable(
+                f"expert {replica.expert}/{replica.index} died while serving this request "
+                f"after {tokens_streamed} tokens ({type(exc).__name__}); retry"
+            ) from None
+        except RayError as exc:
+            raise ExpertUnavailable(
+                f"expert {replica.expert}/{replica.index} failed: {str(exc).strip().splitlines()[-1][:300]}"
+            ) from None
+
+    def _candidates(self) -> list[Candidate]:
+        return [
+            Candidate(expert=k[0], replica=k[1], healthy=s.healthy, inflight=s.inflight, profile=s.profile)
+            for k, s in self.states.items()
+        ]
+
+    # -- views for the Admin API ----------------------------------------------------------------
+    def replica_states(self) -> list[ReplicaState]:
+        return list(self.states.values())
+
+    def uptime_s(self) -> float:
+        return self.clock() - self.started_s
+
+
+def _abandon(stream, replica: Replica, request_id: str) -> None:
+    """Make sure a replica stops work on a request we no longer read (cancel, error, deadline)."""
+    try:
+        ray.cancel(stream)
+    except Exception:  # noqa: BLE001 - the abort below is what frees the slot
+        pass
+    replica.actor.abort.remote(request_id)
+
+
+async def _await(ref):
+    return await ref

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models built once per session, and a small Ray instance."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `tests.tiny_models`
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random model per supported family, saved in HF format."""
+    from tests.tiny_models import FAMILIES, build_model
+
+    base = tmp_path_factory.mktemp("tiny-models")
+    return {fam: build_model(base / fam, fam) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray instance for the whole session (start-up costs ~5 s)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=96 * 1024 * 1024,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        namespace="wattserve-tests",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

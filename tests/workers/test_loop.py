@@ -1,0 +1,120 @@
+"""The engine loop: threads, sinks, metering and conservation with a real engine and device."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from wattserve.errors import EngineDead, InvalidRequest, QueueFull
+from wattserve.specs import DeviceSpec, ExpertSpec
+from wattserve.types import FinishReason, GenerateCall, SamplingParams
+from workers.devices import open_device
+from workers.engines.torch_engine import TorchEngine
+from workers.loop import EngineLoop
+
+
+class Collector:
+    def __init__(self):
+        self.events = []
+        self.error = None
+        self.done = threading.Event()
+
+    def __call__(self, item):
+        if isinstance(item, BaseException):
+            self.error = item
+            self.done.set()
+            return
+        self.events.extend(item)
+        if item[-1].usage is not None:
+            self.done.set()
+
+    @property
+    def usage(self):
+        return self.events[-1].usage if self.events else None
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    spec = ExpertSpec(name="t", model={"kind": "local", "path": str(tiny_llama)}, engine={"kind": "torch", "threads": 1},
+                      max_batch=4, max_model_len=128)
+    return TorchEngine(tiny_llama, spec)
+
+
+def make_loop(engine, device="cpu", max_queue=2):
+    dev = open_device(DeviceSpec.model_validate(device), model_params=engine.info.params)
+    loop = EngineLoop(engine, dev, max_queue=max_queue)
+    loop.start()
+    return loop
+
+
+def gen(rid, n=12, **kw):
+    return GenerateCall(request_id=rid, prompt="Energy is measured in", max_tokens=n,
+                        sampling=SamplingParams(ignore_eos=True, **kw))
+
+
+@pytest.mark.parametrize("device", ["cpu", "simulated:h100"])
+def test_concurrent_requests_conserve_energy(engine, device):
+    loop = make_loop(engine, device)
+    try:
+        sinks = {f"c{i}": Collector() for i in range(5)}
+        for rid, sink in sinks.items():
+            loop.submit(gen(rid, n=10 + 3 * int(rid[1:])), sink)
+        for sink in sinks.values():
+            assert sink.done.wait(60)
+        time.sleep(0.6)  # one idle tick
+        snap = loop.snapshot()
+        per_request = sum(s.usage.energy_j for s in sinks.values())
+        assert all(s.usage.energy_j > 0 for s in sinks.values())
+        assert all(s.usage.energy_source == loop.device.energy_source for s in sinks.values())
+        assert snap.energy.requests_j == pytest.approx(per_request, rel=1e-9)
+        assert snap.energy.requests_j + snap.energy.idle_j == pytest.approx(snap.energy.device_j, rel=1e-9)
+        assert [s.usage.completion_tokens for s in sinks.values()] == [10, 13, 16, 19, 22]
+        assert all(s.usage.finish_reason == FinishReason.LENGTH for s in sinks.values())
+        assert all(0 < s.usage.ttft_ms <= s.usage.latency_ms for s in sinks.values())
+        assert snap.running == 0 and snap.waiting == 0 and snap.requests_finished == 5
+        assert loop.profile.decode_ms_per_token > 0 and loop.profile.prefill_ms_per_token > 0
+    finally:
+        loop.stop()
+
+
+def test_queue_bound_and_duplicate_ids(engine):
+    loop = make_loop(engine, max_queue=1)  # capacity 4 + 1
+    try:
+        sinks = [Collector() for _ in range(5)]
+        for i, s in enumerate(sinks):
+            loop.submit(gen(f"q{i}", n=60), s)
+        with pytest.raises(InvalidRequest, match="already being served"):
+            loop.submit(gen("q0"), Collector())
+        with pytest.raises(QueueFull, match="max_batch \\+ max_queue = 5") as exc:
+            loop.submit(gen("q5"), Collector())
+        assert exc.value.details["retry_after_ms"] > 0
+        for i in range(5):
+            loop.abort(f"q{i}")
+        for s in sinks:
+            assert s.done.wait(30) and s.usage.finish_reason == FinishReason.ABORT
+        loop.submit(gen("after", n=2), s2 := Collector())  # slots came back
+        assert s2.done.wait(30) and s2.usage.completion_tokens == 2
+    finally:
+        loop.stop()
+
+
+def test_engine_failure_fails_requests_and_marks_loop_dead(monkeypatch):
+    from workers.engines.null import NullEngine
+
+    engine = NullEngine(ExpertSpec(name="n", engine="null"))
+    monkeypatch.setattr(engine, "step", lambda now: (_ for _ in ()).throw(RuntimeError("CUDA error: device lost")))
+    loop = make_loop(engine)
+    fatal = []
+    loop.on_fatal = fatal.append
+    try:
+        sink = Collector()
+        loop.submit(gen("boom"), sink)
+        assert sink.done.wait(30)
+        assert isinstance(sink.error, EngineDead) and "device lost" in str(sink.error)
+        assert fatal and "device lost" in loop.snapshot().dead
+        with pytest.raises(EngineDead):
+            loop.submit(gen("later"), Collector())
+    finally:
+        loop.stop()

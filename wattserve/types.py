@@ -1,0 +1,142 @@
+"""Small message types that cross process boundaries (gateway <-> expert actors <-> router).
+
+Standard library only: these are pickled by Ray on every streamed chunk, so they are slotted
+dataclasses, not pydantic models. Units are in the field names.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Priority(enum.IntEnum):
+    """Request priority. The power governor caps low-priority work first."""
+
+    LOW = 1
+    NORMAL = 2
+    HIGH = 3
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context limit
+    ABORT = "abort"  # cancelled by the caller or the gateway
+    DEADLINE = "deadline"  # the request's deadline passed inside the engine
+    ERROR = "error"  # the engine failed while serving it
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """How to pick the next token. ``temperature == 0`` is greedy decoding."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k filtering
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # load tests ask for exactly max_tokens tokens
+
+
+@dataclass(slots=True, frozen=True)
+class GenerateCall:
+    """One generation request as an expert receives it (already validated by the gateway)."""
+
+    request_id: str
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    priority: Priority = Priority.NORMAL
+    tenant: str = "default"
+    deadline_unix_s: float | None = None  # wall clock; the engine drops the request after it
+
+
+@dataclass(slots=True, frozen=True)
+class StepWork:
+    """What one engine step computed; modeled devices turn it into joules and seconds.
+
+    ``layer_fraction`` is the share of decoder layers actually run, averaged over the step's
+    tokens (1.0 without early exit).
+    """
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    batch_size: int = 0
+    layer_fraction: float = 1.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class RequestUsage:
+    """Final accounting for one request, as measured by the expert that served it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float  # from arrival at the expert to the first token
+    latency_ms: float  # from arrival at the expert to the last token
+    energy_j: float
+    energy_source: str  # "measured:nvml", "modeled:cpu", "modeled:h100", ...
+    finish_reason: FinishReason
+
+
+@dataclass(slots=True, frozen=True)
+class StreamEvent:
+    """A piece of one request's output. The last event of a request has ``usage`` set."""
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    usage: RequestUsage | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.usage is not None
+
+
+@dataclass(slots=True, frozen=True)
+class EnergyTotals:
+    """Energy an expert has seen since it started. ``requests_j + idle_j == device_j``."""
+
+    requests_j: float
+    idle_j: float
+    device_j: float
+    energy_source: str
+
+
+@dataclass(slots=True, frozen=True)
+class ExpertProfile:
+    """What an expert replica publishes about itself: identity, measured costs and load.
+
+    Cost figures are exponentially weighted averages of what the engine measured (``None``
+    until measured). ``decode_ms_per_step_by_batch`` maps batch size to the time of one decode
+    step for the whole batch.
+    """
+
+    expert: str
+    replica: int
+    model: str
+    engine: str
+    device: str
+    energy_source: str
+    priority_class: str
+    max_batch: int
+    max_queue: int
+    max_model_len: int
+    params: int
+    healthy: bool
+    running: int  # requests in the running batch
+    waiting: int  # requests admitted but not yet started
+    prefill_ms_per_token: float | None = None
+    decode_ms_per_token: float | None = None
+    j_per_token: float | None = None
+    decode_ms_per_step_by_batch: dict[int, float] = field(default_factory=dict)
+    energy: EnergyTotals | None = None
+    requests_finished: int = 0
+    error: str = ""  # why the replica is unhealthy, if it is
+
+    @property
+    def queue_depth(self) -> int:
+        return self.running + self.waiting

@@ -1,0 +1,195 @@
+"""NVIDIA GPUs through NVML: measured energy, power, power limit and SM clock.
+
+The only module in the repository that imports ``pynvml`` (nvidia-ml-py), and the one place
+where NVML error codes become :class:`DeviceError` with a message that says what to do.
+
+Energy comes from ``nvmlDeviceGetTotalEnergyConsumption`` (millijoules since the driver was
+loaded; Volta and later): the counter is read at open and subtracted, and the source is
+``measured:nvml``. GPUs without that counter fall back to integrating
+``nvmlDeviceGetPowerUsage`` samples taken by a background thread (``measured:nvml-power``),
+which misses power spikes shorter than the sampling interval.
+
+Read-only for now: setting power limits and locking clocks comes with the power governor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wattserve.errors import DeviceError
+from workers.devices.base import Device
+
+try:
+    import pynvml
+except ImportError:  # nvidia-ml-py is a dependency; keep the error readable if it is missing
+    pynvml = None  # type: ignore[assignment]
+
+NO_NVML = "NVML is not available on this host (no NVIDIA driver): use device: cpu or simulated:<profile>"
+
+
+def nvml_error(exc: Exception, what: str, index: int) -> DeviceError:
+    """Translate an ``NVMLError`` raised while doing ``what`` on GPU ``index``."""
+    code = getattr(exc, "value", None)
+    err = {name: getattr(pynvml, f"NVML_ERROR_{name}", object()) for name in (
+        "LIBRARY_NOT_FOUND", "DRIVER_NOT_LOADED", "NO_PERMISSION", "NOT_SUPPORTED",
+        "FUNCTION_NOT_FOUND", "GPU_IS_LOST", "INVALID_ARGUMENT", "NOT_FOUND")}
+    if code in (err["LIBRARY_NOT_FOUND"], err["DRIVER_NOT_LOADED"]):
+        message = NO_NVML
+    elif code == err["NO_PERMISSION"]:
+        message = (f"NVML denied permission for {what} on GPU {index}: run as a user allowed to "
+                   "read GPU telemetry, or use device: cpu")
+    elif code == err["NOT_SUPPORTED"]:
+        message = f"GPU {index} does not support {what}"
+    elif code == err["FUNCTION_NOT_FOUND"]:
+        message = f"the NVIDIA driver on this host is too old for {what}: update it or use device: cpu"
+    elif code == err["GPU_IS_LOST"]:
+        message = f"GPU {index} has fallen off the bus ({what}): the host needs attention"
+    elif code in (err["INVALID_ARGUMENT"], err["NOT_FOUND"]):
+        message = f"no GPU with index {index} ({what})"
+    else:
+        message = f"NVML error while {what} on GPU {index}: {exc}"
+    return DeviceError(message, nvml_code=code, index=index)
+
+
+class NvmlDevice(Device):
+    """GPU ``index`` as NVML sees it. ``clock`` (seconds) times the power-sampling fallback."""
+
+    def __init__(self, index: int = 0, *, clock: Callable[[], float] = time.monotonic,
+                 sample_interval_s: float = 0.05) -> None:
+        self.index = index
+        self._clock = clock
+        self._sampler: _PowerIntegrator | None = None
+        self._initialised = False
+        self._last_j = 0.0
+        self._call("initialising NVML", "nvmlInit")
+        self._initialised = True
+        try:
+            count = self._call("counting GPUs", "nvmlDeviceGetCount")
+            if not 0 <= index < count:
+                raise DeviceError(f"no GPU with index {index}: NVML sees {count} GPU(s)", index=index)
+            self._handle = self._call(f"opening GPU {index}", "nvmlDeviceGetHandleByIndex", index)
+            raw = self._call("reading the GPU name", "nvmlDeviceGetName", self._handle)
+            self._name = f"{raw.decode() if isinstance(raw, bytes) else raw} #{index}"
+            self._energy0_mj = self._open_energy_counter(sample_interval_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_energy_counter(self, sample_interval_s: float) -> int | None:
+        try:
+            return self._call("reading the total energy counter",
+                              "nvmlDeviceGetTotalEnergyConsumption", self._handle)
+        except DeviceError as exc:
+            unsupported = (getattr(pynvml, "NVML_ERROR_NOT_SUPPORTED", None),
+                           getattr(pynvml, "NVML_ERROR_FUNCTION_NOT_FOUND", None))
+            if exc.details.get("nvml_code") not in unsupported:
+                raise
+        # Pre-Volta GPUs (and some vGPU setups) have no energy counter: integrate power instead.
+        self._sampler = _PowerIntegrator(self.power_w, self._clock, sample_interval_s)
+        self._sampler.start()
+        return None
+
+    def _call(self, what: str, function: str, *args: Any) -> Any:
+        if pynvml is None:
+            raise DeviceError(NO_NVML, index=self.index)
+        try:
+            return getattr(pynvml, function)(*args)
+        except pynvml.NVMLError as exc:
+            raise nvml_error(exc, what, self.index) from exc
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def energy_source(self) -> str:
+        return "measured:nvml-power" if self._sampler is not None else "measured:nvml"
+
+    def energy_j(self) -> float:
+        """Joules since open, from the hardware counter (or the power integral, see module doc)."""
+        if self._sampler is not None:
+            joules = self._sampler.energy_j()
+        else:
+            total_mj = self._call("reading the total energy counter",
+                                  "nvmlDeviceGetTotalEnergyConsumption", self._handle)
+            joules = (total_mj - self._energy0_mj) / 1000.0
+        self._last_j = max(self._last_j, joules)  # a driver reload would reset the counter
+        return self._last_j
+
+    def power_w(self) -> float:
+        """Board power in watts as NVML reports it (on A100/H100, a ~1 s average)."""
+        return self._call("reading power", "nvmlDeviceGetPowerUsage", self._handle) / 1000.0
+
+    def power_limit_w(self) -> float:
+        """The enforced power limit in watts (the lowest of all limits in effect)."""
+        return self._call("reading the power limit", "nvmlDeviceGetEnforcedPowerManagementLimit",
+                          self._handle) / 1000.0
+
+    def sm_clock_mhz(self) -> float:
+        """The current SM clock in MHz."""
+        return float(self._call("reading the SM clock", "nvmlDeviceGetClockInfo", self._handle,
+                                pynvml.NVML_CLOCK_SM))
+
+    def max_sm_clock_mhz(self) -> float:
+        """The highest SM clock this GPU supports, in MHz."""
+        return float(self._call("reading the max SM clock", "nvmlDeviceGetMaxClockInfo",
+                                self._handle, pynvml.NVML_CLOCK_SM))
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+        if self._initialised:
+            self._initialised = False
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError:
+                pass  # nothing useful to do about a failed shutdown while closing
+
+
+class _PowerIntegrator:
+    """Integrates ``read_power_w()`` over ``clock`` time (trapezoids) in a daemon thread."""
+
+    def __init__(self, read_power_w: Callable[[], float], clock: Callable[[], float],
+                 interval_s: float) -> None:
+        self._read, self._clock, self._interval_s = read_power_w, clock, interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._t, self._p = clock(), read_power_w()
+        self._joules = 0.0
+        self._returned = 0.0
+        self._error: DeviceError | None = None
+        self._thread = threading.Thread(target=self._run, name="nvml-power-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def sample(self) -> None:
+        power, now = self._read(), self._clock()
+        with self._lock:
+            self._joules += 0.5 * (self._p + power) * max(0.0, now - self._t)
+            self._t, self._p = now, power
+
+    def energy_j(self) -> float:
+        if self._error is not None:
+            raise DeviceError(f"power sampling stopped: {self._error}")
+        with self._lock:
+            # Extend the last sample to now so short steps between samples still see energy.
+            joules = self._joules + self._p * max(0.0, self._clock() - self._t)
+            self._returned = max(self._returned, joules)
+            return self._returned
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5 * self._interval_s + 1.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.sample()
+            except DeviceError as exc:
+                self._error = exc
+                return

@@ -1,0 +1,59 @@
+"""Per-request energy attribution with exact conservation.
+
+Each engine step's device energy (a counter delta) is split over the requests in that step in
+proportion to the tokens each had processed (prompt tokens in prefill, one per decode); energy
+between steps is idle and kept apart. Because every counter delta lands in exactly one bucket,
+``requests_j + idle_j == device_j`` holds at all times (up to float rounding), which
+``tests/workers/test_energy.py`` checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from wattserve.types import EnergyTotals
+
+
+class EnergyLedger:
+    def __init__(self, energy_source: str) -> None:
+        self.energy_source = energy_source
+        self.device_j = 0.0
+        self.idle_j = 0.0
+        self.requests_j = 0.0
+        self._open: dict[str, float] = {}  # requests still being served -> joules so far
+
+    def add_idle(self, joules: float) -> None:
+        self.device_j += joules
+        self.idle_j += joules
+
+    def add_step(self, joules: float, tokens_by_request: Mapping[str, int]) -> None:
+        """Split one step's energy by tokens processed; a step with no tokens is idle."""
+        total = sum(tokens_by_request.values())
+        if total <= 0:
+            self.add_idle(joules)
+            return
+        self.device_j += joules
+        self.requests_j += joules
+        items = list(tokens_by_request.items())
+        assigned = 0.0
+        for rid, tokens in items[:-1]:
+            share = joules * tokens / total
+            assigned += share
+            self._open[rid] = self._open.get(rid, 0.0) + share
+        last = items[-1][0]
+        self._open[last] = self._open.get(last, 0.0) + (joules - assigned)  # no rounding drift
+
+    def charged(self, request_id: str) -> float:
+        return self._open.get(request_id, 0.0)
+
+    def close(self, request_id: str) -> float:
+        """The request finished: return its total and stop tracking it."""
+        return self._open.pop(request_id, 0.0)
+
+    def totals(self) -> EnergyTotals:
+        return EnergyTotals(
+            requests_j=self.requests_j,
+            idle_j=self.idle_j,
+            device_j=self.device_j,
+            energy_source=self.energy_source,
+        )

@@ -1,0 +1,22 @@
+"""Engines behind one interface (``base.Engine``); ``build_engine`` imports only the chosen one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wattserve.specs import ExpertSpec
+
+from .base import Engine
+
+
+def build_engine(expert: ExpertSpec, model_dir: Path | None) -> Engine:
+    kind = expert.engine.kind
+    if kind == "torch":
+        from .torch_engine import TorchEngine
+
+        return TorchEngine(model_dir, expert, model_label=expert.model_label)
+    if kind == "null":
+        from .null import NullEngine
+
+        return NullEngine(expert)
+    raise ValueError(f"unknown engine {kind!r}")

@@ -1,0 +1,107 @@
+"""The interface every engine implements (torch here; vLLM plugs in behind the same one).
+
+An engine is synchronous and single-threaded: only the engine loop thread (``workers/loop.py``)
+calls :meth:`Engine.add`, :meth:`Engine.abort` and :meth:`Engine.step`. :meth:`Engine.validate`
+is the exception: it is pure and thread-safe, so callers get INVALID_ARGUMENT before anything is
+queued. One step is ``schedule -> execute -> update``; it returns what each request produced.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from wattserve.types import FinishReason, GenerateCall, StepWork
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A validated request: the call plus its prompt token ids."""
+
+    call: GenerateCall
+    prompt_ids: list[int]
+    arrival_s: float  # engine-loop clock (monotonic seconds) at admission
+    deadline_s: float | None = None  # same clock; the engine ends the request after it
+
+
+@dataclass(slots=True)
+class SequenceOutput:
+    """What one request produced in one step (or its end, when ``finish_reason`` is set)."""
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+@dataclass(slots=True)
+class StepTimings:
+    """Wall time of the step's phases, in seconds, and what each phase covered."""
+
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_batch: int = 0
+
+
+@dataclass(slots=True)
+class StepResult:
+    outputs: list[SequenceOutput] = field(default_factory=list)
+    work: StepWork = field(default_factory=StepWork)
+    # tokens each request had processed in this step: the key for splitting the step's energy
+    tokens_by_request: dict[str, int] = field(default_factory=dict)
+    timings: StepTimings = field(default_factory=StepTimings)
+
+
+@dataclass(slots=True, frozen=True)
+class EngineInfo:
+    """Static facts about the loaded model, for profiles and validation."""
+
+    model: str
+    engine: str
+    params: int
+    max_model_len: int
+    max_batch: int
+    device: str  # torch device the engine computes on, e.g. "cpu" or "cuda:0"
+
+
+class Engine(abc.ABC):
+    """A model behind continuous batching. See the module docstring for threading rules."""
+
+    info: EngineInfo
+
+    @abc.abstractmethod
+    def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
+        """Tokenize and check a request against the model's limits.
+
+        Raises ``InvalidRequest`` naming what to fix. Pure and thread-safe.
+        """
+
+    @abc.abstractmethod
+    def add(self, request: PreparedRequest) -> None:
+        """Queue a validated request; it joins the running batch at a step boundary."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> SequenceOutput | None:
+        """Remove a request at once, freeing its batch slot and KV cache.
+
+        Returns its final output, or None if the engine does not know it (already finished).
+        """
+
+    @abc.abstractmethod
+    def step(self, now_s: float) -> StepResult:
+        """Run one iteration: admit waiting requests, compute, and report outputs."""
+
+    @abc.abstractmethod
+    def has_work(self) -> bool:
+        """Whether any request is waiting or running."""
+
+    @abc.abstractmethod
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) request counts."""
+
+    def close(self) -> None:
+        """Free model memory."""

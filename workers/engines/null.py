@@ -1,0 +1,113 @@
+"""An engine with no model: every step emits one token per running request.
+
+It exists to measure the serving path itself (gateway, Ray streaming, accounting) without model
+compute, and to load-test routing. Prompt tokens are whitespace-separated words; each output
+token is the text `` tok``. Its energy is whatever its device backend reports, labelled as such.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from wattserve.errors import InvalidRequest
+from wattserve.specs import ExpertSpec, NullEngineSpec
+from wattserve.types import FinishReason, GenerateCall, StepWork
+
+from .base import Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from .scheduler import Scheduler
+
+TOKEN_TEXT = " tok"
+
+
+@dataclass(slots=True)
+class _NullSeq:
+    req: PreparedRequest
+    produced: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.req.call.request_id
+
+    @property
+    def priority(self) -> int:
+        return int(self.req.call.priority)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def deadline_s(self) -> float | None:
+        return self.req.deadline_s
+
+
+class NullEngine(Engine):
+    def __init__(self, expert: ExpertSpec) -> None:
+        spec = expert.engine
+        assert isinstance(spec, NullEngineSpec)
+        self.step_s = spec.step_ms / 1000.0
+        self.max_model_len = spec.max_model_len
+        self.expert = expert.name
+        self.scheduler: Scheduler[_NullSeq] = Scheduler(expert.max_batch, max_prefill_tokens=1 << 30)
+        self.info = EngineInfo(
+            model="none", engine="null", params=0, max_model_len=spec.max_model_len,
+            max_batch=expert.max_batch, device="none",
+        )
+
+    def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
+        words = call.prompt.split()
+        if not words:
+            raise InvalidRequest("prompt is empty: send at least one word")
+        if len(words) + call.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(words)} tokens) plus max_tokens ({call.max_tokens}) exceeds "
+                f"expert {self.expert!r}'s limit of {self.max_model_len} tokens"
+            )
+        return PreparedRequest(call=call, prompt_ids=list(range(len(words))), arrival_s=arrival_s)
+
+    def add(self, request: PreparedRequest) -> None:
+        self.scheduler.add(_NullSeq(request))
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> SequenceOutput | None:
+        seq = self.scheduler.remove(request_id)
+        return None if seq is None else self._output(seq, "", reason)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running) or self.scheduler.num_waiting > 0
+
+    def load(self) -> tuple[int, int]:
+        return len(self.scheduler.running), self.scheduler.num_waiting
+
+    def step(self, now_s: float) -> StepResult:
+        result = StepResult()
+        for seq in self.scheduler.expired(now_s):
+            result.outputs.append(self.abort(seq.request_id, FinishReason.DEADLINE))
+        admitted = self.scheduler.admit()
+        t0 = time.perf_counter()
+        if self.step_s:
+            time.sleep(self.step_s)
+        batch = list(self.scheduler.running)
+        for seq in batch:
+            new = seq in admitted
+            result.tokens_by_request[seq.request_id] = 1 + (seq.prompt_len if new else 0)
+            seq.produced += 1
+            done = seq.produced >= seq.req.call.max_tokens
+            if done:
+                self.scheduler.remove(seq.request_id)
+            result.outputs.append(self._output(seq, TOKEN_TEXT, FinishReason.LENGTH if done else None))
+        prefill = sum(s.prompt_len for s in admitted)
+        elapsed = time.perf_counter() - t0
+        result.work = StepWork(prefill_tokens=prefill, decode_tokens=len(batch), batch_size=len(batch))
+        result.timings = StepTimings(decode_s=elapsed, decode_batch=len(batch), prefill_tokens=prefill)
+        return result
+
+    def _output(self, seq: _NullSeq, text: str, reason: FinishReason | None) -> SequenceOutput:
+        return SequenceOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=(0,) if text else (),
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.produced,
+        )

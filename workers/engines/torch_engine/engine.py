@@ -1,0 +1,246 @@
+"""The torch/transformers engine: continuous batching over a slot KV cache.
+
+A step is ``schedule -> execute -> update``: expire overdue requests, decode one token for every
+running sequence (one batched forward), prefill the newly admitted ones (one forward each, the
+first token comes from it), then release the slots of sequences that finished. Requests join
+and leave only at these boundaries, each with its own KV rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wattserve.errors import InvalidRequest
+from wattserve.specs import ExpertSpec, TorchEngineSpec
+from wattserve.types import FinishReason, GenerateCall, StepWork
+
+from ..base import Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from ..scheduler import Scheduler
+from .kv_cache import SlotKVCache
+from .runner import DecoderRunner
+from .sampling import IncrementalDetokenizer, StopChecker, make_generator, sample
+
+
+@dataclass(slots=True)
+class _Sequence:
+    req: PreparedRequest
+    detok: IncrementalDetokenizer
+    stopper: StopChecker
+    generator: torch.Generator | None
+    deadline_s: float | None
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+
+    # the Schedulable protocol
+    @property
+    def request_id(self) -> str:
+        return self.req.call.request_id
+
+    @property
+    def priority(self) -> int:
+        return int(self.req.call.priority)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+
+def resolve_device_and_dtype(spec: TorchEngineSpec) -> tuple[torch.device, torch.dtype]:
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name = spec.dtype
+    if dtype_name == "auto":
+        # bf16 matmuls are slow on CPUs without AVX512-BF16/AMX; fp32 is the safe default there.
+        dtype_name = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype_name)
+
+
+class TorchEngine(Engine):
+    def __init__(self, model_dir: str | Path, expert: ExpertSpec, model_label: str | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        spec = expert.engine
+        assert isinstance(spec, TorchEngineSpec)
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.device, self.dtype = resolve_device_and_dtype(spec)
+        self.expert = expert.name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        cfg = self.model.config
+        self.max_model_len = min(expert.max_model_len, int(cfg.max_position_embeddings))
+        self.eos_ids = self._eos_ids(model_dir, GenerationConfig)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache = SlotKVCache(
+            num_layers=cfg.num_hidden_layers,
+            max_slots=expert.max_batch,
+            kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            max_len=self.max_model_len,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.runner = DecoderRunner(self.model, self.cache)
+        self.scheduler: Scheduler[_Sequence] = Scheduler(expert.max_batch, spec.max_prefill_tokens_per_step)
+        self.slots: list[_Sequence | None] = [None] * expert.max_batch
+        self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
+        self.info = EngineInfo(
+            model=model_label or str(model_dir),
+            engine="torch",
+            params=sum(p.numel() for p in self.model.parameters()),
+            max_model_len=self.max_model_len,
+            max_batch=expert.max_batch,
+            device=str(self.device),
+        )
+
+    def _eos_ids(self, model_dir, generation_config_cls) -> frozenset[int]:
+        ids: set[int] = set()
+        try:
+            gen = generation_config_cls.from_pretrained(model_dir)
+            eos = gen.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass  # no generation_config.json: the tokenizer's EOS is all we have
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    # -- admission -----------------------------------------------------------------------------
+    def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
+        if not call.prompt:
+            raise InvalidRequest("prompt is empty: send at least one character of text")
+        with self._tok_lock:
+            ids = self.tokenizer(call.prompt).input_ids
+        if not ids:
+            raise InvalidRequest("prompt tokenizes to nothing")
+        if len(ids) + call.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens and max_tokens is {call.max_tokens}, but expert "
+                f"{self.expert!r} allows at most {self.max_model_len} tokens in total: shorten the "
+                f"prompt or lower max_tokens to {max(0, self.max_model_len - len(ids))}"
+            )
+        return PreparedRequest(call=call, prompt_ids=ids, arrival_s=arrival_s)
+
+    def add(self, request: PreparedRequest) -> None:
+        with self._tok_lock:
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
+        seq = _Sequence(
+            req=request,
+            detok=detok,
+            stopper=StopChecker(request.call.sampling.stop),
+            generator=make_generator(request.call.sampling, self.device),
+            deadline_s=request.deadline_s,
+        )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> SequenceOutput | None:
+        seq = self.scheduler.remove(request_id)
+        if seq is None:
+            return None
+        if seq.slot >= 0:
+            self._free(seq)
+        return self._output(seq, "", (), reason)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running) or self.scheduler.num_waiting > 0
+
+    def load(self) -> tuple[int, int]:
+        return len(self.scheduler.running), self.scheduler.num_waiting
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self, now_s: float) -> StepResult:
+        result = StepResult()
+        for seq in self.scheduler.expired(now_s):
+            result.outputs.append(self.abort(seq.request_id, FinishReason.DEADLINE))
+        decoding = [self.slots[s] for s in range(self.cache.used)]
+        admitted = self.scheduler.admit()
+        finished: list[_Sequence] = []
+        timings = StepTimings()
+
+        if decoding:
+            t0 = time.perf_counter()
+            logits = self.runner.decode([seq.output_ids[-1] for seq in decoding])
+            for i, seq in enumerate(decoding):
+                self._advance(seq, logits[i], now_s, result, finished)
+            timings.decode_s, timings.decode_batch = time.perf_counter() - t0, len(decoding)
+
+        t0 = time.perf_counter()
+        for seq in admitted:
+            seq.slot = self.cache.allocate()
+            self.slots[seq.slot] = seq
+            logits = self.runner.prefill(seq.slot, seq.req.prompt_ids)
+            result.tokens_by_request[seq.request_id] = seq.prompt_len
+            timings.prefill_tokens += seq.prompt_len
+            self._advance(seq, logits, now_s, result, finished)
+        if admitted:
+            timings.prefill_s = time.perf_counter() - t0
+
+        # Free highest slots first so compaction never moves a slot that is about to be freed.
+        for seq in sorted(finished, key=lambda s: s.slot, reverse=True):
+            self.scheduler.remove(seq.request_id)
+            self._free(seq)
+        result.timings = timings
+        result.work = StepWork(
+            prefill_tokens=timings.prefill_tokens,
+            decode_tokens=len(decoding),
+            batch_size=len(decoding) + len(admitted),
+        )
+        return result
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, now_s: float, result: StepResult, finished: list) -> None:
+        """Sample the next token for ``seq`` and report text and completion."""
+        token = sample(logits, seq.req.call.sampling, seq.generator)
+        seq.output_ids.append(token)
+        result.tokens_by_request[seq.request_id] = result.tokens_by_request.get(seq.request_id, 0) + 1
+        call = seq.req.call
+        reason = None
+        text = ""
+        if token in self.eos_ids and not call.sampling.ignore_eos:
+            reason = FinishReason.STOP
+        else:
+            with self._tok_lock:
+                delta = seq.detok.push(token)
+            text, hit = seq.stopper.push(delta)
+            if hit:
+                reason = FinishReason.STOP
+        if reason is None and (
+            len(seq.output_ids) >= call.max_tokens
+            or seq.prompt_len + len(seq.output_ids) >= self.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            text += seq.stopper.flush()  # release text held back for stop-string matching
+            finished.append(seq)
+        result.outputs.append(self._output(seq, text, (token,), reason))
+
+    def _output(self, seq: _Sequence, text: str, ids: tuple[int, ...], reason: FinishReason | None) -> SequenceOutput:
+        return SequenceOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.output_ids),
+        )
+
+    def _free(self, seq: _Sequence) -> None:
+        moved = self.cache.free(seq.slot)
+        if moved is not None:
+            mover = self.slots[moved]
+            self.slots[seq.slot] = mover
+            mover.slot = seq.slot
+            self.slots[moved] = None
+        else:
+            self.slots[seq.slot] = None
+        seq.slot = -1
+
+    def close(self) -> None:
+        self.scheduler.running.clear()
+        del self.runner, self.model, self.cache

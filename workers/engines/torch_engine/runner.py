@@ -1,0 +1,210 @@
+"""Layer-by-layer forward of Hugging Face decoder-only models over a :class:`SlotKVCache`.
+
+We own the layer loop instead of calling ``model(...)``/``generate()``: the batch is ragged (every
+sequence has its own length), sequences join and leave between steps, and early exit needs to
+stop a sequence after any layer and still give deeper layers its K/V. The weights and the small
+modules (norms, projections, MLP, rotary tables) are the transformers model's own; only the
+attention plumbing and the residual wiring are ours, and ``tests/workers/test_runner.py`` checks
+the logits against the transformers forward for every supported architecture.
+
+Residual wiring comes in two shapes:
+- pre-norm (Llama, Qwen2/3, Mistral): h += attn(norm1(h)); h += mlp(norm2(h))
+- sandwich (Gemma 3): h += norm2(attn(norm1(h))); h += norm4(mlp(norm3(h)))
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wattserve.errors import ModelSourceError
+
+from .kv_cache import SlotKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass(slots=True)
+class _Layer:
+    """Handles to one decoder layer's modules plus the facts its attention needs."""
+
+    module: torch.nn.Module
+    attn: torch.nn.Module
+    rope_key: str  # which cos/sin table: "default" or a Gemma layer type
+    sliding_window: int | None
+    scaling: float
+    sandwich: bool  # Gemma-style extra norms around attention and MLP
+
+
+class DecoderRunner:
+    """Runs one loaded ``*ForCausalLM`` model over ragged batches. Not thread-safe."""
+
+    def __init__(self, model: torch.nn.Module, cache: SlotKVCache) -> None:
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelSourceError(
+                f"the torch engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is "
+                f"{cfg.model_type!r}"
+            )
+        if getattr(cfg, "attn_logit_softcapping", None):
+            raise ModelSourceError("attention logit soft-capping (Gemma 2) is not supported")
+        self.model = model
+        self.config = cfg
+        self.cache = cache
+        self.device = cache.device
+        self.dtype = cache.dtype
+        base = model.model
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = model.lm_head
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layers = [self._describe(layer) for layer in base.layers]
+        self._rope = self._rope_tables(base.rotary_emb, cache.max_len)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _describe(self, layer: torch.nn.Module) -> _Layer:
+        attn = layer.self_attn
+        layer_type = getattr(attn, "layer_type", None) or "default"
+        window = getattr(attn, "sliding_window", None)
+        return _Layer(
+            module=layer,
+            attn=attn,
+            rope_key=layer_type if self.config.model_type == "gemma3_text" else "default",
+            sliding_window=int(window) if window else None,
+            scaling=float(attn.scaling),
+            sandwich=hasattr(layer, "pre_feedforward_layernorm"),
+        )
+
+    @torch.no_grad()
+    def _rope_tables(self, rotary: torch.nn.Module, max_len: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin for every position up to ``max_len``, per rope flavour, computed once."""
+        positions = torch.arange(max_len, device=self.device)[None, :]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        keys = sorted({layer.rope_key for layer in self.layers})
+        takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        tables = {}
+        for key in keys:
+            cos, sin = rotary(probe, positions, key) if takes_type else rotary(probe, positions)
+            tables[key] = (cos[0].to(self.dtype), sin[0].to(self.dtype))  # (max_len, head_dim)
+        return tables
+
+    # -- per-layer pieces (public so early exit can drive them one layer at a time) -------------
+    def project_qkv(
+        self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed input ``x (N, hidden)`` at ``positions (N,)`` -> q ``(N, H, d)``, k, v ``(N, KVH, d)``."""
+        n = x.shape[0]
+        attn = layer.attn
+        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = self._rope[layer.rope_key]
+        cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+    def _mlp_block(self, layer: _Layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        m = layer.module
+        if layer.sandwich:
+            h = h + m.post_attention_layernorm(attn_out)
+            return h + m.post_feedforward_layernorm(m.mlp(m.pre_feedforward_layernorm(h)))
+        h = h + attn_out
+        return h + m.mlp(m.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on hidden states ``(N, hidden)`` -> float32 logits ``(N, vocab)``."""
+        out = self.lm_head(self.norm(h)).float()
+        if self.final_softcap:
+            out = torch.tanh(out / self.final_softcap) * self.final_softcap
+        return out
+
+    # -- prefill -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        """Run a whole prompt for one sequence into ``slot``; returns the last position's logits."""
+        t = len(token_ids)
+        self.cache.ensure_capacity(t + 1)
+        ids = torch.tensor(token_ids, device=self.device)
+        positions = torch.arange(t, device=self.device)
+        h = self.embed(ids).to(self.dtype)
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for i, layer in enumerate(self.layers):
+            m = layer.module
+            q, k, v = self.project_qkv(layer, m.input_layernorm(h), positions)
+            self.cache.write_prefill(i, slot, 0, k.transpose(0, 1), v.transpose(0, 1))
+            window = layer.sliding_window if layer.sliding_window and layer.sliding_window < t else None
+            if window not in masks:
+                masks[window] = None if window is None else self._prefill_mask(t, window)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                attn_mask=masks[window],
+                is_causal=masks[window] is None,
+                scale=layer.scaling,
+                enable_gqa=self.num_heads != self.kv_heads,
+            )
+            out = layer.attn.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+            h = self._mlp_block(layer, h, out)
+        self.cache.lengths[slot] = t
+        return self.logits(h[-1:])[0]
+
+    def _prefill_mask(self, t: int, window: int) -> torch.Tensor:
+        q = torch.arange(t, device=self.device)[:, None]
+        k = torch.arange(t, device=self.device)[None, :]
+        return (k <= q) & (k > q - window)
+
+    # -- decode --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, token_ids: list[int]) -> torch.Tensor:
+        """One token for each sequence in slots ``0..B-1`` (B = len(token_ids)); returns logits ``(B, vocab)``.
+
+        Each token is written at its slot's current length, which then grows by one.
+        """
+        b = len(token_ids)
+        lengths = self.cache.lengths[:b]
+        longest = max(lengths) + 1
+        self.cache.ensure_capacity(longest)
+        positions = torch.tensor(lengths, device=self.device)
+        ids = torch.tensor(token_ids, device=self.device)
+        h = self.embed(ids).to(self.dtype)
+        key_pos = torch.arange(longest, device=self.device)[None, :]
+        valid = key_pos <= positions[:, None]  # (B, L): own tokens up to and including this one
+        masks: dict[int | None, torch.Tensor] = {None: valid[:, None, None, :]}
+        for i, layer in enumerate(self.layers):
+            m = layer.module
+            q, k, v = self.project_qkv(layer, m.input_layernorm(h), positions)
+            self.cache.write_decode(i, positions, k, v)
+            window = layer.sliding_window
+            if window not in masks:
+                masks[window] = (valid & (key_pos > positions[:, None] - window))[:, None, None, :]
+            keys, values = self.cache.view(i, slice(0, b), longest)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :],
+                keys,
+                values,
+                attn_mask=masks[window],
+                scale=layer.scaling,
+                enable_gqa=self.num_heads != self.kv_heads,
+            )
+            out = layer.attn.o_proj(out.reshape(b, -1))
+            h = self._mlp_block(layer, h, out)
+        for s in range(b):
+            self.cache.lengths[s] += 1
+        return self.logits(h)

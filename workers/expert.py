@@ -1,0 +1,126 @@
+"""The body of an expert replica: model + engine + device + engine loop, with an async API.
+
+``runtime/cluster.py`` turns this class into a Ray actor (the only place actors are created);
+nothing here imports Ray, so the class also runs in-process in tests. The async methods run on
+the actor's event loop while the engine loop thread computes; ``generate`` is an async generator
+that Ray exposes as a streaming generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from wattserve.specs import ExpertSpec
+from wattserve.types import ExpertProfile, GenerateCall, StreamEvent
+
+from .devices import open_device
+from .engines import build_engine
+from .loop import EngineLoop
+from .models import prepare_model
+
+log = logging.getLogger(__name__)
+
+#: seconds between a fatal engine error and the process exit that lets Ray restart the actor
+EXIT_DELAY_S = 1.0
+
+
+class ExpertWorker:
+    """One replica of one expert. Construction loads the model (seconds) and starts the loop."""
+
+    def __init__(self, spec: ExpertSpec, replica: int, cache_dir: str, exit_on_failure: bool = True) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.spec = spec
+        self.replica = replica
+        self.exit_on_failure = exit_on_failure
+        model_dir: Path | None = None
+        if spec.model is not None:
+            model_dir = prepare_model(spec.model, Path(cache_dir), progress=log.info)
+        self.engine = build_engine(spec, model_dir)
+        self.device = open_device(spec.device, model_params=self.engine.info.params)
+        self.loop = EngineLoop(
+            self.engine, self.device, max_queue=spec.max_queue, on_fatal=self._on_fatal
+        )
+        self.loop.start()
+        log.info(
+            "expert %s/%d ready: %s on %s (%s), %d params",
+            spec.name, replica, self.engine.info.model, self.engine.info.device,
+            self.device.energy_source, self.engine.info.params,
+        )
+
+    async def ready(self) -> bool:
+        return True
+
+    async def generate(self, call: GenerateCall) -> AsyncIterator[list[StreamEvent]]:
+        """Stream ``call``'s output in chunks of events; the last event carries the usage.
+
+        Errors in validation or admission raise before the first chunk. If the consumer goes
+        away (Ray cancels this generator), the request is aborted and its slot freed.
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.loop.submit(call, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                chunk: list[StreamEvent] = []
+                while True:  # coalesce whatever else is ready: fewer, larger Ray objects under load
+                    if isinstance(item, BaseException):
+                        raise item
+                    chunk.extend(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                finished = chunk[-1].finished
+                yield chunk
+        finally:
+            if not finished:
+                self.loop.abort(call.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    async def profile(self) -> ExpertProfile:
+        snap = self.loop.snapshot()
+        prof = self.loop.profile
+        info = self.engine.info
+        return ExpertProfile(
+            expert=self.spec.name,
+            replica=self.replica,
+            model=info.model,
+            engine=info.engine,
+            device=self.device.name,
+            energy_source=self.device.energy_source,
+            priority_class=self.spec.priority_class,
+            max_batch=info.max_batch,
+            max_queue=self.spec.max_queue,
+            max_model_len=info.max_model_len,
+            params=info.params,
+            healthy=not snap.dead,
+            running=snap.running,
+            waiting=snap.waiting,
+            prefill_ms_per_token=prof.prefill_ms_per_token,
+            decode_ms_per_token=prof.decode_ms_per_token,
+            j_per_token=prof.j_per_token,
+            decode_ms_per_step_by_batch=dict(prof.decode_ms_by_batch),
+            energy=snap.energy,
+            requests_finished=snap.requests_finished,
+            error=snap.dead,
+        )
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.device.close()
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        if not self.exit_on_failure:
+            return
+        # A dead engine cannot be trusted (CUDA errors are sticky): leave the process so Ray's
+        # max_restarts brings up a fresh replica. The delay lets failure events reach callers.
+        log.error("expert %s/%d: engine failed (%s); exiting for a restart", self.spec.name, self.replica, exc)
+        threading.Timer(EXIT_DELAY_S, os._exit, args=(1,)).start()

@@ -1,0 +1,224 @@
+"""The engine loop: one thread that owns an engine and its device, steps while there is work,
+meters every step's energy, and delivers outputs to per-request sinks.
+
+Other threads (the actor's asyncio loop) only call :meth:`EngineLoop.submit`,
+:meth:`EngineLoop.abort` and :meth:`EngineLoop.snapshot`; adds and aborts travel through an inbox
+that the loop drains at each step boundary, so the engine itself is single-threaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wattserve.errors import EngineDead, InvalidRequest, QueueFull
+from wattserve.types import EnergyTotals, FinishReason, GenerateCall, RequestUsage, StreamEvent
+
+from .devices.base import Device
+from .energy import EnergyLedger
+from .engines.base import Engine, SequenceOutput
+from .profile import ProfileTracker
+
+log = logging.getLogger(__name__)
+
+#: receives a request's events in order, or the exception that ended it
+Sink = Callable[[list[StreamEvent] | BaseException], None]
+
+IDLE_TICK_S = 0.5  # how often idle energy is booked while nothing runs
+
+
+@dataclass(slots=True)
+class _Tracked:
+    sink: Sink
+    arrival_s: float
+    first_token_s: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class LoopSnapshot:
+    running: int
+    waiting: int
+    energy: EnergyTotals
+    requests_finished: int
+    steps: int
+    dead: str  # why the loop died, or ""
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        device: Device,
+        *,
+        max_queue: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.device = device
+        self.capacity = engine.info.max_batch + max_queue
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.on_fatal = on_fatal
+        self.ledger = EnergyLedger(device.energy_source)
+        self.profile = ProfileTracker()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple[str, object]] = []
+        self._tracked: dict[str, _Tracked] = {}
+        self._load = (0, 0)
+        self._finished = 0
+        self._dead = ""
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # -- called from other threads --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, call: GenerateCall, sink: Sink) -> None:
+        """Validate and queue ``call``; raises InvalidRequest, QueueFull or EngineDead at once."""
+        if self._dead:
+            raise EngineDead(f"engine stopped: {self._dead}")
+        now = self.clock()
+        prepared = self.engine.validate(call, now)
+        if call.deadline_unix_s is not None:
+            prepared.deadline_s = now + (call.deadline_unix_s - self.wall_clock())
+        with self._lock:
+            if call.request_id in self._tracked:
+                raise InvalidRequest(f"request id {call.request_id!r} is already being served")
+            if len(self._tracked) >= self.capacity:
+                raise QueueFull(
+                    f"expert {self.engine.info.model!r} is full: {len(self._tracked)} requests "
+                    f"running or queued (max_batch + max_queue = {self.capacity}); retry shortly",
+                    retry_after_ms=self._retry_hint_ms(),
+                )
+            self._tracked[call.request_id] = _Tracked(sink=sink, arrival_s=now)
+            self._inbox.append(("add", prepared))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id not in self._tracked:
+                return
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def snapshot(self) -> LoopSnapshot:
+        with self._lock:
+            running, waiting = self._load
+            return LoopSnapshot(
+                running=running,
+                waiting=waiting + sum(1 for op, _ in self._inbox if op == "add"),
+                energy=self.ledger.totals(),
+                requests_finished=self._finished,
+                steps=self.profile.steps,
+                dead=self._dead,
+            )
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _retry_hint_ms(self) -> int:
+        step_ms = self.profile.decode_ms_per_token or 50.0
+        return int(min(10_000, max(50, step_ms * 8)))
+
+    # -- the loop thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        last_j = self.device.energy_j()
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._wake.wait(IDLE_TICK_S)
+                    self._wake.clear()
+                    now_j = self.device.energy_j()
+                    with self._lock:
+                        self.ledger.add_idle(now_j - last_j)
+                    last_j = now_j
+                    continue
+                last_j = self._step(last_j)
+        except BaseException as exc:  # noqa: BLE001 - any engine failure ends every request
+            log.exception("engine loop failed")
+            self._fail_all(exc)
+            if self.on_fatal:
+                self.on_fatal(exc)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for op, arg in inbox:
+            if op == "add":
+                self.engine.add(arg)
+            else:
+                out = self.engine.abort(arg)
+                if out is not None:
+                    self._deliver([out], self.clock())
+        with self._lock:
+            self._load = self.engine.load()
+
+    def _step(self, last_j: float) -> float:
+        start_j = self.device.energy_j()
+        self.device.begin_step()
+        result = self.engine.step(self.clock())
+        self.device.end_step(result.work)
+        end_j = self.device.energy_j()
+        with self._lock:
+            self.ledger.add_idle(start_j - last_j)
+            self.ledger.add_step(end_j - start_j, result.tokens_by_request)
+            self._load = self.engine.load()
+        self.profile.observe(result.timings, end_j - start_j, result.work.tokens)
+        self._deliver(result.outputs, self.clock())
+        return end_j
+
+    def _deliver(self, outputs: list[SequenceOutput], now: float) -> None:
+        by_request: dict[str, list[StreamEvent]] = {}
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            if out.token_ids and tracked.first_token_s is None:
+                tracked.first_token_s = now
+            usage = None
+            if out.finish_reason is not None:
+                usage = self._usage(out, tracked, now)
+            by_request.setdefault(out.request_id, []).append(
+                StreamEvent(request_id=out.request_id, text=out.text, token_ids=out.token_ids, usage=usage)
+            )
+        for rid, events in by_request.items():
+            sink = self._tracked[rid].sink
+            if events[-1].usage is not None:
+                with self._lock:
+                    del self._tracked[rid]
+                    self._finished += 1
+            sink(events)
+
+    def _usage(self, out: SequenceOutput, tracked: _Tracked, now: float) -> RequestUsage:
+        with self._lock:
+            energy_j = self.ledger.close(out.request_id)
+        first = tracked.first_token_s if tracked.first_token_s is not None else now
+        return RequestUsage(
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            ttft_ms=1000.0 * (first - tracked.arrival_s),
+            latency_ms=1000.0 * (now - tracked.arrival_s),
+            energy_j=energy_j,
+            energy_source=self.device.energy_source,
+            finish_reason=FinishReason(out.finish_reason),
+        )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            self._dead = f"{type(exc).__name__}: {exc}"
+            tracked, self._tracked = self._tracked, {}
+            self._inbox.clear()
+        error = EngineDead(f"the engine failed while serving this request ({self._dead})")
+        for t in tracked.values():
+            t.sink(error)
