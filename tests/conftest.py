@@ -14,6 +14,8 @@ sys.path.insert(0, str(ROOT))  # `tests.tiny_models`
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Packaged models are converted once into the repo's cache, as `./dev` does, and reused.
+os.environ.setdefault("WATTSERVE_CACHE_DIR", str(ROOT / ".cache" / "wattserve"))
 
 
 @pytest.fixture(scope="session")

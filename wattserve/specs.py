@@ -93,15 +93,15 @@ class TorchEngineSpec(Strict):
     )
 
 
-class NullEngineSpec(Strict):
+class SyntheticEngineSpec(Strict):
     """Emits tokens without a model: for measuring the serving path itself (gateway + Ray)."""
 
-    kind: Literal["null"] = "null"
+    kind: Literal["synthetic"] = "synthetic"
     step_ms: float = Field(default=0.0, ge=0, description="Sleep per engine step (0: as fast as possible).")
     max_model_len: int = Field(default=1_000_000, ge=1)
 
 
-EngineSpec = Annotated[Union[TorchEngineSpec, NullEngineSpec], Field(discriminator="kind")]
+EngineSpec = Annotated[Union[TorchEngineSpec, SyntheticEngineSpec], Field(discriminator="kind")]
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class ExpertSpec(Strict):
     """One expert: a model on an engine and a device, served by ``replicas`` Ray actors."""
 
     name: str = Field(description="Lower-case id used in requests and metrics, e.g. edge.")
-    model: ModelSource | None = Field(default=None, description="Required unless engine is null.")
+    model: ModelSource | None = Field(default=None, description="Required unless engine is synthetic.")
     engine: EngineSpec = Field(default_factory=TorchEngineSpec)
     device: DeviceSpec = Field(default_factory=DeviceSpec)
     replicas: int = Field(default=1, ge=1, le=64)
@@ -203,7 +203,7 @@ class ExpertSpec(Strict):
                 f"expert name {self.name!r} must be lower-case letters, digits, '-' or '_', "
                 "starting with a letter"
             )
-        if self.engine.kind != "null" and self.model is None:
+        if self.engine.kind != "synthetic" and self.model is None:
             raise ValueError(f"expert {self.name!r} uses engine {self.engine.kind!r} and needs a `model`")
         return self
 

@@ -136,6 +136,8 @@ class ExpertProfile:
     energy: EnergyTotals | None = None
     requests_finished: int = 0
     error: str = ""  # why the replica is unhealthy, if it is
+    host: str = ""  # where the replica runs, for operators
+    pid: int = 0
 
     @property
     def queue_depth(self) -> int:

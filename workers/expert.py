@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -111,6 +112,8 @@ class ExpertWorker:
             energy=snap.energy,
             requests_finished=snap.requests_finished,
             error=snap.dead,
+            host=socket.gethostname(),
+            pid=os.getpid(),
         )
 
     def shutdown(self) -> None:

@@ -137,6 +137,7 @@ def _replica_to_proto(state) -> pb.ExpertReplica:
         msg.requests_finished = p.requests_finished
         msg.device = p.device
         msg.energy_source = p.energy_source
+        msg.host, msg.pid = p.host, p.pid
         if p.energy:
             msg.requests_energy_j, msg.idle_energy_j = p.energy.requests_j, p.energy.idle_j
             msg.device_energy_j = p.energy.device_j

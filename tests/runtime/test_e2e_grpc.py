@@ -42,7 +42,7 @@ def config(tiny_model_dirs, tmp_path_factory):
                     "max_model_len": 256,
                 },
                 # no model: 20 ms per step, so queue tests control timing exactly
-                {"name": "slow", "engine": {"kind": "null", "step_ms": 20}, "max_batch": 2, "max_queue": 1},
+                {"name": "slow", "engine": {"kind": "synthetic", "step_ms": 20}, "max_batch": 2, "max_queue": 1},
             ],
             "tenants": [{"name": "default"}, {"name": "acme", "max_priority": "normal"}],
         },

@@ -101,9 +101,9 @@ def test_queue_bound_and_duplicate_ids(engine):
 
 
 def test_engine_failure_fails_requests_and_marks_loop_dead(monkeypatch):
-    from workers.engines.null import NullEngine
+    from workers.engines.synthetic import SyntheticEngine
 
-    engine = NullEngine(ExpertSpec(name="n", engine="null"))
+    engine = SyntheticEngine(ExpertSpec(name="n", engine="synthetic"))
     monkeypatch.setattr(engine, "step", lambda now: (_ for _ in ()).throw(RuntimeError("CUDA error: device lost")))
     loop = make_loop(engine)
     fatal = []

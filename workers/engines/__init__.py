@@ -15,8 +15,8 @@ def build_engine(expert: ExpertSpec, model_dir: Path | None) -> Engine:
         from .torch_engine import TorchEngine
 
         return TorchEngine(model_dir, expert, model_label=expert.model_label)
-    if kind == "null":
-        from .null import NullEngine
+    if kind == "synthetic":
+        from .synthetic import SyntheticEngine
 
-        return NullEngine(expert)
+        return SyntheticEngine(expert)
     raise ValueError(f"unknown engine {kind!r}")

@@ -107,7 +107,7 @@ class ListExpertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertReplica(_message.Message):
-    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source")
+    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,8 @@ class ExpertReplica(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     replica: int
     healthy: bool
     error: str
@@ -136,7 +138,9 @@ class ExpertReplica(_message.Message):
     device: str
     device_energy_j: float
     energy_source: str
-    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ...) -> None: ...
+    host: str
+    pid: int
+    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
     __slots__ = ("name", "model", "engine", "device_backend", "energy_source", "priority_class", "max_batch", "max_model_len", "params", "replicas")

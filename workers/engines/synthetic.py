@@ -1,4 +1,6 @@
-"""An engine with no model: every step emits one token per running request.
+"""The synthetic (null) engine: no model, every step emits one token per running request.
+
+Its config kind is ``synthetic`` because a bare ``null`` in YAML means "no value".
 
 It exists to measure the serving path itself (gateway, Ray streaming, accounting) without model
 compute, and to load-test routing. Prompt tokens are whitespace-separated words; each output
@@ -11,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from wattserve.errors import InvalidRequest
-from wattserve.specs import ExpertSpec, NullEngineSpec
+from wattserve.specs import ExpertSpec, SyntheticEngineSpec
 from wattserve.types import FinishReason, GenerateCall, StepWork
 
 from .base import Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
@@ -21,7 +23,7 @@ TOKEN_TEXT = " tok"
 
 
 @dataclass(slots=True)
-class _NullSeq:
+class _SyntheticSeq:
     req: PreparedRequest
     produced: int = 0
 
@@ -42,16 +44,16 @@ class _NullSeq:
         return self.req.deadline_s
 
 
-class NullEngine(Engine):
+class SyntheticEngine(Engine):
     def __init__(self, expert: ExpertSpec) -> None:
         spec = expert.engine
-        assert isinstance(spec, NullEngineSpec)
+        assert isinstance(spec, SyntheticEngineSpec)
         self.step_s = spec.step_ms / 1000.0
         self.max_model_len = spec.max_model_len
         self.expert = expert.name
-        self.scheduler: Scheduler[_NullSeq] = Scheduler(expert.max_batch, max_prefill_tokens=1 << 30)
+        self.scheduler: Scheduler[_SyntheticSeq] = Scheduler(expert.max_batch, max_prefill_tokens=1 << 30)
         self.info = EngineInfo(
-            model="none", engine="null", params=0, max_model_len=spec.max_model_len,
+            model="none", engine="synthetic", params=0, max_model_len=spec.max_model_len,
             max_batch=expert.max_batch, device="none",
         )
 
@@ -67,7 +69,7 @@ class NullEngine(Engine):
         return PreparedRequest(call=call, prompt_ids=list(range(len(words))), arrival_s=arrival_s)
 
     def add(self, request: PreparedRequest) -> None:
-        self.scheduler.add(_NullSeq(request))
+        self.scheduler.add(_SyntheticSeq(request))
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> SequenceOutput | None:
         seq = self.scheduler.remove(request_id)
@@ -102,7 +104,7 @@ class NullEngine(Engine):
         result.timings = StepTimings(decode_s=elapsed, decode_batch=len(batch), prefill_tokens=prefill)
         return result
 
-    def _output(self, seq: _NullSeq, text: str, reason: FinishReason | None) -> SequenceOutput:
+    def _output(self, seq: _SyntheticSeq, text: str, reason: FinishReason | None) -> SequenceOutput:
         return SequenceOutput(
             request_id=seq.request_id,
             text=text,

@@ -1,0 +1,68 @@
+"""Config files: every preset validates; mistakes name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.config import load_config
+from wattserve.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_presets_validate(path):
+    cfg = load_config(path)
+    assert cfg.experts
+    if cfg.model_cache_dir:
+        assert Path(cfg.model_cache_dir).is_absolute()
+
+
+def test_local_preset_runs_two_models_of_different_size():
+    cfg = load_config(next(p for p in CONFIGS if p.name == "local.yaml"))
+    assert [e.name for e in cfg.experts] == ["edge", "cloud"]
+    assert cfg.ray.address is None and cfg.gateway.host == "127.0.0.1"
+    assert {e.engine.kind for e in cfg.experts} == {"torch"}
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("experts:\n  - name: a\n    engine: synthetic\n    devcie: cpu\n", "bad.yaml: experts.0.devcie: unknown key (allowed: "),
+        ("gateway: {prot: 1}\nexperts: [{name: a, engine: synthetic}]\n", "gateway.prot: unknown key (allowed: default_max_tokens"),
+        ("experts:\n  - name: a\n    model: {kind: local, pth: /x}\n", "experts.0.model.local.pth: unknown key (allowed: kind, path)"),
+        ("experts:\n  - name: a\n    engine: torch\n", "needs a `model`"),
+        ("experts: [{name: a, engine: synthetic}, {name: a, engine: synthetic}]\n", "duplicate expert names: a"),
+        ("experts: [{name: a, engine: synthetic, device: 'simulated:'}]\n", "need a profile"),
+        ("experts: [{name: a, engine: synthetic, max_batch: 0}]\n", "experts.0.max_batch"),
+        ("experts: [\n", "not valid YAML"),
+        ("- just a list\n", "expected a mapping"),
+        ("ray: {}\n", "experts: required key is missing"),
+    ],
+)
+def test_mistakes_name_file_and_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text))
+    assert expected in str(err.value)
+    assert str(err.value).startswith(str(tmp_path / "bad.yaml"))
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shorthands_and_relative_cache_dir(tmp_path):
+    p = _write(tmp_path, "model_cache_dir: cache\nexperts:\n  - {name: a, engine: synthetic, device: 'nvml:1'}\n  - {name: b, engine: synthetic, device: 'simulated:a100'}\n")
+    cfg = load_config(p)
+    assert cfg.experts[0].device.backend == "nvml" and cfg.experts[0].device.index == 1
+    assert cfg.experts[1].device.label == "simulated:a100"
+    assert cfg.model_cache_dir == str((tmp_path / "cache").resolve())

