@@ -106,7 +106,7 @@ class ExpertPool:
     async def wait_ready(self, timeout_s: float, progress: Callable[[str], None] = log.info) -> None:
         """Wait until every replica answers ``ready``; raise ConfigError naming those that failed."""
         start = time.monotonic()
-        pending = {r.name: asyncio.ensure_future(_await(r.actor.ready.remote())) for r in self.all()}
+        pending = {r.name: asyncio.ensure_future(r.actor.ready.remote()) for r in self.all()}
         failures: list[str] = []
         while pending:
             done, _ = await asyncio.wait(pending.values(), timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
@@ -133,10 +133,6 @@ class ExpertPool:
                 ray.kill(r.actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine at shutdown
                 pass
-
-
-async def _await(ref):
-    return await ref
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ names the file and the dotted path of every bad key, e.g.::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -33,6 +34,8 @@ class RayConfig(Strict):
 
 
 class GatewayConfig(Strict):
+    """The gRPC endpoint, its limits, and how it watches the experts."""
+
     host: str = Field(default="127.0.0.1", description="Interface the gRPC server binds.")
     port: int = Field(default=50051, ge=0, le=65535, description="0 picks a free port.")
     max_inflight: int = Field(
@@ -44,15 +47,17 @@ class GatewayConfig(Strict):
     max_tokens_limit: int = Field(default=4096, ge=1, description="Upper bound on max_tokens.")
     health_interval_s: float = Field(default=1.0, gt=0, description="How often expert telemetry is polled.")
     health_timeout_s: float = Field(default=5.0, gt=0, description="A replica silent this long is unhealthy.")
-    routing_policy: Literal["least_loaded"] = "least_loaded"
+    routing_policy: Literal["least_loaded"] = Field(default="least_loaded", description="How experts are chosen.")
 
 
 class TenantConfig(Strict):
-    name: str
+    """A client organisation; requests name it in `tenant`."""
+
+    name: str = Field(description="Tenant id used in requests and metrics.")
     energy_budget_j: float | None = Field(
         default=None, ge=0, description="Energy the tenant may use per budget window (router issue enforces)."
     )
-    budget_window_s: float = Field(default=3600.0, gt=0)
+    budget_window_s: float = Field(default=3600.0, gt=0, description="Window of energy_budget_j.")
     max_priority: Literal["low", "normal", "high"] = Field(
         default="high", description="Requests above this priority are lowered to it."
     )
@@ -63,14 +68,16 @@ class TenantConfig(Strict):
 
 
 class WattserveConfig(Strict):
-    ray: RayConfig = Field(default_factory=RayConfig)
-    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """A whole deployment: where Ray is, the gateway, the experts and the tenants."""
+
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster or embedded instance.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The gRPC endpoint.")
     model_cache_dir: str | None = Field(
         default=None,
         description="Where converted models live; default $WATTSERVE_CACHE_DIR or ~/.cache/wattserve. "
         "Relative paths are relative to the config file.",
     )
-    experts: list[ExpertSpec] = Field(min_length=1)
+    experts: list[ExpertSpec] = Field(min_length=1, description="At least one expert.")
     tenants: list[TenantConfig] = Field(
         default_factory=list, description="Empty: any tenant name is accepted."
     )
@@ -148,3 +155,46 @@ def load_config(path: str | Path) -> WattserveConfig:
     if cfg.model_cache_dir and not Path(cfg.model_cache_dir).expanduser().is_absolute():
         cfg.model_cache_dir = str((path.parent / cfg.model_cache_dir).resolve())
     return cfg
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key, generated from the models (docs/config.md)."""
+    from wattserve.specs import DeviceSpec, GgufPackageSource, HubModelSource, LocalModelSource, ResourceSpec
+    from wattserve.specs import SyntheticEngineSpec, TorchEngineSpec
+
+    sections = [
+        ("top level", WattserveConfig),
+        ("ray", RayConfig),
+        ("gateway", GatewayConfig),
+        ("tenants[]", TenantConfig),
+        ("experts[]", ExpertSpec),
+        ("experts[].model (kind: local)", LocalModelSource),
+        ("experts[].model (kind: gguf_package)", GgufPackageSource),
+        ("experts[].model (kind: hub)", HubModelSource),
+        ("experts[].engine (kind: torch)", TorchEngineSpec),
+        ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
+        ("experts[].device", DeviceSpec),
+        ("experts[].resources", ResourceSpec),
+    ]
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the pydantic models by `python -m runtime.config` (a test keeps it current).",
+        "Unknown keys are errors that name the file and the key.",
+        "",
+    ]
+    for title, model in sections:
+        out += [f"## {title}", "", (model.__doc__ or "").strip().replace("\n", " "), "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else ("see its section" if f.default_factory else repr(f.default))
+            kind = f.annotation.__name__ if isinstance(f.annotation, type) else str(f.annotation)
+            kind = re.sub(r"\b(?:[a-z_]+\.)+(\w)", r"\1", kind).replace("NoneType", "None")
+            kind = re.sub(r"Annotated\[(.*), FieldInfo\(.*\)\]", r"\1", kind)
+            desc = (f.description or "").replace("|", "\\|")
+            out.append(f"| `{name}` | `{kind}` | `{default}` | {desc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(config_reference())

@@ -132,7 +132,7 @@ class Gateway:
 
     async def _poll(self, state: ReplicaState) -> None:
         try:
-            profile = await asyncio.wait_for(_await(state.replica.actor.profile.remote()), self.gw.health_timeout_s)
+            profile = await asyncio.wait_for(state.replica.actor.profile.remote(), self.gw.health_timeout_s)
         except asyncio.TimeoutError:
             state.healthy = False
             state.error = f"no telemetry for {self.gw.health_timeout_s:.0f} s"
@@ -246,24 +246,29 @@ class Gateway:
         try:
             events = first
             while True:
-                for ev in events:
-                    if ev.text or ev.token_ids:
-                        if ttft_ms is None:
-                            ttft_ms = 1000.0 * (self.clock() - received)
-                        tokens_streamed += len(ev.token_ids)
-                        yield Chunk(ev.text, ev.token_ids)
-                    if ev.usage is not None:
-                        finished = True
-                        yield Final(
-                            request_id=req.request_id or call.request_id,
-                            expert=replica.expert,
-                            replica=replica.index,
-                            usage=ev.usage,
-                            ttft_ms=ttft_ms if ttft_ms is not None else 1000.0 * (self.clock() - received),
-                            total_latency_ms=1000.0 * (self.clock() - received),
-                            plan=plan,
-                        )
-                        return
+                # Events that arrived together (the replica coalesces under load) leave as one
+                # chunk: fewer, larger gRPC messages when the server is busy.
+                text = "".join(ev.text for ev in events)
+                ids = tuple(t for ev in events for t in ev.token_ids)
+                if text or ids:
+                    if ttft_ms is None:
+                        ttft_ms = 1000.0 * (self.clock() - received)
+                    tokens_streamed += len(ids)
+                    yield Chunk(text, ids)
+                usage = events[-1].usage
+                if usage is not None:
+                    finished = True
+                    now = self.clock()
+                    yield Final(
+                        request_id=req.request_id or call.request_id,
+                        expert=replica.expert,
+                        replica=replica.index,
+                        usage=usage,
+                        ttft_ms=ttft_ms if ttft_ms is not None else 1000.0 * (now - received),
+                        total_latency_ms=1000.0 * (now - received),
+                        plan=plan,
+                    )
+                    return
                 events = await self._next(stream, replica, tokens_streamed)
         finally:
             state.inflight -= 1
@@ -332,7 +337,3 @@ def _abandon(stream, replica: Replica, request_id: str) -> None:
     except Exception:  # noqa: BLE001 - the abort below is what frees the slot
         pass
     replica.actor.abort.remote(request_id)
-
-
-async def _await(ref):
-    return await ref

@@ -98,7 +98,7 @@ class SyntheticEngineSpec(Strict):
 
     kind: Literal["synthetic"] = "synthetic"
     step_ms: float = Field(default=0.0, ge=0, description="Sleep per engine step (0: as fast as possible).")
-    max_model_len: int = Field(default=1_000_000, ge=1)
+    max_model_len: int = Field(default=1_000_000, ge=1, description="Prompt words plus output tokens allowed.")
 
 
 EngineSpec = Annotated[Union[TorchEngineSpec, SyntheticEngineSpec], Field(discriminator="kind")]
@@ -160,8 +160,8 @@ class ResourceSpec(Strict):
     """Ray resources one replica reserves. Keep num_cpus 0 on small hosts: reserved CPUs can
     starve other Ray work without an error."""
 
-    num_cpus: float = Field(default=0.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved in Ray's accounting.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs reserved; Ray sets CUDA_VISIBLE_DEVICES.")
     custom: dict[str, float] = Field(default_factory=dict, description="e.g. {edge: 1}")
 
 
@@ -170,11 +170,13 @@ class ExpertSpec(Strict):
 
     name: str = Field(description="Lower-case id used in requests and metrics, e.g. edge.")
     model: ModelSource | None = Field(default=None, description="Required unless engine is synthetic.")
-    engine: EngineSpec = Field(default_factory=TorchEngineSpec)
-    device: DeviceSpec = Field(default_factory=DeviceSpec)
-    replicas: int = Field(default=1, ge=1, le=64)
+    engine: EngineSpec = Field(
+        default_factory=TorchEngineSpec, description="torch (default) or synthetic; a string is shorthand for the kind."
+    )
+    device: DeviceSpec = Field(default_factory=DeviceSpec, description="Energy source: cpu, nvml[:i] or simulated:<profile>.")
+    replicas: int = Field(default=1, ge=1, le=64, description="Ray actors serving this expert.")
     max_restarts: int = Field(default=3, ge=-1, description="Ray actor restarts; -1 is unlimited.")
-    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Ray resources per replica.")
     max_batch: int = Field(default=8, ge=1, le=1024, description="Sequences decoded together.")
     max_queue: int = Field(
         default=64, ge=0, description="Requests waiting for a batch slot before RESOURCE_EXHAUSTED."

@@ -66,3 +66,10 @@ def test_shorthands_and_relative_cache_dir(tmp_path):
     assert cfg.experts[0].device.backend == "nvml" and cfg.experts[0].device.index == 1
     assert cfg.experts[1].device.label == "simulated:a100"
     assert cfg.model_cache_dir == str((tmp_path / "cache").resolve())
+
+
+def test_config_reference_doc_is_current():
+    from runtime.config import config_reference
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text().strip() == config_reference().strip(), "run: python -m runtime.config > docs/config.md"
