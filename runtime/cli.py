@@ -42,7 +42,7 @@ def cmd_prepare(args) -> int:
     cache = Path(cfg.model_cache_dir).expanduser() if cfg.model_cache_dir else default_cache_dir()
     sources = [e.model for e in cfg.experts if e.model is not None]
     dirs = prepare_all(sources, cache, progress=_say)
-    for expert, d in zip([e for e in cfg.experts if e.model is not None], dirs):
+    for expert, d in zip([e for e in cfg.experts if e.model is not None], dirs, strict=True):
         _say(f"{expert.name}: {d}")
     return 0
 

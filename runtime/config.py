@@ -159,8 +159,15 @@ def load_config(path: str | Path) -> WattserveConfig:
 
 def config_reference() -> str:
     """Markdown reference of every config key, generated from the models (docs/config.md)."""
-    from wattserve.specs import DeviceSpec, GgufPackageSource, HubModelSource, LocalModelSource, ResourceSpec
-    from wattserve.specs import SyntheticEngineSpec, TorchEngineSpec
+    from wattserve.specs import (
+        DeviceSpec,
+        GgufPackageSource,
+        HubModelSource,
+        LocalModelSource,
+        ResourceSpec,
+        SyntheticEngineSpec,
+        TorchEngineSpec,
+    )
 
     sections = [
         ("top level", WattserveConfig),

@@ -133,7 +133,7 @@ class Gateway:
     async def _poll(self, state: ReplicaState) -> None:
         try:
             profile = await asyncio.wait_for(state.replica.actor.profile.remote(), self.gw.health_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             state.healthy = False
             state.error = f"no telemetry for {self.gw.health_timeout_s:.0f} s"
             return

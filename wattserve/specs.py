@@ -9,7 +9,7 @@ bottom package. Every model forbids unknown keys.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,7 +67,7 @@ class HubModelSource(Strict):
 
 
 ModelSource = Annotated[
-    Union[LocalModelSource, GgufPackageSource, HubModelSource], Field(discriminator="kind")
+    LocalModelSource | GgufPackageSource | HubModelSource, Field(discriminator="kind")
 ]
 
 
@@ -101,7 +101,7 @@ class SyntheticEngineSpec(Strict):
     max_model_len: int = Field(default=1_000_000, ge=1, description="Prompt words plus output tokens allowed.")
 
 
-EngineSpec = Annotated[Union[TorchEngineSpec, SyntheticEngineSpec], Field(discriminator="kind")]
+EngineSpec = Annotated[TorchEngineSpec | SyntheticEngineSpec, Field(discriminator="kind")]
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ class Priority(enum.IntEnum):
     HIGH = 3
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS token or a stop string
     LENGTH = "length"  # max_tokens or the model's context limit
     ABORT = "abort"  # cancelled by the caller or the gateway

@@ -102,7 +102,7 @@ async def test_concurrent_generate_streams_text_usage_and_energy(channel):
         request(expert="cloud", max_tokens=10 + i) for i in range(3)
     ]
     results = await asyncio.gather(*(collect(stub, r) for r in reqs))
-    for req, (text, ids, usage) in zip(reqs, results):
+    for req, (text, ids, usage) in zip(reqs, results, strict=False):
         assert usage is not None and usage.expert == req.expert
         assert usage.completion_tokens == req.max_tokens == len(ids)
         assert usage.finish_reason == "length"

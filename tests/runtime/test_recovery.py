@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 
@@ -45,7 +44,7 @@ async def test_killed_expert_fails_the_stream_then_comes_back(server):
         call = stub.Generate(pb.GenerateRequest(prompt="a b c", max_tokens=1000), timeout=60)
         got = 0
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for msg in call:
+            async for _msg in call:
                 got += 1
                 if got == 5:
                     os.kill(first_pid, signal.SIGKILL)

@@ -38,7 +38,7 @@ def test_ragged_batch_matches_transformers(tiny_model_dirs, family):
         nxt.append(int(logits.argmax()))
     # 20 decode steps: lengths reach 41, past gemma's sliding window (8) and the initial capacity
     for _ in range(20):
-        for ids, tok in zip(seqs, nxt):
+        for ids, tok in zip(seqs, nxt, strict=False):
             ids.append(tok)
         logits = runner.decode(nxt)
         for i, ids in enumerate(seqs):
@@ -50,7 +50,7 @@ def test_freeing_a_middle_slot_keeps_the_others_exact(tiny_llama):
     model, cache, runner = _runner(tiny_llama)
     seqs = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     nxt = [int(runner.prefill(cache.allocate(), ids).argmax()) for ids in seqs]
-    for ids, tok in zip(seqs, nxt):
+    for ids, tok in zip(seqs, nxt, strict=False):
         ids.append(tok)
     runner.decode(nxt)
     # slot 0 leaves; the last slot's rows move into it
@@ -58,7 +58,7 @@ def test_freeing_a_middle_slot_keeps_the_others_exact(tiny_llama):
     seqs = [seqs[2], seqs[1]]
     assert cache.used == 2 and cache.lengths[:2] == [len(s) for s in seqs]
     toks = [3, 4]
-    for ids, tok in zip(seqs, toks):
+    for ids, tok in zip(seqs, toks, strict=False):
         ids.append(tok)
     logits = runner.decode(toks)
     for i, ids in enumerate(seqs):

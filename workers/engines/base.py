@@ -25,6 +25,29 @@ class PreparedRequest:
 
 
 @dataclass(slots=True)
+class ActiveRequest:
+    """Base of an engine's per-request state; satisfies the scheduler's ``Schedulable``."""
+
+    req: PreparedRequest
+
+    @property
+    def request_id(self) -> str:
+        return self.req.call.request_id
+
+    @property
+    def priority(self) -> int:
+        return int(self.req.call.priority)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def deadline_s(self) -> float | None:
+        return self.req.deadline_s
+
+
+@dataclass(slots=True)
 class SequenceOutput:
     """What one request produced in one step (or its end, when ``finish_reason`` is set)."""
 

@@ -16,32 +16,15 @@ from wattserve.errors import InvalidRequest
 from wattserve.specs import ExpertSpec, SyntheticEngineSpec
 from wattserve.types import FinishReason, GenerateCall, StepWork
 
-from .base import Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from .base import ActiveRequest, Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
 from .scheduler import Scheduler
 
 TOKEN_TEXT = " tok"
 
 
 @dataclass(slots=True)
-class _SyntheticSeq:
-    req: PreparedRequest
+class _SyntheticSeq(ActiveRequest):
     produced: int = 0
-
-    @property
-    def request_id(self) -> str:
-        return self.req.call.request_id
-
-    @property
-    def priority(self) -> int:
-        return int(self.req.call.priority)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
-
-    @property
-    def deadline_s(self) -> float | None:
-        return self.req.deadline_s
 
 
 class SyntheticEngine(Engine):

@@ -19,7 +19,7 @@ from wattserve.errors import InvalidRequest
 from wattserve.specs import ExpertSpec, TorchEngineSpec
 from wattserve.types import FinishReason, GenerateCall, StepWork
 
-from ..base import Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from ..base import ActiveRequest, Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
 from ..scheduler import Scheduler
 from .kv_cache import SlotKVCache
 from .runner import DecoderRunner
@@ -27,27 +27,12 @@ from .sampling import IncrementalDetokenizer, StopChecker, make_generator, sampl
 
 
 @dataclass(slots=True)
-class _Sequence:
-    req: PreparedRequest
-    detok: IncrementalDetokenizer
-    stopper: StopChecker
-    generator: torch.Generator | None
-    deadline_s: float | None
+class _Sequence(ActiveRequest):
+    detok: IncrementalDetokenizer | None = None
+    stopper: StopChecker | None = None
+    generator: torch.Generator | None = None
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
-
-    # the Schedulable protocol
-    @property
-    def request_id(self) -> str:
-        return self.req.call.request_id
-
-    @property
-    def priority(self) -> int:
-        return int(self.req.call.priority)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
 
 
 def resolve_device_and_dtype(spec: TorchEngineSpec) -> tuple[torch.device, torch.dtype]:
@@ -136,7 +121,6 @@ class TorchEngine(Engine):
             detok=detok,
             stopper=StopChecker(request.call.sampling.stop),
             generator=make_generator(request.call.sampling, self.device),
-            deadline_s=request.deadline_s,
         )
         self.scheduler.add(seq)
 
