@@ -1,97 +1,18 @@
-"""The ``wattserve`` command line: serve, generate, status, prepare."""
+"""Client commands against a running server: ``wattserve generate`` and ``wattserve status``."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import os
-import signal
 import sys
-import time
-from pathlib import Path
 
-from wattserve.errors import WattserveError
-
-DEFAULT_CONFIG = "configs/local.yaml"
 DEFAULT_TARGET = os.environ.get("WATTSERVE_TARGET", "127.0.0.1:50051")
 
 
-def _say(msg: str) -> None:
-    print(f"[wattserve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _load(args):
-    from .config import load_config
-
-    cfg = load_config(args.config)
-    if getattr(args, "address", None):
-        cfg.ray.address = args.address
-    if getattr(args, "host", None):
-        cfg.gateway.host = args.host
-    if getattr(args, "port", None) is not None:
-        cfg.gateway.port = args.port
-    return cfg
-
-
-# -- prepare ------------------------------------------------------------------------------------
-def cmd_prepare(args) -> int:
-    from workers.models import default_cache_dir, prepare_all
-
-    cfg = _load(args)
-    cache = Path(cfg.model_cache_dir).expanduser() if cfg.model_cache_dir else default_cache_dir()
-    sources = [e.model for e in cfg.experts if e.model is not None]
-    dirs = prepare_all(sources, cache, progress=_say)
-    for expert, d in zip([e for e in cfg.experts if e.model is not None], dirs, strict=True):
-        _say(f"{expert.name}: {d}")
-    return 0
-
-
-# -- serve --------------------------------------------------------------------------------------
-def cmd_serve(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _load(args)
-    return asyncio.run(_serve(cfg))
-
-
-async def _serve(cfg) -> int:
-    from .api.server import WattserveServer
-
-    server = WattserveServer(cfg, progress=_say)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    start = asyncio.create_task(server.start())
-    done, _ = await asyncio.wait({start, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-    if start not in done:
-        _say("interrupted while starting; shutting down")
-        start.cancel()
-        await server.stop()
-        return 130
-    port = start.result()
-    target = f"{cfg.gateway.host}:{port}"
-    experts = ", ".join(f"{e.name} ({e.model_label}, {e.engine.kind}, {e.device.label}) x{e.replicas}" for e in cfg.experts)
-    print(
-        f"\nwattserve is listening on {target} (gRPC: wattserve.v1.Inference, wattserve.v1.Admin)\n"
-        f"  experts: {experts}\n"
-        f"  send a prompt:  .venv/bin/wattserve generate --target {target} \"The capital of France is\"\n"
-        f"  status:         .venv/bin/wattserve status --target {target}\n"
-        f"  Ctrl-C stops the server.\n",
-        flush=True,
-    )
-    await stop.wait()
-    _say("shutting down")
-    await server.stop()
-    return 0
-
-
-# -- client commands ----------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     import grpc
 
-    from .api.gen import wattserve_pb2 as pb
-    from .api.gen import wattserve_pb2_grpc as pb_grpc
+    from ..api.gen import wattserve_pb2 as pb
+    from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
     sampling = pb.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop)
     if args.seed is not None:
@@ -138,8 +59,8 @@ def cmd_generate(args) -> int:
 def cmd_status(args) -> int:
     import grpc
 
-    from .api.gen import wattserve_pb2 as pb
-    from .api.gen import wattserve_pb2_grpc as pb_grpc
+    from ..api.gen import wattserve_pb2 as pb
+    from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(args.target) as channel:
         admin = pb_grpc.AdminStub(channel)
@@ -170,21 +91,8 @@ def cmd_status(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wattserve", description="Energy-aware LLM serving on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="start Ray, the experts and the gRPC server")
-    s.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    s.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto, 10.0.0.5:6379)")
-    s.add_argument("--host", help="interface to listen on (default from config: 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port to listen on (0: any free port)")
-    s.set_defaults(func=cmd_serve)
-
-    s = sub.add_parser("prepare", help="convert the config's packaged models into the local cache")
-    s.add_argument("--config", default=DEFAULT_CONFIG)
-    s.set_defaults(func=cmd_prepare)
-
+def register(sub) -> None:
     s = sub.add_parser("generate", help="send a prompt and stream the answer")
     s.add_argument("prompt")
     s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET}, env WATTSERVE_TARGET)")
@@ -206,17 +114,3 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default=DEFAULT_TARGET)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_status)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except WattserveError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
