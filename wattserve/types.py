@@ -138,6 +138,11 @@ class ExpertProfile:
     error: str = ""  # why the replica is unhealthy, if it is
     host: str = ""  # where the replica runs, for operators
     pid: int = 0
+    # device telemetry (None where the backend cannot know it); the power governor moves these
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    sm_clock_mhz: float | None = None
+    max_sm_clock_mhz: float | None = None
 
     @property
     def queue_depth(self) -> int:

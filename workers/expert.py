@@ -87,6 +87,7 @@ class ExpertWorker:
         self.loop.abort(request_id)
 
     async def profile(self) -> ExpertProfile:
+        power_w, limit_w, clock, max_clock = await asyncio.to_thread(self._device_telemetry)
         snap = self.loop.snapshot()
         prof = self.loop.profile
         info = self.engine.info
@@ -114,7 +115,16 @@ class ExpertWorker:
             error=snap.dead,
             host=socket.gethostname(),
             pid=os.getpid(),
+            power_w=power_w,
+            power_limit_w=limit_w,
+            sm_clock_mhz=clock,
+            max_sm_clock_mhz=max_clock,
         )
+
+    def _device_telemetry(self) -> tuple[float | None, ...]:
+        """Blocking device reads (NVML calls), run off the event loop."""
+        d = self.device
+        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz()
 
     def shutdown(self) -> None:
         self.loop.stop()

@@ -55,3 +55,7 @@ class Device(abc.ABC):
     def sm_clock_mhz(self) -> float | None:
         """The current SM clock in MHz, or None if unknown."""
         return None
+
+    def max_sm_clock_mhz(self) -> float | None:
+        """The highest SM clock the device runs at uncapped, in MHz, or None if unknown."""
+        return None

@@ -305,6 +305,9 @@ class SimulatedDevice(Device):
     def sm_clock_mhz(self) -> float | None:
         return self._sm_clock_mhz if self._sm_clock_mhz is not None else self.profile.max_sm_clock_mhz
 
+    def max_sm_clock_mhz(self) -> float | None:
+        return self.profile.max_sm_clock_mhz
+
     def _accrue_idle(self) -> None:
         now = self._clock()
         if self._idle_since is not None:
