@@ -86,3 +86,10 @@ class DeviceError(WattserveError):
     """A device backend could not be opened or read (no driver, no permission)."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class ExitCalibrationError(WattserveError):
+    """Early-exit thresholds or adapters are missing, malformed, or were made for another model
+    or exit layout; the message says what to recalibrate."""
+
+    grpc_code = "FAILED_PRECONDITION"
