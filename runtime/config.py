@@ -154,6 +154,12 @@ def load_config(path: str | Path) -> WattserveConfig:
     cfg = parse_config(data, str(path))
     if cfg.model_cache_dir and not Path(cfg.model_cache_dir).expanduser().is_absolute():
         cfg.model_cache_dir = str((path.parent / cfg.model_cache_dir).resolve())
+    for expert in cfg.experts:
+        exits = getattr(expert.engine, "early_exit", None)
+        for key in ("thresholds_path", "adapters_path"):
+            value = getattr(exits, key, None)
+            if value and not Path(value).expanduser().is_absolute():
+                setattr(exits, key, str((path.parent / value).resolve()))
     return cfg
 
 
@@ -161,6 +167,7 @@ def config_reference() -> str:
     """Markdown reference of every config key, generated from the models (docs/config.md)."""
     from wattserve.specs import (
         DeviceSpec,
+        EarlyExitSpec,
         GgufPackageSource,
         HubModelSource,
         LocalModelSource,
@@ -179,6 +186,7 @@ def config_reference() -> str:
         ("experts[].model (kind: gguf_package)", GgufPackageSource),
         ("experts[].model (kind: hub)", HubModelSource),
         ("experts[].engine (kind: torch)", TorchEngineSpec),
+        ("experts[].engine.early_exit", EarlyExitSpec),
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
         ("experts[].device", DeviceSpec),
         ("experts[].resources", ResourceSpec),

@@ -44,6 +44,7 @@ class ClientRequest:
     expert: str = ""
     energy_budget_j: float | None = None
     latency_budget_ms: float | None = None
+    compute_budget: float | None = None  # early exit: share of full depth per token, in (0, 1]
     priority: Priority = Priority.NORMAL
     tenant: str = ""
     request_id: str = ""
@@ -176,6 +177,10 @@ class Gateway:
         for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
+        if req.compute_budget is not None and not (math.isfinite(req.compute_budget) and 0 < req.compute_budget <= 1):
+            raise InvalidRequest(
+                f"compute_budget is a share of full depth in (0, 1] (got {req.compute_budget}); 1 is full depth"
+            )
         if len(req.request_id) > MAX_REQUEST_ID_CHARS or not req.request_id.isprintable():
             raise InvalidRequest(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
         tenant = req.tenant or "default"
@@ -237,6 +242,8 @@ class Gateway:
             priority=req.priority,
             tenant=req.tenant,
             deadline_unix_s=req.deadline_unix_s,
+            compute_budget=req.compute_budget,
+            energy_budget_j=req.energy_budget_j,
         )
         state, stream, first = await self._dispatch(plan, call)
         replica = state.replica

@@ -35,6 +35,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
         ),
         expert=msg.expert,
         energy_budget_j=msg.energy_budget_j if msg.HasField("energy_budget_j") else None,
+        compute_budget=msg.compute_budget if msg.HasField("compute_budget") else None,
         latency_budget_ms=msg.latency_budget_ms if msg.HasField("latency_budget_ms") else None,
         priority=Priority(msg.priority) if msg.priority else Priority.NORMAL,
         tenant=msg.tenant,
@@ -45,7 +46,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
 
 def usage_to_proto(final: Final) -> pb.Usage:
     u = final.usage
-    return pb.Usage(
+    msg = pb.Usage(
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
         expert=final.expert,
@@ -60,6 +61,12 @@ def usage_to_proto(final: Final) -> pb.Usage:
         routing_reason=final.plan.reason,
         expert_ttft_ms=u.ttft_ms,
     )
+    if u.exits is not None:
+        e = u.exits
+        msg.num_layers, msg.avg_exit_layer, msg.layers_skipped = e.num_layers, e.avg_exit_layer, e.layers_skipped
+        msg.compute_fraction, msg.energy_saved_j = e.compute_fraction, e.energy_saved_j
+        msg.exit_operating_point = e.operating_point
+    return msg
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -138,6 +145,8 @@ def _replica_to_proto(state) -> pb.ExpertReplica:
         msg.device = p.device
         msg.energy_source = p.energy_source
         msg.host, msg.pid = p.host, p.pid
+        msg.num_layers, msg.j_per_layer_token = p.num_layers, p.j_per_layer_token or 0.0
+        msg.exit_histogram.update(p.exit_histogram)
         if p.energy:
             msg.requests_energy_j, msg.idle_energy_j = p.energy.requests_j, p.energy.idle_j
             msg.device_energy_j = p.energy.device_j

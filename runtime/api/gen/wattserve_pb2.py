@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cwattserve/v1/wattserve.proto\x12\x0cwattserve.v1\"\x81\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"\xab\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.wattserve.v1.SamplingParams\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\t\x12\x1c\n\x0f\x65nergy_budget_j\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11latency_budget_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12(\n\x08priority\x18\x07 \x01(\x0e\x32\x16.wattserve.v1.Priority\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\tB\x12\n\x10_energy_budget_jB\x14\n\x12_latency_budget_ms\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xa1\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\t\x12\x0f\n\x07replica\x18\x04 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x18\n\x10total_latency_ms\x18\x06 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x07 \x01(\x01\x12\x15\n\renergy_source\x18\x08 \x01(\t\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0erouting_policy\x18\x0b \x01(\t\x12\x16\n\x0erouting_reason\x18\x0c \x01(\t\x12\x16\n\x0e\x65xpert_ttft_ms\x18\r \x01(\x01\"k\n\x10GenerateResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.wattserve.v1.TokenChunkH\x00\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x13.wattserve.v1.UsageH\x00\x42\x06\n\x04kind\"\x14\n\x12ListExpertsRequest\"\xda\x02\n\rExpertReplica\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x1c\n\x14prefill_ms_per_token\x18\x06 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_ms_per_token\x18\x07 \x01(\x01\x12\x13\n\x0bj_per_token\x18\x08 \x01(\x01\x12\x19\n\x11requests_energy_j\x18\t \x01(\x01\x12\x15\n\ridle_energy_j\x18\n \x01(\x01\x12\x19\n\x11requests_finished\x18\x0b \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x17\n\x0f\x64\x65vice_energy_j\x18\r \x01(\x01\x12\x15\n\renergy_source\x18\x0e \x01(\t\x12\x0c\n\x04host\x18\x0f \x01(\t\x12\x0b\n\x03pid\x18\x10 \x01(\x05\"\xe9\x01\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65vice_backend\x18\x04 \x01(\t\x12\x15\n\renergy_source\x18\x05 \x01(\t\x12\x16\n\x0epriority_class\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x0e\n\x06params\x18\t \x01(\x03\x12-\n\x08replicas\x18\n \x03(\x0b\x32\x1b.wattserve.v1.ExpertReplica\"@\n\x13ListExpertsResponse\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.wattserve.v1.ExpertInfo\"\x12\n\x10GetStatusRequest\"\xb8\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x13\n\x0bray_address\x18\x03 \x01(\t\x12\x16\n\x0erouting_policy\x18\x04 \x01(\t\x12\x10\n\x08inflight\x18\x05 \x01(\x05\x12\x14\n\x0cmax_inflight\x18\x06 \x01(\x05\x12\x18\n\x10healthy_replicas\x18\x07 \x01(\x05\x12\x16\n\x0etotal_replicas\x18\x08 \x01(\x05\x12\x16\n\x0erequests_total\x18\t \x01(\x03\x12\x17\n\x0frequests_failed\x18\n \x01(\x03\x12\x19\n\x11requests_energy_j\x18\x0b \x01(\x01\x12\x15\n\ridle_energy_j\x18\x0c \x01(\x01\x12\x16\n\x0e\x65nergy_sources\x18\r \x03(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x32X\n\tInference\x12K\n\x08Generate\x12\x1d.wattserve.v1.GenerateRequest\x1a\x1e.wattserve.v1.GenerateResponse0\x01\x32\xa9\x01\n\x05\x41\x64min\x12R\n\x0bListExperts\x12 .wattserve.v1.ListExpertsRequest\x1a!.wattserve.v1.ListExpertsResponse\x12L\n\tGetStatus\x12\x1e.wattserve.v1.GetStatusRequest\x1a\x1f.wattserve.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cwattserve/v1/wattserve.proto\x12\x0cwattserve.v1\"\x81\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"\xdb\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.wattserve.v1.SamplingParams\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\t\x12\x1c\n\x0f\x65nergy_budget_j\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1e\n\x11latency_budget_ms\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12(\n\x08priority\x18\x07 \x01(\x0e\x32\x16.wattserve.v1.Priority\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x1b\n\x0e\x63ompute_budget\x18\x14 \x01(\x01H\x02\x88\x01\x01\x42\x12\n\x10_energy_budget_jB\x14\n\x12_latency_budget_msB\x11\n\x0f_compute_budget\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xb5\x03\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\t\x12\x0f\n\x07replica\x18\x04 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x18\n\x10total_latency_ms\x18\x06 \x01(\x01\x12\x10\n\x08\x65nergy_j\x18\x07 \x01(\x01\x12\x15\n\renergy_source\x18\x08 \x01(\t\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x16\n\x0erouting_policy\x18\x0b \x01(\t\x12\x16\n\x0erouting_reason\x18\x0c \x01(\t\x12\x16\n\x0e\x65xpert_ttft_ms\x18\r \x01(\x01\x12\x12\n\nnum_layers\x18\x14 \x01(\x05\x12\x16\n\x0e\x61vg_exit_layer\x18\x15 \x01(\x01\x12\x16\n\x0elayers_skipped\x18\x16 \x01(\x03\x12\x18\n\x10\x63ompute_fraction\x18\x17 \x01(\x01\x12\x16\n\x0e\x65nergy_saved_j\x18\x18 \x01(\x01\x12\x1c\n\x14\x65xit_operating_point\x18\x19 \x01(\t\"k\n\x10GenerateResponse\x12)\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.wattserve.v1.TokenChunkH\x00\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x13.wattserve.v1.UsageH\x00\x42\x06\n\x04kind\"\x14\n\x12ListExpertsRequest\"\x87\x04\n\rExpertReplica\x12\x0f\n\x07replica\x18\x01 \x01(\x05\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x1c\n\x14prefill_ms_per_token\x18\x06 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_ms_per_token\x18\x07 \x01(\x01\x12\x13\n\x0bj_per_token\x18\x08 \x01(\x01\x12\x19\n\x11requests_energy_j\x18\t \x01(\x01\x12\x15\n\ridle_energy_j\x18\n \x01(\x01\x12\x19\n\x11requests_finished\x18\x0b \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x17\n\x0f\x64\x65vice_energy_j\x18\r \x01(\x01\x12\x15\n\renergy_source\x18\x0e \x01(\t\x12\x0c\n\x04host\x18\x0f \x01(\t\x12\x0b\n\x03pid\x18\x10 \x01(\x05\x12\x12\n\nnum_layers\x18\x14 \x01(\x05\x12\x19\n\x11j_per_layer_token\x18\x15 \x01(\x01\x12\x46\n\x0e\x65xit_histogram\x18\x16 \x03(\x0b\x32..wattserve.v1.ExpertReplica.ExitHistogramEntry\x1a\x34\n\x12\x45xitHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xe9\x01\n\nExpertInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65vice_backend\x18\x04 \x01(\t\x12\x15\n\renergy_source\x18\x05 \x01(\t\x12\x16\n\x0epriority_class\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x0e\n\x06params\x18\t \x01(\x03\x12-\n\x08replicas\x18\n \x03(\x0b\x32\x1b.wattserve.v1.ExpertReplica\"@\n\x13ListExpertsResponse\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.wattserve.v1.ExpertInfo\"\x12\n\x10GetStatusRequest\"\xb8\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12\x13\n\x0bray_address\x18\x03 \x01(\t\x12\x16\n\x0erouting_policy\x18\x04 \x01(\t\x12\x10\n\x08inflight\x18\x05 \x01(\x05\x12\x14\n\x0cmax_inflight\x18\x06 \x01(\x05\x12\x18\n\x10healthy_replicas\x18\x07 \x01(\x05\x12\x16\n\x0etotal_replicas\x18\x08 \x01(\x05\x12\x16\n\x0erequests_total\x18\t \x01(\x03\x12\x17\n\x0frequests_failed\x18\n \x01(\x03\x12\x19\n\x11requests_energy_j\x18\x0b \x01(\x01\x12\x15\n\ridle_energy_j\x18\x0c \x01(\x01\x12\x16\n\x0e\x65nergy_sources\x18\r \x03(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x32X\n\tInference\x12K\n\x08Generate\x12\x1d.wattserve.v1.GenerateRequest\x1a\x1e.wattserve.v1.GenerateResponse0\x01\x32\xa9\x01\n\x05\x41\x64min\x12R\n\x0bListExperts\x12 .wattserve.v1.ListExpertsRequest\x1a!.wattserve.v1.ListExpertsResponse\x12L\n\tGetStatus\x12\x1e.wattserve.v1.GetStatusRequest\x1a\x1f.wattserve.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wattserve.v1.wattserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1936
-  _globals['_PRIORITY']._serialized_end=2030
+  _globals['_EXPERTREPLICA_EXITHISTOGRAMENTRY']._loaded_options = None
+  _globals['_EXPERTREPLICA_EXITHISTOGRAMENTRY']._serialized_options = b'8\001'
+  _globals['_PRIORITY']._serialized_start=2305
+  _globals['_PRIORITY']._serialized_end=2399
   _globals['_SAMPLINGPARAMS']._serialized_start=47
   _globals['_SAMPLINGPARAMS']._serialized_end=176
   _globals['_GENERATEREQUEST']._serialized_start=179
-  _globals['_GENERATEREQUEST']._serialized_end=478
-  _globals['_TOKENCHUNK']._serialized_start=480
-  _globals['_TOKENCHUNK']._serialized_end=525
-  _globals['_USAGE']._serialized_start=528
-  _globals['_USAGE']._serialized_end=817
-  _globals['_GENERATERESPONSE']._serialized_start=819
-  _globals['_GENERATERESPONSE']._serialized_end=926
-  _globals['_LISTEXPERTSREQUEST']._serialized_start=928
-  _globals['_LISTEXPERTSREQUEST']._serialized_end=948
-  _globals['_EXPERTREPLICA']._serialized_start=951
-  _globals['_EXPERTREPLICA']._serialized_end=1297
-  _globals['_EXPERTINFO']._serialized_start=1300
-  _globals['_EXPERTINFO']._serialized_end=1533
-  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1535
-  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1599
-  _globals['_GETSTATUSREQUEST']._serialized_start=1601
-  _globals['_GETSTATUSREQUEST']._serialized_end=1619
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1622
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1934
-  _globals['_INFERENCE']._serialized_start=2032
-  _globals['_INFERENCE']._serialized_end=2120
-  _globals['_ADMIN']._serialized_start=2123
-  _globals['_ADMIN']._serialized_end=2292
+  _globals['_GENERATEREQUEST']._serialized_end=526
+  _globals['_TOKENCHUNK']._serialized_start=528
+  _globals['_TOKENCHUNK']._serialized_end=573
+  _globals['_USAGE']._serialized_start=576
+  _globals['_USAGE']._serialized_end=1013
+  _globals['_GENERATERESPONSE']._serialized_start=1015
+  _globals['_GENERATERESPONSE']._serialized_end=1122
+  _globals['_LISTEXPERTSREQUEST']._serialized_start=1124
+  _globals['_LISTEXPERTSREQUEST']._serialized_end=1144
+  _globals['_EXPERTREPLICA']._serialized_start=1147
+  _globals['_EXPERTREPLICA']._serialized_end=1666
+  _globals['_EXPERTREPLICA_EXITHISTOGRAMENTRY']._serialized_start=1614
+  _globals['_EXPERTREPLICA_EXITHISTOGRAMENTRY']._serialized_end=1666
+  _globals['_EXPERTINFO']._serialized_start=1669
+  _globals['_EXPERTINFO']._serialized_end=1902
+  _globals['_LISTEXPERTSRESPONSE']._serialized_start=1904
+  _globals['_LISTEXPERTSRESPONSE']._serialized_end=1968
+  _globals['_GETSTATUSREQUEST']._serialized_start=1970
+  _globals['_GETSTATUSREQUEST']._serialized_end=1988
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1991
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2303
+  _globals['_INFERENCE']._serialized_start=2401
+  _globals['_INFERENCE']._serialized_end=2489
+  _globals['_ADMIN']._serialized_start=2492
+  _globals['_ADMIN']._serialized_end=2661
 # @@protoc_insertion_point(module_scope)

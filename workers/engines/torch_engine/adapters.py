@@ -130,7 +130,7 @@ class FitSettings:
     epochs: int = 1  # distillation passes over the fit tokens (0: closed form only)
     batch_tokens: int = 256
     lr: float = 1e-4
-    teacher_top: int = 32  # teacher tokens per position kept in the candidate vocabulary
+    teacher_top: int = 32  # the last layer's top tokens per position in the candidate vocabulary
     sampled_vocab: int = 2048  # random extra tokens per batch in the candidate vocabulary
     seed: int = 0
 
@@ -149,16 +149,19 @@ def closed_form(h_exit: torch.Tensor, h_last: torch.Tensor, ridge: float) -> tup
 def distill(
     adapter: ExitAdapter,
     h_exit: torch.Tensor,
-    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
-    student_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    h_last: torch.Tensor,
+    teacher_top: torch.Tensor,
+    logits_on: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     vocab_size: int,
     settings: FitSettings,
     on_step: Callable[[float], None] | None = None,
 ) -> None:
-    """KL(teacher || exit) over a candidate vocabulary per batch, base frozen, adapter trained.
+    """KL(last layer || exit) over a candidate vocabulary per batch; only ``adapter`` learns.
 
-    ``teacher_logits(idx)`` gives the last layer's logits ``(n, V)`` for token indices ``idx``;
-    ``student_head(h, cand)`` the exit's logits over candidate ids ``cand`` for hidden ``h``.
+    ``h_exit``, ``h_last``: ``(N, hidden)`` states at the exit and the last layer;
+    ``teacher_top``: ``(N, k)`` the last layer's top token ids; ``logits_on(h, ids)`` the
+    shared head's logits ``(n, len(ids))`` (final norm included). Candidates per batch: the
+    batch's teacher top tokens plus ``sampled_vocab`` random ones.
     """
     gen = torch.Generator().manual_seed(settings.seed)
     opt = torch.optim.Adam(adapter.parameters(), lr=settings.lr)
@@ -167,19 +170,17 @@ def distill(
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, settings.batch_tokens):
             idx = order[start : start + settings.batch_tokens]
+            extra = torch.randint(vocab_size, (settings.sampled_vocab,), generator=gen)
+            cand = torch.unique(torch.cat([teacher_top[idx].flatten(), extra])).to(h_exit.device)
             with torch.no_grad():
-                t_logits = teacher_logits(idx)
-                top = t_logits.topk(settings.teacher_top, dim=-1).indices.flatten()
-                extra = torch.randint(vocab_size, (settings.sampled_vocab,), generator=gen)
-                cand = torch.unique(torch.cat([top, extra.to(top.device)]))
-                t_logp = torch.log_softmax(t_logits[:, cand], dim=-1)
-            s_logp = torch.log_softmax(student_head(adapter(h_exit[idx]), cand), dim=-1)
+                t_logp = torch.log_softmax(logits_on(h_last[idx], cand), dim=-1)
+            s_logp = torch.log_softmax(logits_on(adapter(h_exit[idx]), cand), dim=-1)
             loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             if on_step is not None:
-                on_step(float(loss))
+                on_step(float(loss.detach()))
 
 
 def agreement(exit_ids: torch.Tensor, final_ids: torch.Tensor) -> float:

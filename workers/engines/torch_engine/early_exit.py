@@ -85,9 +85,9 @@ class ExitHeads:
         self.layout = layout
         self.criterion = criterion
         weight = runner.lm_head.weight
-        if shortlist:
-            ids = torch.tensor(sorted(set(shortlist)), device=weight.device)
-            weight = weight.index_select(0, ids)
+        self.shortlist_ids = sorted(set(shortlist)) if shortlist else None  # None: whole vocabulary
+        if self.shortlist_ids:
+            weight = weight.index_select(0, torch.tensor(self.shortlist_ids, device=weight.device))
         self.shortlist_size = weight.shape[0]
         self.head = weight.detach().contiguous()  # (K, hidden): one small matmul per probe
         self.adapters = dict(adapters or {})
@@ -299,5 +299,5 @@ def model_fingerprint(runner: DecoderRunner):
         num_layers=len(runner.layers),
         hidden_size=int(cfg.hidden_size),
         vocab_size=int(head.shape[0]),
-        head_checksum=round(float(head[:64].double().abs().sum()), 3),
+        head_checksum=round(float(head[:64].detach().double().abs().sum()), 3),
     )

@@ -83,7 +83,7 @@ class TorchEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         exit_spec = spec.early_exit
         model = load_causal_lm(model_dir, self.dtype, exit_spec.max_exit_layer if exit_spec else None)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval().requires_grad_(False)  # serving never needs grads
         cfg = self.model.config
         self.max_model_len = min(expert.max_model_len, int(cfg.max_position_embeddings))
         self.eos_ids = self._eos_ids(model_dir, GenerationConfig)
