@@ -69,7 +69,7 @@ class StepWork:
     decode_tokens: int = 0
     batch_size: int = 0
     layer_fraction: float = 1.0
-    weight_fraction: float = 1.0
+    weight_fraction: float | None = None  # None: the same as layer_fraction
 
     @property
     def tokens(self) -> int:
