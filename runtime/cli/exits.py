@@ -36,7 +36,8 @@ def _expert_engine(args, drop_adapters: bool):
         raise ConfigError(f"{args.config}: no expert {args.expert!r} (experts: {known})")
     if spec.engine.kind != "torch":
         raise ConfigError(f"expert {args.expert!r} runs the {spec.engine.kind} engine; early exit needs torch")
-    exits = (spec.engine.early_exit or EarlyExitSpec()).model_copy()
+    configured = spec.engine.early_exit or EarlyExitSpec()
+    exits = configured.model_copy()
     for key in ("exit_every", "min_exit_layer", "max_exit_layer", "criterion"):
         if getattr(args, key, None) is not None:
             setattr(exits, key, getattr(args, key))
@@ -50,7 +51,7 @@ def _expert_engine(args, drop_adapters: bool):
     cache = Path(cfg.model_cache_dir).expanduser() if cfg.model_cache_dir else default_cache_dir()
     model_dir = prepare_model(spec.model, cache, progress=say)
     say(f"loading {spec.model_label} for expert {spec.name} ({exits.criterion}, exits every {exits.exit_every} layers)")
-    return TorchEngine(model_dir, spec, model_label=spec.model_label), cache
+    return TorchEngine(model_dir, spec, model_label=spec.model_label), cache, configured
 
 
 def _documents(args):
@@ -62,10 +63,9 @@ def _documents(args):
     return docs[: args.max_documents] if args.max_documents else docs
 
 
-def _record(engine, args):
+def _record(engine, docs, args):
     from workers.engines.torch_engine.exit_jobs import record
 
-    docs = _documents(args)
     say(f"{len(docs)} documents from {args.data}; continuing each for {args.new_tokens} tokens at full depth")
     return record(
         engine, docs, new_tokens=args.new_tokens, max_prompt_tokens=args.max_prompt_tokens,
@@ -76,16 +76,17 @@ def _record(engine, args):
 def cmd_calibrate(args) -> int:
     from workers.engines.torch_engine.exit_jobs import calibrate_engine
 
-    engine, cache = _expert_engine(args, drop_adapters=False)
+    docs = _documents(args)
+    engine, cache, configured = _expert_engine(args, drop_adapters=False)
     layers = engine.info.num_layers
     if args.budget_layers:
         targets = list(args.budget_layers)
     else:
         targets = [f * layers for f in args.budget_fraction]
-    states = _record(engine, args)
+    states = _record(engine, docs, args)
     source = {"data": str(Path(args.data).resolve()), "new_tokens": args.new_tokens}
     profile = calibrate_engine(engine, states, targets, args.shortlist, source)
-    out = Path(args.out or engine.exits.spec.thresholds_path or cache / "exits" / f"{args.expert}.json")
+    out = Path(args.out or configured.thresholds_path or cache / "exits" / f"{args.expert}.json")
     profile.save(out)
     print(f"calibrated {len(profile.points)} operating points on {states.size} decode positions "
           f"({profile.criterion}, exits after layers {list(profile.exits)}, shortlist {len(profile.shortlist)} tokens)")
@@ -101,11 +102,12 @@ def cmd_fit(args) -> int:
     from workers.engines.torch_engine.adapters import FitSettings, save_adapters
     from workers.engines.torch_engine.exit_jobs import fit_adapters
 
-    engine, cache = _expert_engine(args, drop_adapters=True)
-    states = _record(engine, args)
+    docs = _documents(args)
+    engine, cache, configured = _expert_engine(args, drop_adapters=True)
+    states = _record(engine, docs, args)
     settings = FitSettings(rank=args.rank or None, epochs=args.epochs, lr=args.lr, seed=args.seed)
     result = fit_adapters(engine, states, settings, args.heldout_fraction, progress=_progress)
-    out = Path(args.out or cache / "exits" / f"{args.expert}.adapters.safetensors")
+    out = Path(args.out or configured.adapters_path or cache / "exits" / f"{args.expert}.adapters.safetensors")
     sha = save_adapters(out, result.adapters, engine.exits.fingerprint)
     print(f"fitted {len(result.adapters)} exit adapters on {result.fit_positions} positions; agreement with the "
           f"last layer on {result.heldout_positions} held-out positions:")
