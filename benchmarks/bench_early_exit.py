@@ -129,22 +129,33 @@ def overhead(engine, heldout, args) -> dict:
             "full_depth": (full["tokens_per_s"], full["tokens_per_cpu_s"])}
 
 
-def main() -> None:
+def progress(label: str, total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, file=sys.stderr, mininterval=30)
+    return bar.update, bar.close
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", help="HF-format model dir (default: packaged SmolLM2, prepared)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fit-docs", type=int, default=400)
-    ap.add_argument("--cal-docs", type=int, default=200)
-    ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--fit-docs", type=int, default=240)
+    ap.add_argument("--cal-docs", type=int, default=160)
+    ap.add_argument("--heldout", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=32, help="positions recorded per fit/calibration document")
-    ap.add_argument("--max-tokens", type=int, default=48, help="tokens generated per held-out prompt")
-    ap.add_argument("--targets", type=float, nargs="+", default=[12, 15, 18, 21, 24, 27])
+    ap.add_argument("--max-tokens", type=int, default=40, help="tokens generated per held-out prompt")
+    ap.add_argument("--targets", type=float, nargs="+", default=[14, 18, 21, 24, 27])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--shortlist", type=int, default=512)
     ap.add_argument("--workdir", default="/tmp/wattserve-bench-exits")
     ap.add_argument("--out", help="write results as JSON here")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is missing: this benchmark needs the RouteLLM prompts")
     torch.manual_seed(0)
@@ -162,23 +173,15 @@ def main() -> None:
     print(f"{model_dir.name}: {engine.info.num_layers} layers, exits after {list(engine.exits.layout.exits)}; "
           f"{len(fit)} fit / {len(cal)} calibration / {len(heldout)} held-out prompts", flush=True)
     t0 = time.perf_counter()
-    cal_states = record(engine, cal, new_tokens=args.new_tokens)
-    fit_states = record(engine, fit, new_tokens=args.new_tokens)
+    cal_states = record(engine, cal, new_tokens=args.new_tokens, progress=progress)
+    fit_states = record(engine, fit, new_tokens=args.new_tokens, progress=progress)
     print(f"recorded {cal_states.size} calibration and {fit_states.size} fit positions in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     report: dict = {"args": vars(args), "rows": []}
-    plain_profile = calibrate_engine(engine, cal_states, args.targets, args.shortlist)
-    t0 = time.perf_counter()
-    fitted = fit_adapters(engine, fit_states, FitSettings(epochs=args.epochs), heldout_fraction=0.1)
-    report["fit"] = {"seconds": time.perf_counter() - t0, "before": fitted.before, "after": fitted.after}
-    print("held-out agreement per exit before/after adapters: " + " ".join(
-        f"{d}:{fitted.before[d]:.2f}/{fitted.after[d]:.2f}" for d in sorted(fitted.adapters)), flush=True)
-    adapters_file = work / "smollm2.adapters.safetensors"
-    save_adapters(adapters_file, fitted.adapters, engine.exits.fingerprint)
-
+    adapters_file = fit_and_save(engine, fit_states, args, work / "smollm2.adapters.safetensors", report)
     for label, adapters in (("none", None), ("fitted", str(adapters_file))):
         engine.exits = ExitControl(EarlyExitSpec(adapters_path=adapters), engine.runner)
-        profile = plain_profile if adapters is None else calibrate_engine(engine, cal_states, args.targets, args.shortlist)
+        profile = calibrate_engine(engine, cal_states, args.targets, args.shortlist)
         thresholds = profile.save(work / f"smollm2-{label}.json")
         engine.exits = ExitControl(EarlyExitSpec(adapters_path=adapters, thresholds_path=str(thresholds)), engine.runner)
         report[f"overhead_{label}"] = overhead(engine, heldout, args)
@@ -189,6 +192,16 @@ def main() -> None:
         evaluate(engine, heldout, args, label, sorted(profile.points, key=lambda p: p.avg_layers), report["rows"])
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=float))
+
+
+def fit_and_save(engine, fit_states, args, path: Path, report: dict) -> Path:
+    t0 = time.perf_counter()
+    fitted = fit_adapters(engine, fit_states, FitSettings(epochs=args.epochs), heldout_fraction=0.1, progress=progress)
+    report["fit"] = {"seconds": time.perf_counter() - t0, "before": fitted.before, "after": fitted.after}
+    print(f"fitted adapters in {report['fit']['seconds']:.0f} s; held-out agreement per exit before/after: " + " ".join(
+        f"{d}:{fitted.before[d]:.2f}/{fitted.after[d]:.2f}" for d in sorted(fitted.adapters)), flush=True)
+    save_adapters(path, fitted.adapters, engine.exits.fingerprint)
+    return path
 
 
 if __name__ == "__main__":

@@ -55,14 +55,18 @@ def cmd_generate(args) -> int:
             f"energy {usage.energy_j:.3f} J ({usage.energy_source})",
             file=sys.stderr,
         )
-        if usage.num_layers:
-            print(
-                f"-- early exit: {usage.avg_exit_layer:.1f}/{usage.num_layers} layers per token "
-                f"(point {usage.exit_operating_point}), {usage.layers_skipped} layers skipped, "
-                f"compute {usage.compute_fraction:.0%}, ~{usage.energy_saved_j:.3f} J saved (estimate)",
-                file=sys.stderr,
-            )
+        _print_exits(usage)
     return 0
+
+
+def _print_exits(usage) -> None:
+    if usage.num_layers:  # the expert has early exit
+        print(
+            f"-- early exit: {usage.avg_exit_layer:.1f}/{usage.num_layers} layers per token "
+            f"(point {usage.exit_operating_point}), {usage.layers_skipped} layers skipped, "
+            f"compute {usage.compute_fraction:.0%}, ~{usage.energy_saved_j:.3f} J saved (estimate)",
+            file=sys.stderr,
+        )
 
 
 def cmd_status(args) -> int:

@@ -69,7 +69,7 @@ def _record(engine, docs, args):
     say(f"{len(docs)} documents from {args.data}; continuing each for {args.new_tokens} tokens at full depth")
     return record(
         engine, docs, new_tokens=args.new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-        max_positions=args.max_positions, progress=_progress,
+        max_positions=args.max_positions, stop_at_eos=args.stop_at_eos, progress=_progress,
     )
 
 
@@ -128,6 +128,7 @@ def _common(s) -> None:
     s.add_argument("--max-prompt-tokens", type=int, default=256)
     s.add_argument("--max-documents", type=int, help="use at most this many documents")
     s.add_argument("--max-positions", type=int, help="stop after recording this many decode positions")
+    s.add_argument("--stop-at-eos", action="store_true", help="end a document's continuation at EOS (default: go on)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: the expert's)")
     s.add_argument("--out", help="output file (default: the expert's configured path, else the model cache)")
     s.add_argument("--exit-every", type=int, help="override the expert's early_exit.exit_every")

@@ -180,15 +180,7 @@ class TorchEngine(Engine):
         decode_compute, weight_fraction = float(len(decoding)), 1.0
         if decoding:
             t0 = time.perf_counter()
-            token_ids = [seq.output_ids[-1] for seq in decoding]
-            if self.exits is None:
-                logits = self.runner.decode(token_ids)
-            else:
-                logits, step_exits = self.exits.decode(token_ids, [seq.exits for seq in decoding])
-                decode_compute, weight_fraction = step_exits.compute_sum, step_exits.weight_fraction
-                result.exit_counts = step_exits.counts
-            for i, seq in enumerate(decoding):
-                self._advance(seq, logits[i], now_s, result, finished)
+            decode_compute, weight_fraction = self._decode(decoding, now_s, result, finished)
             timings.decode_s, timings.decode_batch = time.perf_counter() - t0, len(decoding)
 
         t0 = time.perf_counter()
@@ -219,6 +211,21 @@ class TorchEngine(Engine):
             weight_fraction=1.0 if admitted else weight_fraction,
         )
         return result
+
+    def _decode(self, decoding: list[_Sequence], now_s: float, result: StepResult, finished: list) -> tuple[float, float]:
+        """One token for every running sequence; returns (effective full-depth tokens computed,
+        share of the decoder's weights read) for the device model."""
+        token_ids = [seq.output_ids[-1] for seq in decoding]
+        compute, weight_fraction = float(len(decoding)), 1.0
+        if self.exits is None:
+            logits = self.runner.decode(token_ids)
+        else:
+            logits, step_exits = self.exits.decode(token_ids, [seq.exits for seq in decoding])
+            compute, weight_fraction = step_exits.compute_sum, step_exits.weight_fraction
+            result.exit_counts = step_exits.counts
+        for i, seq in enumerate(decoding):
+            self._advance(seq, logits[i], now_s, result, finished)
+        return compute, weight_fraction
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor, now_s: float, result: StepResult, finished: list) -> None:
         """Sample the next token for ``seq`` and report text and completion."""

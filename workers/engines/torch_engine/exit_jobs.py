@@ -33,16 +33,21 @@ def record(
     new_tokens: int = 32,
     max_prompt_tokens: int = 256,
     max_positions: int | None = None,
+    stop_at_eos: bool = False,
     progress: ProgressFactory = _no_progress,
 ) -> ProbeStates:
-    """Continue ``documents`` greedily at full depth, keeping states at every probe depth."""
+    """Continue ``documents`` greedily at full depth, keeping states at every probe depth.
+
+    By default a document continues past EOS, as ``ignore_eos`` load tests do: an instruct
+    model fed raw text often ends its turn at once, which would leave nothing to calibrate on.
+    """
     total = max_positions or len(documents) * new_tokens
     tick, close = progress("recording decode positions", total)
     try:
         return record_states(
             engine.runner, lambda text: engine.tokenizer(text).input_ids, documents, probe_depths(engine),
             new_tokens=new_tokens, max_prompt_tokens=max_prompt_tokens, batch=engine.info.max_batch,
-            stop_ids=engine.eos_ids, max_positions=max_positions, progress=tick,
+            stop_ids=engine.eos_ids if stop_at_eos else frozenset(), max_positions=max_positions, progress=tick,
         )
     finally:
         close()
