@@ -130,3 +130,20 @@ def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_pat
     assert finals["free"].exits.operating_point == "full"
     saved = finals["poor"].exits
     assert saved.layers_skipped > 0 and saved.energy_saved_j > 0 and saved.compute_fraction < 1
+
+
+def test_profile_tracks_joules_per_layer_token_and_the_exit_histogram():
+    from wattserve.types import StepWork
+    from workers.engines.base import StepTimings
+    from workers.profile import ProfileTracker
+
+    prof = ProfileTracker(alpha=1.0, num_layers=8)
+    prof.observe(StepTimings(prefill_s=0.1, prefill_tokens=10), 0.8, 10, StepWork(prefill_tokens=10))
+    assert prof.prefill_j_per_layer_token == pytest.approx(0.8 / 80) and prof.decode_j_per_layer_token is None
+    # 4 decode tokens at a quarter of full compute: 4 * 0.25 * 8 = 8 layer-tokens
+    prof.observe(StepTimings(decode_s=0.01, decode_batch=4), 0.4, 4,
+                 StepWork(decode_tokens=4, layer_fraction=0.25), {2: 4})
+    assert prof.decode_j_per_layer_token == pytest.approx(0.05)
+    prof.observe(StepTimings(), 1.0, 5, StepWork(prefill_tokens=1, decode_tokens=4), {8: 4})  # mixed: skipped
+    assert prof.decode_j_per_layer_token == pytest.approx(0.05)
+    assert {d: n for d, n in prof.exit_histogram.items() if n} == {2: 4, 8: 4}
