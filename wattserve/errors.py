@@ -86,3 +86,17 @@ class DeviceError(WattserveError):
     """A device backend could not be opened or read (no driver, no permission)."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class BudgetInfeasible(WattserveError):
+    """No expert can serve the request within its energy/latency budget; ``details`` names the
+    cheapest budget that would be feasible (``cheapest_energy_j``, ``cheapest_latency_ms``)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class BudgetExhausted(WattserveError):
+    """A tenant's or the cluster's energy budget for the current window is used up;
+    ``details['retry_after_ms']`` says when the window frees enough of it."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"

@@ -1,0 +1,170 @@
+"""The MoE² policy: gate -> cost model -> subset selection under the request's budgets.
+
+Per request (DESIGN.md section 4):
+
+1. the gate gives each expert a weight g_i(x) and a predicted quality q_i(x) (``router/gate.py``);
+2. the cost model predicts each expert's energy E_i and latency L_i for this prompt on its least
+   loaded replica, from live profiles (``router/cost.py``);
+3. the selector picks S maximising Q(S) = sum g_i q_i within ``energy_budget_j`` and
+   ``latency_budget_ms`` (``router/selector.py``). Experts whose marginal value g_i q_i is below
+   ``min_value_per_j`` x E_i are left out first: the Lagrangian of an average energy budget, which
+   is separable for this Q and keeps the problem monotone (0 disables it);
+4. Generate answers from the highest-weight expert of S (k=1; the rest of S are its fall-backs,
+   in weight order); Score runs all of S and mixes their answers with the weights renormalised
+   over S (``combine``).
+
+Nothing fits: ``infeasible: reject`` raises :class:`BudgetInfeasible` naming the cheapest budget
+that would be feasible; ``serve_cheapest`` serves the lowest-energy expert and flags
+``budget_exceeded``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from wattserve.errors import BudgetInfeasible
+
+from .base import Candidate, Plan, RequestFeatures
+from .cost import CostEstimate
+from .gate import GateOutput
+from .policies import Policy, by_expert, predict
+from .selector import Item, select_subset
+
+
+@dataclass(slots=True, frozen=True)
+class _Option:
+    expert: str
+    replica: Candidate
+    weight: float
+    quality: float
+    cost: CostEstimate | None
+
+
+class MoE2(Policy):
+    name = "moe2"
+    uses_gate = True
+
+    def plan(self, request: RequestFeatures, candidates: Sequence[Candidate]) -> Plan:
+        pool = self.pool(request, candidates)
+        groups = by_expert(pool)
+        gate = self.quality(request, sorted(groups))
+        options = [self._option(request, e, reps, gate) for e, reps in sorted(groups.items())]
+        score = request.mode == "score"
+        known = [o for o in options if o.cost is not None]
+        budgeted = request.energy_budget_j is not None or request.latency_budget_ms is not None
+        usable = known if budgeted else options  # unknown costs cannot be checked against a budget
+        lam = self.settings.min_value_per_j
+        worth = [o for o in usable if o.cost is None or o.weight * o.quality >= lam * o.cost.energy_j]
+        items = [
+            Item(o.weight * o.quality, o.cost.energy_j if o.cost else 0.0, o.cost.latency_ms if o.cost else 0.0)
+            for o in worth
+        ]
+        sel = select_subset(items, request.energy_budget_j, request.latency_budget_ms,
+                            self.settings.aggregation_ms if score else 0.0)
+        if not sel.indices:
+            return self._infeasible(request, options, groups, gate, lam)
+        chosen = sorted((worth[i] for i in sel.indices), key=lambda o: (-o.weight, _energy(o), o.expert))
+        return self._plan(request, chosen, groups, gate, sel.value, budget_exceeded=False)
+
+    def _option(self, request: RequestFeatures, expert: str, reps: list[Candidate], gate: GateOutput) -> _Option:
+        # The replica that would answer soonest represents the expert.
+        costs = [(predict(self.cost, request, c), c) for c in reps]
+        with_cost = [(est, c) for est, c in costs if est is not None]
+        est, rep = min(with_cost, key=lambda x: (x[0].latency_ms, x[1].replica)) if with_cost else (None, reps[0])
+        return _Option(expert, rep, gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0), est)
+
+    def _plan(self, request, chosen: list[_Option], groups, gate: GateOutput, value: float, *, budget_exceeded: bool) -> Plan:
+        subset = tuple(o.expert for o in chosen)
+        weights = gate.renormalised(subset)
+        ranked = tuple(o.replica for o in chosen) + tuple(
+            c for o in chosen for c in groups[o.expert] if c is not o.replica
+        )
+        if request.mode == "score":
+            energy = math.fsum(_energy(o) for o in chosen)
+            latency = max(o.cost.latency_ms if o.cost else 0.0 for o in chosen)
+            latency += self.settings.aggregation_ms if len(chosen) > 1 else 0.0
+        else:
+            energy = _energy(chosen[0]) if chosen[0].cost else None
+            latency = chosen[0].cost.latency_ms if chosen[0].cost else None
+        return Plan(
+            ranked=ranked, policy=self.name, subset=subset, weights=weights, gate=gate.source,
+            predicted_energy_j=energy if energy is None or math.isfinite(energy) else None,
+            predicted_latency_ms=latency, budget_exceeded=budget_exceeded,
+            reason=self._reason(request, chosen, weights, gate, value, budget_exceeded),
+        )
+
+    def _reason(self, request, chosen, weights, gate, value, budget_exceeded) -> str:
+        def fmt(o: _Option) -> str:
+            c = f"{o.cost.energy_j:.3g} J, {o.cost.latency_ms:.0f} ms" if o.cost else "cost unknown"
+            return f"{o.expert} w={weights[o.expert]:.2f} q={o.quality:.2f} ({c})"
+
+        budgets = []
+        if request.energy_budget_j is not None:
+            budgets.append(f"{request.energy_budget_j:.3g} J")
+        if request.latency_budget_ms is not None:
+            budgets.append(f"{request.latency_budget_ms:.0f} ms")
+        head = "moe2 [gate " + gate.source.split(":")[0] + "]"
+        if budget_exceeded:
+            head += " BUDGET EXCEEDED: nothing fits " + " / ".join(budgets) + "; serving the cheapest"
+        else:
+            head += f": S={{{', '.join(o.expert for o in chosen)}}} Q={value:.3f}"
+            head += (" within " + " / ".join(budgets)) if budgets else " (no budget)"
+        if request.throttled:
+            head += f" ({request.throttle_reason}: cheapest expert only)"
+        return head + "; " + "; ".join(fmt(o) for o in chosen)
+
+    def _infeasible(self, request, options: list[_Option], groups, gate: GateOutput, lam: float) -> Plan:
+        known = [o for o in options if o.cost is not None]
+        if self.settings.infeasible == "serve_cheapest":
+            pick = min(known, key=lambda o: (o.cost.energy_j, o.expert)) if known else min(
+                options, key=lambda o: (o.replica.profile.params if o.replica.profile else 0, o.expert))
+            return self._plan(request, [pick], groups, gate, pick.weight * pick.quality, budget_exceeded=True)
+        asked = []
+        if request.energy_budget_j is not None:
+            asked.append(f"energy_budget_j={request.energy_budget_j:.4g}")
+        if request.latency_budget_ms is not None:
+            asked.append(f"latency_budget_ms={request.latency_budget_ms:.4g}")
+        if not known:
+            unknown = ", ".join(o.expert for o in options)
+            raise BudgetInfeasible(
+                f"cannot check {' and '.join(asked)}: no cost measured yet for {unknown} and no "
+                "router.cost_priors configured; retry after a first request or drop the budget"
+            )
+        cheap = min(known, key=lambda o: (o.cost.energy_j, o.cost.latency_ms))
+        fast = min(known, key=lambda o: (o.cost.latency_ms, o.cost.energy_j))
+        hint = f"the cheapest plan is {cheap.expert} ({cheap.cost.energy_j:.4g} J, {cheap.cost.latency_ms:.0f} ms predicted)"
+        if fast is not cheap:
+            hint += f", the fastest {fast.expert} ({fast.cost.energy_j:.4g} J, {fast.cost.latency_ms:.0f} ms)"
+        if lam > 0:
+            hint += f" (experts below min_value_per_j={lam:g} were left out)"
+        raise BudgetInfeasible(
+            f"no expert fits {' and '.join(asked)}: {hint}; send energy_budget_j >= {cheap.cost.energy_j:.4g} "
+            f"and latency_budget_ms >= {cheap.cost.latency_ms:.0f}, or let the server serve the cheapest "
+            "expert anyway (router.infeasible: serve_cheapest)",
+            cheapest_energy_j=cheap.cost.energy_j, cheapest_latency_ms=cheap.cost.latency_ms,
+        )
+
+
+def _energy(o: _Option) -> float:
+    return o.cost.energy_j if o.cost else math.inf
+
+
+def combine(weights: Mapping[str, float], logprobs: Mapping[str, Sequence[float]]) -> list[float]:
+    """The MoE² ensemble over choices: sum_i w_i * softmax_k(logprob_i[k]), w renormalised over the
+    experts that answered. Returns a probability per choice (sums to 1)."""
+    experts = [e for e in logprobs if e in weights]
+    total = sum(weights[e] for e in experts)
+    if not experts or total <= 0:
+        raise ValueError("combine needs at least one answering expert with positive weight")
+    n = len(next(iter(logprobs.values())))
+    mix = [0.0] * n
+    for e in experts:
+        row = list(logprobs[e])
+        top = max(row)
+        exp = [math.exp(v - top) for v in row]
+        z = sum(exp)
+        for k in range(n):
+            mix[k] += weights[e] / total * exp[k] / z
+    return mix
