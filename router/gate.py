@@ -102,18 +102,21 @@ class MiniLMEncoder:
         import numpy as np
 
         torch = self.torch
-        out = []
+        # Batches of similar length waste little compute on padding (prompt lengths vary 100x).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
                 batch = self.tokenizer(
-                    list(texts[i : i + batch_size]), padding=True, truncation=True,
+                    [texts[j] for j in idx], padding=True, truncation=True,
                     max_length=MAX_EMBED_TOKENS, return_tensors="pt",
                 )
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
 
 
 def minilm_dir() -> Path:
@@ -191,13 +194,18 @@ class FittedGate:
             return self.mlp(torch.as_tensor(embeddings, dtype=torch.float32)).numpy()
 
     def output_for(self, logits_row) -> GateOutput:
-        z = {e: float(logits_row[self.outputs.index(col)]) for e, col in self.names.items()}
-        quality = {e: 1.0 / (1.0 + math.exp(-v)) for e, v in z.items()}
-        return GateOutput(weights=_softmax(z), quality=quality, source=self.source)
+        return gate_output(logits_row, self.outputs, self.names, self.source)
 
     def __call__(self, prompt: str) -> GateOutput:
         """Blocking (~20 ms on a CPU core): call it off the event loop."""
         return self.output_for(self.logits(self._encoder().encode([prompt]))[0])
+
+
+def gate_output(logits_row, outputs: Sequence[str], names: Mapping[str, str], source: str) -> GateOutput:
+    """One prompt's logits (ordered as ``outputs``) -> weights and qualities per expert name."""
+    z = {e: float(logits_row[outputs.index(col)]) for e, col in names.items()}
+    quality = {e: 1.0 / (1.0 + math.exp(-v)) for e, v in z.items()}
+    return GateOutput(weights=_softmax(z), quality=quality, source=source)
 
 
 def load_gate(path: str | None, quality_prior: Mapping[str, float], names: Mapping[str, str] | None = None):

@@ -54,10 +54,12 @@ def _parse(value: str) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit: int | None = None) -> LabelledPrompts:
+def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit: int | None = None,
+                  sample: int | None = None, seed: int = 0) -> LabelledPrompts:
     """Read (prompt, per-expert quality) rows; ``columns`` names the quality columns (default:
     every column except ``prompt`` and known id/category columns whose values are all numbers or
-    booleans). Raises InvalidRequest naming what is wrong with the file."""
+    booleans). ``limit`` keeps the first rows, ``sample`` a seeded random subset (files such as
+    MMLU are sorted by subject). Raises InvalidRequest naming what is wrong with the file."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -78,6 +80,9 @@ def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit:
         raise InvalidRequest(f"{path}: need at least two expert quality columns, found {cols}; name them with --columns")
     if limit:
         rows = rows[:limit]
+    if sample and sample < len(rows):
+        keep = sorted(random.Random(seed).sample(range(len(rows)), sample))
+        rows = [rows[i] for i in keep]
     prompts, values = [], []
     for n, r in enumerate(rows, start=2):
         parsed = [_parse(r[c] or "") for c in cols]
@@ -92,19 +97,22 @@ def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit:
 
 
 def embed_cached(prompts: Sequence[str], cache_dir: Path | None, encoder_factory: Callable[[], object] = MiniLMEncoder,
-                 progress: Callable[[int], None] | None = None, batch_size: int = 64) -> np.ndarray:
+                 progress: Callable[[int], None] | None = None, batch_size: int = 32) -> np.ndarray:
     """MiniLM embeddings of ``prompts``, cached on disk by content hash (embedding is the slow part)."""
     digest = hashlib.sha256("\x1e".join(prompts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
     cached = cache_dir / f"minilm-{digest}.npy" if cache_dir else None
     if cached is not None and cached.exists():
         return np.load(cached)
     encoder = encoder_factory()
-    parts = []
-    for i in range(0, len(prompts), batch_size):
-        parts.append(encoder.encode(prompts[i : i + batch_size]))
+    # Chunks of similar length (the encoder pads each batch to its longest prompt).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    emb = np.zeros((len(prompts), encoder.dim), dtype=np.float32)
+    chunk = batch_size * 8
+    for i in range(0, len(order), chunk):
+        idx = order[i : i + chunk]
+        emb[idx] = encoder.encode([prompts[j] for j in idx], batch_size=batch_size)
         if progress:
-            progress(min(batch_size, len(prompts) - i))
-    emb = np.concatenate(parts).astype(np.float32)
+            progress(len(idx))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -141,7 +149,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 3
             loss = loss_fn(mlp(xt[batch]), yt[batch])
             loss.backward()
             opt.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         if on_epoch:
             on_epoch(epoch, total / len(xt))
     return mlp.eval()

@@ -8,7 +8,7 @@ tenant/cluster throttling: a throttled request only sees the cheapest expert's r
 - ``random``: an expert uniformly at random.
 - ``round_robin``: experts in turn.
 - ``cheapest``: the lowest predicted energy.
-- ``strongest``: the highest predicted quality (gate, or the configured prior).
+- ``strongest``: the highest configured quality prior (the same expert for every prompt).
 - ``threshold``: RouteLLM-style two-model router, the strong expert when the gate predicts it
   gains at least ``threshold`` in quality over the weak one (Ong et al. 2024, our reading).
 """
@@ -170,7 +170,7 @@ class Strongest(Policy):
     def plan(self, request: RequestFeatures, candidates: Sequence[Candidate]) -> Plan:
         pool = self.pool(request, candidates)
         experts = sorted({c.expert for c in pool})
-        q = self.quality(request, experts).quality
+        q = {e: self.settings.quality_prior.get(e, 0.5) for e in experts}
         chosen = max(experts, key=lambda e: (q.get(e, 0.0), e))
         return self.plan_for(request, pool, chosen, f"strongest: {chosen} (quality {q.get(chosen, 0.0):.2f})")
 
