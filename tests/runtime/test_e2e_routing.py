@@ -118,12 +118,15 @@ async def test_no_budget_picks_the_strong_expert_and_says_the_gate_is_the_prior(
 
 async def test_tight_energy_budget_picks_edge_and_loose_picks_cloud(channel, predicted):
     stub = pb_grpc.InferenceStub(channel)
-    tight = await usage_of(stub, request(energy_budget_j=2 * predicted["edge"]))
+    # Simulated joules are exact but the measured power behind predictions moves with the wall time
+    # of each step on this busy host: budgets sit a factor of ~4 away from either prediction.
+    between = (predicted["edge"] * predicted["cloud"]) ** 0.5
+    tight = await usage_of(stub, request(energy_budget_j=between))
     assert tight.expert == "edge" and list(tight.subset) == ["edge"]
-    assert tight.predicted_energy_j <= 2 * predicted["edge"]
-    loose = await usage_of(stub, request(energy_budget_j=3 * predicted["cloud"]))
+    assert tight.predicted_energy_j <= between
+    loose = await usage_of(stub, request(energy_budget_j=10 * predicted["cloud"]))
     assert loose.expert == "cloud"
-    assert loose.predicted_energy_j <= 3 * predicted["cloud"]
+    assert loose.predicted_energy_j <= 10 * predicted["cloud"]
 
 
 async def test_budget_below_every_expert_is_failed_precondition_naming_the_cheapest(channel, predicted):
@@ -135,12 +138,12 @@ async def test_budget_below_every_expert_is_failed_precondition_naming_the_cheap
 
 async def test_tight_latency_budget_avoids_the_queued_expert(channel, predicted):
     stub = pb_grpc.InferenceStub(channel)
-    # Unqueued, cloud answers 8 tokens in ~8 x 20 ms: a 600 ms budget admits it.
-    assert (await usage_of(stub, request(latency_budget_ms=600))).expert == "cloud"
-    busy = [stub.Generate(request(expert="cloud", max_tokens=400), timeout=60) for _ in range(3)]
-    assert await wait_for(lambda: _load_at_least(channel, "cloud", 3))
-    # Now two requests wait behind the one running (max_batch 1): cloud is predicted far over 600 ms.
-    usage = await usage_of(stub, request(latency_budget_ms=600))
+    # Unqueued, cloud answers 8 tokens in ~8 x 20 ms: a 450 ms budget admits it.
+    assert (await usage_of(stub, request(latency_budget_ms=450))).expert == "cloud"
+    busy = [stub.Generate(request(expert="cloud", max_tokens=400), timeout=60) for _ in range(4)]
+    assert await wait_for(lambda: _load_at_least(channel, "cloud", 4))
+    # Now three requests wait behind the one running (max_batch 1): ~4 x 160 ms more than that.
+    usage = await usage_of(stub, request(latency_budget_ms=450))
     assert usage.expert == "edge", usage.routing_reason
     for call in busy:
         call.cancel()
@@ -203,8 +206,9 @@ async def test_score_returns_the_ensemble_and_each_experts_contribution(channel,
     assert resp.energy_j == pytest.approx(sum(e.energy_j for e in resp.experts))
     assert resp.gate == "prior" and resp.routing_policy == "moe2"
     # a budget that only the edge expert fits: the ensemble is edge alone
+    between = (_energy(resp, "edge") * _energy(resp, "cloud")) ** 0.5
     edge_only = await stub.Score(pb.ScoreRequest(prompt="The capital of France is", choices=choices,
-                                                 energy_budget_j=2 * _energy(resp, "edge")))
+                                                 energy_budget_j=between))
     assert [e.expert for e in edge_only.experts] == ["edge"]
     assert list(edge_only.choice_probs) == pytest.approx(list(edge_only.experts[0].choice_probs))
 
@@ -227,3 +231,19 @@ async def test_admin_exports_prediction_error(channel, predicted):
         assert p.samples > 0 and p.energy_correction > 0
     status = await pb_grpc.AdminStub(channel).GetStatus(pb.GetStatusRequest())
     assert status.gate == "prior" and status.routing_policy == "moe2"
+
+
+async def test_budget_cli_sets_and_shows_with_the_change_log(server, capsys):
+    from runtime.cli import main
+
+    target = f"127.0.0.1:{server.port}"
+    rc = await asyncio.to_thread(main, ["budget", "set", "cluster", "--average-power-w", "500", "--window-s", "60",
+                                        "--actor", "cli-test", "--reason", "peak hours", "--target", target])
+    out = capsys.readouterr().out
+    assert rc == 0 and "cluster: unlimited -> 30000 J per 60 s" in out and "by cli-test from" in out
+    rc = await asyncio.to_thread(main, ["budget", "show", "--target", target, "--changes", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "cluster" in out and "500.00 W avg" in out and "(peak hours)" in out
+    rc = await asyncio.to_thread(main, ["budget", "set", "nobody", "--energy-j", "5", "--target", target])
+    assert rc == 1 and "unknown tenant 'nobody'" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["budget", "set", "cluster", "--unlimited", "--target", target]) == 0

@@ -52,3 +52,14 @@ async def test_packaged_models_answer_sensibly_through_grpc(server):
         experts = await pb_grpc.AdminStub(ch).ListExperts(pb.ListExpertsRequest())
         params = {e.name: e.params for e in experts.experts}
         assert params["edge"] == 134_515_008 and params["cloud"] > params["edge"]
+
+
+async def test_score_ensemble_of_the_packaged_models_prefers_the_right_answer(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        resp = await pb_grpc.InferenceStub(ch).Score(
+            pb.ScoreRequest(prompt="The capital of France is", choices=[" Berlin", " Paris", " Madrid"]), timeout=120
+        )
+    assert resp.best_text == " Paris", resp
+    assert {e.expert for e in resp.experts} == {"edge", "cloud"}  # no budget: the whole subset
+    assert all(e.choice_probs[1] == max(e.choice_probs) for e in resp.experts)
+    assert resp.energy_j > 0 and resp.gate == "prior"
