@@ -71,12 +71,30 @@ def _shared_data_dir() -> Path | None:
     return None
 
 
+def _eval_gates(args, data, emb, train, test, names):
+    """Gate outputs for the held-out rows: a fitted gate from --gate, or one fitted on ``train``."""
+    from router.gate import FittedGate, gate_output
+    from router.gate_fit import train_mlp
+
+    if args.gate:
+        gate = FittedGate(args.gate, names)
+        logits, outputs, source = gate.logits(emb[test]), gate.outputs, gate.source
+    else:
+        import torch
+
+        say(f"fitting a gate on {len(train)} prompts (held out for the evaluation: {len(test)})")
+        mlp = train_mlp(emb[train], data.quality[train], seed=args.seed)
+        with torch.inference_mode():
+            logits = mlp(torch.as_tensor(emb[test])).numpy()
+        outputs, source = data.experts, "fitted:on-the-fly"
+    return [gate_output(row, outputs, names, source) for row in logits]
+
+
 def cmd_route_eval(args) -> int:
     import yaml
 
-    from router.evaluate import evaluate, load_experts, plot, summary
-    from router.gate import FittedGate, gate_output
-    from router.gate_fit import read_labelled, split, train_mlp
+    from router.evaluate import evaluate, load_experts
+    from router.gate_fit import read_labelled, split
 
     spec_path = Path(args.experts)
     spec = yaml.safe_load(spec_path.read_text())
@@ -87,42 +105,37 @@ def cmd_route_eval(args) -> int:
     data = read_labelled(args.data, [e.column for e in experts], limit=args.limit, sample=args.sample, seed=args.seed)
     emb = _embed(data.prompts, _embedding_cache())
     train, test = split(len(data.prompts), args.holdout, args.seed)
-    names = {e.name: e.column for e in experts}
-    if args.gate:
-        gate = FittedGate(args.gate, names)
-        logits, outputs, source = gate.logits(emb[test]), gate.outputs, gate.source
-    else:
-        say(f"fitting a gate on {len(train)} prompts (held out for the evaluation: {len(test)})")
-        mlp = train_mlp(emb[train], data.quality[train], seed=args.seed)
-        import torch
-
-        with torch.inference_mode():
-            logits = mlp(torch.as_tensor(emb[test])).numpy()
-        outputs, source = data.experts, "fitted:on-the-fly"
-    gates = [gate_output(row, outputs, names, source) for row in logits]
+    gates = _eval_gates(args, data, emb, train, test, {e.name: e.column for e in experts})
     quality = data.quality[test][:, [data.experts.index(e.column) for e in experts]]
+    # The static baselines' "strongest" is the expert with the best mean quality on the training half.
     prior = {e.name: float(data.quality[train][:, data.experts.index(e.column)].mean()) for e in experts}
     curves = evaluate(experts, gates, quality, prior, tokens, steps=args.steps, seed=args.seed,
                       progress=lambda name: say(f"replayed {name}"))
+    _report(args, experts, curves, quality, prior, tokens, len(test))
+    return 0
+
+
+def _report(args, experts, curves, quality, prior, tokens, rows) -> None:
+    from router.evaluate import plot, summary
+
     strong = max(prior, key=prior.get)
     k = [e.name for e in experts].index(strong)
     strong_q, strong_e = float(quality[:, k].mean()), experts[k].j_per_token * tokens
-    print(f"\n{Path(args.data).name}: {len(test)} held-out prompts, {tokens} output tokens per request; "
+    print(f"\n{Path(args.data).name}: {rows} held-out prompts, {tokens} output tokens per request; "
           f"strongest expert {strong}: quality {strong_q:.4f} at {strong_e:.1f} J/request")
     for line in summary(curves, strong_q, strong_e):
         print("  " + line)
     png = Path(args.png)
-    plot(curves, png, f"{Path(args.data).name}: quality vs energy ({len(test)} held-out prompts)")
+    plot(curves, png, f"{Path(args.data).name}: quality vs energy ({rows} held-out prompts)")
     print(f"plot: {png}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "data": str(args.data), "rows": len(test), "output_tokens": tokens, "strong": strong,
+            "data": str(args.data), "rows": rows, "output_tokens": tokens, "strong": strong,
             "strong_quality": strong_q, "strong_energy_j": strong_e,
             "experts": [{"name": e.name, "j_per_token": e.j_per_token, "tpot_ms": e.tpot_ms, "source": e.source}
                         for e in experts],
             "curves": {c.policy: c.points for c in curves},
         }, indent=1))
-    return 0
 
 
 # -- budget set|show ----------------------------------------------------------------------------
