@@ -105,6 +105,7 @@ class Policy:
         return Plan(
             ranked=ranked, policy=self.name, reason=why, subset=(chosen,), weights={chosen: 1.0},
             predicted_energy_j=est.energy_j if est else None, predicted_latency_ms=est.latency_ms if est else None,
+            gate=request.gate.source if self.uses_gate and request.gate else "",
         )
 
 

@@ -164,6 +164,7 @@ def test_baselines():
     picks = {make_policy("random", rng=random.Random(s), settings=SETTINGS).plan(r, cands).subset[0] for s in range(20)}
     assert picks == {"edge", "mid", "cloud"}
     th = RouterSettings(quality_prior=PRIOR, threshold=0.3)
-    assert make_policy("threshold", settings=th).plan(r, cands).subset == ("cloud",)  # gain 0.45 >= 0.3
+    plan = make_policy("threshold", settings=th).plan(r, cands)
+    assert plan.subset == ("cloud",) and plan.gate == "prior"  # gain 0.45 >= 0.3
     th = RouterSettings(quality_prior=PRIOR, threshold=0.5)
     assert make_policy("threshold", settings=th).plan(r, cands).subset == ("edge",)
