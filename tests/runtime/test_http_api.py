@@ -18,8 +18,8 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import parse_config
-from workers.engines.chat import render_plain
 from wattserve.types import ChatMessage
+from workers.engines.chat import render_plain
 
 pytestmark = pytest.mark.timeout(300)
 
