@@ -56,10 +56,23 @@ class HttpConfig(Strict):
 
     enabled: bool = Field(default=True, description="Serve HTTP next to gRPC.")
     host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds.")
-    port: int = Field(default=8000, ge=0, le=65535, description="0 picks a free port.")
+    port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="0 picks a free port. None: 8000, or a free port when the gRPC port is 0 (tests, side-by-side servers).",
+    )
     max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Larger request bodies are answered 413."
     )
+
+
+DEFAULT_HTTP_PORT = 8000
+
+
+def resolve_http_port(http: HttpConfig, grpc_port: int) -> int:
+    """The HTTP port to bind: the configured one, else 8000 (a free one when gRPC's is 0)."""
+    if http.port is not None:
+        return http.port
+    return 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
 
 
 class TenantConfig(Strict):

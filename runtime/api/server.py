@@ -24,7 +24,7 @@ from wattserve.errors import ConfigError
 from workers.models import default_cache_dir
 
 from ..cluster import ExpertPool, start_ray, stop_ray
-from ..config import WattserveConfig
+from ..config import WattserveConfig, resolve_http_port
 from ..gateway import Gateway
 from ..metrics import ServingMetrics
 from .gen import wattserve_pb2 as pb
@@ -105,14 +105,15 @@ class WattserveServer:
 
     async def _start_http(self) -> None:
         gateway = self.gateway
+        http = self.config.http.model_copy(update={"port": resolve_http_port(self.config.http, self.config.gateway.port)})
         self.http = HttpApi(
-            gateway, self.metrics.registry, self.config.http,
+            gateway, self.metrics.registry, http,
             healthy=lambda: any(s.healthy for s in gateway.replica_states()),
         )
         try:
             self.http_port = await self.http.start()
         except OSError as exc:
-            address = f"{self.config.http.host}:{self.config.http.port}"
+            address = f"{http.host}:{http.port}"
             raise ConfigError(f"cannot listen on {address} for HTTP: {exc.strerror} (is the port in use? try --http-port 0)") from None
 
     def _set_health(self, serving: bool) -> None:

@@ -24,8 +24,10 @@ def load_cli_config(args):
     if getattr(args, "port", None) is not None:
         cfg.gateway.port = args.port
     if getattr(args, "http_port", None) is not None:
-        cfg.http.port = args.http_port
-        cfg.http.enabled = args.http_port >= 0
+        if args.http_port < 0:
+            cfg.http.enabled = False
+        else:
+            cfg.http.port = args.http_port
     if getattr(args, "host", None):
         cfg.http.host = args.host
     return cfg
