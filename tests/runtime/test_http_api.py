@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -58,6 +60,7 @@ async def server(ray_session, chat_model_dir, tmp_path_factory):
                 },
                 {"name": "slow", "engine": {"kind": "synthetic", "step_ms": 20}, "max_batch": 2, "max_queue": 1},
             ],
+            "tenants": [{"name": "default"}, {"name": "acme", "energy_budget_j": 1000.0}],
         },
         "test-http",
     )
@@ -308,6 +311,11 @@ async def test_power_state_is_exported_when_the_governor_fills_it(base_url, serv
     finally:
         server.gateway.power.budget_w = None
         server.gateway.power.caps.clear()
+    # every series the Grafana dashboard queries exists (requests ran in earlier tests)
+    dashboard = (Path(__file__).resolve().parents[2] / "docs" / "grafana" / "wattserve.json").read_text()
+    queried = set(re.findall(r"wattserve_[a-z0-9_]+", dashboard))
+    exported = {name for name, _ in samples}
+    assert queried <= exported, f"dashboard queries unknown series: {sorted(queried - exported)}"
     assert samples[("wattserve_power_budget_watts", ())] == 1200.0
     assert samples[("wattserve_power_cap_events_total", (("kind", "t1"),))] == 2
     assert samples[("wattserve_replica_power_cap", (("cap", "sm_clock:1275"), ("expert", "chat"), ("replica", "0")))] == 1
