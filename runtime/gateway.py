@@ -228,16 +228,19 @@ class Gateway:
             raise
         self.inflight += 1
         self.requests_total += 1
+        final_sent = False
         try:
             async for item in self._serve(req, received, rec):
                 if isinstance(item, Chunk):
                     rec.chunk(item)
                 else:
                     rec.finished(item, req.tenant, req.energy_budget_j, req.latency_budget_ms)
+                    final_sent = True
                 yield item
         except BaseException as exc:
-            self.requests_failed += 1
-            rec.failed(exc)
+            if not final_sent:  # a caller closing us right after the Final is not a failure
+                self.requests_failed += 1
+                rec.failed(exc)
             raise
         finally:
             self.inflight -= 1

@@ -272,6 +272,7 @@ def _sum(samples, name, **labels):
 
 async def test_metrics_parse_and_move_as_requests_complete(base_url, server, client):
     before = await _scrape(base_url)
+    failed_before = server.gateway.requests_failed
     await client.completions.create(model="chat", prompt="Hello", max_tokens=4, temperature=0,
                                     extra_body={"ignore_eos": True, "energy_budget_j": 1e-9, "tenant": "acme"})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -279,6 +280,7 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
             pass
     with pytest.raises(openai.NotFoundError):
         await client.completions.create(model="ghost", prompt="x")
+    await server.gateway.poll_once()  # replica telemetry as of now, not the last background poll
     after = await _scrape(base_url)
 
     def delta(name, **labels):
@@ -287,6 +289,7 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
     assert delta("wattserve_requests_total", api="http", expert="chat", status="ok") == 1
     assert delta("wattserve_requests_total", api="grpc", expert="slow", status="ok") == 1
     assert delta("wattserve_requests_total", api="http", status="invalid_argument") == 1
+    assert server.gateway.requests_failed == failed_before  # closing a stream after its end is no failure
     assert delta("wattserve_time_to_first_token_seconds_count", expert="chat") == 1
     assert delta("wattserve_e2e_request_latency_seconds_count", expert="slow") == 1
     assert delta("wattserve_inter_token_latency_seconds_count", expert="chat") >= 1
