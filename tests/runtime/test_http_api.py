@@ -305,7 +305,10 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
     assert _sum(after, "wattserve_replica_energy_joules_total", expert="chat", part="requests") > 0
 
 
-async def test_power_state_is_exported_when_the_governor_fills_it(base_url, server):
+async def test_power_state_is_exported_when_the_governor_fills_it(base_url, server, client):
+    await client.completions.create(model="chat", prompt="Hello", max_tokens=2, temperature=0, extra_body={
+        "energy_budget_j": 1e-9, "latency_budget_ms": 1e6, "tenant": "acme"})  # every per-request series has data
+    await server.gateway.poll_once()
     server.gateway.power.budget_w = 1200.0
     server.gateway.power.record_cap_event("t1", 2)
     server.gateway.power.caps[("chat", 0)] = "sm_clock:1275"
