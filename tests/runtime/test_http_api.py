@@ -332,3 +332,9 @@ async def test_health(base_url):
         async with s.get(base_url + "/health") as r:
             assert r.status == 200
             assert (await r.json()) == {"status": "ok", "healthy_replicas": 2, "total_replicas": 2}
+
+
+async def test_oversized_body_is_413(base_url):
+    body = json.dumps({"model": "slow", "prompt": "x " * 600_000}).encode()  # over the 1 MiB default
+    status, got, _ = await _post(base_url, "/v1/completions", body)
+    assert status == 413 and "larger than this server's limit of 1048576 bytes" in got["error"]["message"]
