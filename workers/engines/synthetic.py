@@ -17,6 +17,7 @@ from wattserve.specs import ExpertSpec, SyntheticEngineSpec
 from wattserve.types import FinishReason, GenerateCall, StepWork
 
 from .base import ActiveRequest, Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from .chat import prompt_text
 from .scheduler import Scheduler
 
 TOKEN_TEXT = " tok"
@@ -41,7 +42,7 @@ class SyntheticEngine(Engine):
         )
 
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        words = call.prompt.split()
+        words = prompt_text(call).split()
         if not words:
             raise InvalidRequest("prompt is empty: send at least one word")
         if len(words) + call.max_tokens > self.max_model_len:

@@ -20,6 +20,7 @@ from wattserve.specs import ExpertSpec, TorchEngineSpec
 from wattserve.types import FinishReason, GenerateCall, StepWork
 
 from ..base import ActiveRequest, Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from ..chat import encode_prompt
 from ..scheduler import Scheduler
 from .kv_cache import SlotKVCache
 from .runner import DecoderRunner
@@ -99,10 +100,10 @@ class TorchEngine(Engine):
 
     # -- admission -----------------------------------------------------------------------------
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        if not call.prompt:
+        if not call.prompt and not call.messages:
             raise InvalidRequest("prompt is empty: send at least one character of text")
         with self._tok_lock:
-            ids = self.tokenizer(call.prompt).input_ids
+            ids = encode_prompt(self.tokenizer, call)
         if not ids:
             raise InvalidRequest("prompt tokenizes to nothing")
         if len(ids) + call.max_tokens > self.max_model_len:
