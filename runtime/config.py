@@ -119,6 +119,31 @@ class RouterConfig(Strict):
     seed: int | None = Field(default=None, description="Seed of the random and least-loaded tie breaks.")
 
 
+class HttpConfig(Strict):
+    """The OpenAI-compatible HTTP API, Prometheus ``/metrics`` and ``/health``, served by the
+    same process and event loop as the gRPC endpoint."""
+
+    enabled: bool = Field(default=True, description="Serve HTTP next to gRPC.")
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds.")
+    port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="0 picks a free port. None: 8000, or a free port when the gRPC port is 0 (tests, side-by-side servers).",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Larger request bodies are answered 413."
+    )
+
+
+DEFAULT_HTTP_PORT = 8000
+
+
+def resolve_http_port(http: HttpConfig, grpc_port: int) -> int:
+    """The HTTP port to bind: the configured one, else 8000 (a free one when gRPC's is 0)."""
+    if http.port is not None:
+        return http.port
+    return 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
+
+
 class TenantConfig(Strict):
     """A client organisation; requests name it in `tenant`."""
 
@@ -141,6 +166,7 @@ class WattserveConfig(Strict):
 
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster or embedded instance.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The gRPC endpoint.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="The OpenAI-compatible HTTP API and /metrics.")
     model_cache_dir: str | None = Field(
         default=None,
         description="Where converted models live; default $WATTSERVE_CACHE_DIR or ~/.cache/wattserve. "
@@ -252,6 +278,7 @@ def config_reference() -> str:
         ("top level", WattserveConfig),
         ("ray", RayConfig),
         ("gateway", GatewayConfig),
+        ("http", HttpConfig),
         ("tenants[]", TenantConfig),
         ("router", RouterConfig),
         ("router.cost_priors.<expert>", CostPriorConfig),

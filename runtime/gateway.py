@@ -22,11 +22,13 @@ from ray.exceptions import RayActorError, RayError
 
 from router.base import Candidate, Plan
 from router.policies import Policy
-from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, WattserveError
-from wattserve.types import ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
+from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, UnknownExpert, WattserveError
+from wattserve.types import ChatMessage, ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
 
 from .cluster import ExpertPool, Replica
 from .config import WattserveConfig
+from .metrics import RequestRecorder, ServingMetrics
+from .power_state import PowerState
 from .routing import RouteRequest, RoutingService
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,11 @@ MAX_REQUEST_ID_CHARS = 128
 
 @dataclass(slots=True, frozen=True)
 class ClientRequest:
-    """A generation request as the API received it (not yet validated)."""
+    """A generation request as the API received it (not yet validated).
+
+    Exactly one of ``prompt`` (a completion) and ``messages`` (a chat, rendered by the expert's
+    chat template) is set. ``api`` names the transport, for metrics.
+    """
 
     prompt: str
     max_tokens: int = 0
@@ -50,6 +56,8 @@ class ClientRequest:
     tenant: str = ""
     request_id: str = ""
     deadline_unix_s: float | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    api: str = "grpc"
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,6 +96,7 @@ class Gateway:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_health_change: Callable[[bool], None] | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self.config = config
         self.gw = config.gateway
@@ -103,6 +112,8 @@ class Gateway:
         self.requests_failed = 0
         self._poller: asyncio.Task | None = None
         self._any_healthy: bool | None = None
+        self.metrics = metrics or ServingMetrics()
+        self.power = PowerState()  # filled by the power governor; exported as metrics
 
     # -- telemetry ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -154,9 +165,12 @@ class Gateway:
     def validate(self, req: ClientRequest) -> ClientRequest:
         """Check every field; return the request with defaults filled in."""
         gw = self.gw
-        if not req.prompt:
+        if req.messages and req.prompt:
+            raise InvalidRequest("send either a prompt or chat messages, not both")
+        if not req.prompt and not req.messages:
             raise InvalidRequest("prompt is empty: send the text to continue")
-        size = len(req.prompt.encode("utf-8", "surrogatepass"))
+        text = req.prompt or "".join(m.content for m in req.messages)
+        size = len(text.encode("utf-8", "surrogatepass"))
         if size > gw.max_prompt_bytes:
             raise InvalidRequest(f"prompt is {size} bytes; this server accepts at most {gw.max_prompt_bytes}")
         max_tokens = req.max_tokens or gw.default_max_tokens
@@ -176,7 +190,7 @@ class Gateway:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         if req.expert and self.config.expert(req.expert) is None:
             known = ", ".join(e.name for e in self.config.experts)
-            raise InvalidRequest(f"unknown expert {req.expert!r}; known experts: {known}")
+            raise UnknownExpert(f"unknown expert {req.expert!r}; known experts: {known}")
         for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
@@ -205,26 +219,40 @@ class Gateway:
         EngineDead); whichever way the caller leaves, the replica's work is aborted.
         """
         received = self.clock()
-        req = self.validate(request)
-        if self.inflight >= self.gw.max_inflight:
-            raise QueueFull(
-                f"server is at its limit of {self.gw.max_inflight} requests in flight; retry shortly",
-                retry_after_ms=200,
-            )
+        rec = self.metrics.begin(request.api, self.clock)
+        try:
+            req = self.validate(request)
+            if self.inflight >= self.gw.max_inflight:
+                raise QueueFull(
+                    f"server is at its limit of {self.gw.max_inflight} requests in flight; retry shortly",
+                    retry_after_ms=200,
+                )
+        except WattserveError as exc:
+            rec.failed(exc)
+            raise
         self.inflight += 1
         self.requests_total += 1
+        final_sent = False
         try:
-            async for item in self._serve(req, received):
+            async for item in self._serve(req, received, rec):
+                if isinstance(item, Chunk):
+                    rec.chunk(item)
+                else:
+                    rec.finished(item, req.tenant, req.energy_budget_j, req.latency_budget_ms)
+                    final_sent = True
                 yield item
-        except BaseException:
-            self.requests_failed += 1
+        except BaseException as exc:
+            if not final_sent:  # a caller closing us right after the Final is not a failure
+                self.requests_failed += 1
+                rec.failed(exc)
             raise
         finally:
             self.inflight -= 1
 
-    async def _serve(self, req: ClientRequest, received: float) -> AsyncIterator[Chunk | Final]:
+    async def _serve(self, req: ClientRequest, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
         route = RouteRequest(
-            prompt=req.prompt, tenant=req.tenant, priority=req.priority, max_tokens=req.max_tokens,
+            prompt=req.prompt or "\n".join(m.content for m in req.messages),  # what the gate reads
+            tenant=req.tenant, priority=req.priority, max_tokens=req.max_tokens,
             expert=req.expert, energy_budget_j=req.energy_budget_j, latency_budget_ms=req.latency_budget_ms,
         )
         plan = await self.routing.plan(route, self._candidates())
@@ -236,9 +264,11 @@ class Gateway:
             priority=req.priority,
             tenant=req.tenant,
             deadline_unix_s=req.deadline_unix_s,
+            messages=req.messages,
         )
         state, stream, first = await self._dispatch(plan, call)
         replica = state.replica
+        rec.routed(replica.expert)
         ttft_ms = None
         finished = False
         tokens_streamed = 0

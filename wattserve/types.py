@@ -39,8 +39,20 @@ class SamplingParams:
 
 
 @dataclass(slots=True, frozen=True)
+class ChatMessage:
+    """One turn of a chat conversation (OpenAI ``messages``); ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+@dataclass(slots=True, frozen=True)
 class GenerateCall:
-    """One generation request as an expert receives it (already validated by the gateway)."""
+    """One generation request as an expert receives it (already validated by the gateway).
+
+    A chat request carries ``messages`` (and an empty ``prompt``): the expert renders them with
+    its own tokenizer's chat template, because only the expert knows its model's format.
+    """
 
     request_id: str
     prompt: str
@@ -49,6 +61,7 @@ class GenerateCall:
     priority: Priority = Priority.NORMAL
     tenant: str = "default"
     deadline_unix_s: float | None = None  # wall clock; the engine drops the request after it
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,8 +1,10 @@
-"""Assembles and runs a wattserve server: Ray, expert actors, gateway and the gRPC endpoint.
+"""Assembles and runs a wattserve server: Ray, expert actors, gateway, the gRPC endpoint and
+the HTTP endpoint (OpenAI-compatible API, Prometheus ``/metrics``, ``/health``).
 
-``WattserveServer`` is used by ``wattserve serve`` and, unchanged, by the end-to-end tests (on a
-free loopback port). Besides our services it serves the standard ``grpc.health.v1`` health
-service (SERVING while at least one expert replica is healthy) and server reflection.
+``WattserveServer`` is used by ``wattserve serve`` and, unchanged, by the end-to-end tests (on
+free loopback ports). Besides our services it serves the standard ``grpc.health.v1`` health
+service (SERVING while at least one expert replica is healthy) and server reflection. Both
+endpoints run on one asyncio loop and share one gateway, so they share its lifecycle and metrics.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from wattserve.errors import ConfigError
 from workers.models import default_cache_dir
 
 from ..cluster import ExpertPool, start_ray, stop_ray
-from ..config import WattserveConfig
+from ..config import WattserveConfig, resolve_http_port
 from ..gateway import Gateway
+from ..metrics import ServingMetrics
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
+from .http_server import HttpApi
 from .interceptors import ErrorInterceptor
 from .servicer import AdminServicer, InferenceServicer
 
@@ -47,7 +51,10 @@ class WattserveServer:
         self.gateway: Gateway | None = None
         self.server: aio.Server | None = None
         self.health = HealthServicer()
+        self.metrics = ServingMetrics()  # a registry per server: tests run several in one process
+        self.http: HttpApi | None = None
         self.port = 0
+        self.http_port = 0
 
     async def start(self) -> int:
         """Bring everything up; returns the bound port. Cleans up if any stage fails."""
@@ -65,7 +72,8 @@ class WattserveServer:
         self.pool.create()
         self.progress(f"loading {len(self.pool.all())} expert replica(s): {', '.join(r.name for r in self.pool.all())}")
         await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress)
-        self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health)
+        self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
+        self.metrics.watch(self.gateway)
         await self.gateway.start()
 
         limit = cfg.gateway.max_message_bytes
@@ -87,7 +95,22 @@ class WattserveServer:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use? try --port 0)") from None
         await self.server.start()
         await self._set_health_async(any(s.healthy for s in self.gateway.replica_states()))
+        if cfg.http.enabled:
+            await self._start_http()
         return self.port
+
+    async def _start_http(self) -> None:
+        gateway = self.gateway
+        http = self.config.http.model_copy(update={"port": resolve_http_port(self.config.http, self.config.gateway.port)})
+        self.http = HttpApi(
+            gateway, self.metrics.registry, http,
+            healthy=lambda: any(s.healthy for s in gateway.replica_states()),
+        )
+        try:
+            self.http_port = await self.http.start()
+        except OSError as exc:
+            address = f"{http.host}:{http.port}"
+            raise ConfigError(f"cannot listen on {address} for HTTP: {exc.strerror} (is the port in use? try --http-port 0)") from None
 
     def _set_health(self, serving: bool) -> None:
         asyncio.get_running_loop().create_task(self._set_health_async(serving))
@@ -102,6 +125,9 @@ class WattserveServer:
             await self.server.wait_for_termination()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace_s)

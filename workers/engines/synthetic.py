@@ -30,6 +30,7 @@ from .base import (
     StepResult,
     StepTimings,
 )
+from .chat import prompt_text
 from .scheduler import Scheduler
 
 TOKEN_TEXT = " tok"
@@ -54,7 +55,7 @@ class SyntheticEngine(Engine):
         )
 
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        words = call.prompt.split()
+        words = prompt_text(call).split()
         if not words:
             raise InvalidRequest("prompt is empty: send at least one word")
         if len(words) + call.max_tokens > self.max_model_len:

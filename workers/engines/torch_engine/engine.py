@@ -30,6 +30,7 @@ from ..base import (
     StepResult,
     StepTimings,
 )
+from ..chat import encode_prompt
 from ..scheduler import Scheduler
 from .kv_cache import SlotKVCache
 from .runner import DecoderRunner
@@ -109,10 +110,10 @@ class TorchEngine(Engine):
 
     # -- admission -----------------------------------------------------------------------------
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        if not call.prompt:
+        if not call.prompt and not call.messages:
             raise InvalidRequest("prompt is empty: send at least one character of text")
         with self._tok_lock:
-            ids = self.tokenizer(call.prompt).input_ids
+            ids = encode_prompt(self.tokenizer, call)
         if not ids:
             raise InvalidRequest("prompt tokenizes to nothing")
         if len(ids) + call.max_tokens > self.max_model_len:
