@@ -247,3 +247,20 @@ async def test_budget_cli_sets_and_shows_with_the_change_log(server, capsys):
     rc = await asyncio.to_thread(main, ["budget", "set", "nobody", "--energy-j", "5", "--target", target])
     assert rc == 1 and "unknown tenant 'nobody'" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["budget", "set", "cluster", "--unlimited", "--target", target]) == 0
+
+
+async def test_http_api_and_metrics_show_the_routing_decision(server, predicted):
+    import aiohttp
+
+    base = f"http://127.0.0.1:{server.http_port}"
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "auto", "prompt": PROMPT, "max_tokens": 4, "energy_budget_j": 4 * predicted["edge"]}
+        async with http.post(f"{base}/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            info = (await resp.json())["wattserve"]
+        assert info["expert"] == "edge" and info["gate"] == "prior" and info["subset"] == ["edge"]
+        assert info["budget_exceeded"] is False and info["predicted_energy_j"] <= 4 * predicted["edge"]
+        async with http.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+    assert 'wattserve_energy_budget_used_joules{scope="cluster"}' in text
+    assert 'wattserve_router_prediction_relative_error{expert="cloud",kind="energy"}' in text
