@@ -62,7 +62,7 @@ class RouterSettings:
 
     infeasible: Literal["reject", "serve_cheapest"] = "reject"
     aggregation_ms: float = 0.0  # scoring: combining several experts' answers costs this much
-    min_value_per_j: float = 0.0  # MoE²: an expert joins S only if g_i q_i >= this x E_i
+    quality_per_j: float = 0.0  # MoE²: price of energy (quality units per joule), 0: off
     strong: str | None = None  # threshold policy: the two experts (default: by quality prior)
     weak: str | None = None
     threshold: float = 0.0  # threshold policy: strong when q_strong - q_weak >= threshold

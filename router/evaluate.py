@@ -7,7 +7,8 @@ the *serving* policy objects (``router/policies.py``, ``router/moe2.py``) with a
 expert whose live profile is that row, so the cost model and the selector run exactly as online.
 A policy with a knob is swept into a curve:
 
-- ``moe2``: the price of energy ``min_value_per_j`` (an expert joins S only if g_i q_i >= price x E_i);
+- ``moe2``: the price of energy ``quality_per_j`` (experts not worth their joules at that price
+  are left out; see ``router/moe2.py``);
 - ``threshold`` (RouteLLM-style): the quality-gain threshold;
 - ``random`` (RouteLLM's random router): the share sent to the strongest expert;
 - ``cheapest``, ``strongest``, ``round_robin``, ``least_loaded`` are single points; ``oracle``
@@ -172,11 +173,8 @@ def evaluate(experts: Sequence[EvalExpert], gates: Sequence[GateOutput], quality
         if progress:
             progress(name)
 
-    # Prices at which each expert's value per joule crosses, so the curve spans every routing mix.
-    value = np.array([[g.weights[e.name] * g.quality[e.name] / energy[e.name] for e in experts] for g in gates])
-    grid = np.linspace(0, 1, steps)
-    prices = sorted({0.0, float(value.max()) * 1.01, *(p for k in range(len(experts)) for p in np.quantile(value[:, k], grid).tolist())})
-    sweep("moe2", [(f"price {p:.3g}", replace(base, min_value_per_j=p)) for p in prices])
+    prices = _price_grid(experts, gates, energy, steps)
+    sweep("moe2", [(f"price {p:.3g}", replace(base, quality_per_j=p)) for p in prices])
     gains = np.array([g.quality[strong] - g.quality[weak] for g in gates])
     taus = sorted({*np.quantile(gains, np.linspace(0, 1, steps)).tolist(), float(gains.max()) + 1e-6})
     sweep("threshold", [(f"tau {t:+.3f}", replace(base, strong=strong, weak=weak, threshold=t)) for t in taus])
@@ -185,6 +183,23 @@ def evaluate(experts: Sequence[EvalExpert], gates: Sequence[GateOutput], quality
     curves.append(random_curve(experts, quality, output_tokens, strong, weak, steps, seed))
     curves.append(oracle(experts, quality, output_tokens))
     return curves
+
+
+def _price_grid(experts, gates, energy, steps) -> list[float]:
+    """Prices (quality per joule) at which the k = 1 choice between two experts flips on some
+    prompt: (q_i - q_j) / (E_i - E_j); their quantiles span every routing mix."""
+    flips = []
+    for g in gates:
+        for a in experts:
+            for b in experts:
+                de = energy[a.name] - energy[b.name]
+                dq = g.quality[a.name] - g.quality[b.name]
+                if de > 0 and dq > 0:
+                    flips.append(dq / de)
+    if not flips:
+        return [0.0]
+    grid = np.quantile(np.asarray(flips), np.linspace(0, 1, steps)).tolist()
+    return sorted({0.0, *grid, max(flips) * 1.01})
 
 
 def random_curve(experts, quality, output_tokens, strong, weak, steps, seed) -> Curve:

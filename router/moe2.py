@@ -6,9 +6,9 @@ Per request (DESIGN.md section 4):
 2. the cost model predicts each expert's energy E_i and latency L_i for this prompt on its least
    loaded replica, from live profiles (``router/cost.py``);
 3. the selector picks S maximising Q(S) = sum g_i q_i within ``energy_budget_j`` and
-   ``latency_budget_ms`` (``router/selector.py``). Experts whose marginal value g_i q_i is below
-   ``min_value_per_j`` x E_i are left out first: the Lagrangian of an average energy budget, which
-   is separable for this Q and keeps the problem monotone (0 disables it);
+   ``latency_budget_ms`` (``router/selector.py``). With a price of energy ``quality_per_j`` > 0,
+   experts not worth their joules are left out first (``_worth_their_energy``: the Lagrangian
+   of an average energy budget, which keeps the problem monotone);
 4. Generate answers from the highest-weight expert of S (k=1; the rest of S are its fall-backs,
    in weight order); Score runs all of S and mixes their answers with the weights renormalised
    over S (``combine``).
@@ -55,8 +55,8 @@ class MoE2(Policy):
         known = [o for o in options if o.cost is not None]
         budgeted = request.energy_budget_j is not None or request.latency_budget_ms is not None
         usable = known if budgeted else options  # unknown costs cannot be checked against a budget
-        lam = self.settings.min_value_per_j
-        worth = [o for o in usable if o.cost is None or o.weight * o.quality >= lam * o.cost.energy_j]
+        lam = self.settings.quality_per_j
+        worth = _worth_their_energy(usable, lam, score) if lam > 0 else usable
         items = [
             Item(o.weight * o.quality, o.cost.energy_j if o.cost else 0.0, o.cost.latency_ms if o.cost else 0.0)
             for o in worth
@@ -138,13 +138,35 @@ class MoE2(Policy):
         if fast is not cheap:
             hint += f", the fastest {fast.expert} ({fast.cost.energy_j:.4g} J, {fast.cost.latency_ms:.0f} ms)"
         if lam > 0:
-            hint += f" (experts below min_value_per_j={lam:g} were left out)"
+            hint += f" (experts not worth their energy at quality_per_j={lam:g} were left out)"
         raise BudgetInfeasible(
             f"no expert fits {' and '.join(asked)}: {hint}; send energy_budget_j >= {cheap.cost.energy_j:.4g} "
             f"and latency_budget_ms >= {cheap.cost.latency_ms:.0f}, or let the server serve the cheapest "
             "expert anyway (router.infeasible: serve_cheapest)",
             cheapest_energy_j=cheap.cost.energy_j, cheapest_latency_ms=cheap.cost.latency_ms,
         )
+
+
+def _worth_their_energy(options: list[_Option], lam: float, score: bool) -> list[_Option]:
+    """Drop experts whose quality is not worth their joules at ``lam`` quality units per joule.
+
+    Both rules are the Lagrangian of an *average* energy budget for the mode's objective and
+    keep the selection monotone. Score (the ensemble, Q = sum g_i q_i, separable): keep i if
+    g_i q_i >= lam E_i. Generate (k = 1, the answer's quality is q of the top expert): drop i if a
+    cheaper expert j has q_j - lam E_j > q_i - lam E_i, so the top of any subset of the rest is
+    the Lagrangian optimum argmax q_i - lam E_i among what fits the hard budgets. With two
+    experts this is RouteLLM's threshold rule with threshold lam (E_strong - E_weak).
+    """
+    if score:
+        return [o for o in options if o.cost is None or o.weight * o.quality >= lam * o.cost.energy_j]
+    known = [o for o in options if o.cost is not None]
+    return [
+        o for o in options
+        if o.cost is None or not any(
+            j.cost.energy_j < o.cost.energy_j and j.quality - lam * j.cost.energy_j > o.quality - lam * o.cost.energy_j
+            for j in known
+        )
+    ]
 
 
 def _energy(o: _Option) -> float:

@@ -99,10 +99,10 @@ class RouterConfig(Strict):
         "feasible budget, or serve the cheapest expert and flag budget_exceeded.",
     )
     aggregation_ms: float = Field(default=5.0, ge=0, description="Score: time to combine several experts' answers.")
-    min_value_per_j: float = Field(
+    quality_per_j: float = Field(
         default=0.0, ge=0,
-        description="An expert joins the subset only if its gate-weighted quality is at least this x its "
-        "predicted joules (the price of energy; 0: budgets alone decide).",
+        description="Price of energy in quality units per joule: experts whose quality is not worth their "
+        "predicted joules at this price are left out (the Lagrangian of an average energy budget; 0: budgets alone decide).",
     )
     strong: str | None = Field(default=None, description="threshold policy: the strong expert (default: highest prior).")
     weak: str | None = Field(default=None, description="threshold policy: the weak expert (default: lowest prior).")

@@ -51,7 +51,7 @@ class RoutingService:
         self.clock = clock
         prior = {e.name: e.quality_prior for e in config.experts}
         self.settings = RouterSettings(
-            infeasible=r.infeasible, aggregation_ms=r.aggregation_ms, min_value_per_j=r.min_value_per_j,
+            infeasible=r.infeasible, aggregation_ms=r.aggregation_ms, quality_per_j=r.quality_per_j,
             strong=r.strong, weak=r.weak, threshold=r.threshold, quality_prior=prior,
         )
         self.cost = CostModel(

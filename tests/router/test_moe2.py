@@ -139,9 +139,23 @@ def test_plans_never_exceed_budgets_and_match_the_exhaustive_optimum():
         assert got == pytest.approx(ref.value)
 
 
-def test_price_of_energy_drops_experts_not_worth_their_joules():
-    cheap_only = policy(min_value_per_j=0.2 * 0.8 / energy("cloud") * 10).plan(req(), pool())
-    assert "cloud" not in cheap_only.subset
+def test_price_of_energy_answers_from_the_lagrangian_optimum():
+    e = {x: energy(x) for x in PRIOR}
+    for price in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        plan = policy(quality_per_j=price).plan(req(), pool())
+        best = max(PRIOR, key=lambda x: PRIOR[x] - price * e[x])
+        assert plan.ranked[0].expert == best, price
+    # two experts: the price is a threshold on the quality gain per extra joule
+    two = [c for c in pool() if c.expert != "mid"]
+    flip = (PRIOR["cloud"] - PRIOR["edge"]) / (e["cloud"] - e["edge"])
+    assert policy(quality_per_j=flip * 0.99).plan(req(), two).ranked[0].expert == "cloud"
+    assert policy(quality_per_j=flip * 1.01).plan(req(), two).ranked[0].expert == "edge"
+    # the ensemble keeps an expert while g_i q_i >= price x E_i
+    r = req(mode="score", max_tokens=0, choice_tokens=(2,))
+    g = PriorGate(PRIOR)("")
+    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j for c in pool()}
+    price = g.weights["cloud"] * g.quality["cloud"] / est["cloud"] * 1.01
+    assert "cloud" not in policy(quality_per_j=price).plan(r, pool()).subset
 
 
 def test_renormalised_weights_and_the_ensemble():
