@@ -247,6 +247,21 @@ def summary(curves: Sequence[Curve], strong_quality: float, strong_energy: float
             f"{c.policy:<13} {len(c.points):>6} " + " ".join(f"{q:>9.4f}" if q is not None else f"{'-':>9}" for q in qs)
             + (f" {e95:>10.1f} J {e95 / strong_energy:>9.2f}x" if e95 is not None else f" {'never':>12} {'':>10}")
         )
+    ours = next((c for c in curves if c.policy == "moe2"), None)
+    if ours is not None:
+        lines.append("moe2 at the energy of each other policy's point(s) (quality moe2 vs theirs):")
+        for c in curves:
+            if c is ours:
+                continue
+            diffs = [(e, ours.quality_at(e), q) for e, q, _ in c.points if ours.quality_at(e) is not None]
+            if not diffs:
+                continue
+            gain = [m - q for _, m, q in diffs]
+            if len(diffs) == 1:
+                e, m, q = diffs[0]
+                lines.append(f"  vs {c.policy:<12} {m:.4f} vs {q:.4f} at {e:.0f} J ({m - q:+.4f})")
+            else:
+                lines.append(f"  vs {c.policy:<12} mean {np.mean(gain):+.4f}, min {min(gain):+.4f}, max {max(gain):+.4f} over {len(diffs)} points")
     return lines
 
 
