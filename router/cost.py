@@ -59,7 +59,8 @@ class PredictionError:
     latency_rel_error: float | None = None
     energy_correction: float = 1.0  # EWMA of actual / raw prediction
     latency_correction: float = 1.0
-    samples: int = 0
+    samples: int = 0  # outcomes compared
+    learned: int = 0  # of which against measured figures (those move the corrections)
 
 
 @dataclass(slots=True)
@@ -98,8 +99,8 @@ class CostModel:
         if raw is None:
             return None
         err = self.errors.get(expert)
-        if err is None:
-            return raw
+        if err is None or raw.basis != "measured":
+            return raw  # corrections are learned against measured figures only
         return CostEstimate(
             energy_j=raw.energy_j * err.energy_correction,
             latency_ms=raw.latency_ms * err.latency_correction,
@@ -167,17 +168,20 @@ class CostModel:
         """A request finished: ``raw`` is the uncorrected prediction for its actual token counts."""
         err = self.errors.setdefault(expert, PredictionError())
         a = self.alpha
+        learn = raw.basis == "measured"  # a prior's bias says nothing about the measured figures
         for kind, pred, actual in (("energy", raw.energy_j, actual_energy_j), ("latency", raw.latency_ms, actual_latency_ms)):
             if actual <= 0 or pred <= 0 or not math.isfinite(actual):
                 continue
             corr_name, err_name = f"{kind}_correction", f"{kind}_rel_error"
-            corr = getattr(err, corr_name)
+            corr = getattr(err, corr_name) if learn else 1.0
             rel = abs(pred * corr - actual) / actual  # error of what we actually predicted
             old = getattr(err, err_name)
             setattr(err, err_name, rel if old is None else (1 - a) * old + a * rel)
-            ratio = min(5.0, max(0.2, actual / pred))
-            setattr(err, corr_name, ratio if err.samples == 0 else (1 - a) * corr + a * ratio)
+            if learn:
+                ratio = min(5.0, max(0.2, actual / pred))
+                setattr(err, corr_name, ratio if err.learned == 0 else (1 - a) * corr + a * ratio)
         err.samples += 1
+        err.learned += learn
 
 
 @dataclass(slots=True, frozen=True)

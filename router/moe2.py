@@ -134,17 +134,31 @@ class MoE2(Policy):
             )
         cheap = min(known, key=lambda o: (o.cost.energy_j, o.cost.latency_ms))
         fast = min(known, key=lambda o: (o.cost.latency_ms, o.cost.energy_j))
-        hint = f"the cheapest plan is {cheap.expert} ({cheap.cost.energy_j:.4g} J, {cheap.cost.latency_ms:.0f} ms predicted)"
-        if fast is not cheap:
-            hint += f", the fastest {fast.expert} ({fast.cost.energy_j:.4g} J, {fast.cost.latency_ms:.0f} ms)"
-        if lam > 0:
-            hint += f" (experts not worth their energy at quality_per_j={lam:g} were left out)"
         raise BudgetInfeasible(
-            f"no expert fits {' and '.join(asked)}: {hint}; send energy_budget_j >= {cheap.cost.energy_j:.4g} "
-            f"and latency_budget_ms >= {cheap.cost.latency_ms:.0f}, or let the server serve the cheapest "
-            "expert anyway (router.infeasible: serve_cheapest)",
-            cheapest_energy_j=cheap.cost.energy_j, cheapest_latency_ms=cheap.cost.latency_ms,
+            f"no expert fits {' and '.join(asked)}: {_feasible_hint(request, cheap, fast, lam)}",
+            cheapest_energy_j=cheap.cost.energy_j, cheapest_latency_ms=fast.cost.latency_ms,
         )
+
+
+def _feasible_hint(request: RequestFeatures, cheap: _Option, fast: _Option, lam: float) -> str:
+    """What to send instead: the cheapest feasible budget for the constraints the caller set."""
+    def plan(o: _Option) -> str:
+        return f"{o.expert} ({o.cost.energy_j:.4g} J, {o.cost.latency_ms:.0f} ms predicted)"
+
+    e_set, l_set = request.energy_budget_j is not None, request.latency_budget_ms is not None
+    if e_set and not l_set:
+        hint = f"the cheapest plan is {plan(cheap)}; send energy_budget_j >= {cheap.cost.energy_j:.4g}"
+    elif l_set and not e_set:
+        hint = f"the fastest plan is {plan(fast)}; send latency_budget_ms >= {fast.cost.latency_ms:.0f}"
+    else:
+        hint = (f"the cheapest plan is {plan(cheap)}: send energy_budget_j >= {cheap.cost.energy_j:.4g} with "
+                f"latency_budget_ms >= {cheap.cost.latency_ms:.0f}")
+        if fast is not cheap:
+            hint += (f"; the fastest is {plan(fast)}: energy_budget_j >= {fast.cost.energy_j:.4g} with "
+                     f"latency_budget_ms >= {fast.cost.latency_ms:.0f}")
+    if lam > 0:
+        hint += f" (experts not worth their energy at quality_per_j={lam:g} were left out)"
+    return hint + ", or let the server serve the cheapest expert anyway (router.infeasible: serve_cheapest)"
 
 
 def _worth_their_energy(options: list[_Option], lam: float, score: bool) -> list[_Option]:

@@ -85,3 +85,15 @@ def test_the_first_outcome_reports_the_raw_error():
     assert model.errors["e"].energy_rel_error == pytest.approx(0.5)
     assert model.errors["e"].latency_rel_error == pytest.approx(0.0)
     assert dataclasses.asdict(model.errors["e"])["samples"] == 1
+
+
+def test_outcomes_of_prior_based_predictions_do_not_bend_measured_ones():
+    model = CostModel(priors={"e": CostPrior(1.0, 20.0, 2.0)})
+    cold = profile(prefill_ms_per_token=None, decode_ms_per_token=None, j_per_token=None, busy_power_w=None,
+                   decode_ms_per_step_by_batch={})
+    raw = model.raw(cold, "e", 10, 5)
+    model.learn(cold, "e", 10, 5, raw.energy_j / 10, raw.latency_ms)  # the prior was 10x too high
+    err = model.errors["e"]
+    assert err.samples == 1 and err.learned == 0 and err.energy_correction == 1.0
+    assert err.energy_rel_error == pytest.approx(9.0)  # still reported
+    assert model.predict(profile(), "e", 10, 5) == model.raw(profile(), "e", 10, 5)
