@@ -254,6 +254,7 @@ class Gateway:
             prompt=req.prompt or "\n".join(m.content for m in req.messages),  # what the gate reads
             tenant=req.tenant, priority=req.priority, max_tokens=req.max_tokens,
             expert=req.expert, energy_budget_j=req.energy_budget_j, latency_budget_ms=req.latency_budget_ms,
+            deadline_ms=None if req.deadline_unix_s is None else 1000.0 * (req.deadline_unix_s - time.time()),
         )
         plan = await self.routing.plan(route, self._candidates())
         call = GenerateCall(

@@ -14,14 +14,14 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from router.base import Candidate, Plan, RequestFeatures, RouterSettings, estimate_tokens
 from router.budget import CLUSTER, BudgetLedger, BudgetLimit, ScopeStatus, tenant_scope
 from router.cost import CostModel, CostPrior
 from router.gate import GateOutput, load_gate
 from router.policies import Policy, make_policy
-from wattserve.errors import InvalidRequest
+from wattserve.errors import BudgetInfeasible, InvalidRequest
 from wattserve.types import Priority
 
 from .config import WattserveConfig
@@ -41,6 +41,7 @@ class RouteRequest:
     energy_budget_j: float | None = None
     latency_budget_ms: float | None = None
     choices: tuple[str, ...] = ()  # score mode when non-empty
+    deadline_ms: float | None = None  # time left before the gRPC deadline
 
 
 class RoutingService:
@@ -103,6 +104,14 @@ class RoutingService:
             throttled=admission.throttled,
             throttle_reason=admission.reason,
         )
+        deadline = req.deadline_ms
+        if deadline is not None and (req.latency_budget_ms is None or deadline < req.latency_budget_ms):
+            # A deadline is a latency budget too; when it alone cannot be met the request is still
+            # served (the engine ends it at the deadline) rather than refused up front.
+            try:
+                return self.policy.plan(replace(features, latency_budget_ms=max(deadline, 0.0)), candidates)
+            except BudgetInfeasible:
+                pass
         return self.policy.plan(features, candidates)
 
     async def gate_for(self, prompt: str) -> GateOutput:

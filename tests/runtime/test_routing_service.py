@@ -65,3 +65,12 @@ async def test_a_fitted_gate_is_loaded_by_path_and_named_in_the_plan(tmp_path):
     plan = await svc.plan(req(), CANDS)
     assert plan.gate == f"fitted:{tmp_path / 'gate'}" and "[gate fitted]" in plan.reason
     assert set(plan.weights) == set(plan.subset)
+
+
+async def test_a_deadline_is_a_latency_budget_but_never_a_reason_to_refuse():
+    svc = RoutingService(config())
+    assert (await svc.plan(req(tenant="default"), CANDS)).ranked[0].expert == "cloud"
+    # cloud needs ~7 x 20 ms; edge ~7 x 5 ms: a 100 ms deadline moves the request to edge
+    assert (await svc.plan(req(tenant="default", deadline_ms=100.0), CANDS)).ranked[0].expert == "edge"
+    # nothing can finish in 1 ms: served anyway (the engine enforces the deadline), not refused
+    assert (await svc.plan(req(tenant="default", deadline_ms=1.0), CANDS)).ranked[0].expert == "cloud"
