@@ -67,6 +67,7 @@ class RouterSettings:
     weak: str | None = None
     threshold: float = 0.0  # threshold policy: strong when q_strong - q_weak >= threshold
     quality_prior: Mapping[str, float] = field(default_factory=dict)
+    cascade_below_logprob: float | None = None  # MoE² Generate: escalate below this mean token log p
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,6 +96,11 @@ class Plan:
     weights: Mapping[str, float] = field(default_factory=dict)  # gate weights renormalised over S
     gate: str = ""  # "prior", "fitted:<dir>", or "" for policies that use no gate
     budget_exceeded: bool = False  # nothing fitted the budget; served by the cheapest expert anyway
+    # Generate may cascade: answer from cascade[0] (the cheapest of S) and, if that answer's mean
+    # token log-probability is below cascade_below_logprob, answer again from cascade[1] (the top).
+    cascade: tuple[str, ...] = ()
+    cascade_below_logprob: float | None = None
+    cascaded: tuple[str, ...] = ()  # filled by the gateway: the experts that answered, in order
 
     @property
     def experts(self) -> tuple[str, ...]:

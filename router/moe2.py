@@ -88,12 +88,31 @@ class MoE2(Policy):
         else:
             energy = _energy(chosen[0]) if chosen[0].cost else None
             latency = chosen[0].cost.latency_ms if chosen[0].cost else None
+        cascade = self._cascade(request, chosen)
         return Plan(
             ranked=ranked, policy=self.name, subset=subset, weights=weights, gate=gate.source,
             predicted_energy_j=energy if energy is None or math.isfinite(energy) else None,
             predicted_latency_ms=latency, budget_exceeded=budget_exceeded,
-            reason=self._reason(request, chosen, weights, gate, value, budget_exceeded),
+            reason=self._reason(request, chosen, weights, gate, value, budget_exceeded)
+            + (f"; cascade {cascade[0]} -> {cascade[1]} below mean log p {self.settings.cascade_below_logprob:g}" if cascade else ""),
+            cascade=cascade, cascade_below_logprob=self.settings.cascade_below_logprob if cascade else None,
         )
+
+    def _cascade(self, request: RequestFeatures, chosen: list[_Option]) -> tuple[str, ...]:
+        """Generate with cascading on: try the cheapest expert of S first, the top one if unsure.
+
+        Both are in S, so their predicted energies together fit the budget; the latency budget
+        is checked for the two answers in a row.
+        """
+        if request.mode != "generate" or self.settings.cascade_below_logprob is None or len(chosen) < 2:
+            return ()
+        top = chosen[0]
+        first = min(chosen, key=lambda o: (_energy(o), o.expert))
+        if first is top or first.cost is None or top.cost is None:
+            return ()
+        if request.latency_budget_ms is not None and first.cost.latency_ms + top.cost.latency_ms > request.latency_budget_ms:
+            return ()
+        return (first.expert, top.expert)
 
     def _reason(self, request, chosen, weights, gate, value, budget_exceeded) -> str:
         def fmt(o: _Option) -> str:

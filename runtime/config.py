@@ -104,6 +104,12 @@ class RouterConfig(Strict):
         description="Price of energy in quality units per joule: experts whose quality is not worth their "
         "predicted joules at this price are left out (the Lagrangian of an average energy budget; 0: budgets alone decide).",
     )
+    cascade_below_logprob: float | None = Field(
+        default=None, le=0,
+        description="moe2 Generate: answer first from the cheapest expert of the chosen subset and, when "
+        "that answer's mean token log-probability (nats) is below this, answer again from the top expert "
+        "(the first answer is held back, not streamed). None: no cascade.",
+    )
     strong: str | None = Field(default=None, description="threshold policy: the strong expert (default: highest prior).")
     weak: str | None = Field(default=None, description="threshold policy: the weak expert (default: lowest prior).")
     threshold: float = Field(default=0.0, description="threshold policy: strong when q_strong - q_weak >= this.")

@@ -257,6 +257,17 @@ class Gateway:
             deadline_ms=None if req.deadline_unix_s is None else 1000.0 * (req.deadline_unix_s - time.time()),
         )
         plan = await self.routing.plan(route, self._candidates())
+        if plan.cascade:
+            from .cascade import serve_cascade
+
+            async for item in serve_cascade(self, req, plan, received, rec):
+                yield item
+            return
+        async for item in self._run(req, plan, received, rec):
+            yield item
+
+    async def _run(self, req: ClientRequest, plan: Plan, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
+        """Dispatch ``req`` to the plan's first replica that admits it and stream it to the end."""
         call = GenerateCall(
             request_id=uuid.uuid4().hex,
             prompt=req.prompt,

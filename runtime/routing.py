@@ -54,6 +54,7 @@ class RoutingService:
         self.settings = RouterSettings(
             infeasible=r.infeasible, aggregation_ms=r.aggregation_ms, quality_per_j=r.quality_per_j,
             strong=r.strong, weak=r.weak, threshold=r.threshold, quality_prior=prior,
+            cascade_below_logprob=r.cascade_below_logprob,
         )
         self.cost = CostModel(
             priors={name: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token)

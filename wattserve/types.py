@@ -119,6 +119,7 @@ class RequestUsage:
     energy_j: float
     energy_source: str  # "measured:nvml", "modeled:cpu", "modeled:h100", ...
     finish_reason: FinishReason
+    mean_logprob: float | None = None  # mean log p of the generated tokens under the model (nats)
 
 
 @dataclass(slots=True, frozen=True)

@@ -268,6 +268,7 @@ class EngineLoop:
             energy_j=energy_j,
             energy_source=self.device.energy_source,
             finish_reason=FinishReason(out.finish_reason),
+            mean_logprob=out.logprob_sum / out.completion_tokens if out.completion_tokens else None,
         )
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -257,6 +257,7 @@ def wattserve_body(final: Final) -> dict[str, Any]:
         "subset": list(final.plan.subset),
         "predicted_energy_j": final.plan.predicted_energy_j,
         "budget_exceeded": final.plan.budget_exceeded,
+        "cascade": list(final.plan.cascaded),
     }
 
 

@@ -15,7 +15,10 @@ from ..scoring import ScoreOutcome, ScoreRequest
 from .gen import wattserve_pb2 as pb
 
 
-def add_plan_to_usage(usage: pb.Usage, plan: Plan) -> pb.Usage:
+def add_plan_to_usage(usage: pb.Usage, plan: Plan, mean_logprob: float | None = None) -> pb.Usage:
+    if mean_logprob is not None:
+        usage.mean_logprob = mean_logprob
+    usage.cascade.extend(plan.cascaded)
     usage.gate = plan.gate
     usage.subset.extend(plan.subset)
     usage.gate_weights.update(dict(plan.weights))

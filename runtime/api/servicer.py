@@ -68,7 +68,7 @@ def usage_to_proto(final: Final) -> pb.Usage:
         routing_reason=final.plan.reason,
         expert_ttft_ms=u.ttft_ms,
     )
-    return add_plan_to_usage(usage, final.plan)
+    return add_plan_to_usage(usage, final.plan, u.mean_logprob)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):

@@ -182,3 +182,13 @@ def test_baselines():
     assert plan.subset == ("cloud",) and plan.gate == "prior"  # gain 0.45 >= 0.3
     th = RouterSettings(quality_prior=PRIOR, threshold=0.5)
     assert make_policy("threshold", settings=th).plan(r, cands).subset == ("edge",)
+
+
+def test_cascade_plans_cheapest_first_then_the_top_expert():
+    plan = policy(cascade_below_logprob=-1.0).plan(req(), pool())
+    assert plan.cascade == ("edge", "cloud") and plan.cascade_below_logprob == -1.0
+    assert "cascade edge -> cloud" in plan.reason
+    # both answers in a row must fit the latency budget (edge ~9 x 5 ms, cloud ~9 x 20 ms)
+    assert policy(cascade_below_logprob=-1.0).plan(req(latency_budget_ms=200), pool()).cascade == ()
+    assert policy(cascade_below_logprob=-1.0).plan(req(mode="score", max_tokens=0, choice_tokens=(1,)), pool()).cascade == ()
+    assert policy().plan(req(), pool()).cascade == ()

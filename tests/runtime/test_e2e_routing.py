@@ -264,3 +264,36 @@ async def test_http_api_and_metrics_show_the_routing_decision(server, predicted)
             text = await resp.text()
     assert 'wattserve_energy_budget_used_joules{scope="cluster"}' in text
     assert 'wattserve_router_prediction_relative_error{expert="cloud",kind="energy"}' in text
+
+
+async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_one(server, channel, predicted):
+    """The synthetic engine's confidence is a fixed hash of (expert, prompt): set the threshold
+    just below or just above edge's to force each branch."""
+    import dataclasses
+
+    from workers.engines.synthetic import fake_token_logprob
+
+    policy = server.gateway.policy
+    before = policy.settings
+    edge_conf = fake_token_logprob("edge", PROMPT)
+    stub = pb_grpc.InferenceStub(channel)
+    try:
+        policy.settings = dataclasses.replace(before, cascade_below_logprob=edge_conf - 0.01)
+        kept = await usage_of(stub, request(max_tokens=6))
+        assert kept.expert == "edge" and list(kept.cascade) == ["edge"], kept.routing_reason
+        assert kept.mean_logprob == pytest.approx(edge_conf) and "kept edge's answer" in kept.routing_reason
+        policy.settings = dataclasses.replace(before, cascade_below_logprob=edge_conf + 0.01)
+        chunks, usage = [], None
+        async for msg in stub.Generate(request(max_tokens=6), timeout=60):
+            if msg.HasField("chunk"):
+                chunks.append(msg.chunk.text)
+            else:
+                usage = msg.usage
+        assert usage.expert == "cloud" and list(usage.cascade) == ["edge", "cloud"]
+        assert "".join(chunks) == " tok" * 6  # only the strong expert's answer reached the client
+        assert usage.energy_j > predicted["cloud"] / 8 * 6 * 0.5 and "answered by cloud" in usage.routing_reason
+        # a budget that cannot pay for both answers: no cascade, the top expert of what fits
+        tight = await usage_of(stub, request(max_tokens=6, energy_budget_j=(predicted["edge"] * predicted["cloud"]) ** 0.5))
+        assert tight.expert == "edge" and list(tight.cascade) == []
+    finally:
+        policy.settings = before

@@ -77,3 +77,29 @@ def test_scoring_between_steps_is_metered_and_leaves_generation_alone(engine):
         assert snap.energy.requests_j == pytest.approx(sum(r.energy_j for r in results) + events[-1].usage.energy_j, rel=1e-9)
     finally:
         loop.stop()
+
+
+def test_generation_reports_its_mean_token_log_prob(engine):
+    """The confidence the cascade reads: mean log p of the generated tokens under the model."""
+    dev = open_device(DeviceSpec.model_validate("cpu"), model_params=engine.info.params)
+    loop = EngineLoop(engine, dev, max_queue=4)
+    loop.start()
+    try:
+        done, events = threading.Event(), []
+
+        def sink(item):
+            events.extend(item)
+            if item[-1].usage is not None:
+                done.set()
+
+        loop.submit(GenerateCall("c", "Energy is measured in", 6, SamplingParams(ignore_eos=True)), sink)
+        assert done.wait(60)
+    finally:
+        loop.stop()
+    usage = events[-1].usage
+    prompt = engine.tokenizer("Energy is measured in").input_ids
+    out = [t for ev in events for t in ev.token_ids]
+    with torch.no_grad():
+        lp = torch.log_softmax(engine.model(input_ids=torch.tensor([prompt + out])).logits[0].float(), -1)
+    want = sum(float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(out)) / len(out)
+    assert usage.mean_logprob == pytest.approx(want, abs=1e-3)

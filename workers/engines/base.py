@@ -58,6 +58,7 @@ class SequenceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    logprob_sum: float = 0.0  # sum of log p (model distribution, nats) of the tokens generated so far
 
 
 @dataclass(slots=True)

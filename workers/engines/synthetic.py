@@ -5,8 +5,8 @@ Its config kind is ``synthetic`` because a bare ``null`` in YAML means "no value
 It exists to measure the serving path itself (gateway, Ray streaming, accounting) without model
 compute, and to load-test routing. Prompt tokens are whitespace-separated words; each output
 token is the text `` tok``. Its energy is whatever its device backend reports, labelled as such.
-Scoring returns deterministic fake log-probabilities (a hash of expert, prompt and choice), so
-ensemble tests are exact without a model.
+Scoring and the confidence of generated tokens are deterministic fake log-probabilities (hashes
+of expert, prompt and choice), so ensemble and cascade tests are exact without a model.
 """
 
 from __future__ import annotations
@@ -133,7 +133,14 @@ class SyntheticEngine(Engine):
             finish_reason=reason,
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.produced,
+            logprob_sum=seq.produced * fake_token_logprob(self.expert, prompt_text(seq.req.call)) if reason else 0.0,
         )
+
+
+def fake_token_logprob(expert: str, prompt: str) -> float:
+    """Deterministic stand-in for a generated token's log p: -0.05 to -2.55 nats, per (expert, prompt)."""
+    h = zlib.crc32(f"{expert}\x1e{prompt}".encode())
+    return -(0.05 + (h % 1000) / 400.0)
 
 
 def fake_logprob(expert: str, prompt: str, choice: str, tokens: int) -> float:

@@ -65,7 +65,7 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded")
+    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded", "cascade", "mean_logprob")
     class GateWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class Usage(_message.Message):
     PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     expert: str
@@ -111,7 +113,9 @@ class Usage(_message.Message):
     predicted_energy_j: float
     predicted_latency_ms: float
     budget_exceeded: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ...) -> None: ...
+    cascade: _containers.RepeatedScalarFieldContainer[str]
+    mean_logprob: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ..., cascade: _Optional[_Iterable[str]] = ..., mean_logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "usage")

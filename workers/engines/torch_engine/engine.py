@@ -44,6 +44,7 @@ class _Sequence(ActiveRequest):
     generator: torch.Generator | None = None
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0  # confidence of the answer: the router's cascade reads its mean
 
 
 def resolve_device_and_dtype(spec: TorchEngineSpec) -> tuple[torch.device, torch.dtype]:
@@ -229,6 +230,7 @@ class TorchEngine(Engine):
         """Sample the next token for ``seq`` and report text and completion."""
         token = sample(logits, seq.req.call.sampling, seq.generator)
         seq.output_ids.append(token)
+        seq.logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
         result.tokens_by_request[seq.request_id] = result.tokens_by_request.get(seq.request_id, 0) + 1
         call = seq.req.call
         reason = None
@@ -259,6 +261,7 @@ class TorchEngine(Engine):
             finish_reason=reason,
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_ids),
+            logprob_sum=seq.logprob_sum,
         )
 
     def _free(self, seq: _Sequence) -> None:
