@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from router.base import Candidate, Plan, RequestFeatures, RoutingPolicy
+from router.base import Candidate, Plan
+from router.policies import Policy
 from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, UnknownExpert, WattserveError
 from wattserve.types import ChatMessage, ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
 
@@ -28,6 +29,7 @@ from .cluster import ExpertPool, Replica
 from .config import WattserveConfig
 from .metrics import RequestRecorder, ServingMetrics
 from .power_state import PowerState
+from .routing import RouteRequest, RoutingService
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class Gateway:
         self,
         config: WattserveConfig,
         pool: ExpertPool,
-        policy: RoutingPolicy,
+        policy: Policy | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         on_health_change: Callable[[bool], None] | None = None,
@@ -99,7 +101,8 @@ class Gateway:
         self.config = config
         self.gw = config.gateway
         self.pool = pool
-        self.policy = policy
+        self.routing = RoutingService(config, clock=clock, policy=policy)
+        self.policy = self.routing.policy
         self.clock = clock
         self.on_health_change = on_health_change
         self.states = {(r.expert, r.index): ReplicaState(r) for r in pool.all()}
@@ -114,6 +117,7 @@ class Gateway:
 
     # -- telemetry ------------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.routing.start()
         await self.poll_once()
         self._poller = asyncio.create_task(self._poll_forever(), name="gateway-telemetry")
 
@@ -246,16 +250,24 @@ class Gateway:
             self.inflight -= 1
 
     async def _serve(self, req: ClientRequest, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
-        features = RequestFeatures(
-            prompt_chars=len(req.prompt) or sum(len(m.content) for m in req.messages),
-            max_tokens=req.max_tokens,
-            priority=req.priority,
-            tenant=req.tenant,
-            expert=req.expert or None,
-            energy_budget_j=req.energy_budget_j,
-            latency_budget_ms=req.latency_budget_ms,
+        route = RouteRequest(
+            prompt=req.prompt or "\n".join(m.content for m in req.messages),  # what the gate reads
+            tenant=req.tenant, priority=req.priority, max_tokens=req.max_tokens,
+            expert=req.expert, energy_budget_j=req.energy_budget_j, latency_budget_ms=req.latency_budget_ms,
+            deadline_ms=None if req.deadline_unix_s is None else 1000.0 * (req.deadline_unix_s - time.time()),
         )
-        plan = self.policy.plan(features, self._candidates())
+        plan = await self.routing.plan(route, self._candidates())
+        if plan.cascade:
+            from .cascade import serve_cascade
+
+            async for item in serve_cascade(self, req, plan, received, rec):
+                yield item
+            return
+        async for item in self._run(req, plan, received, rec):
+            yield item
+
+    async def _run(self, req: ClientRequest, plan: Plan, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
+        """Dispatch ``req`` to the plan's first replica that admits it and stream it to the end."""
         call = GenerateCall(
             request_id=uuid.uuid4().hex,
             prompt=req.prompt,
@@ -287,6 +299,10 @@ class Gateway:
                 usage = events[-1].usage
                 if usage is not None:
                     finished = True
+                    self.routing.finish(
+                        plan, req.tenant, replica.expert, replica.index, prompt_tokens=usage.prompt_tokens,
+                        output_tokens=usage.completion_tokens, energy_j=usage.energy_j, latency_ms=usage.latency_ms,
+                    )
                     now = self.clock()
                     yield Final(
                         request_id=req.request_id or call.request_id,
@@ -303,6 +319,7 @@ class Gateway:
             state.inflight -= 1
             if not finished:
                 _abandon(stream, replica, call.request_id)
+                self.routing.charge_unfinished(req.tenant, plan, tokens_streamed / max(1, req.max_tokens))
 
     async def _dispatch(self, plan: Plan, call: GenerateCall):
         """Start the call on the first candidate that admits it; returns its first events."""
@@ -344,6 +361,15 @@ class Gateway:
             raise ExpertUnavailable(
                 f"expert {replica.expert}/{replica.index} failed: {str(exc).strip().splitlines()[-1][:300]}"
             ) from None
+
+    async def score(self, request):
+        """Serve an ``Inference.Score`` request (``runtime/scoring.py``)."""
+        from .scoring import score
+
+        return await score(self, request)
+
+    def candidates(self) -> list[Candidate]:
+        return self._candidates()
 
     def _candidates(self) -> list[Candidate]:
         return [

@@ -170,8 +170,20 @@ class GatewayCollector:
         yield _gauge("wattserve_gateway_max_inflight_requests", "The gateway's admission limit.", [], [([], gw.gw.max_inflight)])
         yield from self._replicas(gw)
         yield from self._power(gw)
-        tenants = [([t.name], t.energy_budget_j) for t in gw.config.tenants if t.energy_budget_j is not None]
+        yield from self._budgets(gw)
+
+    def _budgets(self, gw: Gateway):
+        """Energy budgets as the router's ledger holds them now (config or Admin.SetEnergyBudget)."""
+        statuses = gw.routing.budget_status()
+        tenants = [([st.scope.removeprefix("tenant:")], st.limit.energy_j) for st in statuses
+                   if st.scope.startswith("tenant:") and st.limit is not None]
         yield _gauge("wattserve_tenant_energy_budget_joules", "Energy a tenant may use per budget window.", ["tenant"], tenants)
+        yield _gauge("wattserve_energy_budget_used_joules", "Measured energy charged to a budget scope in its current window.",
+                     ["scope"], [([st.scope], st.used_j) for st in statuses])
+        errors = [([e, kind], v) for e, err in sorted(gw.routing.cost.errors.items())
+                  for kind, v in (("energy", err.energy_rel_error), ("latency", err.latency_rel_error)) if v is not None]
+        yield _gauge("wattserve_router_prediction_relative_error", "EWMA of |predicted - measured| / measured per expert.",
+                     ["expert", "kind"], errors)
 
     def _replicas(self, gw: Gateway):
         labels = ["expert", "replica", "device"]

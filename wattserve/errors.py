@@ -104,3 +104,19 @@ class DeviceError(WattserveError):
 
     grpc_code = "UNAVAILABLE"
     http_status = 503
+
+
+class BudgetInfeasible(WattserveError):
+    """No expert can serve the request within its energy/latency budget; ``details`` names the
+    cheapest budget that would be feasible (``cheapest_energy_j``, ``cheapest_latency_ms``)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class BudgetExhausted(WattserveError):
+    """A tenant's or the cluster's energy budget for the current window is used up;
+    ``details['retry_after_ms']`` says when the window frees enough of it."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429

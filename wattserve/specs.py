@@ -99,6 +99,9 @@ class SyntheticEngineSpec(Strict):
     kind: Literal["synthetic"] = "synthetic"
     step_ms: float = Field(default=0.0, ge=0, description="Sleep per engine step (0: as fast as possible).")
     max_model_len: int = Field(default=1_000_000, ge=1, description="Prompt words plus output tokens allowed.")
+    params: int = Field(
+        default=0, ge=0, description="Parameters it pretends to have, so simulated devices can model its energy."
+    )
 
 
 EngineSpec = Annotated[TorchEngineSpec | SyntheticEngineSpec, Field(discriminator="kind")]

@@ -65,6 +65,32 @@ class GenerateCall:
 
 
 @dataclass(slots=True, frozen=True)
+class ScoreCall:
+    """Score candidate continuations of a prompt (the log-probability of each ``choice`` given
+    ``prompt``), as an expert receives it."""
+
+    request_id: str
+    prompt: str
+    choices: tuple[str, ...]
+    priority: Priority = Priority.NORMAL
+    tenant: str = "default"
+
+
+@dataclass(slots=True, frozen=True)
+class ScoreResult:
+    """One expert's answer to a :class:`ScoreCall`. ``choice_logprobs[k]`` is the sum over the
+    tokens of choice k of log p(token | prompt, earlier tokens), in nats."""
+
+    request_id: str
+    choice_logprobs: tuple[float, ...]
+    choice_tokens: tuple[int, ...]
+    prompt_tokens: int
+    latency_ms: float  # from arrival at the expert to the result
+    energy_j: float
+    energy_source: str
+
+
+@dataclass(slots=True, frozen=True)
 class StepWork:
     """What one engine step computed; modeled devices turn it into joules and seconds.
 
@@ -93,6 +119,7 @@ class RequestUsage:
     energy_j: float
     energy_source: str  # "measured:nvml", "modeled:cpu", "modeled:h100", ...
     finish_reason: FinishReason
+    mean_logprob: float | None = None  # mean log p of the generated tokens under the model (nats)
 
 
 @dataclass(slots=True, frozen=True)
@@ -146,6 +173,7 @@ class ExpertProfile:
     decode_ms_per_token: float | None = None
     j_per_token: float | None = None
     decode_ms_per_step_by_batch: dict[int, float] = field(default_factory=dict)
+    busy_power_w: float | None = None  # EWMA of step energy / step compute time
     energy: EnergyTotals | None = None
     requests_finished: int = 0
     error: str = ""  # why the replica is unhealthy, if it is

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from wattserve.specs import ExpertSpec
-from wattserve.types import ExpertProfile, GenerateCall, StreamEvent
+from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult, StreamEvent
 
 from .devices import open_device
 from .engines import build_engine
@@ -83,6 +83,18 @@ class ExpertWorker:
             if not finished:
                 self.loop.abort(call.request_id)
 
+    async def score(self, call: ScoreCall) -> ScoreResult:
+        """Log-probabilities of ``call.choices`` given ``call.prompt``, computed by the engine loop
+        between steps; its energy is metered and attributed like a generation's."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def sink(item) -> None:
+            loop.call_soon_threadsafe(_settle, done, item)
+
+        self.loop.submit_score(call, sink)
+        return await done
+
     async def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
 
@@ -110,6 +122,7 @@ class ExpertWorker:
             decode_ms_per_token=prof.decode_ms_per_token,
             j_per_token=prof.j_per_token,
             decode_ms_per_step_by_batch=dict(prof.decode_ms_by_batch),
+            busy_power_w=prof.busy_power_w,
             energy=snap.energy,
             requests_finished=snap.requests_finished,
             error=snap.dead,
@@ -137,3 +150,12 @@ class ExpertWorker:
         # max_restarts brings up a fresh replica. The delay lets failure events reach callers.
         log.error("expert %s/%d: engine failed (%s); exiting for a restart", self.spec.name, self.replica, exc)
         threading.Timer(EXIT_DELAY_S, os._exit, args=(1,)).start()
+
+
+def _settle(fut: asyncio.Future, item) -> None:
+    if fut.done():  # the caller went away
+        return
+    if isinstance(item, BaseException):
+        fut.set_exception(item)
+    else:
+        fut.set_result(item)

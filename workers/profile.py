@@ -14,13 +14,15 @@ def _ewma(old: float | None, new: float, alpha: float) -> float:
 
 
 class ProfileTracker:
-    """Measured prefill ms/token, decode step ms (overall and per batch size) and J/token."""
+    """Measured prefill ms/token, decode step ms (overall and per batch size), J/token and the
+    power while computing (J per second of step time; the router turns predicted time into J)."""
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = alpha
         self.prefill_ms_per_token: float | None = None
         self.decode_ms_per_token: float | None = None  # one decode step = one token per sequence
         self.j_per_token: float | None = None  # step energy over all tokens processed in it
+        self.busy_power_w: float | None = None  # step energy over step compute time
         self.decode_ms_by_batch: dict[int, float] = {}
         self.steps = 0
 
@@ -37,3 +39,6 @@ class ProfileTracker:
             self.decode_ms_by_batch[b] = _ewma(self.decode_ms_by_batch.get(b), step_ms, a)
         if tokens:
             self.j_per_token = _ewma(self.j_per_token, energy_j / tokens, a)
+        busy_s = timings.prefill_s + timings.decode_s
+        if tokens and busy_s > 0:
+            self.busy_power_w = _ewma(self.busy_power_w, energy_j / busy_s, a)

@@ -253,6 +253,11 @@ def wattserve_body(final: Final) -> dict[str, Any]:
         "routing_policy": final.plan.policy,
         "routing_reason": final.plan.reason,
         "request_id": final.request_id,
+        "gate": final.plan.gate,
+        "subset": list(final.plan.subset),
+        "predicted_energy_j": final.plan.predicted_energy_j,
+        "budget_exceeded": final.plan.budget_exceeded,
+        "cascade": list(final.plan.cascaded),
     }
 
 

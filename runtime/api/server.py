@@ -19,7 +19,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from router.policies import make_policy
 from wattserve.errors import ConfigError
 from workers.models import default_cache_dir
 
@@ -73,10 +72,7 @@ class WattserveServer:
         self.pool.create()
         self.progress(f"loading {len(self.pool.all())} expert replica(s): {', '.join(r.name for r in self.pool.all())}")
         await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress)
-        self.gateway = Gateway(
-            cfg, self.pool, make_policy(cfg.gateway.routing_policy), on_health_change=self._set_health,
-            metrics=self.metrics,
-        )
+        self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
         self.metrics.watch(self.gateway)
         await self.gateway.start()
 

@@ -16,6 +16,14 @@ from wattserve.types import Priority, SamplingParams
 from ..gateway import Chunk, ClientRequest, Final, Gateway
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
+from .routing_messages import (
+    add_plan_to_usage,
+    budget_to_proto,
+    change_to_proto,
+    limit_from_proto,
+    score_request_from_proto,
+    score_response_to_proto,
+)
 
 
 def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) -> ClientRequest:
@@ -45,7 +53,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
 
 def usage_to_proto(final: Final) -> pb.Usage:
     u = final.usage
-    return pb.Usage(
+    usage = pb.Usage(
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
         expert=final.expert,
@@ -60,6 +68,7 @@ def usage_to_proto(final: Final) -> pb.Usage:
         routing_reason=final.plan.reason,
         expert_ttft_ms=u.ttft_ms,
     )
+    return add_plan_to_usage(usage, final.plan, u.mean_logprob)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -73,6 +82,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(text=item.text, token_ids=item.token_ids))
             else:
                 yield pb.GenerateResponse(usage=usage_to_proto(item))
+
+    async def Score(self, request, context):
+        outcome = await self.gateway.score(score_request_from_proto(request))
+        return score_response_to_proto(outcome, request.choices)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -100,6 +113,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                     max_model_len=first.max_model_len if first else spec.max_model_len,
                     params=first.params if first else 0,
                     replicas=[_replica_to_proto(s) for s in mine],
+                    prediction=_prediction_to_proto(self.gateway.routing.cost.errors.get(spec.name)),
+                    quality_prior=spec.quality_prior,
                 )
             )
         return pb.ListExpertsResponse(experts=experts)
@@ -123,7 +138,33 @@ class AdminServicer(pb_grpc.AdminServicer):
             requests_energy_j=sum(e.requests_j for e in energies),
             idle_energy_j=sum(e.idle_j for e in energies),
             energy_sources=sorted({e.energy_source for e in energies}),
+            gate=gw.routing.gate.source,
         )
+
+    async def SetEnergyBudget(self, request, context):
+        routing = self.gateway.routing
+        limit = limit_from_proto(request, routing.config.router.throttle_fraction)
+        change = routing.set_budget(request.scope, limit, actor=request.actor, peer=context.peer() or "",
+                                    reason=request.reason)
+        (status,) = routing.budget_status([change.scope])
+        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status), change=change_to_proto(change))
+
+    async def GetEnergyBudget(self, request, context):
+        routing = self.gateway.routing
+        changes = list(routing.ledger.changes)[-request.recent_changes:] if request.recent_changes > 0 else []
+        return pb.GetEnergyBudgetResponse(
+            budgets=[budget_to_proto(s) for s in routing.budget_status(list(request.scopes))],
+            changes=[change_to_proto(c) for c in changes],
+        )
+
+
+def _prediction_to_proto(err) -> pb.PredictionError | None:
+    if err is None:
+        return None
+    return pb.PredictionError(
+        energy_rel_error=err.energy_rel_error or 0.0, latency_rel_error=err.latency_rel_error or 0.0,
+        energy_correction=err.energy_correction, latency_correction=err.latency_correction, samples=err.samples,
+    )
 
 
 def _replica_to_proto(state) -> pb.ExpertReplica:

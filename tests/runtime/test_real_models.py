@@ -80,3 +80,14 @@ async def test_chat_uses_smollm2s_template_and_the_plain_format_for_gemma(server
     plain = render_plain([ChatMessage("user", messages[0]["content"])])
     assert cloud.usage.prompt_tokens == len(gemma(plain).input_ids)  # with Gemma's <bos>
     assert cloud.choices[0].message.content and cloud.usage.model_extra["energy_source"] == "modeled:cpu"
+
+
+async def test_score_ensemble_of_the_packaged_models_prefers_the_right_answer(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        resp = await pb_grpc.InferenceStub(ch).Score(
+            pb.ScoreRequest(prompt="The capital of France is", choices=[" Berlin", " Paris", " Madrid"]), timeout=120
+        )
+    assert resp.best_text == " Paris", resp
+    assert {e.expert for e in resp.experts} == {"edge", "cloud"}  # no budget: the whole subset
+    assert all(e.choice_probs[1] == max(e.choice_probs) for e in resp.experts)
+    assert resp.energy_j > 0 and resp.gate == "prior"

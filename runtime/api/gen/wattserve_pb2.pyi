@@ -65,7 +65,14 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms")
+    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded", "cascade", "mean_logprob")
+    class GateWeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +86,14 @@ class Usage(_message.Message):
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     ROUTING_REASON_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    SUBSET_FIELD_NUMBER: _ClassVar[int]
+    GATE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     expert: str
@@ -92,7 +107,15 @@ class Usage(_message.Message):
     routing_policy: str
     routing_reason: str
     expert_ttft_ms: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ...) -> None: ...
+    gate: str
+    subset: _containers.RepeatedScalarFieldContainer[str]
+    gate_weights: _containers.ScalarMap[str, float]
+    predicted_energy_j: float
+    predicted_latency_ms: float
+    budget_exceeded: bool
+    cascade: _containers.RepeatedScalarFieldContainer[str]
+    mean_logprob: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ..., cascade: _Optional[_Iterable[str]] = ..., mean_logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "usage")
@@ -142,8 +165,22 @@ class ExpertReplica(_message.Message):
     pid: int
     def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
+class PredictionError(_message.Message):
+    __slots__ = ("energy_rel_error", "latency_rel_error", "energy_correction", "latency_correction", "samples")
+    ENERGY_REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    energy_rel_error: float
+    latency_rel_error: float
+    energy_correction: float
+    latency_correction: float
+    samples: int
+    def __init__(self, energy_rel_error: _Optional[float] = ..., latency_rel_error: _Optional[float] = ..., energy_correction: _Optional[float] = ..., latency_correction: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "model", "engine", "device_backend", "energy_source", "priority_class", "max_batch", "max_model_len", "params", "replicas")
+    __slots__ = ("name", "model", "engine", "device_backend", "energy_source", "priority_class", "max_batch", "max_model_len", "params", "replicas", "prediction", "quality_prior")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +191,8 @@ class ExpertInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_PRIOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     engine: str
@@ -164,7 +203,9 @@ class ExpertInfo(_message.Message):
     max_model_len: int
     params: int
     replicas: _containers.RepeatedCompositeFieldContainer[ExpertReplica]
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., device_backend: _Optional[str] = ..., energy_source: _Optional[str] = ..., priority_class: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_model_len: _Optional[int] = ..., params: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertReplica, _Mapping]]] = ...) -> None: ...
+    prediction: PredictionError
+    quality_prior: float
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., device_backend: _Optional[str] = ..., energy_source: _Optional[str] = ..., priority_class: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_model_len: _Optional[int] = ..., params: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertReplica, _Mapping]]] = ..., prediction: _Optional[_Union[PredictionError, _Mapping]] = ..., quality_prior: _Optional[float] = ...) -> None: ...
 
 class ListExpertsResponse(_message.Message):
     __slots__ = ("experts",)
@@ -177,7 +218,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_s", "ray_address", "routing_policy", "inflight", "max_inflight", "healthy_replicas", "total_replicas", "requests_total", "requests_failed", "requests_energy_j", "idle_energy_j", "energy_sources")
+    __slots__ = ("version", "uptime_s", "ray_address", "routing_policy", "inflight", "max_inflight", "healthy_replicas", "total_replicas", "requests_total", "requests_failed", "requests_energy_j", "idle_energy_j", "energy_sources", "gate")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +232,7 @@ class GetStatusResponse(_message.Message):
     REQUESTS_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     IDLE_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     ENERGY_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_s: float
     ray_address: str
@@ -204,4 +246,159 @@ class GetStatusResponse(_message.Message):
     requests_energy_j: float
     idle_energy_j: float
     energy_sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., ray_address: _Optional[str] = ..., routing_policy: _Optional[str] = ..., inflight: _Optional[int] = ..., max_inflight: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., total_replicas: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., energy_sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    gate: str
+    def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., ray_address: _Optional[str] = ..., routing_policy: _Optional[str] = ..., inflight: _Optional[int] = ..., max_inflight: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., total_replicas: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., energy_sources: _Optional[_Iterable[str]] = ..., gate: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("prompt", "choices", "energy_budget_j", "latency_budget_ms", "priority", "tenant", "expert", "request_id")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_BUDGET_J_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    energy_budget_j: float
+    latency_budget_ms: float
+    priority: Priority
+    tenant: str
+    expert: str
+    request_id: str
+    def __init__(self, prompt: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., energy_budget_j: _Optional[float] = ..., latency_budget_ms: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., expert: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ExpertScore(_message.Message):
+    __slots__ = ("expert", "replica", "weight", "choice_logprobs", "choice_probs", "energy_j", "energy_source", "latency_ms")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    replica: int
+    weight: float
+    choice_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    choice_probs: _containers.RepeatedScalarFieldContainer[float]
+    energy_j: float
+    energy_source: str
+    latency_ms: float
+    def __init__(self, expert: _Optional[str] = ..., replica: _Optional[int] = ..., weight: _Optional[float] = ..., choice_logprobs: _Optional[_Iterable[float]] = ..., choice_probs: _Optional[_Iterable[float]] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("request_id", "best_choice", "best_text", "choice_probs", "experts", "energy_j", "total_latency_ms", "routing_policy", "routing_reason", "gate", "budget_exceeded", "predicted_energy_j")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BEST_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    BEST_TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_REASON_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    best_choice: int
+    best_text: str
+    choice_probs: _containers.RepeatedScalarFieldContainer[float]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertScore]
+    energy_j: float
+    total_latency_ms: float
+    routing_policy: str
+    routing_reason: str
+    gate: str
+    budget_exceeded: bool
+    predicted_energy_j: float
+    def __init__(self, request_id: _Optional[str] = ..., best_choice: _Optional[int] = ..., best_text: _Optional[str] = ..., choice_probs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ..., energy_j: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., gate: _Optional[str] = ..., budget_exceeded: _Optional[bool] = ..., predicted_energy_j: _Optional[float] = ...) -> None: ...
+
+class EnergyBudget(_message.Message):
+    __slots__ = ("scope", "unlimited", "energy_budget_j", "window_s", "average_power_w", "throttle_fraction", "used_j", "remaining_j", "state", "retry_after_s")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    UNLIMITED_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_BUDGET_J_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    USED_J_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_J_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    unlimited: bool
+    energy_budget_j: float
+    window_s: float
+    average_power_w: float
+    throttle_fraction: float
+    used_j: float
+    remaining_j: float
+    state: str
+    retry_after_s: float
+    def __init__(self, scope: _Optional[str] = ..., unlimited: _Optional[bool] = ..., energy_budget_j: _Optional[float] = ..., window_s: _Optional[float] = ..., average_power_w: _Optional[float] = ..., throttle_fraction: _Optional[float] = ..., used_j: _Optional[float] = ..., remaining_j: _Optional[float] = ..., state: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
+class BudgetChange(_message.Message):
+    __slots__ = ("unix_s", "scope", "old_budget", "new_budget", "actor", "peer", "reason")
+    UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OLD_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    NEW_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    unix_s: float
+    scope: str
+    old_budget: str
+    new_budget: str
+    actor: str
+    peer: str
+    reason: str
+    def __init__(self, unix_s: _Optional[float] = ..., scope: _Optional[str] = ..., old_budget: _Optional[str] = ..., new_budget: _Optional[str] = ..., actor: _Optional[str] = ..., peer: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetEnergyBudgetRequest(_message.Message):
+    __slots__ = ("scope", "energy_budget_j", "average_power_w", "window_s", "throttle_fraction", "unlimited", "actor", "reason")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_BUDGET_J_FIELD_NUMBER: _ClassVar[int]
+    AVERAGE_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    THROTTLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    UNLIMITED_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    energy_budget_j: float
+    average_power_w: float
+    window_s: float
+    throttle_fraction: float
+    unlimited: bool
+    actor: str
+    reason: str
+    def __init__(self, scope: _Optional[str] = ..., energy_budget_j: _Optional[float] = ..., average_power_w: _Optional[float] = ..., window_s: _Optional[float] = ..., throttle_fraction: _Optional[float] = ..., unlimited: _Optional[bool] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetEnergyBudgetResponse(_message.Message):
+    __slots__ = ("budget", "change")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    budget: EnergyBudget
+    change: BudgetChange
+    def __init__(self, budget: _Optional[_Union[EnergyBudget, _Mapping]] = ..., change: _Optional[_Union[BudgetChange, _Mapping]] = ...) -> None: ...
+
+class GetEnergyBudgetRequest(_message.Message):
+    __slots__ = ("scopes", "recent_changes")
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    RECENT_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    recent_changes: int
+    def __init__(self, scopes: _Optional[_Iterable[str]] = ..., recent_changes: _Optional[int] = ...) -> None: ...
+
+class GetEnergyBudgetResponse(_message.Message):
+    __slots__ = ("budgets", "changes")
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[EnergyBudget]
+    changes: _containers.RepeatedCompositeFieldContainer[BudgetChange]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[EnergyBudget, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[BudgetChange, _Mapping]]] = ...) -> None: ...

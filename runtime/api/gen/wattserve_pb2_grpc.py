@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/wattserve.v1.Inference/Score',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -53,6 +58,16 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Scores candidate answers: every expert of the router's subset S computes log p(choice | prompt)
+        and the answers are mixed with the gate weights renormalised over S (the MoE² ensemble).
+        Errors as Generate, plus FAILED_PRECONDITION when no expert fits the budget (the message
+        names the cheapest feasible budget) and RESOURCE_EXHAUSTED when a tenant/cluster budget is used up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +75,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -99,6 +119,33 @@ class Inference:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Inference/Score',
+            wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -119,6 +166,16 @@ class AdminStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.SetEnergyBudget = channel.unary_unary(
+                '/wattserve.v1.Admin/SetEnergyBudget',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetEnergyBudget = channel.unary_unary(
+                '/wattserve.v1.Admin/GetEnergyBudget',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -136,6 +193,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetEnergyBudget(self, request, context):
+        """Energy budgets of the cluster and of tenants (J per rolling window). Every change is logged
+        with the caller's peer address and the optional actor/reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnergyBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +219,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'SetEnergyBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnergyBudget,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetResponse.SerializeToString,
+            ),
+            'GetEnergyBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnergyBudget,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -204,6 +285,60 @@ class Admin:
             '/wattserve.v1.Admin/GetStatus',
             wattserve_dot_v1_dot_wattserve__pb2.GetStatusRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnergyBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/SetEnergyBudget',
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnergyBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/GetEnergyBudget',
+            wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
