@@ -77,9 +77,10 @@ class _InFlight:
 
 @dataclass(slots=True)
 class RawSummary:
+    """The end of the stream; drop counts are read when it is sent (a full output queue may
+    still drop results after it was queued)."""
+
     totals: SessionTotals
-    input_frames_dropped: int
-    output_frames_dropped: int
 
 
 class StreamSession:
@@ -255,7 +256,7 @@ class StreamSession:
     def _finish(self) -> None:
         self.finished = True
         self.totals.energy_j += self.totals.setup_energy_j
-        self._emit(RawSummary(self.totals, self.input.dropped, self.output.dropped))
+        self._emit(RawSummary(self.totals))
 
     def release(self, meter: Meter) -> None:
         """Free the latents and stop tracking this session's energy keys (loop thread)."""

@@ -149,8 +149,8 @@ class ImageExpertWorker:
                 t = item.totals
                 out.append(StreamSummary(
                     frames_received=t.frames_received, frames_processed=t.frames_processed,
-                    frames_skipped=t.frames_skipped, input_frames_dropped=item.input_frames_dropped,
-                    output_frames_dropped=item.output_frames_dropped, unet_calls=t.unet_calls,
+                    frames_skipped=t.frames_skipped, input_frames_dropped=session.input.dropped,
+                    output_frames_dropped=session.output.dropped, unet_calls=t.unet_calls,
                     unet_evaluations=t.unet_evaluations, energy_j=t.energy_j, setup_energy_j=t.setup_energy_j,
                     energy_saved_j=t.energy_saved_j, energy_source=source, dropped_frame_indices=dropped,
                 ))
