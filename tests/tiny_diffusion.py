@@ -37,8 +37,11 @@ def build_tokenizer(out_dir: Path):
     return tok
 
 
-def build_diffusion_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Save a tiny random diffusers-format model into ``out_dir``; returns it."""
+def build_diffusion_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon",
+                          unet_channels: tuple[int, int] = (16, 32), vae_channels: tuple[int, int] = (8, 16),
+                          sample_size: int = 8) -> Path:
+    """Save a tiny random diffusers-format model into ``out_dir``; returns it. The defaults make
+    the test model (16x16 images); benchmarks pass wider channels and larger samples."""
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -47,14 +50,14 @@ def build_diffusion_model(out_dir: Path, seed: int = 0, prediction_type: str = "
     torch.manual_seed(seed)
     tok = build_tokenizer(out_dir / "tokenizer")
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=unet_channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-        layers_per_block=1, norm_num_groups=4, sample_size=16,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=vae_channels, latent_channels=4,
+        layers_per_block=1, norm_num_groups=4, sample_size=2 * sample_size,
     )
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

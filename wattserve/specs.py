@@ -142,6 +142,11 @@ class DiffusionEngineSpec(Strict):
         default=1, ge=1, le=16, description="Default frames a stream denoises together per step."
     )
     max_frame_buffer_size: int = Field(default=4, ge=1, le=16, description="Largest frame_buffer_size a client may ask for.")
+    stream_batch: bool = Field(
+        default=True,
+        description="Stream Batch: one UNet call per frame over all n timesteps (output lags n-1 frames). "
+        "false: denoise each frame fully (n calls) before the next, the sequential baseline.",
+    )
     similarity_filter: bool = Field(default=False, description="Default: skip frames similar to the last processed one.")
     similarity_threshold: float = Field(
         default=0.98, ge=0.0, le=1.0, description="Default eta of the similarity filter (cosine similarity)."

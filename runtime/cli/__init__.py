@@ -10,7 +10,7 @@ import time
 
 from wattserve.errors import WattserveError
 
-COMMAND_MODULES = ("runtime.cli.serve", "runtime.cli.client", "runtime.cli.loadtest")
+COMMAND_MODULES = ("runtime.cli.serve", "runtime.cli.client", "runtime.cli.loadtest", "runtime.cli.images")
 
 
 def say(msg: str) -> None:

@@ -258,3 +258,22 @@ async def test_admin_and_metrics_show_the_image_expert(server):
     assert 'wattserve_image_unet_evaluations_total{cfg_type="self",expert="img"}' in text
     assert 'wattserve_image_requests_total{expert="img",kind="stream",status="ok"}' in text
     assert 'wattserve_image_energy_saved_joules_total{expert="img"}' in text
+
+
+async def test_cli_image_and_stream_images(server, tmp_path):
+    """The client commands against the running server (a thread: the server shares this loop)."""
+    from runtime.cli import main
+
+    target = f"127.0.0.1:{server.port}"
+    out = tmp_path / "cat.png"
+    rc = await asyncio.to_thread(main, ["image", "the cat", "--out", str(out), "--target", target, "--cfg-type", "full"])
+    assert rc == 0 and Image.open(out).size == (16, 16)
+    frames, results = tmp_path / "frames", tmp_path / "results"
+    frames.mkdir()
+    for k in range(4):
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(frames / f"{k:03d}.png")
+    rc = await asyncio.to_thread(main, ["stream-images", "the cat", "--frames", str(frames), "--out", str(results),
+                                        "--target", target, "--format", "jpeg"])
+    assert rc == 0 and sorted(p.name for p in results.iterdir()) == [f"{k:06d}.jpg" for k in range(4)]
+    rc = await asyncio.to_thread(main, ["image", "the cat", "--out", str(out), "--target", target, "--width", "18"])
+    assert rc == 1  # INVALID_ARGUMENT, printed

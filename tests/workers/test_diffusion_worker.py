@@ -63,13 +63,13 @@ def worker(tiny_diffusion_dir):
 class Manual:
     """A session and the (not started) loop's meter, stepped explicitly."""
 
-    def __init__(self, worker, cfg=CfgType.SELF, similarity=None, in_q=16, out_q=64, fbs=1) -> None:
+    def __init__(self, worker, cfg=CfgType.SELF, similarity=None, in_q=16, out_q=64, fbs=1, stream_batch=True) -> None:
         self.loop = DiffusionLoop(worker.model, open_device(worker.spec.device), worker.engine)
         call = ImageStreamCall("s1", ImageParams("the cat", cfg_type=cfg), similarity=similarity, frame_buffer_size=fbs)
         settings = resolve_settings(call.params, worker.engine, worker.model, similarity=similarity,
                                     frame_buffer_size=fbs, energy_source="modeled:cpu")
         self.session = StreamSession(call, settings, worker.model, input_queue_frames=in_q, output_queue_frames=out_q,
-                                     schedule_steps=50)
+                                     schedule_steps=50, stream_batch=stream_batch)
         self.session.setup(self.loop.meter)
 
     def step_all(self) -> None:
@@ -100,6 +100,33 @@ def test_output_lags_by_n_minus_one_frames_then_flushes(worker):
     t = out[-1].totals
     assert (t.frames_processed, t.unet_calls, t.unet_evaluations) == (6, 6 + N - 1, 6 * N)
     assert t.setup_energy_j > 0
+
+
+@pytest.mark.parametrize("cfg", [CfgType.SELF, CfgType.INITIALIZE])
+def test_stream_batch_images_equal_sequential_images(worker, cfg):
+    """Through VAE encode and decode too: the pipelined stream gives the images that denoising
+    each frame on its own (n UNet calls) gives."""
+    images, calls = {}, {}
+    for batched in (True, False):
+        m = Manual(worker, cfg=cfg, stream_batch=batched)
+        before = worker.model.counters.calls
+        out = {}
+        for k in range(5):
+            m.session.push(k, pixels(k))
+            m.session.step(m.loop.meter)
+            left = {r.frame_index: r.pixels for r in m.outputs()}
+            assert sorted(left) == ([k - N + 1] if batched and k >= N - 1 else [] if batched else [k])
+            out.update(left)
+        m.session.end_input()
+        m.step_all()
+        out.update({r.frame_index: r.pixels for r in m.outputs() if isinstance(r, RawResult)})
+        calls[batched] = worker.model.counters.calls - before
+        images[batched] = out
+    assert calls == {True: 5 + N - 1, False: 5 * N}
+    assert sorted(images[True]) == sorted(images[False]) == list(range(5))
+    assert not np.array_equal(images[True][0], images[True][1])  # the inputs matter
+    for k, px in images[True].items():
+        assert np.abs(px.astype(int) - images[False][k]).max() <= 1  # uint8 rounding of float noise
 
 
 def test_static_clip_skips_frames_and_reports_the_saving(worker):

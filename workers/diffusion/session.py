@@ -85,13 +85,14 @@ class RawSummary:
 
 class StreamSession:
     def __init__(self, call: ImageStreamCall, settings: StreamSettings, model, *, input_queue_frames: int,
-                 output_queue_frames: int, schedule_steps: int, clock: Callable[[], float] = time.monotonic,
-                 wake_loop: Callable[[], None] = lambda: None) -> None:
+                 output_queue_frames: int, schedule_steps: int, stream_batch: bool = True,
+                 clock: Callable[[], float] = time.monotonic, wake_loop: Callable[[], None] = lambda: None) -> None:
         self.id = call.session_id
         self.call = call
         self.settings = settings
         self.model = model
         self.schedule_steps = schedule_steps
+        self.stream_batch = stream_batch  # False: each frame is denoised fully before the next
         self.clock = clock
         self.notify_reader: Callable[[], None] = lambda: None  # set by the reader when it attaches
         self.wake_loop = wake_loop
@@ -168,7 +169,8 @@ class StreamSession:
 
     def step(self, meter: Meter) -> None:
         """One iteration: take up to frame_buffer_size frames, filter, encode, ONE UNet call over
-        every slot, decode what finished. With no frame waiting after the input ended, flush."""
+        every slot, decode what finished. With no frame waiting after the input ended, flush.
+        Without Stream Batch the frames taken are denoised to the end (n calls) instead."""
         frames = self.input.take(self.settings.frame_buffer_size)
         if frames:
             frames = self._filter(frames, meter)
@@ -179,6 +181,8 @@ class StreamSession:
         if frames:
             self._encode_and_admit(frames, meter)
         self._denoise_and_emit(meter)
+        while not self.stream_batch and self.batch.in_flight():
+            self._denoise_and_emit(meter)  # sequential: the remaining n-1 calls for these frames
 
     def _key(self, index: int) -> str:
         return f"{self.id}/{index}"

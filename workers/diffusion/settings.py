@@ -98,7 +98,7 @@ def resolve_settings(
         similarity=resolve_similarity(similarity, engine),
         output_format=ImageFormat(params.output_format),
         unet_evaluations_per_frame=unet_evaluations_per_frame(cfg, steps),
-        output_lag_frames=steps - 1,
+        output_lag_frames=steps - 1 if engine.stream_batch else 0,
         energy_source=energy_source,
         setup_energy_j=0.0,
     )

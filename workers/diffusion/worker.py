@@ -74,7 +74,8 @@ class ImageExpertWorker:
                                     frame_buffer_size=call.frame_buffer_size, energy_source=self.device.energy_source)
         session = StreamSession(call, settings, self.model, input_queue_frames=self.engine.input_queue_frames,
                                 output_queue_frames=self.engine.output_queue_frames,
-                                schedule_steps=self.engine.schedule_steps, wake_loop=self.loop.wake)
+                                schedule_steps=self.engine.schedule_steps, stream_batch=self.engine.stream_batch,
+                                wake_loop=self.loop.wake)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future = loop.create_future()
 
