@@ -391,3 +391,24 @@ def test_invalid_parameters(worker, params, extra, message):
 def test_guidance_scale_one_means_no_guidance(worker):
     s = resolve_settings(ImageParams("x", cfg_type=CfgType.FULL, guidance_scale=1.0), worker.engine, worker.model)
     assert s.cfg_type is CfgType.NONE and s.unet_evaluations_per_frame == N
+
+
+@pytest.mark.gpu
+async def test_cuda_stream_with_measured_energy(request):
+    """On a GPU host: float16 on CUDA, energy from the NVML counter."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tiny_diffusion_dir = request.getfixturevalue("tiny_diffusion_dir")
+    gpu_spec = ExpertSpec(name="img", model={"kind": "local", "path": str(tiny_diffusion_dir)},
+                          engine={**ENGINE, "device": "cuda", "dtype": "float16"}, device="nvml")
+    w = ImageExpertWorker(gpu_spec, 0, exit_on_failure=False)
+    try:
+        settings, out = await stream(w, ImageStreamCall("gpu", ImageParams("the cat")), [raw(pixels(k)) for k in range(6)])
+        results = [m for m in out if isinstance(m, FrameResult)]
+        assert [r.frame_index for r in results] == list(range(6))
+        assert all(r.energy_source.startswith("measured:nvml") and r.energy_j >= 0 for r in results)
+        assert settings.energy_source.startswith("measured:nvml")
+    finally:
+        w.shutdown()

@@ -49,6 +49,15 @@ def resolve_similarity(params: SimilarityFilterParams | None, engine: DiffusionE
     return params
 
 
+def check_prompts(params: ImageParams, model) -> None:
+    if not params.prompt.strip():
+        raise InvalidRequest("prompt is empty: describe the image to generate")
+    for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"{name} is {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+        model.tokenize(text)  # raises if over the text encoder's length
+
+
 def resolve_settings(
     params: ImageParams,
     engine: DiffusionEngineSpec,
@@ -59,12 +68,7 @@ def resolve_settings(
     energy_source: str = "",
 ) -> StreamSettings:
     """Settings a session or job runs with; ``model`` is a loaded DiffusionModel (sizes, tokenizer)."""
-    if not params.prompt.strip():
-        raise InvalidRequest("prompt is empty: describe the image to generate")
-    for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InvalidRequest(f"{name} is {len(text)} characters; at most {MAX_PROMPT_CHARS}")
-        model.tokenize(text)  # raises if over the text encoder's length
+    check_prompts(params, model)
     t_index = tuple(params.t_index_list) or tuple(engine.t_index_list)
     if any(b <= a for a, b in zip(t_index, t_index[1:], strict=False)) or t_index[0] < 0 or t_index[-1] >= engine.schedule_steps:
         raise InvalidRequest(

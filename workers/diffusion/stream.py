@@ -95,6 +95,7 @@ class StreamBatch:
     def in_flight(self) -> int:
         return len(self.slots)
 
+    @torch.inference_mode()
     def admit(self, frames: Sequence[tuple[Hashable, torch.Tensor | None]]) -> None:
         """New frames enter at step 0: ``(key, input latent [C,h,w])``, or ``(key, None)`` for
         text-to-image, which starts from pure noise."""
@@ -119,6 +120,7 @@ class StreamBatch:
         cfg = self.guidance.cfg_type
         return cfg is CfgType.FULL or (cfg is CfgType.INITIALIZE and slot.step == 0)
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[Hashable, torch.Tensor, int]]:
         """One UNet call over every slot; returns ``(key, denoised latent, UNet rows)`` of the
         slots that finished their last step, in admission order."""

@@ -92,7 +92,7 @@ class ImageExpertWorker:
 
     def _session(self, session_id: str) -> StreamSession:
         session = self.loop.session(session_id)
-        if session is None:
+        if session is None or (session.closed and session.error is None):
             raise RequestAborted(f"stream {session_id} is not open on this replica (closed, idle or restarted)")
         if session.error is not None:
             raise session.error
