@@ -9,7 +9,8 @@ own lock); counters written by the loop thread are read for reporting only.
 Order of results: a processed frame's image leaves with the (n-1)-th step after the one that
 admitted it; a skipped frame is answered at once with the last image that left (the previous
 output), so its answer can overtake frames still in flight. ``source_frame_index`` says whose
-image each answer carries. When the input ends, the frames in flight are flushed (steps with no
+image each answer carries. A step whose frames were all skipped still advances the slots in
+flight (same rows, fewer per call), so their latency stays bounded in a static scene. When the input ends, the frames in flight are flushed (steps with no
 new frame) and a summary closes the stream.
 """
 
