@@ -448,3 +448,20 @@ async def test_cuda_stream_with_measured_energy(request):
         assert settings.energy_source.startswith("measured:nvml")
     finally:
         w.shutdown()
+
+
+def test_skipped_steps_still_advance_the_frames_in_flight(worker):
+    m = Manual(worker, similarity=SimilarityFilterParams(True, 0.98, 10))
+    same = pixels(5)
+    for k in range(N):  # nothing has left yet, so these are processed whatever their similarity
+        m.session.push(k, same)
+        m.session.step(m.loop.meter)
+    assert [(r.frame_index, r.skipped) for r in m.outputs()] == [(0, False)]
+    calls = worker.model.counters.calls
+    for k in range(N, N + 4):
+        m.session.push(k, same)
+        m.session.step(m.loop.meter)
+    out = [(r.frame_index, r.skipped, r.source_frame_index) for r in m.outputs()]
+    # each skip is answered with the last image out; the in-flight frames 1, 2 drain meanwhile
+    assert out == [(3, True, 0), (1, False, 1), (4, True, 1), (2, False, 2), (5, True, 2), (6, True, 2)]
+    assert worker.model.counters.calls - calls == N - 1  # draining; then skips cost no UNet call
