@@ -18,6 +18,7 @@ import ray
 
 from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec
+from workers.diffusion.worker import ImageExpertWorker
 from workers.expert import ExpertWorker
 
 from .config import RayConfig
@@ -77,8 +78,10 @@ class ExpertPool:
         self.replicas: dict[str, list[Replica]] = {}
 
     def create(self) -> None:
-        actor_cls = ray.remote(ExpertWorker)
+        # Text experts and image experts are different actor bodies behind the same lifecycle.
+        classes = {"text": ray.remote(ExpertWorker), "image": ray.remote(ImageExpertWorker)}
         for spec in self.specs.values():
+            actor_cls = classes[spec.modality]
             res = spec.resources
             options = dict(
                 name=actor_name(spec.name, 0),

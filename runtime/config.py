@@ -272,6 +272,7 @@ def config_reference() -> str:
     """Markdown reference of every config key, generated from the models (docs/config.md)."""
     from wattserve.specs import (
         DeviceSpec,
+        DiffusionEngineSpec,
         GgufPackageSource,
         HubModelSource,
         LocalModelSource,
@@ -295,6 +296,7 @@ def config_reference() -> str:
         ("experts[].model (kind: hub)", HubModelSource),
         ("experts[].engine (kind: torch)", TorchEngineSpec),
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
+        ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),
         ("experts[].device", DeviceSpec),
         ("experts[].resources", ResourceSpec),
     ]

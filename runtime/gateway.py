@@ -106,6 +106,7 @@ class Gateway:
         self.clock = clock
         self.on_health_change = on_health_change
         self.states = {(r.expert, r.index): ReplicaState(r) for r in pool.all()}
+        self.modality = {e.name: e.modality for e in config.experts}  # text or image
         self.started_s = clock()
         self.inflight = 0
         self.requests_total = 0
@@ -189,8 +190,10 @@ class Gateway:
         if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         if req.expert and self.config.expert(req.expert) is None:
-            known = ", ".join(e.name for e in self.config.experts)
+            known = ", ".join(e.name for e in self.config.experts if e.modality == "text")
             raise UnknownExpert(f"unknown expert {req.expert!r}; known experts: {known}")
+        if req.expert and self.modality[req.expert] != "text":
+            raise InvalidRequest(f"expert {req.expert!r} serves images; use StreamImages or GenerateImage")
         for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
@@ -368,13 +371,16 @@ class Gateway:
 
         return await score(self, request)
 
-    def candidates(self) -> list[Candidate]:
-        return self._candidates()
+    def candidates(self, modality: str = "text") -> list[Candidate]:
+        return self._candidates(modality)
 
-    def _candidates(self) -> list[Candidate]:
+    def _candidates(self, modality: str = "text") -> list[Candidate]:
+        """Replicas of the experts that serve ``modality``: the router never sees an image expert
+        for a text request (nor a text expert for an image request)."""
         return [
             Candidate(expert=k[0], replica=k[1], healthy=s.healthy, inflight=s.inflight, profile=s.profile)
             for k, s in self.states.items()
+            if self.modality.get(k[0], "text") == modality
         ]
 
     # -- views for the Admin API ----------------------------------------------------------------

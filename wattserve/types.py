@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # images.py imports Priority from here
+    from .images import ImageExpertStats
 
 
 class Priority(enum.IntEnum):
@@ -184,6 +188,7 @@ class ExpertProfile:
     power_limit_w: float | None = None
     sm_clock_mhz: float | None = None
     max_sm_clock_mhz: float | None = None
+    image: ImageExpertStats | None = None  # image experts: frames, UNet evaluations, sessions
 
     @property
     def queue_depth(self) -> int:

@@ -192,6 +192,8 @@ class HttpApi:
                   "wattserve": {"description": f"the router ({self.gateway.policy.name}) picks an expert per request"}}]
         states = self.gateway.replica_states()
         for spec in cfg.experts:
+            if spec.modality != "text":
+                continue  # image experts are served over gRPC (StreamImages, GenerateImage)
             profiles = [s.profile for s in states if s.replica.expert == spec.name and s.profile]
             cards.append({
                 "id": spec.name, "object": "model", "created": self.created, "owned_by": "wattserve",

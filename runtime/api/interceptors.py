@@ -111,4 +111,10 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # streaming-request methods (health Watch is server-streaming) pass through
+        if handler.stream_stream:  # StreamImages (and reflection, which raises nothing of ours)
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming methods: none of ours

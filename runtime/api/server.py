@@ -25,6 +25,8 @@ from workers.models import default_cache_dir
 from ..cluster import ExpertPool, start_ray, stop_ray
 from ..config import WattserveConfig, resolve_http_port
 from ..gateway import Gateway
+from ..image_gateway import ImageGateway
+from ..image_metrics import ImageMetrics
 from ..metrics import ServingMetrics
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
@@ -52,6 +54,7 @@ class WattserveServer:
         self.server: aio.Server | None = None
         self.health = HealthServicer()
         self.metrics = ServingMetrics()  # a registry per server: tests run several in one process
+        self.image_metrics = ImageMetrics(self.metrics.registry)
         self.http: HttpApi | None = None
         self.port = 0
         self.http_port = 0
@@ -81,7 +84,8 @@ class WattserveServer:
             interceptors=[ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway), self.server)
+        images = ImageGateway(self.gateway, self.image_metrics)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway, images), self.server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

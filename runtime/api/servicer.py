@@ -14,8 +14,16 @@ from wattserve.errors import InvalidRequest
 from wattserve.types import Priority, SamplingParams
 
 from ..gateway import Chunk, ClientRequest, Final, Gateway
+from ..image_gateway import ImageGateway
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
+from .image_protocol import (
+    frames_from_proto,
+    image_answer_to_proto,
+    image_request_from_proto,
+    stream_event_to_proto,
+    stream_request_from_proto,
+)
 from .routing_messages import (
     add_plan_to_usage,
     budget_to_proto,
@@ -72,8 +80,9 @@ def usage_to_proto(final: Final) -> pb.Usage:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, images: ImageGateway | None = None) -> None:
         self.gateway = gateway
+        self.images = images or ImageGateway(gateway)
 
     async def Generate(self, request, context):
         req = request_from_proto(request, context.time_remaining())
@@ -86,6 +95,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Score(self, request, context):
         outcome = await self.gateway.score(score_request_from_proto(request))
         return score_response_to_proto(outcome, request.choices)
+
+    async def StreamImages(self, request_iterator, context):
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "config":
+            raise InvalidRequest("the first StreamImages message must be `config`; frames follow it")
+        req = stream_request_from_proto(first.config)
+        async for event in self.images.stream(req, frames_from_proto(request_iterator)):
+            yield stream_event_to_proto(event)
+
+    async def GenerateImage(self, request, context):
+        answer = await self.images.generate(image_request_from_proto(request, context.time_remaining()))
+        return image_answer_to_proto(answer)
 
 
 class AdminServicer(pb_grpc.AdminServicer):

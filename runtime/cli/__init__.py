@@ -10,7 +10,13 @@ import time
 
 from wattserve.errors import WattserveError
 
-COMMAND_MODULES = ("runtime.cli.serve", "runtime.cli.client", "runtime.cli.loadtest", "runtime.cli.router")
+COMMAND_MODULES = (
+    "runtime.cli.serve",
+    "runtime.cli.client",
+    "runtime.cli.loadtest",
+    "runtime.cli.router",
+    "runtime.cli.images",
+)
 
 
 def say(msg: str) -> None:

@@ -13,10 +13,34 @@ class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRIORITY_LOW: _ClassVar[Priority]
     PRIORITY_NORMAL: _ClassVar[Priority]
     PRIORITY_HIGH: _ClassVar[Priority]
+
+class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_RAW_RGB: _ClassVar[ImageFormat]
+
+class CfgType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CFG_TYPE_UNSPECIFIED: _ClassVar[CfgType]
+    CFG_TYPE_NONE: _ClassVar[CfgType]
+    CFG_TYPE_SELF: _ClassVar[CfgType]
+    CFG_TYPE_INITIALIZE: _ClassVar[CfgType]
+    CFG_TYPE_FULL: _ClassVar[CfgType]
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_LOW: Priority
 PRIORITY_NORMAL: Priority
 PRIORITY_HIGH: Priority
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat
+IMAGE_FORMAT_PNG: ImageFormat
+IMAGE_FORMAT_JPEG: ImageFormat
+IMAGE_FORMAT_RAW_RGB: ImageFormat
+CFG_TYPE_UNSPECIFIED: CfgType
+CFG_TYPE_NONE: CfgType
+CFG_TYPE_SELF: CfgType
+CFG_TYPE_INITIALIZE: CfgType
+CFG_TYPE_FULL: CfgType
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
@@ -402,3 +426,241 @@ class GetEnergyBudgetResponse(_message.Message):
     budgets: _containers.RepeatedCompositeFieldContainer[EnergyBudget]
     changes: _containers.RepeatedCompositeFieldContainer[BudgetChange]
     def __init__(self, budgets: _Optional[_Iterable[_Union[EnergyBudget, _Mapping]]] = ..., changes: _Optional[_Iterable[_Union[BudgetChange, _Mapping]]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "format", "width", "height", "channels")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    format: ImageFormat
+    width: int
+    height: int
+    channels: int
+    def __init__(self, data: _Optional[bytes] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+
+class SimilarityFilter(_message.Message):
+    __slots__ = ("enabled", "threshold", "max_skip_frames")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SKIP_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    threshold: float
+    max_skip_frames: int
+    def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[float] = ..., max_skip_frames: _Optional[int] = ...) -> None: ...
+
+class ImageParams(_message.Message):
+    __slots__ = ("prompt", "negative_prompt", "t_index_list", "cfg_type", "guidance_scale", "delta", "width", "height", "seed", "output_format", "jpeg_quality")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    T_INDEX_LIST_FIELD_NUMBER: _ClassVar[int]
+    CFG_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    negative_prompt: str
+    t_index_list: _containers.RepeatedScalarFieldContainer[int]
+    cfg_type: CfgType
+    guidance_scale: float
+    delta: float
+    width: int
+    height: int
+    seed: int
+    output_format: ImageFormat
+    jpeg_quality: int
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., t_index_list: _Optional[_Iterable[int]] = ..., cfg_type: _Optional[_Union[CfgType, str]] = ..., guidance_scale: _Optional[float] = ..., delta: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., jpeg_quality: _Optional[int] = ...) -> None: ...
+
+class ImageStreamConfig(_message.Message):
+    __slots__ = ("params", "similarity_filter", "frame_buffer_size", "expert", "priority", "tenant", "request_id")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FILTER_FIELD_NUMBER: _ClassVar[int]
+    FRAME_BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    params: ImageParams
+    similarity_filter: SimilarityFilter
+    frame_buffer_size: int
+    expert: str
+    priority: Priority
+    tenant: str
+    request_id: str
+    def __init__(self, params: _Optional[_Union[ImageParams, _Mapping]] = ..., similarity_filter: _Optional[_Union[SimilarityFilter, _Mapping]] = ..., frame_buffer_size: _Optional[int] = ..., expert: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StreamImagesRequest(_message.Message):
+    __slots__ = ("config", "frame")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    config: ImageStreamConfig
+    frame: Image
+    def __init__(self, config: _Optional[_Union[ImageStreamConfig, _Mapping]] = ..., frame: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class StreamStarted(_message.Message):
+    __slots__ = ("request_id", "expert", "replica", "t_index_list", "timesteps", "cfg_type", "guidance_scale", "delta", "frame_buffer_size", "width", "height", "seed", "similarity_filter", "output_format", "unet_evaluations_per_frame", "output_lag_frames", "energy_source", "setup_energy_j", "routing_policy", "routing_reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    T_INDEX_LIST_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    CFG_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    FRAME_BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FILTER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    UNET_EVALUATIONS_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_LAG_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SETUP_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    expert: str
+    replica: int
+    t_index_list: _containers.RepeatedScalarFieldContainer[int]
+    timesteps: _containers.RepeatedScalarFieldContainer[int]
+    cfg_type: CfgType
+    guidance_scale: float
+    delta: float
+    frame_buffer_size: int
+    width: int
+    height: int
+    seed: int
+    similarity_filter: SimilarityFilter
+    output_format: ImageFormat
+    unet_evaluations_per_frame: int
+    output_lag_frames: int
+    energy_source: str
+    setup_energy_j: float
+    routing_policy: str
+    routing_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., t_index_list: _Optional[_Iterable[int]] = ..., timesteps: _Optional[_Iterable[int]] = ..., cfg_type: _Optional[_Union[CfgType, str]] = ..., guidance_scale: _Optional[float] = ..., delta: _Optional[float] = ..., frame_buffer_size: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., similarity_filter: _Optional[_Union[SimilarityFilter, _Mapping]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., unet_evaluations_per_frame: _Optional[int] = ..., output_lag_frames: _Optional[int] = ..., energy_source: _Optional[str] = ..., setup_energy_j: _Optional[float] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ...) -> None: ...
+
+class ImageFrameResult(_message.Message):
+    __slots__ = ("frame_index", "source_frame_index", "skipped", "image", "latency_ms", "expert_latency_ms", "energy_j", "energy_source", "energy_saved_j", "unet_evaluations", "similarity", "input_frames_dropped", "output_frames_dropped", "dropped_frame_indices")
+    FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SAVED_J_FIELD_NUMBER: _ClassVar[int]
+    UNET_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FRAME_INDICES_FIELD_NUMBER: _ClassVar[int]
+    frame_index: int
+    source_frame_index: int
+    skipped: bool
+    image: Image
+    latency_ms: float
+    expert_latency_ms: float
+    energy_j: float
+    energy_source: str
+    energy_saved_j: float
+    unet_evaluations: int
+    similarity: float
+    input_frames_dropped: int
+    output_frames_dropped: int
+    dropped_frame_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, frame_index: _Optional[int] = ..., source_frame_index: _Optional[int] = ..., skipped: _Optional[bool] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., latency_ms: _Optional[float] = ..., expert_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., energy_saved_j: _Optional[float] = ..., unet_evaluations: _Optional[int] = ..., similarity: _Optional[float] = ..., input_frames_dropped: _Optional[int] = ..., output_frames_dropped: _Optional[int] = ..., dropped_frame_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ImageStreamSummary(_message.Message):
+    __slots__ = ("frames_received", "frames_processed", "frames_skipped", "input_frames_dropped", "output_frames_dropped", "unet_calls", "unet_evaluations", "energy_j", "setup_energy_j", "energy_saved_j", "energy_source", "total_latency_ms", "dropped_frame_indices")
+    FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
+    UNET_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    SETUP_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SAVED_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FRAME_INDICES_FIELD_NUMBER: _ClassVar[int]
+    frames_received: int
+    frames_processed: int
+    frames_skipped: int
+    input_frames_dropped: int
+    output_frames_dropped: int
+    unet_calls: int
+    unet_evaluations: int
+    energy_j: float
+    setup_energy_j: float
+    energy_saved_j: float
+    energy_source: str
+    total_latency_ms: float
+    dropped_frame_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, frames_received: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_skipped: _Optional[int] = ..., input_frames_dropped: _Optional[int] = ..., output_frames_dropped: _Optional[int] = ..., unet_calls: _Optional[int] = ..., unet_evaluations: _Optional[int] = ..., energy_j: _Optional[float] = ..., setup_energy_j: _Optional[float] = ..., energy_saved_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., total_latency_ms: _Optional[float] = ..., dropped_frame_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StreamImagesResponse(_message.Message):
+    __slots__ = ("started", "frame", "summary")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    started: StreamStarted
+    frame: ImageFrameResult
+    summary: ImageStreamSummary
+    def __init__(self, started: _Optional[_Union[StreamStarted, _Mapping]] = ..., frame: _Optional[_Union[ImageFrameResult, _Mapping]] = ..., summary: _Optional[_Union[ImageStreamSummary, _Mapping]] = ...) -> None: ...
+
+class GenerateImageRequest(_message.Message):
+    __slots__ = ("params", "expert", "priority", "tenant", "request_id")
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    params: ImageParams
+    expert: str
+    priority: Priority
+    tenant: str
+    request_id: str
+    def __init__(self, params: _Optional[_Union[ImageParams, _Mapping]] = ..., expert: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GenerateImageResponse(_message.Message):
+    __slots__ = ("image", "expert", "replica", "request_id", "latency_ms", "expert_latency_ms", "energy_j", "energy_source", "unet_calls", "unet_evaluations", "timesteps", "cfg_type", "routing_policy", "routing_reason")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
+    UNET_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
+    CFG_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_REASON_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    expert: str
+    replica: int
+    request_id: str
+    latency_ms: float
+    expert_latency_ms: float
+    energy_j: float
+    energy_source: str
+    unet_calls: int
+    unet_evaluations: int
+    timesteps: _containers.RepeatedScalarFieldContainer[int]
+    cfg_type: CfgType
+    routing_policy: str
+    routing_reason: str
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., request_id: _Optional[str] = ..., latency_ms: _Optional[float] = ..., expert_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., unet_calls: _Optional[int] = ..., unet_evaluations: _Optional[int] = ..., timesteps: _Optional[_Iterable[int]] = ..., cfg_type: _Optional[_Union[CfgType, str]] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,16 @@ class InferenceStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.StreamImages = channel.stream_stream(
+                '/wattserve.v1.Inference/StreamImages',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesResponse.FromString,
+                _registered_method=True)
+        self.GenerateImage = channel.unary_unary(
+                '/wattserve.v1.Inference/GenerateImage',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -68,6 +78,26 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamImages(self, request_iterator, context):
+        """Real-time image-to-image on a stream of frames (StreamDiffusion-style) on an image expert.
+        The first request message must be `config`; every later one a `frame`. The first response is
+        `started` (the settings the stream runs with), then one `frame` result per input frame that
+        was not dropped, and, after the client half-closes, the frames in flight and a `summary`.
+        Errors: INVALID_ARGUMENT (bad config, or a frame that is undecodable, the wrong size or has
+        the wrong channel count: the stream ends), RESOURCE_EXHAUSTED (the expert's sessions are
+        all in use), UNAVAILABLE, CANCELLED. Cancelling the call releases the expert's session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateImage(self, request, context):
+        """One text-to-image generation on an image expert.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +110,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.SerializeToString,
+            ),
+            'StreamImages': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamImages,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesResponse.SerializeToString,
+            ),
+            'GenerateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +176,60 @@ class Inference:
             '/wattserve.v1.Inference/Score',
             wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamImages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wattserve.v1.Inference/StreamImages',
+            wattserve_dot_v1_dot_wattserve__pb2.StreamImagesRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.StreamImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Inference/GenerateImage',
+            wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
             options,
             channel_credentials,
             insecure,
