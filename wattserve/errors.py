@@ -86,3 +86,23 @@ class DeviceError(WattserveError):
     """A device backend could not be opened or read (no driver, no permission)."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class ActuationUnavailable(DeviceError):
+    """A device cannot be capped: the backend has no clock or power-limit control, the GPU does
+    not support it, or the process lacks permission. Permanent for that device until an operator
+    acts; the power governor reports it instead of retrying."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class FeatureDisabled(WattserveError):
+    """The operator asked for a feature this server runs without (e.g. the power governor)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class GovernorUnavailable(WattserveError):
+    """The power governor actor did not answer (restarting or dead); caps stay where they are."""
+
+    grpc_code = "UNAVAILABLE"

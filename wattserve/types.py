@@ -143,6 +143,7 @@ class ExpertProfile:
     power_limit_w: float | None = None
     sm_clock_mhz: float | None = None
     max_sm_clock_mhz: float | None = None
+    sm_clock_cap_mhz: float | None = None  # the governor's SM clock ceiling in effect; None: uncapped
 
     @property
     def queue_depth(self) -> int:

@@ -9,17 +9,21 @@ that Ray exposes as a streaming generator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from wattserve.power import CapResult, DeviceSample, PowerCap
 from wattserve.specs import ExpertSpec
-from wattserve.types import ExpertProfile, GenerateCall, StreamEvent
+from wattserve.types import ExpertProfile, GenerateCall, Priority, StreamEvent
 
 from .devices import open_device
+from .devices.control import apply_cap, sample_device
 from .engines import build_engine
 from .loop import EngineLoop
 from .models import prepare_model
@@ -28,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: seconds between a fatal engine error and the process exit that lets Ray restart the actor
 EXIT_DELAY_S = 1.0
+#: request priorities remembered for the power governor's "serves only low priority" test
+PRIORITY_MEMORY = 4096
 
 
 class ExpertWorker:
@@ -47,6 +53,7 @@ class ExpertWorker:
             self.engine, self.device, max_queue=spec.max_queue, on_fatal=self._on_fatal
         )
         self.loop.start()
+        self._priorities: collections.deque[tuple[float, Priority]] = collections.deque(maxlen=PRIORITY_MEMORY)
         log.info(
             "expert %s/%d ready: %s on %s (%s), %d params",
             spec.name, replica, self.engine.info.model, self.engine.info.device,
@@ -65,6 +72,7 @@ class ExpertWorker:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.loop.submit(call, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        self._priorities.append((time.monotonic(), call.priority))
         finished = False
         try:
             while not finished:
@@ -87,7 +95,7 @@ class ExpertWorker:
         self.loop.abort(request_id)
 
     async def profile(self) -> ExpertProfile:
-        power_w, limit_w, clock, max_clock = await asyncio.to_thread(self._device_telemetry)
+        power_w, limit_w, clock, max_clock, cap = await asyncio.to_thread(self._device_telemetry)
         snap = self.loop.snapshot()
         prof = self.loop.profile
         info = self.engine.info
@@ -119,12 +127,34 @@ class ExpertWorker:
             power_limit_w=limit_w,
             sm_clock_mhz=clock,
             max_sm_clock_mhz=max_clock,
+            sm_clock_cap_mhz=cap,
         )
 
     def _device_telemetry(self) -> tuple[float | None, ...]:
         """Blocking device reads (NVML calls), run off the event loop."""
         d = self.device
-        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz()
+        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz(), d.locked_sm_clock_mhz()
+
+    # -- the power governor's door to this replica's device ---------------------------------------
+    async def power_sample(self, window_s: float = 60.0) -> DeviceSample:
+        """This replica's device reading, its configured priority class and how many requests it
+        started in the last ``window_s`` seconds at LOW and at higher priority."""
+        since = time.monotonic() - window_s
+        recent = [p for t, p in list(self._priorities) if t >= since]
+        low = sum(1 for p in recent if p == Priority.LOW)
+        return await asyncio.to_thread(
+            sample_device, self.device, priority_class=self.spec.priority_class,
+            low_requests=low, other_requests=len(recent) - low,
+        )
+
+    async def apply_power_cap(self, cap: PowerCap, gpu: str = "") -> CapResult:
+        """Lock/unlock the SM clock and set/reset the power limit of this replica's device."""
+        result = await asyncio.to_thread(apply_cap, self.device, cap, gpu or f"{self.spec.name}/{self.replica}")
+        if result.applied:
+            log.info("expert %s/%d: power cap %s (%s)", self.spec.name, self.replica, cap, cap.reason)
+        else:
+            log.warning("expert %s/%d: cannot apply power cap: %s", self.spec.name, self.replica, result.error)
+        return result
 
     def shutdown(self) -> None:
         self.loop.stop()
