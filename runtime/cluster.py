@@ -68,6 +68,14 @@ def actor_name(expert: str, index: int) -> str:
     return f"wattserve:{expert}:{index}"
 
 
+class ExpertActor(ExpertWorker):
+    """The expert body plus what only Ray can tell: the node it runs on (the power plane gives
+    each expert to its node's agent). ``workers/`` stays free of Ray."""
+
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
 class ExpertPool:
     """Creates and owns the expert replica actors of a configuration."""
 
@@ -77,7 +85,7 @@ class ExpertPool:
         self.replicas: dict[str, list[Replica]] = {}
 
     def create(self) -> None:
-        actor_cls = ray.remote(ExpertWorker)
+        actor_cls = ray.remote(ExpertActor)
         for spec in self.specs.values():
             res = spec.resources
             options = dict(

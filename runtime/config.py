@@ -19,6 +19,8 @@ from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
 from wattserve.types import Priority
 
+from .power.config import PowerConfig
+
 
 class RayConfig(Strict):
     """Where the experts run. No address: an embedded local Ray instance on loopback."""
@@ -80,6 +82,9 @@ class WattserveConfig(Strict):
     experts: list[ExpertSpec] = Field(min_length=1, description="At least one expert.")
     tenants: list[TenantConfig] = Field(
         default_factory=list, description="Empty: any tenant name is accepted."
+    )
+    power: PowerConfig = Field(
+        default_factory=PowerConfig, description="The power governor (off unless enabled)."
     )
 
     @model_validator(mode="after")
@@ -169,6 +174,9 @@ def config_reference() -> str:
         TorchEngineSpec,
     )
 
+    from .power.config import RowSpec
+    from .power.policy import PolicyConfig
+
     sections = [
         ("top level", WattserveConfig),
         ("ray", RayConfig),
@@ -182,6 +190,9 @@ def config_reference() -> str:
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
         ("experts[].device", DeviceSpec),
         ("experts[].resources", ResourceSpec),
+        ("power", PowerConfig),
+        ("power.rows[]", RowSpec),
+        ("power.policy", PolicyConfig),
     ]
     out = [
         "# Configuration reference",

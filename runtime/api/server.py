@@ -24,6 +24,7 @@ from workers.models import default_cache_dir
 from ..cluster import ExpertPool, start_ray, stop_ray
 from ..config import WattserveConfig
 from ..gateway import Gateway
+from ..power.plane import PowerPlane
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .interceptors import ErrorInterceptor
@@ -46,6 +47,7 @@ class WattserveServer:
         self._owns_ray = False
         self.pool: ExpertPool | None = None
         self.gateway: Gateway | None = None
+        self.power: PowerPlane | None = None
         self.server: aio.Server | None = None
         self.health = HealthServicer()
         self.port = 0
@@ -68,6 +70,10 @@ class WattserveServer:
         await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress)
         self.gateway = Gateway(cfg, self.pool, make_policy(cfg.gateway.routing_policy), on_health_change=self._set_health)
         await self.gateway.start()
+        if cfg.power.enabled:
+            self.progress("starting the power governor")
+            self.power = PowerPlane(cfg.power, self.pool.all())
+            await self.power.start()
 
         limit = cfg.gateway.max_message_bytes
         self.server = aio.server(
@@ -75,7 +81,7 @@ class WattserveServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway), self.server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address, self.power), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -110,6 +116,9 @@ class WattserveServer:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        if self.power is not None:
+            await self.power.stop()
+            self.power = None
         if self.pool is not None:
             self.pool.kill()
             self.pool = None

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 
 import wattserve
-from wattserve.errors import InvalidRequest
+from wattserve.errors import FeatureDisabled, InvalidRequest
+from wattserve.power import PowerStatus
 from wattserve.types import Priority, SamplingParams
 
 from ..gateway import Chunk, ClientRequest, Final, Gateway
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
+from .power_proto import row_to_proto, status_to_proto
 
 
 def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) -> ClientRequest:
@@ -76,9 +78,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, gateway: Gateway, ray_address: str) -> None:
+    def __init__(self, gateway: Gateway, ray_address: str, power=None) -> None:
         self.gateway = gateway
         self.ray_address = ray_address
+        self.power = power  # runtime.power.plane.PowerPlane, or None without a governor
+
+    async def SetPowerBudget(self, request, context):
+        if self.power is None:
+            raise FeatureDisabled("this server runs without the power governor: set power.enabled: true")
+        if not request.provisioned_power_w > 0:
+            raise InvalidRequest(f"provisioned_power_w must be > 0 W (got {request.provisioned_power_w})")
+        row = await self.power.set_budget(request.row, request.provisioned_power_w)
+        return pb.SetPowerBudgetResponse(row=row_to_proto(row))
+
+    async def GetPowerStatus(self, request, context):
+        if self.power is None:
+            return status_to_proto(PowerStatus(enabled=False, policy="", interval_s=0.0))
+        return status_to_proto(await self.power.status(request.max_events or 100))
 
     async def ListExperts(self, request, context):
         await self.gateway.poll_once()  # operators see the replicas' state now, not the last poll

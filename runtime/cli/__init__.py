@@ -10,7 +10,7 @@ import time
 
 from wattserve.errors import WattserveError
 
-COMMAND_MODULES = ("runtime.cli.serve", "runtime.cli.client")
+COMMAND_MODULES = ("runtime.cli.serve", "runtime.cli.client", "runtime.cli.power")
 
 
 def say(msg: str) -> None:
