@@ -2,7 +2,8 @@
 
 ``start_ray`` starts an embedded instance on loopback (or joins a cluster), ``ExpertPool``
 creates one actor per expert replica (named ``wattserve:<expert>:<i>``, restartable, placed by
-the resources in its spec) and waits until every replica has loaded its model.
+the resources in its spec) and waits until every replica has loaded its model. The power plane's
+actors (node agents, governor) are created by its sibling ``runtime/power/plane.py``.
 """
 
 from __future__ import annotations

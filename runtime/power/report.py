@@ -140,7 +140,8 @@ def _change(capped: np.ndarray, reference: np.ndarray, mask: np.ndarray, q: floa
         return float("nan")
     a = np.where(np.isnan(capped[mask]), np.inf, capped[mask])
     b = np.where(np.isnan(reference[mask]), np.inf, reference[mask])
-    qa, qb = np.percentile(a, q), np.percentile(b, q)
+    with np.errstate(invalid="ignore"):  # interpolating between two infinities: inf, quietly
+        qa, qb = np.percentile(a, q), np.percentile(b, q)
     if not math.isfinite(qa):
         return float("inf")
     return float(qa / qb - 1.0) if qb > 0 else float("nan")

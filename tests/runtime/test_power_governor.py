@@ -12,7 +12,7 @@ from runtime.power.agent import ExpertTarget, NodeAgent
 from runtime.power.config import PowerConfig
 from runtime.power.governor import PowerGovernor
 from tests.workers.test_device_control import ControlFakePynvml
-from tests.workers.test_devices import FakeClock
+from tests.workers.test_devices import FakeClock, real_nvml  # noqa: F401 - a fixture
 from wattserve.errors import InvalidRequest
 from wattserve.power import CapLevel, EventKind, PowerCap
 from workers.devices import nvml as nvml_module
@@ -231,3 +231,14 @@ async def test_agent_reads_and_caps_nvml_gpus_itself_and_lends_them_the_expert(m
     assert ("nvmlDeviceSetGpuLockedClocks", ("handle", 0), 345, 1559) in fake.calls
     assert sim.device.locked_sm_clock_mhz() == 1305.0 and owner.device.locked_sm_clock_mhz() is None
     agent.shutdown()
+
+
+@pytest.mark.gpu
+async def test_agent_reads_real_gpus(real_nvml):  # noqa: F811 - the fixture imported above
+    agent = NodeAgent("node-1", "127.0.0.1", nvml=True)
+    try:
+        samples = await agent.sample()
+        assert samples and all(s.sample.power_w > 0 and s.gpu.startswith("127.0.0.1/nvml:") for s in samples)
+        assert all(s.sample.priority_class == "low" for s in samples)  # no expert: nothing to protect
+    finally:
+        agent.shutdown()

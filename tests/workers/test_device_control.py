@@ -4,14 +4,15 @@ loop waiting out a modeled cap so measured costs move."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import pynvml
 import pytest
 
-from tests.workers.test_devices import FakeClock, FakePynvml
-from wattserve.errors import ActuationUnavailable, InvalidRequest
+from tests.workers.test_devices import FakeClock, FakePynvml, real_nvml  # noqa: F401 - a fixture
+from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
 from wattserve.power import PowerCap
 from wattserve.specs import DeviceSpec, ExpertSpec
 from wattserve.types import GenerateCall, Priority, SamplingParams, StepWork
@@ -127,6 +128,30 @@ def test_nvml_permission_denied_means_cannot_actuate(monkeypatch):
     sample = sample_device(dev)
     assert sample.power_w == 250.0 and not sample.control.can_actuate and sample.uuid == "GPU-1234"
     dev.close()
+
+
+@pytest.mark.gpu
+def test_real_nvml_control(real_nvml):  # noqa: F811 - the fixture imported above
+    """On a GPU host: read everything the governor needs, then lock and unlock the SM clock, or
+    get the clear 'cannot actuate' answer where the process lacks permission."""
+    dev = NvmlDevice(0)
+    try:
+        s = sample_device(dev)
+        assert s.power_w > 0 and s.max_sm_clock_mhz > s.min_sm_clock_mhz > 0 and s.uuid.startswith("GPU-")
+        assert s.min_power_limit_w < s.default_power_limit_w
+        target = round((s.max_sm_clock_mhz + s.min_sm_clock_mhz) / 2)
+        try:
+            dev.lock_sm_clock_mhz(target)
+        except ActuationUnavailable as exc:
+            assert "root" in str(exc) or "does not support" in str(exc)
+            assert not dev.control().can_lock_sm_clock
+            return
+        assert dev.locked_sm_clock_mhz() == target
+        assert dev.sm_clock_mhz() <= target + 15  # the driver rounds to a supported step
+    finally:
+        with contextlib.suppress(DeviceError):
+            dev.unlock_sm_clock()
+        dev.close()
 
 
 # --- simulated -----------------------------------------------------------------------------------

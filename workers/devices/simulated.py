@@ -335,6 +335,8 @@ class SimulatedDevice(Device):
         Prefill and decode are modeled as separate steps (prompt tokens alone; the batch's
         decode tokens alone), so prefill shows its ~1/f slowdown and decode stays nearly flat.
         """
+        if self._ceiling_mhz() >= self._base_clock_mhz and self._limit_w >= self.profile.tdp_w:
+            return 0.0, 0.0  # uncapped: the common case, kept cheap (called every engine step)
         parts = (StepWork(prefill_tokens=work.prefill_tokens, layer_fraction=work.layer_fraction),
                  StepWork(decode_tokens=work.decode_tokens, batch_size=work.batch_size,
                           layer_fraction=work.layer_fraction))
