@@ -93,7 +93,7 @@ def cmd_simulate_power(args) -> int:
     exp = Experiment(
         trace=args.trace, servers=args.servers, hp_fraction=args.hp_fraction, rate_per_server=args.rate_per_server,
         server=ServerModel(args.profile, args.gpus_per_server, args.model_params, args.max_batch),
-        policy=PolicyConfig(dwell_s=args.dwell_s, settle_s=args.actuation_delay_s + args.interval_s),
+        policy=PolicyConfig(dwell_s=args.dwell_s, settle_s=args.actuation_delay_s + 1.0),  # + 1 s reading window
         interval_s=args.interval_s, actuation_delay_s=args.actuation_delay_s, tick_s=args.tick_s,
         duration_s=args.duration_s, seed=args.seed,
     )

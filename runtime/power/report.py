@@ -158,7 +158,7 @@ def format_table(rows: list[RunSummary]) -> str:
     for r in rows:
         servers = f"{r.servers} (+{r.extra:.0%})"
         lines.append(
-            f"{r.trace[-6:]:<6} {r.policy:<18} {servers:>12} {_pct(r.hp_p50):>7} {_pct(r.hp_p99):>7} "
+            f"{r.trace.rsplit('_', 1)[-1][:6]:<6} {r.policy:<18} {servers:>12} {_pct(r.hp_p50):>7} {_pct(r.hp_p99):>7} "
             f"{_pct(r.lp_p50):>7} {_pct(r.lp_p99):>7} {_pct(r.hp_ttft_p99):>9} {_pct(r.lp_ttft_p99):>9} "
             f"{r.capped_fraction:>6.1%} {r.cap_events:>5} {r.brake_events:>6} {r.peak_telemetry_fraction:>6.2f}  "
             f"{'yes' if r.meets_paper else 'no'}{f' ({r.unfinished} unfinished)' if r.unfinished else ''}"
