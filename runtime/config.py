@@ -19,6 +19,8 @@ from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
 from wattserve.types import Priority
 
+from .power.config import PowerConfig
+
 
 class RayConfig(Strict):
     """Where the experts run. No address: an embedded local Ray instance on loopback."""
@@ -183,6 +185,9 @@ class WattserveConfig(Strict):
         default_factory=list, description="Empty: any tenant name is accepted."
     )
     router: RouterConfig = Field(default_factory=RouterConfig, description="MoE² routing and energy budgets.")
+    power: PowerConfig = Field(
+        default_factory=PowerConfig, description="The power governor (off unless enabled)."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> WattserveConfig:
@@ -281,6 +286,9 @@ def config_reference() -> str:
         TorchEngineSpec,
     )
 
+    from .power.config import RowSpec
+    from .power.policy import PolicyConfig
+
     sections = [
         ("top level", WattserveConfig),
         ("ray", RayConfig),
@@ -299,6 +307,9 @@ def config_reference() -> str:
         ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),
         ("experts[].device", DeviceSpec),
         ("experts[].resources", ResourceSpec),
+        ("power", PowerConfig),
+        ("power.rows[]", RowSpec),
+        ("power.policy", PolicyConfig),
     ]
     out = [
         "# Configuration reference",

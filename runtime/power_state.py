@@ -25,6 +25,17 @@ class PowerState:
     cap_events: Counter[str] = field(default_factory=Counter)
     caps: dict[tuple[str, int], str] = field(default_factory=dict)
 
+    def mirror(self, status) -> None:
+        """Copy what the governor reports (a ``wattserve.power.PowerStatus``) into this picture."""
+        budgets = [r.provisioned_power_w for r in status.rows if r.provisioned_power_w is not None]
+        self.budget_w = sum(budgets) if budgets else None
+        self.cap_events = Counter(status.counters)
+        self.caps = {
+            (g.expert, g.replica): f"sm_clock:{g.locked_sm_clock_mhz:g}"
+            for g in status.gpus
+            if g.expert and g.locked_sm_clock_mhz is not None
+        }
+
     def record_cap_event(self, kind: str, count: int = 1) -> None:
         """Count ``count`` actuations of ``kind`` (monotonic: exported as a Prometheus counter)."""
         self.cap_events[kind] += count

@@ -120,3 +120,26 @@ class BudgetExhausted(WattserveError):
 
     grpc_code = "RESOURCE_EXHAUSTED"
     http_status = 429
+
+
+class ActuationUnavailable(DeviceError):
+    """A device cannot be capped: the backend has no clock or power-limit control, the GPU does
+    not support it, or the process lacks permission. Permanent for that device until an operator
+    acts; the power governor reports it instead of retrying."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class FeatureDisabled(WattserveError):
+    """The operator asked for a feature this server runs without (e.g. the power governor)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class GovernorUnavailable(WattserveError):
+    """The power governor actor did not answer (restarting or dead); caps stay where they are."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503

@@ -99,8 +99,10 @@ class SyntheticEngineSpec(Strict):
     kind: Literal["synthetic"] = "synthetic"
     step_ms: float = Field(default=0.0, ge=0, description="Sleep per engine step (0: as fast as possible).")
     max_model_len: int = Field(default=1_000_000, ge=1, description="Prompt words plus output tokens allowed.")
-    params: int = Field(
-        default=0, ge=0, description="Parameters it pretends to have, so simulated devices can model its energy."
+    model_params: int = Field(
+        default=0, ge=0,
+        description="Parameters the synthetic model stands for, so a simulated device can model its "
+        "steps (e.g. 8000000000); 0: none, which simulated devices refuse.",
     )
 
 
@@ -214,6 +216,11 @@ class DeviceSpec(Strict):
     )
     idle_power_w: float = Field(
         default=0.0, ge=0, description="cpu: modeled idle power charged per wall-clock second."
+    )
+    actuation_delay_s: float = Field(
+        default=0.0, ge=0, le=120,
+        description="simulated: seconds before a clock lock or power limit takes effect (in-band NVML "
+        "commands act within about a second, out-of-band BMC caps take up to ~40 s).",
     )
 
     @model_validator(mode="before")

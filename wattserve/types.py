@@ -189,6 +189,7 @@ class ExpertProfile:
     sm_clock_mhz: float | None = None
     max_sm_clock_mhz: float | None = None
     image: ImageExpertStats | None = None  # image experts: frames, UNet evaluations, sessions
+    sm_clock_cap_mhz: float | None = None  # the governor's SM clock ceiling in effect; None: uncapped
 
     @property
     def queue_depth(self) -> int:

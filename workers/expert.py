@@ -21,6 +21,7 @@ from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult,
 
 from .devices import open_device
 from .engines import build_engine
+from .governed import GovernedDevice
 from .loop import EngineLoop
 from .models import prepare_model
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 EXIT_DELAY_S = 1.0
 
 
-class ExpertWorker:
+class ExpertWorker(GovernedDevice):
     """One replica of one expert. Construction loads the model (seconds) and starts the loop."""
 
     def __init__(self, spec: ExpertSpec, replica: int, cache_dir: str, exit_on_failure: bool = True) -> None:
@@ -47,6 +48,7 @@ class ExpertWorker:
             self.engine, self.device, max_queue=spec.max_queue, on_fatal=self._on_fatal
         )
         self.loop.start()
+        self._init_governed()
         log.info(
             "expert %s/%d ready: %s on %s (%s), %d params",
             spec.name, replica, self.engine.info.model, self.engine.info.device,
@@ -65,6 +67,7 @@ class ExpertWorker:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.loop.submit(call, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        self.note_priority(call.priority)
         finished = False
         try:
             while not finished:
@@ -99,7 +102,7 @@ class ExpertWorker:
         self.loop.abort(request_id)
 
     async def profile(self) -> ExpertProfile:
-        power_w, limit_w, clock, max_clock = await asyncio.to_thread(self._device_telemetry)
+        power_w, limit_w, clock, max_clock, cap = await asyncio.to_thread(self._device_telemetry)
         snap = self.loop.snapshot()
         prof = self.loop.profile
         info = self.engine.info
@@ -132,12 +135,13 @@ class ExpertWorker:
             power_limit_w=limit_w,
             sm_clock_mhz=clock,
             max_sm_clock_mhz=max_clock,
+            sm_clock_cap_mhz=cap,
         )
 
     def _device_telemetry(self) -> tuple[float | None, ...]:
         """Blocking device reads (NVML calls), run off the event loop."""
         d = self.device
-        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz()
+        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz(), d.locked_sm_clock_mhz()
 
     def shutdown(self) -> None:
         self.loop.stop()

@@ -61,6 +61,7 @@ class EngineLoop:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_fatal: Callable[[BaseException], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.engine = engine
         self.device = device
@@ -68,6 +69,7 @@ class EngineLoop:
         self.clock = clock
         self.wall_clock = wall_clock
         self.on_fatal = on_fatal
+        self.sleep = sleep
         self.ledger = EnergyLedger(device.energy_source)
         self.profile = ProfileTracker()
         self._lock = threading.Lock()
@@ -224,6 +226,7 @@ class EngineLoop:
         start_j = self.device.energy_j()
         self.device.begin_step()
         result = self.engine.step(self.clock())
+        self._wait_out_cap(result)
         self.device.end_step(result.work)
         end_j = self.device.energy_j()
         with self._lock:
@@ -233,6 +236,17 @@ class EngineLoop:
         self.profile.observe(result.timings, end_j - start_j, result.work.tokens)
         self._deliver(result.outputs, self.clock())
         return end_j
+
+    def _wait_out_cap(self, result) -> None:
+        """A modeled device that is capped would have taken longer than the host did: wait the
+        difference, inside the step, so latencies and the measured profile follow the cap (real
+        devices report zero; see ``Device.cap_slowdown_s``)."""
+        prefill_s, decode_s = self.device.cap_slowdown_s(result.work)
+        if prefill_s + decode_s <= 0:
+            return
+        self.sleep(prefill_s + decode_s)
+        result.timings.prefill_s += prefill_s
+        result.timings.decode_s += decode_s
 
     def _deliver(self, outputs: list[SequenceOutput], now: float) -> None:
         by_request: dict[str, list[StreamEvent]] = {}

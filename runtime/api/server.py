@@ -28,6 +28,7 @@ from ..gateway import Gateway
 from ..image_gateway import ImageGateway
 from ..image_metrics import ImageMetrics
 from ..metrics import ServingMetrics
+from ..power.plane import PowerPlane
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .http_server import HttpApi
@@ -51,6 +52,7 @@ class WattserveServer:
         self._owns_ray = False
         self.pool: ExpertPool | None = None
         self.gateway: Gateway | None = None
+        self.power: PowerPlane | None = None
         self.server: aio.Server | None = None
         self.health = HealthServicer()
         self.metrics = ServingMetrics()  # a registry per server: tests run several in one process
@@ -78,6 +80,10 @@ class WattserveServer:
         self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
         self.metrics.watch(self.gateway)
         await self.gateway.start()
+        if cfg.power.enabled:
+            self.progress("starting the power governor")
+            self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.power)
+            await self.power.start()
 
         limit = cfg.gateway.max_message_bytes
         self.server = aio.server(
@@ -86,7 +92,7 @@ class WattserveServer:
         )
         images = ImageGateway(self.gateway, self.image_metrics)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway, images), self.server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address, self.power), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -139,6 +145,9 @@ class WattserveServer:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        if self.power is not None:
+            await self.power.stop()
+            self.power = None
         if self.pool is not None:
             self.pool.kill()
             self.pool = None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 import wattserve
-from wattserve.errors import InvalidRequest
+from wattserve.errors import FeatureDisabled, InvalidRequest
+from wattserve.power import PowerStatus
 from wattserve.types import Priority, SamplingParams
 
 from ..gateway import Chunk, ClientRequest, Final, Gateway
@@ -24,6 +25,7 @@ from .image_protocol import (
     stream_event_to_proto,
     stream_request_from_proto,
 )
+from .power_proto import row_to_proto, status_to_proto
 from .routing_messages import (
     add_plan_to_usage,
     budget_to_proto,
@@ -110,9 +112,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, gateway: Gateway, ray_address: str) -> None:
+    def __init__(self, gateway: Gateway, ray_address: str, power=None) -> None:
         self.gateway = gateway
         self.ray_address = ray_address
+        self.power = power  # runtime.power.plane.PowerPlane, or None without a governor
+
+    async def SetPowerBudget(self, request, context):
+        if self.power is None:
+            raise FeatureDisabled("this server runs without the power governor: set power.enabled: true")
+        if not request.provisioned_power_w > 0:
+            raise InvalidRequest(f"provisioned_power_w must be > 0 W (got {request.provisioned_power_w})")
+        row = await self.power.set_budget(request.row, request.provisioned_power_w)
+        return pb.SetPowerBudgetResponse(row=row_to_proto(row))
+
+    async def GetPowerStatus(self, request, context):
+        if self.power is None:
+            return status_to_proto(PowerStatus(enabled=False, policy="", interval_s=0.0))
+        return status_to_proto(await self.power.status(request.max_events or 100))
 
     async def ListExperts(self, request, context):
         await self.gateway.poll_once()  # operators see the replicas' state now, not the last poll

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "runtime.cli.loadtest",
     "runtime.cli.router",
     "runtime.cli.images",
+    "runtime.cli.power",
 )
 
 

@@ -31,9 +31,9 @@ def config(tmp_path_factory):
             "gateway": {"port": 0, "routing_policy": "moe2", "health_interval_s": 0.2},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),
             "experts": [
-                {"name": "edge", "engine": {"kind": "synthetic", "step_ms": 1, "params": 135_000_000},
+                {"name": "edge", "engine": {"kind": "synthetic", "step_ms": 1, "model_params": 135_000_000},
                  "device": "simulated:orin", "max_batch": 4, "max_queue": 8, "quality_prior": 0.35},
-                {"name": "cloud", "engine": {"kind": "synthetic", "step_ms": CLOUD_STEP_MS, "params": 8_000_000_000},
+                {"name": "cloud", "engine": {"kind": "synthetic", "step_ms": CLOUD_STEP_MS, "model_params": 8_000_000_000},
                  "device": "simulated:h100", "max_batch": 1, "max_queue": 4, "quality_prior": 0.8},
             ],
             "tenants": [{"name": "default"}, {"name": "acme"}],

@@ -33,6 +33,7 @@ from wattserve.specs import DiffusionEngineSpec, ExpertSpec
 from wattserve.types import ExpertProfile
 
 from ..devices import open_device
+from ..governed import GovernedDevice
 from .components import DiffusionModel
 from .images import decode_image, encode_image
 from .loop import DiffusionLoop, ImageJob, JobOutcome
@@ -45,7 +46,7 @@ EXIT_DELAY_S = 1.0
 MAX_RESULTS_PER_MESSAGE = 8
 
 
-class ImageExpertWorker:
+class ImageExpertWorker(GovernedDevice):
     """One replica of one image expert. Construction loads the model and starts the loop."""
 
     def __init__(self, spec: ExpertSpec, replica: int, cache_dir: str = "", exit_on_failure: bool = True) -> None:
@@ -61,6 +62,7 @@ class ImageExpertWorker:
         self.loop = DiffusionLoop(self.model, self.device, self.engine,
                                   simulated_device=spec.device.backend == "simulated", on_fatal=self._on_fatal)
         self.loop.start()
+        self._init_governed()
         log.info("image expert %s/%d ready: %s on %s (%s), %d params", spec.name, replica, self.model.label,
                  self.model.device, self.device.energy_source, self.model.params)
 
@@ -70,6 +72,7 @@ class ImageExpertWorker:
     # -- streams --------------------------------------------------------------------------------
     async def open_session(self, call: ImageStreamCall) -> StreamSettings:
         """Validate and set up a stream; returns what it runs with. InvalidRequest, QueueFull."""
+        self.note_priority(call.priority)
         settings = resolve_settings(call.params, self.engine, self.model, similarity=call.similarity,
                                     frame_buffer_size=call.frame_buffer_size, energy_source=self.device.energy_source)
         session = StreamSession(call, settings, self.model, input_queue_frames=self.engine.input_queue_frames,
@@ -173,6 +176,7 @@ class ImageExpertWorker:
     async def generate_image(self, call: ImageJobCall) -> ImageResult:
         """One text-to-image request (n sequential steps of one latent). Cancelling the call
         stops the work at the next step."""
+        self.note_priority(call.priority)
         settings = resolve_settings(call.params, self.engine, self.model, energy_source=self.device.energy_source)
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()

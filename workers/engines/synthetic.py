@@ -50,7 +50,7 @@ class SyntheticEngine(Engine):
         self.expert = expert.name
         self.scheduler: Scheduler[_SyntheticSeq] = Scheduler(expert.max_batch, max_prefill_tokens=1 << 30)
         self.info = EngineInfo(
-            model="none", engine="synthetic", params=spec.params, max_model_len=spec.max_model_len,
+            model="none", engine="synthetic", params=spec.model_params, max_model_len=spec.max_model_len,
             max_batch=expert.max_batch, device="none",
         )
 

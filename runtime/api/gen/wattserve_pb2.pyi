@@ -664,3 +664,134 @@ class GenerateImageResponse(_message.Message):
     routing_policy: str
     routing_reason: str
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., request_id: _Optional[str] = ..., latency_ms: _Optional[float] = ..., expert_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., unet_calls: _Optional[int] = ..., unet_evaluations: _Optional[int] = ..., timesteps: _Optional[_Iterable[int]] = ..., cfg_type: _Optional[_Union[CfgType, str]] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ...) -> None: ...
+
+class SetPowerBudgetRequest(_message.Message):
+    __slots__ = ("row", "provisioned_power_w")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONED_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    row: str
+    provisioned_power_w: float
+    def __init__(self, row: _Optional[str] = ..., provisioned_power_w: _Optional[float] = ...) -> None: ...
+
+class SetPowerBudgetResponse(_message.Message):
+    __slots__ = ("row",)
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    row: PowerRow
+    def __init__(self, row: _Optional[_Union[PowerRow, _Mapping]] = ...) -> None: ...
+
+class GetPowerStatusRequest(_message.Message):
+    __slots__ = ("max_events",)
+    MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    max_events: int
+    def __init__(self, max_events: _Optional[int] = ...) -> None: ...
+
+class PowerRow(_message.Message):
+    __slots__ = ("name", "provisioned_power_w", "power_w", "level", "t1_w", "t2_w", "brake_w", "telemetry_ok", "gpus", "capped_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONED_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    T1_W_FIELD_NUMBER: _ClassVar[int]
+    T2_W_FIELD_NUMBER: _ClassVar[int]
+    BRAKE_W_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_OK_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    CAPPED_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    provisioned_power_w: float
+    power_w: float
+    level: str
+    t1_w: float
+    t2_w: float
+    brake_w: float
+    telemetry_ok: bool
+    gpus: int
+    capped_s: float
+    def __init__(self, name: _Optional[str] = ..., provisioned_power_w: _Optional[float] = ..., power_w: _Optional[float] = ..., level: _Optional[str] = ..., t1_w: _Optional[float] = ..., t2_w: _Optional[float] = ..., brake_w: _Optional[float] = ..., telemetry_ok: _Optional[bool] = ..., gpus: _Optional[int] = ..., capped_s: _Optional[float] = ...) -> None: ...
+
+class GpuPower(_message.Message):
+    __slots__ = ("gpu", "node", "row", "expert", "replica", "device", "priority", "power_w", "sm_clock_mhz", "max_sm_clock_mhz", "locked_sm_clock_mhz", "target_sm_clock_mhz", "power_limit_w", "can_actuate", "control_reason", "sample_age_s", "error")
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MAX_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    POWER_LIMIT_W_FIELD_NUMBER: _ClassVar[int]
+    CAN_ACTUATE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_REASON_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    gpu: str
+    node: str
+    row: str
+    expert: str
+    replica: int
+    device: str
+    priority: str
+    power_w: float
+    sm_clock_mhz: float
+    max_sm_clock_mhz: float
+    locked_sm_clock_mhz: float
+    target_sm_clock_mhz: float
+    power_limit_w: float
+    can_actuate: bool
+    control_reason: str
+    sample_age_s: float
+    error: str
+    def __init__(self, gpu: _Optional[str] = ..., node: _Optional[str] = ..., row: _Optional[str] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., device: _Optional[str] = ..., priority: _Optional[str] = ..., power_w: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., max_sm_clock_mhz: _Optional[float] = ..., locked_sm_clock_mhz: _Optional[float] = ..., target_sm_clock_mhz: _Optional[float] = ..., power_limit_w: _Optional[float] = ..., can_actuate: _Optional[bool] = ..., control_reason: _Optional[str] = ..., sample_age_s: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PowerEvent(_message.Message):
+    __slots__ = ("time_unix_s", "kind", "row", "gpu", "reason", "row_power_w", "provisioned_power_w", "from_sm_clock_mhz", "to_sm_clock_mhz")
+    TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROW_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONED_POWER_W_FIELD_NUMBER: _ClassVar[int]
+    FROM_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    TO_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    time_unix_s: float
+    kind: str
+    row: str
+    gpu: str
+    reason: str
+    row_power_w: float
+    provisioned_power_w: float
+    from_sm_clock_mhz: float
+    to_sm_clock_mhz: float
+    def __init__(self, time_unix_s: _Optional[float] = ..., kind: _Optional[str] = ..., row: _Optional[str] = ..., gpu: _Optional[str] = ..., reason: _Optional[str] = ..., row_power_w: _Optional[float] = ..., provisioned_power_w: _Optional[float] = ..., from_sm_clock_mhz: _Optional[float] = ..., to_sm_clock_mhz: _Optional[float] = ...) -> None: ...
+
+class PowerStatus(_message.Message):
+    __slots__ = ("enabled", "policy", "interval_s", "rows", "gpus", "events", "counters", "alerts")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    policy: str
+    interval_s: float
+    rows: _containers.RepeatedCompositeFieldContainer[PowerRow]
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuPower]
+    events: _containers.RepeatedCompositeFieldContainer[PowerEvent]
+    counters: _containers.ScalarMap[str, int]
+    alerts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, enabled: _Optional[bool] = ..., policy: _Optional[str] = ..., interval_s: _Optional[float] = ..., rows: _Optional[_Iterable[_Union[PowerRow, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuPower, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[PowerEvent, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., alerts: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -270,6 +270,16 @@ class AdminStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
                 _registered_method=True)
+        self.SetPowerBudget = channel.unary_unary(
+                '/wattserve.v1.Admin/SetPowerBudget',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetPowerStatus = channel.unary_unary(
+                '/wattserve.v1.Admin/GetPowerStatus',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -301,6 +311,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPowerBudget(self, request, context):
+        """The power governor (POLCA). FAILED_PRECONDITION when the server runs without it
+        (config power.enabled: false); INVALID_ARGUMENT for an unknown row or a budget <= 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPowerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -323,6 +347,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetEnergyBudget,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.SerializeToString,
+            ),
+            'SetPowerBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPowerBudget,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetResponse.SerializeToString,
+            ),
+            'GetPowerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPowerStatus,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +467,60 @@ class Admin:
             '/wattserve.v1.Admin/GetEnergyBudget',
             wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPowerBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/SetPowerBudget',
+            wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPowerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/GetPowerStatus',
+            wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.FromString,
             options,
             channel_credentials,
             insecure,
