@@ -51,6 +51,7 @@ asyncio.run(main())
 CONFIG = """
 ray: {num_cpus: 2, object_store_memory_mb: 128}
 gateway: {port: 0, max_inflight: 1024}
+http: {enabled: false}
 experts:
   - {name: synth, engine: {kind: synthetic}, device: cpu, max_batch: 256, max_queue: 256}
 """

@@ -2,7 +2,8 @@
 
 ``start_ray`` starts an embedded instance on loopback (or joins a cluster), ``ExpertPool``
 creates one actor per expert replica (named ``wattserve:<expert>:<i>``, restartable, placed by
-the resources in its spec) and waits until every replica has loaded its model.
+the resources in its spec) and waits until every replica has loaded its model. The power plane's
+actors (node agents, governor) are created by its sibling ``runtime/power/plane.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ray
 
 from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec
+from workers.diffusion.worker import ImageExpertWorker
 from workers.expert import ExpertWorker
 
 from .config import RayConfig
@@ -68,6 +70,22 @@ def actor_name(expert: str, index: int) -> str:
     return f"wattserve:{expert}:{index}"
 
 
+class _OnNode:
+    """What only Ray can tell an expert body: the node it runs on (the power plane gives each
+    expert to its node's agent). Mixed in here so ``workers/`` stays free of Ray."""
+
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class ExpertActor(_OnNode, ExpertWorker):
+    """A text expert replica as a Ray actor."""
+
+
+class ImageExpertActor(_OnNode, ImageExpertWorker):
+    """An image expert replica as a Ray actor."""
+
+
 class ExpertPool:
     """Creates and owns the expert replica actors of a configuration."""
 
@@ -77,8 +95,10 @@ class ExpertPool:
         self.replicas: dict[str, list[Replica]] = {}
 
     def create(self) -> None:
-        actor_cls = ray.remote(ExpertWorker)
+        # Text experts and image experts are different actor bodies behind the same lifecycle.
+        classes = {"text": ray.remote(ExpertActor), "image": ray.remote(ImageExpertActor)}
         for spec in self.specs.values():
+            actor_cls = classes[spec.modality]
             res = spec.resources
             options = dict(
                 name=actor_name(spec.name, 0),

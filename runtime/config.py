@@ -19,6 +19,8 @@ from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
 from wattserve.types import Priority
 
+from .power.config import PowerConfig
+
 
 class RayConfig(Strict):
     """Where the experts run. No address: an embedded local Ray instance on loopback."""
@@ -47,7 +49,107 @@ class GatewayConfig(Strict):
     max_tokens_limit: int = Field(default=4096, ge=1, description="Upper bound on max_tokens.")
     health_interval_s: float = Field(default=1.0, gt=0, description="How often expert telemetry is polled.")
     health_timeout_s: float = Field(default=5.0, gt=0, description="A replica silent this long is unhealthy.")
-    routing_policy: Literal["least_loaded"] = Field(default="least_loaded", description="How experts are chosen.")
+    routing_policy: Literal["least_loaded", "random", "round_robin", "cheapest", "strongest", "threshold", "moe2"] = Field(
+        default="least_loaded",
+        description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline.",
+    )
+
+
+class CostPriorConfig(Strict):
+    """Costs the router assumes for an expert until it has measured any (cold start)."""
+
+    prefill_ms_per_token: float = Field(ge=0, description="Prompt processing time per token.")
+    decode_ms_per_token: float = Field(ge=0, description="Time of one decode step (one output token).")
+    j_per_token: float = Field(ge=0, description="Energy per token processed.")
+
+
+class ClusterBudgetConfig(Strict):
+    """The whole cluster's energy budget: joules per window, or an average power over the window."""
+
+    energy_budget_j: float | None = Field(default=None, ge=0, description="Joules per window.")
+    average_power_w: float | None = Field(
+        default=None, ge=0, description="Alternative: average watts; the budget is this x window_s joules."
+    )
+    window_s: float = Field(default=3600.0, gt=0, description="Rolling window length.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ClusterBudgetConfig:
+        if (self.energy_budget_j is None) == (self.average_power_w is None):
+            raise ValueError("give exactly one of energy_budget_j or average_power_w")
+        return self
+
+    @property
+    def joules(self) -> float:
+        return self.energy_budget_j if self.energy_budget_j is not None else self.average_power_w * self.window_s
+
+
+class RouterConfig(Strict):
+    """The MoE² router: gate, cost model, budgets and the baselines' knobs (docs/routing.md)."""
+
+    gate_path: str | None = Field(
+        default=None,
+        description="Directory written by `wattserve gate fit` (relative to the config file); "
+        "None: the documented prior gate from each expert's quality_prior.",
+    )
+    gate_outputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Expert name -> gate output (a quality column of the training data); default: the expert name.",
+    )
+    infeasible: Literal["reject", "serve_cheapest"] = Field(
+        default="reject",
+        description="When no expert fits a request's budget: FAILED_PRECONDITION naming the cheapest "
+        "feasible budget, or serve the cheapest expert and flag budget_exceeded.",
+    )
+    aggregation_ms: float = Field(default=5.0, ge=0, description="Score: time to combine several experts' answers.")
+    quality_per_j: float = Field(
+        default=0.0, ge=0,
+        description="Price of energy in quality units per joule: experts whose quality is not worth their "
+        "predicted joules at this price are left out (the Lagrangian of an average energy budget; 0: budgets alone decide).",
+    )
+    cascade_below_logprob: float | None = Field(
+        default=None, le=0,
+        description="moe2 Generate: answer first from the cheapest expert of the chosen subset and, when "
+        "that answer's mean token log-probability (nats) is below this, answer again from the top expert "
+        "(the first answer is held back, not streamed). None: no cascade.",
+    )
+    strong: str | None = Field(default=None, description="threshold policy: the strong expert (default: highest prior).")
+    weak: str | None = Field(default=None, description="threshold policy: the weak expert (default: lowest prior).")
+    threshold: float = Field(default=0.0, description="threshold policy: strong when q_strong - q_weak >= this.")
+    cost_priors: dict[str, CostPriorConfig] = Field(
+        default_factory=dict, description="Expert name -> costs assumed before it has measured any."
+    )
+    cost_ewma_alpha: float = Field(default=0.1, gt=0, le=1, description="Weight of one outcome in the online corrections.")
+    cluster_budget: ClusterBudgetConfig | None = Field(default=None, description="None: no cluster budget.")
+    throttle_fraction: float = Field(
+        default=0.8, gt=0, le=1,
+        description="A tenant or the cluster past this share of its budget is throttled to the cheapest expert.",
+    )
+    seed: int | None = Field(default=None, description="Seed of the random and least-loaded tie breaks.")
+
+
+class HttpConfig(Strict):
+    """The OpenAI-compatible HTTP API, Prometheus ``/metrics`` and ``/health``, served by the
+    same process and event loop as the gRPC endpoint."""
+
+    enabled: bool = Field(default=True, description="Serve HTTP next to gRPC.")
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds.")
+    port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="0 picks a free port. None: 8000, or a free port when the gRPC port is 0 (tests, side-by-side servers).",
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Larger request bodies are answered 413."
+    )
+
+
+DEFAULT_HTTP_PORT = 8000
+
+
+def resolve_http_port(http: HttpConfig, grpc_port: int) -> int:
+    """The HTTP port to bind: the configured one, else 8000 (a free one when gRPC's is 0)."""
+    if http.port is not None:
+        return http.port
+    return 0 if grpc_port == 0 else DEFAULT_HTTP_PORT
 
 
 class TenantConfig(Strict):
@@ -55,7 +157,7 @@ class TenantConfig(Strict):
 
     name: str = Field(description="Tenant id used in requests and metrics.")
     energy_budget_j: float | None = Field(
-        default=None, ge=0, description="Energy the tenant may use per budget window (router issue enforces)."
+        default=None, ge=0, description="Energy the tenant may use per budget window; None: unlimited."
     )
     budget_window_s: float = Field(default=3600.0, gt=0, description="Window of energy_budget_j.")
     max_priority: Literal["low", "normal", "high"] = Field(
@@ -72,6 +174,7 @@ class WattserveConfig(Strict):
 
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster or embedded instance.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The gRPC endpoint.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="The OpenAI-compatible HTTP API and /metrics.")
     model_cache_dir: str | None = Field(
         default=None,
         description="Where converted models live; default $WATTSERVE_CACHE_DIR or ~/.cache/wattserve. "
@@ -81,6 +184,10 @@ class WattserveConfig(Strict):
     tenants: list[TenantConfig] = Field(
         default_factory=list, description="Empty: any tenant name is accepted."
     )
+    router: RouterConfig = Field(default_factory=RouterConfig, description="MoE² routing and energy budgets.")
+    power: PowerConfig = Field(
+        default_factory=PowerConfig, description="The power governor (off unless enabled)."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> WattserveConfig:
@@ -88,6 +195,13 @@ class WattserveConfig(Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"duplicate {kind} names: {', '.join(dupes)}")
+        names = {e.name for e in self.experts}
+        r = self.router
+        for what, keys in (("gate_outputs", r.gate_outputs), ("cost_priors", r.cost_priors),
+                           ("strong", [r.strong] if r.strong else []), ("weak", [r.weak] if r.weak else [])):
+            unknown = sorted(set(keys) - names)
+            if unknown:
+                raise ValueError(f"router.{what} names unknown experts {unknown}; experts are {sorted(names)}")
         return self
 
     def expert(self, name: str) -> ExpertSpec | None:
@@ -160,6 +274,8 @@ def load_config(path: str | Path) -> WattserveConfig:
             value = getattr(exits, key, None)
             if value and not Path(value).expanduser().is_absolute():
                 setattr(exits, key, str((path.parent / value).resolve()))
+    if cfg.router.gate_path and not Path(cfg.router.gate_path).expanduser().is_absolute():
+        cfg.router.gate_path = str((path.parent / cfg.router.gate_path).resolve())
     return cfg
 
 
@@ -167,6 +283,7 @@ def config_reference() -> str:
     """Markdown reference of every config key, generated from the models (docs/config.md)."""
     from wattserve.specs import (
         DeviceSpec,
+        DiffusionEngineSpec,
         EarlyExitSpec,
         GgufPackageSource,
         HubModelSource,
@@ -176,11 +293,18 @@ def config_reference() -> str:
         TorchEngineSpec,
     )
 
+    from .power.config import RowSpec
+    from .power.policy import PolicyConfig
+
     sections = [
         ("top level", WattserveConfig),
         ("ray", RayConfig),
         ("gateway", GatewayConfig),
+        ("http", HttpConfig),
         ("tenants[]", TenantConfig),
+        ("router", RouterConfig),
+        ("router.cost_priors.<expert>", CostPriorConfig),
+        ("router.cluster_budget", ClusterBudgetConfig),
         ("experts[]", ExpertSpec),
         ("experts[].model (kind: local)", LocalModelSource),
         ("experts[].model (kind: gguf_package)", GgufPackageSource),
@@ -188,8 +312,12 @@ def config_reference() -> str:
         ("experts[].engine (kind: torch)", TorchEngineSpec),
         ("experts[].engine.early_exit", EarlyExitSpec),
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
+        ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),
         ("experts[].device", DeviceSpec),
         ("experts[].resources", ResourceSpec),
+        ("power", PowerConfig),
+        ("power.rows[]", RowSpec),
+        ("power.policy", PolicyConfig),
     ]
     out = [
         "# Configuration reference",

@@ -20,12 +20,16 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from router.base import Candidate, Plan, RequestFeatures, RoutingPolicy
-from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, WattserveError
-from wattserve.types import ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
+from router.base import Candidate, Plan
+from router.policies import Policy
+from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, UnknownExpert, WattserveError
+from wattserve.types import ChatMessage, ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
 
 from .cluster import ExpertPool, Replica
 from .config import WattserveConfig
+from .metrics import RequestRecorder, ServingMetrics
+from .power_state import PowerState
+from .routing import RouteRequest, RoutingService
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,11 @@ MAX_REQUEST_ID_CHARS = 128
 
 @dataclass(slots=True, frozen=True)
 class ClientRequest:
-    """A generation request as the API received it (not yet validated)."""
+    """A generation request as the API received it (not yet validated).
+
+    Exactly one of ``prompt`` (a completion) and ``messages`` (a chat, rendered by the expert's
+    chat template) is set. ``api`` names the transport, for metrics.
+    """
 
     prompt: str
     max_tokens: int = 0
@@ -49,6 +57,8 @@ class ClientRequest:
     tenant: str = ""
     request_id: str = ""
     deadline_unix_s: float | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    api: str = "grpc"
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,27 +93,33 @@ class Gateway:
         self,
         config: WattserveConfig,
         pool: ExpertPool,
-        policy: RoutingPolicy,
+        policy: Policy | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         on_health_change: Callable[[bool], None] | None = None,
+        metrics: ServingMetrics | None = None,
     ) -> None:
         self.config = config
         self.gw = config.gateway
         self.pool = pool
-        self.policy = policy
+        self.routing = RoutingService(config, clock=clock, policy=policy)
+        self.policy = self.routing.policy
         self.clock = clock
         self.on_health_change = on_health_change
         self.states = {(r.expert, r.index): ReplicaState(r) for r in pool.all()}
+        self.modality = {e.name: e.modality for e in config.experts}  # text or image
         self.started_s = clock()
         self.inflight = 0
         self.requests_total = 0
         self.requests_failed = 0
         self._poller: asyncio.Task | None = None
         self._any_healthy: bool | None = None
+        self.metrics = metrics or ServingMetrics()
+        self.power = PowerState()  # filled by the power governor; exported as metrics
 
     # -- telemetry ------------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.routing.start()
         await self.poll_once()
         self._poller = asyncio.create_task(self._poll_forever(), name="gateway-telemetry")
 
@@ -151,9 +167,12 @@ class Gateway:
     def validate(self, req: ClientRequest) -> ClientRequest:
         """Check every field; return the request with defaults filled in."""
         gw = self.gw
-        if not req.prompt:
+        if req.messages and req.prompt:
+            raise InvalidRequest("send either a prompt or chat messages, not both")
+        if not req.prompt and not req.messages:
             raise InvalidRequest("prompt is empty: send the text to continue")
-        size = len(req.prompt.encode("utf-8", "surrogatepass"))
+        text = req.prompt or "".join(m.content for m in req.messages)
+        size = len(text.encode("utf-8", "surrogatepass"))
         if size > gw.max_prompt_bytes:
             raise InvalidRequest(f"prompt is {size} bytes; this server accepts at most {gw.max_prompt_bytes}")
         max_tokens = req.max_tokens or gw.default_max_tokens
@@ -172,8 +191,10 @@ class Gateway:
         if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         if req.expert and self.config.expert(req.expert) is None:
-            known = ", ".join(e.name for e in self.config.experts)
-            raise InvalidRequest(f"unknown expert {req.expert!r}; known experts: {known}")
+            known = ", ".join(e.name for e in self.config.experts if e.modality == "text")
+            raise UnknownExpert(f"unknown expert {req.expert!r}; known experts: {known}")
+        if req.expert and self.modality[req.expert] != "text":
+            raise InvalidRequest(f"expert {req.expert!r} serves images; use StreamImages or GenerateImage")
         for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
@@ -206,34 +227,55 @@ class Gateway:
         EngineDead); whichever way the caller leaves, the replica's work is aborted.
         """
         received = self.clock()
-        req = self.validate(request)
-        if self.inflight >= self.gw.max_inflight:
-            raise QueueFull(
-                f"server is at its limit of {self.gw.max_inflight} requests in flight; retry shortly",
-                retry_after_ms=200,
-            )
+        rec = self.metrics.begin(request.api, self.clock)
+        try:
+            req = self.validate(request)
+            if self.inflight >= self.gw.max_inflight:
+                raise QueueFull(
+                    f"server is at its limit of {self.gw.max_inflight} requests in flight; retry shortly",
+                    retry_after_ms=200,
+                )
+        except WattserveError as exc:
+            rec.failed(exc)
+            raise
         self.inflight += 1
         self.requests_total += 1
+        final_sent = False
         try:
-            async for item in self._serve(req, received):
+            async for item in self._serve(req, received, rec):
+                if isinstance(item, Chunk):
+                    rec.chunk(item)
+                else:
+                    rec.finished(item, req.tenant, req.energy_budget_j, req.latency_budget_ms)
+                    final_sent = True
                 yield item
-        except BaseException:
-            self.requests_failed += 1
+        except BaseException as exc:
+            if not final_sent:  # a caller closing us right after the Final is not a failure
+                self.requests_failed += 1
+                rec.failed(exc)
             raise
         finally:
             self.inflight -= 1
 
-    async def _serve(self, req: ClientRequest, received: float) -> AsyncIterator[Chunk | Final]:
-        features = RequestFeatures(
-            prompt_chars=len(req.prompt),
-            max_tokens=req.max_tokens,
-            priority=req.priority,
-            tenant=req.tenant,
-            expert=req.expert or None,
-            energy_budget_j=req.energy_budget_j,
-            latency_budget_ms=req.latency_budget_ms,
+    async def _serve(self, req: ClientRequest, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
+        route = RouteRequest(
+            prompt=req.prompt or "\n".join(m.content for m in req.messages),  # what the gate reads
+            tenant=req.tenant, priority=req.priority, max_tokens=req.max_tokens,
+            expert=req.expert, energy_budget_j=req.energy_budget_j, latency_budget_ms=req.latency_budget_ms,
+            deadline_ms=None if req.deadline_unix_s is None else 1000.0 * (req.deadline_unix_s - time.time()),
         )
-        plan = self.policy.plan(features, self._candidates())
+        plan = await self.routing.plan(route, self._candidates())
+        if plan.cascade:
+            from .cascade import serve_cascade
+
+            async for item in serve_cascade(self, req, plan, received, rec):
+                yield item
+            return
+        async for item in self._run(req, plan, received, rec):
+            yield item
+
+    async def _run(self, req: ClientRequest, plan: Plan, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
+        """Dispatch ``req`` to the plan's first replica that admits it and stream it to the end."""
         call = GenerateCall(
             request_id=uuid.uuid4().hex,
             prompt=req.prompt,
@@ -242,11 +284,13 @@ class Gateway:
             priority=req.priority,
             tenant=req.tenant,
             deadline_unix_s=req.deadline_unix_s,
+            messages=req.messages,
             compute_budget=req.compute_budget,
             energy_budget_j=req.energy_budget_j,
         )
         state, stream, first = await self._dispatch(plan, call)
         replica = state.replica
+        rec.routed(replica.expert)
         ttft_ms = None
         finished = False
         tokens_streamed = 0
@@ -265,6 +309,10 @@ class Gateway:
                 usage = events[-1].usage
                 if usage is not None:
                     finished = True
+                    self.routing.finish(
+                        plan, req.tenant, replica.expert, replica.index, prompt_tokens=usage.prompt_tokens,
+                        output_tokens=usage.completion_tokens, energy_j=usage.energy_j, latency_ms=usage.latency_ms,
+                    )
                     now = self.clock()
                     yield Final(
                         request_id=req.request_id or call.request_id,
@@ -281,6 +329,7 @@ class Gateway:
             state.inflight -= 1
             if not finished:
                 _abandon(stream, replica, call.request_id)
+                self.routing.charge_unfinished(req.tenant, plan, tokens_streamed / max(1, req.max_tokens))
 
     async def _dispatch(self, plan: Plan, call: GenerateCall):
         """Start the call on the first candidate that admits it; returns its first events."""
@@ -323,10 +372,22 @@ class Gateway:
                 f"expert {replica.expert}/{replica.index} failed: {str(exc).strip().splitlines()[-1][:300]}"
             ) from None
 
-    def _candidates(self) -> list[Candidate]:
+    async def score(self, request):
+        """Serve an ``Inference.Score`` request (``runtime/scoring.py``)."""
+        from .scoring import score
+
+        return await score(self, request)
+
+    def candidates(self, modality: str = "text") -> list[Candidate]:
+        return self._candidates(modality)
+
+    def _candidates(self, modality: str = "text") -> list[Candidate]:
+        """Replicas of the experts that serve ``modality``: the router never sees an image expert
+        for a text request (nor a text expert for an image request)."""
         return [
             Candidate(expert=k[0], replica=k[1], healthy=s.healthy, inflight=s.inflight, profile=s.profile)
             for k, s in self.states.items()
+            if self.modality.get(k[0], "text") == modality
         ]
 
     # -- views for the Admin API ----------------------------------------------------------------

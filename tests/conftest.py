@@ -47,3 +47,11 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_dir(tmp_path_factory) -> Path:
+    """A tiny random latent diffusion model (UNet, VAE, CLIP text encoder) in diffusers format."""
+    from tests.tiny_diffusion import build_diffusion_model
+
+    return build_diffusion_model(tmp_path_factory.mktemp("tiny-diffusion") / "sd")

@@ -1,8 +1,9 @@
 """Domain errors shared by every layer.
 
 Workers raise these inside Ray actors; Ray re-raises them in the gateway as instances of the
-same class (``RayTaskError.as_instanceof_cause``), and exactly one gRPC interceptor turns them
-into status codes (``runtime/api/interceptors.py``). Keep constructors to a single message
+same class (``RayTaskError.as_instanceof_cause``), and exactly one mapping per transport turns
+them into status codes (``runtime/api/interceptors.py``: the gRPC interceptor and the HTTP
+error body of the OpenAI-compatible API). Keep constructors to a single message
 argument so they pickle across processes.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 
 class WattserveError(Exception):
-    """Base class. ``grpc_code`` names the ``grpc.StatusCode`` member the API answers with."""
+    """Base class. ``grpc_code`` names the ``grpc.StatusCode`` member the gRPC API answers with,
+    ``http_status`` the status the HTTP API answers with."""
 
     grpc_code = "INTERNAL"
+    http_status = 500
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
@@ -34,24 +37,34 @@ class InvalidRequest(WattserveError):
     """The caller sent something we cannot serve as asked; the message says what to fix."""
 
     grpc_code = "INVALID_ARGUMENT"
+    http_status = 400
+
+
+class UnknownExpert(InvalidRequest):
+    """The request named an expert (an OpenAI ``model``) this server does not have."""
+
+    http_status = 404
 
 
 class QueueFull(WattserveError):
     """Admission refused because a bounded queue is full; ``details['retry_after_ms']`` hints."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
 
 
 class NoHealthyExpert(WattserveError):
     """No replica that could serve the request is healthy right now."""
 
     grpc_code = "UNAVAILABLE"
+    http_status = 503
 
 
 class ExpertUnavailable(WattserveError):
     """An expert died or its engine failed while serving; not the caller's fault."""
 
     grpc_code = "UNAVAILABLE"
+    http_status = 503
 
 
 class EngineDead(ExpertUnavailable):
@@ -62,30 +75,74 @@ class DeadlineExceeded(WattserveError):
     """The request's deadline passed before it finished."""
 
     grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
 
 
 class RequestAborted(WattserveError):
     """The request was cancelled by its caller or an operator."""
 
     grpc_code = "CANCELLED"
+    http_status = 499
 
 
 class ConfigError(WattserveError):
     """A configuration file or value is invalid; the message names the file and the key."""
 
     grpc_code = "INVALID_ARGUMENT"
+    http_status = 400
 
 
 class ModelSourceError(WattserveError):
     """A model could not be located or prepared (missing path, offline hub, bad package)."""
 
     grpc_code = "FAILED_PRECONDITION"
+    http_status = 500
 
 
 class DeviceError(WattserveError):
     """A device backend could not be opened or read (no driver, no permission)."""
 
     grpc_code = "UNAVAILABLE"
+    http_status = 503
+
+
+class BudgetInfeasible(WattserveError):
+    """No expert can serve the request within its energy/latency budget; ``details`` names the
+    cheapest budget that would be feasible (``cheapest_energy_j``, ``cheapest_latency_ms``)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class BudgetExhausted(WattserveError):
+    """A tenant's or the cluster's energy budget for the current window is used up;
+    ``details['retry_after_ms']`` says when the window frees enough of it."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
+class ActuationUnavailable(DeviceError):
+    """A device cannot be capped: the backend has no clock or power-limit control, the GPU does
+    not support it, or the process lacks permission. Permanent for that device until an operator
+    acts; the power governor reports it instead of retrying."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class FeatureDisabled(WattserveError):
+    """The operator asked for a feature this server runs without (e.g. the power governor)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412
+
+
+class GovernorUnavailable(WattserveError):
+    """The power governor actor did not answer (restarting or dead); caps stay where they are."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
 
 
 class ExitCalibrationError(WattserveError):
@@ -93,3 +150,4 @@ class ExitCalibrationError(WattserveError):
     or exit layout; the message says what to recalibrate."""
 
     grpc_code = "FAILED_PRECONDITION"
+    http_status = 412

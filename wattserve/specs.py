@@ -156,9 +156,99 @@ class SyntheticEngineSpec(Strict):
     kind: Literal["synthetic"] = "synthetic"
     step_ms: float = Field(default=0.0, ge=0, description="Sleep per engine step (0: as fast as possible).")
     max_model_len: int = Field(default=1_000_000, ge=1, description="Prompt words plus output tokens allowed.")
+    model_params: int = Field(
+        default=0, ge=0,
+        description="Parameters the synthetic model stands for, so a simulated device can model its "
+        "steps (e.g. 8000000000); 0: none, which simulated devices refuse.",
+    )
 
 
-EngineSpec = Annotated[TorchEngineSpec | SyntheticEngineSpec, Field(discriminator="kind")]
+class DiffusionEngineSpec(Strict):
+    """A latent diffusion model (UNet, VAE, CLIP text encoder) run as a StreamDiffusion-style image
+    expert: streaming image-to-image with Stream Batch, residual CFG and a similarity filter, and
+    one-shot text-to-image. Stream parameters here are defaults a client may override per stream."""
+
+    kind: Literal["diffusion"] = "diffusion"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: float32 on CPU, float16 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where tensors live.")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads on CPU; None keeps torch's default."
+    )
+    width: int | None = Field(
+        default=None, ge=8, description="Default image width in pixels; None: the UNet's sample size x the VAE's scale."
+    )
+    height: int | None = Field(default=None, ge=8, description="Default image height in pixels; None: as width.")
+    max_pixels: int = Field(
+        default=1024 * 1024, ge=64, description="Largest width x height a client may ask for."
+    )
+    schedule_steps: int = Field(
+        default=50, ge=1, le=1000, description="Length of the LCM schedule that t_index_list indexes into."
+    )
+    t_index_list: list[int] = Field(
+        default_factory=lambda: [32, 45],
+        min_length=1,
+        description="Default denoising steps: strictly increasing indices into the schedule (n = its length).",
+    )
+    cfg_type: Literal["none", "self", "initialize", "full"] = Field(
+        default="self",
+        description="Default guidance: none (n UNet evaluations per frame), self / initialize (residual CFG: "
+        "n / n+1), full (conventional CFG: 2n).",
+    )
+    guidance_scale: float = Field(default=1.2, ge=1.0, le=50.0, description="Default guidance scale (gamma).")
+    delta: float = Field(
+        default=1.0, ge=0.0, le=10.0, description="Default scale of residual CFG's virtual residual noise."
+    )
+    frame_buffer_size: int = Field(
+        default=1, ge=1, le=16, description="Default frames a stream denoises together per step."
+    )
+    max_frame_buffer_size: int = Field(default=4, ge=1, le=16, description="Largest frame_buffer_size a client may ask for.")
+    stream_batch: bool = Field(
+        default=True,
+        description="Stream Batch: one UNet call per frame over all n timesteps (output lags n-1 frames). "
+        "false: denoise each frame fully (n calls) before the next, the sequential baseline.",
+    )
+    similarity_filter: bool = Field(default=False, description="Default: skip frames similar to the last processed one.")
+    similarity_threshold: float = Field(
+        default=0.98, ge=0.0, le=1.0, description="Default eta of the similarity filter (cosine similarity)."
+    )
+    max_skip_frames: int = Field(
+        default=10, ge=0, le=10_000, description="Default most consecutive frames the filter may skip."
+    )
+    seed: int = Field(default=2, ge=0, description="Default seed of a stream's fixed per-slot noise and filter.")
+    max_sessions: int = Field(
+        default=4, ge=1, le=256, description="Streams and text-to-image requests served at once; more get RESOURCE_EXHAUSTED."
+    )
+    input_queue_frames: int = Field(
+        default=8, ge=1, le=1024, description="Frames waiting per stream; when full, the oldest is dropped (counted)."
+    )
+    output_queue_frames: int = Field(
+        default=8, ge=1, le=1024,
+        description="Results waiting per stream for a slow reader; when full, the oldest is dropped (counted).",
+    )
+    session_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="A stream with no frame pushed or result read for this long is closed."
+    )
+    max_frame_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest encoded frame accepted (bytes)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionEngineSpec:
+        ts = self.t_index_list
+        if any(b <= a for a, b in zip(ts, ts[1:], strict=False)) or ts[0] < 0 or ts[-1] >= self.schedule_steps:
+            raise ValueError(
+                f"t_index_list {ts} must be strictly increasing indices in [0, {self.schedule_steps})"
+            )
+        if self.frame_buffer_size > self.max_frame_buffer_size:
+            raise ValueError("frame_buffer_size must be <= max_frame_buffer_size")
+        return self
+
+
+EngineSpec = Annotated[
+    TorchEngineSpec | SyntheticEngineSpec | DiffusionEngineSpec, Field(discriminator="kind")
+]
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -183,6 +273,11 @@ class DeviceSpec(Strict):
     )
     idle_power_w: float = Field(
         default=0.0, ge=0, description="cpu: modeled idle power charged per wall-clock second."
+    )
+    actuation_delay_s: float = Field(
+        default=0.0, ge=0, le=120,
+        description="simulated: seconds before a clock lock or power limit takes effect (in-band NVML "
+        "commands act within about a second, out-of-band BMC caps take up to ~40 s).",
     )
 
     @model_validator(mode="before")
@@ -228,18 +323,19 @@ class ExpertSpec(Strict):
     name: str = Field(description="Lower-case id used in requests and metrics, e.g. edge.")
     model: ModelSource | None = Field(default=None, description="Required unless engine is synthetic.")
     engine: EngineSpec = Field(
-        default_factory=TorchEngineSpec, description="torch (default) or synthetic; a string is shorthand for the kind."
+        default_factory=TorchEngineSpec,
+        description="torch (default), synthetic, or diffusion (an image expert); a string is shorthand for the kind.",
     )
     device: DeviceSpec = Field(default_factory=DeviceSpec, description="Energy source: cpu, nvml[:i] or simulated:<profile>.")
     replicas: int = Field(default=1, ge=1, le=64, description="Ray actors serving this expert.")
     max_restarts: int = Field(default=3, ge=-1, description="Ray actor restarts; -1 is unlimited.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Ray resources per replica.")
-    max_batch: int = Field(default=8, ge=1, le=1024, description="Sequences decoded together.")
+    max_batch: int = Field(default=8, ge=1, le=1024, description="Sequences decoded together (text experts; image experts use engine.max_sessions).")
     max_queue: int = Field(
-        default=64, ge=0, description="Requests waiting for a batch slot before RESOURCE_EXHAUSTED."
+        default=64, ge=0, description="Requests waiting for a batch slot before RESOURCE_EXHAUSTED (text experts)."
     )
     max_model_len: int = Field(
-        default=2048, ge=8, description="Prompt plus output tokens; capped by the model's own limit."
+        default=2048, ge=8, description="Prompt plus output tokens; capped by the model's own limit (text experts)."
     )
     priority_class: Literal["high", "low"] = Field(
         default="high", description="low: the power governor may cap this expert first."
@@ -264,7 +360,18 @@ class ExpertSpec(Strict):
             )
         if self.engine.kind != "synthetic" and self.model is None:
             raise ValueError(f"expert {self.name!r} uses engine {self.engine.kind!r} and needs a `model`")
+        if self.engine.kind == "diffusion" and not isinstance(self.model, LocalModelSource):
+            raise ValueError(
+                f"expert {self.name!r}: a diffusion model loads from a local diffusers-format directory "
+                "(model: {kind: local, path: ...})"
+            )
         return self
+
+    @property
+    def modality(self) -> Literal["text", "image"]:
+        """What the expert serves: ``image`` for diffusion engines, ``text`` otherwise. The gateway
+        routes text requests only to text experts and image requests only to image experts."""
+        return "image" if self.engine.kind == "diffusion" else "text"
 
     @property
     def model_label(self) -> str:

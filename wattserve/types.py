@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # images.py imports Priority from here
+    from .images import ImageExpertStats
 
 
 class Priority(enum.IntEnum):
@@ -39,8 +43,20 @@ class SamplingParams:
 
 
 @dataclass(slots=True, frozen=True)
+class ChatMessage:
+    """One turn of a chat conversation (OpenAI ``messages``); ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+@dataclass(slots=True, frozen=True)
 class GenerateCall:
-    """One generation request as an expert receives it (already validated by the gateway)."""
+    """One generation request as an expert receives it (already validated by the gateway).
+
+    A chat request carries ``messages`` (and an empty ``prompt``): the expert renders them with
+    its own tokenizer's chat template, because only the expert knows its model's format.
+    """
 
     request_id: str
     prompt: str
@@ -49,9 +65,36 @@ class GenerateCall:
     priority: Priority = Priority.NORMAL
     tenant: str = "default"
     deadline_unix_s: float | None = None  # wall clock; the engine drops the request after it
+    messages: tuple[ChatMessage, ...] = ()
     # early exit: share of full decoder depth to spend per token, in (0, 1]; None: the expert's default
     compute_budget: float | None = None
     energy_budget_j: float | None = None  # the request's energy budget, for the early-exit depth
+
+
+@dataclass(slots=True, frozen=True)
+class ScoreCall:
+    """Score candidate continuations of a prompt (the log-probability of each ``choice`` given
+    ``prompt``), as an expert receives it."""
+
+    request_id: str
+    prompt: str
+    choices: tuple[str, ...]
+    priority: Priority = Priority.NORMAL
+    tenant: str = "default"
+
+
+@dataclass(slots=True, frozen=True)
+class ScoreResult:
+    """One expert's answer to a :class:`ScoreCall`. ``choice_logprobs[k]`` is the sum over the
+    tokens of choice k of log p(token | prompt, earlier tokens), in nats."""
+
+    request_id: str
+    choice_logprobs: tuple[float, ...]
+    choice_tokens: tuple[int, ...]
+    prompt_tokens: int
+    latency_ms: float  # from arrival at the expert to the result
+    energy_j: float
+    energy_source: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -103,6 +146,7 @@ class RequestUsage:
     energy_source: str  # "measured:nvml", "modeled:cpu", "modeled:h100", ...
     finish_reason: FinishReason
     exits: ExitUsage | None = None  # set by engines with early exit enabled
+    mean_logprob: float | None = None  # mean log p of the generated tokens under the model (nats)
 
 
 @dataclass(slots=True, frozen=True)
@@ -156,6 +200,7 @@ class ExpertProfile:
     decode_ms_per_token: float | None = None
     j_per_token: float | None = None
     decode_ms_per_step_by_batch: dict[int, float] = field(default_factory=dict)
+    busy_power_w: float | None = None  # EWMA of step energy / step compute time
     energy: EnergyTotals | None = None
     requests_finished: int = 0
     error: str = ""  # why the replica is unhealthy, if it is
@@ -171,6 +216,8 @@ class ExpertProfile:
     num_layers: int = 0
     j_per_layer_token: float | None = None
     exit_histogram: dict[int, int] = field(default_factory=dict)
+    image: ImageExpertStats | None = None  # image experts: frames, UNet evaluations, sessions
+    sm_clock_cap_mhz: float | None = None  # the governor's SM clock ceiling in effect; None: uncapped
 
     @property
     def queue_depth(self) -> int:

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from wattserve.specs import ExpertSpec
-from wattserve.types import ExpertProfile, GenerateCall, StreamEvent
+from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult, StreamEvent
 
 from .devices import open_device
 from .engines import build_engine
+from .governed import GovernedDevice
 from .loop import EngineLoop
 from .models import prepare_model
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 EXIT_DELAY_S = 1.0
 
 
-class ExpertWorker:
+class ExpertWorker(GovernedDevice):
     """One replica of one expert. Construction loads the model (seconds) and starts the loop."""
 
     def __init__(self, spec: ExpertSpec, replica: int, cache_dir: str, exit_on_failure: bool = True) -> None:
@@ -47,6 +48,7 @@ class ExpertWorker:
             self.engine, self.device, max_queue=spec.max_queue, on_fatal=self._on_fatal
         )
         self.loop.start()
+        self._init_governed()
         log.info(
             "expert %s/%d ready: %s on %s (%s), %d params",
             spec.name, replica, self.engine.info.model, self.engine.info.device,
@@ -65,6 +67,7 @@ class ExpertWorker:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.loop.submit(call, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        self.note_priority(call.priority)
         finished = False
         try:
             while not finished:
@@ -83,11 +86,23 @@ class ExpertWorker:
             if not finished:
                 self.loop.abort(call.request_id)
 
+    async def score(self, call: ScoreCall) -> ScoreResult:
+        """Log-probabilities of ``call.choices`` given ``call.prompt``, computed by the engine loop
+        between steps; its energy is metered and attributed like a generation's."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def sink(item) -> None:
+            loop.call_soon_threadsafe(_settle, done, item)
+
+        self.loop.submit_score(call, sink)
+        return await done
+
     async def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
 
     async def profile(self) -> ExpertProfile:
-        power_w, limit_w, clock, max_clock = await asyncio.to_thread(self._device_telemetry)
+        power_w, limit_w, clock, max_clock, cap = await asyncio.to_thread(self._device_telemetry)
         snap = self.loop.snapshot()
         prof = self.loop.profile
         info = self.engine.info
@@ -110,6 +125,7 @@ class ExpertWorker:
             decode_ms_per_token=prof.decode_ms_per_token,
             j_per_token=prof.j_per_token,
             decode_ms_per_step_by_batch=dict(prof.decode_ms_by_batch),
+            busy_power_w=prof.busy_power_w,
             energy=snap.energy,
             requests_finished=snap.requests_finished,
             error=snap.dead,
@@ -122,12 +138,13 @@ class ExpertWorker:
             num_layers=info.num_layers,
             j_per_layer_token=prof.decode_j_per_layer_token,
             exit_histogram={d: n for d, n in prof.exit_histogram.items() if n},
+            sm_clock_cap_mhz=cap,
         )
 
     def _device_telemetry(self) -> tuple[float | None, ...]:
         """Blocking device reads (NVML calls), run off the event loop."""
         d = self.device
-        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz()
+        return d.power_w(), d.power_limit_w(), d.sm_clock_mhz(), d.max_sm_clock_mhz(), d.locked_sm_clock_mhz()
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -140,3 +157,12 @@ class ExpertWorker:
         # max_restarts brings up a fresh replica. The delay lets failure events reach callers.
         log.error("expert %s/%d: engine failed (%s); exiting for a restart", self.spec.name, self.replica, exc)
         threading.Timer(EXIT_DELAY_S, os._exit, args=(1,)).start()
+
+
+def _settle(fut: asyncio.Future, item) -> None:
+    if fut.done():  # the caller went away
+        return
+    if isinstance(item, BaseException):
+        fut.set_exception(item)
+    else:
+        fut.set_result(item)

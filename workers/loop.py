@@ -2,8 +2,10 @@
 meters every step's energy, and delivers outputs to per-request sinks.
 
 Other threads (the actor's asyncio loop) only call :meth:`EngineLoop.submit`,
-:meth:`EngineLoop.abort` and :meth:`EngineLoop.snapshot`; adds and aborts travel through an inbox
-that the loop drains at each step boundary, so the engine itself is single-threaded.
+:meth:`EngineLoop.submit_score`, :meth:`EngineLoop.abort` and :meth:`EngineLoop.snapshot`; adds,
+aborts and scoring jobs travel through an inbox that the loop drains at each step boundary, so the
+engine itself is single-threaded. A scoring job runs between two steps and is metered like a step
+(its energy goes through the same ledger, attributed to the scoring request).
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wattserve.errors import EngineDead, InvalidRequest, QueueFull
-from wattserve.types import EnergyTotals, FinishReason, GenerateCall, RequestUsage, StreamEvent
+from wattserve.types import EnergyTotals, FinishReason, GenerateCall, RequestUsage, ScoreCall, ScoreResult, StreamEvent
 
 from .devices.base import Device
 from .energy import EnergyLedger
-from .engines.base import Engine, SequenceOutput
+from .engines.base import Engine, PreparedScore, SequenceOutput
 from .profile import ProfileTracker
 
 log = logging.getLogger(__name__)
 
 #: receives a request's events in order, or the exception that ended it
 Sink = Callable[[list[StreamEvent] | BaseException], None]
+#: receives a scoring request's result, or the exception that ended it
+ScoreSink = Callable[[ScoreResult | BaseException], None]
 
 IDLE_TICK_S = 0.5  # how often idle energy is booked while nothing runs
 
@@ -57,6 +61,7 @@ class EngineLoop:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_fatal: Callable[[BaseException], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.engine = engine
         self.device = device
@@ -64,12 +69,14 @@ class EngineLoop:
         self.clock = clock
         self.wall_clock = wall_clock
         self.on_fatal = on_fatal
+        self.sleep = sleep
         self.ledger = EnergyLedger(device.energy_source)
         self.profile = ProfileTracker(num_layers=engine.info.num_layers)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[tuple[str, object]] = []
         self._tracked: dict[str, _Tracked] = {}
+        self._scores: list[tuple[PreparedScore, ScoreSink]] = []
         self._load = (0, 0)
         self._finished = 0
         self._dead = ""
@@ -99,6 +106,20 @@ class EngineLoop:
                 )
             self._tracked[call.request_id] = _Tracked(sink=sink, arrival_s=now)
             self._inbox.append(("add", prepared))
+        self._wake.set()
+
+    def submit_score(self, call: ScoreCall, sink: ScoreSink) -> None:
+        """Validate and queue a scoring job (run between steps); raises at once like :meth:`submit`."""
+        if self._dead:
+            raise EngineDead(f"engine stopped: {self._dead}")
+        prepared = self.engine.validate_score(call, self.clock())
+        with self._lock:
+            if len(self._scores) >= self.capacity:
+                raise QueueFull(
+                    f"expert {self.engine.info.model!r} has {len(self._scores)} scoring jobs queued; retry shortly",
+                    retry_after_ms=self._retry_hint_ms(),
+                )
+            self._scores.append((prepared, sink))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -136,6 +157,8 @@ class EngineLoop:
         try:
             while not self._stop:
                 self._drain_inbox()
+                for job in self._take_scores():
+                    last_j = self._score(job, last_j)
                 if not self.engine.has_work():
                     self._wake.wait(IDLE_TICK_S)
                     self._wake.clear()
@@ -164,10 +187,46 @@ class EngineLoop:
         with self._lock:
             self._load = self.engine.load()
 
+    def _take_scores(self) -> list[tuple[PreparedScore, ScoreSink]]:
+        with self._lock:
+            jobs, self._scores = self._scores, []
+        return jobs
+
+    def _score(self, job: tuple[PreparedScore, ScoreSink], last_j: float) -> float:
+        """Run one scoring job as a metered step of its own; returns the device counter after it."""
+        prepared, sink = job
+        rid = prepared.call.request_id
+        start_j = self.device.energy_j()
+        self.device.begin_step()
+        try:
+            out = self.engine.score(prepared)
+        except BaseException as exc:
+            sink(EngineDead(f"the engine failed while scoring ({type(exc).__name__}: {exc})"))
+            raise
+        self.device.end_step(out.work)
+        end_j = self.device.energy_j()
+        with self._lock:
+            self.ledger.add_idle(start_j - last_j)
+            self.ledger.add_step(end_j - start_j, {rid: out.work.tokens})
+            energy_j = self.ledger.close(rid)
+            self._finished += 1
+        self.profile.observe(out.timings, end_j - start_j, out.work.tokens)
+        sink(ScoreResult(
+            request_id=rid,
+            choice_logprobs=tuple(out.logprobs),
+            choice_tokens=tuple(len(c) for c in prepared.choice_ids),
+            prompt_tokens=len(prepared.prompt_ids),
+            latency_ms=1000.0 * (self.clock() - prepared.arrival_s),
+            energy_j=energy_j,
+            energy_source=self.device.energy_source,
+        ))
+        return end_j
+
     def _step(self, last_j: float) -> float:
         start_j = self.device.energy_j()
         self.device.begin_step()
         result = self.engine.step(self.clock())
+        self._wait_out_cap(result)
         self.device.end_step(result.work)
         end_j = self.device.energy_j()
         with self._lock:
@@ -179,6 +238,17 @@ class EngineLoop:
         self.engine.observe_energy(prof.prefill_j_per_layer_token, prof.decode_j_per_layer_token)
         self._deliver(result.outputs, self.clock())
         return end_j
+
+    def _wait_out_cap(self, result) -> None:
+        """A modeled device that is capped would have taken longer than the host did: wait the
+        difference, inside the step, so latencies and the measured profile follow the cap (real
+        devices report zero; see ``Device.cap_slowdown_s``)."""
+        prefill_s, decode_s = self.device.cap_slowdown_s(result.work)
+        if prefill_s + decode_s <= 0:
+            return
+        self.sleep(prefill_s + decode_s)
+        result.timings.prefill_s += prefill_s
+        result.timings.decode_s += decode_s
 
     def _deliver(self, outputs: list[SequenceOutput], now: float) -> None:
         by_request: dict[str, list[StreamEvent]] = {}
@@ -215,13 +285,17 @@ class EngineLoop:
             energy_source=self.device.energy_source,
             finish_reason=FinishReason(out.finish_reason),
             exits=out.exits,
+            mean_logprob=out.logprob_sum / out.completion_tokens if out.completion_tokens else None,
         )
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             self._dead = f"{type(exc).__name__}: {exc}"
             tracked, self._tracked = self._tracked, {}
+            scores, self._scores = self._scores, []
             self._inbox.clear()
         error = EngineDead(f"the engine failed while serving this request ({self._dead})")
         for t in tracked.values():
             t.sink(error)
+        for _, sink in scores:
+            sink(error)

@@ -15,9 +15,10 @@ def _ewma(old: float | None, new: float, alpha: float) -> float:
 
 
 class ProfileTracker:
-    """Measured prefill ms/token, decode step ms (overall and per batch size) and J/token; with
-    ``num_layers``, also J per layer-token in prefill-only and decode-only steps (a token through
-    one decoder layer: what early exit saves) and the histogram of decode exit depths."""
+    """Measured prefill ms/token, decode step ms (overall and per batch size), J/token and the
+    power while computing (J per second of step time; the router turns predicted time into J);
+    with ``num_layers``, also J per layer-token in prefill-only and decode-only steps (a token
+    through one decoder layer: what early exit saves) and the histogram of decode exit depths."""
 
     def __init__(self, alpha: float = 0.2, num_layers: int = 0) -> None:
         self.alpha = alpha
@@ -30,6 +31,7 @@ class ProfileTracker:
         self.prefill_ms_per_token: float | None = None
         self.decode_ms_per_token: float | None = None  # one decode step = one token per sequence
         self.j_per_token: float | None = None  # step energy over all tokens processed in it
+        self.busy_power_w: float | None = None  # step energy over step compute time
         self.decode_ms_by_batch: dict[int, float] = {}
         self.steps = 0
 
@@ -54,6 +56,9 @@ class ProfileTracker:
             self.decode_ms_by_batch[b] = _ewma(self.decode_ms_by_batch.get(b), step_ms, a)
         if tokens:
             self.j_per_token = _ewma(self.j_per_token, energy_j / tokens, a)
+        busy_s = timings.prefill_s + timings.decode_s
+        if tokens and busy_s > 0:
+            self.busy_power_w = _ewma(self.busy_power_w, energy_j / busy_s, a)
 
     def _layer_tokens(self, work: StepWork, energy_j: float) -> None:
         # Mixed steps are skipped: their energy cannot be split between prefill and decode.

@@ -1,9 +1,11 @@
-"""The one place where domain errors become gRPC status codes.
+"""The one place where domain errors become status codes: gRPC (the interceptor) and HTTP
+(:func:`http_error`, used by the OpenAI-compatible API).
 
 Servicers raise ``wattserve.errors`` exceptions; this interceptor wraps every handler and aborts
 the call with the exception's ``grpc_code`` and its message (which says what to fix). A
-``retry_after_ms`` detail travels as trailing metadata ``retry-after-ms``. Anything else is a bug:
-logged with its traceback, answered INTERNAL without leaking internals.
+``retry_after_ms`` detail travels as trailing metadata ``retry-after-ms`` (HTTP: ``Retry-After``
+in whole seconds and ``retry-after-ms``). Anything else is a bug: logged with its traceback,
+answered INTERNAL (HTTP 500) without leaking internals.
 """
 
 from __future__ import annotations
@@ -28,6 +30,39 @@ async def _abort(context: aio.ServicerContext, exc: BaseException, method: str):
         await context.abort(code, exc.message, trailing_metadata=trailers)
     log.exception("unexpected error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs")
+
+
+#: OpenAI's error ``type`` for each HTTP status we answer with
+_HTTP_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "request_cancelled",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+def http_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
+    """(status, OpenAI-style error body, headers) for an exception raised while serving HTTP."""
+    if not isinstance(exc, WattserveError):
+        log.error("unexpected error serving HTTP", exc_info=exc)
+        body = {"message": f"internal error ({type(exc).__name__}); see server logs", "type": "server_error",
+                "param": None, "code": "internal"}
+        return 500, {"error": body}, {}
+    status = exc.http_status
+    headers = {}
+    if "retry_after_ms" in exc.details:
+        retry_ms = int(exc.details["retry_after_ms"])
+        headers = {"Retry-After": str(max(1, -(-retry_ms // 1000))), "retry-after-ms": str(retry_ms)}
+    body = {
+        "message": exc.message,
+        "type": _HTTP_ERROR_TYPES.get(status, "server_error"),
+        "param": exc.details.get("param"),
+        "code": "model_not_found" if status == 404 else exc.grpc_code.lower(),
+    }
+    return status, {"error": body}, headers
 
 
 def _wrap_unary(behavior, method: str):
@@ -76,4 +111,10 @@ class ErrorInterceptor(aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # streaming-request methods (health Watch is server-streaming) pass through
+        if handler.stream_stream:  # StreamImages (and reflection, which raises nothing of ours)
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming methods: none of ours

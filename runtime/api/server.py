@@ -1,8 +1,10 @@
-"""Assembles and runs a wattserve server: Ray, expert actors, gateway and the gRPC endpoint.
+"""Assembles and runs a wattserve server: Ray, expert actors, gateway, the gRPC endpoint and
+the HTTP endpoint (OpenAI-compatible API, Prometheus ``/metrics``, ``/health``).
 
-``WattserveServer`` is used by ``wattserve serve`` and, unchanged, by the end-to-end tests (on a
-free loopback port). Besides our services it serves the standard ``grpc.health.v1`` health
-service (SERVING while at least one expert replica is healthy) and server reflection.
+``WattserveServer`` is used by ``wattserve serve`` and, unchanged, by the end-to-end tests (on
+free loopback ports). Besides our services it serves the standard ``grpc.health.v1`` health
+service (SERVING while at least one expert replica is healthy) and server reflection. Both
+endpoints run on one asyncio loop and share one gateway, so they share its lifecycle and metrics.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from router.policies import make_policy
 from wattserve.errors import ConfigError
 from workers.models import default_cache_dir
 
 from ..cluster import ExpertPool, start_ray, stop_ray
-from ..config import WattserveConfig
+from ..config import WattserveConfig, resolve_http_port
 from ..gateway import Gateway
+from ..image_gateway import ImageGateway
+from ..image_metrics import ImageMetrics
+from ..metrics import ServingMetrics
+from ..power.plane import PowerPlane
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
+from .http_server import HttpApi
 from .interceptors import ErrorInterceptor
 from .servicer import AdminServicer, InferenceServicer
 
@@ -46,9 +52,14 @@ class WattserveServer:
         self._owns_ray = False
         self.pool: ExpertPool | None = None
         self.gateway: Gateway | None = None
+        self.power: PowerPlane | None = None
         self.server: aio.Server | None = None
         self.health = HealthServicer()
+        self.metrics = ServingMetrics()  # a registry per server: tests run several in one process
+        self.image_metrics = ImageMetrics(self.metrics.registry)
+        self.http: HttpApi | None = None
         self.port = 0
+        self.http_port = 0
 
     async def start(self) -> int:
         """Bring everything up; returns the bound port. Cleans up if any stage fails."""
@@ -66,16 +77,22 @@ class WattserveServer:
         self.pool.create()
         self.progress(f"loading {len(self.pool.all())} expert replica(s): {', '.join(r.name for r in self.pool.all())}")
         await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress)
-        self.gateway = Gateway(cfg, self.pool, make_policy(cfg.gateway.routing_policy), on_health_change=self._set_health)
+        self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
+        self.metrics.watch(self.gateway)
         await self.gateway.start()
+        if cfg.power.enabled:
+            self.progress("starting the power governor")
+            self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.power)
+            await self.power.start()
 
         limit = cfg.gateway.max_message_bytes
         self.server = aio.server(
             interceptors=[ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway), self.server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address), self.server)
+        images = ImageGateway(self.gateway, self.image_metrics)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway, images), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address, self.power), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -88,7 +105,22 @@ class WattserveServer:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use? try --port 0)") from None
         await self.server.start()
         await self._set_health_async(any(s.healthy for s in self.gateway.replica_states()))
+        if cfg.http.enabled:
+            await self._start_http()
         return self.port
+
+    async def _start_http(self) -> None:
+        gateway = self.gateway
+        http = self.config.http.model_copy(update={"port": resolve_http_port(self.config.http, self.config.gateway.port)})
+        self.http = HttpApi(
+            gateway, self.metrics.registry, http,
+            healthy=lambda: any(s.healthy for s in gateway.replica_states()),
+        )
+        try:
+            self.http_port = await self.http.start()
+        except OSError as exc:
+            address = f"{http.host}:{http.port}"
+            raise ConfigError(f"cannot listen on {address} for HTTP: {exc.strerror} (is the port in use? try --http-port 0)") from None
 
     def _set_health(self, serving: bool) -> None:
         asyncio.get_running_loop().create_task(self._set_health_async(serving))
@@ -103,6 +135,9 @@ class WattserveServer:
             await self.server.wait_for_termination()
 
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace_s)
@@ -110,6 +145,9 @@ class WattserveServer:
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
+        if self.power is not None:
+            await self.power.stop()
+            self.power = None
         if self.pool is not None:
             self.pool.kill()
             self.pool = None

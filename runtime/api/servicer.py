@@ -10,12 +10,30 @@ from __future__ import annotations
 import time
 
 import wattserve
-from wattserve.errors import InvalidRequest
+from wattserve.errors import FeatureDisabled, InvalidRequest
+from wattserve.power import PowerStatus
 from wattserve.types import Priority, SamplingParams
 
 from ..gateway import Chunk, ClientRequest, Final, Gateway
+from ..image_gateway import ImageGateway
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
+from .image_protocol import (
+    frames_from_proto,
+    image_answer_to_proto,
+    image_request_from_proto,
+    stream_event_to_proto,
+    stream_request_from_proto,
+)
+from .power_proto import row_to_proto, status_to_proto
+from .routing_messages import (
+    add_plan_to_usage,
+    budget_to_proto,
+    change_to_proto,
+    limit_from_proto,
+    score_request_from_proto,
+    score_response_to_proto,
+)
 
 
 def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) -> ClientRequest:
@@ -46,7 +64,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
 
 def usage_to_proto(final: Final) -> pb.Usage:
     u = final.usage
-    msg = pb.Usage(
+    usage = pb.Usage(
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
         expert=final.expert,
@@ -63,15 +81,16 @@ def usage_to_proto(final: Final) -> pb.Usage:
     )
     if u.exits is not None:
         e = u.exits
-        msg.num_layers, msg.avg_exit_layer, msg.layers_skipped = e.num_layers, e.avg_exit_layer, e.layers_skipped
-        msg.compute_fraction, msg.energy_saved_j = e.compute_fraction, e.energy_saved_j
-        msg.exit_operating_point = e.operating_point
-    return msg
+        usage.num_layers, usage.avg_exit_layer, usage.layers_skipped = e.num_layers, e.avg_exit_layer, e.layers_skipped
+        usage.compute_fraction, usage.energy_saved_j = e.compute_fraction, e.energy_saved_j
+        usage.exit_operating_point = e.operating_point
+    return add_plan_to_usage(usage, final.plan, u.mean_logprob)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, images: ImageGateway | None = None) -> None:
         self.gateway = gateway
+        self.images = images or ImageGateway(gateway)
 
     async def Generate(self, request, context):
         req = request_from_proto(request, context.time_remaining())
@@ -81,11 +100,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             else:
                 yield pb.GenerateResponse(usage=usage_to_proto(item))
 
+    async def Score(self, request, context):
+        outcome = await self.gateway.score(score_request_from_proto(request))
+        return score_response_to_proto(outcome, request.choices)
+
+    async def StreamImages(self, request_iterator, context):
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "config":
+            raise InvalidRequest("the first StreamImages message must be `config`; frames follow it")
+        req = stream_request_from_proto(first.config)
+        async for event in self.images.stream(req, frames_from_proto(request_iterator)):
+            yield stream_event_to_proto(event)
+
+    async def GenerateImage(self, request, context):
+        answer = await self.images.generate(image_request_from_proto(request, context.time_remaining()))
+        return image_answer_to_proto(answer)
+
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, gateway: Gateway, ray_address: str) -> None:
+    def __init__(self, gateway: Gateway, ray_address: str, power=None) -> None:
         self.gateway = gateway
         self.ray_address = ray_address
+        self.power = power  # runtime.power.plane.PowerPlane, or None without a governor
+
+    async def SetPowerBudget(self, request, context):
+        if self.power is None:
+            raise FeatureDisabled("this server runs without the power governor: set power.enabled: true")
+        if not request.provisioned_power_w > 0:
+            raise InvalidRequest(f"provisioned_power_w must be > 0 W (got {request.provisioned_power_w})")
+        row = await self.power.set_budget(request.row, request.provisioned_power_w)
+        return pb.SetPowerBudgetResponse(row=row_to_proto(row))
+
+    async def GetPowerStatus(self, request, context):
+        if self.power is None:
+            return status_to_proto(PowerStatus(enabled=False, policy="", interval_s=0.0))
+        return status_to_proto(await self.power.status(request.max_events or 100))
 
     async def ListExperts(self, request, context):
         await self.gateway.poll_once()  # operators see the replicas' state now, not the last poll
@@ -107,6 +156,8 @@ class AdminServicer(pb_grpc.AdminServicer):
                     max_model_len=first.max_model_len if first else spec.max_model_len,
                     params=first.params if first else 0,
                     replicas=[_replica_to_proto(s) for s in mine],
+                    prediction=_prediction_to_proto(self.gateway.routing.cost.errors.get(spec.name)),
+                    quality_prior=spec.quality_prior,
                 )
             )
         return pb.ListExpertsResponse(experts=experts)
@@ -130,7 +181,33 @@ class AdminServicer(pb_grpc.AdminServicer):
             requests_energy_j=sum(e.requests_j for e in energies),
             idle_energy_j=sum(e.idle_j for e in energies),
             energy_sources=sorted({e.energy_source for e in energies}),
+            gate=gw.routing.gate.source,
         )
+
+    async def SetEnergyBudget(self, request, context):
+        routing = self.gateway.routing
+        limit = limit_from_proto(request, routing.config.router.throttle_fraction)
+        change = routing.set_budget(request.scope, limit, actor=request.actor, peer=context.peer() or "",
+                                    reason=request.reason)
+        (status,) = routing.budget_status([change.scope])
+        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status), change=change_to_proto(change))
+
+    async def GetEnergyBudget(self, request, context):
+        routing = self.gateway.routing
+        changes = list(routing.ledger.changes)[-request.recent_changes:] if request.recent_changes > 0 else []
+        return pb.GetEnergyBudgetResponse(
+            budgets=[budget_to_proto(s) for s in routing.budget_status(list(request.scopes))],
+            changes=[change_to_proto(c) for c in changes],
+        )
+
+
+def _prediction_to_proto(err) -> pb.PredictionError | None:
+    if err is None:
+        return None
+    return pb.PredictionError(
+        energy_rel_error=err.energy_rel_error or 0.0, latency_rel_error=err.latency_rel_error or 0.0,
+        energy_correction=err.energy_correction, latency_correction=err.latency_correction, samples=err.samples,
+    )
 
 
 def _replica_to_proto(state) -> pb.ExpertReplica:

@@ -10,7 +10,15 @@ import time
 
 from wattserve.errors import WattserveError
 
-COMMAND_MODULES = ("runtime.cli.serve", "runtime.cli.client", "runtime.cli.exits")
+COMMAND_MODULES = (
+    "runtime.cli.serve",
+    "runtime.cli.client",
+    "runtime.cli.loadtest",
+    "runtime.cli.router",
+    "runtime.cli.images",
+    "runtime.cli.power",
+    "runtime.cli.exits",
+)
 
 
 def say(msg: str) -> None:

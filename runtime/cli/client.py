@@ -55,6 +55,8 @@ def cmd_generate(args) -> int:
             f"energy {usage.energy_j:.3f} J ({usage.energy_source})",
             file=sys.stderr,
         )
+        print(f"-- routing ({usage.routing_policy}): {usage.routing_reason}"
+              + ("  [BUDGET EXCEEDED]" if usage.budget_exceeded else ""), file=sys.stderr)
         _print_exits(usage)
     return 0
 
@@ -85,7 +87,7 @@ def cmd_status(args) -> int:
             return 1
     print(
         f"wattserve {status.version} at {args.target}: up {status.uptime_s:.0f} s, ray {status.ray_address}, "
-        f"policy {status.routing_policy}\n"
+        f"policy {status.routing_policy} (gate {status.gate or '-'})\n"
         f"  replicas healthy {status.healthy_replicas}/{status.total_replicas}, in flight "
         f"{status.inflight}/{status.max_inflight}, requests {status.requests_total} "
         f"({status.requests_failed} failed)\n"
@@ -106,6 +108,13 @@ def cmd_status(args) -> int:
                 avg = sum(d * n for d, n in r.exit_histogram.items()) / tokens
                 hist = " ".join(f"{d}:{n}" for d, n in sorted(r.exit_histogram.items()))
                 print(f"  {'':<10} early exit: {avg:.1f}/{r.num_layers} layers per decode token; exits {hist}")
+    errors = [e for e in experts.experts if e.prediction.samples]
+    if errors:
+        print("  router cost predictions (EWMA |predicted - measured| / measured):")
+        for e in errors:
+            p = e.prediction
+            print(f"  {e.name:<10} energy {p.energy_rel_error:6.1%} (x{p.energy_correction:.2f})  "
+                  f"latency {p.latency_rel_error:6.1%} (x{p.latency_correction:.2f})  over {p.samples} requests")
     return 0
 
 

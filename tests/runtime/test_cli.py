@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,12 @@ def test_serve_generate_status_and_ctrl_c(served):
     assert "replicas healthy 1/1" in status.stdout and "edge" in status.stdout
     bad = subprocess.run([str(BIN), "generate", "--target", target, "--expert", "nope", "x"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: unknown expert 'nope'" in bad.stderr
+    # the same process serves HTTP (a free port, since gRPC's is 0), sharing the gateway's metrics
+    http = next(m.group(1) for line in lines if (m := re.search(r"(http://127\.0\.0\.1:\d+)", line)))
+    with urllib.request.urlopen(http + "/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'wattserve_requests_total{api="grpc",expert="edge",status="ok"} 1.0' in metrics
+    assert 'wattserve_requests_total{api="grpc",expert="none",status="invalid_argument"} 1.0' in metrics
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import aiohttp
 import grpc
 import pytest
 
@@ -25,6 +26,7 @@ async def server(ray_session, tmp_path_factory):
     config = parse_config(
         {
             "gateway": {"port": 0, "health_interval_s": 0.2},
+            "http": {"port": 0},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),
             "experts": [
                 {
@@ -69,3 +71,26 @@ async def test_budgets_reach_the_expert_and_exit_figures_come_back(server):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(stub, request(max_tokens=4, compute_budget=1.5))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "compute_budget" in err.value.details()
+
+
+async def test_the_http_api_takes_a_compute_budget_and_reports_exits(server):
+    url = f"http://127.0.0.1:{server.http_port}/v1/completions"
+    body = {"model": "deep", "prompt": "hello there", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json={**body, "compute_budget": 1.0}) as r:
+            assert r.status == 200
+            full = await r.json()
+        async with s.post(url, json=body) as r:  # no budget: the inline thresholds, first exit
+            early = await r.json()
+        async with s.post(url, json=body, headers={"x-compute-budget": "1"}) as r:  # the header works too
+            header = await r.json()
+        async with s.post(url, json={**body, "compute_budget": 0}) as r:
+            assert r.status == 400 and "compute_budget" in (await r.json())["error"]["message"]
+    assert full["wattserve"]["early_exit"]["operating_point"] == "full"
+    assert full["wattserve"]["early_exit"]["avg_exit_layer"] == 8
+    assert header["wattserve"]["early_exit"]["operating_point"] == "full"
+    exits = early["wattserve"]["early_exit"]
+    assert exits["operating_point"] == "inline" and exits["num_layers"] == 8
+    assert exits["avg_exit_layer"] == pytest.approx((8 + 5 * 2) / 6) and exits["layers_skipped"] == 5 * 6
+    assert early["usage"]["energy_source"] == "modeled:h100"
+    assert 0 < early["usage"]["energy_joules"] < full["usage"]["energy_joules"]

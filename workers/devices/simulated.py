@@ -33,6 +33,7 @@ from the measurements in ``shared/data/energy``; the JSON records sources, rows 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from wattserve.errors import DeviceError
+from wattserve.errors import DeviceError, InvalidRequest
+from wattserve.power import DeviceControl
 from wattserve.types import StepWork
 from workers.devices.base import Device
 
@@ -86,16 +88,24 @@ class DeviceProfile:
             if not 0 < getattr(self, attr) <= 1:
                 raise DeviceError(f"profile {self.name}: {attr} must be in (0, 1]")
 
-    def clock_ratio(self, sm_clock_mhz: float | None) -> float:
-        """``sm_clock_mhz / max_sm_clock_mhz``; None means the maximum clock."""
+    def clock_ratio(self, sm_clock_mhz):
+        """``sm_clock_mhz / max_sm_clock_mhz`` (a float, or an array for an array of clocks);
+        None means the maximum clock."""
         if sm_clock_mhz is None:
             return 1.0
-        if not self.min_sm_clock_mhz <= sm_clock_mhz <= self.max_sm_clock_mhz:
+        clocks = np.asarray(sm_clock_mhz, dtype=float)
+        if np.any(clocks < self.min_sm_clock_mhz) or np.any(clocks > self.max_sm_clock_mhz):
             raise ValueError(
                 f"{self.name}: SM clock {sm_clock_mhz} MHz outside "
                 f"[{self.min_sm_clock_mhz:g}, {self.max_sm_clock_mhz:g}] MHz"
             )
-        return sm_clock_mhz / self.max_sm_clock_mhz
+        return clocks / self.max_sm_clock_mhz if clocks.ndim else float(clocks) / self.max_sm_clock_mhz
+
+    @property
+    def min_power_limit_w(self) -> float:
+        """Lowest board power limit accepted, in watts. Assumed 0.25 x TDP: NVIDIA's A100 SXM
+        accepts 100 W of 400 W and H100 SXM 200 W of 700 W; no datasheet gives the rest."""
+        return 0.25 * self.tdp_w
 
 
 # --- the model, vectorised: every argument may be a float or a numpy array ---------------------
@@ -109,18 +119,21 @@ def step_terms(
     layer_fraction,
     model_params,
     bytes_per_param=2.0,
-    sm_clock_mhz: float | None = None,
+    sm_clock_mhz=None,
     weight_fraction=None,
+    *,
+    ratio=None,
 ) -> tuple[Any, Any, Any]:
     """Return ``(latency_s, u_mem, u_compute)`` of one step (see the module docstring).
 
     ``weight_fraction`` (default: ``layer_fraction``) scales the weight bytes read: with early
     exit in a batch a layer's weights are read if any row runs it, while FLOPs and KV reads
-    follow the rows that did.
+    follow the rows that did. ``ratio`` (``sm_clock_mhz / max_sm_clock_mhz``, already checked)
+    replaces ``sm_clock_mhz`` in hot loops such as the cluster simulator's.
     """
     if weight_fraction is None:
         weight_fraction = layer_fraction
-    r = profile.clock_ratio(sm_clock_mhz)
+    r = profile.clock_ratio(sm_clock_mhz) if ratio is None else ratio
     bandwidth_bps = profile.mem_bandwidth_gbps * 1e9
     peak_flops = profile.peak_bf16_tflops * 1e12
     weight_bytes = np.asarray(model_params, dtype=float) * bytes_per_param * weight_fraction
@@ -136,9 +149,10 @@ def step_terms(
     return latency_s, moved_bytes / (latency_s * bandwidth_bps), flops / (latency_s * peak_flops)
 
 
-def power_from_utilisation(profile: DeviceProfile, u_mem, u_compute, sm_clock_mhz=None):
-    """Board power in watts for the given bandwidth and FLOP utilisations (0..1)."""
-    r = profile.clock_ratio(sm_clock_mhz)
+def power_from_utilisation(profile: DeviceProfile, u_mem, u_compute, sm_clock_mhz=None, *, ratio=None):
+    """Board power in watts for the given bandwidth and FLOP utilisations (0..1); ``ratio`` as
+    in :func:`step_terms`."""
+    r = profile.clock_ratio(sm_clock_mhz) if ratio is None else ratio
     compute = profile.power_k_compute * u_compute * r**profile.clock_power_exponent
     activity = profile.power_k_mem * u_mem + compute
     return profile.idle_w + (profile.tdp_w - profile.idle_w) * (1.0 - np.exp(-activity))
@@ -234,11 +248,20 @@ def load_profile(name: str) -> DeviceProfile:
 
 
 class SimulatedDevice(Device):
-    """Books modeled joules for each step and idle power between steps.
+    """Books modeled joules for each step and idle power between steps, and obeys clock locks and
+    power limits the way the modeled board would.
 
     ``energy_j()`` = ``idle_w`` x (wall time outside steps, on ``clock``) + the sum over steps of
     modeled step power x modeled step latency. The wall time the host spends inside a step is
     not charged: the step's cost is what it would have cost on the profiled device.
+
+    Control: a clock lock is a ceiling on the SM clock; a power limit below the step's modeled
+    power makes the board's limiter lower the clock until the step fits (bisection on the model).
+    Where even the lowest clock does not fit (memory-bound decode barely responds to the SM
+    clock), power is clipped at the limit and latency is that of the lowest clock: the limiter
+    would also slow memory, which this model does not represent. Commands take effect
+    ``actuation_delay_s`` after they are issued (on ``clock``), as in-band NVML commands do after
+    a short delay and out-of-band (BMC) caps after up to tens of seconds.
     """
 
     def __init__(
@@ -249,19 +272,28 @@ class SimulatedDevice(Device):
         *,
         bytes_per_param: float = 2.0,
         sm_clock_mhz: float | None = None,
+        actuation_delay_s: float = 0.0,
     ) -> None:
         self.profile = load_profile(profile) if isinstance(profile, str) else profile
         if model_params < 0:
             raise DeviceError(f"model_params must be >= 0, got {model_params}")
+        if actuation_delay_s < 0:
+            raise DeviceError(f"actuation_delay_s must be >= 0, got {actuation_delay_s}")
         self.profile.clock_ratio(sm_clock_mhz)  # reject an impossible clock at open
         self.model_params = int(model_params)
         self.bytes_per_param = bytes_per_param
-        self._sm_clock_mhz = sm_clock_mhz
+        self.actuation_delay_s = actuation_delay_s
+        self._base_clock_mhz = sm_clock_mhz if sm_clock_mhz is not None else self.profile.max_sm_clock_mhz
+        self._lock_mhz: float | None = None
+        self._limit_w: float = self.profile.tdp_w
+        self._pending: list[tuple[float, str, float | None]] = []  # (effective at, what, value)
+        self._control_lock = threading.Lock()
         self._clock = clock
         self._idle_since: float | None = clock()  # None while a step runs
         self._idle_j = 0.0
         self._steps_j = 0.0
         self._last_step_w = self.profile.idle_w
+        self._last_step_clock_mhz: float | None = None  # the limiter's clock in the last step
         self.last_step_latency_s = 0.0  # modeled; engines may use it to pace a simulation
 
     @property
@@ -272,16 +304,59 @@ class SimulatedDevice(Device):
     def energy_source(self) -> str:
         return f"modeled:{self.profile.name}"
 
+    # -- the model at the device's current settings ---------------------------------------------
+    def _ceiling_mhz(self) -> float:
+        self._settle()
+        return self._base_clock_mhz if self._lock_mhz is None else min(self._base_clock_mhz, self._lock_mhz)
+
+    def step_clock_mhz(self, work: StepWork) -> float:
+        """The SM clock ``work`` runs at: the lock's ceiling, lowered by the power limiter."""
+        ceiling = self._ceiling_mhz()
+        if self._limit_w >= self.profile.tdp_w or not work.tokens or self._power(work, ceiling) <= self._limit_w:
+            return ceiling
+        lo, hi = self.profile.min_sm_clock_mhz, ceiling
+        if self._power(work, lo) > self._limit_w:
+            return lo
+        for _ in range(24):  # power rises with the clock: bisect to within ~0.1 MHz
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self._power(work, mid) <= self._limit_w else (lo, mid)
+        return lo
+
+    def _power(self, work: StepWork, clock_mhz: float) -> float:
+        return step_power_w(self.profile, work, self.model_params, clock_mhz, bytes_per_param=self.bytes_per_param)
+
     def step_latency_s(self, work: StepWork) -> float:
-        """Modeled seconds of ``work`` on this device at its current SM clock."""
-        return step_latency_s(self.profile, work, self.model_params, self._sm_clock_mhz,
+        """Modeled seconds of ``work`` on this device at its current clock lock and power limit."""
+        return step_latency_s(self.profile, work, self.model_params, self.step_clock_mhz(work),
                               bytes_per_param=self.bytes_per_param)
 
     def step_power_w(self, work: StepWork) -> float:
-        """Modeled watts while ``work`` runs on this device at its current SM clock."""
-        return step_power_w(self.profile, work, self.model_params, self._sm_clock_mhz,
-                            bytes_per_param=self.bytes_per_param)
+        """Modeled watts while ``work`` runs on this device at its current clock lock and power limit."""
+        return min(self._limit_w, self._power(work, self.step_clock_mhz(work)))
 
+    def cap_slowdown_s(self, work: StepWork) -> tuple[float, float]:
+        """Modeled extra (prefill, decode) seconds of ``work`` at the current caps versus uncapped.
+
+        Prefill and decode are modeled as separate steps (prompt tokens alone; the batch's
+        decode tokens alone), so prefill shows its ~1/f slowdown and decode stays nearly flat.
+        """
+        if self._ceiling_mhz() >= self._base_clock_mhz and self._limit_w >= self.profile.tdp_w:
+            return 0.0, 0.0  # uncapped: the common case, kept cheap (called every engine step)
+        parts = (StepWork(prefill_tokens=work.prefill_tokens, layer_fraction=work.layer_fraction),
+                 StepWork(decode_tokens=work.decode_tokens, batch_size=work.batch_size,
+                          layer_fraction=work.layer_fraction))
+        out = []
+        for part in parts:
+            if not part.tokens:
+                out.append(0.0)
+                continue
+            capped = self.step_latency_s(part)
+            free = step_latency_s(self.profile, part, self.model_params, self._base_clock_mhz,
+                                  bytes_per_param=self.bytes_per_param)
+            out.append(max(0.0, capped - free))
+        return out[0], out[1]
+
+    # -- the step hooks and readings ------------------------------------------------------------
     def begin_step(self) -> None:
         self._accrue_idle()
         self._idle_since = None
@@ -294,6 +369,7 @@ class SimulatedDevice(Device):
         power_w = self.step_power_w(work) if work.tokens else self.profile.idle_w
         self._steps_j += power_w * latency_s
         self._last_step_w = power_w
+        self._last_step_clock_mhz = self.step_clock_mhz(work) if work.tokens else None
         self.last_step_latency_s = latency_s
         self._idle_since = self._clock()
 
@@ -308,13 +384,74 @@ class SimulatedDevice(Device):
         return self._last_step_w if self._idle_since is None else self.profile.idle_w
 
     def power_limit_w(self) -> float | None:
+        self._settle()
+        return self._limit_w
+
+    def default_power_limit_w(self) -> float | None:
         return self.profile.tdp_w
 
+    def power_limit_range_w(self) -> tuple[float, float] | None:
+        return self.profile.min_power_limit_w, self.profile.tdp_w
+
     def sm_clock_mhz(self) -> float | None:
-        return self._sm_clock_mhz if self._sm_clock_mhz is not None else self.profile.max_sm_clock_mhz
+        """The clock ceiling in effect, lowered to the limiter's clock if the last step needed it."""
+        ceiling = self._ceiling_mhz()
+        if self._last_step_clock_mhz is not None and self._limit_w < self.profile.tdp_w:
+            return min(ceiling, self._last_step_clock_mhz)
+        return ceiling
 
     def max_sm_clock_mhz(self) -> float | None:
         return self.profile.max_sm_clock_mhz
+
+    def min_sm_clock_mhz(self) -> float | None:
+        return self.profile.min_sm_clock_mhz
+
+    # -- control --------------------------------------------------------------------------------
+    def control(self) -> DeviceControl:
+        return DeviceControl(can_lock_sm_clock=True, can_set_power_limit=True)
+
+    def locked_sm_clock_mhz(self) -> float | None:
+        self._settle()
+        return self._lock_mhz
+
+    def lock_sm_clock_mhz(self, max_mhz: float) -> None:
+        try:
+            self.profile.clock_ratio(max_mhz)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self._command("lock", float(max_mhz))
+
+    def unlock_sm_clock(self) -> None:
+        self._command("lock", None)
+
+    def set_power_limit_w(self, limit_w: float) -> None:
+        lo, hi = self.profile.min_power_limit_w, self.profile.tdp_w
+        if not lo <= limit_w <= hi:
+            raise InvalidRequest(f"{self.profile.name}: power limit {limit_w:g} W outside [{lo:g}, {hi:g}] W")
+        self._command("limit", float(limit_w))
+
+    def reset_power_limit(self) -> None:
+        self._command("limit", self.profile.tdp_w)
+
+    def _command(self, what: str, value: float | None) -> None:
+        with self._control_lock:
+            self._pending.append((self._clock() + self.actuation_delay_s, what, value))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply commands whose actuation delay has passed, in the order they were issued."""
+        if not self._pending:
+            return
+        now = self._clock()
+        with self._control_lock:
+            due = [c for c in self._pending if c[0] <= now]
+            self._pending = [c for c in self._pending if c[0] > now]
+        for _, what, value in due:
+            if what == "lock":
+                self._lock_mhz = value
+            else:
+                self._limit_w = float(value)
+                self._last_step_clock_mhz = None
 
     def _accrue_idle(self) -> None:
         now = self._clock()

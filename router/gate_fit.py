@@ -1,0 +1,220 @@
+"""Training the MoE² gate from labelled prompts (``wattserve gate fit``).
+
+Data: a CSV with a ``prompt`` column and one column per expert holding that expert's quality on
+the prompt (``True``/``False`` correctness, or a number: scores above 1 are divided by the
+column maximum, e.g. MT-Bench's 1-10). The RouteLLM files in ``shared/data/routing/routellm``
+are of this shape. The gate (``router/gate.py``) gets one logit per expert, trained with binary
+cross-entropy against those qualities on a seeded train split; the held-out split is reported:
+
+- ``top_choice_quality``: mean quality of the expert the gate ranks first, beside every single
+  expert's mean and the oracle (best expert per prompt);
+- ``top_choice_accuracy``: on prompts where the experts disagree, how often the gate's top
+  expert is one of the best;
+- calibration: Brier score and expected calibration error (10 bins) of the predicted qualities.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wattserve.errors import InvalidRequest
+
+from .gate import EMBEDDING_MODEL, GATE_FILE, WEIGHTS_FILE, MiniLMEncoder, build_mlp
+
+NON_QUALITY_COLUMNS = {"prompt", "subject", "category", "question_id", "turn", "id", "prompt_turn1"}
+
+
+@dataclass(slots=True)
+class LabelledPrompts:
+    prompts: list[str]
+    experts: list[str]  # quality column names
+    quality: np.ndarray  # (N, experts) in [0, 1]
+    source: str
+
+
+def _parse(value: str) -> float | None:
+    v = value.strip()
+    if v.lower() in ("true", "false"):
+        return 1.0 if v.lower() == "true" else 0.0
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit: int | None = None,
+                  sample: int | None = None, seed: int = 0) -> LabelledPrompts:
+    """Read (prompt, per-expert quality) rows; ``columns`` names the quality columns (default:
+    every column except ``prompt`` and known id/category columns whose values are all numbers or
+    booleans). ``limit`` keeps the first rows, ``sample`` a seeded random subset (files such as
+    MMLU are sorted by subject). Raises InvalidRequest naming what is wrong with the file."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
+    if not rows or "prompt" not in rows[0]:
+        raise InvalidRequest(f"{path}: expected a CSV with a 'prompt' column and one quality column per expert")
+    header = list(rows[0].keys())
+    if columns:
+        unknown = [c for c in columns if c not in header]
+        if unknown:
+            raise InvalidRequest(f"{path}: no column {unknown[0]!r}; columns are {header}")
+        cols = list(columns)
+    else:
+        cols = [c for c in header if c not in NON_QUALITY_COLUMNS and all(_parse(r[c] or "") is not None for r in rows[:200])]
+    if len(cols) < 2:
+        raise InvalidRequest(f"{path}: need at least two expert quality columns, found {cols}; name them with --columns")
+    if limit:
+        rows = rows[:limit]
+    if sample and sample < len(rows):
+        keep = sorted(random.Random(seed).sample(range(len(rows)), sample))
+        rows = [rows[i] for i in keep]
+    prompts, values = [], []
+    for n, r in enumerate(rows, start=2):
+        parsed = [_parse(r[c] or "") for c in cols]
+        if any(p is None for p in parsed) or not r["prompt"]:
+            raise InvalidRequest(f"{path}:{n}: empty prompt or non-numeric quality in {cols}")
+        prompts.append(r["prompt"])
+        values.append(parsed)
+    q = np.asarray(values, dtype=np.float32)
+    top = q.max(axis=0)
+    q = np.where(top > 1.0, q / np.maximum(top, 1e-9), q)  # scores such as 1-10 -> [0, 1]
+    return LabelledPrompts(prompts, cols, np.clip(q, 0.0, 1.0), str(path))
+
+
+def embed_cached(prompts: Sequence[str], cache_dir: Path | None, encoder_factory: Callable[[], object] = MiniLMEncoder,
+                 progress: Callable[[int], None] | None = None, batch_size: int = 32) -> np.ndarray:
+    """MiniLM embeddings of ``prompts``, cached on disk by content hash (embedding is the slow part)."""
+    digest = hashlib.sha256("\x1e".join(prompts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    cached = cache_dir / f"minilm-{digest}.npy" if cache_dir else None
+    if cached is not None and cached.exists():
+        return np.load(cached)
+    encoder = encoder_factory()
+    # Chunks of similar length (the encoder pads each batch to its longest prompt).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    emb = np.zeros((len(prompts), encoder.dim), dtype=np.float32)
+    chunk = batch_size * 8
+    for i in range(0, len(order), chunk):
+        idx = order[i : i + chunk]
+        emb[idx] = encoder.encode([prompts[j] for j in idx], batch_size=batch_size)
+        if progress:
+            progress(len(idx))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, emb)
+        tmp.replace(cached)
+    return emb
+
+
+def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded shuffle into (train, held-out) index arrays."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    k = max(1, int(round(n * holdout)))
+    return np.asarray(sorted(idx[k:])), np.asarray(sorted(idx[:k]))
+
+
+def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 30, lr: float = 2e-3,
+              weight_decay: float = 1e-3, batch_size: int = 256, seed: int = 0,
+              on_epoch: Callable[[int, float], None] | None = None):
+    """Fit logits to qualities with BCE; returns the torch module (eval mode)."""
+    import torch
+
+    torch.manual_seed(seed)
+    mlp = build_mlp(x.shape[1], hidden, y.shape[1])
+    opt = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=weight_decay)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for epoch in range(epochs):
+        mlp.train()
+        total = 0.0
+        for batch in torch.randperm(len(xt), generator=gen).split(batch_size):
+            opt.zero_grad()
+            loss = loss_fn(mlp(xt[batch]), yt[batch])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(batch)
+        if on_epoch:
+            on_epoch(epoch, total / len(xt))
+    return mlp.eval()
+
+
+def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str]) -> dict:
+    """Held-out metrics of a gate (see the module docstring)."""
+    p = 1.0 / (1.0 + np.exp(-logits))
+    top = logits.argmax(axis=1)
+    rows = np.arange(len(y))
+    chosen = y[rows, top]
+    best = y.max(axis=1)
+    disagree = y.max(axis=1) != y.min(axis=1)
+    bins = np.minimum((p * 10).astype(int), 9)
+    ece = 0.0
+    for b in range(10):
+        m = bins == b
+        if m.any():
+            ece += m.sum() / p.size * abs(float(p[m].mean()) - float(y[m].mean()))
+    return {
+        "rows": int(len(y)),
+        "top_choice_quality": float(chosen.mean()),
+        "oracle_quality": float(best.mean()),
+        "expert_quality": {e: float(y[:, i].mean()) for i, e in enumerate(experts)},
+        "top_choice_accuracy_where_experts_disagree": float((chosen[disagree] == best[disagree]).mean()) if disagree.any() else None,
+        "disagreeing_rows": int(disagree.sum()),
+        "top_choice_share": {e: float((top == i).mean()) for i, e in enumerate(experts)},
+        "brier": float(((p - y) ** 2).mean()),
+        "ece": float(ece),
+        "predicted_mean_quality": {e: float(p[:, i].mean()) for i, e in enumerate(experts)},
+    }
+
+
+def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, holdout: float = 0.2, seed: int = 0,
+             hidden: int = 64, epochs: int = 30, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Train on the train split, report on the held-out split, save to ``out_dir``; returns the report."""
+    from safetensors.torch import save_file
+
+    if not 0 < holdout < 1:
+        raise InvalidRequest(f"holdout must be in (0, 1), got {holdout}")
+    if len(data.prompts) < 10:
+        raise InvalidRequest(f"{data.source}: {len(data.prompts)} rows are too few to fit and hold out (need >= 10)")
+    tr, ho = split(len(data.prompts), holdout, seed)
+    t0 = time.monotonic()
+    mlp = train_mlp(emb[tr], data.quality[tr], hidden=hidden, epochs=epochs, seed=seed, on_epoch=on_epoch)
+    import torch
+
+    with torch.inference_mode():
+        held = mlp(torch.as_tensor(emb[ho])).numpy()
+    rep = report(held, data.quality[ho], data.experts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out / WEIGHTS_FILE))
+    meta = {
+        "experts": data.experts,
+        "embedding": EMBEDDING_MODEL,
+        "embedding_dim": int(emb.shape[1]),
+        "hidden": hidden,
+        "epochs": epochs,
+        "seed": seed,
+        "holdout": holdout,
+        "train_rows": int(len(tr)),
+        "data": data.source,
+        "train_s": round(time.monotonic() - t0, 2),
+        "heldout_report": rep,
+    }
+    (out / GATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return rep

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible HTTP API, Prometheus ``/metrics`` and ``/health`` (aiohttp).
+
+Runs on the same asyncio loop as the grpc.aio server and drives the same
+:meth:`Gateway.generate` lifecycle: this module only moves bytes. Request bodies become a
+:class:`ClientRequest` in ``openai_protocol.py``; domain errors become OpenAI-style error bodies
+in ``interceptors.http_error`` (the HTTP twin of the gRPC interceptor).
+
+Streaming uses server-sent events (``data: {...}`` lines, ``data: [DONE]`` last). The first
+item is awaited before the response starts, so validation, admission and routing errors still
+get a proper status code; an error after that is sent as a ``data: {"error": ...}`` event. When
+the client disconnects, aiohttp cancels the handler and the gateway aborts the work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from wattserve.errors import InvalidRequest
+
+from ..config import HttpConfig
+from ..gateway import Chunk, Final, Gateway
+from .interceptors import http_error
+from .openai_protocol import (
+    AUTO_MODEL,
+    ChatRequest,
+    CompletionRequest,
+    StreamFormatter,
+    full_response,
+    parse_body,
+    to_client_request,
+)
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error_response(exc: BaseException) -> web.Response:
+    status, body, headers = http_error(exc)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _plain_error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler):
+    """aiohttp's own errors (unknown path, wrong method, body too large) in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _plain_error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+
+
+class HttpApi:
+    """The aiohttp application and its runner, bound to one gateway and one metrics registry."""
+
+    def __init__(
+        self, gateway: Gateway, registry: CollectorRegistry, config: HttpConfig, *, healthy: Callable[[], bool]
+    ) -> None:
+        self.gateway = gateway
+        self.registry = registry
+        self.config = config
+        self.healthy = healthy
+        self.created = int(time.time())
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_openai_errors])
+        self.app.add_routes(
+            [
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.get("/v1/models", self.models),
+                web.get("/v1/models/{model}", self.model),
+                web.get("/metrics", self.metrics),
+                web.get("/health", self.health),
+            ]
+        )
+
+    async def start(self) -> int:
+        """Listen on the configured address; returns the bound port."""
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts the
+        # request on its expert (aiohttp otherwise lets the handler run to the end).
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- generation -------------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, CompletionRequest, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, ChatRequest, chat=True)
+
+    async def _generate(self, request: web.Request, model: type, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await self._json(request)
+            parsed = parse_body(model, body)
+            creq = to_client_request(parsed, request.headers)
+        except web.HTTPRequestEntityTooLarge:
+            return _plain_error(413, f"request body is larger than this server's limit of {self.config.max_body_bytes} bytes")
+        except Exception as exc:  # noqa: BLE001 - mapped to a status by http_error
+            return _error_response(exc)
+        async with contextlib.aclosing(self.gateway.generate(creq)) as items:
+            try:
+                first = await anext(items)
+            except Exception as exc:  # noqa: BLE001 - before any byte is sent: a real status code
+                return _error_response(exc)
+            if parsed.stream:
+                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                fmt = StreamFormatter(chat, creq.request_id, creq.expert or AUTO_MODEL, include_usage)
+                return await self._stream(request, first, items, fmt)
+            return await self._collect(first, items, chat, creq.request_id)
+
+    async def _json(self, request: web.Request) -> object:
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+    async def _collect(self, first, items, chat: bool, request_id: str) -> web.Response:
+        parts: list[str] = []
+        item = first
+        try:
+            while not isinstance(item, Final):
+                parts.append(item.text)
+                item = await anext(items)
+        except Exception as exc:  # noqa: BLE001 - nothing sent yet
+            return _error_response(exc)
+        return web.json_response(full_response(chat, request_id, "".join(parts), item))
+
+    async def _stream(self, request: web.Request, first, items, fmt: StreamFormatter) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        item = first
+        try:
+            while True:
+                if isinstance(item, Chunk):
+                    if item.text:
+                        await _send(resp, fmt.text(item.text))
+                else:
+                    for payload in fmt.final(item):
+                        await _send(resp, payload)
+                    break
+                item = await anext(items)
+        except (ConnectionResetError, ConnectionError):
+            return resp  # the client left; leaving the `async with` aborts the request
+        except Exception as exc:  # noqa: BLE001 - headers are out: report in-band, as OpenAI does
+            _, body, _ = http_error(exc)
+            await _send(resp, body)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    # -- models, metrics, health ------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self._model_cards()})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        card = next((c for c in self._model_cards() if c["id"] == name), None)
+        if card is None:
+            known = ", ".join(c["id"] for c in self._model_cards())
+            body = {"error": {"message": f"unknown model {name!r}; known: {known}", "type": "not_found_error",
+                              "param": "model", "code": "model_not_found"}}
+            return web.json_response(body, status=404)
+        return web.json_response(card)
+
+    def _model_cards(self) -> list[dict]:
+        cfg = self.gateway.config
+        cards = [{"id": AUTO_MODEL, "object": "model", "created": self.created, "owned_by": "wattserve",
+                  "wattserve": {"description": f"the router ({self.gateway.policy.name}) picks an expert per request"}}]
+        states = self.gateway.replica_states()
+        for spec in cfg.experts:
+            if spec.modality != "text":
+                continue  # image experts are served over gRPC (StreamImages, GenerateImage)
+            profiles = [s.profile for s in states if s.replica.expert == spec.name and s.profile]
+            cards.append({
+                "id": spec.name, "object": "model", "created": self.created, "owned_by": "wattserve",
+                "wattserve": {
+                    "model": profiles[0].model if profiles else spec.model_label,
+                    "engine": spec.engine.kind,
+                    "device": spec.device.label,
+                    "energy_source": profiles[0].energy_source if profiles else "",
+                    "max_model_len": profiles[0].max_model_len if profiles else spec.max_model_len,
+                    "replicas": spec.replicas,
+                    "healthy_replicas": sum(s.healthy for s in states if s.replica.expert == spec.name),
+                },
+            })
+        return cards
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health(self, request: web.Request) -> web.Response:
+        states = self.gateway.replica_states()
+        ok = self.healthy()
+        body = {"status": "ok" if ok else "unavailable", "healthy_replicas": sum(s.healthy for s in states),
+                "total_replicas": len(states)}
+        return web.json_response(body, status=200 if ok else 503)
+
+
+async def _send(resp: web.StreamResponse, payload: dict) -> None:
+    await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")

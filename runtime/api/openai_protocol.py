@@ -1,0 +1,346 @@
+"""OpenAI wire format <-> domain objects, nothing else (the HTTP twin of ``servicer.py``).
+
+Requests are parsed by pydantic models that reject unknown keys and say which field is wrong;
+fields OpenAI defines but wattserve does not implement are accepted only at their neutral value
+(``n: 1``, ``echo: false``, ...) and refused otherwise, so a client never silently gets less
+than it asked for. Range checks (temperature, top_p, max_tokens, budgets, experts, tenants) are
+the gateway's, shared with gRPC.
+
+wattserve extensions, as body fields (``extra_body`` in the openai client) or headers (the body
+wins when both are given): ``energy_budget_j`` / ``x-energy-budget-j``, ``latency_budget_ms`` /
+``x-latency-budget-ms``, ``compute_budget`` / ``x-compute-budget`` (early exit), ``priority`` / ``x-priority`` (low, normal, high), ``tenant`` /
+``x-tenant``, ``request_id`` / ``x-request-id``, and the sampling extras ``top_k`` and
+``ignore_eos``. Responses carry ``usage.energy_joules`` and ``usage.energy_source`` and a
+``wattserve`` object (expert, replica, gateway TTFT and latency, routing decision, and
+``early_exit`` when the expert decodes with early exit).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from wattserve.errors import InvalidRequest
+from wattserve.types import ChatMessage, ExitUsage, Priority, SamplingParams
+
+from ..gateway import ClientRequest, Final
+
+AUTO_MODEL = "auto"  # the router chooses the expert
+
+HEADER_FIELDS = {
+    "x-energy-budget-j": "energy_budget_j",
+    "x-latency-budget-ms": "latency_budget_ms",
+    "x-compute-budget": "compute_budget",
+    "x-priority": "priority",
+    "x-tenant": "tenant",
+    "x-request-id": "request_id",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by completions and chat completions."""
+
+    model: str = AUTO_MODEL
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None  # an end-user id for the caller's own tracking; accepted, unused
+    # neutral values only (see _check_unsupported)
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    # wattserve extensions
+    energy_budget_j: float | None = None
+    latency_budget_ms: float | None = None
+    compute_budget: float | None = None  # early exit: share of full decoder depth per token, (0, 1]
+    priority: Literal["low", "normal", "high"] | None = None
+    tenant: str | None = None
+    request_id: str | None = None
+    top_k: int = 0
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class _TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_GenerationRequest):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+
+#: OpenAI fields we accept only at these values, and why others are refused
+_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((None, 1), "one choice per request"),
+    "presence_penalty": ((None, 0, 0.0), "no penalties"),
+    "frequency_penalty": ((None, 0, 0.0), "no penalties"),
+    "logit_bias": ((None, {}), "no logit bias"),
+    "echo": ((False,), "no prompt echo"),
+    "logprobs": ((None, 0, False), "no log-probabilities"),
+    "top_logprobs": ((None, 0), "no log-probabilities"),
+    "best_of": ((None, 1), "no best-of sampling"),
+    "suffix": ((None, ""), "no suffix (insertion)"),
+    "tools": ((None, []), "no tool calls"),
+    "tool_choice": ((None, "none"), "no tool calls"),
+    "parallel_tool_calls": ((None, False), "no tool calls"),
+    "response_format": ((None, {"type": "text"}), "text responses only"),
+}
+
+
+def parse_body(model: type[_Strict], body: object) -> _Strict:
+    """Validate a decoded JSON body; InvalidRequest names every bad field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        problems = "; ".join(_describe(e) for e in exc.errors()[:5])
+        raise InvalidRequest(problems, param=where) from None
+    for name, (allowed, what) in _NEUTRAL.items():
+        value = getattr(parsed, name, None)
+        if name in parsed.model_fields_set and value not in allowed:
+            raise InvalidRequest(f"{name}={value!r} is not supported: this server offers {what}", param=name)
+    return parsed
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown field"
+    if err["type"] == "missing":
+        return f"{where}: required field is missing"
+    return f"{where}: {err['msg']}"
+
+
+def _header_extensions(headers: Mapping[str, str]) -> dict[str, Any]:
+    """wattserve extensions given as headers, converted and checked for type."""
+    out: dict[str, Any] = {}
+    for header, field in HEADER_FIELDS.items():
+        raw = headers.get(header)
+        if raw is None:
+            continue
+        raw = raw.strip()
+        if field.endswith(("_j", "_ms", "_budget")):
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InvalidRequest(f"header {header}: {raw!r} is not a number", param=header) from None
+            if not math.isfinite(value):
+                raise InvalidRequest(f"header {header}: must be a finite number", param=header)
+            out[field] = value
+        elif field == "priority":
+            if raw.lower() not in ("low", "normal", "high"):
+                raise InvalidRequest(f"header {header}: {raw!r} is not one of low, normal, high", param=header)
+            out[field] = raw.lower()
+        else:
+            out[field] = raw
+    return out
+
+
+def _chat_messages(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
+    out = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+        out.append(ChatMessage(role="system" if m.role == "developer" else m.role, content=content))
+    return tuple(out)
+
+
+def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[str, str]) -> ClientRequest:
+    """The gateway's request for a parsed OpenAI body plus its headers."""
+    ext = _header_extensions(headers)
+    for field in HEADER_FIELDS.values():
+        if getattr(parsed, field) is not None:
+            ext[field] = getattr(parsed, field)
+    if isinstance(parsed, ChatRequest):
+        prompt, messages = "", _chat_messages(parsed.messages)
+        max_tokens = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens
+    else:
+        prompt, messages, max_tokens = _single_prompt(parsed.prompt), (), parsed.max_tokens
+    stop = (parsed.stop,) if isinstance(parsed.stop, str) else tuple(parsed.stop or ())
+    # OpenAI's defaults (temperature 1, top_p 1) apply when the client leaves them out.
+    sampling = SamplingParams(
+        temperature=1.0 if parsed.temperature is None else parsed.temperature,
+        top_p=1.0 if parsed.top_p is None else parsed.top_p,
+        top_k=parsed.top_k,
+        seed=parsed.seed,
+        stop=stop,
+        ignore_eos=parsed.ignore_eos,
+    )
+    if max_tokens is not None and max_tokens <= 0:
+        raise InvalidRequest(f"max_tokens must be positive (got {max_tokens})", param="max_tokens")
+    model = parsed.model.strip()
+    return ClientRequest(
+        prompt=prompt,
+        messages=messages,
+        max_tokens=max_tokens or 0,
+        sampling=sampling,
+        expert="" if model in ("", AUTO_MODEL) else model,
+        energy_budget_j=ext.get("energy_budget_j"),
+        latency_budget_ms=ext.get("latency_budget_ms"),
+        compute_budget=ext.get("compute_budget"),
+        priority=Priority[ext["priority"].upper()] if "priority" in ext else Priority.NORMAL,
+        tenant=ext.get("tenant", ""),
+        request_id=ext.get("request_id") or uuid.uuid4().hex,
+        api="http",
+    )
+
+
+def _single_prompt(prompt: str | list[str]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1:
+        raise InvalidRequest(f"prompt lists {len(prompt)} prompts; send one per request", param="prompt")
+    return prompt[0]
+
+
+# -- responses --------------------------------------------------------------------------------
+def usage_body(final: Final) -> dict[str, Any]:
+    u = final.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "energy_joules": u.energy_j,
+        "energy_source": u.energy_source,
+    }
+
+
+def wattserve_body(final: Final) -> dict[str, Any]:
+    """What the gRPC Usage message says beyond OpenAI's usage: who answered, how fast, why."""
+    return {
+        "expert": final.expert,
+        "replica": final.replica,
+        "ttft_ms": final.ttft_ms,
+        "total_latency_ms": final.total_latency_ms,
+        "expert_ttft_ms": final.usage.ttft_ms,
+        "routing_policy": final.plan.policy,
+        "routing_reason": final.plan.reason,
+        "request_id": final.request_id,
+        "gate": final.plan.gate,
+        "subset": list(final.plan.subset),
+        "predicted_energy_j": final.plan.predicted_energy_j,
+        "budget_exceeded": final.plan.budget_exceeded,
+        "cascade": list(final.plan.cascaded),
+        **({"early_exit": exit_body(final.usage.exits)} if final.usage.exits is not None else {}),
+    }
+
+
+def exit_body(e: ExitUsage) -> dict[str, Any]:
+    """Early exit's per-request figures, named as in the gRPC Usage message."""
+    return {
+        "num_layers": e.num_layers,
+        "avg_exit_layer": e.avg_exit_layer,
+        "layers_skipped": e.layers_skipped,
+        "compute_fraction": e.compute_fraction,
+        "energy_saved_j": e.energy_saved_j,
+        "operating_point": e.operating_point,
+    }
+
+
+def response_id(chat: bool, request_id: str) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + request_id
+
+
+def full_response(chat: bool, request_id: str, text: str, final: Final) -> dict[str, Any]:
+    """A non-streaming ``text_completion`` or ``chat.completion`` body."""
+    reason = final.usage.finish_reason.value
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+    return {
+        "id": response_id(chat, request_id),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": final.expert,
+        "choices": [choice],
+        "usage": usage_body(final),
+        "wattserve": wattserve_body(final),
+    }
+
+
+class StreamFormatter:
+    """Builds the SSE ``data:`` payloads of one streamed response."""
+
+    def __init__(self, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
+        self.chat = chat
+        self.id = response_id(chat, request_id)
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self._role_sent = False
+
+    def _chunk(self, choices: list[dict], **extra: Any) -> dict[str, Any]:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return body
+
+    def text(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
+            if not self._role_sent:
+                delta["role"] = "assistant"
+                self._role_sent = True
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return self._chunk([choice])
+
+    def final(self, final: Final) -> list[dict[str, Any]]:
+        """The closing chunk (finish reason and the wattserve object) and, if asked, the usage chunk."""
+        self.model = final.expert
+        last = self.text("", final.usage.finish_reason.value)
+        last["wattserve"] = wattserve_body(final)
+        out = [last]
+        if self.include_usage:
+            out.append(self._chunk([], usage=usage_body(final)))
+        return out

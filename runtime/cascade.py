@@ -1,0 +1,52 @@
+"""Cascading Generate: a cheap answer first, the strong expert only when the cheap one is unsure.
+
+The router's plan names two experts of its subset S (``Plan.cascade``: the cheapest, then the
+top-weight one); both fit the request's energy budget together. The first answer is held back
+(a streamed answer cannot be taken back); if its mean token log-probability is at least
+``cascade_below_logprob`` it is released, otherwise it is discarded and the strong expert answers,
+streamed as usual. Both answers are charged to the tenant and reported: the final ``Usage`` has
+the energy of both, and ``cascade`` lists the experts that answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+from router.base import Plan
+
+
+def _stage(plan: Plan, expert: str, reason: str) -> Plan:
+    """The plan restricted to one expert's replicas."""
+    return dataclasses.replace(plan, ranked=tuple(c for c in plan.ranked if c.expert == expert), reason=reason,
+                               subset=(expert,), weights={expert: 1.0}, cascade=())
+
+
+async def serve_cascade(gw, req, plan: Plan, received: float, rec) -> AsyncIterator:
+    """Yields what ``Gateway._run`` yields, with the cascade's outcome in the final message."""
+    from .gateway import Final
+
+    first, strong = plan.cascade
+    threshold = plan.cascade_below_logprob
+    held: list = []
+    async for item in gw._run(req, _stage(plan, first, plan.reason), received, rec):
+        held.append(item)
+    final: Final = held[-1]
+    confidence = final.usage.mean_logprob
+    if confidence is None or confidence >= threshold:
+        note = f"; cascade: kept {first}'s answer (mean log p {_fmt(confidence)} >= {threshold:g})"
+        for item in held[:-1]:
+            yield item
+        yield dataclasses.replace(final, plan=dataclasses.replace(plan, reason=plan.reason + note, cascaded=(first,)))
+        return
+    note = f"; cascade: {first}'s answer unsure (mean log p {_fmt(confidence)} < {threshold:g}), answered by {strong}"
+    async for item in gw._run(req, _stage(plan, strong, plan.reason + note), received, rec):
+        if isinstance(item, Final):
+            usage = dataclasses.replace(item.usage, energy_j=item.usage.energy_j + final.usage.energy_j)
+            item = dataclasses.replace(item, usage=usage, plan=dataclasses.replace(
+                plan, reason=plan.reason + note, cascaded=(first, strong)))
+        yield item
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

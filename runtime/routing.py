@@ -1,0 +1,157 @@
+"""The gateway's side of routing: budgets, the gate and the cost model around a router policy.
+
+``RoutingService`` owns the state the pure ``router/`` functions need across requests: the budget
+ledger (tenants and cluster), the cost model's online corrections and the loaded gate. For each
+request it checks the tenant's and the cluster's budgets (RESOURCE_EXHAUSTED when used up,
+throttling near them), runs the gate off the event loop, and asks the policy for a plan; when a
+request finishes it charges the measured energy and teaches the cost model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from router.base import Candidate, Plan, RequestFeatures, RouterSettings, estimate_tokens
+from router.budget import CLUSTER, BudgetLedger, BudgetLimit, ScopeStatus, tenant_scope
+from router.cost import CostModel, CostPrior
+from router.gate import GateOutput, load_gate
+from router.policies import Policy, make_policy
+from wattserve.errors import BudgetInfeasible, InvalidRequest
+from wattserve.types import Priority
+
+from .config import WattserveConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class RouteRequest:
+    """What routing needs to know about a validated request."""
+
+    prompt: str
+    tenant: str
+    priority: Priority
+    max_tokens: int = 0
+    expert: str = ""
+    energy_budget_j: float | None = None
+    latency_budget_ms: float | None = None
+    choices: tuple[str, ...] = ()  # score mode when non-empty
+    deadline_ms: float | None = None  # time left before the gRPC deadline
+
+
+class RoutingService:
+    def __init__(self, config: WattserveConfig, *, clock: Callable[[], float] = time.monotonic,
+                 policy: Policy | None = None) -> None:
+        r = config.router
+        self.config = config
+        self.clock = clock
+        prior = {e.name: e.quality_prior for e in config.experts}
+        self.settings = RouterSettings(
+            infeasible=r.infeasible, aggregation_ms=r.aggregation_ms, quality_per_j=r.quality_per_j,
+            strong=r.strong, weak=r.weak, threshold=r.threshold, quality_prior=prior,
+            cascade_below_logprob=r.cascade_below_logprob,
+        )
+        self.cost = CostModel(
+            priors={name: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token)
+                    for name, p in r.cost_priors.items()},
+            alpha=r.cost_ewma_alpha,
+        )
+        rng = random.Random(r.seed) if r.seed is not None else None
+        self.policy = policy or make_policy(config.gateway.routing_policy, rng=rng, cost=self.cost, settings=self.settings)
+        self.policy.cost, self.policy.settings = self.cost, self.settings
+        self.prior_gate = load_gate(None, prior)
+        self.gate = load_gate(r.gate_path, prior, r.gate_outputs or None) if r.gate_path else self.prior_gate
+        self.ledger = BudgetLedger()
+        self._configure_budgets()
+
+    def _configure_budgets(self) -> None:
+        r = self.config.router
+        if r.cluster_budget is not None:
+            cb = r.cluster_budget
+            self.ledger.set_limit(CLUSTER, BudgetLimit(cb.joules, cb.window_s, r.throttle_fraction),
+                                  actor="config", reason="router.cluster_budget")
+        for t in self.config.tenants:
+            if t.energy_budget_j is not None:
+                self.ledger.set_limit(tenant_scope(t.name), BudgetLimit(t.energy_budget_j, t.budget_window_s, r.throttle_fraction),
+                                      actor="config", reason=f"tenants.{t.name}.energy_budget_j")
+
+    async def start(self) -> None:
+        """Load the sentence encoder now (seconds) rather than on the first request."""
+        if getattr(self.gate, "fitted", False) and self.policy.uses_gate:
+            await asyncio.to_thread(self.gate, "warm-up")
+
+    # -- per request ---------------------------------------------------------------------------
+    async def plan(self, req: RouteRequest, candidates: Sequence[Candidate]) -> Plan:
+        """Admit against the tenant and cluster budgets, run the gate, ask the policy."""
+        admission = self.ledger.admit(req.tenant, self.clock())
+        gate = await self.gate_for(req.prompt)
+        features = RequestFeatures(
+            prompt_chars=len(req.prompt),
+            max_tokens=req.max_tokens,
+            priority=req.priority,
+            tenant=req.tenant,
+            expert=req.expert or None,
+            energy_budget_j=req.energy_budget_j,
+            latency_budget_ms=req.latency_budget_ms,
+            prompt_tokens=estimate_tokens(req.prompt),
+            mode="score" if req.choices else "generate",
+            choice_tokens=tuple(estimate_tokens(c) for c in req.choices),
+            gate=gate,
+            throttled=admission.throttled,
+            throttle_reason=admission.reason,
+        )
+        deadline = req.deadline_ms
+        if deadline is not None and (req.latency_budget_ms is None or deadline < req.latency_budget_ms):
+            # A deadline is a latency budget too; when it alone cannot be met the request is still
+            # served (the engine ends it at the deadline) rather than refused up front.
+            try:
+                return self.policy.plan(replace(features, latency_budget_ms=max(deadline, 0.0)), candidates)
+            except BudgetInfeasible:
+                pass
+        return self.policy.plan(features, candidates)
+
+    async def gate_for(self, prompt: str) -> GateOutput:
+        if not self.policy.uses_gate or self.gate is self.prior_gate:
+            return self.prior_gate(prompt)
+        # ~20 ms of CPU on a fitted gate: never on the event loop.
+        return await asyncio.to_thread(self.gate, prompt)
+
+    def finish(self, plan: Plan, tenant: str, expert: str, replica: int, *, prompt_tokens: int,
+               output_tokens: int, energy_j: float, latency_ms: float, score: bool = False) -> None:
+        """A request (or one expert's part of a score) finished: charge its measured energy and
+        compare the cost model's prediction with what happened."""
+        self.ledger.charge(tenant, energy_j, self.clock())
+        cand = next((c for c in plan.ranked if c.expert == expert and c.replica == replica), None)
+        if cand is not None:
+            self.cost.learn(cand.profile, expert, prompt_tokens, output_tokens, energy_j, latency_ms,
+                            inflight=cand.inflight, queue=not score)
+
+    def charge_unfinished(self, tenant: str, plan: Plan, fraction: float) -> None:
+        """A request ended without a final usage (cancelled, failed): charge the predicted energy
+        of the part that ran, so abandoning requests does not escape the budget."""
+        if plan.predicted_energy_j:
+            self.ledger.charge(tenant, plan.predicted_energy_j * min(1.0, max(0.0, fraction)), self.clock())
+
+    # -- operators -----------------------------------------------------------------------------
+    def scope_of(self, name: str) -> str:
+        if name in ("", CLUSTER):
+            return CLUSTER
+        tenant = name.removeprefix("tenant:")
+        if self.config.tenants and self.config.tenant(tenant) is None:
+            raise InvalidRequest(f"unknown tenant {tenant!r}; budgets apply to 'cluster' or a configured tenant")
+        return tenant_scope(tenant)
+
+    def set_budget(self, name: str, limit: BudgetLimit | None, *, actor: str, peer: str, reason: str):
+        return self.ledger.set_limit(self.scope_of(name), limit, actor=actor, peer=peer, reason=reason)
+
+    def budget_status(self, names: Sequence[str] = ()) -> list[ScopeStatus]:
+        now = self.clock()
+        scopes = [self.scope_of(n) for n in names] if names else sorted(
+            set(self.ledger.scopes()) | {CLUSTER} | {tenant_scope(t.name) for t in self.config.tenants}
+        )
+        return [self.ledger.status(s, now) for s in scopes]

@@ -1,0 +1,99 @@
+"""The cost model: predictions from live profiles, clock response, queueing, online learning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from router.cost import CostModel, CostPrior
+from wattserve.types import ExpertProfile
+
+
+def profile(**kw):
+    base = dict(
+        expert="e", replica=0, model="m", engine="torch", device="d", energy_source="modeled:h100", priority_class="high",
+        max_batch=4, max_queue=8, max_model_len=4096, params=1, healthy=True, running=0, waiting=0,
+        prefill_ms_per_token=0.5, decode_ms_per_token=10.0, j_per_token=1.0,
+        decode_ms_per_step_by_batch={1: 10.0, 4: 16.0}, busy_power_w=300.0, sm_clock_mhz=1980.0, max_sm_clock_mhz=1980.0,
+    )
+    base.update(kw)
+    return ExpertProfile(**base)
+
+
+def test_prediction_from_a_measured_profile():
+    est = CostModel().predict(profile(), "e", prompt_tokens=100, output_tokens=11)
+    assert est.basis == "measured" and est.queue_ms == 0
+    assert est.latency_ms == pytest.approx(100 * 0.5 + 10 * 10.0)
+    # energy follows compute time: 50 ms of prefill + 11 decode steps of 10 ms at batch 1, at 300 W
+    assert est.energy_j == pytest.approx(300.0 * (50 + 11 * 10.0) / 1000)
+
+
+def test_batch_shares_decode_energy_and_interpolates_step_time():
+    est = CostModel().predict(profile(running=1), "e", 0, 10)  # joins a batch of 2
+    step = 10.0 + (16.0 - 10.0) * (2 - 1) / (4 - 1)
+    assert est.latency_ms == pytest.approx(step * 9)
+    assert est.energy_j == pytest.approx(300.0 * step / 2 * 10 / 1000)
+
+
+def test_a_lowered_clock_slows_prefill_and_saves_energy_at_once():
+    model = CostModel()
+    full = model.predict(profile(), "e", 1000, 1)
+    capped = model.predict(profile(sm_clock_mhz=990.0), "e", 1000, 1)  # same figures, half the clock
+    assert capped.latency_ms == pytest.approx(2 * full.latency_ms)  # prefill ~ 1/clock
+    assert capped.energy_j < full.energy_j
+    # once new figures are measured at the lower clock they are taken as they are
+    remeasured = model.predict(profile(sm_clock_mhz=990.0, prefill_ms_per_token=1.0), "e", 1000, 1)
+    assert remeasured.latency_ms == pytest.approx(1000 * 1.0)
+
+
+def test_queue_adds_whole_batches_ahead():
+    est = CostModel().predict(profile(running=4, waiting=4), "e", 0, 10)
+    assert est.queue_ms == pytest.approx(2 * 10 * 16.0)
+    assert CostModel().predict(profile(), "e", 0, 10, inflight=4).queue_ms == pytest.approx(10 * 16.0)
+    assert CostModel().predict(profile(running=4), "e", 10, 0, queue=False).queue_ms == 0
+
+
+def test_priors_before_measurements_and_none_without():
+    model = CostModel(priors={"e": CostPrior(prefill_ms_per_token=1.0, decode_ms_per_token=20.0, j_per_token=2.0)})
+    unmeasured = profile(prefill_ms_per_token=None, decode_ms_per_token=None, j_per_token=None, busy_power_w=None,
+                         decode_ms_per_step_by_batch={})
+    est = model.predict(unmeasured, "e", 10, 5)
+    assert est.basis == "prior" and est.energy_j == pytest.approx(2.0 * 15) and est.latency_ms == pytest.approx(10 + 80)
+    assert CostModel().predict(unmeasured, "e", 10, 5) is None
+    assert model.predict(None, "e", 10, 5).basis == "prior"
+
+
+def test_learning_corrects_bias_and_tracks_error():
+    model = CostModel(alpha=0.5)
+    p = profile()
+    raw = model.raw(p, "e", 100, 11)
+    for _ in range(30):  # the expert always uses 20 % more energy and takes half the time
+        model.learn(p, "e", 100, 11, raw.energy_j * 1.2, raw.latency_ms * 0.5)
+    err = model.errors["e"]
+    assert err.samples == 30
+    assert err.energy_correction == pytest.approx(1.2, rel=1e-3) and err.latency_correction == pytest.approx(0.5, rel=1e-3)
+    assert err.energy_rel_error < 0.01 and err.latency_rel_error < 0.01
+    assert model.predict(p, "e", 100, 11).energy_j == pytest.approx(raw.energy_j * 1.2, rel=1e-3)
+
+
+def test_the_first_outcome_reports_the_raw_error():
+    model = CostModel()
+    p = profile()
+    raw = model.raw(p, "e", 100, 11)
+    model.learn(p, "e", 100, 11, raw.energy_j * 2, raw.latency_ms)
+    assert model.errors["e"].energy_rel_error == pytest.approx(0.5)
+    assert model.errors["e"].latency_rel_error == pytest.approx(0.0)
+    assert dataclasses.asdict(model.errors["e"])["samples"] == 1
+
+
+def test_outcomes_of_prior_based_predictions_do_not_bend_measured_ones():
+    model = CostModel(priors={"e": CostPrior(1.0, 20.0, 2.0)})
+    cold = profile(prefill_ms_per_token=None, decode_ms_per_token=None, j_per_token=None, busy_power_w=None,
+                   decode_ms_per_step_by_batch={})
+    raw = model.raw(cold, "e", 10, 5)
+    model.learn(cold, "e", 10, 5, raw.energy_j / 10, raw.latency_ms)  # the prior was 10x too high
+    err = model.errors["e"]
+    assert err.samples == 1 and err.learned == 0 and err.energy_correction == 1.0
+    assert err.energy_rel_error == pytest.approx(9.0)  # still reported
+    assert model.predict(profile(), "e", 10, 5) == model.raw(profile(), "e", 10, 5)

@@ -1,0 +1,194 @@
+"""MoE² and the baselines on plain values: budgets, queues, throttling, infeasibility, ensembles."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from router.base import Candidate, RequestFeatures, RouterSettings
+from router.cost import CostModel
+from router.gate import PriorGate
+from router.moe2 import MoE2, combine
+from router.policies import make_policy
+from router.selector import Item, exhaustive_subset
+from wattserve.errors import BudgetInfeasible
+from wattserve.types import ExpertProfile
+
+PRIOR = {"edge": 0.35, "mid": 0.6, "cloud": 0.8}
+SETTINGS = RouterSettings(quality_prior=PRIOR, aggregation_ms=5.0)
+
+
+def prof(expert, replica=0, *, power_w, step_ms, running=0, waiting=0, max_batch=4, clock=None):
+    return ExpertProfile(
+        expert=expert, replica=replica, model="m", engine="synthetic", device="d", energy_source="modeled:x",
+        priority_class="high", max_batch=max_batch, max_queue=8, max_model_len=4096, params=1, healthy=True,
+        running=running, waiting=waiting, prefill_ms_per_token=0.1, decode_ms_per_token=step_ms, j_per_token=1.0,
+        decode_ms_per_step_by_batch={1: step_ms}, busy_power_w=power_w, sm_clock_mhz=clock, max_sm_clock_mhz=clock,
+    )
+
+
+def pool(**overrides):
+    spec = {"edge": dict(power_w=10.0, step_ms=5.0), "mid": dict(power_w=100.0, step_ms=10.0),
+            "cloud": dict(power_w=400.0, step_ms=20.0)}
+    cands = []
+    for name, kw in spec.items():
+        kw = {**kw, **overrides.get(name, {})}
+        cands.append(Candidate(name, 0, True, 0, prof(name, **kw)))
+    return cands
+
+
+def req(**kw):
+    base = dict(prompt_chars=40, max_tokens=10, gate=PriorGate(PRIOR)(""))
+    base.update(kw)
+    return RequestFeatures(**base)
+
+
+def policy(**kw):
+    return MoE2(rng=random.Random(0), cost=CostModel(), settings=dataclasses.replace(SETTINGS, **kw))
+
+
+def energy(expert, tokens_in=10, n=10):
+    return CostModel().predict(next(c for c in pool() if c.expert == expert).profile, expert, tokens_in, n).energy_j
+
+
+def test_no_budget_answers_from_the_highest_weight_expert():
+    plan = policy().plan(req(), pool())
+    assert plan.subset == ("cloud", "mid", "edge") and plan.ranked[0].expert == "cloud"
+    assert plan.gate == "prior" and sum(plan.weights.values()) == pytest.approx(1.0)
+    assert plan.predicted_energy_j == pytest.approx(energy("cloud"))
+
+
+def test_energy_budget_decides_between_edge_and_cloud():
+    tight = policy().plan(req(energy_budget_j=1.5 * energy("edge")), pool())
+    assert tight.subset == ("edge",) and tight.predicted_energy_j <= 1.5 * energy("edge")
+    mid = policy().plan(req(energy_budget_j=energy("mid") + energy("edge")), pool())
+    assert mid.subset == ("mid", "edge")
+    loose = policy().plan(req(energy_budget_j=energy("cloud") * 1.01), pool())
+    assert loose.ranked[0].expert == "cloud"
+
+
+def test_latency_budget_avoids_a_queued_expert():
+    free = policy().plan(req(latency_budget_ms=300), pool())
+    assert free.ranked[0].expert == "cloud"  # 9 steps x 20 ms fits
+    queued = policy().plan(req(latency_budget_ms=300), pool(cloud=dict(running=4, waiting=4)))
+    assert queued.ranked[0].expert == "mid" and "cloud" not in queued.subset
+
+
+def test_infeasible_budget_rejects_naming_the_cheapest_or_serves_it_flagged():
+    with pytest.raises(BudgetInfeasible) as err:
+        policy().plan(req(energy_budget_j=1e-6), pool())
+    assert "the cheapest plan is edge" in str(err.value)
+    assert err.value.details["cheapest_energy_j"] == pytest.approx(energy("edge"))
+    assert err.value.grpc_code == "FAILED_PRECONDITION"
+    plan = policy(infeasible="serve_cheapest").plan(req(energy_budget_j=1e-6), pool())
+    assert plan.subset == ("edge",) and plan.budget_exceeded and "BUDGET EXCEEDED" in plan.reason
+
+
+def test_unknown_costs_cannot_meet_a_budget():
+    cands = [Candidate("cloud", 0, True, 0, None)]
+    assert policy().plan(req(), cands).subset == ("cloud",)  # no budget: fine
+    with pytest.raises(BudgetInfeasible, match="no cost measured yet"):
+        policy().plan(req(energy_budget_j=5.0), cands)
+
+
+def test_throttled_requests_only_see_the_cheapest_expert_in_every_policy():
+    for name in ("moe2", "least_loaded", "random", "round_robin", "cheapest", "strongest", "threshold"):
+        p = make_policy(name, rng=random.Random(1), settings=SETTINGS)
+        plan = p.plan(req(throttled=True, throttle_reason="tenant 'a' at 90% of its energy budget"), pool())
+        assert {c.expert for c in plan.ranked} == {"edge"}, name
+        assert "cheapest expert only" in plan.reason
+
+
+def test_score_mode_runs_the_subset_and_adds_aggregation_time():
+    r = req(mode="score", max_tokens=0, choice_tokens=(2, 3), energy_budget_j=1e9)
+    plan = policy().plan(r, pool())
+    assert set(plan.subset) == {"edge", "mid", "cloud"}
+    m = CostModel()
+    parts = [m.predict(c.profile, c.expert, r.tokens_in, 0, queue=False) for c in pool()]
+    assert plan.predicted_energy_j == pytest.approx(sum(p.energy_j for p in parts))
+    assert plan.predicted_latency_ms == pytest.approx(max(p.latency_ms for p in parts) + 5.0)
+
+
+def test_plans_never_exceed_budgets_and_match_the_exhaustive_optimum():
+    rng = random.Random(7)
+    for _ in range(300):
+        cands = [Candidate(f"e{i}", 0, True, 0, prof(f"e{i}", power_w=rng.uniform(5, 500), step_ms=rng.uniform(1, 50),
+                                                     running=rng.randint(0, 8), waiting=rng.randint(0, 4)))
+                 for i in range(rng.randint(1, 7))]
+        prior = {c.expert: rng.random() for c in cands}
+        gate = PriorGate(prior)("")
+        r = req(gate=gate, max_tokens=rng.randint(1, 50), energy_budget_j=rng.uniform(0.01, 5),
+                latency_budget_ms=rng.choice([None, rng.uniform(10, 3000)]), mode=rng.choice(["generate", "score"]),
+                choice_tokens=(3, 4))
+        p = MoE2(cost=CostModel(), settings=RouterSettings(quality_prior=prior, aggregation_ms=2.0))
+        m = CostModel()
+        est = {c.expert: m.predict(c.profile, c.expert, r.tokens_in, r.tokens_out, queue=r.mode == "generate") for c in cands}
+        items = [Item(gate.weights[c.expert] * gate.quality[c.expert], est[c.expert].energy_j, est[c.expert].latency_ms) for c in cands]
+        ref = exhaustive_subset(items, r.energy_budget_j, r.latency_budget_ms, 2.0 if r.mode == "score" else 0.0)
+        try:
+            plan = p.plan(r, cands)
+        except BudgetInfeasible:
+            assert ref.indices == ()
+            continue
+        assert sum(est[e].energy_j for e in plan.subset) <= r.energy_budget_j * (1 + 1e-9)
+        if r.latency_budget_ms is not None:
+            assert plan.predicted_latency_ms <= r.latency_budget_ms
+        got = sum(gate.weights[e] * gate.quality[e] for e in plan.subset)
+        assert got == pytest.approx(ref.value)
+
+
+def test_price_of_energy_answers_from_the_lagrangian_optimum():
+    e = {x: energy(x) for x in PRIOR}
+    for price in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0):
+        plan = policy(quality_per_j=price).plan(req(), pool())
+        best = max(PRIOR, key=lambda x: PRIOR[x] - price * e[x])
+        assert plan.ranked[0].expert == best, price
+    # two experts: the price is a threshold on the quality gain per extra joule
+    two = [c for c in pool() if c.expert != "mid"]
+    flip = (PRIOR["cloud"] - PRIOR["edge"]) / (e["cloud"] - e["edge"])
+    assert policy(quality_per_j=flip * 0.99).plan(req(), two).ranked[0].expert == "cloud"
+    assert policy(quality_per_j=flip * 1.01).plan(req(), two).ranked[0].expert == "edge"
+    # the ensemble keeps an expert while g_i q_i >= price x E_i
+    r = req(mode="score", max_tokens=0, choice_tokens=(2,))
+    g = PriorGate(PRIOR)("")
+    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j for c in pool()}
+    price = g.weights["cloud"] * g.quality["cloud"] / est["cloud"] * 1.01
+    assert "cloud" not in policy(quality_per_j=price).plan(r, pool()).subset
+
+
+def test_renormalised_weights_and_the_ensemble():
+    gate = PriorGate(PRIOR)("")
+    sub = gate.renormalised(["edge", "cloud"])
+    assert sum(sub.values()) == pytest.approx(1.0)
+    assert sub["cloud"] / sub["edge"] == pytest.approx(gate.weights["cloud"] / gate.weights["edge"])
+    mix = combine({"a": 0.75, "b": 0.25}, {"a": [0.0, -100.0], "b": [-100.0, 0.0]})
+    assert mix == pytest.approx([0.75, 0.25])
+    assert sum(combine({"a": 1.0}, {"a": [-1.0, -2.0, -3.0]})) == pytest.approx(1.0)
+
+
+def test_baselines():
+    cands = pool()
+    r = req()
+    assert make_policy("cheapest", settings=SETTINGS).plan(r, cands).subset == ("edge",)
+    assert make_policy("strongest", settings=SETTINGS).plan(r, cands).subset == ("cloud",)
+    rr = make_policy("round_robin", settings=SETTINGS)
+    assert [rr.plan(r, cands).subset[0] for _ in range(4)] == ["cloud", "edge", "mid", "cloud"]
+    picks = {make_policy("random", rng=random.Random(s), settings=SETTINGS).plan(r, cands).subset[0] for s in range(20)}
+    assert picks == {"edge", "mid", "cloud"}
+    th = RouterSettings(quality_prior=PRIOR, threshold=0.3)
+    plan = make_policy("threshold", settings=th).plan(r, cands)
+    assert plan.subset == ("cloud",) and plan.gate == "prior"  # gain 0.45 >= 0.3
+    th = RouterSettings(quality_prior=PRIOR, threshold=0.5)
+    assert make_policy("threshold", settings=th).plan(r, cands).subset == ("edge",)
+
+
+def test_cascade_plans_cheapest_first_then_the_top_expert():
+    plan = policy(cascade_below_logprob=-1.0).plan(req(), pool())
+    assert plan.cascade == ("edge", "cloud") and plan.cascade_below_logprob == -1.0
+    assert "cascade edge -> cloud" in plan.reason
+    # both answers in a row must fit the latency budget (edge ~9 x 5 ms, cloud ~9 x 20 ms)
+    assert policy(cascade_below_logprob=-1.0).plan(req(latency_budget_ms=200), pool()).cascade == ()
+    assert policy(cascade_below_logprob=-1.0).plan(req(mode="score", max_tokens=0, choice_tokens=(1,)), pool()).cascade == ()
+    assert policy().plan(req(), pool()).cascade == ()

@@ -1,0 +1,76 @@
+"""The gateway's routing glue without Ray: configured budgets, a fitted gate loaded by path and run
+off the event loop, charging, learning and the unfinished-request charge."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.base import Candidate
+from router.budget import CLUSTER, BudgetState
+from router.gate_fit import fit_gate, read_labelled
+from runtime.config import parse_config
+from runtime.routing import RouteRequest, RoutingService
+from tests.router.test_gate import FakeEncoder, _synthetic_csv
+from tests.router.test_moe2 import prof
+from wattserve.errors import BudgetExhausted, InvalidRequest
+from wattserve.types import Priority
+
+
+def config(**router):
+    return parse_config({
+        "gateway": {"routing_policy": "moe2"},
+        "experts": [{"name": "edge", "engine": "synthetic", "quality_prior": 0.3},
+                    {"name": "cloud", "engine": "synthetic", "quality_prior": 0.9}],
+        "tenants": [{"name": "acme", "energy_budget_j": 10.0, "budget_window_s": 60}],
+        "router": router,
+    })
+
+
+CANDS = [Candidate("edge", 0, True, 0, prof("edge", power_w=10.0, step_ms=5.0)),
+         Candidate("cloud", 0, True, 0, prof("cloud", power_w=400.0, step_ms=20.0))]
+
+
+def req(**kw):
+    return RouteRequest(**{"prompt": "add these numbers", "tenant": "acme", "priority": Priority.NORMAL, "max_tokens": 8, **kw})
+
+
+async def test_configured_budgets_throttle_and_exhaust():
+    now = [0.0]
+    svc = RoutingService(config(cluster_budget={"average_power_w": 1.0, "window_s": 1000}), clock=lambda: now[0])
+    assert [c.actor for c in svc.ledger.changes] == ["config", "config"]
+    plan = await svc.plan(req(), CANDS)
+    assert plan.ranked[0].expert == "cloud" and plan.gate == "prior"
+    svc.finish(plan, "acme", "cloud", 0, prompt_tokens=4, output_tokens=8, energy_j=9.0, latency_ms=150.0)
+    assert svc.cost.errors["cloud"].samples == 1
+    throttled = await svc.plan(req(), CANDS)
+    assert [c.expert for c in throttled.ranked] == ["edge"]
+    svc.charge_unfinished("acme", throttled, fraction=0.5)  # cancelled half way: half its prediction
+    assert svc.budget_status(["acme"])[0].used_j == pytest.approx(9.0 + 0.5 * throttled.predicted_energy_j)
+    svc.finish(throttled, "acme", "edge", 0, prompt_tokens=4, output_tokens=8, energy_j=1.0, latency_ms=40.0)
+    st = {s.scope: s for s in svc.budget_status()}
+    assert st["tenant:acme"].state is BudgetState.EXHAUSTED and st[CLUSTER].used_j > 9.0
+    with pytest.raises(BudgetExhausted):
+        await svc.plan(req(), CANDS)
+    now[0] = 61.0  # the window rolled past
+    assert (await svc.plan(req(), CANDS)).ranked[0].expert == "cloud"
+    with pytest.raises(InvalidRequest, match="unknown tenant 'zed'"):
+        svc.set_budget("zed", None, actor="", peer="", reason="")
+
+
+async def test_a_fitted_gate_is_loaded_by_path_and_named_in_the_plan(tmp_path):
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    fit_gate(data, FakeEncoder().encode(data.prompts), tmp_path / "gate", epochs=5, hidden=8)
+    svc = RoutingService(config(gate_path=str(tmp_path / "gate"), gate_outputs={"edge": "prose", "cloud": "math"}))
+    await svc.start()  # loads the real MiniLM encoder in a thread
+    plan = await svc.plan(req(), CANDS)
+    assert plan.gate == f"fitted:{tmp_path / 'gate'}" and "[gate fitted]" in plan.reason
+    assert set(plan.weights) == set(plan.subset)
+
+
+async def test_a_deadline_is_a_latency_budget_but_never_a_reason_to_refuse():
+    svc = RoutingService(config())
+    assert (await svc.plan(req(tenant="default"), CANDS)).ranked[0].expert == "cloud"
+    # cloud needs ~7 x 20 ms; edge ~7 x 5 ms: a 100 ms deadline moves the request to edge
+    assert (await svc.plan(req(tenant="default", deadline_ms=100.0), CANDS)).ranked[0].expert == "edge"
+    # nothing can finish in 1 ms: served anyway (the engine enforces the deadline), not refused
+    assert (await svc.plan(req(tenant="default", deadline_ms=1.0), CANDS)).ranked[0].expert == "cloud"

@@ -1,0 +1,68 @@
+"""Turning a chat conversation into prompt tokens, on the expert side.
+
+Only the expert knows its model's chat format, so the gateway forwards ``messages`` untouched and
+every engine calls :func:`encode_prompt`. A tokenizer that carries a chat template (SmolLM2's
+``<|im_start|>`` turns) renders the conversation with it and a generation prompt for the
+assistant; the rendered text already holds the special tokens the template wants, so it is
+tokenized without adding more. A tokenizer without one (Gemma 3's GGUF ships none) gets
+:func:`render_plain`, a simple documented format that any base model can continue::
+
+    System: Be brief.
+
+    User: What is the capital of France?
+
+    Assistant:
+
+That text is tokenized like a plain prompt (the tokenizer's own BOS rule applies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from wattserve.errors import InvalidRequest
+from wattserve.types import ChatMessage, GenerateCall
+
+ROLES = ("system", "user", "assistant")
+_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_plain(messages: Sequence[ChatMessage]) -> str:
+    """The fallback chat format: ``Role: content`` turns separated by blank lines, ending with
+    ``Assistant:`` so the model answers as the assistant."""
+    turns = [f"{_LABELS[m.role]}: {m.content}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    """Raise InvalidRequest unless ``messages`` is a non-empty conversation of known roles."""
+    if not messages:
+        raise InvalidRequest("messages is empty: send at least one message")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role {m.role!r} is not one of {', '.join(ROLES)}")
+
+
+def encode_prompt(tokenizer, call: GenerateCall) -> list[int]:
+    """Prompt token ids for ``call``: its ``prompt`` as is, or its ``messages`` rendered with the
+    tokenizer's chat template (or :func:`render_plain` where it has none)."""
+    if not call.messages:
+        return list(tokenizer(call.prompt).input_ids)
+    check_messages(call.messages)
+    if getattr(tokenizer, "chat_template", None):
+        conversation = [{"role": m.role, "content": m.content} for m in call.messages]
+        try:
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - templates raise on conversations they reject
+            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}") from None
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    return list(tokenizer(render_plain(call.messages)).input_ids)
+
+
+def prompt_text(call: GenerateCall) -> str:
+    """The text an engine without a tokenizer (the synthetic one) reads: the prompt, or the
+    conversation in the plain format."""
+    if not call.messages:
+        return call.prompt
+    check_messages(call.messages)
+    return render_plain(call.messages)
