@@ -168,6 +168,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=32, help="positions recorded per fit/calibration document")
     ap.add_argument("--max-tokens", type=int, default=40, help="tokens generated per held-out prompt")
     ap.add_argument("--targets", type=float, nargs="+", default=[14, 18, 21, 24, 27])
+    ap.add_argument("--labels", nargs="+", default=["none", "fitted"], choices=["none", "fitted"],
+                    help="evaluate without adapters, with fitted adapters, or both")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2, help="alternating runs per point (the best counts)")
@@ -207,6 +209,8 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         fit_and_save(engine, fit_states, args, adapters_file, report)
     for label, adapters in (("none", None), ("fitted", str(adapters_file))):
+        if label not in args.labels:
+            continue
         thresholds = work / f"smollm2-{label}.json"
         if not args.reuse:
             engine.exits = ExitControl(EarlyExitSpec(adapters_path=adapters), engine.runner)
@@ -218,7 +222,8 @@ def main() -> None:
         report[f"calibration_{label}"] = [
             {"point": p.name, "avg_layers": p.avg_layers, "agreement": p.agreement, "compute": p.compute_fraction}
             for p in profile.points]
-        evaluate(engine, heldout, args, label, sorted(profile.points, key=lambda p: p.avg_layers), report["rows"])
+        points = [p for p in profile.points if p.target_layers in args.targets]
+        evaluate(engine, heldout, args, label, sorted(points, key=lambda p: p.avg_layers), report["rows"])
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=float))
 

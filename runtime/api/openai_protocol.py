@@ -8,11 +8,12 @@ the gateway's, shared with gRPC.
 
 wattserve extensions, as body fields (``extra_body`` in the openai client) or headers (the body
 wins when both are given): ``energy_budget_j`` / ``x-energy-budget-j``, ``latency_budget_ms`` /
-``x-latency-budget-ms``, ``compute_budget`` / ``x-compute-budget`` (early exit), ``priority`` / ``x-priority`` (low, normal, high), ``tenant`` /
-``x-tenant``, ``request_id`` / ``x-request-id``, and the sampling extras ``top_k`` and
-``ignore_eos``. Responses carry ``usage.energy_joules`` and ``usage.energy_source`` and a
-``wattserve`` object (expert, replica, gateway TTFT and latency, routing decision, and
-``early_exit`` when the expert decodes with early exit).
+``x-latency-budget-ms``, ``compute_budget`` / ``x-compute-budget`` (early exit), ``priority`` /
+``x-priority`` (low, normal, high), ``tenant`` / ``x-tenant``, ``request_id`` /
+``x-request-id``, and the sampling extras ``top_k`` and ``ignore_eos``. Responses carry
+``usage.energy_joules`` and ``usage.energy_source`` and a ``wattserve`` object (expert, replica,
+gateway TTFT and latency, routing decision, and ``early_exit`` when the expert decodes with
+early exit).
 """
 
 from __future__ import annotations
