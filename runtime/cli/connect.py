@@ -63,7 +63,8 @@ def open_channel(target: str, key: str | None = None, tls: ClientTls | None = No
 
 def open_aio_channel(target: str, key: str | None = None, tls: ClientTls | None = None, options=()) -> aio.Channel:
     """The asyncio twin of :func:`open_channel` (the load tester, tests)."""
-    interceptors = [_AioKeyInterceptor(key)] if key else None
+    kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    interceptors = [kind(key) for kind in kinds] if key else None
     opts = list(options) + (tls.grpc_options() if tls else [])
     if tls:
         return aio.secure_channel(target, tls.grpc_credentials(), opts, interceptors=interceptors)
@@ -72,7 +73,10 @@ def open_aio_channel(target: str, key: str | None = None, tls: ClientTls | None 
 
 def _with_key(details, key: str):
     """``details`` (a ClientCallDetails namedtuple) with the authorization header added."""
-    return details._replace(metadata=list(details.metadata or ()) + list(metadata(key)))
+    pairs = [*(details.metadata or ()), *metadata(key)]
+    # grpc.aio wants its own Metadata type (a plain list is dropped on streaming calls)
+    meta = aio.Metadata(*pairs) if isinstance(details, aio.ClientCallDetails) else pairs
+    return details._replace(metadata=meta)
 
 
 class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -95,21 +99,28 @@ class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIn
         return continuation(_with_key(details, self._key), request_iterator)
 
 
-class _AioKeyInterceptor(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor,
-                         aio.StreamUnaryClientInterceptor, aio.StreamStreamClientInterceptor):
-    """The same for grpc.aio channels."""
-
+class _AioKey:
     def __init__(self, key: str) -> None:
         self._key = key
 
+
+# grpc.aio files an interceptor under the first interface it implements (an elif chain), so each
+# kind of call needs its own class.
+class _AioUnaryUnary(_AioKey, aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(_with_key(details, self._key), request)
 
+
+class _AioUnaryStream(_AioKey, aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(_with_key(details, self._key), request)
 
+
+class _AioStreamUnary(_AioKey, aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(_with_key(details, self._key), request_iterator)
 
+
+class _AioStreamStream(_AioKey, aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(_with_key(details, self._key), request_iterator)
