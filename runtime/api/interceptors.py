@@ -20,7 +20,7 @@ import logging
 import grpc
 from grpc import aio
 
-from wattserve.errors import WattserveError
+from wattserve.errors import InvalidRequest, WattserveError
 
 from ..security.keys import KeyStore
 from .auth import authorize, check_metadata_size, grpc_access, set_principal
@@ -74,10 +74,31 @@ def http_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     return status, {"error": body}, headers
 
 
-def _wrap_unary(behavior, method: str, guard):
+def _decoder(deserializer, method: str):
+    """Parse request bytes in the handler, where a malformed body becomes INVALID_ARGUMENT (gRPC
+    would answer UNKNOWN with a Python class name if its own deserializer failed)."""
+    if deserializer is None:
+        return lambda raw: raw
+
+    def decode(raw):
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 - DecodeError and friends: the bytes are not this message
+            raise InvalidRequest(f"the request is not a valid protobuf message for {method}") from None
+
+    return decode
+
+
+async def _decoded(request_iterator, decode):
+    async for raw in request_iterator:
+        yield decode(raw)
+
+
+def _wrap_unary(behavior, method: str, guard, decode, streaming_request: bool = False):
     async def handler(request, context):
         try:
             guard()
+            request = _decoded(request, decode) if streaming_request else decode(request)
             return await behavior(request, context)
         except (WattserveError, Exception) as exc:  # noqa: BLE001
             if isinstance(exc, aio.AbortError):
@@ -87,13 +108,14 @@ def _wrap_unary(behavior, method: str, guard):
     return handler
 
 
-def _wrap_stream(behavior, method: str, guard):
+def _wrap_stream(behavior, method: str, guard, decode, streaming_request: bool = False):
     if not inspect.isasyncgenfunction(behavior):  # writes with context.write() instead of yielding
-        return _wrap_unary(behavior, method, guard)
+        return _wrap_unary(behavior, method, guard, decode, streaming_request)
 
     async def handler(request, context):
         try:
             guard()
+            request = _decoded(request, decode) if streaming_request else decode(request)
             async for item in behavior(request, context):
                 yield item
         except (WattserveError, Exception) as exc:  # noqa: BLE001
@@ -137,26 +159,18 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         guard = self._guard(handler_call_details)
+        decode = _decoder(handler.request_deserializer, method)
+        out = handler.response_serializer
+        # request_deserializer None: the handler gets bytes and decodes them itself, after the
+        # credential check (an unauthenticated caller learns nothing about the body).
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, guard),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+                _wrap_unary(handler.unary_unary, method, guard, decode), response_serializer=out)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, guard),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+                _wrap_stream(handler.unary_stream, method, guard, decode), response_serializer=out)
         if handler.stream_stream:  # StreamImages (and reflection, which raises nothing of ours)
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, guard),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+                _wrap_stream(handler.stream_stream, method, guard, decode, True), response_serializer=out)
         return grpc.stream_unary_rpc_method_handler(  # client streaming: none of ours, guarded all the same
-            _wrap_unary(handler.stream_unary, method, guard),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            _wrap_unary(handler.stream_unary, method, guard, decode, True), response_serializer=out)
