@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import chaos_lifecycle as lifecycle
 from tests import chaos_scenarios as chaos
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,6 +50,30 @@ async def test_overload_refuses_fast_and_keeps_accepted_latency(ray_session, tmp
     assert x["slo_violations"] == 0  # accepted requests keep the SLO (2 service times x 4)
     assert x["refusal_max_s"] < x["slo_s"]  # refusals come back at once, not after a timeout
     assert x["rss_growth_mb"] < 200  # bounded queues: memory does not grow with the offered load
+
+
+async def test_cancellations_deadlines_and_dropped_streams_release_everything(ray_session, tiny_llama, tmp_path):
+    c = await lifecycle.cancel_and_deadline_storm(tmp_path, tiny_llama, requests=40)
+    print(json.dumps(c.as_dict()))
+    x = c.extra
+    assert c.hung == 0 and c.lost_charges == 0 and c.refused == 0
+    assert set(c.statuses) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}, c.statuses
+    assert x["by_kind"]["complete"] == {"OK": 8}
+    assert x["by_kind"]["deadline"].get("DEADLINE_EXCEEDED", 0) >= 6  # 400 tokens cannot finish in <= 0.5 s
+    assert x["by_kind"]["cancel_after_token"] == {"CANCELLED": 8} and x["by_kind"]["http_drop"] == {"CANCELLED": 8}
+    assert not any(x["held_after"].values()), x["held_after"]  # no admission, replica, queue slot held
+    assert x["full_batch_after"] == {"OK": 8}  # every KV slot is usable again: a full batch per expert
+    assert x["replicas_unchanged"]  # no actor died or restarted
+
+
+async def test_killing_the_power_governor_and_node_agent_under_load(ray_session, tmp_path):
+    c = await lifecycle.power_plane_restart(tmp_path)
+    print(json.dumps(c.as_dict()))
+    x = c.extra
+    assert c.hung == 0 and c.failed_clean == 0 and c.refused == 0 and c.completed > 0  # serving never stopped
+    assert x["lp_capped_before"] and x["governor_restarted"] and x["governor_capping_again"]
+    assert x["agent_experts_after_restart"] == 2  # the restarted agent knows its experts again
+    assert x["fresh_readings_and_capping_after_agent_restart"] and x["hp_never_capped"]
 
 
 def test_losing_a_node_of_a_two_node_cluster(tmp_path):
