@@ -338,6 +338,41 @@ def test_fuzz_http_raw_bytes(server, path, raw):
     _check_http(*_post(server, path, raw, {}))
 
 
+# -- each configured limit, one by one (the fuzzer hits them at random; these name them) -------------------
+def _invalid(call, *args, fragment: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        out = call(*args, metadata=_meta(CLIENT_KEY), timeout=60)
+        if not hasattr(out, "DESCRIPTOR"):  # a stream: drain it
+            list(out)
+    assert _code(err.value) == "INVALID_ARGUMENT" and fragment in err.value.details(), err.value.details()
+
+
+@pytest.mark.parametrize("req, fragment", [
+    (pb.GenerateRequest(prompt="x" * 4097, expert="syn"), "at most 4096"),  # gateway.max_prompt_bytes
+    (pb.GenerateRequest(prompt="x", max_tokens=9, expert="syn"), "limit of 8"),  # gateway.max_tokens_limit
+    (pb.GenerateRequest(prompt="word " * 200, max_tokens=4, expert="tiny"), "128"),  # prompt tokens > max_model_len
+])
+def test_generate_limits(channel, req, fragment):
+    _invalid(pb_grpc.InferenceStub(channel).Generate, req, fragment=fragment)
+
+
+def test_score_choice_limit(channel):  # gateway.max_score_choices
+    req = pb.ScoreRequest(prompt="pick", choices=[f"c{i}" for i in range(9)], expert="syn")
+    _invalid(pb_grpc.InferenceStub(channel).Score, req, fragment="8")
+
+
+def test_stream_images_size_and_rate_limits(channel):
+    cfg = pb.StreamImagesRequest(config=pb.ImageStreamConfig(params=pb.ImageParams(prompt="a cat")))
+    big = pb.StreamImagesRequest(config=pb.ImageStreamConfig(params=pb.ImageParams(prompt="a cat", width=80,
+                                                                                    height=80)))  # > max_pixels
+    frame = pb.Image(data=bytes(80 * 80 * 3), format=pb.IMAGE_FORMAT_RAW_RGB, width=80, height=80)
+    _invalid(pb_grpc.InferenceStub(channel).StreamImages, iter([big, pb.StreamImagesRequest(frame=frame)]),
+             fragment="4096")
+    small = pb.Image(data=bytes(16 * 16 * 3), format=pb.IMAGE_FORMAT_RAW_RGB, width=16, height=16)
+    flood = [cfg] + [pb.StreamImagesRequest(frame=small)] * 400  # all at once: far above 60 fps after a burst of 30
+    _invalid(pb_grpc.InferenceStub(channel).StreamImages, iter(flood), fragment="faster than")
+
+
 def test_fuzz_volume_and_server_still_serving(channel, server):
     """Last: report the volume, and the server answers a plain request after all of it."""
     print("fuzz examples tried:", dict(TRIED), "total", sum(TRIED.values()), "answered:", dict(ANSWERED))

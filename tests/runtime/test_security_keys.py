@@ -97,3 +97,24 @@ def test_tls_config_needs_pairs():
     with pytest.raises(ValueError, match="needs client_ca_file"):
         TlsConfig(cert_file="a", key_file="b", require_client_cert=True)
     assert not TlsConfig().enabled and TlsConfig(cert_file="a", key_file="b").enabled
+
+
+@pytest.mark.parametrize("host, keys, expect", [
+    ("0.0.0.0", None, "authentication is OFF"),
+    ("0.0.0.0", "client default ws-key-0123456789abcdef;operator ops ws-key-fedcba9876543210", "TLS is off"),
+    ("127.0.0.1", None, None),
+    ("::1", None, None),
+])
+def test_exposure_warnings(host, keys, expect, monkeypatch):
+    """Auth off (or keys without TLS) on a non-loopback address is a loud warning; loopback is quiet."""
+    from runtime.api.server import WattserveServer
+    from runtime.config import parse_config
+
+    monkeypatch.setenv("WATTSERVE_TEST_KEYS", keys or "")
+    auth = {"keys_env": "WATTSERVE_TEST_KEYS"} if keys else {"enabled": False}
+    cfg = parse_config({"auth": auth, "gateway": {"host": host}, "http": {"enabled": False},
+                        "experts": [{"name": "e", "engine": {"kind": "synthetic"}}]})
+    said: list[str] = []
+    WattserveServer(cfg, progress=said.append)._security_checks()
+    warnings = [m for m in said if m.startswith("WARNING")]
+    assert (expect is None and not warnings) or (len(warnings) == 1 and expect in warnings[0]), said
