@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ async def in_ray(tmp: Path, scale: int) -> list[dict]:
             ("storm", lifecycle.cancel_and_deadline_storm(tmp / "storm", model, requests=40 * scale)),
             ("power", lifecycle.power_plane_restart(tmp / "power")),
             ("overload", chaos.overload(tmp / "overload", multiple=5.0, duration_s=5.0 * scale)),
+            ("tenants", lifecycle.two_tenant_overload(tmp / "tenants", multiple=5.0, duration_s=5.0 * scale)),
         ]
         out = []
         for name, coro in runs:
@@ -57,8 +59,9 @@ async def in_ray(tmp: Path, scale: int) -> list[dict]:
 
 
 def node_loss(tmp: Path, scale: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-m", "tests.chaos_scenarios", "node-loss", "--requests", str(40 * scale),
-                          "--tmp", str(tmp)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          "--tmp", str(tmp)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("CHAOS-RESULT ")), None)
     if line is None:
         raise RuntimeError(f"node-loss gave no result (rc {res.returncode}): {res.stderr[-2000:]}")

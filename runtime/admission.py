@@ -9,8 +9,11 @@ Rules, checked in order when a request arrives (every refusal is RESOURCE_EXHAUS
    refuse;
 3. the server is saturated (at least ``fair_share_above`` x max_inflight in use) and the tenant
    already holds its weighted fair share, ``ceil(max_inflight x w_t / sum of w over the tenants
-   in flight and this one)``: refuse. A tenant under its share is still admitted, so one tenant
-   flooding the server cannot starve the others (max-min fairness on slots, our choice of rule).
+   in flight, or seen within the last few request durations, and this one)``: refuse. A tenant
+   under its share is still admitted, so one tenant flooding the server cannot starve the others
+   (max-min fairness on slots, our choice of rule). Counting recently seen tenants matters for a
+   client that sends one request after another: between two of them it holds no slot, and
+   without the memory a flooder would take the whole server in that gap.
 
 Per-expert queues stay bounded where they are (``experts[].max_queue`` in each engine loop; a
 full replica makes the gateway try the plan's next one). Every admitted request gets a
@@ -35,6 +38,9 @@ MIN_RETRY_MS = 50
 MAX_RETRY_MS = 10_000
 DEFAULT_DURATION_MS = 1000.0  # assumed until a request has finished
 EWMA_ALPHA = 0.1
+#: a tenant seen this many mean request durations ago (at least MIN_RECENT_S) still has a share
+RECENT_DURATIONS = 4.0
+MIN_RECENT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -62,6 +68,7 @@ class Admission:
         self.by_tenant: dict[str, int] = {}
         self.duration_ms = DEFAULT_DURATION_MS
         self.refused: dict[str, int] = {"server": 0, "tenant": 0, "fair_share": 0}
+        self.last_seen_s: dict[str, float] = {}  # tenant -> last arrival or departure (bounded: pruned)
 
     @classmethod
     def from_config(cls, gateway, tenants: Sequence, clock: Callable[[], float] = time.monotonic) -> Admission:
@@ -77,6 +84,7 @@ class Admission:
     def acquire(self, tenant: str) -> Ticket:
         """A slot for a request of ``tenant``; raises QueueFull (with ``retry_after_ms``)."""
         held = self.by_tenant.get(tenant, 0)
+        self.last_seen_s[tenant] = self.clock()
         if self.inflight >= self.max_inflight:
             self._refuse("server", f"server is at its limit of {self.max_inflight} requests in flight; retry shortly",
                          self.inflight)
@@ -102,15 +110,24 @@ class Admission:
             self.by_tenant[ticket.tenant] = left
         else:
             self.by_tenant.pop(ticket.tenant, None)
-        ms = 1000.0 * (self.clock() - ticket.started_s)
+        now = self.clock()
+        self.last_seen_s[ticket.tenant] = now
+        ms = 1000.0 * (now - ticket.started_s)
         self.duration_ms += EWMA_ALPHA * (ms - self.duration_ms)
 
     # -- views ---------------------------------------------------------------------------------
     def fair_share(self, tenant: str) -> int:
         """Slots ``tenant`` may hold when the server is saturated (at least 1)."""
-        active = set(self.by_tenant) | {tenant}
+        active = set(self.by_tenant) | self._recent() | {tenant}
         total_w = sum(self.weights.get(t, 1.0) for t in active)
         return max(1, math.ceil(self.max_inflight * self.weights.get(tenant, 1.0) / total_w))
+
+    def _recent(self) -> set[str]:
+        """Tenants seen within the recency window; older entries are dropped here."""
+        horizon = self.clock() - max(MIN_RECENT_S, RECENT_DURATIONS * self.duration_ms / 1000.0)
+        for t in [t for t, seen in self.last_seen_s.items() if seen < horizon]:
+            del self.last_seen_s[t]
+        return set(self.last_seen_s)
 
     def retry_after_ms(self, holders: int) -> int:
         """Expected wait until one of ``holders`` running requests finishes."""

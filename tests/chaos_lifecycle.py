@@ -4,6 +4,8 @@
 - a storm of client cancellations, gRPC deadlines and dropped HTTP streams over a real torch
   engine (slot KV cache) and a synthetic one: afterwards no admission slot, replica slot, queue
   entry or KV slot is held, and a full batch runs on every replica;
+- one tenant floods the server at 5x its sustainable rate while another sends one request after
+  another: the calm tenant is never refused (fair admission), the flooder is refused at once;
 - the power plane's actors (the governor and the node agent) are killed under load: Ray restarts
   them, the agent knows its experts again, the governor resumes its loop from fresh telemetry and
   caps the low-priority expert again; serving never stops.
@@ -22,7 +24,19 @@ import grpc
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 
-from .chaos_scenarios import TENANT, Counts, Outcome, expert, send, server_config, start_server, stored_ids, tally
+from .chaos_scenarios import (
+    TENANT,
+    Counts,
+    Outcome,
+    _pct,
+    _sustainable_rate,
+    expert,
+    send,
+    server_config,
+    start_server,
+    stored_ids,
+    tally,
+)
 
 KINDS = ("complete", "cancel_after_token", "cancel_at_once", "deadline", "http_drop")
 
@@ -216,3 +230,58 @@ async def power_plane_restart(tmp: Path, per_expert: int = 2) -> Counts:
         return counts
     finally:
         await srv.stop()
+
+
+# -- 3. one tenant floods, another sends at its own pace --------------------------------------------------
+async def two_tenant_overload(tmp: Path, multiple: float = 5.0, duration_s: float = 3.0, calm_workers: int = 2,
+                              max_tokens: int = 8, step_ms: float = 25.0, max_batch: int = 4, seed: int = 0) -> Counts:
+    """``flood`` offers ``multiple`` x the sustainable rate (Poisson) for ``duration_s``; ``calm``
+    keeps ``calm_workers`` requests going one after another. The server holds 2 x ``max_batch``
+    requests and enforces fair shares from half of that on: ``calm`` must never be refused."""
+    import random
+
+    cfg = server_config([expert("hot", step_ms=step_ms, max_batch=max_batch, max_queue=max_batch)],
+                        tmp / "ledger.sqlite3", max_inflight=2 * max_batch, fair_share_above=0.5)
+    cfg["tenants"] = [{"name": "flood"}, {"name": "calm"}]
+    srv = await start_server(cfg)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            rate, unloaded_s = await _sustainable_rate(_Tenant(stub, "calm"), max_batch, max_tokens)
+            calm: list[Outcome] = []
+            t_end = time.monotonic() + duration_s
+
+            async def calm_worker() -> None:
+                while time.monotonic() < t_end:
+                    calm.append(await send(stub, max_tokens, tenant="calm"))
+
+            workers = [asyncio.ensure_future(calm_worker()) for _ in range(calm_workers)]
+            rng, flood = random.Random(seed), []
+            while time.monotonic() < t_end:
+                flood.append(asyncio.ensure_future(send(stub, max_tokens, tenant="flood")))
+                await asyncio.sleep(rng.expovariate(multiple * rate))
+            flood_out = await asyncio.gather(*flood)
+            await asyncio.gather(*workers)
+        await srv.gateway.routing.flush()
+        counts = tally(f"two tenants, one at {multiple:g}x the sustainable rate", flood_out + calm, stored_ids(srv))
+        ok = sorted(o.latency_s for o in calm if o.status == "OK")
+        counts.extra = {
+            "sustainable_rps": rate, "unloaded_latency_s": unloaded_s,
+            "calm": dict(Counter(o.status for o in calm)), "flood": dict(Counter(o.status for o in flood_out)),
+            "calm_p50_s": _pct(ok, 0.5), "calm_p99_s": _pct(ok, 0.99),
+            "refused_by_rule": dict(srv.gateway.admission.refused),
+        }
+        return counts
+    finally:
+        await srv.stop()
+
+
+class _Tenant:
+    """A stub whose Generate calls go out as one tenant (for _sustainable_rate)."""
+
+    def __init__(self, stub, tenant: str) -> None:
+        self.stub, self.tenant = stub, tenant
+
+    def Generate(self, req, **kw):  # noqa: N802 - the gRPC method's name
+        req.tenant = self.tenant
+        return self.stub.Generate(req, **kw)

@@ -94,12 +94,12 @@ def tally(scenario: str, outcomes: list[Outcome], stored_ids: set[str] | None = 
 
 # -- clients ----------------------------------------------------------------------------------------
 async def send(stub, max_tokens: int, *, expert: str = "", timeout_s: float = CLIENT_TIMEOUT_S,
-               seen: Counter | None = None) -> Outcome:
+               seen: Counter | None = None, tenant: str = TENANT) -> Outcome:
     """One Generate; never raises. A client-side deadline is a hang (the server sets none).
     ``seen["tokens"]`` counts streamed tokens across requests."""
     started = time.monotonic()
     out = Outcome("OK")
-    req = pb.GenerateRequest(prompt="one two three four", max_tokens=max_tokens, expert=expert, tenant=TENANT,
+    req = pb.GenerateRequest(prompt="one two three four", max_tokens=max_tokens, expert=expert, tenant=tenant,
                              sampling=pb.SamplingParams(ignore_eos=True))
     try:
         async for msg in stub.Generate(req, timeout=timeout_s):
@@ -381,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="wattserve-chaos-"))
+    # Ray's own files in a directory of our own: a cluster in the default /tmp/ray registers itself
+    # as "the current cluster", and any ray.init() on this machine (other test runs) would join it
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: unix socket paths
+    # Both nodes on loopback: otherwise ray.init() rewrites 127.0.0.1 into the host's address,
+    # where this GCS does not listen (read by ray at import, hence before node_loss imports it)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     counts = asyncio.run(node_loss(tmp, requests=args.requests))
     print("CHAOS-RESULT " + json.dumps(counts.as_dict()), flush=True)
     return 0

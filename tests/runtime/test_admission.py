@@ -51,6 +51,21 @@ def test_a_flooding_tenant_cannot_starve_others():
     assert adm.fair_share("other") == 4 and len(other) == 4 and adm.inflight == 8
 
 
+def test_a_tenant_between_two_requests_keeps_its_share_for_a_while():
+    clock = FakeClock()
+    adm = Admission(8, fair_share_above=0.5, clock=clock)
+    adm.release(adm.acquire("calm"))  # one request, done: calm holds nothing now
+    clock.now += 0.5  # ... and is about to send the next one
+    flood = []
+    with pytest.raises(QueueFull, match="fair share"):
+        while True:
+            flood.append(adm.acquire("flood"))
+    assert len(flood) == 4  # half the server, not all of it: calm finds room
+    adm.release(adm.acquire("calm"))
+    clock.now += 10.0  # calm went quiet (well past 4 mean durations): the flooder may take the rest
+    assert adm.fair_share("flood") == 8 and "calm" not in adm.last_seen_s
+
+
 def test_weights_set_the_shares():
     adm = Admission(12, fair_share_above=0.1, weights={"gold": 2.0})
     adm.acquire("gold")

@@ -66,6 +66,16 @@ async def test_cancellations_deadlines_and_dropped_streams_release_everything(ra
     assert x["replicas_unchanged"]  # no actor died or restarted
 
 
+async def test_a_flooding_tenant_does_not_starve_a_calm_one(ray_session, tmp_path):
+    c = await lifecycle.two_tenant_overload(tmp_path, multiple=5.0, duration_s=3.0)
+    print(json.dumps(c.as_dict()))
+    x = c.extra
+    assert c.hung == 0 and c.lost_charges == 0 and c.failed_clean == 0
+    assert set(x["calm"]) == {"OK"} and x["calm"]["OK"] > 0  # fair admission: never refused
+    assert x["flood"].get("RESOURCE_EXHAUSTED", 0) > 0 and x["flood"].get("OK", 0) > 0
+    assert x["refused_by_rule"]["fair_share"] > 0 and x["refused_by_rule"]["server"] == 0
+
+
 async def test_killing_the_power_governor_and_node_agent_under_load(ray_session, tmp_path):
     c = await lifecycle.power_plane_restart(tmp_path)
     print(json.dumps(c.as_dict()))
