@@ -387,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     # Both nodes on loopback: otherwise ray.init() rewrites 127.0.0.1 into the host's address,
     # where this GCS does not listen (read by ray at import, hence before node_loss imports it)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    counts = asyncio.run(node_loss(tmp, requests=args.requests))
+    try:
+        counts = asyncio.run(node_loss(tmp, requests=args.requests))
+    finally:
+        import shutil
+
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)  # the cluster has shut down: its logs go
     print("CHAOS-RESULT " + json.dumps(counts.as_dict()), flush=True)
     return 0
 
