@@ -145,6 +145,21 @@ class GovernorUnavailable(WattserveError):
     http_status = 503
 
 
+class Unauthenticated(WattserveError):
+    """No credential, or one this server does not know. The message never says which."""
+
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class PermissionDenied(WattserveError):
+    """A valid credential that may not do this (a client key on an operator method, or a
+    request naming another tenant than its key's)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403
+
+
 class ExitCalibrationError(WattserveError):
     """Early-exit thresholds or adapters are missing, malformed, or were made for another model
     or exit layout; the message says what to recalibrate."""
