@@ -27,6 +27,7 @@ async def server(ray_session, tmp_path_factory):
         {
             "gateway": {"port": 0, "health_interval_s": 0.2},
             "http": {"port": 0},
+            "auth": {"enabled": False},  # loopback test server: no keys
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),
             "experts": [
                 {
