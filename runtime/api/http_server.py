@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from wattserve.errors import InvalidRequest
 
 from ..config import HttpConfig
+from ..engine_metrics import engine_metrics_text
 from ..gateway import Chunk, Final, Gateway
 from .interceptors import http_error
 from .openai_protocol import (
@@ -210,7 +211,9 @@ class HttpApi:
         return cards
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # wattserve's series, then the engines' own (vLLM's vllm:*, labelled by expert and replica)
+        engines = await engine_metrics_text(self.gateway)
+        return web.Response(body=generate_latest(self.registry) + engines, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(self, request: web.Request) -> web.Response:
         states = self.gateway.replica_states()
