@@ -318,7 +318,8 @@ class VllmRunner:
         for token_id, position in zip(ids, c.logprobs or (), strict=False):
             req.logprob_sum += position[token_id].logprob  # logprobs=0: the sampled token's entry
         if out.finished:
-            self._recent.append((rid, str(c.finish_reason)))
+            with self._lock:
+                self._recent.append((rid, str(c.finish_reason)))
             reason = req.abort_reason or settings.finish_reason(c.finish_reason)
             self.meter.when_metered(lambda: self._finish(req, c.text, ids, reason))
             return True
