@@ -39,8 +39,11 @@ FALLBACK_PROMPTS = [
 
 
 def load_prompts(n: int = 256) -> list[str]:
-    path = ROOT.parent / "shared" / "data" / "routing" / "routellm" / "mmlu_correctness_mixtral_vs_gpt4.csv"
-    if not path.is_file():
+    from runtime.loadtest.workload import shared_data_dir
+
+    base = shared_data_dir()  # $WATTSERVE_SHARED_DATA, beside/above the checkout, or /work/shared/data
+    path = base / "routing" / "routellm" / "mmlu_correctness_mixtral_vs_gpt4.csv" if base else None
+    if path is None or not path.is_file():
         return FALLBACK_PROMPTS
     with path.open(newline="") as f:
         prompts = [row["prompt"] for row in csv.DictReader(f)]
