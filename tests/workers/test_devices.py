@@ -268,7 +268,7 @@ class FakePynvml:
         self._check("nvmlDeviceGetPowerUsage")
         return self.power_mw
 
-    def nvmlDeviceGetEnforcedPowerManagementLimit(self, handle):
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
         return 700_000
 
     def nvmlDeviceGetClockInfo(self, handle, clock_type):
@@ -277,20 +277,30 @@ class FakePynvml:
 
 
 def test_nvml_energy_counter_is_relative_to_open(monkeypatch):
-    fake = FakePynvml(energy_mj=[5_000_000, 5_250_000, 5_250_000, 5_900_000])
+    fake = FakePynvml(energy_mj=[5_000_000, 5_250_000, 5_900_000])
     monkeypatch.setattr(nvml_module, "pynvml", fake)
-    dev = NvmlDevice(0)
+    clock = FakeClock()
+    dev = NvmlDevice(0, clock=clock, sample_interval_s=3600)  # samples only when asked to
     assert dev.name == "NVIDIA H100 80GB HBM3 #0"
     assert dev.energy_source == "measured:nvml"
+    assert dev.energy_j() == 0.0
+    dev._sampler.sample()
     assert dev.energy_j() == pytest.approx(250.0)
-    assert dev.energy_j() == pytest.approx(250.0)
+    clock.advance(0.4)  # between reads the last reading is extended by the board power (250 W)
+    assert dev.energy_j() == pytest.approx(350.0)
+    dev._sampler.sample()  # the counter replaces the extension
     assert dev.energy_j() == pytest.approx(900.0)
+    clock.advance(2.0)
+    assert dev.energy_j() == pytest.approx(1400.0)
+    dev._sampler.sample()  # the counter stayed at 900 J: never below an earlier answer
+    assert dev.energy_j() == pytest.approx(1400.0)
     assert dev.power_w() == pytest.approx(250.0)
     assert dev.power_limit_w() == pytest.approx(700.0)
     assert dev.sm_clock_mhz() == pytest.approx(1755.0)
     dev.close()
     dev.close()
     assert fake.shutdowns == 1
+    assert not dev._sampler._thread.is_alive()
 
 
 @pytest.mark.parametrize(
@@ -385,6 +395,20 @@ def test_real_nvml_device(real_nvml):
         assert dev.energy_j() > first >= 0.0
     finally:
         dev.close()
+
+
+def test_every_nvml_function_the_backends_call_exists_in_pynvml():
+    """The fakes implement what the code calls; this pins those names to the real binding, where a
+    misspelt one would otherwise surface only on a GPU host (as one once did)."""
+    import re
+
+    from workers.devices import control
+
+    called = set()
+    for module in (nvml_module, control):
+        called |= set(re.findall(r'"(nvml[A-Z]\w+)"', Path(module.__file__).read_text()))
+    assert "nvmlDeviceGetTotalEnergyConsumption" in called
+    assert sorted(name for name in called if not hasattr(pynvml, name)) == []
 
 
 def test_real_pynvml_without_driver_gives_readable_error():

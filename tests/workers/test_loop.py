@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
 from wattserve.errors import EngineDead, InvalidRequest, QueueFull
 from wattserve.specs import DeviceSpec, ExpertSpec
 from wattserve.types import FinishReason, GenerateCall, SamplingParams
@@ -77,6 +78,33 @@ def test_concurrent_requests_conserve_energy(engine, device):
         assert loop.profile.decode_ms_per_token > 0 and loop.profile.prefill_ms_per_token > 0
     finally:
         loop.stop()
+
+
+@pytest.mark.gpu
+def test_cuda_engine_with_measured_energy_conserves(tiny_llama, real_nvml):  # noqa: F811 - a fixture
+    """On a GPU host: the torch engine on CUDA, metered by the NVML counter; same accounting."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    spec = ExpertSpec(name="t", model={"kind": "local", "path": str(tiny_llama)},
+                      engine={"kind": "torch", "device": "cuda", "dtype": "float32"}, max_batch=4, max_model_len=128)
+    loop = make_loop(TorchEngine(tiny_llama, spec), "nvml", max_queue=4)
+    try:
+        sinks = {f"g{i}": Collector() for i in range(3)}
+        for i, (rid, sink) in enumerate(sinks.items()):
+            loop.submit(gen(rid, n=20 + 5 * i), sink)
+        assert all(sink.done.wait(120) for sink in sinks.values())
+        assert [s.error for s in sinks.values()] == [None] * 3
+        assert [s.usage.completion_tokens for s in sinks.values()] == [20, 25, 30]
+        assert all(s.usage.energy_source.startswith("measured:nvml") and s.usage.energy_j > 0 for s in sinks.values())
+        time.sleep(0.6)  # one idle tick
+        snap = loop.snapshot()
+        assert snap.energy.requests_j == pytest.approx(sum(s.usage.energy_j for s in sinks.values()), rel=1e-9)
+        assert snap.energy.requests_j + snap.energy.idle_j == pytest.approx(snap.energy.device_j, rel=1e-9)
+    finally:
+        loop.stop()
+        loop.device.close()
 
 
 def test_queue_bound_and_duplicate_ids(engine):
