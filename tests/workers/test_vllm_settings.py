@@ -134,6 +134,8 @@ def test_cpu_device_charges_child_processes_when_asked():
         both.energy_j()  # sample while it runs, as the engine's metering does
         time.sleep(0.05)
     child.join()
-    assert both.energy_j() - own.energy_j() >= 4.0 * 0.4  # at least most of the child's 0.6 s
-    assert both.energy_j() >= both.energy_j() - 1e-12  # never decreases after the child is gone
+    # the child is reaped: psutil no longer lists it, yet its time stays in the sum
+    after_exit_j = both.energy_j()
+    assert after_exit_j - own.energy_j() >= 4.0 * 0.4  # at least most of the child's 0.6 s
+    assert both.energy_j() >= after_exit_j  # and later readings never drop it
     assert "child processes" in CpuDevice(include_children=True).name
