@@ -50,6 +50,7 @@ asyncio.run(main())
 
 CONFIG = """
 ray: {num_cpus: 2, object_store_memory_mb: 128}
+auth: {enabled: false}  # loopback benchmark: no keys
 gateway: {port: 0, max_inflight: 1024}
 http: {enabled: false}
 experts:

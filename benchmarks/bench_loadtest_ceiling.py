@@ -94,6 +94,7 @@ loop.run_forever()
 
 CONFIG = """
 ray: {num_cpus: 2, object_store_memory_mb: 128}
+auth: {enabled: false}  # loopback benchmark: no keys
 gateway: {port: 0, max_inflight: 1024}
 http: {port: 0}
 experts:

@@ -20,6 +20,7 @@ from wattserve.specs import ExpertSpec, Strict
 from wattserve.types import Priority
 
 from .power.config import PowerConfig
+from .security.config import AuthConfig, TlsConfig
 
 
 class RayConfig(Strict):
@@ -54,6 +55,35 @@ class GatewayConfig(Strict):
     max_tokens_limit: int = Field(default=4096, ge=1, description="Upper bound on max_tokens.")
     health_interval_s: float = Field(default=1.0, gt=0, description="How often expert telemetry is polled.")
     health_timeout_s: float = Field(default=5.0, gt=0, description="A replica silent this long is unhealthy.")
+    max_metadata_bytes: int = Field(
+        default=8 * 1024, ge=1024,
+        description="Request metadata (gRPC) / headers (HTTP) larger than this are INVALID_ARGUMENT (HTTP 400/431).",
+    )
+    max_chat_messages: int = Field(default=256, ge=1, description="Most messages in one chat request.")
+    max_score_choices: int = Field(default=64, ge=1, description="Most candidate answers in one Score request.")
+    max_score_choice_bytes: int = Field(default=4096, ge=1, description="Largest candidate answer (UTF-8 bytes).")
+    max_temperature: float = Field(default=100.0, gt=0, description="Largest sampling temperature accepted.")
+    max_stream_fps: float = Field(
+        default=60.0, gt=0,
+        description="StreamImages: frames per second a stream may send on average; faster is INVALID_ARGUMENT.",
+    )
+    stream_frame_burst: int = Field(
+        default=30, ge=1, description="StreamImages: frames a stream may send at once above max_stream_fps."
+    )
+    tenant_max_inflight: int | None = Field(
+        default=None, ge=1,
+        description="Requests one tenant may have in flight (tenants[].max_inflight overrides); None: max_inflight.",
+    )
+    fair_share_above: float = Field(
+        default=0.75, gt=0, le=1,
+        description="Once this share of max_inflight is in use, a tenant may hold at most its weighted fair "
+        "share of max_inflight (among the tenants in flight); more get RESOURCE_EXHAUSTED with a retry hint.",
+    )
+    retry_unstarted: bool = Field(
+        default=True,
+        description="A request whose expert fails before it streamed any token is retried once on another "
+        "eligible replica (one that streamed tokens ends with UNAVAILABLE instead).",
+    )
     routing_policy: Literal["least_loaded", "random", "round_robin", "cheapest", "strongest", "threshold", "moe2"] = Field(
         default="least_loaded",
         description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline.",
@@ -168,10 +198,26 @@ class TenantConfig(Strict):
     max_priority: Literal["low", "normal", "high"] = Field(
         default="high", description="Requests above this priority are lowered to it."
     )
+    max_inflight: int | None = Field(
+        default=None, ge=1, description="Requests this tenant may have in flight; None: gateway.tenant_max_inflight."
+    )
+    weight: float = Field(default=1.0, gt=0, description="Share of the server when it is saturated (fair share).")
 
     @property
     def max_priority_value(self) -> Priority:
         return Priority[self.max_priority.upper()]
+
+
+class LedgerConfig(Strict):
+    """Where tenant and cluster energy use (the budget ledger) is kept across gateway restarts."""
+
+    path: str | None = Field(
+        default=None,
+        description="SQLite file (relative to the config file); None: in memory only, use resets on restart.",
+    )
+    retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="Charges older than this (and than every budget window) are deleted."
+    )
 
 
 class WattserveConfig(Strict):
@@ -193,6 +239,9 @@ class WattserveConfig(Strict):
     power: PowerConfig = Field(
         default_factory=PowerConfig, description="The power governor (off unless enabled)."
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys of clients and operators.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for gRPC and HTTP (off unless a cert is set).")
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig, description="Durable budget ledger.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> WattserveConfig:
@@ -275,6 +324,12 @@ def load_config(path: str | Path) -> WattserveConfig:
         cfg.model_cache_dir = str((path.parent / cfg.model_cache_dir).resolve())
     if cfg.router.gate_path and not Path(cfg.router.gate_path).expanduser().is_absolute():
         cfg.router.gate_path = str((path.parent / cfg.router.gate_path).resolve())
+    for section, key in (("auth", "keys_file"), ("tls", "cert_file"), ("tls", "key_file"),
+                         ("tls", "client_ca_file"), ("ledger", "path")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(obj, key, str((path.parent / value).resolve()))
     return cfg
 
 
@@ -314,6 +369,9 @@ def config_reference() -> str:
         ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),
         ("experts[].device", DeviceSpec),
         ("experts[].resources", ResourceSpec),
+        ("auth", AuthConfig),
+        ("tls", TlsConfig),
+        ("ledger", LedgerConfig),
         ("power", PowerConfig),
         ("power.rows[]", RowSpec),
         ("power.policy", PolicyConfig),

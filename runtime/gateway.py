@@ -11,31 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
 from router.base import Candidate, Plan
 from router.policies import Policy
-from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, UnknownExpert, WattserveError
+from wattserve.errors import ExpertUnavailable, QueueFull, WattserveError
 from wattserve.types import ChatMessage, ExpertProfile, GenerateCall, Priority, RequestUsage, SamplingParams
 
+from .admission import Admission
 from .cluster import ExpertPool, Replica
 from .config import WattserveConfig
 from .metrics import RequestRecorder, ServingMetrics
 from .power_state import PowerState
 from .routing import RouteRequest, RoutingService
+from .validation import MAX_REQUEST_ID_CHARS, Validator
 
 log = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_REQUEST_ID_CHARS = 128
+__all__ = ["MAX_REQUEST_ID_CHARS", "ClientRequest", "Chunk", "Final", "Gateway", "ReplicaState"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,6 +77,15 @@ class Final:
 
 
 @dataclass(slots=True)
+class _Attempt:
+    """How far one dispatch of a request got: the replica it went to, whether a token reached
+    the caller (then it must not be retried)."""
+
+    key: tuple[str, int] | None = None
+    streamed: bool = False
+
+
+@dataclass(slots=True)
 class ReplicaState:
     replica: Replica
     healthy: bool = False
@@ -108,9 +116,11 @@ class Gateway:
         self.states = {(r.expert, r.index): ReplicaState(r) for r in pool.all()}
         self.modality = {e.name: e.modality for e in config.experts}  # text or image
         self.started_s = clock()
-        self.inflight = 0
+        self.validator = Validator(config)
+        self.admission = Admission.from_config(config.gateway, config.tenants, clock)
         self.requests_total = 0
         self.requests_failed = 0
+        self.requests_retried = 0  # re-dispatched after their first replica failed before any token
         self._poller: asyncio.Task | None = None
         self._any_healthy: bool | None = None
         self.metrics = metrics or ServingMetrics()
@@ -129,6 +139,7 @@ class Gateway:
                 await self._poller
             except asyncio.CancelledError:
                 pass
+        await self.routing.stop()
 
     async def _poll_forever(self) -> None:
         while True:
@@ -162,57 +173,15 @@ class Gateway:
         state.error = profile.error
         state.last_ok_s = self.clock()
 
-    # -- validation -----------------------------------------------------------------------------
+    # -- validation and admission --------------------------------------------------------------
     def validate(self, req: ClientRequest) -> ClientRequest:
-        """Check every field; return the request with defaults filled in."""
-        gw = self.gw
-        if req.messages and req.prompt:
-            raise InvalidRequest("send either a prompt or chat messages, not both")
-        if not req.prompt and not req.messages:
-            raise InvalidRequest("prompt is empty: send the text to continue")
-        text = req.prompt or "".join(m.content for m in req.messages)
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > gw.max_prompt_bytes:
-            raise InvalidRequest(f"prompt is {size} bytes; this server accepts at most {gw.max_prompt_bytes}")
-        max_tokens = req.max_tokens or gw.default_max_tokens
-        if max_tokens < 0:
-            raise InvalidRequest(f"max_tokens must be positive (got {req.max_tokens})")
-        if max_tokens > gw.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens {max_tokens} is above this server's limit of {gw.max_tokens_limit}")
-        s = req.sampling
-        if not math.isfinite(s.temperature) or s.temperature < 0:
-            raise InvalidRequest(f"sampling.temperature must be >= 0 (got {s.temperature}); 0 is greedy")
-        top_p = s.top_p or 1.0
-        if not 0 < top_p <= 1:
-            raise InvalidRequest(f"sampling.top_p must be in (0, 1] (got {s.top_p})")
-        if s.top_k < 0:
-            raise InvalidRequest(f"sampling.top_k must be >= 0 (got {s.top_k}); 0 disables it")
-        if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
-            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
-        if req.expert and self.config.expert(req.expert) is None:
-            known = ", ".join(e.name for e in self.config.experts if e.modality == "text")
-            raise UnknownExpert(f"unknown expert {req.expert!r}; known experts: {known}")
-        if req.expert and self.modality[req.expert] != "text":
-            raise InvalidRequest(f"expert {req.expert!r} serves images; use StreamImages or GenerateImage")
-        for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
-            if value is not None and (not math.isfinite(value) or value <= 0):
-                raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
-        if len(req.request_id) > MAX_REQUEST_ID_CHARS or not req.request_id.isprintable():
-            raise InvalidRequest(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
-        tenant = req.tenant or "default"
-        priority = req.priority
-        if self.config.tenants:
-            t = self.config.tenant(tenant)
-            if t is None:
-                raise InvalidRequest(f"unknown tenant {tenant!r}")
-            priority = min(priority, t.max_priority_value)
-        return replace(
-            req,
-            max_tokens=max_tokens,
-            sampling=replace(s, top_p=top_p),
-            tenant=tenant,
-            priority=Priority(priority),
-        )
+        """Check every field (``runtime/validation.py``); return the request with defaults filled in."""
+        return self.validator.request(req)
+
+    @property
+    def inflight(self) -> int:
+        """Requests (text, score and image) the gateway is serving now."""
+        return self.admission.inflight
 
     # -- the lifecycle --------------------------------------------------------------------------
     async def generate(self, request: ClientRequest) -> AsyncIterator[Chunk | Final]:
@@ -225,15 +194,10 @@ class Gateway:
         rec = self.metrics.begin(request.api, self.clock)
         try:
             req = self.validate(request)
-            if self.inflight >= self.gw.max_inflight:
-                raise QueueFull(
-                    f"server is at its limit of {self.gw.max_inflight} requests in flight; retry shortly",
-                    retry_after_ms=200,
-                )
+            ticket = self.admission.acquire(req.tenant)
         except WattserveError as exc:
             rec.failed(exc)
             raise
-        self.inflight += 1
         self.requests_total += 1
         final_sent = False
         try:
@@ -250,7 +214,7 @@ class Gateway:
                 rec.failed(exc)
             raise
         finally:
-            self.inflight -= 1
+            self.admission.release(ticket)
 
     async def _serve(self, req: ClientRequest, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
         route = RouteRequest(
@@ -270,7 +234,34 @@ class Gateway:
             yield item
 
     async def _run(self, req: ClientRequest, plan: Plan, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
-        """Dispatch ``req`` to the plan's first replica that admits it and stream it to the end."""
+        """Dispatch ``req`` to the plan's first replica that admits it and stream it to the end.
+
+        A replica that fails before the caller saw any token (its process died, its engine
+        failed) is replaced once by another healthy replica of the plan; after a token the error
+        stands (UNAVAILABLE), since a partly streamed answer cannot be replayed transparently.
+        """
+        failed: set[tuple[str, int]] = set()
+        retries = 1 if self.gw.retry_unstarted else 0
+        while True:
+            attempt = _Attempt()
+            try:
+                async for item in self._attempt(req, plan, received, rec, failed, attempt):
+                    yield item
+                return
+            except ExpertUnavailable as exc:
+                if attempt.streamed or attempt.key is None:
+                    raise
+                failed.add(attempt.key)
+                spare = [c.key for c in plan.ranked if c.key not in failed and self.states[c.key].healthy]
+                if retries <= 0 or not spare:
+                    raise
+                retries -= 1
+                self.requests_retried += 1
+                log.warning("request %s: %s; retrying on %s/%d", req.request_id or "-", exc, *spare[0])
+
+    async def _attempt(self, req: ClientRequest, plan: Plan, received: float, rec: RequestRecorder,
+                       failed: set, attempt: _Attempt) -> AsyncIterator[Chunk | Final]:
+        """One dispatch of ``req`` (a fresh call id, so a restarted replica cannot mix it up)."""
         call = GenerateCall(
             request_id=uuid.uuid4().hex,
             prompt=req.prompt,
@@ -281,7 +272,7 @@ class Gateway:
             deadline_unix_s=req.deadline_unix_s,
             messages=req.messages,
         )
-        state, stream, first = await self._dispatch(plan, call)
+        state, stream, first = await self._dispatch(plan, call, failed, attempt)
         replica = state.replica
         rec.routed(replica.expert)
         ttft_ms = None
@@ -298,6 +289,7 @@ class Gateway:
                     if ttft_ms is None:
                         ttft_ms = 1000.0 * (self.clock() - received)
                     tokens_streamed += len(ids)
+                    attempt.streamed = True
                     yield Chunk(text, ids)
                 usage = events[-1].usage
                 if usage is not None:
@@ -305,7 +297,9 @@ class Gateway:
                     self.routing.finish(
                         plan, req.tenant, replica.expert, replica.index, prompt_tokens=usage.prompt_tokens,
                         output_tokens=usage.completion_tokens, energy_j=usage.energy_j, latency_ms=usage.latency_ms,
+                        request_id=call.request_id,
                     )
+                    await self.routing.flush()  # the charge is durable before the caller learns it finished
                     now = self.clock()
                     yield Final(
                         request_id=req.request_id or call.request_id,
@@ -322,13 +316,18 @@ class Gateway:
             state.inflight -= 1
             if not finished:
                 _abandon(stream, replica, call.request_id)
-                self.routing.charge_unfinished(req.tenant, plan, tokens_streamed / max(1, req.max_tokens))
+                self.routing.charge_unfinished(req.tenant, plan, tokens_streamed / max(1, req.max_tokens),
+                                               request_id=call.request_id)
 
-    async def _dispatch(self, plan: Plan, call: GenerateCall):
-        """Start the call on the first candidate that admits it; returns its first events."""
+    async def _dispatch(self, plan: Plan, call: GenerateCall, failed: set, attempt: _Attempt):
+        """Start the call on the first candidate (not already failed) that admits it; returns its
+        first events."""
         full: list[str] = []
         for cand in plan.ranked:
+            if cand.key in failed:
+                continue
             state = self.states[cand.key]
+            attempt.key = cand.key
             stream = state.replica.actor.generate.remote(call)
             state.inflight += 1
             try:

@@ -31,7 +31,6 @@ from wattserve.errors import (
     InvalidRequest,
     NoHealthyExpert,
     QueueFull,
-    UnknownExpert,
     WattserveError,
 )
 from wattserve.images import (
@@ -47,7 +46,8 @@ from wattserve.images import (
 )
 from wattserve.types import Priority
 
-from .gateway import MAX_REQUEST_ID_CHARS, Gateway, ReplicaState
+from .admission import RateLimit
+from .gateway import Gateway, ReplicaState
 from .image_metrics import ImageMetrics
 
 log = logging.getLogger(__name__)
@@ -123,28 +123,14 @@ class ImageGateway:
     # -- validation and placement ---------------------------------------------------------------
     def _validate(self, params: ImageParams, expert: str, tenant: str, priority: Priority,
                   request_id: str) -> tuple[str, Priority]:
-        cfg, gw = self.gateway.config, self.gateway.gw
+        check = self.gateway.validator  # the same limits as text requests (runtime/validation.py)
         if not params.prompt.strip():
             raise InvalidRequest("prompt is empty: describe the image to generate")
-        for name, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
-            if len(text.encode("utf-8", "surrogatepass")) > gw.max_prompt_bytes:
-                raise InvalidRequest(f"{name} is longer than this server's limit of {gw.max_prompt_bytes} bytes")
-        if expert:
-            spec = cfg.expert(expert)
-            if spec is None:
-                known = ", ".join(e.name for e in cfg.experts if e.modality == "image") or "none"
-                raise UnknownExpert(f"unknown expert {expert!r}; image experts: {known}")
-            if spec.modality != "image":
-                raise InvalidRequest(f"expert {expert!r} serves text; use Generate, or name an image expert")
-        if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
-            raise InvalidRequest(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
-        tenant = tenant or "default"
-        if cfg.tenants:
-            t = cfg.tenant(tenant)
-            if t is None:
-                raise InvalidRequest(f"unknown tenant {tenant!r}")
-            priority = Priority(min(priority, t.max_priority_value))
-        return tenant, priority
+        check.prompt_size(params.prompt, "prompt")
+        check.prompt_size(params.negative_prompt, "negative_prompt")
+        check.expert(expert, "image")
+        check.request_id(request_id)
+        return check.tenant(tenant, priority)
 
     def _plan(self, params: ImageParams, expert: str, tenant: str, priority: Priority) -> Plan:
         candidates = self.gateway.candidates("image")
@@ -153,12 +139,6 @@ class ImageGateway:
         features = RequestFeatures(prompt_chars=len(params.prompt), max_tokens=0, priority=priority,
                                    tenant=tenant, expert=expert or None)
         return self.policy.plan(features, candidates)
-
-    def _admit(self) -> None:
-        gw = self.gateway
-        if gw.inflight >= gw.gw.max_inflight:
-            raise QueueFull(f"server is at its limit of {gw.gw.max_inflight} requests in flight; retry shortly",
-                            retry_after_ms=200)
 
     async def _place(self, plan: Plan, method: str, arg) -> tuple[ReplicaState, object]:
         """Call ``method(arg)`` on the first ranked replica that admits it."""
@@ -178,15 +158,14 @@ class ImageGateway:
         session is closed."""
         received = self.clock()
         expert = "none"
+        gw = self.gateway
         try:
             tenant, priority = self._validate(req.params, req.expert, req.tenant, req.priority, req.request_id)
-            self._admit()
             plan = self._plan(req.params, req.expert, tenant, priority)
+            ticket = gw.admission.acquire(tenant)
         except WattserveError as exc:
             self._count("stream", expert, exc)
             raise
-        gw = self.gateway
-        gw.inflight += 1
         gw.requests_total += 1
         session_id = uuid.uuid4().hex
         call = ImageStreamCall(session_id, req.params, req.similarity, req.frame_buffer_size, priority, tenant)
@@ -206,7 +185,7 @@ class ImageGateway:
             self._count("stream", expert, exc)
             raise
         finally:
-            gw.inflight -= 1
+            gw.admission.release(ticket)
             if state is not None:
                 state.inflight -= 1
                 state.replica.actor.close_session.remote(session_id)
@@ -257,7 +236,12 @@ class ImageGateway:
         """Push each frame as it arrives (awaited: a bad frame fails the stream now), then end."""
         actor = state.replica.actor
         index = 0
+        gw = self.gateway.gw
+        limit = RateLimit(gw.max_stream_fps, gw.stream_frame_burst, self.clock)
         async for image in frames:
+            if not limit.take():
+                raise InvalidRequest(f"frames arrive faster than this server's limit of {gw.max_stream_fps:g} per "
+                                     f"second (bursts of {gw.stream_frame_burst}); pace them")
             arrivals[index] = self.clock()
             await _ray_call(state, actor.push_frame.remote(session_id, index, image))
             index += 1
@@ -278,15 +262,14 @@ class ImageGateway:
     async def generate(self, req: ImageRequest) -> ImageAnswer:
         received = self.clock()
         expert = "none"
+        gw = self.gateway
         try:
             tenant, priority = self._validate(req.params, req.expert, req.tenant, req.priority, req.request_id)
-            self._admit()
             plan = self._plan(req.params, req.expert, tenant, priority)
+            ticket = gw.admission.acquire(tenant)
         except WattserveError as exc:
             self._count("image", expert, exc)
             raise
-        gw = self.gateway
-        gw.inflight += 1
         gw.requests_total += 1
         call = ImageJobCall(uuid.uuid4().hex, req.params, priority, tenant, req.deadline_unix_s)
         try:
@@ -299,7 +282,7 @@ class ImageGateway:
                 gw.states[cand.key].replica.actor.abort.remote(call.request_id)
             raise
         finally:
-            gw.inflight -= 1
+            gw.admission.release(ticket)
         self._count("image", expert, None)
         if self.metrics:
             self.metrics.image(expert, result)

@@ -4,7 +4,9 @@
 ledger (tenants and cluster), the cost model's online corrections and the loaded gate. For each
 request it checks the tenant's and the cluster's budgets (RESOURCE_EXHAUSTED when used up,
 throttling near them), runs the gate off the event loop, and asks the policy for a plan; when a
-request finishes it charges the measured energy and teaches the cost model.
+request finishes it charges the measured energy and teaches the cost model. With ``ledger.path``
+set, charges and operator limit changes also go to a SQLite file (``runtime/ledger_store.py``),
+restored at start: budget use survives a gateway restart.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from wattserve.errors import BudgetInfeasible, InvalidRequest
 from wattserve.types import Priority
 
 from .config import WattserveConfig
+from .ledger_store import LedgerStore
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,9 @@ class RoutingService:
         self.gate = load_gate(r.gate_path, prior, r.gate_outputs or None) if r.gate_path else self.prior_gate
         self.ledger = BudgetLedger()
         self._configure_budgets()
+        self.store: LedgerStore | None = None
+        if config.ledger.path:
+            self.store = LedgerStore(config.ledger.path, retention_s=config.ledger.retention_s)
 
     def _configure_budgets(self) -> None:
         r = self.config.router
@@ -81,7 +87,14 @@ class RoutingService:
                                       actor="config", reason=f"tenants.{t.name}.energy_budget_j")
 
     async def start(self) -> None:
-        """Load the sentence encoder now (seconds) rather than on the first request."""
+        """Restore the durable ledger; load the sentence encoder now (seconds) rather than on the
+        first request."""
+        if self.store is not None and not self.store.is_open:
+            self.store.open()
+            self.ledger = BudgetLedger.restore(self.store.load(self.ledger.snapshot(), self.clock()))
+        elif self.config.tenants and any(t.energy_budget_j is not None for t in self.config.tenants):
+            log.warning("tenant energy budgets are configured but ledger.path is not: their use resets "
+                        "when the gateway restarts")
         if getattr(self.gate, "fitted", False) and self.policy.uses_gate:
             await asyncio.to_thread(self.gate, "warm-up")
 
@@ -121,21 +134,38 @@ class RoutingService:
         # ~20 ms of CPU on a fitted gate: never on the event loop.
         return await asyncio.to_thread(self.gate, prompt)
 
+    async def stop(self) -> None:
+        """Write what is still pending and close the durable ledger."""
+        if self.store is not None:
+            await self.store.flush()
+            self.store.close()
+
+    async def flush(self) -> None:
+        """Return once every charge made so far is durable (immediately without a store)."""
+        if self.store is not None:
+            await self.store.flush()
+
     def finish(self, plan: Plan, tenant: str, expert: str, replica: int, *, prompt_tokens: int,
-               output_tokens: int, energy_j: float, latency_ms: float, score: bool = False) -> None:
+               output_tokens: int, energy_j: float, latency_ms: float, score: bool = False,
+               request_id: str = "") -> None:
         """A request (or one expert's part of a score) finished: charge its measured energy and
         compare the cost model's prediction with what happened."""
         self.ledger.charge(tenant, energy_j, self.clock())
+        if self.store is not None:
+            self.store.append(tenant, energy_j, request_id=request_id, kind="score" if score else "finished")
         cand = next((c for c in plan.ranked if c.expert == expert and c.replica == replica), None)
         if cand is not None:
             self.cost.learn(cand.profile, expert, prompt_tokens, output_tokens, energy_j, latency_ms,
                             inflight=cand.inflight, queue=not score)
 
-    def charge_unfinished(self, tenant: str, plan: Plan, fraction: float) -> None:
+    def charge_unfinished(self, tenant: str, plan: Plan, fraction: float, request_id: str = "") -> None:
         """A request ended without a final usage (cancelled, failed): charge the predicted energy
         of the part that ran, so abandoning requests does not escape the budget."""
         if plan.predicted_energy_j:
-            self.ledger.charge(tenant, plan.predicted_energy_j * min(1.0, max(0.0, fraction)), self.clock())
+            energy_j = plan.predicted_energy_j * min(1.0, max(0.0, fraction))
+            self.ledger.charge(tenant, energy_j, self.clock())
+            if self.store is not None:
+                self.store.append(tenant, energy_j, request_id=request_id, kind="unfinished")
 
     # -- operators -----------------------------------------------------------------------------
     def scope_of(self, name: str) -> str:
@@ -147,7 +177,12 @@ class RoutingService:
         return tenant_scope(tenant)
 
     def set_budget(self, name: str, limit: BudgetLimit | None, *, actor: str, peer: str, reason: str):
-        return self.ledger.set_limit(self.scope_of(name), limit, actor=actor, peer=peer, reason=reason)
+        change = self.ledger.set_limit(self.scope_of(name), limit, actor=actor, peer=peer, reason=reason)
+        if self.store is not None:
+            self.store.record_change(change)
+            if limit is not None:
+                self.store.longest_window_s = max(self.store.longest_window_s, limit.window_s)
+        return change
 
     def budget_status(self, names: Sequence[str] = ()) -> list[ScopeStatus]:
         now = self.clock()

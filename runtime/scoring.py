@@ -18,13 +18,10 @@ from ray.exceptions import RayActorError, RayError
 
 from router.base import Plan
 from router.moe2 import combine
-from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, WattserveError
+from wattserve.errors import ExpertUnavailable, WattserveError
 from wattserve.types import Priority, ScoreCall, ScoreResult
 
 from .routing import RouteRequest
-
-MAX_CHOICES = 64
-MAX_CHOICE_CHARS = 4096
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,13 +76,8 @@ async def score(gw, request: ScoreRequest) -> ScoreOutcome:
         latency_budget_ms=request.latency_budget_ms, priority=request.priority, tenant=request.tenant,
         request_id=request.request_id,
     ))
-    if not request.choices:
-        raise InvalidRequest("choices is empty: send the candidate answers to score")
-    if len(request.choices) > MAX_CHOICES or any(not c or len(c) > MAX_CHOICE_CHARS for c in request.choices):
-        raise InvalidRequest(f"send 1 to {MAX_CHOICES} non-empty choices of at most {MAX_CHOICE_CHARS} characters")
-    if gw.inflight >= gw.gw.max_inflight:
-        raise QueueFull(f"server is at its limit of {gw.gw.max_inflight} requests in flight; retry shortly", retry_after_ms=200)
-    gw.inflight += 1
+    gw.validator.choices(request.choices)
+    ticket = gw.admission.acquire(base.tenant)
     gw.requests_total += 1
     try:
         return await _score(gw, replace(request, tenant=base.tenant, priority=base.priority), received)
@@ -93,7 +85,7 @@ async def score(gw, request: ScoreRequest) -> ScoreOutcome:
         gw.requests_failed += 1
         raise
     finally:
-        gw.inflight -= 1
+        gw.admission.release(ticket)
 
 
 async def _score(gw, req: ScoreRequest, received: float) -> ScoreOutcome:
@@ -114,7 +106,9 @@ async def _score(gw, req: ScoreRequest, received: float) -> ScoreOutcome:
         answered[cand.expert] = (cand, res)
         tokens = res.prompt_tokens * len(req.choices) + sum(res.choice_tokens)  # all of it is prefill work
         gw.routing.finish(plan, req.tenant, cand.expert, cand.replica, prompt_tokens=tokens, output_tokens=0,
-                          energy_j=res.energy_j, latency_ms=res.latency_ms, score=True)
+                          energy_j=res.energy_j, latency_ms=res.latency_ms, score=True,
+                          request_id=f"{call.request_id}:{cand.expert}")
+    await gw.routing.flush()  # the charges are durable before the caller gets the answer
     if not answered:
         raise next(r for r in results if isinstance(r, BaseException))
     weights = {e: plan.weights.get(e, 0.0) for e in answered}

@@ -143,3 +143,18 @@ class GovernorUnavailable(WattserveError):
 
     grpc_code = "UNAVAILABLE"
     http_status = 503
+
+
+class Unauthenticated(WattserveError):
+    """No credential, or one this server does not know. The message never says which."""
+
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+class PermissionDenied(WattserveError):
+    """A valid credential that may not do this (a client key on an operator method, or a
+    request naming another tenant than its key's)."""
+
+    grpc_code = "PERMISSION_DENIED"
+    http_status = 403

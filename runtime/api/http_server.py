@@ -14,6 +14,7 @@ the client disconnects, aiohttp cancels the handler and the gateway aborts the w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -27,6 +28,10 @@ from wattserve.errors import InvalidRequest
 from ..config import HttpConfig
 from ..engine_metrics import engine_metrics_text
 from ..gateway import Chunk, Final, Gateway
+from ..security.config import AuthConfig, TlsConfig
+from ..security.keys import ANONYMOUS, KeyStore, bind_tenant
+from ..security.tls import server_ssl_context
+from .auth import PRINCIPAL_KEY, check_metadata_size, http_auth_middleware
 from .interceptors import http_error
 from .openai_protocol import (
     AUTO_MODEL,
@@ -68,16 +73,22 @@ class HttpApi:
     """The aiohttp application and its runner, bound to one gateway and one metrics registry."""
 
     def __init__(
-        self, gateway: Gateway, registry: CollectorRegistry, config: HttpConfig, *, healthy: Callable[[], bool]
+        self, gateway: Gateway, registry: CollectorRegistry, config: HttpConfig, *, healthy: Callable[[], bool],
+        keys: KeyStore | None = None, auth: AuthConfig | None = None, tls: TlsConfig | None = None,
     ) -> None:
         self.gateway = gateway
         self.registry = registry
         self.config = config
         self.healthy = healthy
+        self.tls = tls or TlsConfig()
         self.created = int(time.time())
         self.port = 0
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_openai_errors])
+        metrics_public = auth.metrics_public if auth else False
+        self.app = web.Application(
+            client_max_size=config.max_body_bytes,
+            middlewares=[http_auth_middleware(keys, metrics_public, _error_response), self._header_limit, _openai_errors],
+        )
         self.app.add_routes(
             [
                 web.post("/v1/completions", self.completions),
@@ -93,9 +104,14 @@ class HttpApi:
         """Listen on the configured address; returns the bound port."""
         # handler_cancellation: a client that disconnects cancels its handler, which aborts the
         # request on its expert (aiohttp otherwise lets the handler run to the end).
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # access_log None: no request lines (with their headers) in our logs. The parser's own
+        # per-header limits sit at our metadata limit, so no header can make it allocate more.
+        limit = self.gateway.gw.max_metadata_bytes
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     max_line_size=limit, max_field_size=limit, max_headers=64)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        ssl_context = server_ssl_context(self.tls) if self.tls.enabled else None
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, ssl_context=ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self.port
@@ -104,6 +120,14 @@ class HttpApi:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @web.middleware
+    async def _header_limit(self, request: web.Request, handler):
+        try:
+            check_metadata_size(request.raw_headers, self.gateway.gw.max_metadata_bytes)
+        except InvalidRequest as exc:
+            return _error_response(exc)
+        return await handler(request)
 
     # -- generation -------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -117,6 +141,7 @@ class HttpApi:
             body = await self._json(request)
             parsed = parse_body(model, body)
             creq = to_client_request(parsed, request.headers)
+            creq = dataclasses.replace(creq, tenant=bind_tenant(request.get(PRINCIPAL_KEY, ANONYMOUS), creq.tenant))
         except web.HTTPRequestEntityTooLarge:
             return _plain_error(413, f"request body is larger than this server's limit of {self.config.max_body_bytes} bytes")
         except Exception as exc:  # noqa: BLE001 - mapped to a status by http_error

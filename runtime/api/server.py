@@ -10,6 +10,7 @@ endpoints run on one asyncio loop and share one gateway, so they share its lifec
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ from ..image_gateway import ImageGateway
 from ..image_metrics import ImageMetrics
 from ..metrics import ServingMetrics
 from ..power.plane import PowerPlane
+from ..security.keys import KeyStore, load_keys
+from ..security.tls import grpc_server_credentials
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .http_server import HttpApi
@@ -41,6 +44,16 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Inference"].full_name,
     pb.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the endpoint on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
 
 
 class WattserveServer:
@@ -60,6 +73,7 @@ class WattserveServer:
         self.http: HttpApi | None = None
         self.port = 0
         self.http_port = 0
+        self.keys: KeyStore | None = None
 
     async def start(self) -> int:
         """Bring everything up; returns the bound port. Cleans up if any stage fails."""
@@ -71,6 +85,7 @@ class WattserveServer:
 
     async def _start(self) -> int:
         cfg = self.config
+        self.keys = self._security_checks()
         self.progress("starting Ray" + (f" (joining {cfg.ray.address})" if cfg.ray.address else " (embedded, loopback)"))
         self.ray_address, self._owns_ray = start_ray(cfg.ray)
         self.pool = ExpertPool(cfg.experts, self.cache_dir)
@@ -85,10 +100,13 @@ class WattserveServer:
             self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.power)
             await self.power.start()
 
-        limit = cfg.gateway.max_message_bytes
+        limit, meta = cfg.gateway.max_message_bytes, cfg.gateway.max_metadata_bytes
         self.server = aio.server(
-            interceptors=[ErrorInterceptor()],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            interceptors=[ErrorInterceptor(self.keys, meta)],
+            # gRPC's own metadata limits sit above ours, so a client over ours gets a clear
+            # INVALID_ARGUMENT from the interceptor; far beyond it the transport refuses the call.
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.max_metadata_size", 4 * meta), ("grpc.absolute_max_metadata_size", 8 * meta)],
         )
         images = ImageGateway(self.gateway, self.image_metrics)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway, images), self.server)
@@ -100,7 +118,10 @@ class WattserveServer:
         )
         address = f"{cfg.gateway.host}:{cfg.gateway.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if cfg.tls.enabled:
+                self.port = self.server.add_secure_port(address, grpc_server_credentials(cfg.tls))
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use? try --port 0)") from None
         await self.server.start()
@@ -115,12 +136,38 @@ class WattserveServer:
         self.http = HttpApi(
             gateway, self.metrics.registry, http,
             healthy=lambda: any(s.healthy for s in gateway.replica_states()),
+            keys=self.keys, auth=self.config.auth, tls=self.config.tls,
         )
         try:
             self.http_port = await self.http.start()
         except OSError as exc:
             address = f"{http.host}:{http.port}"
             raise ConfigError(f"cannot listen on {address} for HTTP: {exc.strerror} (is the port in use? try --http-port 0)") from None
+
+    def _security_checks(self) -> KeyStore | None:
+        """Load the keys (ConfigError when auth is on without any) and warn loudly about
+        exposure: auth off, or keys in clear text, on a non-loopback address."""
+        cfg = self.config
+        keys = load_keys(cfg.auth)
+        unknown = sorted(keys.tenants() - {t.name for t in cfg.tenants}) if keys and cfg.tenants else []
+        if unknown:
+            raise ConfigError(f"auth keys name tenants that are not configured: {', '.join(unknown)}")
+        hosts = [cfg.gateway.host] + ([cfg.http.host] if cfg.http.enabled else [])
+        exposed = [h for h in hosts if not is_loopback(h)]
+        if exposed and keys is None:
+            self._warn(f"authentication is OFF and the server listens on {', '.join(exposed)}: anyone who can "
+                       "reach it can send requests and change budgets (set auth.enabled: true and configure keys)")
+        elif exposed and not cfg.tls.enabled:
+            self._warn(f"TLS is off on {', '.join(exposed)}: API keys cross the network in clear text "
+                       "(set tls.cert_file and tls.key_file)")
+        elif keys is None:
+            log.info("authentication is off (auth.enabled: false); loopback only")
+        return keys
+
+    def _warn(self, message: str) -> None:
+        banner = "!" * 100
+        log.warning("%s\nWARNING: %s\n%s", banner, message, banner)
+        self.progress(f"WARNING: {message}")
 
     def _set_health(self, serving: bool) -> None:
         asyncio.get_running_loop().create_task(self._set_health_async(serving))

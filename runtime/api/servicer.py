@@ -1,12 +1,14 @@
 """gRPC servicers: protobuf <-> domain objects, nothing else.
 
 Errors are domain exceptions raised by the gateway; ``interceptors.ErrorInterceptor`` maps them
-to status codes. Deadlines and cancellation need no code here: grpc.aio cancels the handler task,
+to status codes (and has already checked the caller's key). The tenant of a request comes from the
+caller's client key when there is one (``bind_tenant``), never from the request alone. Deadlines and cancellation need no code here: grpc.aio cancels the handler task,
 and the gateway's ``finally`` aborts the work on the expert.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import wattserve
@@ -16,6 +18,8 @@ from wattserve.types import Priority, SamplingParams
 
 from ..gateway import Chunk, ClientRequest, Final, Gateway
 from ..image_gateway import ImageGateway
+from ..security.keys import bind_tenant
+from .auth import current_principal
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .image_protocol import (
@@ -87,7 +91,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.images = images or ImageGateway(gateway)
 
     async def Generate(self, request, context):
-        req = request_from_proto(request, context.time_remaining())
+        req = _bound(request_from_proto(request, context.time_remaining()))
         async for item in self.gateway.generate(req):
             if isinstance(item, Chunk):
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(text=item.text, token_ids=item.token_ids))
@@ -95,19 +99,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield pb.GenerateResponse(usage=usage_to_proto(item))
 
     async def Score(self, request, context):
-        outcome = await self.gateway.score(score_request_from_proto(request))
+        outcome = await self.gateway.score(_bound(score_request_from_proto(request)))
         return score_response_to_proto(outcome, request.choices)
 
     async def StreamImages(self, request_iterator, context):
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "config":
             raise InvalidRequest("the first StreamImages message must be `config`; frames follow it")
-        req = stream_request_from_proto(first.config)
+        req = _bound(stream_request_from_proto(first.config))
         async for event in self.images.stream(req, frames_from_proto(request_iterator)):
             yield stream_event_to_proto(event)
 
     async def GenerateImage(self, request, context):
-        answer = await self.images.generate(image_request_from_proto(request, context.time_remaining()))
+        answer = await self.images.generate(_bound(image_request_from_proto(request, context.time_remaining())))
         return image_answer_to_proto(answer)
 
 
@@ -181,7 +185,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def SetEnergyBudget(self, request, context):
         routing = self.gateway.routing
         limit = limit_from_proto(request, routing.config.router.throttle_fraction)
-        change = routing.set_budget(request.scope, limit, actor=request.actor, peer=context.peer() or "",
+        change = routing.set_budget(request.scope, limit, actor=_actor(request.actor), peer=context.peer() or "",
                                     reason=request.reason)
         (status,) = routing.budget_status([change.scope])
         return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status), change=change_to_proto(change))
@@ -193,6 +197,20 @@ class AdminServicer(pb_grpc.AdminServicer):
             budgets=[budget_to_proto(s) for s in routing.budget_status(list(request.scopes))],
             changes=[change_to_proto(c) for c in changes],
         )
+
+
+def _bound(req):
+    """``req`` with its tenant bound to the caller's key (a client key decides the tenant)."""
+    return dataclasses.replace(req, tenant=bind_tenant(current_principal(), req.tenant))
+
+
+def _actor(claimed: str) -> str:
+    """Who changed a budget: the operator key's name (what the request claims, when different,
+    in brackets); without auth, what the request claims."""
+    principal = current_principal()
+    if not principal.is_operator:
+        return claimed
+    return principal.name if claimed in ("", principal.name) else f"{principal.name} ({claimed})"
 
 
 def _prediction_to_proto(err) -> pb.PredictionError | None:

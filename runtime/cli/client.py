@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-DEFAULT_TARGET = os.environ.get("WATTSERVE_TARGET", "127.0.0.1:50051")
+from .connect import DEFAULT_TARGET, add_connection_args, channel
+
+__all__ = ["DEFAULT_TARGET"]  # other command modules import it from here
 
 
 def cmd_generate(args) -> int:
@@ -29,8 +30,8 @@ def cmd_generate(args) -> int:
         req.energy_budget_j = args.budget_j
     if args.latency_budget_ms is not None:
         req.latency_budget_ms = args.latency_budget_ms
-    with grpc.insecure_channel(args.target) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+    with channel(args) as ch:
+        stub = pb_grpc.InferenceStub(ch)
         try:
             usage = None
             for msg in stub.Generate(req, timeout=args.timeout):
@@ -64,8 +65,8 @@ def cmd_status(args) -> int:
     from ..api.gen import wattserve_pb2 as pb
     from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
-        admin = pb_grpc.AdminStub(channel)
+    with channel(args) as ch:
+        admin = pb_grpc.AdminStub(ch)
         try:
             status = admin.GetStatus(pb.GetStatusRequest(), timeout=args.timeout)
             experts = admin.ListExperts(pb.ListExpertsRequest(), timeout=args.timeout)
@@ -104,7 +105,7 @@ def cmd_status(args) -> int:
 def register(sub) -> None:
     s = sub.add_parser("generate", help="send a prompt and stream the answer")
     s.add_argument("prompt")
-    s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET}, env WATTSERVE_TARGET)")
+    add_connection_args(s)
     s.add_argument("--expert", help="pin an expert by name (default: the router decides)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -119,7 +120,7 @@ def register(sub) -> None:
     s.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("status", help="show experts, load and energy of a running server")
-    s.add_argument("--target", default=DEFAULT_TARGET)
+    s = sub.add_parser("status", help="show experts, load and energy of a running server (operator key)")
+    add_connection_args(s, operator=True)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_status)

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from .client import DEFAULT_TARGET
+from .connect import add_connection_args, channel
 
 _FORMATS = {"png": "IMAGE_FORMAT_PNG", "jpeg": "IMAGE_FORMAT_JPEG"}
 _SUFFIX = {"png": ".png", "jpeg": ".jpg"}
@@ -38,9 +38,9 @@ def cmd_image(args) -> int:
     from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
     req = pb.GenerateImageRequest(params=_params(pb, args), expert=args.expert or "", tenant=args.tenant or "")
-    with grpc.insecure_channel(args.target) as channel:
+    with channel(args) as ch:
         try:
-            resp = pb_grpc.InferenceStub(channel).GenerateImage(req, timeout=args.timeout)
+            resp = pb_grpc.InferenceStub(ch).GenerateImage(req, timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -84,9 +84,9 @@ def cmd_stream_images(args) -> int:
         yield pb.StreamImagesRequest(config=config)
         yield from _frames(pb, folder, args.fps, stop)
 
-    with grpc.insecure_channel(args.target) as channel:
+    with channel(args) as ch:
         try:
-            for msg in pb_grpc.InferenceStub(channel).StreamImages(requests(), timeout=args.timeout):
+            for msg in pb_grpc.InferenceStub(ch).StreamImages(requests(), timeout=args.timeout):
                 _show(msg, out, args.format)
         except KeyboardInterrupt:
             stop.set()
@@ -119,7 +119,7 @@ def _show(msg, out: Path, fmt: str) -> None:
 
 
 def _add_params(s) -> None:
-    s.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+    add_connection_args(s)
     s.add_argument("--expert", help="pin an image expert by name (default: the least loaded)")
     s.add_argument("--negative-prompt")
     s.add_argument("--t-index", type=int, action="append", help="index into the 50-step LCM schedule (repeatable)")
@@ -145,7 +145,7 @@ def register(sub) -> None:
     s.add_argument("prompt")
     s.add_argument("--frames", required=True, help="folder of PNG/JPEG frames, sent in name order")
     s.add_argument("--out", required=True, help="folder for the results (<frame index>.png)")
-    s.add_argument("--fps", type=float, default=0.0, help="send at this rate (0: as fast as possible)")
+    s.add_argument("--fps", type=float, default=0.0, help="send at this rate (0: as fast as possible; servers refuse streams faster than their gateway.max_stream_fps)")
     s.add_argument("--frame-buffer-size", type=int, default=0)
     s.add_argument("--similarity-filter", action=argparse.BooleanOptionalAction, default=None,
                    help="skip frames similar to the last processed one (default: the expert's setting)")

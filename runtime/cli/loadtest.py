@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ def cmd_loadtest(args) -> int:
         tenant=args.tenant or "", temperature=args.temperature, ignore_eos=not args.respect_eos,
         slos_ms=parse_slos(args.goodput), out_dir=out_dir, record_formats=tuple(args.records.split(",")),
         plots=not args.no_plots, metrics_url=args.metrics_url, metrics_interval_s=args.metrics_interval_s,
-        progress=not args.no_progress,
+        progress=not args.no_progress, api_key=args.api_key or os.environ.get("WATTSERVE_API_KEY"),
+        metrics_key=os.environ.get("WATTSERVE_OPERATOR_KEY"),
     )
     report = asyncio.run(run_loadtest(opts))
     _print_summary(report.summary)
@@ -80,6 +82,7 @@ def register(sub) -> None:
     g.add_argument("--api", choices=["grpc", "openai"], default="grpc", help="gRPC (default) or the OpenAI-compatible HTTP API")
     g.add_argument("--target", help="host:port for grpc (default 127.0.0.1:50051), base URL for openai (default http://127.0.0.1:8000)")
     g.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target (it must be named with --target)")
+    g.add_argument("--api-key", help="client API key (default $WATTSERVE_API_KEY; /metrics uses $WATTSERVE_OPERATOR_KEY if set)")
     g = s.add_argument_group("workload")
     g.add_argument("--trace", help="conv or code (Azure LLM 2023 in shared/data), or a CSV with the same columns")
     g.add_argument("--arrival", choices=["trace", "poisson", "gamma", "closed"],

@@ -7,7 +7,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from .client import DEFAULT_TARGET
+from .connect import add_connection_args, channel
 
 POLICY_CHOICES = ("polca", "lp-only", "all-one-threshold", "none")
 
@@ -18,9 +18,9 @@ def cmd_power_set(args) -> int:
     from ..api.gen import wattserve_pb2 as pb
     from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with channel(args) as ch:
         try:
-            reply = pb_grpc.AdminStub(channel).SetPowerBudget(
+            reply = pb_grpc.AdminStub(ch).SetPowerBudget(
                 pb.SetPowerBudgetRequest(row=args.row or "", provisioned_power_w=args.budget_w), timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -36,9 +36,9 @@ def cmd_power_show(args) -> int:
     from ..api.gen import wattserve_pb2 as pb
     from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with channel(args) as ch:
         try:
-            status = pb_grpc.AdminStub(channel).GetPowerStatus(pb.GetPowerStatusRequest(max_events=args.events),
+            status = pb_grpc.AdminStub(ch).GetPowerStatus(pb.GetPowerStatusRequest(max_events=args.events),
                                                               timeout=args.timeout)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -126,12 +126,12 @@ def register(sub) -> None:
     s = psub.add_parser("set", help="set a row's provisioned power budget P")
     s.add_argument("--budget-w", type=float, required=True, help="provisioned power P of the row in watts")
     s.add_argument("--row", default="", help="row name (default: the default row 'cluster')")
-    s.add_argument("--target", default=DEFAULT_TARGET)
+    add_connection_args(s, operator=True)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_power_set)
     s = psub.add_parser("show", help="rows, per-GPU power, clocks, caps, alerts and recent events")
     s.add_argument("--events", type=int, default=20, help="recent events to show")
-    s.add_argument("--target", default=DEFAULT_TARGET)
+    add_connection_args(s, operator=True)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_power_show)
 

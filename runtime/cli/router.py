@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import say
-from .client import DEFAULT_TARGET
+from .connect import add_connection_args, channel
 
 
 def _embedding_cache() -> Path:
@@ -139,13 +139,11 @@ def _report(args, experts, curves, quality, prior, tokens, rows) -> None:
 
 
 # -- budget set|show ----------------------------------------------------------------------------
-def _admin(target: str):
-    import grpc
-
+def _admin(args):
     from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(target)
-    return channel, pb_grpc.AdminStub(channel)
+    ch = channel(args)
+    return ch, pb_grpc.AdminStub(ch)
 
 
 def _print_budget(b) -> None:
@@ -170,7 +168,7 @@ def cmd_budget_set(args) -> int:
         req.energy_budget_j = args.energy_j
     if args.average_power_w is not None:
         req.average_power_w = args.average_power_w
-    channel, admin = _admin(args.target)
+    channel, admin = _admin(args)
     with channel:
         try:
             resp = admin.SetEnergyBudget(req, timeout=args.timeout)
@@ -190,7 +188,7 @@ def cmd_budget_show(args) -> int:
 
     from ..api.gen import wattserve_pb2 as pb
 
-    channel, admin = _admin(args.target)
+    channel, admin = _admin(args)
     with channel:
         try:
             resp = admin.GetEnergyBudget(pb.GetEnergyBudgetRequest(scopes=args.scope, recent_changes=args.changes),
@@ -251,12 +249,12 @@ def register(sub) -> None:
     s.add_argument("--throttle-fraction", type=float, help="throttle to the cheapest expert past this share")
     s.add_argument("--actor", help="who makes the change (default user@host)")
     s.add_argument("--reason", help="why (recorded in the change log)")
-    s.add_argument("--target", default=DEFAULT_TARGET)
+    add_connection_args(s, operator=True)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_budget_set)
     s = budget.add_parser("show", help="show budgets, use and recent changes")
     s.add_argument("scope", nargs="*", help="scopes (default: cluster and every tenant)")
     s.add_argument("--changes", type=int, default=10, help="recent changes to list")
-    s.add_argument("--target", default=DEFAULT_TARGET)
+    add_connection_args(s, operator=True)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_budget_show)

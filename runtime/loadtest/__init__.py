@@ -43,6 +43,8 @@ class LoadTestOptions:
     metrics_url: str | None = "auto"  # auto: <target>/metrics with --api openai, else none
     metrics_interval_s: float = 1.0
     progress: bool = True
+    api_key: str | None = None  # client key: `authorization: Bearer` on every request
+    metrics_key: str | None = None  # operator key for /metrics (default: api_key)
 
 
 @dataclass(slots=True)
@@ -54,7 +56,7 @@ class LoadTestReport:
 
 def _client(opts: LoadTestOptions, target: str):
     common = dict(tenant=opts.tenant, temperature=opts.temperature, ignore_eos=opts.ignore_eos,
-                  timeout_s=opts.bounds.timeout_s)
+                  timeout_s=opts.bounds.timeout_s, api_key=opts.api_key)
     if opts.api == "grpc":
         return GrpcClient(target, **common)
     if opts.api == "openai":
@@ -76,7 +78,8 @@ async def run_loadtest(opts: LoadTestOptions, progress_stream=None) -> LoadTestR
     if metrics_url:
         check_target(metrics_url, opts.allow_remote)
     workload = build_workload(opts.workload)
-    sampler = PowerSampler(metrics_url, opts.metrics_interval_s) if metrics_url else None
+    sampler = PowerSampler(metrics_url, opts.metrics_interval_s, api_key=opts.metrics_key or opts.api_key) \
+        if metrics_url else None
     progress = Progress(opts.bounds.max_requests, enabled=opts.progress, stream=progress_stream or sys.stderr)
     async with _client(opts, target) as client:
         result = await run_load(workload, client, opts.bounds, progress=progress, sampler=sampler)

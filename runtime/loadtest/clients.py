@@ -105,8 +105,9 @@ class GrpcClient:
     api = "grpc"
 
     def __init__(self, target: str, *, tenant: str = "", temperature: float = 0.0, ignore_eos: bool = True,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, api_key: str | None = None) -> None:
         self.target = target
+        self.api_key = api_key
         self.tenant = tenant
         self.sampling = pb.SamplingParams(temperature=temperature, ignore_eos=ignore_eos)
         self.timeout_s = timeout_s
@@ -114,7 +115,9 @@ class GrpcClient:
         self._stub = None
 
     async def __aenter__(self):
-        self._channel = grpc.aio.insecure_channel(self.target)
+        from ..cli.connect import open_aio_channel
+
+        self._channel = open_aio_channel(self.target, self.api_key)
         self._stub = pb_grpc.InferenceStub(self._channel)
         return self
 
@@ -156,8 +159,9 @@ class OpenAIClient:
     api = "openai"
 
     def __init__(self, base_url: str, *, tenant: str = "", temperature: float = 0.0, ignore_eos: bool = True,
-                 timeout_s: float = 120.0, max_connections: int = 0) -> None:
+                 timeout_s: float = 120.0, max_connections: int = 0, api_key: str | None = None) -> None:
         self.url = base_url.rstrip("/") + "/v1/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.tenant = tenant
         self.temperature = temperature
         self.ignore_eos = ignore_eos
@@ -166,7 +170,8 @@ class OpenAIClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self):
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_connections), timeout=self.timeout)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_connections), timeout=self.timeout,
+                                              headers=self.headers)
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -53,18 +53,21 @@ class PowerSample:
 class PowerSampler:
     """Scrapes a wattserve ``/metrics`` endpoint every ``interval_s``."""
 
-    def __init__(self, url: str, interval_s: float = 1.0) -> None:
+    def __init__(self, url: str, interval_s: float = 1.0, api_key: str | None = None) -> None:
         self.url = url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.interval_s = interval_s
         self.samples: list[PowerSample] = []
         self.error = ""
 
     async def run(self, started: float) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), headers=self.headers) as session:
             while True:
                 try:
                     async with session.get(self.url) as resp:
                         text = await resp.text()
+                        if resp.status != 200:  # e.g. 401/403: /metrics needs an operator key
+                            raise ValueError(f"{self.url} answered HTTP {resp.status}")
                     self.samples.append(parse_power(text, time.perf_counter() - started))
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     self.error = f"{type(exc).__name__}: {exc}"

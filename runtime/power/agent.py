@@ -51,14 +51,17 @@ class NodeAgent:
     """Reads and caps the GPUs of one node. ``call_timeout_s`` bounds every call to an expert."""
 
     def __init__(self, node_id: str, node: str, *, nvml: bool = True, priority_window_s: float = 60.0,
-                 call_timeout_s: float = 2.0) -> None:
+                 call_timeout_s: float = 2.0, experts: list[tuple[str, int, Any]] | None = None) -> None:
+        """``experts``: the replicas on this node, as for :meth:`set_experts`. Given here, a
+        restarted agent actor (Ray re-runs the constructor with the same arguments) knows its
+        experts again without anyone calling it."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.node_id = node_id
         self.node = node
         self.priority_window_s = priority_window_s
         self.call_timeout_s = call_timeout_s
         self.nvml: dict[str, Device] = self._open_nvml() if nvml else {}
-        self.experts: dict[str, ExpertTarget] = {}
+        self.experts: dict[str, ExpertTarget] = {t.gpu: t for t in (ExpertTarget(e, r, a) for e, r, a in experts or ())}
 
     def _open_nvml(self) -> dict[str, Device]:
         from workers.devices.nvml import visible_gpu_count

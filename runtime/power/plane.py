@@ -50,16 +50,21 @@ class PowerPlane:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if not nodes:
             raise ConfigError("power governor: Ray reports no alive node")
+        by_node = await asyncio.wait_for(self._experts_by_node(), timeout_s)
+        missing = sorted(set(by_node) - {n["NodeID"] for n in nodes})
+        if missing:
+            raise ConfigError(f"power governor: experts run on nodes without an agent: {', '.join(missing)}")
         agent_cls = ray.remote(NodeAgent)
         for node in nodes:
             node_id, address = node["NodeID"], node["NodeManagerAddress"]
+            # the expert list goes into the constructor: a restarted agent rebuilds it by itself
             handle = agent_cls.options(
                 name=agent_name(node_id), num_cpus=0, max_restarts=-1, max_concurrency=64,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(node_id, address, nvml=self.config.nvml, priority_window_s=self.config.priority_window_s,
-                     call_timeout_s=max(1.0, self.config.interval_s))
+                     call_timeout_s=max(1.0, self.config.interval_s), experts=by_node.get(node_id, []))
             self.agents[node_id] = (handle, address)
-        await asyncio.wait_for(self._assign_experts(), timeout_s)
+        await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h, _ in self.agents.values())), timeout_s)
         self.governor = ray.remote(PowerGovernor).options(
             name=GOVERNOR_NAME, num_cpus=0, max_restarts=-1, max_concurrency=64,
         ).remote(self.config, self.agents)
@@ -67,16 +72,13 @@ class PowerPlane:
         self._watchdog = asyncio.get_running_loop().create_task(self._keep_running(), name="power-watchdog")
         log.info("power governor running over %d node(s)", len(self.agents))
 
-    async def _assign_experts(self) -> None:
+    async def _experts_by_node(self) -> dict[str, list[tuple[str, int, Any]]]:
+        """Ray node id -> the (expert, replica, actor handle) running there."""
         node_ids = await asyncio.gather(*(r.actor.node_id.remote() for r in self.replicas))
         by_node: dict[str, list[tuple[str, int, Any]]] = defaultdict(list)
         for replica, node_id in zip(self.replicas, node_ids, strict=True):
             by_node[node_id].append((replica.expert, replica.index, replica.actor))
-        missing = sorted(set(by_node) - set(self.agents))
-        if missing:
-            raise ConfigError(f"power governor: experts run on nodes without an agent: {', '.join(missing)}")
-        await asyncio.gather(*(h.set_experts.remote(by_node.get(nid, [])) for nid, (h, _) in self.agents.items()))
-        await asyncio.gather(*(h.ready.remote() for h, _ in self.agents.values()))
+        return by_node
 
     async def _keep_running(self) -> None:
         """Restart the governor's loop if its actor came back without it, and mirror its status

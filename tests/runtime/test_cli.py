@@ -23,13 +23,30 @@ def _ray_processes() -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def _new_key(role: str, name: str, keys_file: Path) -> str:
+    """`wattserve auth new-key`: the key on stdout, its digest line appended to the keys file."""
+    res = subprocess.run([str(BIN), "auth", "new-key", role, name, "--append", str(keys_file)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
 @pytest.fixture
-def served(tmp_path, tiny_llama):
+def keys(tmp_path) -> dict[str, str]:
+    keys_file = tmp_path / "keys.txt"
+    out = {"client": _new_key("client", "default", keys_file), "operator": _new_key("operator", "ops", keys_file)}
+    assert all(k not in keys_file.read_text() for k in out.values()), "the keys file holds digests only"
+    return out
+
+
+@pytest.fixture
+def served(tmp_path, tiny_llama, keys):
     cfg = tmp_path / "cli.yaml"
     cfg.write_text(
         f"""
 ray: {{num_cpus: 2, object_store_memory_mb: 96}}
 gateway: {{port: 0}}
+auth: {{keys_file: keys.txt}}
 experts:
   - name: edge
     model: {{kind: local, path: "{tiny_llama}"}}
@@ -65,26 +82,42 @@ experts:
     assert _ray_processes() <= before, "ray processes left behind"
 
 
-def test_serve_generate_status_and_ctrl_c(served):
+def _cli(*args: str, key: str | None = None, operator_key: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WATTSERVE_API_KEY", "WATTSERVE_OPERATOR_KEY")}
+    env.update({"WATTSERVE_API_KEY": key} if key else {})
+    env.update({"WATTSERVE_OPERATOR_KEY": operator_key} if operator_key else {})
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_serve_generate_status_and_ctrl_c(served, keys):
     target, proc, lines = served
     assert any("send a prompt" in line and "wattserve generate" in line for line in lines)
-    gen = subprocess.run([str(BIN), "generate", "--target", target, "--max-tokens", "7", "Hello world"], capture_output=True, text=True, timeout=60)
+    gen = _cli("generate", "--target", target, "--max-tokens", "7", "Hello world", key=keys["client"])
     assert gen.returncode == 0, gen.stderr
     assert re.search(r"expert edge/0 \| \d+ prompt \+ \d+ completion tokens", gen.stderr)
     assert "energy" in gen.stderr and "(modeled:cpu)" in gen.stderr
-    status = subprocess.run([str(BIN), "status", "--target", target], capture_output=True, text=True, timeout=60)
+    status = _cli("status", "--target", target, key=keys["client"], operator_key=keys["operator"])
     assert status.returncode == 0, status.stderr
     assert "replicas healthy 1/1" in status.stdout and "edge" in status.stdout
-    bad = subprocess.run([str(BIN), "generate", "--target", target, "--expert", "nope", "x"], capture_output=True, text=True, timeout=60)
+    bad = _cli("generate", "--target", target, "--expert", "nope", "x", key=keys["client"])
     assert bad.returncode == 1 and "INVALID_ARGUMENT: unknown expert 'nope'" in bad.stderr
+    # without a key, or with a client key on an operator command: refused, and nothing leaks
+    anon = _cli("generate", "--target", target, "x")
+    assert anon.returncode == 1 and "UNAUTHENTICATED" in anon.stderr
+    denied = _cli("status", "--target", target, "--api-key", keys["client"])
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
     # the same process serves HTTP (a free port, since gRPC's is 0), sharing the gateway's metrics
     http = next(m.group(1) for line in lines if (m := re.search(r"(http://127\.0\.0\.1:\d+)", line)))
-    with urllib.request.urlopen(http + "/metrics", timeout=10) as resp:
+    scrape = urllib.request.Request(http + "/metrics", headers={"Authorization": f"Bearer {keys['operator']}"})
+    with urllib.request.urlopen(scrape, timeout=10) as resp:
         metrics = resp.read().decode()
     assert 'wattserve_requests_total{api="grpc",expert="edge",status="ok"} 1.0' in metrics
     assert 'wattserve_requests_total{api="grpc",expert="none",status="invalid_argument"} 1.0' in metrics
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
+    log = "".join(lines) + proc.stdout.read()
+    assert "WARNING: authentication" not in log and "WARNING: TLS" not in log  # loopback with keys
+    assert all(k not in log for k in keys.values()), "an API key reached the server's output"
 
 
 def test_bad_config_exits_with_a_message(tmp_path):

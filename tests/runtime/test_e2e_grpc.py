@@ -21,6 +21,7 @@ pytestmark = pytest.mark.timeout(300)
 def config(tiny_model_dirs, tmp_path_factory):
     return parse_config(
         {
+            "auth": {"enabled": False},  # loopback test server: no keys
             "gateway": {"port": 0, "max_inflight": 16, "max_tokens_limit": 1000, "health_interval_s": 0.2},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),
             "experts": [

@@ -28,6 +28,7 @@ CLOUD_STEP_MS = 20
 def config(tmp_path_factory):
     return parse_config(
         {
+            "auth": {"enabled": False},  # loopback test server: no keys
             "gateway": {"port": 0, "routing_policy": "moe2", "health_interval_s": 0.2},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),
             "experts": [

@@ -46,6 +46,7 @@ def chat_model_dir(tiny_llama, tmp_path_factory):
 async def server(ray_session, chat_model_dir, tmp_path_factory):
     config = parse_config(
         {
+            "auth": {"enabled": False},  # loopback test server: no keys
             "gateway": {"port": 0, "max_inflight": 16, "max_tokens_limit": 1000, "health_interval_s": 0.2},
             "http": {"port": 0},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),

@@ -28,6 +28,7 @@ N = 2  # denoising steps of the image expert's default t_index_list
 def config(tiny_model_dirs, tiny_diffusion_dir, tmp_path_factory):
     return parse_config(
         {
+            "auth": {"enabled": False},  # loopback test server: no keys
             "gateway": {"port": 0, "max_inflight": 16, "health_interval_s": 0.2},
             "http": {"enabled": False},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),

@@ -25,6 +25,7 @@ needs_traces = pytest.mark.skipif(shared_data_dir() is None, reason="shared/data
 async def server(ray_session, tiny_llama, tmp_path_factory):
     config = parse_config(
         {
+            "auth": {"enabled": False},  # loopback test server: no keys
             "gateway": {"port": 0, "max_inflight": 64, "health_interval_s": 0.2},
             "http": {"port": 0},
             "model_cache_dir": str(tmp_path_factory.mktemp("cache")),

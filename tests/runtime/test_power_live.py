@@ -40,6 +40,7 @@ def expert(name: str, priority_class: str) -> dict:
 @pytest.fixture(scope="module")
 async def server(ray_session, tmp_path_factory):
     config = parse_config({
+        "auth": {"enabled": False},  # loopback test server: no keys
         "gateway": {"port": 0, "health_interval_s": 0.2},
         "model_cache_dir": str(tmp_path_factory.mktemp("cache")),
         "experts": [expert("lp", "low"), expert("hp", "high")],

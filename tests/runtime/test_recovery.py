@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(180)
 async def server(ray_session):
     cfg = parse_config(
         {
+            "auth": {"enabled": False},  # loopback test server: no keys
             "gateway": {"port": 0, "health_interval_s": 0.2},
             "experts": [{"name": "crashy", "engine": {"kind": "synthetic", "step_ms": 10}, "max_restarts": 2}],
         }
