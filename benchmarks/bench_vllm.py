@@ -107,6 +107,7 @@ async def run_bare(path: Path, prompts, levels, rounds, tokens) -> dict[int, dic
 # -- (b) wattserve serve in its own process -----------------------------------------------------
 CONFIG = """
 ray: {{num_cpus: 2, object_store_memory_mb: 128}}
+auth: {{enabled: false}}  # loopback
 gateway: {{port: 0, max_inflight: 1024}}
 http: {{enabled: false}}
 experts:

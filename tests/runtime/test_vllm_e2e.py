@@ -59,6 +59,7 @@ async def server(ray_session, tmp_path_factory):
     broken = _broken_copy(smol_dir, tmp_path_factory.mktemp("broken") / "model")
     cfg = parse_config({
         "ray": {"require_all_experts": False},
+        "auth": {"enabled": False},  # loopback test server: no keys
         "gateway": {"port": 0, "max_inflight": 64, "health_interval_s": 0.2},
         "http": {"port": 0},
         "model_cache_dir": str(cache),
@@ -264,7 +265,7 @@ async def test_vllm_on_a_gpu_measures_nvml_energy(ray_session):
     if current_platform.device_type != "cuda":
         pytest.skip(f"the installed vLLM is the {current_platform.device_type} build")
     cfg = parse_config({
-        "gateway": {"port": 0}, "http": {"enabled": False}, "model_cache_dir": str(default_cache_dir()),
+        "auth": {"enabled": False}, "gateway": {"port": 0}, "http": {"enabled": False}, "model_cache_dir": str(default_cache_dir()),
         "experts": [{"name": "gpu", "model": SMOLLM2, "device": "nvml:0", "resources": {"num_gpus": 1},
                      "engine": {"kind": "vllm", "dtype": "bfloat16", "gpu_memory_utilization": 0.3}}],
     }, "test-vllm-gpu")
