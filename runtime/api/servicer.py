@@ -234,6 +234,8 @@ def _replica_to_proto(state) -> pb.ExpertReplica:
         msg.device = p.device
         msg.energy_source = p.energy_source
         msg.host, msg.pid = p.host, p.pid
+        if p.kv_cache_usage is not None:
+            msg.kv_cache_usage = p.kv_cache_usage
         if p.energy:
             msg.requests_energy_j, msg.idle_energy_j = p.energy.requests_j, p.energy.idle_j
             msg.device_energy_j = p.energy.device_j

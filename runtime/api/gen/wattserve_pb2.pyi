@@ -154,7 +154,7 @@ class ListExpertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertReplica(_message.Message):
-    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid")
+    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid", "kv_cache_usage")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class ExpertReplica(_message.Message):
     ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     replica: int
     healthy: bool
     error: str
@@ -187,7 +188,8 @@ class ExpertReplica(_message.Message):
     energy_source: str
     host: str
     pid: int
-    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    kv_cache_usage: float
+    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...
 
 class PredictionError(_message.Message):
     __slots__ = ("energy_rel_error", "latency_rel_error", "energy_correction", "latency_correction", "samples")
