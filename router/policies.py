@@ -32,8 +32,12 @@ def eligible(request: RequestFeatures, candidates: Sequence[Candidate]) -> list[
     healthy = [c for c in pool if c.healthy]
     if not healthy:
         what = f"expert {request.expert!r}" if request.expert else "any expert"
+        # What the replicas say about themselves (a failed engine start, a dead engine) is the
+        # readable part of this error for an operator.
+        reasons = sorted({f"{c.expert}/{c.replica}: {c.profile.error}" for c in pool if c.profile and c.profile.error})
+        detail = f": {'; '.join(reasons)[:600]}" if reasons else ""
         raise NoHealthyExpert(
-            f"no healthy replica of {what} ({len(pool)} known, all unhealthy or starting); retry shortly"
+            f"no healthy replica of {what} ({len(pool)} known, all unhealthy or starting){detail}; retry shortly"
         )
     return healthy
 

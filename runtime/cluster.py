@@ -123,9 +123,17 @@ class ExpertPool:
     def all(self) -> list[Replica]:
         return [r for group in self.replicas.values() for r in group]
 
-    async def wait_ready(self, timeout_s: float, progress: Callable[[str], None] = log.info) -> None:
-        """Wait until every replica answers ``ready``; raise ConfigError naming those that failed."""
+    async def wait_ready(
+        self, timeout_s: float, progress: Callable[[str], None] = log.info, *, require_all: bool = True
+    ) -> list[str]:
+        """Wait until every replica answers ``ready``; raise ConfigError naming those that failed.
+
+        With ``require_all=False`` failures are reported through ``progress`` and returned, and
+        only a pool where no replica came up is an error (the failed ones stay, unhealthy, with
+        their reason in their profile when their actor is alive).
+        """
         start = time.monotonic()
+        ready = 0
         pending = {r.name: asyncio.ensure_future(r.actor.ready.remote()) for r in self.all()}
         failures: list[str] = []
         while pending:
@@ -136,6 +144,7 @@ class ExpertPool:
                     if fut.exception() is not None:
                         failures.append(f"{name}: {_root_cause(fut.exception())}")
                     else:
+                        ready += 1
                         progress(f"{name} ready ({time.monotonic() - start:.1f} s)")
             if pending and time.monotonic() - start > timeout_s:
                 for fut in pending.values():
@@ -144,8 +153,11 @@ class ExpertPool:
                 break
             if pending and not done:
                 progress(f"waiting for {', '.join(sorted(pending))} to load ({time.monotonic() - start:.0f} s)")
-        if failures:
+        if failures and (require_all or not ready):
             raise ConfigError("experts failed to start: " + "; ".join(failures))
+        for failure in failures:
+            progress(f"serving without {failure}")
+        return failures
 
     def kill(self) -> None:
         for r in self.all():

@@ -34,6 +34,11 @@ class RayConfig(Strict):
     object_store_memory_mb: int = Field(default=256, ge=80, description="Embedded only.")
     node_ip_address: str = Field(default="127.0.0.1", description="Embedded only: keep Ray on loopback.")
     ready_timeout_s: float = Field(default=600.0, gt=0, description="Wait this long for experts to load.")
+    require_all_experts: bool = Field(
+        default=True,
+        description="Refuse to start unless every expert replica starts. false: serve once any replica is up; "
+        "the others stay listed as unhealthy with their reason (requests pinned to them get UNAVAILABLE).",
+    )
 
 
 class GatewayConfig(Strict):
@@ -346,6 +351,7 @@ def config_reference() -> str:
         ResourceSpec,
         SyntheticEngineSpec,
         TorchEngineSpec,
+        VllmEngineSpec,
     )
 
     from .power.config import RowSpec
@@ -366,6 +372,7 @@ def config_reference() -> str:
         ("experts[].model (kind: hub)", HubModelSource),
         ("experts[].engine (kind: torch)", TorchEngineSpec),
         ("experts[].engine.early_exit", EarlyExitSpec),
+        ("experts[].engine (kind: vllm)", VllmEngineSpec),
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
         ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),
         ("experts[].device", DeviceSpec),

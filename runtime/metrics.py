@@ -187,7 +187,8 @@ class GatewayCollector:
 
     def _replicas(self, gw: Gateway):
         labels = ["expert", "replica", "device"]
-        rows: dict[str, list] = {k: [] for k in ("healthy", "running", "waiting", "inflight", "power", "gpu", "limit", "clock")}
+        rows: dict[str, list] = {k: [] for k in ("healthy", "running", "waiting", "inflight", "power", "gpu", "limit",
+                                                 "clock", "kv")}
         energy = CounterMetricFamily(
             "wattserve_replica_energy_joules", "Device energy of a replica since it started, split into the part "
             "attributed to requests and the idle part.", labels=[*labels, "energy_source", "part"],
@@ -203,6 +204,8 @@ class GatewayCollector:
                 continue
             rows["running"].append((key, p.running))
             rows["waiting"].append((key, p.waiting))
+            if p.kv_cache_usage is not None:
+                rows["kv"].append((key, p.kv_cache_usage))
             gpu = spec is not None and spec.device.backend in GPU_BACKENDS
             if p.power_w is not None:
                 rows["gpu" if gpu else "power"].append(([*key, p.energy_source], p.power_w))
@@ -217,6 +220,8 @@ class GatewayCollector:
         yield _gauge("wattserve_replica_healthy", "1 if the replica answered its last health poll healthy.", labels, rows["healthy"])
         yield _gauge("wattserve_replica_running_requests", "Requests in the replica's running batch.", labels, rows["running"])
         yield _gauge("wattserve_replica_waiting_requests", "Requests queued at the replica for a batch slot.", labels, rows["waiting"])
+        yield _gauge("wattserve_replica_kv_cache_usage_ratio", "Share of the replica's KV cache in use (engines that report it: vllm).",
+                     labels, rows["kv"])
         yield _gauge("wattserve_replica_gateway_inflight_requests", "Requests the gateway has in flight to the replica.", labels, rows["inflight"])
         yield _gauge("wattserve_gpu_power_watts", "GPU power of a replica's device (measured or modeled, see energy_source).", src, rows["gpu"])
         yield _gauge("wattserve_cpu_power_watts", "Modeled CPU power of a replica that runs on CPU.", src, rows["power"])

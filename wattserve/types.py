@@ -218,6 +218,7 @@ class ExpertProfile:
     exit_histogram: dict[int, int] = field(default_factory=dict)
     image: ImageExpertStats | None = None  # image experts: frames, UNet evaluations, sessions
     sm_clock_cap_mhz: float | None = None  # the governor's SM clock ceiling in effect; None: uncapped
+    kv_cache_usage: float | None = None  # share of the KV cache in use, 0..1 (engines that report it: vllm)
 
     @property
     def queue_depth(self) -> int:

@@ -22,7 +22,7 @@ from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult,
 from .devices import open_device
 from .engines import build_engine
 from .governed import GovernedDevice
-from .loop import EngineLoop
+from .loop import EngineLoop, ServingLoop
 from .models import prepare_model
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,46 @@ class ExpertWorker(GovernedDevice):
         model_dir: Path | None = None
         if spec.model is not None:
             model_dir = prepare_model(spec.model, Path(cache_dir), progress=log.info)
-        self.engine = build_engine(spec, model_dir)
-        self.device = open_device(spec.device, model_params=self.engine.info.params)
-        self.loop = EngineLoop(
-            self.engine, self.device, max_queue=spec.max_queue, on_fatal=self._on_fatal
-        )
+        self.loop = self._serving_loop(spec, model_dir)
+        self.device = self.loop.device
         self.loop.start()
         self._init_governed()
+        info = self.loop.info
         log.info(
-            "expert %s/%d ready: %s on %s (%s), %d params",
-            spec.name, replica, self.engine.info.model, self.engine.info.device,
-            self.device.energy_source, self.engine.info.params,
+            "expert %s/%d %s: %s on %s (%s), %d params",
+            spec.name, replica, "ready" if self.loop.started.done() else "starting", info.model,
+            info.device, self.device.energy_source, info.params,
         )
 
+    def _serving_loop(self, spec: ExpertSpec, model_dir: Path | None) -> ServingLoop:
+        """The torch and synthetic engines are stepped by an EngineLoop; vLLM schedules itself and
+        runs behind a VllmRunner with the same surface (docs/vllm.md)."""
+        if spec.engine.kind == "vllm":
+            from .engines.vllm_engine import VllmRunner
+
+            def device_for(params: int):
+                return open_device(spec.device, model_params=params, include_child_processes=True)
+
+            return VllmRunner(spec, model_dir, device_for, on_fatal=self._on_fatal)
+        engine = build_engine(spec, model_dir)
+        device = open_device(spec.device, model_params=engine.info.params)
+        return EngineLoop(engine, device, max_queue=spec.max_queue, on_fatal=self._on_fatal)
+
     async def ready(self) -> bool:
+        """True once the engine can take requests (vLLM starts in the background); raises
+        EngineDead naming the cause if it failed to start."""
+        await asyncio.wrap_future(self.loop.started)
         return True
+
+    async def engine_metrics(self) -> str:
+        """The engine's own Prometheus metrics in text format (vLLM's ``vllm:*``; empty for the
+        torch engine, whose figures are in the profile)."""
+        return self.loop.engine_metrics()
+
+    async def engine_state(self) -> dict:
+        """The engine's own view of its requests and load (vLLM: unfinished requests, scheduler
+        counts, KV cache usage, the finish reasons it reported); for operators and tests."""
+        return self.loop.engine_state()
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[list[StreamEvent]]:
         """Stream ``call``'s output in chunks of events; the last event carries the usage.
@@ -105,7 +130,7 @@ class ExpertWorker(GovernedDevice):
         power_w, limit_w, clock, max_clock, cap = await asyncio.to_thread(self._device_telemetry)
         snap = self.loop.snapshot()
         prof = self.loop.profile
-        info = self.engine.info
+        info = self.loop.info
         return ExpertProfile(
             expert=self.spec.name,
             replica=self.replica,
@@ -139,6 +164,7 @@ class ExpertWorker(GovernedDevice):
             j_per_layer_token=prof.decode_j_per_layer_token,
             exit_histogram={d: n for d, n in prof.exit_histogram.items() if n},
             sm_clock_cap_mhz=cap,
+            kv_cache_usage=snap.kv_cache_usage,
         )
 
     def _device_telemetry(self) -> tuple[float | None, ...]:

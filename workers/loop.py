@@ -10,18 +10,20 @@ engine itself is single-threaded. A scoring job runs between two steps and is me
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from wattserve.errors import EngineDead, InvalidRequest, QueueFull
 from wattserve.types import EnergyTotals, FinishReason, GenerateCall, RequestUsage, ScoreCall, ScoreResult, StreamEvent
 
 from .devices.base import Device
 from .energy import EnergyLedger
-from .engines.base import Engine, PreparedScore, SequenceOutput
+from .engines.base import Engine, EngineInfo, PreparedScore, SequenceOutput
 from .profile import ProfileTracker
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,39 @@ class LoopSnapshot:
     requests_finished: int
     steps: int
     dead: str  # why the loop died, or ""
+    kv_cache_usage: float | None = None  # share of the KV cache in use (engines that report it)
+
+
+class ServingLoop(Protocol):
+    """What the expert actor drives: :class:`EngineLoop` around a stepped engine (torch,
+    synthetic), or an engine that schedules itself behind an adapter with the same surface
+    (vLLM: ``workers/engines/vllm_engine/runner.py``). ``submit``, ``submit_score``, ``abort``
+    and ``snapshot`` are thread-safe; outputs reach the sinks in order, the last event of a
+    request carrying its usage, and every joule goes through ``ledger``."""
+
+    device: Device
+    ledger: EnergyLedger
+    profile: ProfileTracker
+    started: concurrent.futures.Future  # done when requests can be taken; an exception if start failed
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, call: GenerateCall, sink: Sink) -> None: ...
+
+    def submit_score(self, call: ScoreCall, sink: ScoreSink) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def snapshot(self) -> LoopSnapshot: ...
+
+    def engine_metrics(self) -> str: ...
+
+    def engine_state(self) -> dict: ...
+
+    def stop(self) -> None: ...
 
 
 class EngineLoop:
@@ -82,10 +117,24 @@ class EngineLoop:
         self._dead = ""
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.started: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        self.started.set_result(True)  # the engine was built (model loaded) before the loop
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
 
     # -- called from other threads --------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def engine_metrics(self) -> str:
+        """Stepped engines have no metrics of their own: the profile carries their figures."""
+        return ""
+
+    def engine_state(self) -> dict:
+        snap = self.snapshot()
+        return {"started": True, "dead": snap.dead, "running": snap.running, "waiting": snap.waiting}
 
     def submit(self, call: GenerateCall, sink: Sink) -> None:
         """Validate and queue ``call``; raises InvalidRequest, QueueFull or EngineDead at once."""

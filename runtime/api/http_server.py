@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from wattserve.errors import InvalidRequest
 
 from ..config import HttpConfig
+from ..engine_metrics import engine_metrics_text
 from ..gateway import Chunk, Final, Gateway
 from ..security.config import AuthConfig, TlsConfig
 from ..security.keys import ANONYMOUS, KeyStore, bind_tenant
@@ -235,7 +236,9 @@ class HttpApi:
         return cards
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # wattserve's series, then the engines' own (vLLM's vllm:*, labelled by expert and replica)
+        engines = await engine_metrics_text(self.gateway)
+        return web.Response(body=generate_latest(self.registry) + engines, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(self, request: web.Request) -> web.Response:
         states = self.gateway.replica_states()

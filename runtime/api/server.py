@@ -91,7 +91,7 @@ class WattserveServer:
         self.pool = ExpertPool(cfg.experts, self.cache_dir)
         self.pool.create()
         self.progress(f"loading {len(self.pool.all())} expert replica(s): {', '.join(r.name for r in self.pool.all())}")
-        await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress)
+        await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress, require_all=cfg.ray.require_all_experts)
         self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
         self.metrics.watch(self.gateway)
         await self.gateway.start()

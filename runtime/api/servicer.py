@@ -242,6 +242,8 @@ def _replica_to_proto(state) -> pb.ExpertReplica:
         msg.host, msg.pid = p.host, p.pid
         msg.num_layers, msg.j_per_layer_token = p.num_layers, p.j_per_layer_token or 0.0
         msg.exit_histogram.update(p.exit_histogram)
+        if p.kv_cache_usage is not None:
+            msg.kv_cache_usage = p.kv_cache_usage
         if p.energy:
             msg.requests_energy_j, msg.idle_energy_j = p.energy.requests_j, p.energy.idle_j
             msg.device_energy_j = p.energy.device_j

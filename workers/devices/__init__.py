@@ -17,19 +17,22 @@ __all__ = ["Device", "open_device"]
 
 
 def open_device(spec: DeviceSpec, *, model_params: int = 0,
-                clock: Callable[[], float] | None = None) -> Device:
+                clock: Callable[[], float] | None = None, include_child_processes: bool = False) -> Device:
     """Open the device ``spec`` names.
 
     ``model_params`` (parameters held on this device) is required by ``simulated`` devices,
     which turn each step's tokens into modeled seconds and joules. ``clock`` (seconds,
     monotonic) defaults to ``time.monotonic``; tests and simulations inject their own.
+    ``include_child_processes``: the ``cpu`` device also charges the CPU time of this process's
+    descendants (engines such as vLLM compute in child processes).
     Raises :class:`DeviceError` when the backend cannot be opened.
     """
     clock = clock or time.monotonic
     if spec.backend == "cpu":
         from workers.devices.cpu import CpuDevice
 
-        return CpuDevice(spec.watts_per_core, spec.idle_power_w, clock=clock)
+        return CpuDevice(spec.watts_per_core, spec.idle_power_w, clock=clock,
+                         include_children=include_child_processes)
     if spec.backend == "nvml":
         from workers.devices.nvml import NvmlDevice
 

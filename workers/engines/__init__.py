@@ -19,4 +19,6 @@ def build_engine(expert: ExpertSpec, model_dir: Path | None) -> Engine:
         from .synthetic import SyntheticEngine
 
         return SyntheticEngine(expert)
+    if kind == "vllm":  # vLLM schedules itself: workers/expert.py runs it behind a VllmRunner
+        raise ValueError("engine vllm is not a stepped engine; ExpertWorker serves it with VllmRunner")
     raise ValueError(f"unknown engine {kind!r}")
