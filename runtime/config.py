@@ -322,6 +322,12 @@ def load_config(path: str | Path) -> WattserveConfig:
     cfg = parse_config(data, str(path))
     if cfg.model_cache_dir and not Path(cfg.model_cache_dir).expanduser().is_absolute():
         cfg.model_cache_dir = str((path.parent / cfg.model_cache_dir).resolve())
+    for expert in cfg.experts:
+        exits = getattr(expert.engine, "early_exit", None)
+        for key in ("thresholds_path", "adapters_path"):
+            value = getattr(exits, key, None)
+            if value and not Path(value).expanduser().is_absolute():
+                setattr(exits, key, str((path.parent / value).resolve()))
     if cfg.router.gate_path and not Path(cfg.router.gate_path).expanduser().is_absolute():
         cfg.router.gate_path = str((path.parent / cfg.router.gate_path).resolve())
     for section, key in (("auth", "keys_file"), ("tls", "cert_file"), ("tls", "key_file"),
@@ -338,6 +344,7 @@ def config_reference() -> str:
     from wattserve.specs import (
         DeviceSpec,
         DiffusionEngineSpec,
+        EarlyExitSpec,
         GgufPackageSource,
         HubModelSource,
         LocalModelSource,
@@ -364,6 +371,7 @@ def config_reference() -> str:
         ("experts[].model (kind: gguf_package)", GgufPackageSource),
         ("experts[].model (kind: hub)", HubModelSource),
         ("experts[].engine (kind: torch)", TorchEngineSpec),
+        ("experts[].engine.early_exit", EarlyExitSpec),
         ("experts[].engine (kind: vllm)", VllmEngineSpec),
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
         ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),

@@ -51,6 +51,7 @@ class ClientRequest:
     expert: str = ""
     energy_budget_j: float | None = None
     latency_budget_ms: float | None = None
+    compute_budget: float | None = None  # early exit: share of full depth per token, in (0, 1]
     priority: Priority = Priority.NORMAL
     tenant: str = ""
     request_id: str = ""
@@ -271,6 +272,8 @@ class Gateway:
             tenant=req.tenant,
             deadline_unix_s=req.deadline_unix_s,
             messages=req.messages,
+            compute_budget=req.compute_budget,
+            energy_budget_j=req.energy_budget_j,
         )
         state, stream, first = await self._dispatch(plan, call, failed, attempt)
         replica = state.replica

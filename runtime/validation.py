@@ -63,6 +63,10 @@ class Validator:
         for name, value in (("energy_budget_j", req.energy_budget_j), ("latency_budget_ms", req.latency_budget_ms)):
             if value is not None and (not math.isfinite(value) or value <= 0):
                 raise InvalidRequest(f"{name} must be a positive number when set (got {value})")
+        if req.compute_budget is not None and not (math.isfinite(req.compute_budget) and 0 < req.compute_budget <= 1):
+            raise InvalidRequest(
+                f"compute_budget is a share of full depth in (0, 1] (got {req.compute_budget}); 1 is full depth"
+            )
         self.request_id(req.request_id)
         tenant, priority = self.tenant(req.tenant, req.priority)
         return replace(req, max_tokens=max_tokens, sampling=sampling, tenant=tenant, priority=priority)

@@ -77,8 +77,15 @@ def _config(family: str, vocab: int, layers: int, max_pos: int):
     raise ValueError(family)
 
 
-def build_model(out_dir: Path, family: str = "llama", layers: int = 4, max_pos: int = 512, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` model plus tokenizer into ``out_dir``; returns it."""
+def build_model(
+    out_dir: Path, family: str = "llama", layers: int = 4, max_pos: int = 512, seed: int = 0, layer_gain: float = 1.0
+) -> Path:
+    """Save a tiny random ``family`` model plus tokenizer into ``out_dir``; returns it.
+
+    ``layer_gain`` scales every layer's output projections (and the LM head by ``gain ** 0.6``):
+    at the default init each layer barely moves the residual stream, so every depth predicts the
+    same token; early-exit tests need depths that disagree.
+    """
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -92,5 +99,9 @@ def build_model(out_dir: Path, family: str = "llama", layers: int = 4, max_pos: 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+            elif layer_gain != 1.0 and name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(layer_gain)
+        if layer_gain != 1.0:
+            model.get_output_embeddings().weight.mul_(layer_gain**0.6)
     model.save_pretrained(out_dir)
     return out_dir

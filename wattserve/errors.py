@@ -158,3 +158,11 @@ class PermissionDenied(WattserveError):
 
     grpc_code = "PERMISSION_DENIED"
     http_status = 403
+
+
+class ExitCalibrationError(WattserveError):
+    """Early-exit thresholds or adapters are missing, malformed, or were made for another model
+    or exit layout; the message says what to recalibrate."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 412

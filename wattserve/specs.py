@@ -74,6 +74,60 @@ ModelSource = Annotated[
 # --- engines -----------------------------------------------------------------------------------
 
 
+class EarlyExitSpec(Strict):
+    """DeeR-style early exit for the torch engine's decode steps (see docs/early_exit.md).
+
+    Exits sit after every ``exit_every``-th layer and the last. Thresholds come from a file
+    written by ``wattserve exits calibrate`` (several operating points, each for a compute
+    budget) or, for experiments, inline. A request picks an operating point with its
+    ``compute_budget`` or ``energy_budget_j``; other requests use ``default_compute_budget``.
+    """
+
+    exit_every: int = Field(default=2, ge=1, description="Layers between exits (DeeR: 2).")
+    min_exit_layer: int | None = Field(
+        default=None, ge=1, description="No exit before this many layers; None: the first exit is at exit_every."
+    )
+    max_exit_layer: int | None = Field(
+        default=None,
+        ge=1,
+        description="Load only this many decoder layers: caps peak compute and memory (deeper layers "
+        "are never loaded). Calibrate with the same value.",
+    )
+    criterion: Literal["tv", "argmax", "margin"] = Field(
+        default="tv",
+        description="tv: total variation between consecutive exits' distributions; argmax: their "
+        "top tokens differ; margin: 1 - (p1 - p2) of the exit's own distribution.",
+    )
+    thresholds_path: str | None = Field(
+        default=None,
+        description="JSON of calibrated operating points from `wattserve exits calibrate`; relative "
+        "paths are relative to the config file.",
+    )
+    thresholds: list[float] | None = Field(
+        default=None,
+        description="Inline per-exit thresholds (one per exit before the last; exit when delta < "
+        "threshold): used for requests without a budget instead of default_compute_budget.",
+    )
+    adapters_path: str | None = Field(
+        default=None,
+        description="Per-exit adapters from `wattserve exits fit` (safetensors); must be the ones the "
+        "thresholds were calibrated with.",
+    )
+    default_compute_budget: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Fraction of full depth for requests that name no budget; 1.0 runs them at full "
+        "depth (exactly the plain engine).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EarlyExitSpec:
+        if self.min_exit_layer and self.max_exit_layer and self.min_exit_layer > self.max_exit_layer:
+            raise ValueError("min_exit_layer must not exceed max_exit_layer")
+        return self
+
+
 class TorchEngineSpec(Strict):
     """The built-in torch/transformers engine with continuous batching."""
 
@@ -90,6 +144,9 @@ class TorchEngineSpec(Strict):
         ge=1,
         description="Prompt tokens admitted per step beyond the first request, bounding how long "
         "new prompts can stall the decode of running requests.",
+    )
+    early_exit: EarlyExitSpec | None = Field(
+        default=None, description="Early exit in decode; None: every token runs every layer."
     )
 
 

@@ -66,6 +66,9 @@ class GenerateCall:
     tenant: str = "default"
     deadline_unix_s: float | None = None  # wall clock; the engine drops the request after it
     messages: tuple[ChatMessage, ...] = ()
+    # early exit: share of full decoder depth to spend per token, in (0, 1]; None: the expert's default
+    compute_budget: float | None = None
+    energy_budget_j: float | None = None  # the request's energy budget, for the early-exit depth
 
 
 @dataclass(slots=True, frozen=True)
@@ -99,17 +102,36 @@ class StepWork:
     """What one engine step computed; modeled devices turn it into joules and seconds.
 
     ``layer_fraction`` is the share of decoder layers actually run, averaged over the step's
-    tokens (1.0 without early exit).
+    tokens (1.0 without early exit); early exit counts the K/V projections it still runs for
+    skipped layers by their share of a layer's weights. ``weight_fraction`` is the share of the
+    decoder's weights the step read at all: a layer is read if any row ran it, so in a batch it
+    follows the deepest row, which is what memory-bound decode pays for.
     """
 
     prefill_tokens: int = 0
     decode_tokens: int = 0
     batch_size: int = 0
     layer_fraction: float = 1.0
+    weight_fraction: float | None = None  # None: the same as layer_fraction
 
     @property
     def tokens(self) -> int:
         return self.prefill_tokens + self.decode_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class ExitUsage:
+    """What early exit did for one request's completion tokens (the first comes from prefill,
+    at full depth). ``energy_saved_j`` is an estimate: the skipped compute (in layer-equivalents,
+    net of the K/V still computed for skipped layers) times the expert's measured J per
+    layer-token; the request's ``energy_j`` is what was actually spent."""
+
+    num_layers: int
+    avg_exit_layer: float  # decoder layers run per completion token
+    layers_skipped: int  # summed over completion tokens
+    compute_fraction: float  # effective share of full-depth decoder compute, K/V propagation included
+    energy_saved_j: float
+    operating_point: str  # the calibrated point that served it ("full" at full depth)
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,6 +145,7 @@ class RequestUsage:
     energy_j: float
     energy_source: str  # "measured:nvml", "modeled:cpu", "modeled:h100", ...
     finish_reason: FinishReason
+    exits: ExitUsage | None = None  # set by engines with early exit enabled
     mean_logprob: float | None = None  # mean log p of the generated tokens under the model (nats)
 
 
@@ -188,6 +211,11 @@ class ExpertProfile:
     power_limit_w: float | None = None
     sm_clock_mhz: float | None = None
     max_sm_clock_mhz: float | None = None
+    # early exit (torch engine): decoder depth, measured J per layer-token in decode, and how many
+    # decode tokens left at each depth since start
+    num_layers: int = 0
+    j_per_layer_token: float | None = None
+    exit_histogram: dict[int, int] = field(default_factory=dict)
     image: ImageExpertStats | None = None  # image experts: frames, UNet evaluations, sessions
     sm_clock_cap_mhz: float | None = None  # the governor's SM clock ceiling in effect; None: uncapped
     kv_cache_usage: float | None = None  # share of the KV cache in use, 0..1 (engines that report it: vllm)

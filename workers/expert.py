@@ -160,6 +160,9 @@ class ExpertWorker(GovernedDevice):
             power_limit_w=limit_w,
             sm_clock_mhz=clock,
             max_sm_clock_mhz=max_clock,
+            num_layers=info.num_layers,
+            j_per_layer_token=prof.decode_j_per_layer_token,
+            exit_histogram={d: n for d, n in prof.exit_histogram.items() if n},
             sm_clock_cap_mhz=cap,
             kv_cache_usage=snap.kv_cache_usage,
         )

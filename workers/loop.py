@@ -106,7 +106,7 @@ class EngineLoop:
         self.on_fatal = on_fatal
         self.sleep = sleep
         self.ledger = EnergyLedger(device.energy_source)
-        self.profile = ProfileTracker()
+        self.profile = ProfileTracker(num_layers=engine.info.num_layers)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[tuple[str, object]] = []
@@ -282,7 +282,9 @@ class EngineLoop:
             self.ledger.add_idle(start_j - last_j)
             self.ledger.add_step(end_j - start_j, result.tokens_by_request)
             self._load = self.engine.load()
-        self.profile.observe(result.timings, end_j - start_j, result.work.tokens)
+        prof = self.profile
+        prof.observe(result.timings, end_j - start_j, result.work.tokens, result.work, result.exit_counts)
+        self.engine.observe_energy(prof.prefill_j_per_layer_token, prof.decode_j_per_layer_token)
         self._deliver(result.outputs, self.clock())
         return end_j
 
@@ -331,6 +333,7 @@ class EngineLoop:
             energy_j=energy_j,
             energy_source=self.device.energy_source,
             finish_reason=FinishReason(out.finish_reason),
+            exits=out.exits,
             mean_logprob=out.logprob_sum / out.completion_tokens if out.completion_tokens else None,
         )
 

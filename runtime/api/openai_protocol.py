@@ -8,10 +8,12 @@ the gateway's, shared with gRPC.
 
 wattserve extensions, as body fields (``extra_body`` in the openai client) or headers (the body
 wins when both are given): ``energy_budget_j`` / ``x-energy-budget-j``, ``latency_budget_ms`` /
-``x-latency-budget-ms``, ``priority`` / ``x-priority`` (low, normal, high), ``tenant`` /
-``x-tenant``, ``request_id`` / ``x-request-id``, and the sampling extras ``top_k`` and
-``ignore_eos``. Responses carry ``usage.energy_joules`` and ``usage.energy_source`` and a
-``wattserve`` object (expert, replica, gateway TTFT and latency, routing decision).
+``x-latency-budget-ms``, ``compute_budget`` / ``x-compute-budget`` (early exit), ``priority`` /
+``x-priority`` (low, normal, high), ``tenant`` / ``x-tenant``, ``request_id`` /
+``x-request-id``, and the sampling extras ``top_k`` and ``ignore_eos``. Responses carry
+``usage.energy_joules`` and ``usage.energy_source`` and a ``wattserve`` object (expert, replica,
+gateway TTFT and latency, routing decision, and ``early_exit`` when the expert decodes with
+early exit).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wattserve.errors import InvalidRequest
-from wattserve.types import ChatMessage, Priority, SamplingParams
+from wattserve.types import ChatMessage, ExitUsage, Priority, SamplingParams
 
 from ..gateway import ClientRequest, Final
 
@@ -34,6 +36,7 @@ AUTO_MODEL = "auto"  # the router chooses the expert
 HEADER_FIELDS = {
     "x-energy-budget-j": "energy_budget_j",
     "x-latency-budget-ms": "latency_budget_ms",
+    "x-compute-budget": "compute_budget",
     "x-priority": "priority",
     "x-tenant": "tenant",
     "x-request-id": "request_id",
@@ -68,6 +71,7 @@ class _GenerationRequest(_Strict):
     # wattserve extensions
     energy_budget_j: float | None = None
     latency_budget_ms: float | None = None
+    compute_budget: float | None = None  # early exit: share of full decoder depth per token, (0, 1]
     priority: Literal["low", "normal", "high"] | None = None
     tenant: str | None = None
     request_id: str | None = None
@@ -158,7 +162,7 @@ def _header_extensions(headers: Mapping[str, str]) -> dict[str, Any]:
         if raw is None:
             continue
         raw = raw.strip()
-        if field.endswith(("_j", "_ms")):
+        if field.endswith(("_j", "_ms", "_budget")):
             try:
                 value = float(raw)
             except ValueError:
@@ -215,6 +219,7 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
         expert="" if model in ("", AUTO_MODEL) else model,
         energy_budget_j=ext.get("energy_budget_j"),
         latency_budget_ms=ext.get("latency_budget_ms"),
+        compute_budget=ext.get("compute_budget"),
         priority=Priority[ext["priority"].upper()] if "priority" in ext else Priority.NORMAL,
         tenant=ext.get("tenant", ""),
         request_id=ext.get("request_id") or uuid.uuid4().hex,
@@ -258,6 +263,19 @@ def wattserve_body(final: Final) -> dict[str, Any]:
         "predicted_energy_j": final.plan.predicted_energy_j,
         "budget_exceeded": final.plan.budget_exceeded,
         "cascade": list(final.plan.cascaded),
+        **({"early_exit": exit_body(final.usage.exits)} if final.usage.exits is not None else {}),
+    }
+
+
+def exit_body(e: ExitUsage) -> dict[str, Any]:
+    """Early exit's per-request figures, named as in the gRPC Usage message."""
+    return {
+        "num_layers": e.num_layers,
+        "avg_exit_layer": e.avg_exit_layer,
+        "layers_skipped": e.layers_skipped,
+        "compute_fraction": e.compute_fraction,
+        "energy_saved_j": e.energy_saved_j,
+        "operating_point": e.operating_point,
     }
 
 

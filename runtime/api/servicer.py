@@ -57,6 +57,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
         ),
         expert=msg.expert,
         energy_budget_j=msg.energy_budget_j if msg.HasField("energy_budget_j") else None,
+        compute_budget=msg.compute_budget if msg.HasField("compute_budget") else None,
         latency_budget_ms=msg.latency_budget_ms if msg.HasField("latency_budget_ms") else None,
         priority=Priority(msg.priority) if msg.priority else Priority.NORMAL,
         tenant=msg.tenant,
@@ -82,6 +83,11 @@ def usage_to_proto(final: Final) -> pb.Usage:
         routing_reason=final.plan.reason,
         expert_ttft_ms=u.ttft_ms,
     )
+    if u.exits is not None:
+        e = u.exits
+        usage.num_layers, usage.avg_exit_layer, usage.layers_skipped = e.num_layers, e.avg_exit_layer, e.layers_skipped
+        usage.compute_fraction, usage.energy_saved_j = e.compute_fraction, e.energy_saved_j
+        usage.exit_operating_point = e.operating_point
     return add_plan_to_usage(usage, final.plan, u.mean_logprob)
 
 
@@ -234,6 +240,8 @@ def _replica_to_proto(state) -> pb.ExpertReplica:
         msg.device = p.device
         msg.energy_source = p.energy_source
         msg.host, msg.pid = p.host, p.pid
+        msg.num_layers, msg.j_per_layer_token = p.num_layers, p.j_per_layer_token or 0.0
+        msg.exit_histogram.update(p.exit_histogram)
         if p.kv_cache_usage is not None:
             msg.kv_cache_usage = p.kv_cache_usage
         if p.energy:

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "runtime.cli.images",
     "runtime.cli.power",
     "runtime.cli.auth",
+    "runtime.cli.exits",
 )
 
 

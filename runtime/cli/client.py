@@ -30,6 +30,8 @@ def cmd_generate(args) -> int:
         req.energy_budget_j = args.budget_j
     if args.latency_budget_ms is not None:
         req.latency_budget_ms = args.latency_budget_ms
+    if args.compute_budget is not None:
+        req.compute_budget = args.compute_budget
     with channel(args) as ch:
         stub = pb_grpc.InferenceStub(ch)
         try:
@@ -56,7 +58,18 @@ def cmd_generate(args) -> int:
         )
         print(f"-- routing ({usage.routing_policy}): {usage.routing_reason}"
               + ("  [BUDGET EXCEEDED]" if usage.budget_exceeded else ""), file=sys.stderr)
+        _print_exits(usage)
     return 0
+
+
+def _print_exits(usage) -> None:
+    if usage.num_layers:  # the expert has early exit
+        print(
+            f"-- early exit: {usage.avg_exit_layer:.1f}/{usage.num_layers} layers per token "
+            f"(point {usage.exit_operating_point}), {usage.layers_skipped} layers skipped, "
+            f"compute {usage.compute_fraction:.0%}, ~{usage.energy_saved_j:.3f} J saved (estimate)",
+            file=sys.stderr,
+        )
 
 
 def cmd_status(args) -> int:
@@ -91,6 +104,11 @@ def cmd_status(args) -> int:
                 f"{r.prefill_ms_per_token:>14.2f} {r.decode_ms_per_token:>14.2f} {r.j_per_token:>8.4f}  "
                 f"{e.model} ({e.engine}, {e.energy_source}){'  ' + r.error if r.error else ''}"
             )
+            if r.exit_histogram:
+                tokens = sum(r.exit_histogram.values())
+                avg = sum(d * n for d, n in r.exit_histogram.items()) / tokens
+                hist = " ".join(f"{d}:{n}" for d, n in sorted(r.exit_histogram.items()))
+                print(f"  {'':<10} early exit: {avg:.1f}/{r.num_layers} layers per decode token; exits {hist}")
     errors = [e for e in experts.experts if e.prediction.samples]
     if errors:
         print("  router cost predictions (EWMA |predicted - measured| / measured):")
@@ -115,6 +133,7 @@ def register(sub) -> None:
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--budget-j", type=float, help="energy budget for this request in joules")
     s.add_argument("--latency-budget-ms", type=float, help="latency budget in milliseconds")
+    s.add_argument("--compute-budget", type=float, help="early exit: share of full depth per token, in (0, 1]")
     s.add_argument("--priority", choices=["low", "normal", "high"], default="normal")
     s.add_argument("--tenant")
     s.add_argument("--timeout", type=float, default=120.0, help="gRPC deadline in seconds")

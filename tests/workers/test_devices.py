@@ -104,6 +104,9 @@ def test_step_latency_matches_hand_roofline():
     # half the layers: half of everything except the fixed overhead
     early_exit = StepWork(prefill_tokens=1000, batch_size=1, layer_fraction=0.5)
     assert step_latency_s(profile, early_exit, params) == pytest.approx(0.001 + 0.002)
+    # early exit in a memory-bound decode batch: a layer's weights are read if any row runs it
+    shallow = StepWork(decode_tokens=4, batch_size=4, layer_fraction=0.3, weight_fraction=0.75)
+    assert step_latency_s(profile, shallow, params) == pytest.approx(0.001 + 0.002 * 0.75, rel=1e-3)
     # decode power: u_mem = 2e9 / (3e-3 * 2e12) = 1/3 -> 100 + 400 * (1 - e^-1/3)
     assert step_power_w(profile, decode, params) == pytest.approx(100 + 400 * (1 - math.exp(-1 / 3)))
 

@@ -7,7 +7,7 @@ named GPU. Every joule it reports is modeled and labelled ``modeled:<profile>``.
 The model (units in names; ``lf`` is the step's layer fraction, ``P`` the parameters held by
 one GPU, ``B`` bytes per parameter, ``b`` the sequences in the step, ``r = f_sm / f_max``)::
 
-    weight_bytes = P * B * lf
+    weight_bytes = P * B * wf                                                 # wf: weight_fraction
     seq_bytes    = b * lf * seq_bytes * (P / 1e10) ** seq_bytes_exponent       # KV-cache reads
     flops        = 2 * P * (prefill_tokens + decode_tokens) * lf
     t_mem_s      = (weight_bytes + seq_bytes) / (bandwidth * eta_mem)
@@ -120,18 +120,23 @@ def step_terms(
     model_params,
     bytes_per_param=2.0,
     sm_clock_mhz=None,
+    weight_fraction=None,
     *,
     ratio=None,
 ) -> tuple[Any, Any, Any]:
     """Return ``(latency_s, u_mem, u_compute)`` of one step (see the module docstring).
 
-    ``ratio`` (``sm_clock_mhz / max_sm_clock_mhz``, already checked) replaces ``sm_clock_mhz``
-    in hot loops such as the cluster simulator's.
+    ``weight_fraction`` (default: ``layer_fraction``) scales the weight bytes read: with early
+    exit in a batch a layer's weights are read if any row runs it, while FLOPs and KV reads
+    follow the rows that did. ``ratio`` (``sm_clock_mhz / max_sm_clock_mhz``, already checked)
+    replaces ``sm_clock_mhz`` in hot loops such as the cluster simulator's.
     """
+    if weight_fraction is None:
+        weight_fraction = layer_fraction
     r = profile.clock_ratio(sm_clock_mhz) if ratio is None else ratio
     bandwidth_bps = profile.mem_bandwidth_gbps * 1e9
     peak_flops = profile.peak_bf16_tflops * 1e12
-    weight_bytes = np.asarray(model_params, dtype=float) * bytes_per_param * layer_fraction
+    weight_bytes = np.asarray(model_params, dtype=float) * bytes_per_param * weight_fraction
     seq_bytes = np.asarray(batch_size, dtype=float) * profile.seq_bytes * layer_fraction * (
         np.asarray(model_params, dtype=float) / 1e10) ** profile.seq_bytes_exponent
     moved_bytes = weight_bytes + seq_bytes
@@ -164,7 +169,7 @@ def step_latency_s(
     """Modeled wall time in seconds of one engine step on ``profile`` (default: max clock)."""
     latency, _, _ = step_terms(
         profile, work.prefill_tokens, work.decode_tokens, _sequences(work), work.layer_fraction,
-        model_params, bytes_per_param, sm_clock_mhz,
+        model_params, bytes_per_param, sm_clock_mhz, work.weight_fraction,
     )
     return float(latency)
 
@@ -180,7 +185,7 @@ def step_power_w(
     """Modeled average board power in watts while the step runs."""
     _, u_mem, u_compute = step_terms(
         profile, work.prefill_tokens, work.decode_tokens, _sequences(work), work.layer_fraction,
-        model_params, bytes_per_param, sm_clock_mhz,
+        model_params, bytes_per_param, sm_clock_mhz, work.weight_fraction,
     )
     return float(power_from_utilisation(profile, u_mem, u_compute, sm_clock_mhz))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
-from wattserve.types import FinishReason, GenerateCall, ScoreCall, StepWork
+from wattserve.types import ExitUsage, FinishReason, GenerateCall, ScoreCall, StepWork
 
 
 @dataclass(slots=True)
@@ -58,6 +58,7 @@ class SequenceOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    exits: ExitUsage | None = None  # early-exit summary, on the final output only
     logprob_sum: float = 0.0  # sum of log p (model distribution, nats) of the tokens generated so far
 
 
@@ -78,6 +79,8 @@ class StepResult:
     # tokens each request had processed in this step: the key for splitting the step's energy
     tokens_by_request: dict[str, int] = field(default_factory=dict)
     timings: StepTimings = field(default_factory=StepTimings)
+    # early exit: decode tokens that left at each depth (decoder layers run) in this step
+    exit_counts: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -109,6 +112,7 @@ class EngineInfo:
     max_model_len: int
     max_batch: int
     device: str  # torch device the engine computes on, e.g. "cpu" or "cuda:0"
+    num_layers: int = 0  # decoder layers loaded (0: no layered model, e.g. synthetic)
 
 
 class Engine(abc.ABC):
@@ -154,6 +158,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load(self) -> tuple[int, int]:
         """(running, waiting) request counts."""
+
+    def observe_energy(self, prefill_j_per_layer_token: float | None, decode_j_per_layer_token: float | None) -> None:
+        """The loop's latest measured joules per layer-token (early exit maps energy budgets
+        to depth with them). Engines without early exit ignore this."""
 
     def close(self) -> None:
         """Free model memory."""

@@ -59,7 +59,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "sampling", "expert", "energy_budget_j", "latency_budget_ms", "priority", "tenant", "request_id")
+    __slots__ = ("prompt", "max_tokens", "sampling", "expert", "energy_budget_j", "latency_budget_ms", "priority", "tenant", "request_id", "compute_budget")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     sampling: SamplingParams
@@ -78,7 +79,8 @@ class GenerateRequest(_message.Message):
     priority: Priority
     tenant: str
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., energy_budget_j: _Optional[float] = ..., latency_budget_ms: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    compute_budget: float
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., expert: _Optional[str] = ..., energy_budget_j: _Optional[float] = ..., latency_budget_ms: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., request_id: _Optional[str] = ..., compute_budget: _Optional[float] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("text", "token_ids")
@@ -89,7 +91,7 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded", "cascade", "mean_logprob")
+    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded", "cascade", "mean_logprob", "num_layers", "avg_exit_layer", "layers_skipped", "compute_fraction", "energy_saved_j", "exit_operating_point")
     class GateWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,12 @@ class Usage(_message.Message):
     BUDGET_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     CASCADE_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    AVG_EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SAVED_J_FIELD_NUMBER: _ClassVar[int]
+    EXIT_OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     expert: str
@@ -139,7 +147,13 @@ class Usage(_message.Message):
     budget_exceeded: bool
     cascade: _containers.RepeatedScalarFieldContainer[str]
     mean_logprob: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ..., cascade: _Optional[_Iterable[str]] = ..., mean_logprob: _Optional[float] = ...) -> None: ...
+    num_layers: int
+    avg_exit_layer: float
+    layers_skipped: int
+    compute_fraction: float
+    energy_saved_j: float
+    exit_operating_point: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ..., cascade: _Optional[_Iterable[str]] = ..., mean_logprob: _Optional[float] = ..., num_layers: _Optional[int] = ..., avg_exit_layer: _Optional[float] = ..., layers_skipped: _Optional[int] = ..., compute_fraction: _Optional[float] = ..., energy_saved_j: _Optional[float] = ..., exit_operating_point: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "usage")
@@ -154,7 +168,14 @@ class ListExpertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertReplica(_message.Message):
-    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid", "kv_cache_usage")
+    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid", "kv_cache_usage", "num_layers", "j_per_layer_token", "exit_histogram")
+    class ExitHistogramEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +193,9 @@ class ExpertReplica(_message.Message):
     HOST_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    J_PER_LAYER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXIT_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     replica: int
     healthy: bool
     error: str
@@ -189,7 +213,10 @@ class ExpertReplica(_message.Message):
     host: str
     pid: int
     kv_cache_usage: float
-    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...
+    num_layers: int
+    j_per_layer_token: float
+    exit_histogram: _containers.ScalarMap[int, int]
+    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_layers: _Optional[int] = ..., j_per_layer_token: _Optional[float] = ..., exit_histogram: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class PredictionError(_message.Message):
     __slots__ = ("energy_rel_error", "latency_rel_error", "energy_correction", "latency_correction", "samples")

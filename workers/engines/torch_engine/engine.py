@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from wattserve.errors import InvalidRequest
+from wattserve.errors import ConfigError, InvalidRequest
 from wattserve.specs import ExpertSpec, TorchEngineSpec
 from wattserve.types import FinishReason, GenerateCall, ScoreCall, StepWork
 
@@ -32,6 +32,7 @@ from ..base import (
 )
 from ..chat import encode_prompt
 from ..scheduler import Scheduler
+from .exit_control import ExitControl, ExitTally
 from .kv_cache import SlotKVCache
 from .runner import DecoderRunner
 from .sampling import IncrementalDetokenizer, StopChecker, make_generator, sample
@@ -44,7 +45,30 @@ class _Sequence(ActiveRequest):
     generator: torch.Generator | None = None
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
+    exits: ExitTally | None = None  # early exit: operating point and costs so far
     logprob_sum: float = 0.0  # confidence of the answer: the router's cascade reads its mean
+
+
+def load_causal_lm(model_dir: str | Path, dtype: torch.dtype, max_layers: int | None = None) -> torch.nn.Module:
+    """The transformers model in ``model_dir``; with ``max_layers``, only its first layers are
+    built and loaded (early exit's ``max_exit_layer``: deeper weights never reach memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if max_layers is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    if max_layers > cfg.num_hidden_layers:
+        raise ConfigError(f"max_exit_layer {max_layers} is deeper than the model ({cfg.num_hidden_layers} layers)")
+    cfg.num_hidden_layers = max_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:max_layers]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the deliberately skipped layers would be listed as unused
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, config=cfg)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def resolve_device_and_dtype(spec: TorchEngineSpec) -> tuple[torch.device, torch.dtype]:
@@ -60,7 +84,7 @@ def resolve_device_and_dtype(spec: TorchEngineSpec) -> tuple[torch.device, torch
 
 class TorchEngine(Engine):
     def __init__(self, model_dir: str | Path, expert: ExpertSpec, model_label: str | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer, GenerationConfig
 
         spec = expert.engine
         assert isinstance(spec, TorchEngineSpec)
@@ -69,8 +93,9 @@ class TorchEngine(Engine):
         self.device, self.dtype = resolve_device_and_dtype(spec)
         self.expert = expert.name
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        exit_spec = spec.early_exit
+        model = load_causal_lm(model_dir, self.dtype, exit_spec.max_exit_layer if exit_spec else None)
+        self.model = model.to(self.device).eval().requires_grad_(False)  # serving never needs grads
         cfg = self.model.config
         self.max_model_len = min(expert.max_model_len, int(cfg.max_position_embeddings))
         self.eos_ids = self._eos_ids(model_dir, GenerationConfig)
@@ -85,6 +110,7 @@ class TorchEngine(Engine):
             device=self.device,
         )
         self.runner = DecoderRunner(self.model, self.cache)
+        self.exits = ExitControl(exit_spec, self.runner, f"experts.{expert.name}.engine.early_exit") if exit_spec else None
         self.scheduler: Scheduler[_Sequence] = Scheduler(expert.max_batch, spec.max_prefill_tokens_per_step)
         self.slots: list[_Sequence | None] = [None] * expert.max_batch
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
@@ -95,6 +121,7 @@ class TorchEngine(Engine):
             max_model_len=self.max_model_len,
             max_batch=expert.max_batch,
             device=str(self.device),
+            num_layers=cfg.num_hidden_layers,
         )
 
     def _eos_ids(self, model_dir, generation_config_cls) -> frozenset[int]:
@@ -170,6 +197,8 @@ class TorchEngine(Engine):
             stopper=StopChecker(request.call.sampling.stop),
             generator=make_generator(request.call.sampling, self.device),
         )
+        if self.exits is not None:
+            seq.exits = self.exits.assign(request.call, len(request.prompt_ids))
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> SequenceOutput | None:
@@ -196,11 +225,10 @@ class TorchEngine(Engine):
         finished: list[_Sequence] = []
         timings = StepTimings()
 
+        decode_compute, weight_fraction = float(len(decoding)), 1.0
         if decoding:
             t0 = time.perf_counter()
-            logits = self.runner.decode([seq.output_ids[-1] for seq in decoding])
-            for i, seq in enumerate(decoding):
-                self._advance(seq, logits[i], now_s, result, finished)
+            decode_compute, weight_fraction = self._decode(decoding, now_s, result, finished)
             timings.decode_s, timings.decode_batch = time.perf_counter() - t0, len(decoding)
 
         t0 = time.perf_counter()
@@ -208,6 +236,8 @@ class TorchEngine(Engine):
             seq.slot = self.cache.allocate()
             self.slots[seq.slot] = seq
             logits = self.runner.prefill(seq.slot, seq.req.prompt_ids)
+            if seq.exits is not None:
+                self.exits.count_prefill_token(seq.exits)
             result.tokens_by_request[seq.request_id] = seq.prompt_len
             timings.prefill_tokens += seq.prompt_len
             self._advance(seq, logits, now_s, result, finished)
@@ -219,12 +249,31 @@ class TorchEngine(Engine):
             self.scheduler.remove(seq.request_id)
             self._free(seq)
         result.timings = timings
+        tokens = timings.prefill_tokens + len(decoding)
         result.work = StepWork(
             prefill_tokens=timings.prefill_tokens,
             decode_tokens=len(decoding),
             batch_size=len(decoding) + len(admitted),
+            # prefill runs every layer; decode rows count what early exit left them
+            layer_fraction=(timings.prefill_tokens + decode_compute) / tokens if tokens else 1.0,
+            weight_fraction=1.0 if admitted else weight_fraction,
         )
         return result
+
+    def _decode(self, decoding: list[_Sequence], now_s: float, result: StepResult, finished: list) -> tuple[float, float]:
+        """One token for every running sequence; returns (effective full-depth tokens computed,
+        share of the decoder's weights read) for the device model."""
+        token_ids = [seq.output_ids[-1] for seq in decoding]
+        compute, weight_fraction = float(len(decoding)), 1.0
+        if self.exits is None:
+            logits = self.runner.decode(token_ids)
+        else:
+            logits, step_exits = self.exits.decode(token_ids, [seq.exits for seq in decoding])
+            compute, weight_fraction = step_exits.compute_sum, step_exits.weight_fraction
+            result.exit_counts = step_exits.counts
+        for i, seq in enumerate(decoding):
+            self._advance(seq, logits[i], now_s, result, finished)
+        return compute, weight_fraction
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor, now_s: float, result: StepResult, finished: list) -> None:
         """Sample the next token for ``seq`` and report text and completion."""
@@ -261,6 +310,7 @@ class TorchEngine(Engine):
             finish_reason=reason,
             prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.output_ids),
+            exits=seq.exits.usage(self.info.num_layers) if seq.exits is not None and reason is not None else None,
             logprob_sum=seq.logprob_sum,
         )
 
@@ -274,6 +324,10 @@ class TorchEngine(Engine):
         else:
             self.slots[seq.slot] = None
         seq.slot = -1
+
+    def observe_energy(self, prefill_j_per_layer_token: float | None, decode_j_per_layer_token: float | None) -> None:
+        if self.exits is not None:
+            self.exits.observe_energy(prefill_j_per_layer_token, decode_j_per_layer_token)
 
     def close(self) -> None:
         self.scheduler.running.clear()

@@ -15,6 +15,7 @@ Residual wiring comes in two shapes:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,16 +109,32 @@ class DecoderRunner:
         self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normed input ``x (N, hidden)`` at ``positions (N,)`` -> q ``(N, H, d)``, k, v ``(N, KVH, d)``."""
+        k, v = self.project_kv(layer, x, positions)
+        return self.project_q(layer, x, positions), k, v
+
+    def project_q(self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Queries ``(N, H, d)`` for normed input ``x (N, hidden)`` at ``positions (N,)``."""
+        q = layer.attn.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim)
+        if hasattr(layer.attn, "q_norm"):
+            q = layer.attn.q_norm(q)
+        cos, sin = self._rope[layer.rope_key]
+        return _apply_rope(q, cos[positions][:, None, :], sin[positions][:, None, :])
+
+    def project_kv(
+        self, layer: _Layer, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(N, KVH, d)`` for normed input ``x (N, hidden)`` at ``positions (N,)``.
+
+        Early exit calls this alone for rows that left the active set (CALM state propagation).
+        """
         n = x.shape[0]
         attn = layer.attn
-        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
         cos, sin = self._rope[layer.rope_key]
-        cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+        return _apply_rope(k, cos[positions][:, None, :], sin[positions][:, None, :]), v
 
     def _mlp_block(self, layer: _Layer, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         m = layer.module
@@ -172,10 +189,14 @@ class DecoderRunner:
 
     # -- decode --------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, token_ids: list[int]) -> torch.Tensor:
+    def decode(
+        self, token_ids: list[int], on_layer: Callable[[int, torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
         """One token for each sequence in slots ``0..B-1`` (B = len(token_ids)); returns logits ``(B, vocab)``.
 
         Each token is written at its slot's current length, which then grows by one.
+        ``on_layer(depth, h)`` (calibration only) sees the hidden states ``(B, hidden)`` after
+        every layer, ``depth`` counting from 1.
         """
         b = len(token_ids)
         lengths = self.cache.lengths[:b]
@@ -205,6 +226,8 @@ class DecoderRunner:
             )
             out = layer.attn.o_proj(out.reshape(b, -1))
             h = self._mlp_block(layer, h, out)
+            if on_layer is not None:
+                on_layer(i + 1, h)
         for s in range(b):
             self.cache.lengths[s] += 1
         return self.logits(h)

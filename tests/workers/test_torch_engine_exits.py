@@ -1,0 +1,149 @@
+"""Early exit through the torch engine: continuous batching, per-request operating points,
+accounting (usage, histogram, step work for modeled devices) and max_exit_layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from wattserve.types import GenerateCall, SamplingParams
+
+from .test_early_exit import TV_MEDIANS
+from .test_torch_engine import make_engine, run
+
+PROMPTS = ["The capital of France is", "Energy is measured in", "Hello world! How", "A small model"]
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("eng") / "llama", "llama", layers=8, seed=1, layer_gain=10.0)
+
+
+def _engine(model_dir, **early_exit):
+    return make_engine(model_dir, engine={"early_exit": {"exit_every": 2, **early_exit}})
+
+
+def _call(rid, prompt, n=12, **kw):
+    return GenerateCall(rid, prompt, max_tokens=n, sampling=SamplingParams(ignore_eos=True), **kw)
+
+
+def _run_collect(engine, calls, join_at=None):
+    """``run`` plus the final outputs and each step's work."""
+    finals, works = {}, []
+    real_step = engine.step
+
+    def step(now):
+        res = real_step(now)
+        works.append((res.work, dict(res.exit_counts)))
+        finals.update({o.request_id: o for o in res.outputs if o.finish_reason is not None})
+        return res
+
+    engine.step = step
+    try:
+        _, ids, _, _ = run(engine, calls, join_at)
+    finally:
+        del engine.step
+    return ids, finals, works
+
+
+def test_exits_off_by_default_equal_the_plain_engine_token_for_token(deep_llama):
+    plain = make_engine(deep_llama)
+    exits = _engine(deep_llama, thresholds=TV_MEDIANS, default_compute_budget=1.0)
+    calls = [_call(f"r{i}", p) for i, p in enumerate(PROMPTS)]
+    ref, _, _ = _run_collect(plain, calls)
+    # requests asking for full depth, and an expert whose default is full depth
+    explicit = [_call(c.request_id, c.prompt, compute_budget=1.0) for c in calls]
+    got, finals, works = _run_collect(exits, explicit)
+    assert got == ref
+    assert all(w.layer_fraction == 1.0 and w.weight_fraction == 1.0 for w, _ in works)
+    assert {f.exits.operating_point for f in finals.values()} == {"full"}
+    assert all(f.exits.avg_exit_layer == 8 and f.exits.layers_skipped == 0 for f in finals.values())
+    no_exits = make_engine(deep_llama, engine={"early_exit": {"exit_every": 2}})
+    assert _run_collect(no_exits, calls)[0] == ref
+
+
+def test_zero_thresholds_are_full_depth_and_infinite_ones_the_first_exit(deep_llama):
+    ref, _, _ = _run_collect(make_engine(deep_llama), [_call("a", PROMPTS[0])])
+    got, finals, works = _run_collect(_engine(deep_llama, thresholds=[0.0, 0.0, 0.0]), [_call("a", PROMPTS[0])])
+    assert got == ref and finals["a"].exits.avg_exit_layer == 8
+    _, finals, works = _run_collect(_engine(deep_llama, thresholds=[math.inf] * 3), [_call("a", PROMPTS[0])])
+    u = finals["a"].exits
+    assert u.operating_point == "inline"
+    assert u.avg_exit_layer == pytest.approx((8 + 2 * 11) / 12)  # first token from prefill, then layer 2
+    assert u.layers_skipped == 11 * 6
+    decode = [(w, c) for w, c in works if w.prefill_tokens == 0 and w.decode_tokens]
+    assert decode and all(c == {2: 1} for _, c in decode)
+    # K/V propagation still reads the K/V projections of skipped layers: compute above 2/8
+    assert all(2 / 8 < w.layer_fraction < 0.4 and w.weight_fraction == w.layer_fraction for w, _ in decode)
+
+
+def test_batched_requests_with_different_exits_equal_each_alone(deep_llama):
+    engine = _engine(deep_llama, thresholds=TV_MEDIANS)
+    budgets = [None, 1.0, None, None]  # one request at full depth beside early-exiting ones
+    calls = [_call(f"r{i}", p, compute_budget=b) for i, (p, b) in enumerate(zip(PROMPTS, budgets, strict=True))]
+    alone = {c.request_id: _run_collect(engine, [c])[0][c.request_id] for c in calls}
+    together, finals, works = _run_collect(engine, calls[:2], join_at={2: [calls[2]], 4: [calls[3]]})
+    assert together == alone
+    assert finals["r1"].exits.avg_exit_layer == 8
+    assert {f.exits.operating_point for f in finals.values()} == {"inline", "full"}
+    mixed = [c for w, c in works if w.prefill_tokens == 0 and len(c) > 1]
+    assert mixed, "some decode step must have rows leaving at different exits"
+    for w, counts in works:
+        assert sum(counts.values()) == w.decode_tokens
+        if w.prefill_tokens == 0 and w.decode_tokens:
+            assert w.layer_fraction <= w.weight_fraction <= 1.0
+
+
+def test_max_exit_layer_loads_fewer_layers(deep_llama):
+    full = make_engine(deep_llama)
+    capped = _engine(deep_llama, max_exit_layer=4, thresholds=[0.0])
+    assert capped.info.num_layers == 4 and len(capped.runner.layers) == 4
+    per_layer = sum(p.numel() for p in full.model.model.layers[0].parameters())
+    assert full.info.params - capped.info.params == 4 * per_layer
+    _, finals, _ = _run_collect(capped, [_call("a", PROMPTS[0])])
+    assert finals["a"].exits.num_layers == 4 and finals["a"].exits.avg_exit_layer == 4
+
+
+def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_path):
+    from workers.engines.torch_engine.exit_points import ExitProfile, OperatingPoint
+
+    engine = _engine(deep_llama)
+    exits = engine.exits
+    points = [
+        OperatingPoint(f"L{d}", (t, t, t, math.inf), d, d, c, None, (0.25,) * 4, 1.0)
+        for d, t, c in ((3.0, 0.5, 0.45), (6.0, 0.2, 0.8))
+    ]
+    profile = ExitProfile(exits.fingerprint, "tv", 2, None, exits.layout.exits, exits.kv_share, (), None, points)
+    engine = _engine(deep_llama, thresholds_path=str(profile.save(tmp_path / "p.json")))
+    prompt_ids = len(engine.tokenizer(PROMPTS[0]).input_ids)
+    engine.observe_energy(0.001, 0.01)
+    # 12 tokens at compute 0.8 cost 12 * 0.8 * 8 * 0.01 J after the prompt's 8 * 0.001 J per token
+    budget = prompt_ids * 8 * 0.001 + 12 * 0.8 * 8 * 0.01
+    _, finals, _ = _run_collect(engine, [_call("rich", PROMPTS[0], energy_budget_j=budget),
+                                         _call("poor", PROMPTS[0], energy_budget_j=budget / 2),
+                                         _call("free", PROMPTS[0], energy_budget_j=100.0)])
+    assert finals["rich"].exits.operating_point == "L6.0"
+    assert finals["poor"].exits.operating_point == "L3.0"
+    assert finals["free"].exits.operating_point == "full"
+    saved = finals["poor"].exits
+    assert saved.layers_skipped > 0 and saved.energy_saved_j > 0 and saved.compute_fraction < 1
+
+
+def test_profile_tracks_joules_per_layer_token_and_the_exit_histogram():
+    from wattserve.types import StepWork
+    from workers.engines.base import StepTimings
+    from workers.profile import ProfileTracker
+
+    prof = ProfileTracker(alpha=1.0, num_layers=8)
+    prof.observe(StepTimings(prefill_s=0.1, prefill_tokens=10), 0.8, 10, StepWork(prefill_tokens=10))
+    assert prof.prefill_j_per_layer_token == pytest.approx(0.8 / 80) and prof.decode_j_per_layer_token is None
+    # 4 decode tokens at a quarter of full compute: 4 * 0.25 * 8 = 8 layer-tokens
+    prof.observe(StepTimings(decode_s=0.01, decode_batch=4), 0.4, 4,
+                 StepWork(decode_tokens=4, layer_fraction=0.25), {2: 4})
+    assert prof.decode_j_per_layer_token == pytest.approx(0.05)
+    prof.observe(StepTimings(), 1.0, 5, StepWork(prefill_tokens=1, decode_tokens=4), {8: 4})  # mixed: skipped
+    assert prof.decode_j_per_layer_token == pytest.approx(0.05)
+    assert {d: n for d, n in prof.exit_histogram.items() if n} == {2: 4, 8: 4}

@@ -1,0 +1,303 @@
+"""DeeR-style early exit for decode steps, driven layer by layer over :class:`DecoderRunner`.
+
+Exits sit after every ``k``-th decoder layer and after the last one. At exit ``j`` a sequence's
+next-token distribution is the model's own final norm + LM head applied to that layer's hidden
+state (optionally through a small per-exit adapter, ``adapters.py``). The criterion
+``delta_j`` compares it with the previous exit (total variation or argmax disagreement, as in
+DeeR) or measures its own top-1 margin (CALM's softmax response); the sequence stops at exit
+``j`` when ``delta_j < eta_j`` or ``j`` is the last exit. Per-exit thresholds ``eta`` come from
+calibration (``calibrate.py``); each row of a batch carries its own.
+
+Three things keep exits cheap enough to pay off:
+
+- **Shortlisted criterion.** The criterion's distributions are computed over a shortlist of
+  the vocabulary (the tokens the model emits most on calibration text), not the whole LM head:
+  on SmolLM2-135M the head is as large as eight decoder layers. The token a row emits still
+  comes from the full head at its exit layer, once, as the plain model does at its last layer.
+- **Shrinking active set.** Rows that exit leave the batch for the deeper layers of the step:
+  queries, attention and MLPs run on the remaining rows only (their K/V rows gathered from
+  the slot cache).
+- **State propagation (CALM).** An exited row keeps its hidden state; every deeper layer
+  still computes that row's K/V from it (input norm + K/V projections only) and writes them to
+  the slot cache, so later tokens attend over complete caches at every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .runner import DecoderRunner
+
+CRITERIA = ("tv", "argmax", "margin")
+NEVER = float("-inf")  # a threshold no delta is below: the exit never fires
+ALWAYS = float("inf")  # a threshold every delta is below: the exit always fires
+
+
+@dataclass(frozen=True, slots=True)
+class ExitLayout:
+    """Where exits are. Depths count decoder layers run (1 = after the first layer).
+
+    ``exits`` ends with ``num_layers`` (the last exit always fires). ``reference`` is the
+    depth whose distribution the first exit is compared with under the consecutive criteria
+    (one exit interval before the first exit; 0 is the embedding output), None for margin.
+    """
+
+    num_layers: int
+    exits: tuple[int, ...]
+    reference: int | None
+
+    @classmethod
+    def build(cls, num_layers: int, exit_every: int, min_exit_layer: int | None, criterion: str) -> ExitLayout:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown exit criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if exit_every < 1:
+            raise ValueError("exit_every must be >= 1")
+        first = min_exit_layer or exit_every
+        if not 1 <= first <= num_layers:
+            raise ValueError(f"min_exit_layer {first} is outside 1..{num_layers}")
+        exits = [d for d in range(exit_every, num_layers, exit_every) if d >= first] + [num_layers]
+        reference = None if criterion == "margin" else max(0, exits[0] - exit_every)
+        return cls(num_layers, tuple(exits), reference)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+
+class ExitHeads:
+    """Exit distributions and the criterion: shared by serving and calibration, so thresholds
+    calibrated offline mean exactly what the runner computes online."""
+
+    def __init__(
+        self,
+        runner: DecoderRunner,
+        layout: ExitLayout,
+        criterion: str,
+        shortlist: list[int] | None = None,
+        adapters: Mapping[int, torch.nn.Module] | None = None,
+    ) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown exit criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        self.runner = runner
+        self.layout = layout
+        self.criterion = criterion
+        weight = runner.lm_head.weight
+        self.shortlist_ids = sorted(set(shortlist)) if shortlist else None  # None: whole vocabulary
+        if self.shortlist_ids:
+            weight = weight.index_select(0, torch.tensor(self.shortlist_ids, device=weight.device))
+        self.shortlist_size = weight.shape[0]
+        self.head = weight.detach().contiguous()  # (K, hidden): one small matmul per probe
+        self.adapters = dict(adapters or {})
+
+    def adapt(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(N, hidden)`` at ``depth`` as the exit's head sees them."""
+        adapter = self.adapters.get(depth)
+        return h if adapter is None else adapter(h)
+
+    def probs(self, adapted: torch.Tensor) -> torch.Tensor:
+        """Shortlist distribution ``(N, K)`` (float32) of adapted hidden states."""
+        z = (self.runner.norm(adapted) @ self.head.T).float()
+        cap = self.runner.final_softcap
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return torch.softmax(z, dim=-1)
+
+    def delta(self, p: torch.Tensor, p_prev: torch.Tensor | None) -> torch.Tensor:
+        """The criterion ``(N,)``: small means "this exit's answer is settled"."""
+        if self.criterion == "margin":
+            top = p.topk(2, dim=-1).values
+            return 1.0 - (top[:, 0] - top[:, 1])
+        if self.criterion == "argmax":
+            return (p.argmax(-1) != p_prev.argmax(-1)).float()
+        return 0.5 * (p - p_prev).abs().sum(-1)
+
+
+def probes_needed(layout: ExitLayout, criterion: str, thresholds: torch.Tensor) -> tuple[list[bool], list[bool]]:
+    """Which exits this step must evaluate: ``(can_fire, needs_probs)`` per exit.
+
+    An exit whose thresholds are all ``NEVER`` cannot fire; its distribution is still needed
+    when the next exit compares against it (consecutive criteria). The reference probe is
+    needed when the first exit can fire. ``thresholds``: ``(B, num_exits)``.
+    """
+    can_fire = (thresholds[:, :-1] > NEVER).any(0).tolist() + [False]
+    if criterion == "margin":
+        return can_fire, list(can_fire)
+    needs = [fire or (j + 1 < len(can_fire) and can_fire[j + 1]) for j, fire in enumerate(can_fire)]
+    return can_fire, needs
+
+
+@dataclass(slots=True)
+class ExitStep:
+    """One early-exit decode step: logits ``(B, vocab)`` and the depth each row ran to."""
+
+    logits: torch.Tensor
+    depths: list[int]
+    exit_hidden: torch.Tensor | None = None  # (B, hidden) raw state each row exited with
+
+
+class EarlyExitRunner:
+    """Decode with per-row early exits over a :class:`DecoderRunner` and its slot cache."""
+
+    def __init__(self, runner: DecoderRunner, heads: ExitHeads) -> None:
+        if heads.layout.num_layers != len(runner.layers):
+            raise ValueError(f"exit layout has {heads.layout.num_layers} layers, the model {len(runner.layers)}")
+        self.runner = runner
+        self.heads = heads
+        self.layout = heads.layout
+        self._exit_index = {d: j for j, d in enumerate(self.layout.exits)}
+
+    @torch.no_grad()
+    def decode(self, token_ids: list[int], thresholds: torch.Tensor, keep_hidden: bool = False) -> ExitStep:
+        """One token for each sequence in slots ``0..B-1`` with per-row thresholds ``(B, num_exits)``.
+
+        Row ``b`` stops at the first exit ``j`` with ``delta_j < thresholds[b, j]`` (the last
+        exit always). When no exit can fire, this is exactly :meth:`DecoderRunner.decode`.
+        """
+        layout = self.layout
+        can_fire, needs = probes_needed(layout, self.heads.criterion, thresholds)
+        if not any(can_fire):
+            logits = self.runner.decode(token_ids)
+            return ExitStep(logits, [layout.num_layers] * len(token_ids))
+        return _ExitPass(self, token_ids, thresholds, can_fire, needs).run(keep_hidden)
+
+
+class _ExitPass:
+    """State of one early-exit decode step (the active set shrinks as rows exit)."""
+
+    def __init__(
+        self, owner: EarlyExitRunner, token_ids: list[int], thresholds: torch.Tensor,
+        can_fire: list[bool], needs: list[bool],
+    ) -> None:
+        r = owner.runner
+        self.r, self.owner, self.heads = r, owner, owner.heads
+        self.can_fire, self.needs = can_fire, needs
+        self.thresholds = thresholds
+        b = self.b = len(token_ids)
+        lengths = r.cache.lengths[:b]
+        self.longest = max(lengths) + 1
+        r.cache.ensure_capacity(self.longest)
+        self.positions = torch.tensor(lengths, device=r.device)
+        self.h = r.embed(torch.tensor(token_ids, device=r.device)).to(r.dtype)
+        key_pos = torch.arange(self.longest, device=r.device)[None, :]
+        self.key_pos = key_pos
+        self.valid = key_pos <= self.positions[:, None]
+        self.masks: dict[int | None, torch.Tensor] = {None: self.valid[:, None, None, :]}
+        self.active: torch.Tensor | None = None  # None: every row (no gathers needed)
+        self.sub_masks: dict[int | None, torch.Tensor] = {}
+        self.exit_h = torch.empty_like(self.h)
+        self.depths = [owner.layout.num_layers] * b
+        self.p_prev: torch.Tensor | None = None
+
+    def run(self, keep_hidden: bool) -> ExitStep:
+        r, layout = self.r, self.owner.layout
+        raw = self.h.clone() if keep_hidden else None
+        if layout.reference == 0 and self.can_fire[0]:
+            self.p_prev = self.heads.probs(self.heads.adapt(0, self.h))
+        for i, layer in enumerate(r.layers):
+            self._layer(i, layer)
+            depth = i + 1
+            if depth == layout.reference and self.can_fire[0]:
+                rows_h = self.h if self.active is None else self.h[self.active]
+                self.p_prev = self.heads.probs(self.heads.adapt(depth, rows_h))
+            j = self.owner._exit_index.get(depth)
+            if j is not None and (self.active is None or self.active.numel()):
+                self._probe(j, depth, raw)
+        for s in range(self.b):
+            r.cache.lengths[s] += 1
+        return ExitStep(r.logits(self.exit_h), self.depths, raw)
+
+    def _layer(self, i: int, layer) -> None:
+        r, m = self.r, layer.module
+        xn = m.input_layernorm(self.h)
+        # K/V for every row: running rows' own, and exited rows' from their frozen state (CALM)
+        k, v = r.project_kv(layer, xn, self.positions)
+        r.cache.write_decode(i, self.positions, k, v)
+        active = self.active
+        if active is not None and not active.numel():
+            return
+        window = layer.sliding_window
+        if window not in self.masks:
+            self.masks[window] = (self.valid & (self.key_pos > self.positions[:, None] - window))[:, None, None, :]
+        keys, values = r.cache.view(i, slice(0, self.b), self.longest)
+        if active is None:
+            q = r.project_q(layer, xn, self.positions)
+            mask, h_rows = self.masks[window], self.h
+        else:
+            q = r.project_q(layer, xn.index_select(0, active), self.act_positions)
+            keys, values = keys.index_select(0, active), values.index_select(0, active)
+            if window not in self.sub_masks:
+                self.sub_masks[window] = self.masks[window].index_select(0, active)
+            mask, h_rows = self.sub_masks[window], self.h.index_select(0, active)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=mask, scale=layer.scaling,
+            enable_gqa=r.num_heads != r.kv_heads,
+        )
+        out = layer.attn.o_proj(out.reshape(q.shape[0], -1))
+        h_rows = r._mlp_block(layer, h_rows, out)
+        if active is None:
+            self.h = h_rows
+        else:
+            self.h.index_copy_(0, active, h_rows)
+
+    def _probe(self, j: int, depth: int, raw: torch.Tensor | None) -> None:
+        rows = self.active if self.active is not None else torch.arange(self.b, device=self.h.device)
+        h_rows = self.h if self.active is None else self.h.index_select(0, rows)
+        last = j == self.owner.layout.num_exits - 1
+        if last:
+            self._exit(rows, h_rows, depth, raw)
+            return
+        if not self.needs[j]:
+            return
+        adapted = self.heads.adapt(depth, h_rows)
+        p = self.heads.probs(adapted)
+        if not self.can_fire[j]:
+            self.p_prev = p  # only the next exit's comparison needs it
+            return
+        delta = self.heads.delta(p, self.p_prev)
+        go = delta < self.thresholds.index_select(0, rows)[:, j]
+        stay = ~go
+        if bool(go.any()):
+            self._exit(rows[go], adapted[go], depth, raw, h_rows[go])
+            self.active = rows[stay]
+            self.act_positions = self.positions.index_select(0, self.active)
+            self.sub_masks = {}
+            p = p[stay]
+        self.p_prev = p
+
+    def _exit(self, rows: torch.Tensor, adapted: torch.Tensor, depth: int, raw, h_raw=None) -> None:
+        self.exit_h.index_copy_(0, rows, adapted)
+        if raw is not None:
+            raw.index_copy_(0, rows, adapted if h_raw is None else h_raw)
+        for row in rows.tolist():
+            self.depths[row] = depth
+
+
+
+def kv_share(runner: DecoderRunner) -> float:
+    """Share of a decoder layer's weights that state propagation still reads for a skipped
+    layer: the input norm and the K/V projections (averaged over layers)."""
+    kv, total = 0, 0
+    for layer in runner.layers:
+        m, attn = layer.module, layer.attn
+        parts = [m.input_layernorm, attn.k_proj, attn.v_proj] + ([attn.k_norm] if hasattr(attn, "k_norm") else [])
+        kv += sum(p.numel() for part in parts for p in part.parameters())
+        total += sum(p.numel() for p in m.parameters())
+    return kv / total
+
+
+def model_fingerprint(runner: DecoderRunner):
+    """The identity a thresholds or adapters file is checked against."""
+    from .exit_points import ModelFingerprint
+
+    cfg = runner.config
+    head = runner.lm_head.weight
+    return ModelFingerprint(
+        model_type=str(cfg.model_type),
+        num_layers=len(runner.layers),
+        hidden_size=int(cfg.hidden_size),
+        vocab_size=int(head.shape[0]),
+        head_checksum=round(float(head[:64].detach().double().abs().sum()), 3),
+    )
