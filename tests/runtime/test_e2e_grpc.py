@@ -11,7 +11,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
-from runtime.api.server import WattserveServer
 from runtime.config import parse_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,20 +48,6 @@ def config(tiny_model_dirs, tmp_path_factory):
         },
         "test-config",
     )
-
-
-@pytest.fixture(scope="module")
-async def server(ray_session, config):
-    srv = WattserveServer(config, progress=lambda msg: None)
-    await srv.start()
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def channel(server):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
 
 
 def request(prompt="The capital of France is", max_tokens=16, expert="", **kw) -> pb.GenerateRequest:

@@ -16,7 +16,6 @@ import pytest
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
-from runtime.api.server import WattserveServer
 from runtime.config import parse_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,20 +47,6 @@ def config(tmp_path_factory):
         },
         "routing-test",
     )
-
-
-@pytest.fixture(scope="module")
-async def server(ray_session, config):
-    srv = WattserveServer(config, progress=lambda msg: None)
-    await srv.start()
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-async def channel(server):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield ch
 
 
 PROMPT = "one two three four five"

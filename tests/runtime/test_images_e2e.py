@@ -16,7 +16,6 @@ from prometheus_client import generate_latest
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
-from runtime.api.server import WattserveServer
 from runtime.config import parse_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,14 +42,6 @@ def config(tiny_model_dirs, tiny_diffusion_dir, tmp_path_factory):
         },
         "test-config",
     )
-
-
-@pytest.fixture(scope="module")
-async def server(ray_session, config):
-    srv = WattserveServer(config, progress=lambda msg: None)
-    await srv.start()
-    yield srv
-    await srv.stop()
 
 
 @pytest.fixture

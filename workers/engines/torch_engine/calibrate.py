@@ -239,10 +239,10 @@ class ExitTokens:
     @torch.no_grad()
     def at(self, depth: int, idx: torch.Tensor) -> torch.Tensor:
         known = self.known[depth]
-        todo = idx[known[idx] < 0]
+        pending = idx[known[idx] < 0]
         r = self.heads.runner
-        for lo in range(0, todo.numel(), 1024):
-            part = todo[lo : lo + 1024]
+        for lo in range(0, pending.numel(), 1024):
+            part = pending[lo : lo + 1024]
             h = self.states.hidden[depth][part].to(r.device, r.dtype)
             known[part] = r.logits(self.heads.adapt(depth, h)).argmax(-1).cpu()
         return known[idx]
