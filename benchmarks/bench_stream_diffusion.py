@@ -8,12 +8,14 @@
    clip (a panning textured scene): J/frame and skipped frames (paper: 2.39x / 1.99x less
    energy on a static scene, RTX 3060 / 4090).
 
-    .venv/bin/python benchmarks/bench_stream_diffusion.py [--preset tiny|small] [--model-dir DIR]
-        [--frames 30] [--repeats 3] [--threads 1] [--cfg-steps 2|4] [--json out.json]
+    .venv/bin/python benchmarks/bench_stream_diffusion.py [--preset tiny|small|large] [--model-dir DIR]
+        [--frames 30] [--repeats 3] [--threads 1] [--cfg-steps 2|4] [--device cpu|cuda]
+        [--energy cpu|nvml|simulated:<profile>] [--json out.json]
 
 Everything goes through the real stream session and energy meter in this process (no Ray, no
-gRPC), with the CPU device model (``modeled:cpu``: process CPU time x 4.4 W/core), so the
-figures are the pipeline's own. Models are random (``tests/tiny_diffusion.py``): ``tiny`` is the
+gRPC), metered by the CPU device model by default (``modeled:cpu``: process CPU time x 4.4
+W/core; ``--energy nvml`` on a GPU host: the NVML counter, ``measured:nvml``), so the figures are
+the pipeline's own. Models are random (``tests/tiny_diffusion.py``): ``tiny`` is the
 test model at 16x16 pixels (per-call overhead dominates), ``small`` a wider UNet at 64x64.
 Each figure is the median of ``--repeats`` runs; the modes are interleaved so that load from
 other processes on a shared host hits them alike.
@@ -46,6 +48,7 @@ from workers.diffusion.settings import resolve_settings  # noqa: E402
 PRESETS = {
     "tiny": dict(unet_channels=(16, 32), vae_channels=(8, 16), sample_size=8),  # 16x16 images
     "small": dict(unet_channels=(32, 64), vae_channels=(16, 32), sample_size=32),  # 64x64 images
+    "large": dict(unet_channels=(128, 256), vae_channels=(32, 64), sample_size=128),  # 256x256: for GPUs
 }
 T_INDEX = {2: (32, 45), 4: (0, 16, 32, 45)}
 
@@ -74,8 +77,10 @@ def clip(kind: str, frames: int, width: int, height: int, seed: int = 0) -> list
 
 
 class Run:
+    device_spec = DeviceSpec(backend="cpu")  # main() sets --energy
+
     def __init__(self, model, engine, cfg, similarity=None, stream_batch=True) -> None:
-        self.loop = DiffusionLoop(model, open_device(DeviceSpec(backend="cpu")), engine)
+        self.loop = DiffusionLoop(model, open_device(self.device_spec, model_params=model.params), engine)
         call = ImageStreamCall("bench", ImageParams("a cat", negative_prompt="blurry", cfg_type=cfg),
                                similarity=similarity)
         settings = resolve_settings(call.params, engine, model, similarity=similarity)
@@ -133,12 +138,13 @@ def bench(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else build_diffusion_model(
             Path(tmp) / args.preset, **PRESETS[args.preset])
-        engine = DiffusionEngineSpec(threads=args.threads, max_pixels=4096 * 4096)
+        engine = DiffusionEngineSpec(threads=args.threads, max_pixels=4096 * 4096, device=args.device,
+                                     dtype="float16" if args.device == "cuda" else "auto")
         model = DiffusionModel(model_dir, engine)
     w, h = model.default_width, model.default_height
     changing = clip("changing", args.frames, w, h)
     out = {"preset": args.model_dir or args.preset, "size": f"{w}x{h}", "params": model.params,
-           "threads": args.threads, "frames": args.frames}
+           "threads": args.threads, "frames": args.frames, "device": args.device, "energy": args.energy}
     for n, t_index in T_INDEX.items():
         eng = engine.model_copy(update={"t_index_list": list(t_index)})
         out[f"batch_vs_sequential_n{n}"] = median_runs({
@@ -161,8 +167,8 @@ def bench(args) -> dict:
 
 
 def report(r: dict) -> None:
-    print(f"\nmodel {r['preset']} ({r['params']:,} params, {r['size']} px), {r['threads']} torch thread(s), "
-          f"{r['frames']} timed frames, energy modeled:cpu\n")
+    print(f"\nmodel {r['preset']} ({r['params']:,} params, {r['size']} px) on {r['device']}, {r['threads']} torch "
+          f"thread(s), {r['frames']} timed frames, energy {r['energy']}\n")
     print("| comparison | mode | frames/s (wall) | frames per CPU-s | UNet calls/frame | UNet evals/frame | J/frame | skipped |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, modes in r.items():
@@ -200,8 +206,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cfg-steps", type=int, choices=sorted(T_INDEX), default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda runs float16")
+    p.add_argument("--energy", default="cpu", help="device backend metering it: cpu (modeled), nvml (measured), simulated:<profile>")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
+    Run.device_spec = DeviceSpec.model_validate(args.energy)
     result = bench(args)
     report(result)
     if args.json:
