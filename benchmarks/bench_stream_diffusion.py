@@ -144,7 +144,8 @@ def bench(args) -> dict:
     w, h = model.default_width, model.default_height
     changing = clip("changing", args.frames, w, h)
     out = {"preset": args.model_dir or args.preset, "size": f"{w}x{h}", "params": model.params,
-           "threads": args.threads, "frames": args.frames, "device": args.device, "energy": args.energy}
+           "threads": args.threads, "frames": args.frames, "device": args.device,
+           "energy": Run(model, engine, CfgType.SELF).loop.device.energy_source}
     for n, t_index in T_INDEX.items():
         eng = engine.model_copy(update={"t_index_list": list(t_index)})
         out[f"batch_vs_sequential_n{n}"] = median_runs({
