@@ -65,6 +65,8 @@ def measure(engine: TorchEngine, device_spec: DeviceSpec, args) -> dict[str, dic
         run(loop, calls("warm")[:2], concurrent=True)  # first-call allocations, kernel selection
         out = {}
         for mode, concurrent in (("sequential", False), ("batched", True)):
+            if mode not in args.modes:
+                continue
             elapsed, tokens, energy = run(loop, calls(f"{mode}-"), concurrent)
             out[mode] = {"seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
                          "j_per_token": energy / tokens, "energy_source": device.energy_source}
@@ -85,6 +87,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--profile", default="h100", help="simulated device profile to compare with")
     ap.add_argument("--gpu-index", type=int, default=0)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: only to try the script")
+    ap.add_argument("--modes", default="sequential,batched", help="which of sequential,batched to run")
+    ap.add_argument("--sources", default="measured,modeled", help="which of measured,modeled to meter with")
     ap.add_argument("--out", help="write results as JSON here")
     args = ap.parse_args()
 
@@ -93,23 +98,26 @@ def main() -> None:
         if args.random_weights:
             model_dir = random_weights_copy(model_dir, Path(tmp) / model_dir.name, args.dtype)
         spec = ExpertSpec(name="bench", model={"kind": "local", "path": str(model_dir)},
-                          engine={"kind": "torch", "device": "cuda", "dtype": args.dtype},
+                          engine={"kind": "torch", "device": args.device, "dtype": args.dtype},
                           max_batch=args.requests, max_model_len=args.max_tokens + 64)
         engine = TorchEngine(model_dir, spec)
         print(f"model {Path(args.model_dir).name}{' (random weights)' if args.random_weights else ''}: "
-              f"{engine.info.params / 1e6:.1f}M params, {args.dtype} on cuda, "
+              f"{engine.info.params / 1e6:.1f}M params, {args.dtype} on {args.device}, "
               f"{args.requests} requests x {args.max_tokens} tokens")
         sources = {"measured": DeviceSpec(backend="nvml", index=args.gpu_index),
                    "modeled": DeviceSpec.model_validate(f"simulated:{args.profile}")}
-        results = {name: measure(engine, spec_, args) for name, spec_ in sources.items()}
-    for mode in ("sequential", "batched"):
-        m, s = results["measured"][mode], results["modeled"][mode]
-        print(f"  {mode:<10} {m['tokens_per_s']:8.1f} tok/s  {m['j_per_token']:.4f} J/token ({m['energy_source']})"
-              f"  {s['j_per_token']:.4f} J/token ({s['energy_source']}): modeled/measured "
-              f"{s['j_per_token'] / m['j_per_token']:.2f}x")
-    seq, bat = results["measured"]["sequential"], results["measured"]["batched"]
-    print(f"  batched/sequential: {bat['tokens_per_s'] / seq['tokens_per_s']:.2f}x tok/s, "
-          f"{seq['j_per_token'] / bat['j_per_token']:.2f}x less measured J/token")
+        results = {name: measure(engine, spec_, args) for name, spec_ in sources.items() if name in args.sources}
+    for name, by_mode in results.items():
+        for mode, r in by_mode.items():
+            print(f"  {name:<9} {mode:<10} {r['tokens_per_s']:8.1f} tok/s  {r['j_per_token']:.4f} J/token ({r['energy_source']})")
+    if {"measured", "modeled"} <= results.keys():
+        for mode, m in results["measured"].items():
+            print(f"  {mode}: modeled/measured J/token {results['modeled'][mode]['j_per_token'] / m['j_per_token']:.2f}x")
+    for name, by_mode in results.items():
+        if {"sequential", "batched"} <= by_mode.keys():
+            seq, bat = by_mode["sequential"], by_mode["batched"]
+            print(f"  {name}: batched/sequential {bat['tokens_per_s'] / seq['tokens_per_s']:.2f}x tok/s, "
+                  f"{seq['j_per_token'] / bat['j_per_token']:.2f}x less J/token")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
