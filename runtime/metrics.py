@@ -193,6 +193,10 @@ class GatewayCollector:
             "wattserve_replica_energy_joules", "Device energy of a replica since it started, split into the part "
             "attributed to requests and the idle part.", labels=[*labels, "energy_source", "part"],
         )
+        exits = CounterMetricFamily(
+            "wattserve_early_exit_tokens", "Decoded tokens by the layer they left at (early-exit experts; the "
+            "deepest layer is full depth).", labels=[*labels, "exit_layer"],
+        )
         for s in gw.replica_states():
             spec = gw.config.expert(s.replica.expert)
             device = spec.device.label if spec else "unknown"
@@ -216,6 +220,8 @@ class GatewayCollector:
             if p.energy is not None:
                 energy.add_metric([*key, p.energy.energy_source, "requests"], p.energy.requests_j)
                 energy.add_metric([*key, p.energy.energy_source, "idle"], p.energy.idle_j)
+            for layer, tokens in sorted(p.exit_histogram.items()):
+                exits.add_metric([*key, str(layer)], tokens)
         src = [*labels, "energy_source"]
         yield _gauge("wattserve_replica_healthy", "1 if the replica answered its last health poll healthy.", labels, rows["healthy"])
         yield _gauge("wattserve_replica_running_requests", "Requests in the replica's running batch.", labels, rows["running"])
@@ -228,6 +234,7 @@ class GatewayCollector:
         yield _gauge("wattserve_gpu_power_limit_watts", "Enforced board power limit of a replica's GPU.", labels, rows["limit"])
         yield _gauge("wattserve_gpu_sm_clock_mhz", "Current SM clock of a replica's GPU.", labels, rows["clock"])
         yield energy
+        yield exits
 
     def _power(self, gw: Gateway):
         power = gw.power

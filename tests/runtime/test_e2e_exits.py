@@ -8,6 +8,7 @@ import math
 import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
@@ -95,3 +96,15 @@ async def test_the_http_api_takes_a_compute_budget_and_reports_exits(server):
     assert exits["avg_exit_layer"] == pytest.approx((8 + 5 * 2) / 6) and exits["layers_skipped"] == 5 * 6
     assert early["usage"]["energy_source"] == "modeled:h100"
     assert 0 < early["usage"]["energy_joules"] < full["usage"]["energy_joules"]
+
+
+async def test_metrics_export_the_exit_histogram(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        replica = (await pb_grpc.AdminStub(ch).ListExperts(pb.ListExpertsRequest())).experts[0].replicas[0]
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{server.http_port}/metrics") as r:
+        text = await r.text()
+    exported = {int(sample.labels["exit_layer"]): sample.value
+                for family in text_string_to_metric_families(text) if family.name == "wattserve_early_exit_tokens"
+                for sample in family.samples if sample.name.endswith("_total")}
+    assert exported and exported == {layer: float(n) for layer, n in replica.exit_histogram.items()}
+    assert set(exported) <= {2, 8}  # the inline thresholds' first exit and full depth
