@@ -132,6 +132,19 @@ class ImageGateway:
         check.request_id(request_id)
         return check.tenant(tenant, priority)
 
+    def _admit(self, kind: str, req: ImageRequest | ImageStreamRequest):
+        """Validate, plan and take an admission slot for ``req``; returns (tenant, priority, plan,
+        ticket). A refusal is counted under ``kind`` and raised."""
+        try:
+            tenant, priority = self._validate(req.params, req.expert, req.tenant, req.priority, req.request_id)
+            plan = self._plan(req.params, req.expert, tenant, priority)
+            ticket = self.gateway.admission.acquire(tenant)
+        except WattserveError as exc:
+            self._count(kind, "none", exc)
+            raise
+        self.gateway.requests_total += 1
+        return tenant, priority, plan, ticket
+
     def _plan(self, params: ImageParams, expert: str, tenant: str, priority: Priority) -> Plan:
         candidates = self.gateway.candidates("image")
         if not candidates:
@@ -159,14 +172,7 @@ class ImageGateway:
         received = self.clock()
         expert = "none"
         gw = self.gateway
-        try:
-            tenant, priority = self._validate(req.params, req.expert, req.tenant, req.priority, req.request_id)
-            plan = self._plan(req.params, req.expert, tenant, priority)
-            ticket = gw.admission.acquire(tenant)
-        except WattserveError as exc:
-            self._count("stream", expert, exc)
-            raise
-        gw.requests_total += 1
+        tenant, priority, plan, ticket = self._admit("stream", req)
         session_id = uuid.uuid4().hex
         call = ImageStreamCall(session_id, req.params, req.similarity, req.frame_buffer_size, priority, tenant)
         state: ReplicaState | None = None
@@ -263,14 +269,7 @@ class ImageGateway:
         received = self.clock()
         expert = "none"
         gw = self.gateway
-        try:
-            tenant, priority = self._validate(req.params, req.expert, req.tenant, req.priority, req.request_id)
-            plan = self._plan(req.params, req.expert, tenant, priority)
-            ticket = gw.admission.acquire(tenant)
-        except WattserveError as exc:
-            self._count("image", expert, exc)
-            raise
-        gw.requests_total += 1
+        tenant, priority, plan, ticket = self._admit("image", req)
         call = ImageJobCall(uuid.uuid4().hex, req.params, priority, tenant, req.deadline_unix_s)
         try:
             state, result = await self._place(plan, "generate_image", call)

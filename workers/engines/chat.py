@@ -59,6 +59,24 @@ def encode_prompt(tokenizer, call: GenerateCall) -> list[int]:
     return list(tokenizer(render_plain(call.messages)).input_ids)
 
 
+def encode_checked(tokenizer, call: GenerateCall, *, expert: str, max_model_len: int) -> list[int]:
+    """:func:`encode_prompt` plus the checks every text engine makes before queueing: a prompt
+    that is not empty, and prompt plus ``max_tokens`` within ``max_model_len``. The caller holds
+    its tokenizer lock (fast tokenizers are not safe for concurrent use)."""
+    if not call.prompt and not call.messages:
+        raise InvalidRequest("prompt is empty: send at least one character of text")
+    ids = encode_prompt(tokenizer, call)
+    if not ids:
+        raise InvalidRequest("prompt tokenizes to nothing")
+    if len(ids) + call.max_tokens > max_model_len:
+        raise InvalidRequest(
+            f"prompt has {len(ids)} tokens and max_tokens is {call.max_tokens}, but expert "
+            f"{expert!r} allows at most {max_model_len} tokens in total: shorten the "
+            f"prompt or lower max_tokens to {max(0, max_model_len - len(ids))}"
+        )
+    return ids
+
+
 def prompt_text(call: GenerateCall) -> str:
     """The text an engine without a tokenizer (the synthetic one) reads: the prompt, or the
     conversation in the plain format."""

@@ -30,7 +30,7 @@ from ..base import (
     StepResult,
     StepTimings,
 )
-from ..chat import encode_prompt
+from ..chat import encode_checked
 from ..scheduler import Scheduler
 from .exit_control import ExitControl, ExitTally
 from .kv_cache import SlotKVCache
@@ -138,18 +138,8 @@ class TorchEngine(Engine):
 
     # -- admission -----------------------------------------------------------------------------
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
-        if not call.prompt and not call.messages:
-            raise InvalidRequest("prompt is empty: send at least one character of text")
         with self._tok_lock:
-            ids = encode_prompt(self.tokenizer, call)
-        if not ids:
-            raise InvalidRequest("prompt tokenizes to nothing")
-        if len(ids) + call.max_tokens > self.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens and max_tokens is {call.max_tokens}, but expert "
-                f"{self.expert!r} allows at most {self.max_model_len} tokens in total: shorten the "
-                f"prompt or lower max_tokens to {max(0, self.max_model_len - len(ids))}"
-            )
+            ids = encode_checked(self.tokenizer, call, expert=self.expert, max_model_len=self.max_model_len)
         return PreparedRequest(call=call, prompt_ids=ids, arrival_s=arrival_s)
 
     def validate_score(self, call: ScoreCall, arrival_s: float) -> PreparedScore:

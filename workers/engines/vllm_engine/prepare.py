@@ -15,7 +15,7 @@ from pathlib import Path
 from wattserve.errors import InvalidRequest
 from wattserve.types import GenerateCall, ScoreCall, ScoreResult
 
-from ..chat import encode_prompt
+from ..chat import encode_checked
 from . import settings
 
 
@@ -62,18 +62,8 @@ class Tokenizing:
         self._lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
 
     def prepare(self, call: GenerateCall) -> Prepared:
-        if not call.prompt and not call.messages:
-            raise InvalidRequest("prompt is empty: send at least one character of text")
         with self._lock:
-            ids = encode_prompt(self.tokenizer, call)
-        if not ids:
-            raise InvalidRequest("prompt tokenizes to nothing")
-        if len(ids) + call.max_tokens > self.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens and max_tokens is {call.max_tokens}, but expert "
-                f"{self.expert!r} allows at most {self.max_model_len} tokens in total: shorten the "
-                f"prompt or lower max_tokens to {max(0, self.max_model_len - len(ids))}"
-            )
+            ids = encode_checked(self.tokenizer, call, expert=self.expert, max_model_len=self.max_model_len)
         return Prepared(call=call, prompt_ids=ids, params=settings.sampling_params(call, self.report_logprobs))
 
     def prepare_score(self, call: ScoreCall, arrival_s: float) -> PreparedScoreJob:
