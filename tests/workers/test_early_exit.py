@@ -47,10 +47,10 @@ def _runner(model_dir, slots=4, max_layers=None):
     return DecoderRunner(model, cache)
 
 
-def _exit_runner(model_dir, criterion="tv", slots=4, exit_every=2):
+def _exit_runner(model_dir, criterion="tv", slots=4, exit_every=2, kv_fill="propagate"):
     runner = _runner(model_dir, slots)
     layout = ExitLayout.build(len(runner.layers), exit_every, None, criterion)
-    return runner, EarlyExitRunner(runner, ExitHeads(runner, layout, criterion))
+    return runner, EarlyExitRunner(runner, ExitHeads(runner, layout, criterion), kv_fill)
 
 
 def _rows(values, batch):
@@ -193,17 +193,53 @@ def test_mixed_exits_match_a_naive_recompute_and_propagate_kv(deep_models, famil
     assert len(seen) >= 3, f"thresholds must produce varied exits to test anything (saw {seen})"
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_deferred_fill_reads_every_exit_from_the_full_models_state(deep_models, family):
+    # kv_fill="deferred": a token's skipped layers run later, with the next token that goes that
+    # deep, so every state a token computes is the full model's at that depth; its logits are
+    # the exit head on the full model's hidden state at its exit layer (one plain forward).
+    runner, ee = _exit_runner(deep_models[family], kv_fill="deferred")
+    runner.cache.used = 0
+    prompts = [list(p) for p in PROMPTS]
+    nxt = [int(runner.prefill(runner.cache.allocate(), ids).argmax()) for ids in prompts]
+    seqs = [p + [t] for p, t in zip(prompts, nxt, strict=True)]
+    waiting = [None] * len(seqs)
+    steps, filled_late = [], 0
+    with torch.no_grad():
+        for _ in range(12):
+            res = ee.decode(nxt, _rows(TV_MEDIANS, len(nxt)), deferred=waiting)
+            steps.append((res.logits, res.depths))
+            filled_late += sum(w - d for w, d in zip(res.work, res.depths, strict=True))
+            waiting = res.deferred
+            nxt = res.logits.argmax(-1).tolist()
+            for seq, t in zip(seqs, nxt, strict=True):
+                seq.append(t)
+        for b, seq in enumerate(seqs):
+            full = runner.model(torch.tensor([seq[:-1]]), output_hidden_states=True)
+            for step, (logits, depths) in enumerate(steps):
+                pos, depth = len(PROMPTS[b]) + step, depths[b]
+                want = full.logits[0, pos] if depth == LAYERS else runner.logits(full.hidden_states[depth][0, pos : pos + 1])[0]
+                torch.testing.assert_close(logits[b], want, atol=2e-4, rtol=1e-4)
+    depths = {d for _, ds in steps for d in ds}
+    assert len(depths) >= 3, f"thresholds must produce varied exits to test anything (saw {depths})"
+    assert filled_late > 0, "some skipped layers must have been filled by a later token"
+
+
+@pytest.mark.parametrize("kv_fill", ["propagate", "deferred"])
 @pytest.mark.parametrize("criterion", ["tv", "argmax", "margin"])
-def test_batched_exits_equal_each_sequence_alone(deep_models, criterion):
+def test_batched_exits_equal_each_sequence_alone(deep_models, criterion, kv_fill):
     thresholds = {"tv": TV_MEDIANS, "argmax": [0.5, 0.5, 0.5], "margin": [0.995, 0.997, 0.996]}[criterion]
-    runner, ee = _exit_runner(deep_models["llama"], criterion)
+    runner, ee = _exit_runner(deep_models["llama"], criterion, kv_fill=kv_fill)
+    waiting = [None]  # kv_fill="deferred": each row's tokens still owed layers (one generation)
 
     def step(tokens):
-        res = ee.decode(tokens, _rows(thresholds, len(tokens)))
+        res = ee.decode(tokens, _rows(thresholds, len(tokens)), deferred=waiting[0])
+        waiting[0] = res.deferred
         return res.logits, res.depths
 
     together, depths = _generate(runner, step, PROMPTS, 12)
     for i, prompt in enumerate(PROMPTS):
+        waiting[0] = None
         alone, alone_depths = _generate(runner, step, [prompt], 12)
         assert alone[0] == together[i]
         assert alone_depths[0] == depths[i]

@@ -80,8 +80,10 @@ def test_zero_thresholds_are_full_depth_and_infinite_ones_the_first_exit(deep_ll
     assert all(2 / 8 < w.layer_fraction < 0.4 and w.weight_fraction == w.layer_fraction for w, _ in decode)
 
 
-def test_batched_requests_with_different_exits_equal_each_alone(deep_llama):
-    engine = _engine(deep_llama, thresholds=TV_MEDIANS)
+@pytest.mark.parametrize("kv_fill", ["propagate", "deferred"])
+def test_batched_requests_with_different_exits_equal_each_alone(deep_llama, kv_fill):
+    # requests join and finish at different steps, so slots move while tokens wait (deferred)
+    engine = _engine(deep_llama, thresholds=TV_MEDIANS, kv_fill=kv_fill)
     budgets = [None, 1.0, None, None]  # one request at full depth beside early-exiting ones
     calls = [_call(f"r{i}", p, compute_budget=b) for i, (p, b) in enumerate(zip(PROMPTS, budgets, strict=True))]
     alone = {c.request_id: _run_collect(engine, [c])[0][c.request_id] for c in calls}
@@ -93,8 +95,34 @@ def test_batched_requests_with_different_exits_equal_each_alone(deep_llama):
     assert mixed, "some decode step must have rows leaving at different exits"
     for w, counts in works:
         assert sum(counts.values()) == w.decode_tokens
-        if w.prefill_tokens == 0 and w.decode_tokens:
+        if w.prefill_tokens == 0 and w.decode_tokens and kv_fill == "propagate":
             assert w.layer_fraction <= w.weight_fraction <= 1.0
+        elif w.prefill_tokens == 0 and w.decode_tokens:  # filled layers add compute, never weight reads
+            assert w.weight_fraction <= 1.0
+
+
+def test_deferred_tokens_catch_up_at_full_depth_with_the_full_models_answer(deep_llama):
+    import torch
+
+    engine = _engine(deep_llama, thresholds=[math.inf] * 3, kv_fill="deferred", max_deferred_tokens=3)
+    ids, finals, works = _run_collect(engine, [_call("a", PROMPTS[0])])
+    decode = [(w, c) for w, c in works if w.prefill_tokens == 0 and w.decode_tokens]
+    # three tokens leave at the first exit; the fourth runs every layer and fills their 3 x 6
+    assert [next(iter(c)) for _, c in decode] == [2, 2, 2, 8, 2, 2, 2, 8, 2, 2, 2]
+    for w, c in decode:
+        full = next(iter(c)) == 8
+        assert w.weight_fraction == (1.0 if full else 2 / 8)  # no K/V-only layers: nothing is propagated
+        assert w.layer_fraction == pytest.approx((8 + 3 * 6) / 8 if full else 2 / 8)
+    u = finals["a"].exits
+    assert u.avg_exit_layer == pytest.approx((8 + 9 * 2 + 2 * 8) / 12)
+    assert u.compute_fraction == pytest.approx((8 + 9 * 2 + 2 * 26) / 8 / 12)  # 3 last tokens never filled
+    # a full-depth token saw exact K/V at every layer: it is the plain model's greedy token
+    prompt = engine.validate(_call("a", PROMPTS[0]), 0.0).prompt_ids
+    out = ids["a"]
+    with torch.no_grad():
+        plain = engine.model(torch.tensor([prompt + out[:-1]])).logits[0].argmax(-1).tolist()
+    for step in (4, 8):  # decode step k produced output token k (token 0 came from prefill)
+        assert out[step] == plain[len(prompt) + step - 1]
 
 
 def test_max_exit_layer_loads_fewer_layers(deep_llama):

@@ -17,9 +17,18 @@ Three things keep exits cheap enough to pay off:
 - **Shrinking active set.** Rows that exit leave the batch for the deeper layers of the step:
   queries, attention and MLPs run on the remaining rows only (their K/V rows gathered from
   the slot cache).
-- **State propagation (CALM).** An exited row keeps its hidden state; every deeper layer
-  still computes that row's K/V from it (input norm + K/V projections only) and writes them to
-  the slot cache, so later tokens attend over complete caches at every layer.
+- **State propagation (CALM), ``kv_fill="propagate"``.** An exited row keeps its hidden state;
+  every deeper layer still computes that row's K/V from it (input norm + K/V projections only)
+  and writes them to the slot cache, so later tokens attend over complete caches at every layer.
+
+``kv_fill="deferred"`` fills the skipped layers exactly instead (as FREE's synchronised parallel
+decoding does, Bae et al. 2023): an exited token keeps its state and how deep it got
+(:class:`Deferred`); when a later token of the same sequence runs a layer the exited token has
+not, the exited token runs that layer too, in the same matmuls, its K/V written before anyone
+attends. Every K/V in the cache is then the full model's, so a token's state at any layer it
+runs equals the full model's, and what is read at a given depth matches what calibration saw.
+Deferred work is paid in extra rows of layers the step runs anyway (cheap where decode is
+memory-bound, as at small batches); tokens still waiting when their sequence ends never run.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 from .runner import DecoderRunner
 
 CRITERIA = ("tv", "argmax", "margin")
+KV_FILLS = ("propagate", "deferred")
 NEVER = float("-inf")  # a threshold no delta is below: the exit never fires
 ALWAYS = float("inf")  # a threshold every delta is below: the exit always fires
 
@@ -130,49 +140,83 @@ def probes_needed(layout: ExitLayout, criterion: str, thresholds: torch.Tensor) 
 
 
 @dataclass(slots=True)
+class Deferred:
+    """One sequence's tokens whose deeper layers have not run yet (``kv_fill="deferred"``)."""
+
+    positions: torch.Tensor  # (P,) long: where each token sits in the sequence
+    progress: torch.Tensor  # (P,) long: decoder layers each has run
+    hidden: torch.Tensor  # (P, hidden): its state after ``progress`` layers
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass(slots=True)
 class ExitStep:
-    """One early-exit decode step: logits ``(B, vocab)`` and the depth each row ran to."""
+    """One early-exit decode step: logits ``(B, vocab)`` and the depth each row ran to.
+
+    ``work`` counts the layer-tokens each row ran (its token's depth, plus deferred layers it
+    filled); ``deferred`` is each row's tokens still waiting for layers (kv_fill="deferred").
+    """
 
     logits: torch.Tensor
     depths: list[int]
     exit_hidden: torch.Tensor | None = None  # (B, hidden) raw state each row exited with
+    work: list[int] | None = None
+    deferred: list[Deferred | None] | None = None
 
 
 class EarlyExitRunner:
     """Decode with per-row early exits over a :class:`DecoderRunner` and its slot cache."""
 
-    def __init__(self, runner: DecoderRunner, heads: ExitHeads) -> None:
+    def __init__(self, runner: DecoderRunner, heads: ExitHeads, kv_fill: str = "propagate") -> None:
         if heads.layout.num_layers != len(runner.layers):
             raise ValueError(f"exit layout has {heads.layout.num_layers} layers, the model {len(runner.layers)}")
+        if kv_fill not in KV_FILLS:
+            raise ValueError(f"unknown kv_fill {kv_fill!r}; choose one of {', '.join(KV_FILLS)}")
+        self.kv_fill = kv_fill
         self.runner = runner
         self.heads = heads
         self.layout = heads.layout
         self._exit_index = {d: j for j, d in enumerate(self.layout.exits)}
 
     @torch.no_grad()
-    def decode(self, token_ids: list[int], thresholds: torch.Tensor, keep_hidden: bool = False) -> ExitStep:
+    def decode(
+        self, token_ids: list[int], thresholds: torch.Tensor, keep_hidden: bool = False,
+        deferred: list[Deferred | None] | None = None,
+    ) -> ExitStep:
         """One token for each sequence in slots ``0..B-1`` with per-row thresholds ``(B, num_exits)``.
 
         Row ``b`` stops at the first exit ``j`` with ``delta_j < thresholds[b, j]`` (the last
-        exit always). When no exit can fire, this is exactly :meth:`DecoderRunner.decode`.
+        exit always). ``deferred`` (kv_fill="deferred"): each row's waiting tokens, as the
+        previous step returned them. When no exit can fire and nothing waits, this is exactly
+        :meth:`DecoderRunner.decode`.
         """
         layout = self.layout
         can_fire, needs = probes_needed(layout, self.heads.criterion, thresholds)
-        if not any(can_fire):
+        waiting = self.kv_fill == "deferred" and any(d is not None and len(d) for d in deferred or ())
+        if not any(can_fire) and not waiting:
             logits = self.runner.decode(token_ids)
-            return ExitStep(logits, [layout.num_layers] * len(token_ids))
-        return _ExitPass(self, token_ids, thresholds, can_fire, needs).run(keep_hidden)
+            n = layout.num_layers
+            return ExitStep(logits, [n] * len(token_ids), work=[n] * len(token_ids),
+                            deferred=[None] * len(token_ids) if self.kv_fill == "deferred" else None)
+        return _ExitPass(self, token_ids, thresholds, can_fire, needs, deferred if waiting else None).run(keep_hidden)
 
 
 class _ExitPass:
-    """State of one early-exit decode step (the active set shrinks as rows exit)."""
+    """State of one early-exit decode step (the active set shrinks as rows exit).
+
+    With ``kv_fill="deferred"`` the rows' waiting tokens (``w_*``, concatenated over rows) join
+    a layer's batch while their row's token still runs and they have not run that layer yet.
+    """
 
     def __init__(
         self, owner: EarlyExitRunner, token_ids: list[int], thresholds: torch.Tensor,
-        can_fire: list[bool], needs: list[bool],
+        can_fire: list[bool], needs: list[bool], deferred: list[Deferred | None] | None = None,
     ) -> None:
         r = owner.runner
         self.r, self.owner, self.heads = r, owner, owner.heads
+        self.fill = owner.kv_fill == "deferred"
         self.can_fire, self.needs = can_fire, needs
         self.thresholds = thresholds
         b = self.b = len(token_ids)
@@ -187,9 +231,18 @@ class _ExitPass:
         self.masks: dict[int | None, torch.Tensor] = {None: self.valid[:, None, None, :]}
         self.active: torch.Tensor | None = None  # None: every row (no gathers needed)
         self.sub_masks: dict[int | None, torch.Tensor] = {}
+        self.live = torch.ones(b, dtype=torch.bool, device=r.device)  # rows whose token still runs
         self.exit_h = torch.empty_like(self.h)
         self.depths = [owner.layout.num_layers] * b
         self.p_prev: torch.Tensor | None = None
+        self.w_rows: torch.Tensor | None = None
+        if deferred:
+            parts = [(row, d) for row, d in enumerate(deferred) if d is not None and len(d)]
+            self.w_rows = torch.cat([torch.full((len(d),), row, device=r.device) for row, d in parts])
+            self.w_pos = torch.cat([d.positions for _, d in parts])
+            self.w_start = torch.cat([d.progress for _, d in parts])
+            self.w_progress = self.w_start.clone()
+            self.w_h = torch.cat([d.hidden for _, d in parts])
 
     def run(self, keep_hidden: bool) -> ExitStep:
         r, layout = self.r, self.owner.layout
@@ -207,41 +260,89 @@ class _ExitPass:
                 self._probe(j, depth, raw)
         for s in range(self.b):
             r.cache.lengths[s] += 1
-        return ExitStep(r.logits(self.exit_h), self.depths, raw)
+        step = ExitStep(r.logits(self.exit_h), self.depths, raw, work=list(self.depths))
+        if self.fill:
+            self._leftovers(step)
+        return step
 
+    # -- one layer -------------------------------------------------------------------------------
     def _layer(self, i: int, layer) -> None:
         r, m = self.r, layer.module
-        xn = m.input_layernorm(self.h)
-        # K/V for every row: running rows' own, and exited rows' from their frozen state (CALM)
-        k, v = r.project_kv(layer, xn, self.positions)
-        r.cache.write_decode(i, self.positions, k, v)
         active = self.active
-        if active is not None and not active.numel():
-            return
-        window = layer.sliding_window
-        if window not in self.masks:
-            self.masks[window] = (self.valid & (self.key_pos > self.positions[:, None] - window))[:, None, None, :]
-        keys, values = r.cache.view(i, slice(0, self.b), self.longest)
-        if active is None:
-            q = r.project_q(layer, xn, self.positions)
-            mask, h_rows = self.masks[window], self.h
-        else:
-            q = r.project_q(layer, xn.index_select(0, active), self.act_positions)
-            keys, values = keys.index_select(0, active), values.index_select(0, active)
-            if window not in self.sub_masks:
-                self.sub_masks[window] = self.masks[window].index_select(0, active)
-            mask, h_rows = self.sub_masks[window], self.h.index_select(0, active)
+        run = None
+        if self.fill:  # only running tokens (and waiting ones catching up) get K/V
+            if active is not None and not active.numel():
+                return
+            rows, pos, h, run = self._running(i)
+            xn = m.input_layernorm(h)
+            k, v = r.project_kv(layer, xn, pos)
+            r.cache.write_decode(i, pos, k, v, rows)
+        else:  # K/V for every row: running rows' own, and exited rows' from their frozen state (CALM)
+            xn = m.input_layernorm(self.h)
+            k, v = r.project_kv(layer, xn, self.positions)
+            r.cache.write_decode(i, self.positions, k, v)
+            if active is not None and not active.numel():
+                return
+            rows, pos, h = self._current()
+            if rows is not None:
+                xn = xn.index_select(0, rows)
+        q = r.project_q(layer, xn, pos)
+        keys, values, mask = self._keys(i, layer.sliding_window, rows, pos, fresh=run is not None)
         out = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=mask, scale=layer.scaling,
             enable_gqa=r.num_heads != r.kv_heads,
         )
-        out = layer.attn.o_proj(out.reshape(q.shape[0], -1))
-        h_rows = r._mlp_block(layer, h_rows, out)
+        h = r._mlp_block(layer, h, layer.attn.o_proj(out.reshape(q.shape[0], -1)))
+        n_cur = h.shape[0] - (0 if run is None else run.numel())
         if active is None:
-            self.h = h_rows
+            self.h = h[:n_cur]
         else:
-            self.h.index_copy_(0, active, h_rows)
+            self.h.index_copy_(0, active, h[:n_cur])
+        if run is not None:
+            self.w_h.index_copy_(0, run, h[n_cur:])
+            self.w_progress.index_fill_(0, run, i + 1)
 
+    def _current(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The rows whose token still runs (None: all B, in slot order), their positions and states."""
+        if self.active is None:
+            return None, self.positions, self.h
+        return self.active, self.act_positions, self.h.index_select(0, self.active)
+
+    def _running(self, i: int):
+        """kv_fill="deferred": the rows, positions and states layer ``i`` runs, and which
+        waiting tokens (indices into ``w_*``) run it with them (None: none)."""
+        active = self.active
+        rows, pos, h = self._current()
+        if self.w_rows is None:
+            return rows, pos, h, None
+        due = self.w_progress <= i
+        if active is not None:
+            due &= self.live.index_select(0, self.w_rows)
+        run = due.nonzero().squeeze(1)
+        if not run.numel():
+            return rows, pos, h, None
+        rows = torch.arange(self.b, device=h.device) if rows is None else rows
+        return (torch.cat([rows, self.w_rows.index_select(0, run)]), torch.cat([pos, self.w_pos.index_select(0, run)]),
+                torch.cat([h, self.w_h.index_select(0, run)]), run)
+
+    def _keys(self, i: int, window: int | None, rows: torch.Tensor | None, pos: torch.Tensor, fresh: bool):
+        """Keys, values and mask for query rows ``rows`` (None: slots 0..B-1) at ``pos``."""
+        keys, values = self.r.cache.view(i, slice(0, self.b), self.longest)
+        if window not in self.masks:
+            self.masks[window] = (self.valid & (self.key_pos > self.positions[:, None] - window))[:, None, None, :]
+        if rows is None:
+            return keys, values, self.masks[window]
+        keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        if fresh:  # waiting tokens among the queries: each sees its own sequence up to itself
+            mask = self.key_pos <= pos[:, None]
+            if window is not None:
+                mask = mask & (self.key_pos > pos[:, None] - window)
+            return keys, values, mask[:, None, None, :]
+        if window not in self.sub_masks:
+            self.sub_masks[window] = self.masks[window].index_select(0, rows)
+        return keys, values, self.sub_masks[window]
+
+    # -- exits -----------------------------------------------------------------------------------
     def _probe(self, j: int, depth: int, raw: torch.Tensor | None) -> None:
         rows = self.active if self.active is not None else torch.arange(self.b, device=self.h.device)
         h_rows = self.h if self.active is None else self.h.index_select(0, rows)
@@ -261,6 +362,7 @@ class _ExitPass:
         stay = ~go
         if bool(go.any()):
             self._exit(rows[go], adapted[go], depth, raw, h_rows[go])
+            self.live[rows[go]] = False
             self.active = rows[stay]
             self.act_positions = self.positions.index_select(0, self.active)
             self.sub_masks = {}
@@ -274,6 +376,26 @@ class _ExitPass:
         for row in rows.tolist():
             self.depths[row] = depth
 
+    def _leftovers(self, step: ExitStep) -> None:
+        """kv_fill="deferred": the layers each row filled, and its tokens still waiting (a row's
+        exited token keeps its raw state: exited rows' ``self.h`` is never written again)."""
+        n, dev = self.owner.layout.num_layers, self.h.device
+        done = self.w_rows is None
+        if not done:
+            filled = torch.zeros(self.b, dtype=torch.long, device=dev)
+            filled.index_add_(0, self.w_rows, self.w_progress - self.w_start)
+            step.work = [d + f for d, f in zip(self.depths, filled.tolist(), strict=True)]
+        left: list[Deferred | None] = []
+        for row, depth in enumerate(self.depths):
+            parts = []
+            if not done:
+                keep = ((self.w_rows == row) & (self.w_progress < n)).nonzero().squeeze(1)
+                if keep.numel():
+                    parts.append((self.w_pos[keep], self.w_progress[keep], self.w_h[keep]))
+            if depth < n:
+                parts.append((self.positions[row : row + 1], torch.tensor([depth], device=dev), self.h[row : row + 1].clone()))
+            left.append(Deferred(*(torch.cat(x) for x in zip(*parts, strict=True))) if parts else None)
+        step.deferred = left
 
 
 def kv_share(runner: DecoderRunner) -> float:

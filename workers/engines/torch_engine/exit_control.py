@@ -12,7 +12,7 @@ from wattserve.specs import EarlyExitSpec
 from wattserve.types import ExitUsage, GenerateCall
 
 from .adapters import load_adapters
-from .early_exit import ALWAYS, NEVER, EarlyExitRunner, ExitHeads, ExitLayout, kv_share, model_fingerprint
+from .early_exit import ALWAYS, NEVER, Deferred, EarlyExitRunner, ExitHeads, ExitLayout, kv_share, model_fingerprint
 from .exit_points import FULL, EnergyRates, ExitProfile, PointChooser, effective_fraction
 from .runner import DecoderRunner
 
@@ -27,6 +27,7 @@ class ExitTally:
     layers_run: int = 0
     compute: float = 0.0  # effective full-depth tokens (K/V propagation included)
     saved_j: float = 0.0
+    deferred: Deferred | None = None  # kv_fill="deferred": its tokens whose deeper layers wait
 
     def usage(self, num_layers: int) -> ExitUsage:
         n = max(1, self.tokens)
@@ -68,7 +69,8 @@ class ExitControl:
             profile.check(self.fingerprint, self.layout.exits, spec.criterion, adapters_sha, spec.thresholds_path)
         self.profile = profile
         self.heads = ExitHeads(runner, self.layout, spec.criterion, list(profile.shortlist) if profile else None, adapters)
-        self.runner = EarlyExitRunner(runner, self.heads)
+        self.runner = EarlyExitRunner(runner, self.heads, spec.kv_fill)
+        self.deferred = spec.kv_fill == "deferred"
         self.kv_share = kv_share(runner)
         self.chooser = PointChooser(
             self.num_layers, profile.points if profile else [], spec.default_compute_budget,
@@ -108,21 +110,30 @@ class ExitControl:
         """One decode step for rows ``0..B-1`` with each row's operating point."""
         if all(t.thresholds is None for t in tallies):
             logits = self.runner.runner.decode(token_ids)
-            depths = [self.num_layers] * len(token_ids)
+            depths, work = [self.num_layers] * len(token_ids), None
         else:
             full = torch.full((self.layout.num_exits,), NEVER, device=self.device)
             full[-1] = ALWAYS
-            rows = torch.stack([full if t.thresholds is None else t.thresholds for t in tallies])
-            step = self.runner.decode(token_ids, rows)
-            logits, depths = step.logits, step.depths
-        return logits, self._account(depths, tallies)
+            rows = torch.stack([full if t.thresholds is None or self._must_catch_up(t) else t.thresholds for t in tallies])
+            step = self.runner.decode(token_ids, rows, deferred=[t.deferred for t in tallies] if self.deferred else None)
+            logits, depths, work = step.logits, step.depths, step.work
+            if self.deferred:
+                for tally, left in zip(tallies, step.deferred, strict=True):
+                    tally.deferred = left
+        return logits, self._account(depths, tallies, work if self.deferred else None)
 
-    def _account(self, depths: list[int], tallies: list[ExitTally]) -> StepExits:
+    def _must_catch_up(self, tally: ExitTally) -> bool:
+        """A sequence holding ``max_deferred_tokens`` waiting tokens runs its next at full depth."""
+        return self.deferred and tally.deferred is not None and len(tally.deferred) >= self.spec.max_deferred_tokens
+
+    def _account(self, depths: list[int], tallies: list[ExitTally], work: list[int] | None = None) -> StepExits:
+        """Per-row costs. Propagation: the layers run plus the K/V share of skipped ones.
+        Deferred filling: the layer-tokens the row ran (its token's and the waiting ones')."""
         n, share = self.num_layers, self.kv_share
         counts: dict[int, int] = {}
         compute_sum = 0.0
-        for depth, tally in zip(depths, tallies, strict=True):
-            frac = effective_fraction(depth, n, share)
+        for row, (depth, tally) in enumerate(zip(depths, tallies, strict=True)):
+            frac = effective_fraction(depth, n, share) if work is None else work[row] / n
             tally.tokens += 1
             tally.layers_run += depth
             tally.compute += frac
@@ -131,7 +142,8 @@ class ExitControl:
             counts[depth] = counts.get(depth, 0) + 1
             compute_sum += frac
         deepest = max(depths) if depths else n
-        return StepExits(depths, compute_sum, effective_fraction(deepest, n, share), counts)
+        weights = effective_fraction(deepest, n, share) if work is None else deepest / n
+        return StepExits(depths, compute_sum, weights, counts)
 
     def observe_energy(self, prefill_j_per_layer_token: float | None, decode_j_per_layer_token: float | None) -> None:
         self.rates = EnergyRates(prefill_j_per_layer_token, decode_j_per_layer_token)

@@ -95,10 +95,12 @@ class SlotKVCache:
         self.k[layer][slot, :, start : start + t] = k
         self.v[layer][slot, :, start : start + t] = v
 
-    def write_decode(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one token per slot ``0..B-1`` at ``positions[b]``; ``k, v``: ``(B, kv_heads, head_dim)``."""
-        b = k.shape[0]
-        rows = torch.arange(b, device=self.device)
+    def write_decode(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> None:
+        """Store token ``n`` of ``k, v`` (``(N, kv_heads, head_dim)``) in slot ``slots[n]`` at
+        ``positions[n]``; ``slots`` None: one token per slot ``0..N-1``."""
+        rows = torch.arange(k.shape[0], device=self.device) if slots is None else slots
         self.k[layer][rows, :, positions] = k
         self.v[layer][rows, :, positions] = v
 
