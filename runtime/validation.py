@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from wattserve.errors import InvalidRequest, UnknownExpert
 from wattserve.types import Priority
+from workers.engines.chat import check_messages
 
 if TYPE_CHECKING:
     from .config import WattserveConfig
@@ -51,6 +52,8 @@ class Validator:
             raise InvalidRequest("prompt is empty: send the text to continue")
         if len(req.messages) > gw.max_chat_messages:
             raise InvalidRequest(f"{len(req.messages)} chat messages; this server accepts at most {gw.max_chat_messages}")
+        if req.messages:
+            check_messages(req.messages)  # the expert checks again; refusing here costs no replica a call
         text = req.prompt or "".join(m.content for m in req.messages)
         self.prompt_size(text, "prompt")
         max_tokens = req.max_tokens or gw.default_max_tokens

@@ -14,7 +14,7 @@ import time
 import wattserve
 from wattserve.errors import FeatureDisabled, InvalidRequest
 from wattserve.power import PowerStatus
-from wattserve.types import Priority, SamplingParams
+from wattserve.types import ChatMessage, Priority, SamplingParams
 
 from ..gateway import Chunk, ClientRequest, Final, Gateway
 from ..image_gateway import ImageGateway
@@ -46,6 +46,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
         raise InvalidRequest(f"priority {msg.priority} is not one of LOW, NORMAL, HIGH")
     return ClientRequest(
         prompt=msg.prompt,
+        messages=tuple(ChatMessage(role=m.role, content=m.content) for m in msg.messages),
         max_tokens=msg.max_tokens,
         sampling=SamplingParams(
             temperature=s.temperature,

@@ -18,8 +18,13 @@ def cmd_generate(args) -> int:
     sampling = pb.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, stop=args.stop)
     if args.seed is not None:
         sampling.seed = args.seed
+    chat = args.chat or args.system is not None  # the prompt becomes the user's turn of a chat
+    messages = [pb.ChatMessage(role="system", content=args.system)] if args.system is not None else []
+    if chat:
+        messages.append(pb.ChatMessage(role="user", content=args.prompt))
     req = pb.GenerateRequest(
-        prompt=args.prompt,
+        prompt="" if chat else args.prompt,
+        messages=messages,
         max_tokens=args.max_tokens,
         sampling=sampling,
         expert=args.expert or "",
@@ -125,6 +130,9 @@ def register(sub) -> None:
     s.add_argument("prompt")
     add_connection_args(s)
     s.add_argument("--expert", help="pin an expert by name (default: the router decides)")
+    s.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message: the expert applies its chat template")
+    s.add_argument("--system", help="a system message before the prompt (implies --chat)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)

@@ -113,6 +113,12 @@ def test_serve_generate_status_and_ctrl_c(served, keys):
         metrics = resp.read().decode()
     assert 'wattserve_requests_total{api="grpc",expert="edge",status="ok"} 1.0' in metrics
     assert 'wattserve_requests_total{api="grpc",expert="none",status="invalid_argument"} 1.0' in metrics
+    # --system/--chat send a chat: the expert renders it with its template, a longer prompt
+    chat = _cli("generate", "--target", target, "--max-tokens", "3", "--system", "Be brief.", "Hello world",
+                key=keys["client"])
+    assert chat.returncode == 0, chat.stderr
+    prompt_tokens = [int(re.search(r"(\d+) prompt", out.stderr).group(1)) for out in (gen, chat)]
+    assert prompt_tokens[1] > prompt_tokens[0] + 3
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
     log = "".join(lines) + proc.stdout.read()

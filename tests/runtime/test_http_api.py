@@ -134,6 +134,42 @@ async def test_chat_applies_the_experts_chat_template(client, chat_model_dir):
     assert "assistant" in roles
 
 
+async def _grpc_generate(server, req: pb.GenerateRequest) -> tuple[str, pb.Usage]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        text, usage = [], None
+        async for msg in pb_grpc.InferenceStub(ch).Generate(req):
+            if msg.HasField("chunk"):
+                text.append(msg.chunk.text)
+            else:
+                usage = msg.usage
+    return "".join(text), usage
+
+
+async def test_grpc_chat_is_the_http_chat(client, server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    http = await client.chat.completions.create(model="chat", messages=messages, max_tokens=6, temperature=0,
+                                                extra_body={"ignore_eos": True})
+    req = pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in messages], max_tokens=6, expert="chat",
+                             sampling=pb.SamplingParams(ignore_eos=True))
+    text, usage = await _grpc_generate(server, req)
+    assert text == http.choices[0].message.content
+    assert usage.prompt_tokens == http.usage.prompt_tokens and usage.completion_tokens == 6
+    # the same words as a plain prompt are a different (untemplated) prompt
+    _, plain = await _grpc_generate(server, pb.GenerateRequest(prompt="Hello world!", max_tokens=1, expert="chat"))
+    assert plain.prompt_tokens < usage.prompt_tokens
+
+
+@pytest.mark.parametrize(("req", "complaint"), [
+    (pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")], expert="chat"), "messages[0].role 'robot'"),
+    (pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "either a prompt or chat messages"),
+])
+async def test_grpc_chat_refuses_bad_messages_before_any_replica(server, req, complaint):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _grpc_generate(server, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in err.value.details()
+
+
 async def test_chat_without_a_template_uses_the_plain_format(client):
     """The synthetic expert has no tokenizer: it counts the words of the documented format."""
     messages = [{"role": "user", "content": "one two three"}]
