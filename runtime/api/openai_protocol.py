@@ -10,7 +10,9 @@ wattserve extensions, as body fields (``extra_body`` in the openai client) or he
 wins when both are given): ``energy_budget_j`` / ``x-energy-budget-j``, ``latency_budget_ms`` /
 ``x-latency-budget-ms``, ``compute_budget`` / ``x-compute-budget`` (early exit), ``priority`` /
 ``x-priority`` (low, normal, high), ``tenant`` / ``x-tenant``, ``request_id`` /
-``x-request-id``, and the sampling extras ``top_k`` and ``ignore_eos``. Responses carry
+``x-request-id``, ``deadline_ms`` / ``x-deadline-ms`` (work on the request stops that long after
+it arrived; the answer so far comes back with ``finish_reason: "deadline"``), and the sampling
+extras ``top_k`` and ``ignore_eos``. Responses carry
 ``usage.energy_joules`` and ``usage.energy_source`` and a ``wattserve`` object (expert, replica,
 gateway TTFT and latency, routing decision, and ``early_exit`` when the expert decodes with
 early exit).
@@ -40,6 +42,7 @@ HEADER_FIELDS = {
     "x-priority": "priority",
     "x-tenant": "tenant",
     "x-request-id": "request_id",
+    "x-deadline-ms": "deadline_ms",
 }
 
 
@@ -75,6 +78,7 @@ class _GenerationRequest(_Strict):
     priority: Literal["low", "normal", "high"] | None = None
     tenant: str | None = None
     request_id: str | None = None
+    deadline_ms: float | None = None  # stop work on the request this long after it arrives
     top_k: int = 0
     ignore_eos: bool = False
 
@@ -210,6 +214,10 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
     )
     if max_tokens is not None and max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be positive (got {max_tokens})", param="max_tokens")
+    deadline_ms = ext.get("deadline_ms")
+    if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms > 0):
+        raise InvalidRequest(f"deadline_ms must be a positive number of milliseconds (got {deadline_ms})",
+                             param="deadline_ms")
     model = parsed.model.strip()
     return ClientRequest(
         prompt=prompt,
@@ -223,6 +231,7 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
         priority=Priority[ext["priority"].upper()] if "priority" in ext else Priority.NORMAL,
         tenant=ext.get("tenant", ""),
         request_id=ext.get("request_id") or uuid.uuid4().hex,
+        deadline_unix_s=None if deadline_ms is None else time.time() + deadline_ms / 1000.0,
         api="http",
     )
 

@@ -140,6 +140,9 @@ WILD = {
     "request_id": st.text(max_size=200),
     "energy_budget_j": doubles,
     "latency_budget_ms": doubles,
+    "compute_budget": doubles,
+    "messages": st.lists(st.builds(pb.ChatMessage, role=st.sampled_from(["user", "system", "assistant", "tool", ""]),
+                                   content=texts), max_size=4),
 }
 SAMPLING = {"temperature", "top_p", "top_k", "seed", "stop"}
 words = st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Z", "C")), min_size=1, max_size=8),
@@ -158,6 +161,8 @@ def generate_requests(draw):
               "temperature": draw(st.sampled_from([0.0, 0.7, 1.0])), "ignore_eos": draw(st.booleans())}
     for name in _mutations(draw, sorted(WILD)):
         fields[name] = draw(WILD[name])
+    if "messages" in fields and draw(st.booleans()):
+        fields["prompt"] = ""  # a chat, not a chat beside a prompt
     sampling = pb.SamplingParams(**{k: v for k, v in fields.items() if k in SAMPLING or k == "ignore_eos"})
     rest = {k: v for k, v in fields.items() if k not in SAMPLING and k != "ignore_eos"}
     return pb.GenerateRequest(sampling=sampling, **rest)
@@ -261,8 +266,8 @@ field_values = st.one_of(json_values, st.integers(-(2**70), 2**70), st.floats(al
 
 
 HTTP_WILD = ["model", "max_tokens", "temperature", "top_p", "stream", "stop", "seed", "n", "energy_budget_j",
-             "latency_budget_ms", "priority", "tenant", "request_id", "top_k", "ignore_eos", "stream_options",
-             "logprobs", "unknown_field"]
+             "latency_budget_ms", "compute_budget", "deadline_ms", "priority", "tenant", "request_id", "top_k",
+             "ignore_eos", "stream_options", "logprobs", "unknown_field"]
 
 
 @st.composite
@@ -285,8 +290,8 @@ def completion_bodies(draw, chat: bool):
     return body
 
 
-header_values = st.dictionaries(st.sampled_from(["x-energy-budget-j", "x-latency-budget-ms", "x-priority", "x-tenant",
-                                           "x-request-id"]), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+header_values = st.dictionaries(st.sampled_from(["x-energy-budget-j", "x-latency-budget-ms", "x-compute-budget",
+                                                 "x-deadline-ms", "x-priority", "x-tenant", "x-request-id"]), st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
                                                                      max_size=40), max_size=3)
 headers = st.one_of(st.just({}), st.just({}), header_values)  # most examples get past the headers to the engines
 

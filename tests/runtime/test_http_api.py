@@ -220,6 +220,8 @@ async def _post(base_url, path, data, headers=None):
         (json.dumps({"model": "slow", "prompt": "hi"}).encode(), {"x-energy-budget-j": "lots"}, 400, "x-energy-budget-j: 'lots' is not a number"),
         (json.dumps({"model": "slow", "prompt": "hi"}).encode(), {"x-latency-budget-ms": "-5"}, 400, "latency_budget_ms must be a positive number"),
         (json.dumps({"model": "slow", "prompt": "hi"}).encode(), {"x-priority": "urgent"}, 400, "x-priority: 'urgent' is not one of"),
+        (json.dumps({"model": "slow", "prompt": "hi"}).encode(), {"x-deadline-ms": "0"}, 400, "deadline_ms must be a positive number"),
+        (json.dumps({"model": "slow", "prompt": "hi", "deadline_ms": "soon"}).encode(), None, 400, "deadline_ms"),
     ],
 )
 async def test_bad_requests_get_openai_error_bodies(base_url, body, headers, status, fragment):
@@ -229,6 +231,24 @@ async def test_bad_requests_get_openai_error_bodies(base_url, body, headers, sta
     assert fragment in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+async def test_a_deadline_stops_the_answer_and_frees_the_slot(base_url, client):
+    # the synthetic expert takes 20 ms a token: 200 tokens would take 4 s
+    body = {"model": "slow", "prompt": "one two", "max_tokens": 200, "ignore_eos": True}
+    for _ in range(3):  # more than the expert's 2 batch slots: each must be freed
+        t0 = asyncio.get_running_loop().time()
+        status, got, _ = await _post(base_url, "/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json", "x-deadline-ms": "300"})
+        elapsed = asyncio.get_running_loop().time() - t0
+        assert status == 200 and got["choices"][0]["finish_reason"] == "deadline"
+        assert 0 < got["usage"]["completion_tokens"] < 100 and elapsed < 2.0
+    stream = await client.completions.create(model="slow", prompt="one two", max_tokens=200, stream=True,
+                                             extra_body={"ignore_eos": True, "deadline_ms": 300})
+    reasons = [c.choices[0].finish_reason async for c in stream if c.choices]
+    assert reasons[-1] == "deadline"
+    whole = await client.completions.create(model="slow", prompt="one two", max_tokens=3)
+    assert whole.choices[0].finish_reason == "length"
 
 
 async def test_unknown_path_and_method_are_openai_shaped(base_url):
