@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -12,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.config import parse_config
+from tests.runtime.grpc_helpers import collect, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -55,31 +55,10 @@ def request(prompt="The capital of France is", max_tokens=16, expert="", **kw) -
     return pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, expert=expert, sampling=sampling, **kw)
 
 
-async def collect(stub, req, timeout=60):
-    text, ids, usage = "", [], None
-    async for msg in stub.Generate(req, timeout=timeout):
-        if msg.HasField("chunk"):
-            assert usage is None, "no chunk may follow the usage message"
-            text += msg.chunk.text
-            ids.extend(msg.chunk.token_ids)
-        else:
-            usage = msg.usage
-    return text, ids, usage
-
-
 async def replica_load(channel, expert):
     experts = await pb_grpc.AdminStub(channel).ListExperts(pb.ListExpertsRequest())
     info = next(e for e in experts.experts if e.name == expert)
     return sum(r.running + r.waiting for r in info.replicas)
-
-
-async def wait_for(predicate, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return False
 
 
 async def test_concurrent_generate_streams_text_usage_and_energy(channel):

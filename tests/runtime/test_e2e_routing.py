@@ -9,7 +9,6 @@ Nothing here asserts on timing: latency budgets are chosen with wide margins aro
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.config import parse_config
+from tests.runtime.grpc_helpers import collect, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,25 +57,12 @@ def request(max_tokens=8, **kw) -> pb.GenerateRequest:
 
 
 async def usage_of(stub, req, timeout=60):
-    usage = None
-    async for msg in stub.Generate(req, timeout=timeout):
-        if msg.HasField("usage"):
-            usage = msg.usage
-    return usage
+    return (await collect(stub, req, timeout))[2]
 
 
 async def load(channel, expert):
     experts = await pb_grpc.AdminStub(channel).ListExperts(pb.ListExpertsRequest())
     return sum(r.running + r.waiting for e in experts.experts if e.name == expert for r in e.replicas)
-
-
-async def wait_for(predicate, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -269,14 +256,9 @@ async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_on
         assert kept.expert == "edge" and list(kept.cascade) == ["edge"], kept.routing_reason
         assert kept.mean_logprob == pytest.approx(edge_conf) and "kept edge's answer" in kept.routing_reason
         policy.settings = dataclasses.replace(before, cascade_below_logprob=edge_conf + 0.01)
-        chunks, usage = [], None
-        async for msg in stub.Generate(request(max_tokens=6), timeout=60):
-            if msg.HasField("chunk"):
-                chunks.append(msg.chunk.text)
-            else:
-                usage = msg.usage
+        text, _, usage = await collect(stub, request(max_tokens=6))
         assert usage.expert == "cloud" and list(usage.cascade) == ["edge", "cloud"]
-        assert "".join(chunks) == " tok" * 6  # only the strong expert's answer reached the client
+        assert text == " tok" * 6  # only the strong expert's answer reached the client
         assert usage.energy_j > predicted["cloud"] / 8 * 6 * 0.5 and "answered by cloud" in usage.routing_reason
         # a budget that cannot pay for both answers: no cascade, the top expert of what fits
         tight = await usage_of(stub, request(max_tokens=6, energy_budget_j=(predicted["edge"] * predicted["cloud"]) ** 0.5))

@@ -20,6 +20,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import parse_config
+from tests.runtime.grpc_helpers import collect
 from wattserve.types import ChatMessage
 from workers.engines.chat import render_plain
 
@@ -134,28 +135,18 @@ async def test_chat_applies_the_experts_chat_template(client, chat_model_dir):
     assert "assistant" in roles
 
 
-async def _grpc_generate(server, req: pb.GenerateRequest) -> tuple[str, pb.Usage]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        text, usage = [], None
-        async for msg in pb_grpc.InferenceStub(ch).Generate(req):
-            if msg.HasField("chunk"):
-                text.append(msg.chunk.text)
-            else:
-                usage = msg.usage
-    return "".join(text), usage
-
-
-async def test_grpc_chat_is_the_http_chat(client, server):
+async def test_grpc_chat_is_the_http_chat(client, channel):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
     http = await client.chat.completions.create(model="chat", messages=messages, max_tokens=6, temperature=0,
                                                 extra_body={"ignore_eos": True})
     req = pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in messages], max_tokens=6, expert="chat",
                              sampling=pb.SamplingParams(ignore_eos=True))
-    text, usage = await _grpc_generate(server, req)
+    stub = pb_grpc.InferenceStub(channel)
+    text, _, usage = await collect(stub, req)
     assert text == http.choices[0].message.content
     assert usage.prompt_tokens == http.usage.prompt_tokens and usage.completion_tokens == 6
     # the same words as a plain prompt are a different (untemplated) prompt
-    _, plain = await _grpc_generate(server, pb.GenerateRequest(prompt="Hello world!", max_tokens=1, expert="chat"))
+    _, _, plain = await collect(stub, pb.GenerateRequest(prompt="Hello world!", max_tokens=1, expert="chat"))
     assert plain.prompt_tokens < usage.prompt_tokens
 
 
@@ -163,9 +154,9 @@ async def test_grpc_chat_is_the_http_chat(client, server):
     (pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")], expert="chat"), "messages[0].role 'robot'"),
     (pb.GenerateRequest(prompt="hi", messages=[pb.ChatMessage(role="user", content="hi")]), "either a prompt or chat messages"),
 ])
-async def test_grpc_chat_refuses_bad_messages_before_any_replica(server, req, complaint):
+async def test_grpc_chat_refuses_bad_messages_before_any_replica(channel, req, complaint):
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await _grpc_generate(server, req)
+        await collect(pb_grpc.InferenceStub(channel), req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert complaint in err.value.details()
 

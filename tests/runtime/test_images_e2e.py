@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from prometheus_client import generate_latest
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.config import parse_config
+from tests.runtime.grpc_helpers import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -92,15 +92,6 @@ async def collect(call):
 
 async def image_stats(server):
     return await server.pool.replicas["img"][0].actor.stats.remote()
-
-
-async def wait_for(predicate, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return False
 
 
 async def test_stream_images_frames_in_results_out(stub):

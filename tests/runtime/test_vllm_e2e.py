@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import parse_config
+from tests.runtime.grpc_helpers import wait_for
 from tests.runtime.test_e2e_grpc import collect
 from wattserve.specs import GgufPackageSource
 from workers.models import default_cache_dir, prepare_model
@@ -92,15 +92,6 @@ def gen(prompt=PROMPT, max_tokens=16, expert="vllm", **sampling) -> pb.GenerateR
     return pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, expert=expert, sampling=pb.SamplingParams(**sampling))
 
 
-async def until(predicate, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
 async def test_streams_greedy_tokens_through_grpc(stub):
     chunks, text, usage = 0, "", None
     async for msg in stub.Generate(gen(max_tokens=16, ignore_eos=True), timeout=120):
@@ -125,7 +116,7 @@ async def test_concurrent_requests_share_vllm_batches_and_conserve_energy(stub, 
     for req, (text, ids, usage) in zip(reqs, results, strict=True):
         assert usage.completion_tokens == req.max_tokens == len(ids) and text
         assert usage.energy_j > 0
-    assert await until(lambda: _idle(actor))
+    assert await wait_for(lambda: _idle(actor))
     after = await actor.profile.remote()
     # vLLM batched them: decode steps ran with several sequences at once
     assert max(after.decode_ms_per_step_by_batch) >= 2
@@ -156,8 +147,8 @@ async def test_cancel_mid_stream_aborts_the_request_in_vllm(stub, server):
         state = await actor.engine_state.remote()
         return bool(state["recent_finishes"]) and state["recent_finishes"][-1][1] == "abort" and state["unfinished"] == 0
 
-    assert await until(aborted), "vLLM did not report the cancelled request aborted"
-    assert await until(lambda: _idle(actor))
+    assert await wait_for(aborted), "vLLM did not report the cancelled request aborted"
+    assert await wait_for(lambda: _idle(actor))
 
 
 async def test_deadline_aborts_the_request_in_vllm(stub, server):
@@ -171,7 +162,7 @@ async def test_deadline_aborts_the_request_in_vllm(stub, server):
         finishes = (await actor.engine_state.remote())["recent_finishes"]
         return len(finishes) > n_before and finishes[-1][1] == "abort"
 
-    assert await until(aborted)
+    assert await wait_for(aborted)
 
 
 async def test_stop_strings_seed_and_sampling_map_to_vllm(stub):
@@ -192,7 +183,7 @@ async def test_bad_sampling_params_are_invalid_argument(stub, server, req, fragm
         await collect(stub, req, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert fragment in err.value.details()
-    assert await until(lambda: _idle(vllm_actor(server)))
+    assert await wait_for(lambda: _idle(vllm_actor(server)))
 
 
 async def test_engine_start_failure_is_unavailable_with_the_reason(stub, server):
