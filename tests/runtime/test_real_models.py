@@ -68,7 +68,7 @@ async def test_chat_uses_smollm2s_template_and_the_plain_format_for_gemma(server
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     edge, cloud = await asyncio.gather(
         client.chat.completions.create(model="edge", messages=messages, max_tokens=12, temperature=0),
-        client.chat.completions.create(model="cloud", messages=messages, max_tokens=12, temperature=0),
+        client.chat.completions.create(model="cloud", messages=messages, max_tokens=40, temperature=0),
     )
     assert "Paris" in edge.choices[0].message.content, edge.choices[0].message.content
     assert edge.choices[0].finish_reason == "stop"  # <|im_end|> ends the assistant turn
@@ -80,6 +80,8 @@ async def test_chat_uses_smollm2s_template_and_the_plain_format_for_gemma(server
     plain = render_plain([ChatMessage("user", messages[0]["content"])])
     assert cloud.usage.prompt_tokens == len(gemma(plain).input_ids)  # with Gemma's <bos>
     assert cloud.choices[0].message.content and cloud.usage.model_extra["energy_source"] == "modeled:cpu"
+    # the plain format has no end-of-turn token: the answer stops where Gemma starts the next turn
+    assert cloud.choices[0].finish_reason == "stop" and "User:" not in cloud.choices[0].message.content, cloud
 
 
 async def test_score_ensemble_of_the_packaged_models_prefers_the_right_answer(server):

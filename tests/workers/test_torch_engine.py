@@ -156,3 +156,16 @@ def test_eos_finishes_with_stop(engine, monkeypatch):
     monkeypatch.setattr(engine.runner, "logits", eos_wins)
     texts, ids, reasons, _ = run(engine, [call("eos", max_tokens=10)])
     assert reasons["eos"] == FinishReason.STOP and ids["eos"] == [eos] and texts["eos"] == ""
+
+
+def test_a_plain_format_chat_stops_at_the_next_turn(engine):
+    # the tiny tokenizer has no chat template: the conversation is rendered as "Role: text" turns
+    from wattserve.types import ChatMessage
+    from workers.engines.chat import TURN_STOPS
+
+    chat = GenerateCall("c", "", 4, SamplingParams(stop=("END",)), messages=(ChatMessage("user", "hi"),))
+    prepared = engine.validate(chat, 0.0)
+    assert prepared.call.sampling.stop == ("END", "\nSystem:", "\nUser:", "\nAssistant:") == ("END", *TURN_STOPS)
+    load_test = GenerateCall("c", "", 4, SamplingParams(ignore_eos=True), messages=(ChatMessage("user", "hi"),))
+    assert engine.validate(load_test, 0.0).call.sampling.stop == ()  # asked for exactly max_tokens
+    assert engine.validate(call("p"), 0.0).call.sampling.stop == ()  # a completion is left alone

@@ -13,18 +13,23 @@ tokenized without adding more. A tokenizer without one (Gemma 3's GGUF ships non
 
     Assistant:
 
-That text is tokenized like a plain prompt (the tokenizer's own BOS rule applies).
+That text is tokenized like a plain prompt (the tokenizer's own BOS rule applies). The plain
+format has no end-of-turn token, so a model would go on to write the user's next turn: such a
+chat also stops where the model starts a new ``Role:`` line (:func:`encode_checked`), unless the
+request sets ``ignore_eos``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from wattserve.errors import InvalidRequest
 from wattserve.types import ChatMessage, GenerateCall
 
 ROLES = ("system", "user", "assistant")
 _LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+TURN_STOPS = tuple(f"\n{label}:" for label in _LABELS.values())  # a plain-format chat's turn boundaries
 
 
 def render_plain(messages: Sequence[ChatMessage]) -> str:
@@ -59,10 +64,13 @@ def encode_prompt(tokenizer, call: GenerateCall) -> list[int]:
     return list(tokenizer(render_plain(call.messages)).input_ids)
 
 
-def encode_checked(tokenizer, call: GenerateCall, *, expert: str, max_model_len: int) -> list[int]:
+def encode_checked(
+    tokenizer, call: GenerateCall, *, expert: str, max_model_len: int
+) -> tuple[list[int], GenerateCall]:
     """:func:`encode_prompt` plus the checks every text engine makes before queueing: a prompt
-    that is not empty, and prompt plus ``max_tokens`` within ``max_model_len``. The caller holds
-    its tokenizer lock (fast tokenizers are not safe for concurrent use)."""
+    that is not empty, and prompt plus ``max_tokens`` within ``max_model_len``. Returns the ids
+    and the call as the engine must run it (a plain-format chat gains :data:`TURN_STOPS`). The
+    caller holds its tokenizer lock (fast tokenizers are not safe for concurrent use)."""
     if not call.prompt and not call.messages:
         raise InvalidRequest("prompt is empty: send at least one character of text")
     ids = encode_prompt(tokenizer, call)
@@ -74,7 +82,10 @@ def encode_checked(tokenizer, call: GenerateCall, *, expert: str, max_model_len:
             f"{expert!r} allows at most {max_model_len} tokens in total: shorten the "
             f"prompt or lower max_tokens to {max(0, max_model_len - len(ids))}"
         )
-    return ids
+    s = call.sampling
+    if call.messages and not getattr(tokenizer, "chat_template", None) and not s.ignore_eos:
+        call = replace(call, sampling=replace(s, stop=s.stop + tuple(t for t in TURN_STOPS if t not in s.stop)))
+    return ids, call
 
 
 def prompt_text(call: GenerateCall) -> str:

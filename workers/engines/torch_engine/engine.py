@@ -139,7 +139,7 @@ class TorchEngine(Engine):
     # -- admission -----------------------------------------------------------------------------
     def validate(self, call: GenerateCall, arrival_s: float) -> PreparedRequest:
         with self._tok_lock:
-            ids = encode_checked(self.tokenizer, call, expert=self.expert, max_model_len=self.max_model_len)
+            ids, call = encode_checked(self.tokenizer, call, expert=self.expert, max_model_len=self.max_model_len)
         return PreparedRequest(call=call, prompt_ids=ids, arrival_s=arrival_s)
 
     def validate_score(self, call: ScoreCall, arrival_s: float) -> PreparedScore:

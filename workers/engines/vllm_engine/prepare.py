@@ -63,7 +63,7 @@ class Tokenizing:
 
     def prepare(self, call: GenerateCall) -> Prepared:
         with self._lock:
-            ids = encode_checked(self.tokenizer, call, expert=self.expert, max_model_len=self.max_model_len)
+            ids, call = encode_checked(self.tokenizer, call, expert=self.expert, max_model_len=self.max_model_len)
         return Prepared(call=call, prompt_ids=ids, params=settings.sampling_params(call, self.report_logprobs))
 
     def prepare_score(self, call: ScoreCall, arrival_s: float) -> PreparedScoreJob:
