@@ -263,6 +263,9 @@ class FakePynvml:
     def nvmlDeviceGetName(self, handle):
         return b"NVIDIA H100 80GB HBM3"
 
+    def nvmlDeviceGetUUID(self, handle):
+        return f"GPU-0000000{handle[1]}-fake"
+
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
         self._check("nvmlDeviceGetTotalEnergyConsumption")
         return self.energy_mj.pop(0) if len(self.energy_mj) > 1 else self.energy_mj[0]
@@ -277,6 +280,53 @@ class FakePynvml:
     def nvmlDeviceGetClockInfo(self, handle, clock_type):
         assert clock_type == pynvml.NVML_CLOCK_SM
         return 1755
+
+
+@pytest.fixture(autouse=True)
+def _gpu_share_dir(tmp_path, monkeypatch):
+    """Each test's GPUs get their own energy-share ledgers (workers/devices/gpu_share.py)."""
+    monkeypatch.setenv("WATTSERVE_GPU_SHARE_DIR", str(tmp_path))
+
+
+def test_two_replicas_on_one_gpu_split_its_counter(monkeypatch):
+    fake = FakePynvml(energy_mj=[2_000_000])
+    monkeypatch.setattr(nvml_module, "pynvml", fake)
+    clock = FakeClock()  # never advanced: energy moves only with counter readings
+    a, b = (NvmlDevice(0, clock=clock, sample_interval_s=3600) for _ in range(2))
+
+    def counter(mj):
+        fake.energy_mj = [mj]
+        a._sampler.sample()
+        b._sampler.sample()
+
+    a.begin_step()
+    counter(2_300_000)  # a steps alone: 300 J
+    a.end_step(None)
+    assert (a.energy_j(), b.energy_j()) == pytest.approx((300.0, 0.0))
+    a.begin_step()
+    b.begin_step()
+    counter(2_500_000)  # both step: 100 J each
+    a.end_step(None)
+    b.end_step(None)
+    counter(2_540_000)  # both idle: 20 J each
+    assert (a.energy_j(), b.energy_j()) == pytest.approx((420.0, 120.0))  # 540 J drawn, 540 booked
+    b.close()
+    counter(2_600_000)  # alone again: the whole counter
+    assert a.energy_j() == pytest.approx(480.0)
+    a.close()
+
+
+def test_a_device_that_only_reads_power_takes_no_share(monkeypatch):
+    # the power governor's node agent opens every GPU to read power and cap it, never to meter
+    fake = FakePynvml(energy_mj=[1_000_000])
+    monkeypatch.setattr(nvml_module, "pynvml", fake)
+    meter, agent = (NvmlDevice(0, clock=FakeClock(), sample_interval_s=3600) for _ in range(2))
+    assert meter.energy_j() == 0.0 and agent.power_w() == pytest.approx(250.0)
+    fake.energy_mj = [1_100_000]
+    meter._sampler.sample()
+    assert meter.energy_j() == pytest.approx(100.0)
+    agent.close()
+    meter.close()
 
 
 def test_nvml_energy_counter_is_relative_to_open(monkeypatch):

@@ -11,6 +11,13 @@ power until the next one (see :class:`_CounterReader`). GPUs without that counte
 ``nvmlDeviceGetPowerUsage`` samples taken by a background thread (``measured:nvml-power``),
 which misses power spikes shorter than the sampling interval.
 
+Several replicas on one GPU (separate processes) each open the same counter. With the counter,
+each device joins the GPU's :class:`~workers.devices.gpu_share.GpuEnergyShare` and reports its
+share: what the GPU drew while it stepped, split equally with replicas stepping at the same
+time, plus an equal part of the idle energy, so the replicas' totals add up to the GPU's. Alone
+on its GPU a device gets the whole counter, as before. (The power-integrating fallback has no
+common counter to split and meters the whole GPU in every process.)
+
 Control (the power governor's actuators): ``nvmlDeviceSetGpuLockedClocks`` keeps the SM clock in
 ``[lowest supported, ceiling]`` MHz (a ceiling, not a pin, so an idle GPU still clocks down),
 ``nvmlDeviceResetGpuLockedClocks`` removes it, and ``nvmlDeviceSetPowerManagementLimit`` takes
@@ -22,6 +29,7 @@ this GPU cannot be capped and why.
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +38,9 @@ from typing import Any
 from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
 from wattserve.power import DeviceControl
 from workers.devices.base import Device
+from workers.devices.gpu_share import GpuEnergyShare
+
+log = logging.getLogger(__name__)
 
 try:
     import pynvml
@@ -97,6 +108,9 @@ class NvmlDevice(Device):
         self._denied: dict[str, str] = {}  # "clock" / "limit" -> why control is impossible
         self._initialised = False
         self._last_j = 0.0
+        self._share: GpuEnergyShare | None = None  # joined at the first energy reading or step
+        self._share_reader: Callable[[], float] | None = None  # the counter since driver load
+        self._share_lock = threading.Lock()
         self._call("initialising NVML", "nvmlInit")
         self._initialised = True
         try:
@@ -124,6 +138,7 @@ class NvmlDevice(Device):
         else:
             sampler = _CounterReader(lambda: (self._counter_mj() - start_mj) / 1000.0, self.power_w,
                                      self._clock, sample_interval_s)
+            self._share_reader = lambda: start_mj / 1000.0 + sampler.energy_j()
         sampler.start()
         return sampler
 
@@ -147,9 +162,11 @@ class NvmlDevice(Device):
         return "measured:nvml-power" if isinstance(self._sampler, _PowerIntegrator) else "measured:nvml"
 
     def energy_j(self) -> float:
-        """Joules since open, from the hardware counter (or the power integral, see module doc);
-        never waits on NVML: a background thread reads it."""
-        joules = self._sampler.energy_j()
+        """Joules since open, from the hardware counter (this replica's share of it where several
+        meter one GPU) or the power integral, see module doc; never waits on NVML: a background
+        thread reads it."""
+        share = self._joined_share()
+        joules = self._sampler.energy_j() if share is None else share.energy_j()
         self._last_j = max(self._last_j, joules)  # a driver reload would reset the counter
         return self._last_j
 
@@ -256,7 +273,37 @@ class NvmlDevice(Device):
             self._denied[kind] = message
             raise ActuationUnavailable(message, nvml_code=code, index=self.index) from exc
 
+    def _joined_share(self) -> GpuEnergyShare | None:
+        """This GPU's energy share, joined on first use: only a process that meters energy (an
+        expert, not the power governor's node agent reading power) takes shares."""
+        if self._share is None and self._share_reader is not None:
+            with self._share_lock:
+                if self._share is None and self._share_reader is not None:
+                    key = self.uuid() or f"index-{self.index}"
+                    try:
+                        self._share = GpuEnergyShare(key, self._share_reader)
+                    except OSError as exc:
+                        log.warning("GPU %s: cannot share its energy counter with other replicas (%s); "
+                                    "this replica meters the whole GPU", key, exc)
+                        self._share_reader = None
+        return self._share
+
+    def begin_step(self) -> None:
+        share = self._joined_share()
+        if share is not None:
+            share.set_busy(True)
+
+    def end_step(self, work) -> None:
+        share = self._joined_share()
+        if share is not None:
+            share.set_busy(False)
+
     def close(self) -> None:
+        with self._share_lock:
+            self._share_reader = None
+            if self._share is not None:
+                self._share.close()
+                self._share = None
         if self._sampler is not None:
             self._sampler.stop()
         if self._initialised:
