@@ -144,14 +144,38 @@ class WattserveServer:
             address = f"{http.host}:{http.port}"
             raise ConfigError(f"cannot listen on {address} for HTTP: {exc.strerror} (is the port in use? try --http-port 0)") from None
 
-    def _security_checks(self) -> KeyStore | None:
-        """Load the keys (ConfigError when auth is on without any) and warn loudly about
-        exposure: auth off, or keys in clear text, on a non-loopback address."""
+    def _load_keys(self) -> KeyStore | None:
+        """The configured keys; ConfigError when auth is on without any, without an operator
+        key, or with keys for tenants the config does not have."""
         cfg = self.config
         keys = load_keys(cfg.auth)
         unknown = sorted(keys.tenants() - {t.name for t in cfg.tenants}) if keys and cfg.tenants else []
         if unknown:
             raise ConfigError(f"auth keys name tenants that are not configured: {', '.join(unknown)}")
+        return keys
+
+    def reload_keys(self) -> str:
+        """Re-read auth.keys_file and the keys variable (``wattserve serve`` does on SIGHUP):
+        new keys work and removed ones stop at once, for calls that arrive from now on. A file
+        that would not load (unreadable, malformed, no operator key left) changes nothing.
+        Returns what happened, for the operator's log."""
+        if self.keys is None:
+            return "API keys not reloaded: authentication is off (auth.enabled: false)"
+        try:
+            fresh = self._load_keys()
+        except ConfigError as exc:
+            log.error("API keys not reloaded, the old keys stay in force: %s", exc)
+            return f"API keys not reloaded, the old keys stay in force: {exc}"
+        self.keys.replace_with(fresh)
+        message = f"API keys reloaded: {fresh.count('client')} client, {fresh.count('operator')} operator"
+        log.info(message)
+        return message
+
+    def _security_checks(self) -> KeyStore | None:
+        """Load the keys (ConfigError when auth is on without any) and warn loudly about
+        exposure: auth off, or keys in clear text, on a non-loopback address."""
+        cfg = self.config
+        keys = self._load_keys()
         hosts = [cfg.gateway.host] + ([cfg.http.host] if cfg.http.enabled else [])
         exposed = [h for h in hosts if not is_loopback(h)]
         if exposed and keys is None:

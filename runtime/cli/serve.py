@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -69,6 +70,7 @@ async def _serve(cfg) -> int:
         await server.stop()
         return 130
     port = start.result()
+    loop.add_signal_handler(signal.SIGHUP, lambda: say(server.reload_keys()))
     target = f"{cfg.gateway.host}:{port}"
     experts = ", ".join(f"{e.name} ({e.model_label}, {e.engine.kind}, {e.device.label}) x{e.replicas}" for e in cfg.experts)
     http = (
@@ -81,7 +83,7 @@ async def _serve(cfg) -> int:
         f"  experts: {experts}\n"
         f"  send a prompt:  .venv/bin/wattserve generate --target {target} \"The capital of France is\"\n"
         f"  status:         .venv/bin/wattserve status --target {target}\n"
-        f"  Ctrl-C stops the server.\n",
+        f"  Ctrl-C stops the server{'; kill -HUP ' + str(os.getpid()) + ' reloads the API keys' if server.keys else ''}.\n",
         flush=True,
     )
     await stop.wait()

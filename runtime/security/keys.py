@@ -92,6 +92,11 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def replace_with(self, other: KeyStore) -> None:
+        """Take ``other``'s keys (a reload). One reference swap: a lookup under way sees the old
+        set or the new one, never a mix."""
+        self._entries = other._entries
+
     def count(self, role: Role) -> int:
         return sum(e.role == role for e in self._entries)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.security.keys import digest_of
+
 BIN = Path(sys.executable).parent / "wattserve"
 pytestmark = pytest.mark.timeout(240)
 
@@ -89,7 +91,18 @@ def _cli(*args: str, key: str | None = None, operator_key: str | None = None) ->
     return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
-def test_serve_generate_status_and_ctrl_c(served, keys):
+def _wait_line(proc, lines: list[str], text: str) -> bool:
+    """Read the server's output until a line holds ``text`` (False if it exits first)."""
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            return False
+        lines.append(line)
+        if text in line:
+            return True
+
+
+def test_serve_generate_status_and_ctrl_c(served, keys, tmp_path):
     target, proc, lines = served
     assert any("send a prompt" in line and "wattserve generate" in line for line in lines)
     gen = _cli("generate", "--target", target, "--max-tokens", "7", "Hello world", key=keys["client"])
@@ -119,6 +132,21 @@ def test_serve_generate_status_and_ctrl_c(served, keys):
     assert chat.returncode == 0, chat.stderr
     prompt_tokens = [int(re.search(r"(\d+) prompt", out.stderr).group(1)) for out in (gen, chat)]
     assert prompt_tokens[1] > prompt_tokens[0] + 3
+    # key rotation without a restart: a new client key replaces the old one on SIGHUP
+    keys_file = tmp_path / "keys.txt"
+    rotated = _new_key("client", "default", keys_file)
+    keys_file.write_text("\n".join(line for line in keys_file.read_text().splitlines()
+                                   if line.startswith("operator") or line.endswith(digest_of(rotated).hex())) + "\n")
+    proc.send_signal(signal.SIGHUP)
+    assert _wait_line(proc, lines, "API keys reloaded: 1 client, 1 operator")
+    old = _cli("generate", "--target", target, "--max-tokens", "2", "x", key=keys["client"])
+    assert old.returncode == 1 and "UNAUTHENTICATED" in old.stderr
+    new = _cli("generate", "--target", target, "--max-tokens", "2", "x", key=rotated)
+    assert new.returncode == 0, new.stderr
+    keys_file.write_text("client default sha256:abc\n")  # malformed: nothing changes
+    proc.send_signal(signal.SIGHUP)
+    assert _wait_line(proc, lines, "API keys not reloaded, the old keys stay in force")
+    assert _cli("generate", "--target", target, "--max-tokens", "2", "x", key=rotated).returncode == 0
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
     log = "".join(lines) + proc.stdout.read()
