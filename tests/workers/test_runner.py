@@ -72,3 +72,23 @@ def test_unsupported_architecture_is_a_clear_error(tiny_llama):
     model.config.model_type = "gpt2"
     with pytest.raises(ModelSourceError, match="gpt2"):
         DecoderRunner(model, cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "qwen3"])
+def test_fused_norms_compute_what_the_models_norms_compute(tiny_model_dirs, family, dtype):
+    from workers.engines.torch_engine.runner import fused_norm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=dtype).eval()
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for norm in norms:
+            torch.nn.init.normal_(norm.weight, std=0.5, generator=gen)  # not the identity init
+            fast = fused_norm(norm)
+            assert fast is not norm, f"{type(norm).__name__} has no fused form"
+            x = (torch.randn(5, 3, norm.weight.shape[0], generator=gen) * 4).to(dtype)
+            # float32: the same arithmetic; bfloat16: the same roundings, one ulp at most
+            tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+            torch.testing.assert_close(fast(x), norm(x), **tol)

@@ -267,18 +267,18 @@ class _ExitPass:
 
     # -- one layer -------------------------------------------------------------------------------
     def _layer(self, i: int, layer) -> None:
-        r, m = self.r, layer.module
+        r = self.r
         active = self.active
         run = None
         if self.fill:  # only running tokens (and waiting ones catching up) get K/V
             if active is not None and not active.numel():
                 return
             rows, pos, h, run = self._running(i)
-            xn = m.input_layernorm(h)
+            xn = layer.input_norm(h)
             k, v = r.project_kv(layer, xn, pos)
             r.cache.write_decode(i, pos, k, v, rows)
         else:  # K/V for every row: running rows' own, and exited rows' from their frozen state (CALM)
-            xn = m.input_layernorm(self.h)
+            xn = layer.input_norm(self.h)
             k, v = r.project_kv(layer, xn, self.positions)
             r.cache.write_decode(i, self.positions, k, v)
             if active is not None and not active.numel():
