@@ -18,7 +18,6 @@ from transformers import AutoTokenizer
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
-from runtime.api.server import WattserveServer
 from runtime.config import parse_config
 from tests.runtime.grpc_helpers import collect
 from wattserve.types import ChatMessage
@@ -44,7 +43,7 @@ def chat_model_dir(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-async def server(ray_session, chat_model_dir, tmp_path_factory):
+def config(chat_model_dir, tmp_path_factory):
     config = parse_config(
         {
             "auth": {"enabled": False},  # loopback test server: no keys
@@ -66,10 +65,7 @@ async def server(ray_session, chat_model_dir, tmp_path_factory):
         },
         "test-http",
     )
-    srv = WattserveServer(config, progress=lambda msg: None)
-    await srv.start()
-    yield srv
-    await srv.stop()
+    return config
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
-from runtime.api.server import WattserveServer
 from runtime.api.servicer import AdminServicer
 from runtime.cli import main as cli_main
 from runtime.config import parse_config
@@ -38,7 +37,7 @@ def expert(name: str, priority_class: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-async def server(ray_session, tmp_path_factory):
+def config(tmp_path_factory):
     config = parse_config({
         "auth": {"enabled": False},  # loopback test server: no keys
         "gateway": {"port": 0, "health_interval_s": 0.2},
@@ -50,10 +49,7 @@ async def server(ray_session, tmp_path_factory):
             "policy": {"t1_fraction": 0.5, "t2_fraction": 0.95, "dwell_s": 1.0, "settle_s": 0.5},
         },
     }, "power-test")
-    srv = WattserveServer(config, progress=lambda msg: None)
-    await srv.start()
-    yield srv
-    await srv.stop()
+    return config
 
 
 @pytest.fixture

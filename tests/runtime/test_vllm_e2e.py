@@ -52,7 +52,7 @@ def _broken_copy(model_dir: Path, where: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def server(ray_session, tmp_path_factory):
+def config(tmp_path_factory):
     _skip_without_vllm()
     cache = default_cache_dir()
     smol_dir = prepare_model(GgufPackageSource(**SMOLLM2), cache)
@@ -72,10 +72,7 @@ async def server(ray_session, tmp_path_factory):
              "device": "cpu", "max_model_len": 512},
         ],
     }, "test-vllm")
-    srv = WattserveServer(cfg, progress=print)
-    await srv.start()
-    yield srv
-    await srv.stop()
+    return cfg
 
 
 @pytest.fixture
