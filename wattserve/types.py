@@ -123,8 +123,9 @@ class StepWork:
 class ExitUsage:
     """What early exit did for one request's completion tokens (the first comes from prefill,
     at full depth). ``energy_saved_j`` is an estimate: the skipped compute (in layer-equivalents,
-    net of the K/V still computed for skipped layers) times the expert's measured J per
-    layer-token; the request's ``energy_j`` is what was actually spent."""
+    net of the K/V still computed for skipped layers) times the expert's joules per layer, its
+    measured J per layer-token of full-depth decode less the LM head's part, which every token
+    pays at any depth; the request's ``energy_j`` is what was actually spent."""
 
     num_layers: int
     avg_exit_layer: float  # decoder layers run per completion token

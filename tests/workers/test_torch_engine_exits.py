@@ -148,8 +148,13 @@ def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_pat
     engine = _engine(deep_llama, thresholds_path=str(profile.save(tmp_path / "p.json")))
     prompt_ids = len(engine.tokenizer(PROMPTS[0]).input_ids)
     engine.observe_energy(0.001, 0.01)
-    # 12 tokens at compute 0.8 cost 12 * 0.8 * 8 * 0.01 J after the prompt's 8 * 0.001 J per token
-    budget = prompt_ids * 8 * 0.001 + 12 * 0.8 * 8 * 0.01
+    # 0.01 J per layer-token measured at full depth also paid the LM head (head layer
+    # equivalents per token), so a layer costs 0.01 * 8 / (8 + head); 12 tokens at compute 0.8
+    # cost 12 * (0.8 * 8 + head) layers of it, after the prompt's 8 * 0.001 J per token
+    head = engine.exits.head_layers
+    assert 0.1 < head < 8  # the tiny model's head is a fraction of its 8 layers
+    per_layer_j = 0.01 * 8 / (8 + head)
+    budget = prompt_ids * 8 * 0.001 + 12 * (0.8 * 8 + head) * per_layer_j
     _, finals, _ = _run_collect(engine, [_call("rich", PROMPTS[0], energy_budget_j=budget),
                                          _call("poor", PROMPTS[0], energy_budget_j=budget / 2),
                                          _call("free", PROMPTS[0], energy_budget_j=100.0)])
@@ -157,7 +162,13 @@ def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_pat
     assert finals["poor"].exits.operating_point == "L3.0"
     assert finals["free"].exits.operating_point == "full"
     saved = finals["poor"].exits
-    assert saved.layers_skipped > 0 and saved.energy_saved_j > 0 and saved.compute_fraction < 1
+    assert saved.layers_skipped > 0 and saved.compute_fraction < 1
+    # the estimate: compute skipped (K/V propagation netted out) at the per-layer rate
+    assert saved.energy_saved_j == pytest.approx(12 * (1 - saved.compute_fraction) * 8 * per_layer_j)
+    # exactly L6's cost if energy fell in proportion to depth (no head): short of it now
+    proportional = prompt_ids * 8 * 0.001 + 12 * 0.8 * 8 * 0.01
+    _, finals, _ = _run_collect(engine, [_call("tight", PROMPTS[0], energy_budget_j=proportional)])
+    assert finals["tight"].exits.operating_point == "L3.0"
 
 
 def test_profile_tracks_joules_per_layer_token_and_the_exit_histogram():

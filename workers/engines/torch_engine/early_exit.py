@@ -410,6 +410,14 @@ def kv_share(runner: DecoderRunner) -> float:
     return kv / total
 
 
+def head_layers(runner: DecoderRunner) -> float:
+    """The LM head's weights in decoder-layer equivalents: what every decode token reads once
+    whatever its depth (SmolLM2-135M: 8.0; the batch-1 CPU step time puts the whole fixed part,
+    head and loop, at 6.4 layers, benchmarks.md)."""
+    per_layer = sum(p.numel() for layer in runner.layers for p in layer.module.parameters()) / len(runner.layers)
+    return runner.lm_head.weight.numel() / per_layer
+
+
 def model_fingerprint(runner: DecoderRunner):
     """The identity a thresholds or adapters file is checked against."""
     from .exit_points import ModelFingerprint

@@ -12,8 +12,18 @@ from wattserve.specs import EarlyExitSpec
 from wattserve.types import ExitUsage, GenerateCall
 
 from .adapters import load_adapters
-from .early_exit import ALWAYS, NEVER, Deferred, EarlyExitRunner, ExitHeads, ExitLayout, kv_share, model_fingerprint
-from .exit_points import FULL, EnergyRates, ExitProfile, PointChooser, effective_fraction
+from .early_exit import (
+    ALWAYS,
+    NEVER,
+    Deferred,
+    EarlyExitRunner,
+    ExitHeads,
+    ExitLayout,
+    head_layers,
+    kv_share,
+    model_fingerprint,
+)
+from .exit_points import FULL, EnergyRates, ExitProfile, PointChooser, effective_fraction, per_layer_j
 from .runner import DecoderRunner
 
 
@@ -72,9 +82,10 @@ class ExitControl:
         self.runner = EarlyExitRunner(runner, self.heads, spec.kv_fill)
         self.deferred = spec.kv_fill == "deferred"
         self.kv_share = kv_share(runner)
+        self.head_layers = head_layers(runner)
         self.chooser = PointChooser(
             self.num_layers, profile.points if profile else [], spec.default_compute_budget,
-            self._inline(spec.thresholds, source),
+            self._inline(spec.thresholds, source), self.head_layers,
         )
         self.rates = EnergyRates()
         self.device = runner.device
@@ -137,8 +148,8 @@ class ExitControl:
             tally.tokens += 1
             tally.layers_run += depth
             tally.compute += frac
-            if self.rates.decode_j:
-                tally.saved_j += (1.0 - frac) * n * self.rates.decode_j
+            if self.rates.decode_j:  # the layers skipped, at the per-layer rate (the head is paid anyway)
+                tally.saved_j += (1.0 - frac) * n * per_layer_j(self.rates.decode_j, n, self.head_layers)
             counts[depth] = counts.get(depth, 0) + 1
             compute_sum += frac
         deepest = max(depths) if depths else n

@@ -156,6 +156,12 @@ class EnergyRates:
     decode_j: float | None = None
 
 
+def per_layer_j(decode_j_per_layer_token: float, num_layers: int, head_layers: float) -> float:
+    """Joules of one token through one decoder layer, from the measured J per layer-token of
+    full-depth decode (whose steps also pay the LM head): ``J_token = rate * (n + head)``."""
+    return decode_j_per_layer_token * num_layers / (num_layers + head_layers)
+
+
 class PointChooser:
     """Maps a request's budget to an operating point (name, per-exit thresholds or None)."""
 
@@ -165,8 +171,10 @@ class PointChooser:
         points: list[OperatingPoint],
         default_compute_budget: float = 1.0,
         inline: tuple[float, ...] | None = None,
+        head_layers: float = 0.0,
     ) -> None:
         self.num_layers = num_layers
+        self.head_layers = head_layers  # the LM head in layer equivalents: paid per token at any depth
         self.points = sorted(points, key=lambda p: p.compute_fraction)
         self.default_compute_budget = default_compute_budget
         self.inline = inline
@@ -196,14 +204,18 @@ class PointChooser:
         rates: EnergyRates,
     ) -> tuple[str, tuple[float, ...] | None]:
         """An explicit compute budget wins; else an energy budget through the measured J per
-        layer-token (prompt at full depth, ``max_tokens`` at the point's compute); else the
-        expert's default (inline thresholds, or ``default_compute_budget``)."""
+        layer-token (prompt at full depth, ``max_tokens`` at the point's compute plus the LM
+        head each token pays whatever its depth); else the expert's default (inline
+        thresholds, or ``default_compute_budget``)."""
         if compute_budget is not None:
             return self.by_depth(compute_budget)
         if energy_budget_j is not None and rates.decode_j:
+            n, head = self.num_layers, self.head_layers
             prefill_j = rates.prefill_j or rates.decode_j  # unmeasured: assume decode's (dearer) rate
-            spare_j = energy_budget_j / self.num_layers - prompt_tokens * prefill_j
-            return self.by_compute(spare_j / (max(1, max_tokens) * rates.decode_j))
+            spare_j = energy_budget_j - prompt_tokens * n * prefill_j
+            # a decode token at compute share f costs (f n + head) layers at the true per-layer rate
+            afford = spare_j / (max(1, max_tokens) * per_layer_j(rates.decode_j, n, head))
+            return self.by_compute((afford - head) / n)
         if self.inline is not None:
             return "inline", self.inline
         return self.by_depth(self.default_compute_budget)
