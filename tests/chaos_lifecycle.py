@@ -171,18 +171,36 @@ async def _wait_status(admin, predicate, timeout_s: float = 45.0):
     return None
 
 
-async def _when_back(method, timeout_s: float = 30.0):
+async def _when_back(method, *args, timeout_s: float = 30.0):
     """Call an actor method, retrying while Ray says the actor is restarting."""
     from ray.exceptions import ActorUnavailableError
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return await method.remote()
+            return await method.remote(*args)
         except ActorUnavailableError:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+def _pid(actor_self) -> int:
+    """Run inside an actor (``__ray_call__``): the process serving it."""
+    import os
+
+    return os.getpid()
+
+
+async def _until_other_pid(actor, pid: int, timeout_s: float = 45.0) -> bool:
+    """Whether another process serves ``actor`` within ``timeout_s`` (the kill is asynchronous:
+    the first calls after it may still reach the old process)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await _when_back(actor.__ray_call__, _pid) != pid:
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 def _lp_capped(st) -> bool:
@@ -209,10 +227,13 @@ async def power_plane_restart(tmp: Path, per_expert: int = 2) -> Counts:
 
             tasks = [asyncio.ensure_future(worker(n)) for n in ("lp", "hp") for _ in range(per_expert)]
             steps["lp_capped_before"] = await _wait_status(admin, _lp_capped) is not None
-            ticks = (await _wait_status(admin, lambda s: True)).counters["ticks"]
-            ray.kill(srv.power.governor, no_restart=False)
-            # a fresh governor counts its ticks from 0: fewer than before proves it restarted
-            steps["governor_restarted"] = await _wait_status(admin, lambda s: 0 < s.counters["ticks"] < ticks) is not None
+            governor = srv.power.governor
+            before = await governor.__ray_call__.remote(_pid)
+            ray.kill(governor, no_restart=False)
+            # another process serves the governor now (a tick count starting again from 0 would
+            # say so too, but a quick restart can tick past the old count before a status call)
+            steps["governor_restarted"] = await _until_other_pid(governor, before)
+            steps["governor_ticking"] = await _wait_status(admin, lambda s: s.counters["ticks"] > 0) is not None
             steps["governor_capping_again"] = await _wait_status(admin, _lp_capped) is not None
             agent = next(iter(srv.power.agents.values()))[0]
             ray.kill(agent, no_restart=False)

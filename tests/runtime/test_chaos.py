@@ -81,7 +81,7 @@ async def test_killing_the_power_governor_and_node_agent_under_load(ray_session,
     print(json.dumps(c.as_dict()))
     x = c.extra
     assert c.hung == 0 and c.failed_clean == 0 and c.refused == 0 and c.completed > 0  # serving never stopped
-    assert x["lp_capped_before"] and x["governor_restarted"] and x["governor_capping_again"]
+    assert x["lp_capped_before"] and x["governor_restarted"] and x["governor_ticking"] and x["governor_capping_again"]
     assert x["agent_experts_after_restart"] == 2  # the restarted agent knows its experts again
     assert x["fresh_readings_and_capping_after_agent_restart"] and x["hp_never_capped"]
 
