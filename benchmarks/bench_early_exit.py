@@ -92,10 +92,7 @@ def agreement(engine: TorchEngine, prompts: list[str], outputs: dict[str, list[i
 def compute_saving(engine, avg_layers: float) -> float:
     """Modeled decode compute at full depth over compute at ``avg_layers``: decoder layers, the
     LM head each token pays once, and the K/V projections still run for skipped layers."""
-    r, layers = engine.runner, engine.info.num_layers
-    per_layer = sum(p.numel() for p in r.layers[0].module.parameters())
-    head = r.lm_head.weight.numel() / per_layer  # in layer-equivalents
-    kv = engine.exits.kv_share
+    layers, head, kv = engine.info.num_layers, engine.exits.head_layers, engine.exits.kv_share
     return (layers + head) / (avg_layers + head + kv * (layers - avg_layers))
 
 
@@ -159,25 +156,13 @@ def step_cost(model_dir: Path, threads: int, steps: int = 60, reps: int = 3) -> 
     ``ms = fixed + per_layer * layers`` bounds what any early exit can gain, since the fixed
     part (embedding, final norm, LM head, the loop) is paid by every token."""
     import numpy as np
-
-    from workers.engines.torch_engine.engine import load_causal_lm
-    from workers.engines.torch_engine.kv_cache import SlotKVCache
-    from workers.engines.torch_engine.runner import DecoderRunner
+    from bench_decode_step import plain_runner, step_ms
 
     torch.set_num_threads(threads)
     best: dict[int, float] = {}
     for _ in range(reps):
         for depth in (2, 10, 20, 30):
-            model = load_causal_lm(model_dir, torch.float32, depth).eval()
-            cfg = model.config
-            cache = SlotKVCache(depth, 1, cfg.num_key_value_heads, cfg.head_dim, 512, torch.float32, torch.device("cpu"))
-            runner = DecoderRunner(model, cache)
-            cache.used = 0
-            runner.prefill(cache.allocate(), list(range(100, 160)))
-            token, t0 = [5], time.perf_counter()
-            for _ in range(steps):
-                token = runner.decode(token).argmax(-1).tolist()
-            best[depth] = min(best.get(depth, float("inf")), (time.perf_counter() - t0) / steps * 1000)
+            best[depth] = min(best.get(depth, float("inf")), step_ms(plain_runner(model_dir, depth), 1, steps))
     per_layer, fixed = np.polyfit(list(best), list(best.values()), 1)
     out = {"ms_by_layers": best, "fixed_ms": fixed, "per_layer_ms": per_layer, "fixed_layers": fixed / per_layer}
     print("batch-1 decode ms by layers loaded: " + ", ".join(f"{d}: {t:.1f}" for d, t in best.items())

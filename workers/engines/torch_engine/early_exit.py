@@ -380,15 +380,15 @@ class _ExitPass:
         """kv_fill="deferred": the layers each row filled, and its tokens still waiting (a row's
         exited token keeps its raw state: exited rows' ``self.h`` is never written again)."""
         n, dev = self.owner.layout.num_layers, self.h.device
-        done = self.w_rows is None
-        if not done:
+        waited = self.w_rows is not None
+        if waited:
             filled = torch.zeros(self.b, dtype=torch.long, device=dev)
             filled.index_add_(0, self.w_rows, self.w_progress - self.w_start)
             step.work = [d + f for d, f in zip(self.depths, filled.tolist(), strict=True)]
         left: list[Deferred | None] = []
         for row, depth in enumerate(self.depths):
             parts = []
-            if not done:
+            if waited:
                 keep = ((self.w_rows == row) & (self.w_progress < n)).nonzero().squeeze(1)
                 if keep.numel():
                     parts.append((self.w_pos[keep], self.w_progress[keep], self.w_h[keep]))
