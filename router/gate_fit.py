@@ -30,6 +30,7 @@ import numpy as np
 
 from wattserve.errors import InvalidRequest
 
+from . import calibration
 from .gate import EMBEDDING_MODEL, GATE_FILE, WEIGHTS_FILE, MiniLMEncoder, build_mlp
 
 NON_QUALITY_COLUMNS = {"prompt", "subject", "category", "question_id", "turn", "id", "prompt_turn1"}
@@ -163,12 +164,6 @@ def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str]) -> dict:
     chosen = y[rows, top]
     best = y.max(axis=1)
     disagree = y.max(axis=1) != y.min(axis=1)
-    bins = np.minimum((p * 10).astype(int), 9)
-    ece = 0.0
-    for b in range(10):
-        m = bins == b
-        if m.any():
-            ece += m.sum() / p.size * abs(float(p[m].mean()) - float(y[m].mean()))
     return {
         "rows": int(len(y)),
         "top_choice_quality": float(chosen.mean()),
@@ -177,8 +172,9 @@ def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str]) -> dict:
         "top_choice_accuracy_where_experts_disagree": float((chosen[disagree] == best[disagree]).mean()) if disagree.any() else None,
         "disagreeing_rows": int(disagree.sum()),
         "top_choice_share": {e: float((top == i).mean()) for i, e in enumerate(experts)},
-        "brier": float(((p - y) ** 2).mean()),
-        "ece": float(ece),
+        "brier": calibration.brier(p, y),
+        "ece": calibration.ece(p, y),
+        "auc": calibration.auc(p, y),
         "predicted_mean_quality": {e: float(p[:, i].mean()) for i, e in enumerate(experts)},
     }
 
