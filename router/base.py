@@ -103,6 +103,9 @@ class Plan:
     cascade: tuple[str, ...] = ()
     cascade_below_logprob: float | None = None
     cascaded: tuple[str, ...] = ()  # filled by the gateway: the experts that answered, in order
+    # filled by the gateway: the gate's predicted quality per expert *before* feedback corrections
+    # (feedback residuals are taken against it)
+    predicted_quality: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def experts(self) -> tuple[str, ...]:

@@ -109,6 +109,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         outcome = await self.gateway.score(_bound(score_request_from_proto(request)))
         return score_response_to_proto(outcome, request.choices)
 
+    async def Feedback(self, request, context):
+        if not request.HasField("score"):
+            raise InvalidRequest("score is required: a number in [0, 1] (1: a good answer, 0: a wrong one)")
+        tenant = bind_tenant(current_principal(), request.tenant)
+        served, correction = await self.gateway.feedback(request.request_id, request.score, tenant)
+        return pb.FeedbackResponse(request_id=request.request_id, expert=served.expert,
+                                   predicted_quality=served.predicted_quality, quality_correction=correction)
+
     async def StreamImages(self, request_iterator, context):
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "config":

@@ -173,6 +173,28 @@ class GenerateResponse(_message.Message):
     usage: Usage
     def __init__(self, chunk: _Optional[_Union[TokenChunk, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
+class FeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "score", "tenant")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    score: float
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("request_id", "expert", "predicted_quality", "quality_correction")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    expert: str
+    predicted_quality: float
+    quality_correction: float
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., predicted_quality: _Optional[float] = ..., quality_correction: _Optional[float] = ...) -> None: ...
+
 class ListExpertsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

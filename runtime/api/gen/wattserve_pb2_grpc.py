@@ -54,6 +54,11 @@ class InferenceStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/wattserve.v1.Inference/Feedback',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -98,6 +103,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """How good a finished Generate answer was (score in [0, 1]): the router corrects the answering
+        expert's predicted quality (docs/routing.md, "Feedback"). Accepted once per request id, for
+        router.feedback.remember_s after it finished, from its own tenant.
+        Errors: INVALID_ARGUMENT (score missing or outside [0, 1], empty request_id), NOT_FOUND (an id
+        this server does not remember), ALREADY_EXISTS (the request was scored already).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +136,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateImage,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +251,33 @@ class Inference:
             '/wattserve.v1.Inference/GenerateImage',
             wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Inference/Feedback',
+            wattserve_dot_v1_dot_wattserve__pb2.FeedbackRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
