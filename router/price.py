@@ -1,7 +1,7 @@
 """The price of energy: how much quality a joule is worth, fixed by an operator or derived online.
 
 Generate answers with argmax_i q_i(x) - lam E_i(x) (``router/moe2.py``). ``lam`` is in quality
-units per joule: at lam = 0.005, an expert must predict 0.1 more quality to be worth 20 J more.
+units per joule: at lam = 0.02, an expert must predict 0.1 more quality to be worth 5 J more.
 
 Two ways to set it (DESIGN.md section 10):
 
@@ -28,11 +28,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-#: quality units per joule when nothing else says (see docs/routing.md, "Choosing the default"):
-#: the 2-core dev machine's cloud expert costs ~0.24 J more per token than edge (cost_priors), so at
-#: this price cloud is worth it for a predicted gain of 0.1 on a 83-token request (prompt +
-#: max_tokens) and of 0.15 on one of 125 tokens.
-DEFAULT_QUALITY_PER_J = 0.005
+#: quality units per joule when nothing else says (docs/routing.md, "Choosing the default price").
+#: On the 2-core dev machine (modeled:cpu) cloud measured 0.46-0.51 J per output token against
+#: edge's 0.28 at 48-100 tokens: ~0.2 J more per token. At 0.02/J the priors' quality gap of 0.15
+#: is worth 7.5 J, i.e. cloud for answers up to ~40 tokens and edge beyond; a fitted gate sends a
+#: 16-token answer to cloud when it predicts a gain of >= ~0.06, a 64-token one at >= ~0.25.
+DEFAULT_QUALITY_PER_J = 0.02
 
 
 @dataclass(slots=True, frozen=True)
