@@ -43,6 +43,7 @@ def config(tmp_path_factory):
                     "cloud": {"prefill_ms_per_token": 1, "decode_ms_per_token": CLOUD_STEP_MS, "j_per_token": 3},
                 },
                 "aggregation_ms": 1,
+                "quality_per_j": 0,  # budgets alone decide in these tests (the price: test_routing_learning.py)
             },
         },
         "routing-test",

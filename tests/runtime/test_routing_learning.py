@@ -46,7 +46,8 @@ async def test_prices_cluster_default_fixed_per_tenant_and_a_tenants_own_dual():
 async def test_the_cluster_price_is_the_dual_of_the_cluster_budget():
     now = [0.0]
     svc = RoutingService(config(quality_per_j="auto", cluster_budget={"average_power_w": 1.0, "window_s": 3600},
-                                price={"interval_s": 10, "step": 0.001, "max_quality_per_j": 0.01}),
+                                price={"interval_s": 10, "step": 0.001, "max_quality_per_j": 0.01,
+                                       "default_quality_per_j": 0.005}),
                          clock=lambda: now[0])
     plan = await svc.plan(req(tenant="x"), CANDS)
     for k in range(1, 30):
