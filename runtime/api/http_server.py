@@ -220,6 +220,8 @@ class HttpApi:
             status, err, headers = http_error(exc)
             if status == 404:
                 err["error"]["code"] = "request_not_found"
+            elif status == 409:
+                err["error"]["type"] = "invalid_request_error"
             return web.json_response(err, status=status, headers=headers)
         return web.json_response({"object": "feedback", "request_id": request_id, "expert": served.expert,
                                   "predicted_quality": served.predicted_quality, "quality_correction": correction})

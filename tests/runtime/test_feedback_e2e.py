@@ -137,4 +137,4 @@ async def test_feedback_over_http(server):
             out = await resp.json()
         assert out["expert"] == expert and out["request_id"] == "h1" and "quality_correction" in out
         async with http.post(f"{base}/v1/feedback", json={"request_id": "h1", "score": 0.75}) as resp:
-            assert resp.status == 409
+            assert resp.status == 409 and (await resp.json())["error"]["type"] == "invalid_request_error"
