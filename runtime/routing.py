@@ -118,6 +118,16 @@ class RoutingService:
                       max(lam, self.config.router.price.max_quality_per_j))
         return lam
 
+    def price_of_scope(self, scope: str) -> tuple[float, str]:
+        """(price now, how it is set) for a ledger scope ("cluster" or "tenant:<name>"), for operators."""
+        if scope == CLUSTER:
+            return self.cluster_price.value(self._budget_w(CLUSTER)), self.cluster_price.describe()
+        tenant = scope.removeprefix("tenant:")
+        own = self.tenant_prices.get(tenant)
+        how = ("fixed for the tenant" if isinstance(own, float) else
+               f"cluster + tenant dual ({own.describe()})" if own is not None else "the cluster's")
+        return self.price_for(tenant), how
+
     def _budget_w(self, scope: str) -> float | None:
         limit = self.ledger.limit(scope)
         return None if limit is None else limit.energy_j / limit.window_s

@@ -203,13 +203,14 @@ class AdminServicer(pb_grpc.AdminServicer):
         change = routing.set_budget(request.scope, limit, actor=_actor(request.actor), peer=context.peer() or "",
                                     reason=request.reason)
         (status,) = routing.budget_status([change.scope])
-        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status), change=change_to_proto(change))
+        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status, routing.price_of_scope(status.scope)),
+                                          change=change_to_proto(change))
 
     async def GetEnergyBudget(self, request, context):
         routing = self.gateway.routing
         changes = list(routing.ledger.changes)[-request.recent_changes:] if request.recent_changes > 0 else []
         return pb.GetEnergyBudgetResponse(
-            budgets=[budget_to_proto(s) for s in routing.budget_status(list(request.scopes))],
+            budgets=[budget_to_proto(s, routing.price_of_scope(s.scope)) for s in routing.budget_status(list(request.scopes))],
             changes=[change_to_proto(c) for c in changes],
         )
 

@@ -154,6 +154,8 @@ def _print_budget(b) -> None:
               f"used {b.used_j:10.2f} J, left {b.remaining_j:.2f} J  [{b.state}"
               + (f", retry in {b.retry_after_s:.0f} s" if b.state == "exhausted" else "")
               + f"; throttle at {b.throttle_fraction:.0%}]")
+    if b.price:
+        print(f"  {'':<24} price of energy {b.quality_per_j:.4g} quality/J ({b.price})")
 
 
 def cmd_budget_set(args) -> int:

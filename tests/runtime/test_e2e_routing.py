@@ -218,6 +218,7 @@ async def test_budget_cli_sets_and_shows_with_the_change_log(server, capsys):
     rc = await asyncio.to_thread(main, ["budget", "show", "--target", target, "--changes", "3"])
     out = capsys.readouterr().out
     assert rc == 0 and "cluster" in out and "500.00 W avg" in out and "(peak hours)" in out
+    assert "price of energy 0 quality/J (fixed 0/J)" in out  # the configured price (router.quality_per_j: 0)
     rc = await asyncio.to_thread(main, ["budget", "set", "nobody", "--energy-j", "5", "--target", target])
     assert rc == 1 and "unknown tenant 'nobody'" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["budget", "set", "cluster", "--unlimited", "--target", target]) == 0

@@ -403,7 +403,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., best_choice: _Optional[int] = ..., best_text: _Optional[str] = ..., choice_probs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ..., energy_j: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., gate: _Optional[str] = ..., budget_exceeded: _Optional[bool] = ..., predicted_energy_j: _Optional[float] = ...) -> None: ...
 
 class EnergyBudget(_message.Message):
-    __slots__ = ("scope", "unlimited", "energy_budget_j", "window_s", "average_power_w", "throttle_fraction", "used_j", "remaining_j", "state", "retry_after_s")
+    __slots__ = ("scope", "unlimited", "energy_budget_j", "window_s", "average_power_w", "throttle_fraction", "used_j", "remaining_j", "state", "retry_after_s", "quality_per_j", "price")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     UNLIMITED_FIELD_NUMBER: _ClassVar[int]
     ENERGY_BUDGET_J_FIELD_NUMBER: _ClassVar[int]
@@ -414,6 +414,8 @@ class EnergyBudget(_message.Message):
     REMAINING_J_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_PER_J_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
     scope: str
     unlimited: bool
     energy_budget_j: float
@@ -424,7 +426,9 @@ class EnergyBudget(_message.Message):
     remaining_j: float
     state: str
     retry_after_s: float
-    def __init__(self, scope: _Optional[str] = ..., unlimited: _Optional[bool] = ..., energy_budget_j: _Optional[float] = ..., window_s: _Optional[float] = ..., average_power_w: _Optional[float] = ..., throttle_fraction: _Optional[float] = ..., used_j: _Optional[float] = ..., remaining_j: _Optional[float] = ..., state: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    quality_per_j: float
+    price: str
+    def __init__(self, scope: _Optional[str] = ..., unlimited: _Optional[bool] = ..., energy_budget_j: _Optional[float] = ..., window_s: _Optional[float] = ..., average_power_w: _Optional[float] = ..., throttle_fraction: _Optional[float] = ..., used_j: _Optional[float] = ..., remaining_j: _Optional[float] = ..., state: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., quality_per_j: _Optional[float] = ..., price: _Optional[str] = ...) -> None: ...
 
 class BudgetChange(_message.Message):
     __slots__ = ("unix_s", "scope", "old_budget", "new_budget", "actor", "peer", "reason")
