@@ -129,7 +129,7 @@ class MoE2(Policy):
         else:
             energy = _energy(chosen[0]) if chosen[0].cost else None
             latency = chosen[0].cost.latency_ms if chosen[0].cost else None
-        cascade = self._cascade(request, chosen)
+        cascade = () if explored else self._cascade(request, chosen)  # an exploration answers as drawn
         return Plan(
             ranked=ranked, policy=self.name, subset=subset, weights=weights, gate=gate.source,
             predicted_energy_j=energy if energy is None or math.isfinite(energy) else None,

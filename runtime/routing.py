@@ -8,9 +8,9 @@ request finishes it charges the measured energy and teaches the cost model. With
 set, charges and operator limit changes also go to a SQLite file (``runtime/ledger_store.py``),
 restored at start: budget use survives a gateway restart.
 
-It also keeps what the router learns from use (docs/routing.md, sections 3 and 8): the **price of
+It also keeps what the router learns from use (docs/routing.md, sections 4 and 5): the **price of
 energy** per tenant (``router/price.py``: fixed, or derived online from the cluster's and a
-tenant's budget burn rate; every charge moves it), and **feedback**: a bounded memory of which
+tenant's budget burn rate, which every charge feeds), and **feedback**: a bounded memory of which
 expert answered each finished request (with the quality the gate predicted), so a client's score
 for a request id corrects that expert's quality estimate (``router/feedback.py``), persisted in
 the same SQLite file.
