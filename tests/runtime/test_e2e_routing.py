@@ -262,6 +262,9 @@ async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_on
         assert usage.expert == "cloud" and list(usage.cascade) == ["edge", "cloud"]
         assert text == " tok" * 6  # only the strong expert's answer reached the client
         assert usage.energy_j > predicted["cloud"] / 8 * 6 * 0.5 and "answered by cloud" in usage.routing_reason
+        # both outcomes taught the router about edge (weak feedback: kept 1, escalated 0)
+        edge_fb = server.gateway.routing.feedback.stats[("*", "edge")]
+        assert edge_fb.scores == 2 and edge_fb.weight == pytest.approx(2 * 0.5)
         # a budget that cannot pay for both answers: no cascade, the top expert of what fits
         tight = await usage_of(stub, request(max_tokens=6, energy_budget_j=(predicted["edge"] * predicted["cloud"]) ** 0.5))
         assert tight.expert == "edge" and list(tight.cascade) == []
