@@ -11,6 +11,7 @@ engine itself is single-threaded. A scoring job runs between two steps and is me
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from wattserve.errors import EngineDead, InvalidRequest, QueueFull
 from wattserve.types import EnergyTotals, FinishReason, GenerateCall, RequestUsage, ScoreCall, ScoreResult, StreamEvent
 
 from .devices.base import Device
-from .energy import EnergyLedger
+from .energy import EnergyLedger, ExitSavingMeter
 from .engines.base import Engine, EngineInfo, PreparedScore, SequenceOutput
 from .profile import ProfileTracker
 
@@ -106,6 +107,7 @@ class EngineLoop:
         self.on_fatal = on_fatal
         self.sleep = sleep
         self.ledger = EnergyLedger(device.energy_source)
+        self.exit_savings = ExitSavingMeter()  # early exit's saving net of measured joules
         self.profile = ProfileTracker(num_layers=engine.info.num_layers)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -303,6 +305,8 @@ class EngineLoop:
             self.ledger.add_idle(start_j - last_j)
             self.ledger.add_step(end_j - start_j, result.tokens_by_request)
             self._load = self.engine.load()
+        self.exit_savings.observe(end_j - start_j, result.work.prefill_tokens, result.tokens_by_request,
+                                  result.exit_probes)
         prof = self.profile
         prof.observe(result.timings, end_j - start_j, result.work.tokens, result.work, result.exit_counts)
         self.engine.observe_energy(prof.prefill_j_per_layer_token, prof.decode_j_per_layer_token)
@@ -354,9 +358,13 @@ class EngineLoop:
             energy_j=energy_j,
             energy_source=self.device.energy_source,
             finish_reason=FinishReason(out.finish_reason),
-            exits=out.exits,
+            exits=self._net_exits(out),
             mean_logprob=out.logprob_sum / out.completion_tokens if out.completion_tokens else None,
         )
+
+    def _net_exits(self, out: SequenceOutput):
+        net = self.exit_savings.close(out.request_id)
+        return None if out.exits is None else dataclasses.replace(out.exits, energy_saved_net_j=net)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
