@@ -205,13 +205,33 @@ class WattserveServer:
         if self.server is not None:
             await self.server.wait_for_termination()
 
-    async def stop(self, grace_s: float = 2.0) -> None:
+    def cut_streams_now(self) -> None:
+        """End the shutdown grace period at once (``wattserve serve`` on a second signal)."""
+        if self.gateway is not None:
+            self.gateway.drain.cut_now()
+
+    async def stop(self, grace_s: float | None = None) -> str:
+        """Drain, then take everything down; returns what happened to the streams in flight.
+
+        Both APIs drain alike (``runtime/shutdown.py``): health turns NOT_SERVING, new requests
+        get UNAVAILABLE/503, streams in flight may finish within ``grace_s`` (default
+        ``gateway.shutdown_grace_s``) and are cut with a message saying so after it.
+        """
+        grace = self.config.gateway.shutdown_grace_s if grace_s is None else grace_s
+        report = ""
+        if self.gateway is not None and (self.server is not None or self.http is not None):
+            if self.server is not None:
+                await self.health.enter_graceful_shutdown()
+            gateway = self.gateway
+            outcome = await gateway.drain.drain(grace, busy=lambda: gateway.inflight)
+            report = outcome.message()
+            self.progress(report)
         if self.http is not None:
             await self.http.stop()
             self.http = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace_s)
+            await self.server.stop(1.0)  # drained above: only calls that are not streams remain
             self.server = None
         if self.gateway is not None:
             await self.gateway.stop()
@@ -225,3 +245,4 @@ class WattserveServer:
         if self._owns_ray:
             stop_ray()
             self._owns_ray = False
+        return report
