@@ -79,6 +79,12 @@ class GatewayConfig(Strict):
         description="Once this share of max_inflight is in use, a tenant may hold at most its weighted fair "
         "share of max_inflight (among the tenants in flight); more get RESOURCE_EXHAUSTED with a retry hint.",
     )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="On SIGINT/SIGTERM, how long streams in flight (gRPC and HTTP alike) may run to their end; "
+        "new requests get UNAVAILABLE/503 meanwhile, and streams still running after it are cut with a message "
+        "saying so. A second signal cuts at once.",
+    )
     retry_unstarted: bool = Field(
         default=True,
         description="A request whose expert fails before it streamed any token is retried once on another "

@@ -30,6 +30,7 @@ from .config import WattserveConfig
 from .metrics import RequestRecorder, ServingMetrics
 from .power_state import PowerState
 from .routing import RouteRequest, RoutingService
+from .shutdown import StreamDrain
 from .validation import MAX_REQUEST_ID_CHARS, Validator
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class Gateway:
         self._any_healthy: bool | None = None
         self.metrics = metrics or ServingMetrics()
         self.power = PowerState()  # filled by the power governor; exported as metrics
+        self.drain = StreamDrain(clock)  # shutdown: streams finish within the grace period or are cut
 
     # -- telemetry ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,6 +196,7 @@ class Gateway:
         received = self.clock()
         rec = self.metrics.begin(request.api, self.clock)
         try:
+            self.drain.check_open()
             req = self.validate(request)
             ticket = self.admission.acquire(req.tenant)
         except WattserveError as exc:
@@ -202,13 +205,14 @@ class Gateway:
         self.requests_total += 1
         final_sent = False
         try:
-            async for item in self._serve(req, received, rec):
-                if isinstance(item, Chunk):
-                    rec.chunk(item)
-                else:
-                    rec.finished(item, req.tenant, req.energy_budget_j, req.latency_budget_ms)
-                    final_sent = True
-                yield item
+            with self.drain.track(request.api):  # shutdown drains (or cuts, saying so) this stream
+                async for item in self._serve(req, received, rec):
+                    if isinstance(item, Chunk):
+                        rec.chunk(item)
+                    else:
+                        rec.finished(item, req.tenant, req.energy_budget_j, req.latency_budget_ms)
+                        final_sent = True
+                    yield item
         except BaseException as exc:
             if not final_sent:  # a caller closing us right after the Final is not a failure
                 self.requests_failed += 1

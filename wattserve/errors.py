@@ -60,6 +60,13 @@ class NoHealthyExpert(WattserveError):
     http_status = 503
 
 
+class ShuttingDown(WattserveError):
+    """The server is shutting down: it takes no new request, or cut a stream after its grace period."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+
+
 class ExpertUnavailable(WattserveError):
     """An expert died or its engine failed while serving; not the caller's fault."""
 

@@ -284,6 +284,7 @@ def exit_body(e: ExitUsage) -> dict[str, Any]:
         "layers_skipped": e.layers_skipped,
         "compute_fraction": e.compute_fraction,
         "energy_saved_j": e.energy_saved_j,
+        "energy_saved_net_j": e.energy_saved_net_j,
         "operating_point": e.operating_point,
     }
 

@@ -89,6 +89,8 @@ def usage_to_proto(final: Final) -> pb.Usage:
         usage.num_layers, usage.avg_exit_layer, usage.layers_skipped = e.num_layers, e.avg_exit_layer, e.layers_skipped
         usage.compute_fraction, usage.energy_saved_j = e.compute_fraction, e.energy_saved_j
         usage.exit_operating_point = e.operating_point
+        if e.energy_saved_net_j is not None:
+            usage.energy_saved_net_j = e.energy_saved_net_j
     return add_plan_to_usage(usage, final.plan, u.mean_logprob)
 
 

@@ -261,6 +261,7 @@ class TorchEngine(Engine):
             logits, step_exits = self.exits.decode(token_ids, [seq.exits for seq in decoding])
             compute, weight_fraction = step_exits.compute_sum, step_exits.weight_fraction
             result.exit_counts = step_exits.counts
+            result.exit_probes = step_exits.probed
         for i, seq in enumerate(decoding):
             self._advance(seq, logits[i], now_s, result, finished)
         return compute, weight_fraction
