@@ -142,6 +142,22 @@ async def test_vllm_sampling_extensions_are_honoured(client):
     assert sampled.usage.completion_tokens == 4
 
 
+async def test_grpc_sampling_params_carry_the_same_fields(channel):
+    stub = pb_grpc.InferenceStub(channel)
+
+    def req(**sampling):
+        return pb.GenerateRequest(prompt="The capital of France is", max_tokens=12, expert="chat",
+                                  sampling=pb.SamplingParams(ignore_eos=True, **sampling))
+
+    _, plain, _ = await collect(stub, req())
+    _, neutral, _ = await collect(stub, req(repetition_penalty=1.0, min_p=0.0, min_tokens=0))
+    _, penalised, _ = await collect(stub, req(frequency_penalty=2.0))
+    assert neutral == plain and penalised != plain
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stub, req(repetition_penalty=-1.0))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty must be > 0" in err.value.details()
+
+
 @pytest.mark.parametrize("extra, param, fragment", [
     ({"use_beam_search": True}, "use_beam_search", "no beam search"),
     ({"stop_token_ids": [2]}, "stop_token_ids", "token ids mean different tokens"),
