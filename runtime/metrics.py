@@ -130,6 +130,13 @@ class ServingMetrics:
         self.registry.register(collector)
         self._gateways.append(collector)
 
+    def refused(self, api: str, exc: BaseException) -> None:
+        """Count ``exc`` in ``wattserve_refused_requests_total`` if it is a refusal (a 4xx)."""
+        reason = refusal_reason(exc)
+        if reason is not None:
+            code = str(exc.http_status) if api == "http" else status_label(exc)
+            self.refusals.labels(api, reason, code).inc()
+
     def begin(self, api: str, clock: Callable[[], float]) -> RequestRecorder:
         """A recorder for one request arriving now through ``api`` (grpc or http)."""
         return RequestRecorder(self, api, clock)
@@ -181,10 +188,7 @@ class RequestRecorder:
         if not self._done:
             self._done = True
             self.metrics.requests.labels(self.api, self.expert, status_label(exc)).inc()
-            reason = refusal_reason(exc)
-            if reason is not None:
-                code = str(exc.http_status) if self.api == "http" else status_label(exc)
-                self.metrics.refusals.labels(self.api, reason, code).inc()
+            self.metrics.refused(self.api, exc)
 
 
 class GatewayCollector:

@@ -247,6 +247,9 @@ async def test_invalid_utf8_over_grpc_says_utf8_and_refusals_are_counted(base_ur
         assert (await _post(base_url, "/v1/completions", b"{not json"))[0] == 400
         assert (await _post(base_url, "/v1/completions", {"prompt": "a", "bogus": 1}))[0] == 400
         assert (await _post(base_url, "/v1/completions", {"prompt": "a", "n": 3}))[0] == 400
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.InferenceStub(ch).Score(pb.ScoreRequest(prompt="2 + 2 =", choices=[]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         status_after = await pb_grpc.AdminStub(ch).GetStatus(pb.GetStatusRequest())
     after = await _scrape(base_url)
 
@@ -258,9 +261,9 @@ async def test_invalid_utf8_over_grpc_says_utf8_and_refusals_are_counted(base_ur
     assert delta("wattserve_refused_requests_total", api="http", reason="invalid_json", code="400") == 1
     assert delta("wattserve_refused_requests_total", api="http", reason="unknown_field", code="400") == 1
     assert delta("wattserve_refused_requests_total", api="http", reason="unsupported_value", code="400") == 1
-    assert delta("wattserve_refused_requests_total", api="grpc", reason="invalid_value", code="invalid_argument") == 1
-    assert status_after.requests_failed - status_before.requests_failed == 4
-    assert status_after.requests_total - status_before.requests_total == 4
+    assert delta("wattserve_refused_requests_total", api="grpc", reason="invalid_value", code="invalid_argument") == 2
+    assert status_after.requests_failed - status_before.requests_failed == 5
+    assert status_after.requests_total - status_before.requests_total == 5
 
 
 # -- tenant labels ----------------------------------------------------------------------------------------
