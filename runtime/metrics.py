@@ -4,9 +4,11 @@ requests are counted alike) and exported on the HTTP server's ``/metrics``.
 Two kinds of series:
 
 * per request, pushed by a :class:`RequestRecorder` that the gateway drives: request counts by
-  API, expert and outcome; TTFT, inter-token and end-to-end latency histograms per expert
+  API, expert and outcome, refusals included (also counted by API, reason and status code in
+  ``wattserve_refused_requests_total``, the APIs reporting those refused before the gateway); TTFT, inter-token and end-to-end latency histograms per expert
   (``wattserve_*_seconds``); tokens; energy by expert, tenant and energy source; how much of
-  its energy budget each request used and how many budgets were missed;
+  its energy budget each request used and how many budgets were missed (tenant labels are
+  bounded: without configured tenants, all but "default" read "other");
 * per scrape, pulled from the gateway's latest telemetry by :class:`GatewayCollector`: queue
   depths, health, device power / power limit / SM clock per replica, energy per replica
   (requests and idle), the power budget and cap events of :class:`runtime.power_state.PowerState`.
