@@ -50,7 +50,8 @@ class GatewayConfig(Strict):
         default=256, ge=1, description="Requests served at once; more get RESOURCE_EXHAUSTED."
     )
     max_prompt_bytes: int = Field(default=64 * 1024, ge=1, description="Larger prompts are rejected.")
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="gRPC message size limit.")
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="gRPC message size limit: a larger request gets INVALID_ARGUMENT naming it "
+                                   "(the transport itself accepts up to 4x this, then RESOURCE_EXHAUSTED).")
     default_max_tokens: int = Field(default=128, ge=1, description="Used when a request sends 0.")
     max_tokens_limit: int = Field(default=4096, ge=1, description="Upper bound on max_tokens.")
     health_interval_s: float = Field(default=1.0, gt=0, description="How often expert telemetry is polled.")

@@ -40,6 +40,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # load tests ask for exactly max_tokens tokens
+    # Penalties and filters with vLLM's semantics (vllm.SamplingParams); each default is neutral.
+    # They apply to greedy decoding too, before the argmax, as in vLLM.
+    #: > 0; tokens already in the prompt or output: positive logits / p, negative logits * p
+    repetition_penalty: float = 1.0
+    #: in [-2, 2]; subtracted from the logit of every token the output already contains
+    presence_penalty: float = 0.0
+    #: in [-2, 2]; times the number of times a token occurs in the output, subtracted from its logit
+    frequency_penalty: float = 0.0
+    #: in [0, 1]; after temperature, drop tokens whose probability is below min_p x the top one's
+    min_p: float = 0.0
+    #: EOS and stop strings are ignored until this many tokens were generated (<= max_tokens)
+    min_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)

@@ -48,6 +48,12 @@ SERVICE_NAMES = (
 )
 
 
+INFERENCE_PREFIX = f"/{SERVICE_NAMES[0]}/"
+#: the gRPC transport accepts messages this many times gateway.max_message_bytes, for the
+#: interceptor to refuse them in words
+TRANSPORT_HEADROOM = 4
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps the endpoint on this machine."""
     if host == "localhost":
@@ -151,10 +157,12 @@ class WattserveServer:
 
         limit, meta = cfg.gateway.max_message_bytes, cfg.gateway.max_metadata_bytes
         self.server = aio.server(
-            interceptors=[ErrorInterceptor(self.keys, meta)],
-            # gRPC's own metadata limits sit above ours, so a client over ours gets a clear
-            # INVALID_ARGUMENT from the interceptor; far beyond it the transport refuses the call.
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            interceptors=[ErrorInterceptor(self.keys, meta, limit, on_refused=self._refused)],
+            # gRPC's own metadata and receive limits sit above ours (x4), so a client over ours
+            # gets a clear INVALID_ARGUMENT naming the limit from the interceptor; only far beyond
+            # it does the transport refuse the call (RESOURCE_EXHAUSTED).
+            options=[("grpc.max_receive_message_length", TRANSPORT_HEADROOM * limit),
+                     ("grpc.max_send_message_length", limit),
                      ("grpc.max_metadata_size", 4 * meta), ("grpc.absolute_max_metadata_size", 8 * meta)],
         )
         images = ImageGateway(self.gateway, self.image_metrics)
@@ -193,6 +201,11 @@ class WattserveServer:
                 continue
             out.append(f"{replica.name}: {replica_phases(marks, created_unix_s)}")
         return out
+
+    def _refused(self, method: str, exc) -> None:
+        """An Inference call refused by the interceptor (credentials, size, bytes): counted."""
+        if self.gateway is not None and method.startswith(INFERENCE_PREFIX):
+            self.gateway.refused("grpc", exc)
 
     async def _start_http(self) -> None:
         gateway = self.gateway
