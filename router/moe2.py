@@ -192,17 +192,18 @@ class MoE2(Policy):
             asked.append(f"energy_budget_j={request.energy_budget_j:.4g}")
         if request.latency_budget_ms is not None:
             asked.append(f"latency_budget_ms={request.latency_budget_ms:.4g}")
+        param = asked[0].split("=")[0] if asked else None  # the field the caller should change
         if not known:
             unknown = ", ".join(o.expert for o in options)
             raise BudgetInfeasible(
                 f"cannot check {' and '.join(asked)}: no cost measured yet for {unknown} and no "
-                "router.cost_priors configured; retry after a first request or drop the budget"
+                "router.cost_priors configured; retry after a first request or drop the budget", param=param,
             )
         cheap = min(known, key=lambda o: (o.cost.energy_j, o.cost.latency_ms))
         fast = min(known, key=lambda o: (o.cost.latency_ms, o.cost.energy_j))
         raise BudgetInfeasible(
             f"no expert fits {' and '.join(asked)}: {_feasible_hint(request, cheap, fast, lam)}",
-            cheapest_energy_j=cheap.cost.energy_j, cheapest_latency_ms=fast.cost.latency_ms,
+            cheapest_energy_j=cheap.cost.energy_j, cheapest_latency_ms=fast.cost.latency_ms, param=param,
         )
 
 

@@ -19,7 +19,6 @@ import ray
 
 from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec
-from workers.diffusion.worker import ImageExpertWorker
 from workers.expert import ExpertWorker
 
 from .config import RayConfig
@@ -82,8 +81,17 @@ class ExpertActor(_OnNode, ExpertWorker):
     """A text expert replica as a Ray actor."""
 
 
-class ImageExpertActor(_OnNode, ImageExpertWorker):
-    """An image expert replica as a Ray actor."""
+def __getattr__(name: str):
+    """``ImageExpertActor``, defined on first use: the diffusion worker imports torch (seconds),
+    which a gateway serving only text experts need not pay at start-up (issue 18, item 7)."""
+    if name != "ImageExpertActor":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from workers.diffusion.worker import ImageExpertWorker
+
+    cls = type("ImageExpertActor", (_OnNode, ImageExpertWorker),
+               {"__doc__": "An image expert replica as a Ray actor.", "__module__": __name__})
+    globals()[name] = cls  # Ray pickles it by reference: a worker resolves the same name here
+    return cls
 
 
 class ExpertPool:
@@ -96,9 +104,12 @@ class ExpertPool:
 
     def create(self) -> None:
         # Text experts and image experts are different actor bodies behind the same lifecycle.
-        classes = {"text": ray.remote(ExpertActor), "image": ray.remote(ImageExpertActor)}
+        remote: dict[str, object] = {}
         for spec in self.specs.values():
-            actor_cls = classes[spec.modality]
+            if spec.modality not in remote:
+                body = ExpertActor if spec.modality == "text" else __getattr__("ImageExpertActor")
+                remote[spec.modality] = ray.remote(body)
+            actor_cls = remote[spec.modality]
             res = spec.resources
             options = dict(
                 name=actor_name(spec.name, 0),

@@ -51,7 +51,8 @@ class GatewayConfig(Strict):
         default=256, ge=1, description="Requests served at once; more get RESOURCE_EXHAUSTED."
     )
     max_prompt_bytes: int = Field(default=64 * 1024, ge=1, description="Larger prompts are rejected.")
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="gRPC message size limit.")
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="gRPC message size limit: a larger request gets INVALID_ARGUMENT naming it "
+                                   "(the transport itself accepts up to 4x this, then RESOURCE_EXHAUSTED).")
     default_max_tokens: int = Field(default=128, ge=1, description="Used when a request sends 0.")
     max_tokens_limit: int = Field(default=4096, ge=1, description="Upper bound on max_tokens.")
     health_interval_s: float = Field(default=1.0, gt=0, description="How often expert telemetry is polled.")
@@ -79,6 +80,12 @@ class GatewayConfig(Strict):
         default=0.75, gt=0, le=1,
         description="Once this share of max_inflight is in use, a tenant may hold at most its weighted fair "
         "share of max_inflight (among the tenants in flight); more get RESOURCE_EXHAUSTED with a retry hint.",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="On SIGINT/SIGTERM, how long streams in flight (gRPC and HTTP alike) may run to their end; "
+        "new requests get UNAVAILABLE/503 meanwhile, and streams still running after it are cut with a message "
+        "saying so. A second signal cuts at once.",
     )
     retry_unstarted: bool = Field(
         default=True,

@@ -27,9 +27,10 @@ from wattserve.types import ChatMessage, ExpertProfile, GenerateCall, Priority, 
 from .admission import Admission
 from .cluster import ExpertPool, Replica
 from .config import WattserveConfig
-from .metrics import RequestRecorder, ServingMetrics
+from .metrics import UNLISTED_TENANT_LABEL, RequestRecorder, ServingMetrics
 from .power_state import PowerState
 from .routing import RouteRequest, RoutingService
+from .shutdown import StreamDrain
 from .validation import MAX_REQUEST_ID_CHARS, Validator
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class ClientRequest:
 class Chunk:
     text: str
     token_ids: tuple[int, ...]
+    expert: str = ""  # who produced it: with the router choosing, every chunk can name the expert
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,6 +128,7 @@ class Gateway:
         self._any_healthy: bool | None = None
         self.metrics = metrics or ServingMetrics()
         self.power = PowerState()  # filled by the power governor; exported as metrics
+        self.drain = StreamDrain(clock)  # shutdown: streams finish within the grace period or are cut
 
     # -- telemetry ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -193,22 +196,25 @@ class Gateway:
         """
         received = self.clock()
         rec = self.metrics.begin(request.api, self.clock)
+        self.requests_total += 1
         try:
+            self.drain.check_open()
             req = self.validate(request)
             ticket = self.admission.acquire(req.tenant)
         except WattserveError as exc:
+            self.requests_failed += 1  # refused: failed, for GetStatus as for the metrics
             rec.failed(exc)
             raise
-        self.requests_total += 1
         final_sent = False
         try:
-            async for item in self._serve(req, received, rec):
-                if isinstance(item, Chunk):
-                    rec.chunk(item)
-                else:
-                    rec.finished(item, req.tenant, req.energy_budget_j, req.latency_budget_ms)
-                    final_sent = True
-                yield item
+            with self.drain.track(request.api):  # shutdown drains (or cuts, saying so) this stream
+                async for item in self._serve(req, received, rec):
+                    if isinstance(item, Chunk):
+                        rec.chunk(item)
+                    else:
+                        rec.finished(item, self.tenant_label(req.tenant), req.energy_budget_j, req.latency_budget_ms)
+                        final_sent = True
+                    yield item
         except BaseException as exc:
             if not final_sent:  # a caller closing us right after the Final is not a failure
                 self.requests_failed += 1
@@ -216,6 +222,21 @@ class Gateway:
             raise
         finally:
             self.admission.release(ticket)
+
+    def refused(self, api: str, exc: WattserveError) -> None:
+        """Count a request the API refused before it reached :meth:`generate` (a body that is not
+        JSON, an unknown field, a message too large): operators see it like any other failure."""
+        self.requests_total += 1
+        self.requests_failed += 1
+        self.metrics.begin(api, self.clock).failed(exc)
+
+    def tenant_label(self, tenant: str) -> str:
+        """The metric label of ``tenant``: itself when tenants are configured (others are refused),
+        else "default" or ``UNLISTED_TENANT_LABEL`` (any string is a tenant then: a label value
+        per string would grow the series without bound)."""
+        if self.config.tenants or tenant == "default":
+            return tenant
+        return UNLISTED_TENANT_LABEL
 
     async def _serve(self, req: ClientRequest, received: float, rec: RequestRecorder) -> AsyncIterator[Chunk | Final]:
         route = RouteRequest(
@@ -293,7 +314,7 @@ class Gateway:
                         ttft_ms = 1000.0 * (self.clock() - received)
                     tokens_streamed += len(ids)
                     attempt.streamed = True
-                    yield Chunk(text, ids)
+                    yield Chunk(text, ids, replica.expert)
                 usage = events[-1].usage
                 if usage is not None:
                     finished = True

@@ -4,9 +4,11 @@ requests are counted alike) and exported on the HTTP server's ``/metrics``.
 Two kinds of series:
 
 * per request, pushed by a :class:`RequestRecorder` that the gateway drives: request counts by
-  API, expert and outcome; TTFT, inter-token and end-to-end latency histograms per expert
+  API, expert and outcome, refusals included (also counted by API, reason and status code in
+  ``wattserve_refused_requests_total``, the APIs reporting those refused before the gateway); TTFT, inter-token and end-to-end latency histograms per expert
   (``wattserve_*_seconds``); tokens; energy by expert, tenant and energy source; how much of
-  its energy budget each request used and how many budgets were missed;
+  its energy budget each request used and how many budgets were missed (tenant labels are
+  bounded: without configured tenants, all but "default" read "other");
 * per scrape, pulled from the gateway's latest telemetry by :class:`GatewayCollector`: queue
   depths, health, device power / power limit / SM clock per replica, energy per replica
   (requests and idle), the power budget and cap events of :class:`runtime.power_state.PowerState`.
@@ -37,6 +39,29 @@ BUDGET_USE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 GPU_BACKENDS = ("nvml", "simulated")
 
 
+#: the ``reason`` label of a refusal: a fixed set, so clients cannot grow the series
+REFUSAL_REASONS = frozenset({
+    "invalid_json", "not_an_object", "unknown_field", "unsupported_value", "invalid_value", "token_ids",
+    "too_large", "unknown_model", "queue_full", "budget_infeasible", "budget_exhausted", "unauthenticated",
+    "permission_denied",
+})
+_REASON_BY_ERROR = {"UnknownExpert": "unknown_model", "RequestTooLarge": "too_large", "QueueFull": "queue_full",
+                    "BudgetInfeasible": "budget_infeasible", "BudgetExhausted": "budget_exhausted",
+                    "Unauthenticated": "unauthenticated", "PermissionDenied": "permission_denied"}
+#: the tenant label of requests from tenants that are not configured (``tenants: []``): any
+#: string a client sends is a tenant then, and must not become a label value of its own
+UNLISTED_TENANT_LABEL = "other"
+
+
+def refusal_reason(exc: BaseException) -> str | None:
+    """Why a request was refused (a client error, 4xx), or None when ``exc`` is not a refusal
+    (a server-side failure, a timeout or a cancellation)."""
+    if not isinstance(exc, WattserveError) or not 400 <= exc.http_status < 499:
+        return None
+    reason = exc.details.get("reason") or _REASON_BY_ERROR.get(type(exc).__name__, "invalid_value")
+    return reason if reason in REFUSAL_REASONS else "invalid_value"
+
+
 def status_label(exc: BaseException) -> str:
     """The outcome label of a failed request: the gRPC code name in lower case."""
     if isinstance(exc, WattserveError):
@@ -55,6 +80,11 @@ class ServingMetrics:
         self.requests = Counter(
             "wattserve_requests", "Requests by API, expert and outcome (ok or a gRPC code name).",
             ["api", "expert", "status"], registry=r,
+        )
+        self.refusals = Counter(
+            "wattserve_refused_requests", "Requests refused as the client's error (4xx), by API, reason and the code "
+            "the API answered (an HTTP status for http, a gRPC code name for grpc); also in wattserve_requests_total.",
+            ["api", "reason", "code"], registry=r,
         )
         self.ttft = Histogram(
             "wattserve_time_to_first_token_seconds", "Gateway: request received -> first token sent.",
@@ -101,6 +131,13 @@ class ServingMetrics:
         collector = GatewayCollector(gateway)
         self.registry.register(collector)
         self._gateways.append(collector)
+
+    def refused(self, api: str, exc: BaseException) -> None:
+        """Count ``exc`` in ``wattserve_refused_requests_total`` if it is a refusal (a 4xx)."""
+        reason = refusal_reason(exc)
+        if reason is not None:
+            code = str(exc.http_status) if api == "http" else status_label(exc)
+            self.refusals.labels(api, reason, code).inc()
 
     def begin(self, api: str, clock: Callable[[], float]) -> RequestRecorder:
         """A recorder for one request arriving now through ``api`` (grpc or http)."""
@@ -153,6 +190,7 @@ class RequestRecorder:
         if not self._done:
             self._done = True
             self.metrics.requests.labels(self.api, self.expert, status_label(exc)).inc()
+            self.metrics.refused(self.api, exc)
 
 
 class GatewayCollector:
@@ -178,8 +216,14 @@ class GatewayCollector:
         tenants = [([st.scope.removeprefix("tenant:")], st.limit.energy_j) for st in statuses
                    if st.scope.startswith("tenant:") and st.limit is not None]
         yield _gauge("wattserve_tenant_energy_budget_joules", "Energy a tenant may use per budget window.", ["tenant"], tenants)
+        used: dict[str, float] = {}
+        for st in statuses:  # scopes of unlisted tenants without a limit share one label value
+            scope = st.scope
+            if st.limit is None and scope.startswith("tenant:"):
+                scope = "tenant:" + gw.tenant_label(scope.removeprefix("tenant:"))
+            used[scope] = used.get(scope, 0.0) + st.used_j
         yield _gauge("wattserve_energy_budget_used_joules", "Measured energy charged to a budget scope in its current window.",
-                     ["scope"], [([st.scope], st.used_j) for st in statuses])
+                     ["scope"], [([scope], j) for scope, j in used.items()])
         errors = [([e, kind], v) for e, err in sorted(gw.routing.cost.errors.items())
                   for kind, v in (("energy", err.energy_rel_error), ("latency", err.latency_rel_error)) if v is not None]
         yield _gauge("wattserve_router_prediction_relative_error", "EWMA of |predicted - measured| / measured per expert.",

@@ -71,14 +71,19 @@ async def score(gw, request: ScoreRequest) -> ScoreOutcome:
     from .gateway import ClientRequest
 
     received = gw.clock()
-    base = gw.validate(ClientRequest(
-        prompt=request.prompt, max_tokens=1, expert=request.expert, energy_budget_j=request.energy_budget_j,
-        latency_budget_ms=request.latency_budget_ms, priority=request.priority, tenant=request.tenant,
-        request_id=request.request_id,
-    ))
-    gw.validator.choices(request.choices)
-    ticket = gw.admission.acquire(base.tenant)
     gw.requests_total += 1
+    try:
+        base = gw.validate(ClientRequest(
+            prompt=request.prompt, max_tokens=1, expert=request.expert, energy_budget_j=request.energy_budget_j,
+            latency_budget_ms=request.latency_budget_ms, priority=request.priority, tenant=request.tenant,
+            request_id=request.request_id,
+        ))
+        gw.validator.choices(request.choices)
+        ticket = gw.admission.acquire(base.tenant)
+    except WattserveError as exc:  # refused: a failed request for GetStatus, and a refusal for the metrics
+        gw.requests_failed += 1
+        gw.metrics.refused("grpc", exc)
+        raise
     try:
         return await _score(gw, replace(request, tenant=base.tenant, priority=base.priority), received)
     except BaseException:

@@ -46,6 +46,13 @@ class UnknownExpert(InvalidRequest):
     http_status = 404
 
 
+class RequestTooLarge(InvalidRequest):
+    """The request body or message is over this server's size limit (the message names it).
+    The caller's error, not a busy server: gRPC answers INVALID_ARGUMENT, not RESOURCE_EXHAUSTED."""
+
+    http_status = 413
+
+
 class QueueFull(WattserveError):
     """Admission refused because a bounded queue is full; ``details['retry_after_ms']`` hints."""
 
@@ -55,6 +62,13 @@ class QueueFull(WattserveError):
 
 class NoHealthyExpert(WattserveError):
     """No replica that could serve the request is healthy right now."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+
+
+class ShuttingDown(WattserveError):
+    """The server is shutting down: it takes no new request, or cut a stream after its grace period."""
 
     grpc_code = "UNAVAILABLE"
     http_status = 503
@@ -108,10 +122,13 @@ class DeviceError(WattserveError):
 
 class BudgetInfeasible(WattserveError):
     """No expert can serve the request within its energy/latency budget; ``details`` names the
-    cheapest budget that would be feasible (``cheapest_energy_j``, ``cheapest_latency_ms``)."""
+    cheapest budget that would be feasible (``cheapest_energy_j``, ``cheapest_latency_ms``).
+
+    A request the caller must change (a larger budget), never one to retry as is: HTTP 400, which
+    OpenAI clients raise as ``BadRequestError`` (a 412 is an untyped ``APIStatusError`` there)."""
 
     grpc_code = "FAILED_PRECONDITION"
-    http_status = 412
+    http_status = 400
 
 
 class BudgetExhausted(WattserveError):

@@ -40,6 +40,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # load tests ask for exactly max_tokens tokens
+    # Penalties and filters with vLLM's semantics (vllm.SamplingParams); each default is neutral.
+    # They apply to greedy decoding too, before the argmax, as in vLLM.
+    #: > 0; tokens already in the prompt or output: positive logits / p, negative logits * p
+    repetition_penalty: float = 1.0
+    #: in [-2, 2]; subtracted from the logit of every token the output already contains
+    presence_penalty: float = 0.0
+    #: in [-2, 2]; times the number of times a token occurs in the output, subtracted from its logit
+    frequency_penalty: float = 0.0
+    #: in [0, 1]; after temperature, drop tokens whose probability is below min_p x the top one's
+    min_p: float = 0.0
+    #: EOS and stop strings are ignored until this many tokens were generated (<= max_tokens)
+    min_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,17 +134,22 @@ class StepWork:
 @dataclass(slots=True, frozen=True)
 class ExitUsage:
     """What early exit did for one request's completion tokens (the first comes from prefill,
-    at full depth). ``energy_saved_j`` is an estimate: the skipped compute (in layer-equivalents,
-    net of the K/V still computed for skipped layers) times the expert's joules per layer, its
-    measured J per layer-token of full-depth decode less the LM head's part, which every token
-    pays at any depth; the request's ``energy_j`` is what was actually spent."""
+    at full depth). ``energy_saved_j`` is a *gross* estimate: the skipped compute (in
+    layer-equivalents, net of the K/V still computed for skipped layers) times the expert's joules
+    per layer, its measured J per layer-token of full-depth decode less the LM head's part, which
+    every token pays at any depth; it leaves out what the exit probes cost. ``energy_saved_net_j``
+    is measured: full-depth decode steps of the same batch size against the early-exit steps
+    that served the request (``workers/energy.py``, ``ExitSavingMeter``), negative when early
+    exit cost more, None where no full-depth reference was measured. The request's ``energy_j``
+    is what was actually spent."""
 
     num_layers: int
     avg_exit_layer: float  # decoder layers run per completion token
     layers_skipped: int  # summed over completion tokens
     compute_fraction: float  # effective share of full-depth decoder compute, K/V propagation included
-    energy_saved_j: float
+    energy_saved_j: float  # gross estimate (skipped layers x J per layer); see the docstring
     operating_point: str  # the calibrated point that served it ("full" at full depth)
+    energy_saved_net_j: float | None = None  # measured against full-depth steps; None: no reference
 
 
 @dataclass(slots=True, frozen=True)

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,10 +32,23 @@ log = logging.getLogger(__name__)
 EXIT_DELAY_S = 1.0
 
 
+def _process_start_unix_s() -> float:
+    """When this process started (Ray may hand an actor a worker it started earlier)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return float("nan")
+
+
 class ExpertWorker(GovernedDevice):
     """One replica of one expert. Construction loads the model (seconds) and starts the loop."""
 
     def __init__(self, spec: ExpertSpec, replica: int, cache_dir: str, exit_on_failure: bool = True) -> None:
+        # Start-up phases as wall-clock times (the server on the same host lines them up with its
+        # own: docs/benchmarks.md "Start-up time").
+        self.startup: dict[str, float] = {"init_unix_s": time.time(), "process_unix_s": _process_start_unix_s()}
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.spec = spec
         self.replica = replica
@@ -42,7 +56,10 @@ class ExpertWorker(GovernedDevice):
         model_dir: Path | None = None
         if spec.model is not None:
             model_dir = prepare_model(spec.model, Path(cache_dir), progress=log.info)
+        self.startup["model_files_unix_s"] = time.time()
         self.loop = self._serving_loop(spec, model_dir)
+        self.startup["model_loaded_unix_s"] = time.time()
+        self.loop.started.add_done_callback(lambda _: self.startup.setdefault("engine_ready_unix_s", time.time()))
         self.device = self.loop.device
         self.loop.start()
         self._init_governed()
@@ -72,6 +89,12 @@ class ExpertWorker(GovernedDevice):
         EngineDead naming the cause if it failed to start."""
         await asyncio.wrap_future(self.loop.started)
         return True
+
+    async def startup_phases(self) -> dict[str, float]:
+        """Wall-clock times (POSIX s) of this replica's start-up: its process started
+        (``process_unix_s``), ``__init__`` began (imports done: ``init_unix_s``), model files were
+        found or converted, the model was loaded, the engine could take requests."""
+        return dict(self.startup)
 
     async def engine_metrics(self) -> str:
         """The engine's own Prometheus metrics in text format (vLLM's ``vllm:*``; empty for the

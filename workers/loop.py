@@ -11,6 +11,7 @@ engine itself is single-threaded. A scoring job runs between two steps and is me
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from wattserve.errors import EngineDead, InvalidRequest, QueueFull
 from wattserve.types import EnergyTotals, FinishReason, GenerateCall, RequestUsage, ScoreCall, ScoreResult, StreamEvent
 
 from .devices.base import Device
-from .energy import EnergyLedger
+from .energy import EnergyLedger, ExitSavingMeter
 from .engines.base import Engine, EngineInfo, PreparedScore, SequenceOutput
 from .profile import ProfileTracker
 
@@ -106,6 +107,7 @@ class EngineLoop:
         self.on_fatal = on_fatal
         self.sleep = sleep
         self.ledger = EnergyLedger(device.energy_source)
+        self.exit_savings = ExitSavingMeter()  # early exit's saving net of measured joules
         self.profile = ProfileTracker(num_layers=engine.info.num_layers)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -117,6 +119,7 @@ class EngineLoop:
         self._dead = ""
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._last_j = 0.0  # the device counter when the loop started (then as the thread left it)
         self.started: concurrent.futures.Future[bool] = concurrent.futures.Future()
         self.started.set_result(True)  # the engine was built (model loaded) before the loop
 
@@ -126,6 +129,10 @@ class EngineLoop:
 
     # -- called from other threads --------------------------------------------------------------
     def start(self) -> None:
+        # The baseline is read here, not in the thread, so a run's energy is measured from the
+        # moment the caller starts it (the thread's start-up costs joules on a CPU device too).
+        self.device.sync()
+        self._last_j = self.device.energy_j()
         self._thread.start()
 
     def engine_metrics(self) -> str:
@@ -202,7 +209,7 @@ class EngineLoop:
 
     # -- the loop thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        last_j = self.device.energy_j()
+        last_j = self._last_j
         try:
             while not self._stop:
                 self._drain_inbox()
@@ -222,6 +229,22 @@ class EngineLoop:
             self._fail_all(exc)
             if self.on_fatal:
                 self.on_fatal(exc)
+        finally:
+            self._book_rest(last_j)
+
+    def _book_rest(self, last_j: float) -> None:
+        """The loop ends (stopped, possibly mid-run, or failed): the energy since its last
+        reading, freshly read, is idle, so that requests + idle equal the device counter's own
+        delta over the whole run (tests/workers/test_energy_conservation.py)."""
+        try:
+            self.device.sync()
+            now_j = self.device.energy_j()
+        except Exception:  # noqa: BLE001 - a dead device cannot be read; what it last said stands
+            log.warning("engine loop: could not read the device after the loop ended", exc_info=True)
+            return
+        with self._lock:
+            self.ledger.add_idle(now_j - last_j)
+        self._last_j = now_j
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -282,6 +305,8 @@ class EngineLoop:
             self.ledger.add_idle(start_j - last_j)
             self.ledger.add_step(end_j - start_j, result.tokens_by_request)
             self._load = self.engine.load()
+        self.exit_savings.observe(end_j - start_j, result.work.prefill_tokens, result.tokens_by_request,
+                                  result.exit_probes)
         prof = self.profile
         prof.observe(result.timings, end_j - start_j, result.work.tokens, result.work, result.exit_counts)
         self.engine.observe_energy(prof.prefill_j_per_layer_token, prof.decode_j_per_layer_token)
@@ -333,9 +358,13 @@ class EngineLoop:
             energy_j=energy_j,
             energy_source=self.device.energy_source,
             finish_reason=FinishReason(out.finish_reason),
-            exits=out.exits,
+            exits=self._net_exits(out),
             mean_logprob=out.logprob_sum / out.completion_tokens if out.completion_tokens else None,
         )
+
+    def _net_exits(self, out: SequenceOutput):
+        net = self.exit_savings.close(out.request_id)
+        return None if out.exits is None else dataclasses.replace(out.exits, energy_saved_net_j=net)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

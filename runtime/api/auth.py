@@ -91,14 +91,15 @@ def check_metadata_size(pairs: Iterable[tuple[str, str | bytes]], limit: int) ->
 
 def http_auth_middleware(keys: KeyStore | None, metrics_public: bool, on_error):
     """aiohttp middleware: authorize by path, keep the principal in ``request[PRINCIPAL_KEY]`` (and
-    the context variable), answer failures through ``on_error(exc)`` (the OpenAI-shaped body)."""
+    the context variable), answer failures through ``on_error(exc, request)`` (the OpenAI-shaped
+    body)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
         try:
             principal = authorize(keys, http_access(request.path, metrics_public), request.headers.get("Authorization"))
         except WattserveError as exc:  # Unauthenticated, PermissionDenied
-            return on_error(exc)
+            return on_error(exc, request)
         request[PRINCIPAL_KEY] = principal
         set_principal(principal)
         return await handler(request)

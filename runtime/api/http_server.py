@@ -23,7 +23,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from wattserve.errors import InvalidRequest
+from wattserve.errors import InvalidRequest, RequestTooLarge, WattserveError
 
 from ..config import HttpConfig
 from ..engine_metrics import engine_metrics_text
@@ -45,6 +45,7 @@ from .openai_protocol import (
 
 log = logging.getLogger(__name__)
 
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -87,7 +88,8 @@ class HttpApi:
         metrics_public = auth.metrics_public if auth else False
         self.app = web.Application(
             client_max_size=config.max_body_bytes,
-            middlewares=[http_auth_middleware(keys, metrics_public, _error_response), self._header_limit, _openai_errors],
+            middlewares=[http_auth_middleware(keys, metrics_public, self._auth_refused), self._header_limit,
+                         _openai_errors],
         )
         self.app.add_routes(
             [
@@ -122,12 +124,22 @@ class HttpApi:
             await self._runner.cleanup()
             self._runner = None
 
+    def _refused(self, request: web.Request, exc: BaseException) -> web.Response:
+        """The error response for a request refused before the gateway saw it; generation requests
+        are counted (wattserve_requests_total, wattserve_refused_requests_total, GetStatus)."""
+        if request.path in GENERATION_PATHS and isinstance(exc, WattserveError):
+            self.gateway.refused("http", exc)
+        return _error_response(exc)
+
+    def _auth_refused(self, exc: BaseException, request: web.Request) -> web.Response:
+        return self._refused(request, exc)
+
     @web.middleware
     async def _header_limit(self, request: web.Request, handler):
         try:
             check_metadata_size(request.raw_headers, self.gateway.gw.max_metadata_bytes)
         except InvalidRequest as exc:
-            return _error_response(exc)
+            return self._refused(request, exc)
         return await handler(request)
 
     # -- generation -------------------------------------------------------------------------------
@@ -143,10 +155,8 @@ class HttpApi:
             parsed = parse_body(model, body)
             creq = to_client_request(parsed, request.headers)
             creq = dataclasses.replace(creq, tenant=bind_tenant(request.get(PRINCIPAL_KEY, ANONYMOUS), creq.tenant))
-        except web.HTTPRequestEntityTooLarge:
-            return _plain_error(413, f"request body is larger than this server's limit of {self.config.max_body_bytes} bytes")
         except Exception as exc:  # noqa: BLE001 - mapped to a status by http_error
-            return _error_response(exc)
+            return self._refused(request, exc)
         async with contextlib.aclosing(self.gateway.generate(creq)) as items:
             try:
                 first = await anext(items)
@@ -154,16 +164,23 @@ class HttpApi:
                 return _error_response(exc)
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-                fmt = StreamFormatter(chat, creq.request_id, creq.expert or AUTO_MODEL, include_usage)
+                # vLLM names the serving model in every chunk: so do we, the expert that answers
+                # (known from the first chunk; "auto" only if the stream ends before one)
+                expert = first.expert if isinstance(first, (Chunk, Final)) and first.expert else creq.expert or AUTO_MODEL
+                fmt = StreamFormatter(chat, creq.request_id, expert, include_usage)
                 return await self._stream(request, first, items, fmt)
             return await self._collect(first, items, chat, creq.request_id)
 
     async def _json(self, request: web.Request) -> object:
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestTooLarge(f"request body is larger than this server's limit of {self.config.max_body_bytes} "
+                                  "bytes (http.max_body_bytes)", param="body") from None
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}", reason="invalid_json") from None
 
     async def _collect(self, first, items, chat: bool, request_id: str) -> web.Response:
         parts: list[str] = []

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 
 import grpc
 from grpc import aio
 
-from wattserve.errors import InvalidRequest, WattserveError
+from wattserve.errors import InvalidRequest, RequestTooLarge, WattserveError
 
 from ..security.keys import KeyStore
 from .auth import authorize, check_metadata_size, grpc_access, set_principal
@@ -69,21 +70,36 @@ def http_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         "message": exc.message,
         "type": _HTTP_ERROR_TYPES.get(status, "server_error"),
         "param": exc.details.get("param"),
-        "code": "model_not_found" if status == 404 else exc.grpc_code.lower(),
+        "code": _ERROR_CODES.get(type(exc).__name__, "model_not_found" if status == 404 else exc.grpc_code.lower()),
     }
     return status, {"error": body}, headers
 
 
-def _decoder(deserializer, method: str):
+#: OpenAI-style ``code`` values where the gRPC code name would be vague
+_ERROR_CODES = {"BudgetInfeasible": "budget_infeasible", "BudgetExhausted": "budget_exhausted",
+                "RequestTooLarge": "request_too_large"}
+
+
+def _decoder(deserializer, method: str, max_message_bytes: int | None = None):
     """Parse request bytes in the handler, where a malformed body becomes INVALID_ARGUMENT (gRPC
-    would answer UNKNOWN with a Python class name if its own deserializer failed)."""
+    would answer UNKNOWN with a Python class name if its own deserializer failed), and so does a
+    message over ``gateway.max_message_bytes``: the transport's own limit sits above it
+    (``server.py``), so the caller learns which limit it crossed instead of a RESOURCE_EXHAUSTED
+    that reads as "retry later"."""
     if deserializer is None:
         return lambda raw: raw
 
     def decode(raw):
+        if max_message_bytes is not None and len(raw) > max_message_bytes:
+            raise RequestTooLarge(
+                f"the request message is {len(raw)} bytes; this server accepts at most {max_message_bytes} "
+                "(gateway.max_message_bytes; a prompt at most gateway.max_prompt_bytes)", param="prompt")
         try:
             return deserializer(raw)
-        except Exception:  # noqa: BLE001 - DecodeError and friends: the bytes are not this message
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the bytes are not this message
+            if "UTF-8" in str(exc):  # upb: "String field had bad UTF-8"
+                raise InvalidRequest(f"a string field of the {method} request is not valid UTF-8: protobuf "
+                                     "strings (prompt, messages, stop, ...) must be UTF-8 text") from None
             raise InvalidRequest(f"the request is not a valid protobuf message for {method}") from None
 
     return decode
@@ -94,11 +110,22 @@ async def _decoded(request_iterator, decode):
         yield decode(raw)
 
 
-def _wrap_unary(behavior, method: str, guard, decode, streaming_request: bool = False):
+def _checked(guard, decode, request, streaming_request: bool, refused):
+    """The credential check and the decoded request; a refusal here (before any servicer code)
+    is reported to ``refused`` so that operators see it in the request counters."""
+    try:
+        guard()
+        return _decoded(request, decode) if streaming_request else decode(request)
+    except WattserveError as exc:
+        if refused is not None:
+            refused(exc)
+        raise
+
+
+def _wrap_unary(behavior, method: str, guard, decode, streaming_request: bool = False, refused=None):
     async def handler(request, context):
         try:
-            guard()
-            request = _decoded(request, decode) if streaming_request else decode(request)
+            request = _checked(guard, decode, request, streaming_request, refused)
             return await behavior(request, context)
         except (WattserveError, Exception) as exc:  # noqa: BLE001
             if isinstance(exc, aio.AbortError):
@@ -108,14 +135,13 @@ def _wrap_unary(behavior, method: str, guard, decode, streaming_request: bool = 
     return handler
 
 
-def _wrap_stream(behavior, method: str, guard, decode, streaming_request: bool = False):
+def _wrap_stream(behavior, method: str, guard, decode, streaming_request: bool = False, refused=None):
     if not inspect.isasyncgenfunction(behavior):  # writes with context.write() instead of yielding
-        return _wrap_unary(behavior, method, guard, decode, streaming_request)
+        return _wrap_unary(behavior, method, guard, decode, streaming_request, refused)
 
     async def handler(request, context):
         try:
-            guard()
-            request = _decoded(request, decode) if streaming_request else decode(request)
+            request = _checked(guard, decode, request, streaming_request, refused)
             async for item in behavior(request, context):
                 yield item
         except (WattserveError, Exception) as exc:  # noqa: BLE001
@@ -129,13 +155,19 @@ def _wrap_stream(behavior, method: str, guard, decode, streaming_request: bool =
 class ErrorInterceptor(aio.ServerInterceptor):
     """Checks metadata size and credentials, then maps the handler's domain errors to codes.
 
-    ``keys`` None: auth is off (every caller is anonymous). ``max_metadata_bytes`` None: no
-    check beyond gRPC's own transport limit.
+    ``keys`` None: auth is off (every caller is anonymous). ``max_metadata_bytes`` and
+    ``max_message_bytes`` None: no check beyond gRPC's own transport limits. ``on_refused(method,
+    exc)`` hears of every call refused before its servicer ran (bad credentials, a message that
+    is too large or not the method's protobuf message), for the request counters.
     """
 
-    def __init__(self, keys: KeyStore | None = None, max_metadata_bytes: int | None = None) -> None:
+    def __init__(self, keys: KeyStore | None = None, max_metadata_bytes: int | None = None,
+                 max_message_bytes: int | None = None,
+                 on_refused: Callable[[str, WattserveError], None] | None = None) -> None:
         self.keys = keys
         self.max_metadata_bytes = max_metadata_bytes
+        self.max_message_bytes = max_message_bytes
+        self.on_refused = on_refused
 
     def _guard(self, details):
         """What runs first inside every handler: raises InvalidRequest, Unauthenticated or
@@ -159,18 +191,19 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         guard = self._guard(handler_call_details)
-        decode = _decoder(handler.request_deserializer, method)
+        decode = _decoder(handler.request_deserializer, method, self.max_message_bytes)
         out = handler.response_serializer
+        refused = None if self.on_refused is None else (lambda exc: self.on_refused(method, exc))
         # request_deserializer None: the handler gets bytes and decodes them itself, after the
         # credential check (an unauthenticated caller learns nothing about the body).
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, guard, decode), response_serializer=out)
+                _wrap_unary(handler.unary_unary, method, guard, decode, refused=refused), response_serializer=out)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, guard, decode), response_serializer=out)
+                _wrap_stream(handler.unary_stream, method, guard, decode, refused=refused), response_serializer=out)
         if handler.stream_stream:  # StreamImages (and reflection, which raises nothing of ours)
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, guard, decode, True), response_serializer=out)
+                _wrap_stream(handler.stream_stream, method, guard, decode, True, refused), response_serializer=out)
         return grpc.stream_unary_rpc_method_handler(  # client streaming: none of ours, guarded all the same
-            _wrap_unary(handler.stream_unary, method, guard, decode, True), response_serializer=out)
+            _wrap_unary(handler.stream_unary, method, guard, decode, True, refused), response_serializer=out)

@@ -1,18 +1,20 @@
 """OpenAI wire format <-> domain objects, nothing else (the HTTP twin of ``servicer.py``).
 
-Requests are parsed by pydantic models that reject unknown keys and say which field is wrong;
-fields OpenAI defines but wattserve does not implement are accepted only at their neutral value
-(``n: 1``, ``echo: false``, ...) and refused otherwise, so a client never silently gets less
-than it asked for. Range checks (temperature, top_p, max_tokens, budgets, experts, tenants) are
-the gateway's, shared with gRPC.
+Requests are parsed by pydantic models that reject unknown keys and say which field is wrong.
+vLLM's sampling extensions (repetition, presence and frequency penalties, min_p, min_tokens,
+top_k, ignore_eos) are honoured by the engines. Fields that OpenAI or vLLM's OpenAI server define
+and wattserve does not implement (``NEUTRAL_ONLY``: ``n``, ``echo``, ``logprobs``, ...) are
+accepted only at their neutral value and refused otherwise, so a client never silently gets
+less than it asked for; docs/http_api.md compares every field with vLLM's. Range checks
+(temperature, top_p, penalties, max_tokens, budgets, experts, tenants) are the gateway's,
+shared with gRPC.
 
 wattserve extensions, as body fields (``extra_body`` in the openai client) or headers (the body
 wins when both are given): ``energy_budget_j`` / ``x-energy-budget-j``, ``latency_budget_ms`` /
 ``x-latency-budget-ms``, ``compute_budget`` / ``x-compute-budget`` (early exit), ``priority`` /
 ``x-priority`` (low, normal, high), ``tenant`` / ``x-tenant``, ``request_id`` /
 ``x-request-id``, ``deadline_ms`` / ``x-deadline-ms`` (work on the request stops that long after
-it arrived; the answer so far comes back with ``finish_reason: "deadline"``), and the sampling
-extras ``top_k`` and ``ignore_eos``. Responses carry
+it arrived; the answer so far comes back with ``finish_reason: "deadline"``). Responses carry
 ``usage.energy_joules`` and ``usage.energy_source`` and a ``wattserve`` object (expert, replica,
 gateway TTFT and latency, routing decision, and ``early_exit`` when the expert decodes with
 early exit).
@@ -20,6 +22,7 @@ early exit).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -55,40 +58,39 @@ class StreamOptions(_Strict):
 
 
 class _GenerationRequest(_Strict):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions (honoured; see ``NEUTRAL_ONLY`` for the
+    fields accepted only at their neutral value)."""
 
     model: str = AUTO_MODEL
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None  # an end-user id for the caller's own tracking; accepted, unused
-    # neutral values only (see _check_unsupported)
-    n: int | None = 1
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    # wattserve extensions
+    # sampling extensions, with vLLM's names and semantics (vLLM's OpenAI server accepts them too)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    top_k: int | None = None  # 0 or -1 (vLLM's spelling): disabled
+    ignore_eos: bool | None = False
+    # wattserve extensions (priority also takes vLLM's integer priority, at its default 0 only)
     energy_budget_j: float | None = None
     latency_budget_ms: float | None = None
     compute_budget: float | None = None  # early exit: share of full decoder depth per token, (0, 1]
-    priority: Literal["low", "normal", "high"] | None = None
+    priority: Literal["low", "normal", "high"] | int | None = None
     tenant: str | None = None
     request_id: str | None = None
     deadline_ms: float | None = None  # stop work on the request this long after it arrives
-    top_k: int = 0
-    ignore_eos: bool = False
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    # token ids are parsed so that they can be refused in words (see _single_prompt)
+    prompt: str | list[str] | list[int] | list[list[int]]
 
 
 class _TextPart(_Strict):
@@ -105,48 +107,115 @@ class ChatMessageIn(_Strict):
 class ChatRequest(_GenerationRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
 
 
-#: OpenAI fields we accept only at these values, and why others are refused
-_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+_TOKEN_IDS = "token ids mean different tokens to different experts' tokenizers"
+
+#: Fields that OpenAI or vLLM's OpenAI server define and wattserve does not implement: accepted
+#: only at these (neutral) values, refused otherwise with why. docs/http_api.md has the table.
+NEUTRAL_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "n": ((None, 1), "one choice per request"),
-    "presence_penalty": ((None, 0, 0.0), "no penalties"),
-    "frequency_penalty": ((None, 0, 0.0), "no penalties"),
-    "logit_bias": ((None, {}), "no logit bias"),
-    "echo": ((False,), "no prompt echo"),
-    "logprobs": ((None, 0, False), "no log-probabilities"),
-    "top_logprobs": ((None, 0), "no log-probabilities"),
     "best_of": ((None, 1), "no best-of sampling"),
+    "use_beam_search": ((None, False), "no beam search"),
+    "length_penalty": ((None, 1.0), "no beam search (length_penalty applies only to it)"),
+    "logit_bias": ((None, {}), f"no logit bias ({_TOKEN_IDS})"),
+    "logprobs": ((None, 0, False), "no log-probabilities in responses"),
+    "top_logprobs": ((None, 0), "no log-probabilities in responses"),
+    "prompt_logprobs": ((None,), "no log-probabilities in responses"),
+    "logprob_token_ids": ((None, []), "no log-probabilities in responses"),
+    "echo": ((None, False), "no prompt echo"),
     "suffix": ((None, ""), "no suffix (insertion)"),
-    "tools": ((None, []), "no tool calls"),
-    "tool_choice": ((None, "none"), "no tool calls"),
-    "parallel_tool_calls": ((None, False), "no tool calls"),
+    "stop_token_ids": ((None, []), f"stop strings only ({_TOKEN_IDS})"),
+    "allowed_token_ids": ((None, []), f"no token allow-lists ({_TOKEN_IDS})"),
+    "bad_words": ((None, []), "no banned words"),
+    "include_stop_str_in_output": ((None, False), "stop strings are left out of the output"),
+    "skip_special_tokens": ((None, True), "special tokens are always left out of the text"),
+    "spaces_between_special_tokens": ((None, True), "special tokens are always left out of the text"),
+    "truncate_prompt_tokens": ((None,), "no prompt truncation (a prompt over the expert's context is refused)"),
+    "truncation_side": ((None,), "no prompt truncation"),
     "response_format": ((None, {"type": "text"}), "text responses only"),
+    "structured_outputs": ((None,), "no structured outputs"),
+    "watermarking": ((None, False), "no watermarking"),
+    "session_id": ((None,), "no sessions"),
+    "return_tokens_as_token_ids": ((None, False), "text responses only"),
+    "return_token_ids": ((None, False), "text responses only (gRPC streams token ids)"),
+    "return_token_offsets": ((None, False), "text responses only"),
+    "routed_experts_prompt_start": ((None, 0), "no MoE routing traces"),
+    "prompt_embeds": ((None,), "text prompts only"),
+    "mm_payload": ((None, "tensors"), "text only"),
+    "return_mm_kwargs": ((None, False), "text only"),
+    "cache_salt": ((None,), "no prefix-cache salting"),
+    "kv_transfer_params": ((None,), "no KV transfer between servers"),
+    "ec_transfer_params": ((None,), "no encoder-cache transfer"),
+    "vllm_xargs": ((None, {}), "no custom sampling extensions"),
+    "repetition_detection": ((None,), "no repetition detection"),
+    "thinking_token_budget": ((None,), "no reasoning budget"),
+    "stream_interval": ((None, 1), "tokens are streamed as they arrive"),
 }
+_COMPLETION_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "add_special_tokens": ((None, True), "the expert's tokenizer adds its special tokens to a prompt"),
+}
+_CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "no tool calls"),
+    "tool_choice": ((None, "none", "auto"), "no tool calls"),
+    "parallel_tool_calls": ((None, False, True), "no tool calls"),
+    "reasoning_effort": ((None,), "no reasoning models"),
+    "include_reasoning": ((None, True), "no reasoning models"),
+    "add_generation_prompt": ((None, True), "the expert's chat template always ends with the assistant's turn"),
+    "continue_final_message": ((None, False), "the expert's chat template always ends with the assistant's turn"),
+    "add_special_tokens": ((None, False), "the chat template holds the special tokens"),
+    "documents": ((None, []), "no retrieval documents"),
+    "chat_template": ((None,), "each expert uses its own chat template"),
+    "chat_template_kwargs": ((None, {}), "each expert uses its own chat template"),
+    "media_io_kwargs": ((None, {}), "text only"),
+    "mm_processor_kwargs": ((None, {}), "text only"),
+    "return_prompt_text": ((None, False), "text responses only"),
+}
+
+
+def neutral_only(model: type[_Strict]) -> dict[str, tuple[tuple[Any, ...], str]]:
+    """The neutral-only fields of a request model (completions or chat)."""
+    return {**NEUTRAL_ONLY, **(_CHAT_ONLY if model is ChatRequest else _COMPLETION_ONLY)}
+
+
+def _is_neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    # bool is an int in Python: `"echo": 0` or `"n": true` must not pass for False or 1
+    for a in allowed:
+        if isinstance(value, bool) or isinstance(a, bool):
+            if type(value) is type(a) and value == a:
+                return True
+        elif isinstance(value, (int, float)) and isinstance(a, (int, float)):
+            if value == a:
+                return True
+        elif type(value) is type(a) and value == a:
+            return True
+    return False
 
 
 def parse_body(model: type[_Strict], body: object) -> _Strict:
     """Validate a decoded JSON body; InvalidRequest names every bad field."""
     if not isinstance(body, dict):
-        raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}",
+                             reason="not_an_object")
+    fields = dict(body)
+    for name, (allowed, what) in neutral_only(model).items():
+        if name in fields and not _is_neutral(value := fields.pop(name), allowed):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise InvalidRequest(f"{name}={shown} is not supported: this server offers {what}; leave it out or "
+                                 f"send {_neutral_text(allowed)}", param=name, reason="unsupported_value")
     try:
-        parsed = model.model_validate(body)
+        return model.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         problems = "; ".join(_describe(e) for e in exc.errors()[:5])
-        raise InvalidRequest(problems, param=where) from None
-    for name, (allowed, what) in _NEUTRAL.items():
-        value = getattr(parsed, name, None)
-        if name in parsed.model_fields_set and value not in allowed:
-            raise InvalidRequest(f"{name}={value!r} is not supported: this server offers {what}", param=name)
-    return parsed
+        unknown = first["type"] == "extra_forbidden"
+        raise InvalidRequest(problems, param=where, reason="unknown_field" if unknown else "invalid_value") from None
+
+
+def _neutral_text(allowed: tuple[Any, ...]) -> str:
+    shown = [("null" if a is None else json.dumps(a)) for a in allowed]
+    return " or ".join(shown)
 
 
 def _describe(err: dict) -> str:
@@ -197,6 +266,12 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
     for field in HEADER_FIELDS.values():
         if getattr(parsed, field) is not None:
             ext[field] = getattr(parsed, field)
+    if isinstance(ext.get("priority"), int):  # vLLM's integer priority: only its default means anything here
+        if ext["priority"] != 0 or isinstance(ext["priority"], bool):
+            raise InvalidRequest(f"priority={ext['priority']!r}: this server's priorities are \"low\", \"normal\" "
+                                 "and \"high\" (vLLM's integer priority is accepted only as 0, the default)",
+                                 param="priority", reason="unsupported_value")
+        del ext["priority"]
     if isinstance(parsed, ChatRequest):
         prompt, messages = "", _chat_messages(parsed.messages)
         max_tokens = parsed.max_completion_tokens if parsed.max_completion_tokens is not None else parsed.max_tokens
@@ -207,10 +282,15 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
     sampling = SamplingParams(
         temperature=1.0 if parsed.temperature is None else parsed.temperature,
         top_p=1.0 if parsed.top_p is None else parsed.top_p,
-        top_k=parsed.top_k,
+        top_k=0 if parsed.top_k in (None, -1) else parsed.top_k,  # -1: vLLM's "disabled"
         seed=parsed.seed,
         stop=stop,
-        ignore_eos=parsed.ignore_eos,
+        ignore_eos=bool(parsed.ignore_eos),
+        repetition_penalty=1.0 if parsed.repetition_penalty is None else parsed.repetition_penalty,
+        presence_penalty=parsed.presence_penalty or 0.0,
+        frequency_penalty=parsed.frequency_penalty or 0.0,
+        min_p=parsed.min_p or 0.0,
+        min_tokens=parsed.min_tokens or 0,
     )
     if max_tokens is not None and max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be positive (got {max_tokens})", param="max_tokens")
@@ -236,11 +316,17 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
     )
 
 
-def _single_prompt(prompt: str | list[str]) -> str:
+def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str:
     if isinstance(prompt, str):
         return prompt
+    if prompt and not isinstance(prompt[0], str):
+        raise InvalidRequest(
+            "prompt is a list of token ids, which this server does not serve: it routes each request to one of "
+            f"several experts whose tokenizers differ, so {_TOKEN_IDS}; send the prompt as text",
+            param="prompt", reason="token_ids")
     if len(prompt) != 1:
-        raise InvalidRequest(f"prompt lists {len(prompt)} prompts; send one per request", param="prompt")
+        raise InvalidRequest(f"prompt lists {len(prompt)} prompts; send one per request", param="prompt",
+                             reason="unsupported_value")
     return prompt[0]
 
 
@@ -284,6 +370,7 @@ def exit_body(e: ExitUsage) -> dict[str, Any]:
         "layers_skipped": e.layers_skipped,
         "compute_fraction": e.compute_fraction,
         "energy_saved_j": e.energy_saved_j,
+        "energy_saved_net_j": e.energy_saved_net_j,
         "operating_point": e.operating_point,
     }
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +48,12 @@ SERVICE_NAMES = (
 )
 
 
+INFERENCE_PREFIX = f"/{SERVICE_NAMES[0]}/"
+#: the gRPC transport accepts messages this many times gateway.max_message_bytes, for the
+#: interceptor to refuse them in words
+TRANSPORT_HEADROOM = 4
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps the endpoint on this machine."""
     if host == "localhost":
@@ -54,6 +62,44 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: assume it is reachable from elsewhere
+
+
+class StartupPhases:
+    """Times the server's start-up stages for one log line (issue 18: restarts took 37-45 s)."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.start = self.last = clock()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = self.clock()
+        self.phases.append((name, now - self.last))
+        self.last = now
+
+    def line(self, replicas: list[str]) -> str:
+        stages = ", ".join(f"{name} {s:.1f} s" for name, s in self.phases)
+        detail = f" [{'; '.join(replicas)}]" if replicas else ""
+        return f"start-up took {self.last - self.start:.1f} s: {stages}{detail}"
+
+
+def replica_phases(marks: dict[str, float], created_unix_s: float) -> str:
+    """``ExpertWorker.startup_phases`` as durations: worker process and imports (from the actor's
+    creation to its ``__init__``), model files (cache check or conversion), model load, engine
+    start (vLLM starts its engine after load; stepped engines are ready at once)."""
+    begin = created_unix_s
+    if math.isfinite(marks.get("process_unix_s", math.nan)):
+        begin = max(begin, marks["process_unix_s"])  # a worker Ray started earlier did not make us wait
+    steps = (("worker process + imports", begin, "init_unix_s"), ("model files", "init_unix_s", "model_files_unix_s"),
+             ("model load", "model_files_unix_s", "model_loaded_unix_s"),
+             ("engine start", "model_loaded_unix_s", "engine_ready_unix_s"))
+    parts = []
+    for name, a, b in steps:
+        t0 = a if isinstance(a, float) else marks.get(a)
+        t1 = marks.get(b)
+        if t0 is not None and t1 is not None:
+            parts.append(f"{name} {max(0.0, t1 - t0):.1f} s")
+    return ", ".join(parts)
 
 
 class WattserveServer:
@@ -74,6 +120,7 @@ class WattserveServer:
         self.port = 0
         self.http_port = 0
         self.keys: KeyStore | None = None
+        self.startup_line = ""  # where start-up time went (StartupPhases), once started
 
     async def start(self) -> int:
         """Bring everything up; returns the bound port. Cleans up if any stage fails."""
@@ -85,27 +132,37 @@ class WattserveServer:
 
     async def _start(self) -> int:
         cfg = self.config
+        phases = StartupPhases()
         self.keys = self._security_checks()
         self.progress("starting Ray" + (f" (joining {cfg.ray.address})" if cfg.ray.address else " (embedded, loopback)"))
         self.ray_address, self._owns_ray = start_ray(cfg.ray)
+        phases.mark("Ray")
         self.pool = ExpertPool(cfg.experts, self.cache_dir)
+        created_unix_s = time.time()
         self.pool.create()
+        phases.mark("actors created")
         self.progress(f"loading {len(self.pool.all())} expert replica(s): {', '.join(r.name for r in self.pool.all())}")
         await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress, require_all=cfg.ray.require_all_experts)
+        phases.mark("experts ready")
+        replicas = await self._replica_phases(created_unix_s)
         self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
         self.metrics.watch(self.gateway)
         await self.gateway.start()
+        phases.mark("gateway")
         if cfg.power.enabled:
             self.progress("starting the power governor")
             self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.power)
             await self.power.start()
+            phases.mark("power governor")
 
         limit, meta = cfg.gateway.max_message_bytes, cfg.gateway.max_metadata_bytes
         self.server = aio.server(
-            interceptors=[ErrorInterceptor(self.keys, meta)],
-            # gRPC's own metadata limits sit above ours, so a client over ours gets a clear
-            # INVALID_ARGUMENT from the interceptor; far beyond it the transport refuses the call.
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            interceptors=[ErrorInterceptor(self.keys, meta, limit, on_refused=self._refused)],
+            # gRPC's own metadata and receive limits sit above ours (x4), so a client over ours
+            # gets a clear INVALID_ARGUMENT naming the limit from the interceptor; only far beyond
+            # it does the transport refuse the call (RESOURCE_EXHAUSTED).
+            options=[("grpc.max_receive_message_length", TRANSPORT_HEADROOM * limit),
+                     ("grpc.max_send_message_length", limit),
                      ("grpc.max_metadata_size", 4 * meta), ("grpc.absolute_max_metadata_size", 8 * meta)],
         )
         images = ImageGateway(self.gateway, self.image_metrics)
@@ -126,9 +183,29 @@ class WattserveServer:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use? try --port 0)") from None
         await self.server.start()
         await self._set_health_async(any(s.healthy for s in self.gateway.replica_states()))
+        phases.mark("gRPC bind")
         if cfg.http.enabled:
             await self._start_http()
+            phases.mark("HTTP bind")
+        self.startup_line = phases.line(replicas)
+        self.progress(self.startup_line)
         return self.port
+
+    async def _replica_phases(self, created_unix_s: float) -> list[str]:
+        """Where each replica's start-up went, from its own wall-clock marks (same host)."""
+        out = []
+        for replica in self.pool.all():
+            try:
+                marks = await asyncio.wait_for(replica.actor.startup_phases.remote(), 10.0)
+            except Exception:  # noqa: BLE001 - failed or image replicas report nothing; a diagnostic only
+                continue
+            out.append(f"{replica.name}: {replica_phases(marks, created_unix_s)}")
+        return out
+
+    def _refused(self, method: str, exc) -> None:
+        """An Inference call refused by the interceptor (credentials, size, bytes): counted."""
+        if self.gateway is not None and method.startswith(INFERENCE_PREFIX):
+            self.gateway.refused("grpc", exc)
 
     async def _start_http(self) -> None:
         gateway = self.gateway
@@ -205,13 +282,33 @@ class WattserveServer:
         if self.server is not None:
             await self.server.wait_for_termination()
 
-    async def stop(self, grace_s: float = 2.0) -> None:
+    def cut_streams_now(self) -> None:
+        """End the shutdown grace period at once (``wattserve serve`` on a second signal)."""
+        if self.gateway is not None:
+            self.gateway.drain.cut_now()
+
+    async def stop(self, grace_s: float | None = None) -> str:
+        """Drain, then take everything down; returns what happened to the streams in flight.
+
+        Both APIs drain alike (``runtime/shutdown.py``): health turns NOT_SERVING, new requests
+        get UNAVAILABLE/503, streams in flight may finish within ``grace_s`` (default
+        ``gateway.shutdown_grace_s``) and are cut with a message saying so after it.
+        """
+        grace = self.config.gateway.shutdown_grace_s if grace_s is None else grace_s
+        report = ""
+        if self.gateway is not None and (self.server is not None or self.http is not None):
+            if self.server is not None:
+                await self.health.enter_graceful_shutdown()
+            gateway = self.gateway
+            outcome = await gateway.drain.drain(grace, busy=lambda: gateway.inflight)
+            report = outcome.message()
+            self.progress(report)
         if self.http is not None:
             await self.http.stop()
             self.http = None
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace_s)
+            await self.server.stop(1.0)  # drained above: only calls that are not streams remain
             self.server = None
         if self.gateway is not None:
             await self.gateway.stop()
@@ -225,3 +322,4 @@ class WattserveServer:
         if self._owns_ray:
             stop_ray()
             self._owns_ray = False
+        return report

@@ -12,7 +12,7 @@ import dataclasses
 import time
 
 import wattserve
-from wattserve.errors import FeatureDisabled, InvalidRequest
+from wattserve.errors import FeatureDisabled, InvalidRequest, WattserveError
 from wattserve.power import PowerStatus
 from wattserve.types import ChatMessage, Priority, SamplingParams
 
@@ -55,6 +55,11 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(s.stop),
             ignore_eos=s.ignore_eos,
+            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            min_p=s.min_p,
+            min_tokens=s.min_tokens,
         ),
         expert=msg.expert,
         energy_budget_j=msg.energy_budget_j if msg.HasField("energy_budget_j") else None,
@@ -89,6 +94,8 @@ def usage_to_proto(final: Final) -> pb.Usage:
         usage.num_layers, usage.avg_exit_layer, usage.layers_skipped = e.num_layers, e.avg_exit_layer, e.layers_skipped
         usage.compute_fraction, usage.energy_saved_j = e.compute_fraction, e.energy_saved_j
         usage.exit_operating_point = e.operating_point
+        if e.energy_saved_net_j is not None:
+            usage.energy_saved_net_j = e.energy_saved_net_j
     return add_plan_to_usage(usage, final.plan, u.mean_logprob)
 
 
@@ -98,7 +105,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.images = images or ImageGateway(gateway)
 
     async def Generate(self, request, context):
-        req = _bound(request_from_proto(request, context.time_remaining()))
+        try:
+            req = _bound(request_from_proto(request, context.time_remaining()))
+        except WattserveError as exc:  # before the gateway: count it here
+            self.gateway.refused("grpc", exc)
+            raise
         async for item in self.gateway.generate(req):
             if isinstance(item, Chunk):
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(text=item.text, token_ids=item.token_ids))

@@ -72,7 +72,9 @@ def _print_exits(usage) -> None:
         print(
             f"-- early exit: {usage.avg_exit_layer:.1f}/{usage.num_layers} layers per token "
             f"(point {usage.exit_operating_point}), {usage.layers_skipped} layers skipped, "
-            f"compute {usage.compute_fraction:.0%}, ~{usage.energy_saved_j:.3f} J saved (estimate)",
+            f"compute {usage.compute_fraction:.0%}, ~{usage.energy_saved_j:.3f} J saved (gross estimate), "
+            + (f"{usage.energy_saved_net_j:.3f} J net of measured steps" if usage.HasField("energy_saved_net_j")
+               else "net not measured (no full-depth reference)"),
             file=sys.stderr,
         )
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..loadtest.traces import FORMAT_NAMES, formats_help
 from . import say
 
 
@@ -15,9 +16,9 @@ def cmd_loadtest(args) -> int:
     from ..loadtest import Bounds, LoadTestOptions, WorkloadSpec, run_loadtest
     from ..loadtest.report import parse_slos
 
-    arrival = args.arrival or ("trace" if args.trace else "poisson")
+    arrival = args.arrival or ("auto" if args.trace else "poisson")
     workload = WorkloadSpec(
-        arrival=arrival, trace=args.trace, rate_per_s=args.rate, burstiness=args.burstiness,
+        arrival=arrival, trace=args.trace, trace_format=args.trace_format, trace_time_unit=args.trace_time_unit, rate_per_s=args.rate, burstiness=args.burstiness,
         time_scale=args.time_scale, rate_scale=args.rate_scale, trace_offset_s=args.trace_offset_s,
         input_tokens=args.input_tokens, output_tokens=args.output_tokens, max_input_tokens=args.max_input_tokens,
         max_output_tokens=args.max_output_tokens, prompt_file=args.prompt_file, tokenizer=args.tokenizer,
@@ -84,9 +85,15 @@ def register(sub) -> None:
     g.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target (it must be named with --target)")
     g.add_argument("--api-key", help="client API key (default $WATTSERVE_API_KEY; /metrics uses $WATTSERVE_OPERATOR_KEY if set)")
     g = s.add_argument_group("workload")
-    g.add_argument("--trace", help="conv or code (Azure LLM 2023 in shared/data), or a CSV with the same columns")
+    g.add_argument("--trace", help="conv or code (Azure LLM 2023 in shared/data), or a trace file (CSV, JSONL or "
+                                   "JSON; format detected from its columns, see --trace-format)")
+    g.add_argument("--trace-format", choices=FORMAT_NAMES, default="auto",
+                   help="force the trace file's format (default auto: detected). " + formats_help().replace("%", "%%"))
+    g.add_argument("--trace-time-unit", choices=["auto", "s", "ms"], default="auto",
+                   help="numeric trace timestamps: seconds or milliseconds (auto: the format's unit, a *_ms/*_s "
+                        "column name, epoch magnitude, else seconds)")
     g.add_argument("--arrival", choices=["trace", "poisson", "gamma", "closed"],
-                   help="arrival process (default: trace with --trace, else poisson)")
+                   help="arrival process (default: trace with a timed --trace, poisson otherwise)")
     g.add_argument("--rate", type=float, default=1.0, help="poisson/gamma: mean requests per second")
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     g.add_argument("--concurrency", type=int, default=8, help="closed loop: requests kept in flight")

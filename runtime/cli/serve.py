@@ -87,8 +87,13 @@ async def _serve(cfg) -> int:
         flush=True,
     )
     await stop.wait()
-    say("shutting down")
-    await server.stop()
+    grace = cfg.gateway.shutdown_grace_s
+    say(f"shutting down: streams in flight may finish within {grace:g} s (gateway.shutdown_grace_s); "
+        "a second Ctrl-C cuts them now")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.cut_streams_now)
+    await server.stop()  # says what happened to the streams (runtime/shutdown.py)
+    say("stopped")
     return 0
 
 

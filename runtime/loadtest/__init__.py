@@ -1,7 +1,8 @@
 """``wattserve loadtest``: replay traces or synthetic arrivals against a running server and report
 latency, throughput, energy and budgets (see docs/loadtest.md).
 
-``workload`` builds the request stream, ``clients`` send and time requests (gRPC or the
+``traces`` reads public trace files (Azure, BurstGPT, Mooncake, vLLM bench formats), ``workload``
+builds the request stream, ``clients`` send and time requests (gRPC or the
 OpenAI-compatible HTTP API), ``runner`` keeps the schedule and the bounds, ``report`` writes
 the summary and records, ``plots`` the PNGs. :func:`run_loadtest` ties them together for the CLI,
 the tests and the benchmarks.

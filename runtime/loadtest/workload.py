@@ -1,7 +1,7 @@
 """What a load test sends and when: arrivals, lengths, prompts, budgets and priorities.
 
-Arrivals come from a production trace (Azure LLM inference 2023, ``conv`` or ``code``) replayed
-with a time scale and a rate scale, from a Poisson or gamma process at a rate, or from a
+Arrivals come from a production trace (Azure LLM inference 2023, ``conv`` or ``code``, or a
+trace file in one of the public formats of ``traces.py``) replayed with a time scale and a rate scale, from a Poisson or gamma process at a rate, or from a
 closed loop (``send_at_s`` None: a request leaves when a slot frees). Lengths come from the
 trace's token counts (or fixed values), capped so tiny models can keep up. Prompts are
 synthesised to the wanted token count from common English words that are one token each in the
@@ -11,7 +11,6 @@ priorities and experts are drawn per request from weighted mixes. Everything is 
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
@@ -19,10 +18,13 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from wattserve.errors import InvalidRequest
+
+from .traces import TraceRow, load_trace
+
+__all__ = ["RequestSpec", "TraceRow", "WorkloadSpec", "build_workload", "load_trace", "trace_path"]
 
 TRACE_FILES = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
 TRACE_SUBDIR = Path("traces") / "azure_llm_2023"
@@ -36,13 +38,6 @@ WORDS = (
     "night point home water room mother area money story fact month lot right study book eye job "
     "word business issue side kind head house service friend father power hour game line end member"
 ).split()
-
-
-@dataclass(slots=True, frozen=True)
-class TraceRow:
-    t_s: float  # seconds since the trace's first request
-    input_tokens: int
-    output_tokens: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,7 +66,8 @@ def shared_data_dir() -> Path | None:
 
 
 def trace_path(name: str) -> Path:
-    """A trace by name (conv, code) in shared/data, or a CSV path."""
+    """A trace by name (conv, code) in shared/data, or a trace file's path (any format of
+    ``runtime/loadtest/traces.py``)."""
     if name in TRACE_FILES:
         base = shared_data_dir()
         if base is None:
@@ -79,27 +75,8 @@ def trace_path(name: str) -> Path:
         return base / TRACE_SUBDIR / TRACE_FILES[name]
     path = Path(name)
     if not path.is_file():
-        raise InvalidRequest(f"trace {name!r} is neither conv, code nor a readable CSV file")
+        raise InvalidRequest(f"trace {name!r} is neither conv, code nor a readable file")
     return path
-
-
-def _parse_time(text: str) -> float:
-    """POSIX-like seconds of a naive timestamp with up to 9 fractional digits."""
-    whole, _, frac = text.strip().partition(".")
-    return datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp() + (float("0." + frac) if frac else 0.0)
-
-
-def load_trace(path: str | Path) -> list[TraceRow]:
-    """Rows of an Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens), times from 0."""
-    rows = []
-    with open(path, newline="") as f:
-        for rec in csv.DictReader(f):
-            rows.append((_parse_time(rec["TIMESTAMP"]), int(rec["ContextTokens"]), int(rec["GeneratedTokens"])))
-    if not rows:
-        raise InvalidRequest(f"trace {path} has no rows")
-    rows.sort()
-    t0 = rows[0][0]
-    return [TraceRow(t - t0, i, o) for t, i, o in rows]
 
 
 # -- arrivals ------------------------------------------------------------------------------------
@@ -206,8 +183,10 @@ def _priority(value: str) -> str:
 class WorkloadSpec:
     """How to build the request stream (the CLI's workload flags)."""
 
-    arrival: str = "poisson"  # trace | poisson | gamma | closed
+    arrival: str = "poisson"  # trace | poisson | gamma | closed | auto (trace if it has times, else poisson)
     trace: str | None = None
+    trace_format: str = "auto"  # a name of traces.FORMATS, or auto (detected from the columns)
+    trace_time_unit: str = "auto"  # numeric timestamps: s, ms or auto
     rate_per_s: float = 1.0
     burstiness: float = 1.0
     time_scale: float = 1.0
@@ -229,27 +208,37 @@ class WorkloadSpec:
 def build_workload(spec: WorkloadSpec) -> Iterator[RequestSpec]:
     """The (possibly endless) stream of requests; the runner's bounds end it."""
     rng = random.Random(spec.seed)
-    if spec.arrival == "trace" and not spec.trace:
-        raise InvalidRequest("arrival 'trace' needs a trace (conv, code or a CSV path)")
-    rows = load_trace(trace_path(spec.trace)) if spec.trace else None
-    if spec.arrival == "trace":
+    arrival = spec.arrival
+    if arrival == "trace" and not spec.trace:
+        raise InvalidRequest("arrival 'trace' needs a trace (conv, code or a trace file)")
+    rows = load_trace(trace_path(spec.trace), spec.trace_format, spec.trace_time_unit) if spec.trace else None
+    timed = bool(rows) and rows[0].t_s is not None
+    if arrival == "auto":
+        arrival = "trace" if timed else "poisson"
+    if arrival == "trace" and not timed:
+        raise InvalidRequest(f"trace {spec.trace} has no arrival times (its format carries prompts and lengths "
+                             "only): use --arrival poisson, gamma or closed with it")
+    if arrival == "trace":
         timed = trace_arrivals(rows, spec.time_scale, spec.rate_scale, rng, spec.trace_offset_s)
-    elif spec.arrival in ("poisson", "gamma"):
-        times = process_arrivals(spec.rate_per_s, 1.0 if spec.arrival == "poisson" else spec.burstiness, rng)
+    elif arrival in ("poisson", "gamma"):
+        times = process_arrivals(spec.rate_per_s, 1.0 if arrival == "poisson" else spec.burstiness, rng)
         timed = zip(times, _lengths(rows, spec), strict=False)
-    elif spec.arrival == "closed":
+    elif arrival == "closed":
         timed = ((None, row) for row in _lengths(rows, spec))
     else:
-        raise InvalidRequest(f"unknown arrival {spec.arrival!r}: trace, poisson, gamma or closed")
+        raise InvalidRequest(f"unknown arrival {arrival!r}: trace, poisson, gamma, closed or auto")
     prompts = PromptSource(rng, spec.prompt_file, spec.tokenizer)
     mixes = (Mix(spec.model_mix), Mix(spec.priority_mix, _priority), Mix(spec.energy_budget_mix, float),
              Mix(spec.latency_budget_mix, float))
     for index, (send_at, row) in enumerate(timed):
         n_in = _cap(row.input_tokens, spec.max_input_tokens)
         expert, priority, energy, latency = (m.draw(rng) for m in mixes)
+        # A trace that carries its prompts is sent as written, unless --prompt-file overrides it.
+        prompt = row.prompt if row.prompt is not None and not spec.prompt_file else prompts.make(n_in)
         yield RequestSpec(
-            index=index, send_at_s=send_at, prompt=prompts.make(n_in), input_tokens=n_in,
-            max_tokens=_cap(row.output_tokens, spec.max_output_tokens),
+            index=index, send_at_s=send_at, prompt=prompt, input_tokens=n_in,
+            # 0: the trace gives no output length for this row (vLLM custom without output_tokens)
+            max_tokens=_cap(row.output_tokens or spec.output_tokens, spec.max_output_tokens),
             expert="" if expert in (None, "auto") else expert, energy_budget_j=energy,
             latency_budget_ms=latency, priority=priority or "normal",
         )
@@ -258,7 +247,7 @@ def build_workload(spec: WorkloadSpec) -> Iterator[RequestSpec]:
 def _lengths(rows: Sequence[TraceRow] | None, spec: WorkloadSpec) -> Iterator[TraceRow]:
     """Lengths for process or closed-loop arrivals: the trace's rows in order, or fixed."""
     if rows:
-        start = [r for r in rows if r.t_s >= spec.trace_offset_s] or list(rows)
+        start = [r for r in rows if r.t_s is None or r.t_s >= spec.trace_offset_s] or list(rows)
         return itertools.cycle(start)
     return itertools.repeat(TraceRow(0.0, spec.input_tokens, spec.output_tokens))
 

@@ -82,6 +82,8 @@ def test_infeasible_budget_rejects_naming_the_cheapest_or_serves_it_flagged():
     assert "the cheapest plan is edge" in str(err.value)
     assert err.value.details["cheapest_energy_j"] == pytest.approx(energy("edge"))
     assert err.value.grpc_code == "FAILED_PRECONDITION"
+    # the caller must change the request: HTTP 400 (OpenAI's BadRequestError) naming the budget
+    assert err.value.http_status == 400 and err.value.details["param"] == "energy_budget_j"
     plan = policy(infeasible="serve_cheapest").plan(req(energy_budget_j=1e-6), pool())
     assert plan.subset == ("edge",) and plan.budget_exceeded and "BUDGET EXCEEDED" in plan.reason
 

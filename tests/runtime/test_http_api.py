@@ -333,7 +333,8 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
     assert delta("wattserve_requests_total", api="http", expert="chat", status="ok") == 1
     assert delta("wattserve_requests_total", api="grpc", expert="slow", status="ok") == 1
     assert delta("wattserve_requests_total", api="http", status="invalid_argument") == 1
-    assert server.gateway.requests_failed == failed_before  # closing a stream after its end is no failure
+    # the unknown model is a failure (refused); closing a stream after its end is none
+    assert server.gateway.requests_failed == failed_before + 1
     assert delta("wattserve_time_to_first_token_seconds_count", expert="chat") == 1
     assert delta("wattserve_e2e_request_latency_seconds_count", expert="slow") == 1
     assert delta("wattserve_inter_token_latency_seconds_count", expert="chat") >= 1

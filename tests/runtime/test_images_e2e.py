@@ -230,7 +230,13 @@ async def test_text_and_image_requests_reach_only_their_experts(stub, server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "serves text" in err.value.details()
 
 
-async def test_admin_and_metrics_show_the_image_expert(server):
+async def test_admin_and_metrics_show_the_image_expert(server, stub):
+    # This test's own stream (cfg "self", the filter on a static clip), so it passes alone too.
+    same = raw_frame(3)
+    cfg = config_msg(similarity_filter=pb.SimilarityFilter(enabled=True, max_skip_frames=4),
+                     params={"output_format": pb.IMAGE_FORMAT_RAW_RGB})
+    _, _, summary = await collect(stub.StreamImages(requests(cfg, [same] * 8, 0.01), timeout=120))
+    assert summary.frames_skipped > 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         experts = await pb_grpc.AdminStub(ch).ListExperts(pb.ListExpertsRequest())
     img = next(e for e in experts.experts if e.name == "img")

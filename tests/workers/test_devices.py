@@ -191,6 +191,19 @@ def test_profiles_are_cited_and_unknown_names_list_the_known_ones():
         load_profile("tpu-v9")
 
 
+def test_orin_says_its_power_is_borrowed_from_the_a100_fit_and_unvalidated():
+    orin = SimulatedDevice("orin", 10**9, clock=FakeClock())
+    assert orin.energy_source == "modeled:orin-unvalidated-power-from-a100-fit"
+    assert "power unvalidated" in orin.name and "borrowed from the A100 fit" in orin.name
+    assert load_profile("orin").provenance["power"]["validated"] is False
+    for name in ("a100", "b200", "h100"):  # fitted to measured power: the plain label
+        assert SimulatedDevice(name, 10**9, clock=FakeClock()).energy_source == f"modeled:{name}"
+        assert load_profile(name).provenance["power"]["validated"] is True
+    from workers.devices.fit_profiles import POWER
+
+    assert {n: load_profile(n).provenance["power"] for n in available_profiles()} == POWER  # regenerated alike
+
+
 @needs_data
 def test_profiles_reproduce_held_out_rows_within_stated_tolerance():
     from workers.devices.fit_profiles import error_summary, load_rows

@@ -169,3 +169,25 @@ def test_a_plain_format_chat_stops_at_the_next_turn(engine):
     load_test = GenerateCall("c", "", 4, SamplingParams(ignore_eos=True), messages=(ChatMessage("user", "hi"),))
     assert engine.validate(load_test, 0.0).call.sampling.stop == ()  # asked for exactly max_tokens
     assert engine.validate(call("p"), 0.0).call.sampling.stop == ()  # a completion is left alone
+
+
+def test_min_tokens_holds_eos_back_and_penalties_change_greedy_output(engine, monkeypatch):
+    eos = min(engine.eos_ids)
+    real = engine.runner.logits
+
+    def eos_wins(h):
+        out = real(h)
+        out[:, eos] = out.max() + 10.0
+        return out
+
+    monkeypatch.setattr(engine.runner, "logits", eos_wins)
+    _, ids, reasons, _ = run(engine, [call("m", max_tokens=10, min_tokens=3)])
+    assert reasons["m"] == FinishReason.STOP and len(ids["m"]) == 4 and ids["m"][-1] == eos
+    assert eos not in ids["m"][:3]
+    monkeypatch.undo()
+    greedy = run(engine, [call("g", max_tokens=16, ignore_eos=True)])[1]["g"]
+    neutral = run(engine, [call("n", max_tokens=16, ignore_eos=True, repetition_penalty=1.0)])[1]["n"]
+    penalised = run(engine, [call("p", max_tokens=16, ignore_eos=True, frequency_penalty=2.0)])[1]["p"]
+    assert neutral == greedy
+    assert len(set(greedy)) < len(greedy), "the tiny model repeats itself greedily"
+    assert penalised != greedy

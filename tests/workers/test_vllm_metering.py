@@ -120,6 +120,17 @@ def test_a_prefill_chunk_without_output_is_carried_to_the_step_that_answers(mete
     assert meter.ledger.totals().idle_j == 0.0
 
 
+def test_finish_books_the_rest_so_the_run_matches_the_counter(meter):
+    states = {"a": state("a", True, prompt_len=4)}
+    meter.work_arrived()
+    step(meter, states, [], stats(ctx_tokens=2, ctx_reqs=1), 5.0)  # carried: no output yet
+    meter.device.joules += 1.5  # the engine stops mid-request, after the last step's reading
+    meter.finish()
+    totals = meter.ledger.totals()
+    assert totals.requests_j + totals.idle_j == pytest.approx(meter.device.joules)  # 6.5 J drawn since start
+    assert meter.device.hooks[-1][0] == "end"  # the modeled step was closed
+
+
 def test_idle_time_is_booked_apart_and_a_step_without_work_is_idle(meter):
     meter.device.joules += 2.0
     meter.idle_tick()

@@ -63,6 +63,19 @@ def test_sampling_params_map_onto_vllms():
 
 
 @needs_vllm
+def test_penalties_min_p_and_min_tokens_reach_vllm():
+    call = GenerateCall("r", "hi", 20, sampling=SamplingParams(temperature=0.5, repetition_penalty=1.3,
+                                                               presence_penalty=0.5, frequency_penalty=-0.25,
+                                                               min_p=0.1, min_tokens=4))
+    p = settings.sampling_params(call, report_logprobs=False)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.min_p, p.min_tokens) == (
+        1.3, 0.5, -0.25, 0.1, 4)
+    neutral = settings.sampling_params(GenerateCall("n", "hi", 5), report_logprobs=False)
+    assert (neutral.repetition_penalty, neutral.presence_penalty, neutral.frequency_penalty, neutral.min_p,
+            neutral.min_tokens) == (1.0, 0.0, 0.0, 0.0, 0)
+
+
+@needs_vllm
 @pytest.mark.parametrize("sampling, fragment", [
     (SamplingParams(temperature=5.0), "temperature must be in [0, 2]"),
     (SamplingParams(stop=("",)), "stop cannot contain an empty string"),

@@ -41,6 +41,14 @@ class Device(abc.ABC):
     def energy_j(self) -> float:
         """Cumulative energy in joules since the device was opened; never decreases."""
 
+    def sync(self) -> None:
+        """Bring :meth:`energy_j` up to the hardware's counter now, blocking if need be.
+
+        Backends that read their counter off the metering path (NVML, every 50 ms) may answer
+        :meth:`energy_j` a little behind; the engine loop calls this before its first and last
+        readings so a whole run's total matches the counter's own delta. Others need not care.
+        """
+
     @abc.abstractmethod
     def power_w(self) -> float:
         """Current (or most recent average) power draw in watts."""

@@ -412,7 +412,23 @@ def _entry(name: str, values: dict[str, float], rows: Sequence[Row]) -> dict:
         "eta_compute_prior": ETA_COMPUTE_PRIOR if name != "orin" else None,
         "evaluation": by_role,
         "notes": NOTES[name],
+        "power": POWER[name],
     }
+
+
+# Where each profile's power model comes from. A profile whose power is not validated against
+# measured power says so in its energy source label (``SimulatedDevice.energy_source``).
+POWER = {
+    "h100": {"validated": True, "label": "h100",
+             "basis": "power coefficients fitted to measured power (ML.ENERGY v3, Argonne)"},
+    "b200": {"validated": True, "label": "b200",
+             "basis": "power coefficients fitted to measured power (ML.ENERGY v3)"},
+    "a100": {"validated": True, "label": "a100",
+             "basis": "power coefficients fitted to Argonne measured power and ML.ENERGY v2 energy"},
+    "orin": {"validated": False, "label": "orin-unvalidated-power-from-a100-fit",
+             "basis": "power_k_mem, power_k_compute (and eta_compute, seq_bytes) borrowed from the A100 fit; "
+                      "no measured Jetson Orin power was available, so its joules are unvalidated"},
+}
 
 
 NOTES = {

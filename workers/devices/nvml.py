@@ -170,6 +170,11 @@ class NvmlDevice(Device):
         self._last_j = max(self._last_j, joules)  # a driver reload would reset the counter
         return self._last_j
 
+    def sync(self) -> None:
+        """Read the counter (or power) now instead of waiting for the background thread."""
+        if self._sampler is not None:
+            self._sampler.sample()
+
     def power_w(self) -> float:
         """Board power in watts as NVML reports it (on A100/H100, a ~1 s average)."""
         return self._call("reading power", "nvmlDeviceGetPowerUsage", self._handle) / 1000.0

@@ -79,6 +79,16 @@ class DeviceProfile:
     clock_power_exponent: float = 2.0
     provenance: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def power_label(self) -> str:
+        """The profile's name, or where its power is unvalidated, a name that says so."""
+        return (self.provenance.get("power") or {}).get("label", self.name)
+
+    @property
+    def power_basis(self) -> str:
+        """Where the power model comes from, in words (the profile's "power" block)."""
+        return (self.provenance.get("power") or {}).get("basis", "")
+
     def __post_init__(self) -> None:
         if not 0 < self.idle_w < self.tdp_w:
             raise DeviceError(f"profile {self.name}: need 0 < idle_w < tdp_w")
@@ -298,11 +308,15 @@ class SimulatedDevice(Device):
 
     @property
     def name(self) -> str:
-        return f"simulated {self.profile.description}"
+        power = self.profile.provenance.get("power") or {}
+        caveat = "" if power.get("validated", True) else f" [power unvalidated: {power.get('basis', '')}]"
+        return f"simulated {self.profile.description}{caveat}"
 
     @property
     def energy_source(self) -> str:
-        return f"modeled:{self.profile.name}"
+        # A profile whose power is not validated says so where every joule is labelled (Orin:
+        # ``modeled:orin-unvalidated-power-from-a100-fit``, see the profile's "power" block).
+        return f"modeled:{self.profile.power_label}"
 
     # -- the model at the device's current settings ---------------------------------------------
     def _ceiling_mhz(self) -> float:

@@ -81,6 +81,8 @@ class StepResult:
     timings: StepTimings = field(default_factory=StepTimings)
     # early exit: decode tokens that left at each depth (decoder layers run) in this step
     exit_counts: dict[int, int] = field(default_factory=dict)
+    # early exit: this step's decode ran the exit probes (so it is no full-depth reference)
+    exit_probes: bool = False
 
 
 @dataclass(slots=True)

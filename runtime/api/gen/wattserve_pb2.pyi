@@ -43,20 +43,30 @@ CFG_TYPE_INITIALIZE: CfgType
 CFG_TYPE_FULL: CfgType
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p", "min_tokens")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    min_p: float
+    min_tokens: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., min_p: _Optional[float] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -101,7 +111,7 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded", "cascade", "mean_logprob", "num_layers", "avg_exit_layer", "layers_skipped", "compute_fraction", "energy_saved_j", "exit_operating_point")
+    __slots__ = ("prompt_tokens", "completion_tokens", "expert", "replica", "ttft_ms", "total_latency_ms", "energy_j", "energy_source", "finish_reason", "request_id", "routing_policy", "routing_reason", "expert_ttft_ms", "gate", "subset", "gate_weights", "predicted_energy_j", "predicted_latency_ms", "budget_exceeded", "cascade", "mean_logprob", "num_layers", "avg_exit_layer", "layers_skipped", "compute_fraction", "energy_saved_j", "exit_operating_point", "energy_saved_net_j")
     class GateWeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +146,7 @@ class Usage(_message.Message):
     COMPUTE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     ENERGY_SAVED_J_FIELD_NUMBER: _ClassVar[int]
     EXIT_OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SAVED_NET_J_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     expert: str
@@ -163,7 +174,8 @@ class Usage(_message.Message):
     compute_fraction: float
     energy_saved_j: float
     exit_operating_point: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ..., cascade: _Optional[_Iterable[str]] = ..., mean_logprob: _Optional[float] = ..., num_layers: _Optional[int] = ..., avg_exit_layer: _Optional[float] = ..., layers_skipped: _Optional[int] = ..., compute_fraction: _Optional[float] = ..., energy_saved_j: _Optional[float] = ..., exit_operating_point: _Optional[str] = ...) -> None: ...
+    energy_saved_net_j: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., expert: _Optional[str] = ..., replica: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., finish_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., expert_ttft_ms: _Optional[float] = ..., gate: _Optional[str] = ..., subset: _Optional[_Iterable[str]] = ..., gate_weights: _Optional[_Mapping[str, float]] = ..., predicted_energy_j: _Optional[float] = ..., predicted_latency_ms: _Optional[float] = ..., budget_exceeded: _Optional[bool] = ..., cascade: _Optional[_Iterable[str]] = ..., mean_logprob: _Optional[float] = ..., num_layers: _Optional[int] = ..., avg_exit_layer: _Optional[float] = ..., layers_skipped: _Optional[int] = ..., compute_fraction: _Optional[float] = ..., energy_saved_j: _Optional[float] = ..., exit_operating_point: _Optional[str] = ..., energy_saved_net_j: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "usage")

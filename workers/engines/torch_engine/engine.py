@@ -261,13 +261,17 @@ class TorchEngine(Engine):
             logits, step_exits = self.exits.decode(token_ids, [seq.exits for seq in decoding])
             compute, weight_fraction = step_exits.compute_sum, step_exits.weight_fraction
             result.exit_counts = step_exits.counts
+            result.exit_probes = step_exits.probed
         for i, seq in enumerate(decoding):
             self._advance(seq, logits[i], now_s, result, finished)
         return compute, weight_fraction
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor, now_s: float, result: StepResult, finished: list) -> None:
         """Sample the next token for ``seq`` and report text and completion."""
-        token = sample(logits, seq.req.call.sampling, seq.generator)
+        params = seq.req.call.sampling
+        early = len(seq.output_ids) < params.min_tokens  # EOS and stop strings wait until min_tokens
+        token = sample(logits, params, seq.generator, prompt_ids=seq.req.prompt_ids, output_ids=seq.output_ids,
+                       banned_ids=self.eos_ids if early and not params.ignore_eos else ())
         seq.output_ids.append(token)
         seq.logprob_sum += float(torch.log_softmax(logits.float(), dim=-1)[token])
         result.tokens_by_request[seq.request_id] = result.tokens_by_request.get(seq.request_id, 0) + 1
@@ -279,7 +283,8 @@ class TorchEngine(Engine):
         else:
             with self._tok_lock:
                 delta = seq.detok.push(token)
-            text, hit = seq.stopper.push(delta)
+            # vLLM checks stop strings only once the output is longer than min_tokens
+            text, hit = seq.stopper.push(delta, check=len(seq.output_ids) > params.min_tokens)
             if hit:
                 reason = FinishReason.STOP
         if reason is None and (

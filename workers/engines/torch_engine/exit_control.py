@@ -59,6 +59,7 @@ class StepExits:
     compute_sum: float  # sum over rows of effective fractions
     weight_fraction: float  # layers whose weights were read, K/V-only layers at their share
     counts: dict[int, int] = field(default_factory=dict)
+    probed: bool = False  # the exit probes ran (False: every row at full depth on the plain path)
 
 
 class ExitControl:
@@ -131,7 +132,9 @@ class ExitControl:
             if self.deferred:
                 for tally, left in zip(tallies, step.deferred, strict=True):
                     tally.deferred = left
-        return logits, self._account(depths, tallies, work if self.deferred else None)
+        step_exits = self._account(depths, tallies, work if self.deferred else None)
+        step_exits.probed = any(t.thresholds is not None for t in tallies)  # the branch above
+        return logits, step_exits
 
     def _must_catch_up(self, tally: ExitTally) -> bool:
         """A sequence holding ``max_deferred_tokens`` waiting tokens runs its next at full depth."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import torch
 
 from wattserve.types import SamplingParams
@@ -16,12 +18,29 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick one token from float32 ``logits (vocab,)``: greedy at temperature 0, else
-    temperature, top-k and top-p (nucleus) filtering, then a draw."""
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    *,
+    prompt_ids: Sequence[int] = (),
+    output_ids: Sequence[int] = (),
+    banned_ids: Collection[int] = (),
+) -> int:
+    """Pick one token from float32 ``logits (vocab,)``, in vLLM's order: ``banned_ids`` (EOS
+    while ``min_tokens`` is not reached) masked, repetition / frequency / presence penalties over
+    the prompt and ``output_ids`` so far, then greedy at temperature 0, else temperature, min-p,
+    top-k and top-p (nucleus) filtering, then a draw."""
+    scores = apply_penalties(logits, params, prompt_ids, output_ids)
+    if banned_ids:
+        scores = scores.clone() if scores is logits else scores
+        scores[list(banned_ids)] = float("-inf")
     if params.temperature == 0:
-        return int(torch.argmax(logits))
-    scores = logits / params.temperature
+        return int(torch.argmax(scores))
+    scores = scores / params.temperature
+    if params.min_p > 0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -34,6 +53,28 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> torch.Tensor:
+    """vLLM's penalties (``vllm/model_executor/layers/utils.py``'s semantics): the repetition
+    penalty divides positive and multiplies negative logits of every token seen in the prompt or
+    the output; the frequency penalty is subtracted once per occurrence in the output, the
+    presence penalty once for any occurrence. Returns ``logits`` itself when all are neutral."""
+    rep, freq, pres = params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+    if rep == 1.0 and freq == 0.0 and pres == 0.0:
+        return logits
+    vocab = logits.shape[-1]
+    out = torch.tensor([t for t in output_ids if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+    counts = torch.bincount(out, minlength=vocab).to(logits.dtype)
+    scores = logits.clone()
+    if rep != 1.0:
+        seen = counts > 0
+        prompt = torch.tensor([t for t in prompt_ids if 0 <= t < vocab], dtype=torch.long, device=logits.device)
+        seen[prompt] = True
+        scores = torch.where(seen, torch.where(scores > 0, scores / rep, scores * rep), scores)
+    return scores - freq * counts - pres * (counts > 0).to(logits.dtype)
 
 
 class IncrementalDetokenizer:
@@ -73,9 +114,15 @@ class StopChecker:
         self.text = ""  # everything produced so far (before truncation)
         self.emitted = 0  # characters of ``text`` already released to the caller
 
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Add ``delta``; returns (text safe to emit now, whether a stop string was hit)."""
+    def push(self, delta: str, check: bool = True) -> tuple[str, bool]:
+        """Add ``delta``; returns (text safe to emit now, whether a stop string was hit).
+        ``check`` False (before ``min_tokens``): no stop string can end the text yet, so all of
+        it is released, and a stop string completed now never matches later (as in vLLM)."""
         self.text += delta
+        if not check:
+            out = self.text[self.emitted :]
+            self.emitted = len(self.text)
+            return out, False
         # Text before ``emitted`` cannot hold the start of a stop string (it was held back).
         hits = [at for at in (self.text.find(s, self.emitted) for s in self.stops) if at != -1]
         if hits:

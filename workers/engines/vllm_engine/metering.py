@@ -96,6 +96,18 @@ class StepMeter:
             self._busy = False
         self.idle_tick()
 
+    def finish(self) -> None:
+        """The engine stops: end a modeled step still open and book everything since the last
+        reading (and any carry), freshly synced, as idle, so the run's requests + idle equal
+        the device counter's delta (``tests/workers/test_energy_conservation.py`` for the loop)."""
+        if self._busy:
+            self.device.end_step(StepWork())
+            self._busy = False
+        self._step_open = False
+        self._tokens.clear()
+        self.device.sync()
+        self.idle_tick()
+
     def when_metered(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the step whose outputs are being processed has been booked (at
         once if none is): a finished request's energy is complete only then."""

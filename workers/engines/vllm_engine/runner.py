@@ -257,6 +257,11 @@ class VllmRunner:
 
     def _shutdown_engine(self) -> None:
         self._fail_all(EngineDead(f"expert {self.expert.name!r} is shutting down"))
+        if self.started.done() and self.started.exception() is None:
+            try:
+                self.meter.finish()
+            except Exception:  # noqa: BLE001 - a device that cannot be read any more: what it said stands
+                log.warning("expert %s: could not book the energy since the last step", self.expert.name, exc_info=True)
         if self.llm is not None:
             try:
                 self.llm.shutdown()

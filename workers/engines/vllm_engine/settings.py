@@ -96,6 +96,12 @@ def sampling_params(call: GenerateCall, report_logprobs: bool):
             seed=s.seed,
             stop=list(s.stop) or None,
             ignore_eos=s.ignore_eos,
+            # same names and semantics in both (wattserve/types.py); defaults are neutral
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            min_p=s.min_p,
+            min_tokens=s.min_tokens,
             max_tokens=call.max_tokens,
             logprobs=0 if report_logprobs else None,  # 0: the sampled token's log p only
             output_kind=RequestOutputKind.DELTA,
