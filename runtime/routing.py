@@ -128,6 +128,32 @@ class RoutingService:
                f"cluster + tenant dual ({own.describe()})" if own is not None else "the cluster's")
         return self.price_for(tenant), how
 
+    def set_price(self, name: str, value: float | str | None, *, actor: str, peer: str, reason: str) -> str:
+        """An operator sets a scope's price live: a number, ``"auto"``, or None (a tenant inherits
+        the cluster's). Returns how it was set before. Logged, not persisted (the config is)."""
+        scope = self.scope_of(name)
+        if isinstance(value, float) and not (value >= 0 and value != float("inf")):
+            raise InvalidRequest(f"quality_per_j must be a finite number >= 0 (got {value})", param="quality_per_j")
+        old = self.price_of_scope(scope)[1]
+        p = self.config.router.price
+        if scope == CLUSTER:
+            if value is None:
+                raise InvalidRequest("the cluster has no price to inherit: give a number or auto")
+            settings = PriceSettings(p.default_quality_per_j, p.step, p.max_quality_per_j, p.interval_s)
+            self.cluster_price = EnergyPrice(None if value == "auto" else value, settings, clock=self.clock)
+        else:
+            tenant = scope.removeprefix("tenant:")
+            if value is None:
+                self.tenant_prices.pop(tenant, None)
+            elif value == "auto":
+                settings = PriceSettings(0.0, p.step, p.max_quality_per_j, p.interval_s)
+                self.tenant_prices[tenant] = EnergyPrice(None, settings, clock=self.clock)
+            else:
+                self.tenant_prices[tenant] = value
+        log.info("price of energy of %s: %s -> %s (by %s from %s%s)", scope, old, self.price_of_scope(scope)[1],
+                 actor or "anonymous", peer or "?", f": {reason}" if reason else "")
+        return old
+
     def _budget_w(self, scope: str) -> float | None:
         limit = self.ledger.limit(scope)
         return None if limit is None else limit.energy_j / limit.window_s

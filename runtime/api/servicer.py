@@ -217,6 +217,18 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status, routing.price_of_scope(status.scope)),
                                           change=change_to_proto(change))
 
+    async def SetEnergyPrice(self, request, context):
+        routing = self.gateway.routing
+        choices = [request.HasField("quality_per_j"), request.auto, request.inherit]
+        if sum(choices) != 1:
+            raise InvalidRequest("give exactly one of quality_per_j, auto or inherit")
+        value = request.quality_per_j if choices[0] else ("auto" if request.auto else None)
+        old = routing.set_price(request.scope, value, actor=_actor(request.actor), peer=context.peer() or "",
+                                reason=request.reason)
+        scope = routing.scope_of(request.scope)
+        (status,) = routing.budget_status([scope])
+        return pb.SetEnergyPriceResponse(budget=budget_to_proto(status, routing.price_of_scope(scope)), old_price=old)
+
     async def GetEnergyBudget(self, request, context):
         routing = self.gateway.routing
         changes = list(routing.ledger.changes)[-request.recent_changes:] if request.recent_changes > 0 else []

@@ -222,6 +222,13 @@ async def test_budget_cli_sets_and_shows_with_the_change_log(server, capsys):
     rc = await asyncio.to_thread(main, ["budget", "set", "nobody", "--energy-j", "5", "--target", target])
     assert rc == 1 and "unknown tenant 'nobody'" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["budget", "set", "cluster", "--unlimited", "--target", target]) == 0
+    # the price of energy, live (then back to the configured 0 for the other tests)
+    assert await asyncio.to_thread(main, ["budget", "price", "acme", "--quality-per-j", "0.5", "--target", target]) == 0
+    out = capsys.readouterr().out
+    assert "tenant:acme: price of energy was the cluster's, now fixed for the tenant" in out
+    assert await asyncio.to_thread(main, ["budget", "price", "acme", "--quality-per-j", "-1", "--target", target]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["budget", "price", "acme", "--inherit", "--target", target]) == 0
 
 
 async def test_http_api_and_metrics_show_the_routing_decision(server, predicted):

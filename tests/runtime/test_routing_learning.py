@@ -103,3 +103,23 @@ async def test_learned_quality_survives_a_restart(tmp_path):
 def test_config_refuses_negative_prices():
     with pytest.raises(Exception, match="quality_per_j must be a finite number >= 0"):
         config([{"name": "a", "quality_per_j": -0.1}])
+
+
+async def test_operators_set_prices_live():
+    svc = RoutingService(config([{"name": "acme"}]))
+    assert svc.set_price("acme", 0.5, actor="ops", peer="", reason="") == "the cluster's"
+    assert svc.price_for("acme") == 0.5 and svc.price_of_scope("tenant:acme")[1] == "fixed for the tenant"
+    assert (await svc.plan(req(tenant="acme"), CANDS)).ranked[0].expert == "edge"
+    svc.set_price("acme", None, actor="ops", peer="", reason="")  # back to the cluster's
+    assert svc.price_for("acme") == DEFAULT_QUALITY_PER_J
+    svc.set_price("cluster", 0.0, actor="ops", peer="", reason="")
+    assert svc.price_for("acme") == 0.0 and svc.price_of_scope("cluster")[1] == "fixed 0/J"
+    svc.set_price("cluster", "auto", actor="ops", peer="", reason="")
+    assert svc.cluster_price.auto and svc.price_for("acme") == DEFAULT_QUALITY_PER_J
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidRequest, match="quality_per_j must be a finite number"):
+            svc.set_price("acme", bad, actor="", peer="", reason="")
+    with pytest.raises(InvalidRequest, match="unknown tenant"):
+        svc.set_price("zed", 0.1, actor="", peer="", reason="")
+    with pytest.raises(InvalidRequest, match="nothing to inherit|no price to inherit"):
+        svc.set_price("cluster", None, actor="", peer="", reason="")

@@ -488,6 +488,30 @@ class SetEnergyBudgetResponse(_message.Message):
     change: BudgetChange
     def __init__(self, budget: _Optional[_Union[EnergyBudget, _Mapping]] = ..., change: _Optional[_Union[BudgetChange, _Mapping]] = ...) -> None: ...
 
+class SetEnergyPriceRequest(_message.Message):
+    __slots__ = ("scope", "quality_per_j", "auto", "inherit", "actor", "reason")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_PER_J_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
+    INHERIT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    quality_per_j: float
+    auto: bool
+    inherit: bool
+    actor: str
+    reason: str
+    def __init__(self, scope: _Optional[str] = ..., quality_per_j: _Optional[float] = ..., auto: _Optional[bool] = ..., inherit: _Optional[bool] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetEnergyPriceResponse(_message.Message):
+    __slots__ = ("budget", "old_price")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    OLD_PRICE_FIELD_NUMBER: _ClassVar[int]
+    budget: EnergyBudget
+    old_price: str
+    def __init__(self, budget: _Optional[_Union[EnergyBudget, _Mapping]] = ..., old_price: _Optional[str] = ...) -> None: ...
+
 class GetEnergyBudgetRequest(_message.Message):
     __slots__ = ("scopes", "recent_changes")
     SCOPES_FIELD_NUMBER: _ClassVar[int]

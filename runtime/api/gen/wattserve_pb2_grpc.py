@@ -318,6 +318,11 @@ class AdminStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
                 _registered_method=True)
+        self.SetEnergyPrice = channel.unary_unary(
+                '/wattserve.v1.Admin/SetEnergyPrice',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceResponse.FromString,
+                _registered_method=True)
         self.SetPowerBudget = channel.unary_unary(
                 '/wattserve.v1.Admin/SetPowerBudget',
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetPowerBudgetRequest.SerializeToString,
@@ -359,6 +364,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetEnergyPrice(self, request, context):
+        """The price of energy (quality units per J) of the cluster or a tenant, live: a number, auto
+        (derived from the budget), or, for a tenant, back to the cluster's. Logged with the caller's
+        peer; not persisted (router.quality_per_j / tenants[].quality_per_j are the durable setting).
+        INVALID_ARGUMENT for a negative or non-finite price, an unknown tenant, or not exactly one choice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPowerBudget(self, request, context):
         """The power governor (POLCA). FAILED_PRECONDITION when the server runs without it
         (config power.enabled: false); INVALID_ARGUMENT for an unknown row or a budget <= 0.
@@ -395,6 +410,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetEnergyBudget,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.SerializeToString,
+            ),
+            'SetEnergyPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnergyPrice,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceResponse.SerializeToString,
             ),
             'SetPowerBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPowerBudget,
@@ -515,6 +535,33 @@ class Admin:
             '/wattserve.v1.Admin/GetEnergyBudget',
             wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnergyPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/SetEnergyPrice',
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,
