@@ -41,6 +41,8 @@ class RequestFeatures:
     gate: GateOutput | None = None  # the gate's view of this prompt (None: policy's prior)
     throttled: bool = False  # the tenant or the cluster is near its energy budget
     throttle_reason: str = ""
+    quality_per_j: float | None = None  # price of energy for this request (its tenant's); None: settings'
+    explore_share: float = 0.0  # Generate: chance of answering from another expert that fits (feedback)
 
     @property
     def tokens_in(self) -> int:
@@ -62,7 +64,7 @@ class RouterSettings:
 
     infeasible: Literal["reject", "serve_cheapest"] = "reject"
     aggregation_ms: float = 0.0  # scoring: combining several experts' answers costs this much
-    quality_per_j: float = 0.0  # MoE²: price of energy (quality units per joule), 0: off
+    quality_per_j: float = 0.0  # MoE²: price of energy (quality units per joule) when a request brings none
     strong: str | None = None  # threshold policy: the two experts (default: by quality prior)
     weak: str | None = None
     threshold: float = 0.0  # threshold policy: strong when q_strong - q_weak >= threshold
@@ -101,6 +103,9 @@ class Plan:
     cascade: tuple[str, ...] = ()
     cascade_below_logprob: float | None = None
     cascaded: tuple[str, ...] = ()  # filled by the gateway: the experts that answered, in order
+    # filled by the gateway: the gate's predicted quality per expert *before* feedback corrections
+    # (feedback residuals are taken against it)
+    predicted_quality: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def experts(self) -> tuple[str, ...]:

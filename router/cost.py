@@ -61,6 +61,11 @@ class PredictionError:
     latency_correction: float = 1.0
     samples: int = 0  # outcomes compared
     learned: int = 0  # of which against measured figures (those move the corrections)
+    # EWMAs of actual and raw predicted energy (J) / latency (ms); a correction is their ratio
+    energy_actual_j: float = 0.0
+    energy_predicted_j: float = 0.0
+    latency_actual_ms: float = 0.0
+    latency_predicted_ms: float = 0.0
 
 
 @dataclass(slots=True)
@@ -178,8 +183,15 @@ class CostModel:
             old = getattr(err, err_name)
             setattr(err, err_name, rel if old is None else (1 - a) * old + a * rel)
             if learn:
-                ratio = min(5.0, max(0.2, actual / pred))
-                setattr(err, corr_name, ratio if err.learned == 0 else (1 - a) * corr + a * ratio)
+                # A ratio of averages, not an average of ratios: a request weighs by its size, so a
+                # one-token answer (whose fixed per-request costs dwarf its prediction) cannot
+                # inflate every later prediction of a 64-token one.
+                unit = "j" if kind == "energy" else "ms"
+                act_name, pred_name = f"{kind}_actual_{unit}", f"{kind}_predicted_{unit}"
+                first = err.learned == 0
+                setattr(err, act_name, actual if first else (1 - a) * getattr(err, act_name) + a * actual)
+                setattr(err, pred_name, pred if first else (1 - a) * getattr(err, pred_name) + a * pred)
+                setattr(err, corr_name, min(5.0, max(0.2, getattr(err, act_name) / getattr(err, pred_name))))
         err.samples += 1
         err.learned += learn
 

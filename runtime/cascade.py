@@ -5,7 +5,9 @@ top-weight one); both fit the request's energy budget together. The first answer
 (a streamed answer cannot be taken back); if its mean token log-probability is at least
 ``cascade_below_logprob`` it is released, otherwise it is discarded and the strong expert answers,
 streamed as usual. Both answers are charged to the tenant and reported: the final ``Usage`` has
-the energy of both, and ``cascade`` lists the experts that answered.
+the energy of both, and ``cascade`` lists the experts that answered. The outcome teaches the
+router (``RoutingService.cascade_outcome``): a kept answer counts as a good score for the cheap
+expert, an escalated one as a bad score, at ``router.feedback.cascade_weight``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ async def serve_cascade(gw, req, plan: Plan, received: float, rec) -> AsyncItera
         held.append(item)
     final: Final = held[-1]
     confidence = final.usage.mean_logprob
-    if confidence is None or confidence >= threshold:
+    kept = confidence is None or confidence >= threshold
+    if confidence is not None:  # the outcome is (weak) feedback on the cheap expert
+        await gw.routing.cascade_outcome(req.tenant, first, plan, kept)
+    if kept:
         note = f"; cascade: kept {first}'s answer (mean log p {_fmt(confidence)} >= {threshold:g})"
         for item in held[:-1]:
             yield item

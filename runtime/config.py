@@ -15,6 +15,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from router.price import DEFAULT_QUALITY_PER_J
 from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
 from wattserve.types import Priority
@@ -125,6 +126,59 @@ class ClusterBudgetConfig(Strict):
         return self.energy_budget_j if self.energy_budget_j is not None else self.average_power_w * self.window_s
 
 
+def _check_price(value: float | str | None, name: str) -> None:
+    if isinstance(value, float | int) and not (value >= 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0 quality units per J, or auto (got {value})")
+
+
+class PriceConfig(Strict):
+    """The price of energy as the dual of an energy budget (router/price.py, docs/routing.md)."""
+
+    default_quality_per_j: float = Field(
+        default=DEFAULT_QUALITY_PER_J, ge=0,
+        description="The price with no cluster budget, and the start value of a derived one (quality units per J).",
+    )
+    step: float = Field(
+        default=0.002, ge=0,
+        description="Quality units per J the price moves per interval at 100% over (or under) the budget's rate.",
+    )
+    max_quality_per_j: float = Field(default=0.1, gt=0, description="Upper bound of a derived price.")
+    interval_s: float = Field(default=30.0, gt=0, description="How often a derived price moves (burn rate measured over it).")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> PriceConfig:
+        if self.default_quality_per_j > self.max_quality_per_j:
+            raise ValueError("default_quality_per_j must be <= max_quality_per_j")
+        return self
+
+
+class FeedbackConfig(Strict):
+    """Online corrections of each expert's predicted quality from feedback (router/feedback.py)."""
+
+    prior_weight: float = Field(
+        default=2.0, gt=0, description="Pseudo-count of the gate's own prediction: the correction after n scores is "
+        "their mean residual x n / (n + prior_weight).",
+    )
+    max_weight: float = Field(
+        default=20.0, gt=0,
+        description="Scores remembered per expert (older ones fade): bounds how long a change in quality takes to show.",
+    )
+    max_correction: float = Field(default=0.5, gt=0, le=1, description="Largest correction of a predicted quality (either sign).")
+    explore_share: float = Field(
+        default=0.05, ge=0, le=0.5,
+        description="Generate: share of requests answered by another expert that fits their budgets, so feedback can "
+        "correct an expert the router stopped using. Only once feedback has been received (none: no exploration).",
+    )
+    cascade_weight: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Weight of a cascade outcome as feedback on the cheap expert (kept answer: 1, escalated: 0); 0: off.",
+    )
+    remember_requests: int = Field(
+        default=100_000, ge=1, description="Most finished requests remembered for feedback (oldest forgotten first)."
+    )
+    remember_s: float = Field(default=3600.0, gt=0, description="Feedback is accepted this long after a request finished.")
+
+
 class RouterConfig(Strict):
     """The MoE² router: gate, cost model, budgets and the baselines' knobs (docs/routing.md)."""
 
@@ -143,10 +197,16 @@ class RouterConfig(Strict):
         "feasible budget, or serve the cheapest expert and flag budget_exceeded.",
     )
     aggregation_ms: float = Field(default=5.0, ge=0, description="Score: time to combine several experts' answers.")
-    quality_per_j: float = Field(
-        default=0.0, ge=0,
-        description="Price of energy in quality units per joule: experts whose quality is not worth their "
-        "predicted joules at this price are left out (the Lagrangian of an average energy budget; 0: budgets alone decide).",
+    quality_per_j: float | Literal["auto"] = Field(
+        default="auto",
+        description="Price of energy in quality units per joule when a request brings no energy budget: Generate "
+        "answers with argmax q - price x E. A number fixes it; auto derives it online from the cluster budget's "
+        "burn rate (router.price), or uses router.price.default_quality_per_j when there is no cluster budget. "
+        "0: the strongest expert that fits answers.",
+    )
+    price: PriceConfig = Field(default_factory=PriceConfig, description="How an auto price is derived.")
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig, description="Learning expert quality from clients' feedback scores."
     )
     cascade_below_logprob: float | None = Field(
         default=None, le=0,
@@ -166,7 +226,12 @@ class RouterConfig(Strict):
         default=0.8, gt=0, le=1,
         description="A tenant or the cluster past this share of its budget is throttled to the cheapest expert.",
     )
-    seed: int | None = Field(default=None, description="Seed of the random and least-loaded tie breaks.")
+    seed: int | None = Field(default=None, description="Seed of the random and least-loaded tie breaks (and of exploration).")
+
+    @model_validator(mode="after")
+    def _price_not_negative(self) -> RouterConfig:
+        _check_price(self.quality_per_j, "quality_per_j")
+        return self
 
 
 class HttpConfig(Strict):
@@ -209,6 +274,16 @@ class TenantConfig(Strict):
         default=None, ge=1, description="Requests this tenant may have in flight; None: gateway.tenant_max_inflight."
     )
     weight: float = Field(default=1.0, gt=0, description="Share of the server when it is saturated (fair share).")
+    quality_per_j: float | Literal["auto"] | None = Field(
+        default=None,
+        description="This tenant's price of energy (quality units per J): a number replaces the cluster's; auto adds "
+        "the dual of the tenant's own energy budget to the cluster's price; None: the cluster's price.",
+    )
+
+    @model_validator(mode="after")
+    def _price_not_negative(self) -> TenantConfig:
+        _check_price(self.quality_per_j, "quality_per_j")
+        return self
 
     @property
     def max_priority_value(self) -> Priority:
@@ -373,6 +448,8 @@ def config_reference() -> str:
         ("router", RouterConfig),
         ("router.cost_priors.<expert>", CostPriorConfig),
         ("router.cluster_budget", ClusterBudgetConfig),
+        ("router.price", PriceConfig),
+        ("router.feedback", FeedbackConfig),
         ("experts[]", ExpertSpec),
         ("experts[].model (kind: local)", LocalModelSource),
         ("experts[].model (kind: gguf_package)", GgufPackageSource),

@@ -324,9 +324,11 @@ class Gateway:
                         request_id=call.request_id,
                     )
                     await self.routing.flush()  # the charge is durable before the caller learns it finished
+                    request_id = req.request_id or call.request_id
+                    self.routing.remember(request_id, req.tenant, replica.expert, plan)  # for feedback
                     now = self.clock()
                     yield Final(
-                        request_id=req.request_id or call.request_id,
+                        request_id=request_id,
                         expert=replica.expert,
                         replica=replica.index,
                         usage=usage,
@@ -387,6 +389,10 @@ class Gateway:
             raise ExpertUnavailable(
                 f"expert {replica.expert}/{replica.index} failed: {str(exc).strip().splitlines()[-1][:300]}"
             ) from None
+
+    async def feedback(self, request_id: str, score: float, tenant: str = ""):
+        """A client's score in [0, 1] for a finished Generate request (``RoutingService.record_feedback``)."""
+        return await self.routing.record_feedback(request_id, score, tenant)
 
     async def score(self, request):
         """Serve an ``Inference.Score`` request (``runtime/scoring.py``)."""

@@ -1,5 +1,6 @@
 """The budget ledger on disk: every energy charge and every limit change in a local SQLite file,
-so tenant and cluster budget use survives a gateway restart.
+so tenant and cluster budget use survives a gateway restart. The router's learned quality
+corrections (feedback, ``router/feedback.py``) are kept in the same file.
 
 Why SQLite and not Ray's GCS: the embedded default starts its own Ray instance, and the GCS's
 key-value store lives in that instance's memory unless GCS fault tolerance is set up with an
@@ -59,6 +60,15 @@ CREATE TABLE IF NOT EXISTS changes (
     actor TEXT NOT NULL,
     peer TEXT NOT NULL,
     reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quality_feedback (
+    tenant TEXT NOT NULL,
+    expert TEXT NOT NULL,
+    residual_sum REAL NOT NULL,
+    weight REAL NOT NULL,
+    scores INTEGER NOT NULL,
+    unix_s REAL NOT NULL,
+    PRIMARY KEY (tenant, expert)
 );
 """
 
@@ -210,6 +220,31 @@ class LedgerStore:
         except sqlite3.Error as exc:
             log.warning("budget ledger %s: prune failed (%s)", self.path, exc)
         self._pruned_s = self.wall_clock()
+
+    # -- learned quality (router/feedback.py) ------------------------------------------------------
+    def load_feedback(self) -> list[tuple[str, str, float, float, int]]:
+        """The stored feedback statistics: (tenant, expert, residual_sum, weight, scores)."""
+        return self._db.execute("SELECT tenant, expert, residual_sum, weight, scores FROM quality_feedback").fetchall()
+
+    async def save_feedback(self, rows: list[tuple[str, str, float, float, int]]) -> None:
+        """Replace the stored statistics of these (tenant, expert) pairs, off the event loop and
+        never inside a charges transaction (the same lock as :meth:`flush`)."""
+        async with self._lock:
+            await asyncio.to_thread(self._save_feedback, rows)
+
+    def _save_feedback(self, rows: list[tuple[str, str, float, float, int]]) -> None:
+        """One transaction. A failed write is logged; the next one carries the whole state again."""
+        if self._db is None:
+            return
+        now = self.wall_clock()
+        try:
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO quality_feedback (tenant, expert, residual_sum, weight, scores, unix_s) "
+                    "VALUES (?,?,?,?,?,?)", [(*r, now) for r in rows])
+        except sqlite3.Error as exc:
+            self.write_errors += 1
+            log.error("budget ledger %s: cannot write quality feedback (%s)", self.path, exc)
 
     # -- for tests and the chaos report -----------------------------------------------------------
     def charges(self) -> list[tuple[str, float, str, str]]:

@@ -183,3 +183,18 @@ class ExitCalibrationError(WattserveError):
 
     grpc_code = "FAILED_PRECONDITION"
     http_status = 412
+
+
+class NotFound(WattserveError):
+    """The request names something this server does not know (or no longer remembers), e.g.
+    feedback for a request id that never finished here or was forgotten."""
+
+    grpc_code = "NOT_FOUND"
+    http_status = 404
+
+
+class AlreadyRecorded(WattserveError):
+    """The request would record something a second time (feedback counts once per request id)."""
+
+    grpc_code = "ALREADY_EXISTS"
+    http_status = 409

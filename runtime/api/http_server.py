@@ -95,6 +95,7 @@ class HttpApi:
             [
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.chat_completions),
+                web.post("/v1/feedback", self.feedback),
                 web.get("/v1/models", self.models),
                 web.get("/v1/models/{model}", self.model),
                 web.get("/metrics", self.metrics),
@@ -214,6 +215,33 @@ class HttpApi:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    # -- feedback (wattserve's own; the twin of gRPC Inference.Feedback) -------------------------------
+    async def feedback(self, request: web.Request) -> web.Response:
+        """``{"request_id": ..., "score": 0..1, "tenant"?: ...}`` -> the answering expert and its
+        quality correction now. 400 bad score, 404 unknown id, 409 already scored."""
+        try:
+            body = await self._json(request)
+            if not isinstance(body, dict) or set(body) - {"request_id", "score", "tenant"}:
+                raise InvalidRequest('the body must be a JSON object {"request_id": str, "score": number in [0, 1], '
+                                     '"tenant": optional str}')
+            request_id, score, tenant = body.get("request_id"), body.get("score"), body.get("tenant") or ""
+            if not isinstance(request_id, str) or not isinstance(tenant, str):
+                raise InvalidRequest("request_id and tenant must be strings", param="request_id")
+            if score is None:
+                raise InvalidRequest("score is required: a number in [0, 1] (1: a good answer, 0: a wrong one)",
+                                     param="score")
+            tenant = bind_tenant(request.get(PRINCIPAL_KEY, ANONYMOUS), tenant)
+            served, correction = await self.gateway.feedback(request_id, score, tenant)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status by http_error
+            status, err, headers = http_error(exc)
+            if status == 404:
+                err["error"]["code"] = "request_not_found"
+            elif status == 409:
+                err["error"]["type"] = "invalid_request_error"
+            return web.json_response(err, status=status, headers=headers)
+        return web.json_response({"object": "feedback", "request_id": request_id, "expert": served.expert,
+                                  "predicted_quality": served.predicted_quality, "quality_correction": correction})
 
     # -- models, metrics, health ------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:

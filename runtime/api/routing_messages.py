@@ -81,9 +81,11 @@ def limit_from_proto(msg: pb.SetEnergyBudgetRequest, default_throttle: float) ->
     return BudgetLimit(joules, window_s, msg.throttle_fraction or default_throttle)
 
 
-def budget_to_proto(st: ScopeStatus) -> pb.EnergyBudget:
+def budget_to_proto(st: ScopeStatus, price: tuple[float, str] | None = None) -> pb.EnergyBudget:
     msg = pb.EnergyBudget(scope=st.scope, unlimited=st.limit is None, used_j=st.used_j, state=st.state.value,
                           retry_after_s=st.retry_after_s)
+    if price is not None:
+        msg.quality_per_j, msg.price = price
     if st.limit is not None:
         msg.energy_budget_j = st.limit.energy_j
         msg.window_s = st.limit.window_s

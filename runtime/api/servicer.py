@@ -120,6 +120,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         outcome = await self.gateway.score(_bound(score_request_from_proto(request)))
         return score_response_to_proto(outcome, request.choices)
 
+    async def Feedback(self, request, context):
+        if not request.HasField("score"):
+            raise InvalidRequest("score is required: a number in [0, 1] (1: a good answer, 0: a wrong one)")
+        tenant = bind_tenant(current_principal(), request.tenant)
+        served, correction = await self.gateway.feedback(request.request_id, request.score, tenant)
+        return pb.FeedbackResponse(request_id=request.request_id, expert=served.expert,
+                                   predicted_quality=served.predicted_quality, quality_correction=correction)
+
     async def StreamImages(self, request_iterator, context):
         first = await anext(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "config":
@@ -206,13 +214,26 @@ class AdminServicer(pb_grpc.AdminServicer):
         change = routing.set_budget(request.scope, limit, actor=_actor(request.actor), peer=context.peer() or "",
                                     reason=request.reason)
         (status,) = routing.budget_status([change.scope])
-        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status), change=change_to_proto(change))
+        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status, routing.price_of_scope(status.scope)),
+                                          change=change_to_proto(change))
+
+    async def SetEnergyPrice(self, request, context):
+        routing = self.gateway.routing
+        choices = [request.HasField("quality_per_j"), request.auto, request.inherit]
+        if sum(choices) != 1:
+            raise InvalidRequest("give exactly one of quality_per_j, auto or inherit")
+        value = request.quality_per_j if choices[0] else ("auto" if request.auto else None)
+        old = routing.set_price(request.scope, value, actor=_actor(request.actor), peer=context.peer() or "",
+                                reason=request.reason)
+        scope = routing.scope_of(request.scope)
+        (status,) = routing.budget_status([scope])
+        return pb.SetEnergyPriceResponse(budget=budget_to_proto(status, routing.price_of_scope(scope)), old_price=old)
 
     async def GetEnergyBudget(self, request, context):
         routing = self.gateway.routing
         changes = list(routing.ledger.changes)[-request.recent_changes:] if request.recent_changes > 0 else []
         return pb.GetEnergyBudgetResponse(
-            budgets=[budget_to_proto(s) for s in routing.budget_status(list(request.scopes))],
+            budgets=[budget_to_proto(s, routing.price_of_scope(s.scope)) for s in routing.budget_status(list(request.scopes))],
             changes=[change_to_proto(c) for c in changes],
         )
 

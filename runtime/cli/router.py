@@ -1,4 +1,4 @@
-"""Routing commands: ``wattserve gate fit``, ``wattserve route eval``, ``wattserve budget set|show``."""
+"""Routing commands: ``wattserve gate fit``, ``wattserve route eval``, ``wattserve budget set|price|show``."""
 
 from __future__ import annotations
 
@@ -154,6 +154,8 @@ def _print_budget(b) -> None:
               f"used {b.used_j:10.2f} J, left {b.remaining_j:.2f} J  [{b.state}"
               + (f", retry in {b.retry_after_s:.0f} s" if b.state == "exhausted" else "")
               + f"; throttle at {b.throttle_fraction:.0%}]")
+    if b.price:
+        print(f"  {'':<24} price of energy {b.quality_per_j:.4g} quality/J ({b.price})")
 
 
 def cmd_budget_set(args) -> int:
@@ -178,6 +180,26 @@ def cmd_budget_set(args) -> int:
     c = resp.change
     print(f"{c.scope}: {c.old_budget} -> {c.new_budget} (by {c.actor} from {c.peer})")
     _print_budget(resp.budget)
+    return 0
+
+
+def cmd_budget_price(args) -> int:
+    import grpc
+
+    from ..api.gen import wattserve_pb2 as pb
+
+    req = pb.SetEnergyPriceRequest(scope=args.scope, auto=args.auto, inherit=args.inherit, reason=args.reason or "",
+                                   actor=args.actor or f"{getpass.getuser()}@{socket.gethostname()}")
+    if args.quality_per_j is not None:
+        req.quality_per_j = args.quality_per_j
+    channel, admin = _admin(args)
+    with channel:
+        try:
+            resp = admin.SetEnergyPrice(req, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"{resp.budget.scope}: price of energy was {resp.old_price}, now {resp.budget.price}")
     return 0
 
 
@@ -252,6 +274,17 @@ def register(sub) -> None:
     add_connection_args(s, operator=True)
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(func=cmd_budget_set)
+    s = budget.add_parser("price", help="set the price of energy (quality per J) of the cluster or a tenant, live")
+    s.add_argument("scope", help="'cluster' or a tenant name")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--quality-per-j", type=float, help="a fixed price in quality units per joule")
+    g.add_argument("--auto", action="store_true", help="derive it from the energy budget's burn rate")
+    g.add_argument("--inherit", action="store_true", help="a tenant: use the cluster's price")
+    s.add_argument("--actor", help="who makes the change (default user@host)")
+    s.add_argument("--reason", help="why (logged)")
+    add_connection_args(s, operator=True)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_budget_price)
     s = budget.add_parser("show", help="show budgets, use and recent changes")
     s.add_argument("scope", nargs="*", help="scopes (default: cluster and every tenant)")
     s.add_argument("--changes", type=int, default=10, help="recent changes to list")

@@ -77,6 +77,20 @@ def test_learning_corrects_bias_and_tracks_error():
     assert model.predict(p, "e", 100, 11).energy_j == pytest.approx(raw.energy_j * 1.2, rel=1e-3)
 
 
+def test_tiny_requests_cannot_bend_the_correction_of_large_ones():
+    """One-token answers cost far more than their prediction (fixed per-request work); on the real
+    default experts an average of ratios let a few of them inflate every prediction by ~1.7x."""
+    model = CostModel(alpha=0.1)
+    p = profile()
+    big, tiny = model.raw(p, "e", 20, 64), model.raw(p, "e", 20, 1)
+    for k in range(40):
+        if k % 4 == 3:
+            model.learn(p, "e", 20, 1, tiny.energy_j * 5, tiny.latency_ms * 5)
+        else:
+            model.learn(p, "e", 20, 64, big.energy_j, big.latency_ms)
+    assert model.errors["e"].energy_correction < 1.1
+
+
 def test_the_first_outcome_reports_the_raw_error():
     model = CostModel()
     p = profile()

@@ -124,21 +124,88 @@ def test_plans_never_exceed_budgets_and_match_the_exhaustive_optimum():
         r = req(gate=gate, max_tokens=rng.randint(1, 50), energy_budget_j=rng.uniform(0.01, 5),
                 latency_budget_ms=rng.choice([None, rng.uniform(10, 3000)]), mode=rng.choice(["generate", "score"]),
                 choice_tokens=(3, 4))
-        p = MoE2(cost=CostModel(), settings=RouterSettings(quality_prior=prior, aggregation_ms=2.0))
+        price = rng.choice([0.0, 0.0, rng.uniform(0, 0.5)])
+        p = MoE2(cost=CostModel(), settings=RouterSettings(quality_prior=prior, aggregation_ms=2.0, quality_per_j=price))
         m = CostModel()
         est = {c.expert: m.predict(c.profile, c.expert, r.tokens_in, r.tokens_out, queue=r.mode == "generate") for c in cands}
-        items = [Item(gate.weights[c.expert] * gate.quality[c.expert], est[c.expert].energy_j, est[c.expert].latency_ms) for c in cands]
-        ref = exhaustive_subset(items, r.energy_budget_j, r.latency_budget_ms, 2.0 if r.mode == "score" else 0.0)
+        fits = [c.expert for c in cands if est[c.expert].energy_j <= r.energy_budget_j
+                and (r.latency_budget_ms is None or est[c.expert].latency_ms <= r.latency_budget_ms)]
+        if r.mode == "generate":
+            try:
+                plan = p.plan(r, cands)
+            except BudgetInfeasible:
+                assert fits == []
+                continue
+            # one expert answers: the best q - price x E among those that fit alone (fall-backs fit too)
+            assert set(plan.subset) == set(fits)
+            best = max(prior[e] - price * est[e].energy_j for e in fits)
+            top = plan.subset[0]
+            assert prior[top] - price * est[top].energy_j == pytest.approx(best)
+            assert plan.predicted_energy_j == pytest.approx(est[top].energy_j)
+            assert plan.predicted_energy_j <= r.energy_budget_j * (1 + 1e-9)
+            continue
+        items = [Item(gate.weights[c.expert] * gate.quality[c.expert], est[c.expert].energy_j, est[c.expert].latency_ms)
+                 for c in cands]
+        if price:
+            items = [it if it.value >= price * it.energy_j else Item(0.0, it.energy_j, it.latency_ms) for it in items]
+        ref = exhaustive_subset(items, r.energy_budget_j, r.latency_budget_ms, 2.0)
         try:
             plan = p.plan(r, cands)
         except BudgetInfeasible:
-            assert ref.indices == ()
+            assert ref.indices == () or all(items[i].value == 0 for i in ref.indices)
             continue
         assert sum(est[e].energy_j for e in plan.subset) <= r.energy_budget_j * (1 + 1e-9)
         if r.latency_budget_ms is not None:
             assert plan.predicted_latency_ms <= r.latency_budget_ms
         got = sum(gate.weights[e] * gate.quality[e] for e in plan.subset)
         assert got == pytest.approx(ref.value)
+
+
+def test_generate_answers_from_the_best_single_expert_that_fits():
+    """The issue's example: A (q 0.6, 10 J), B and C (q 0.5, 5 J each), 10 J budget. {B, C} has the
+    higher ensemble value (sum g q), but Generate answers from one expert: A fits alone and is better."""
+    quality = {"A": 0.6, "B": 0.5, "C": 0.5}
+    # power x compute time = energy: 10 tokens x 10 ms x 100 W / 1000 = 10 J; 5 J for the others
+    cands = [Candidate("A", 0, True, 0, prof("A", power_w=100.0, step_ms=10.0)),
+             Candidate("B", 0, True, 0, prof("B", power_w=50.0, step_ms=10.0)),
+             Candidate("C", 0, True, 0, prof("C", power_w=50.0, step_ms=10.0))]
+    settings = RouterSettings(quality_prior=quality)
+    r = RequestFeatures(prompt_chars=1, prompt_tokens=1, max_tokens=10, gate=PriorGate(quality)(""))
+    est = {c.expert: CostModel().predict(c.profile, c.expert, 1, 10) for c in cands}
+    budget = est["A"].energy_j
+    assert est["B"].energy_j + est["C"].energy_j <= budget < est["A"].energy_j + est["B"].energy_j
+    g = PriorGate(quality)("")
+    assert g.weights["B"] * 0.5 + g.weights["C"] * 0.5 > g.weights["A"] * 0.6  # the trap the old objective fell in
+    plan = MoE2(cost=CostModel(), settings=settings).plan(dataclasses.replace(r, energy_budget_j=budget), cands)
+    assert plan.ranked[0].expert == "A" and plan.subset[0] == "A"
+    assert plan.predicted_energy_j == pytest.approx(est["A"].energy_j)
+    assert "A answers" in plan.reason
+    # Score still uses the subset: {B, C} is the better ensemble within 10 J
+    sr = dataclasses.replace(r, mode="score", max_tokens=0, choice_tokens=(9,))
+    se = {c.expert: CostModel().predict(c.profile, c.expert, sr.tokens_in, 0, queue=False).energy_j for c in cands}
+    score = MoE2(cost=CostModel(), settings=settings).plan(dataclasses.replace(sr, energy_budget_j=se["A"]), cands)
+    assert set(score.subset) == {"B", "C"}
+    # with a price, A must be worth its extra 5 J: q_A - q_B = 0.1 buys 5 J at up to 0.02 quality per J
+    dear = MoE2(cost=CostModel(), settings=dataclasses.replace(settings, quality_per_j=0.021))
+    assert dear.plan(r, cands).ranked[0].expert == "B"
+    assert MoE2(cost=CostModel(), settings=dataclasses.replace(settings, quality_per_j=0.019)).plan(
+        r, cands).ranked[0].expert == "A"
+    # the request's own price (its tenant's) wins over the configured one
+    assert dear.plan(dataclasses.replace(r, quality_per_j=0.0), cands).ranked[0].expert == "A"
+
+
+def test_exploration_stays_within_the_budgets_and_never_touches_pinned_requests():
+    cands = pool()
+    p = policy()
+    p.rng = random.Random(3)
+    budget = energy("mid") * 1.01  # cloud does not fit
+    picks = [p.plan(req(energy_budget_j=budget, explore_share=0.5), cands) for _ in range(200)]
+    first = [pl.ranked[0].expert for pl in picks]
+    assert "cloud" not in first and 60 < first.count("edge") < 140  # explored about half the time
+    assert all(pl.predicted_energy_j <= budget for pl in picks)
+    assert any("exploring" in pl.reason for pl in picks)
+    assert {p.plan(req(expert="cloud", explore_share=1.0), cands).ranked[0].expert for _ in range(20)} == {"cloud"}
+    assert {p.plan(req(explore_share=0.0), cands).ranked[0].expert for _ in range(20)} == {"cloud"}
 
 
 def test_price_of_energy_answers_from_the_lagrangian_optimum():

@@ -43,6 +43,7 @@ def config(tmp_path_factory):
                     "cloud": {"prefill_ms_per_token": 1, "decode_ms_per_token": CLOUD_STEP_MS, "j_per_token": 3},
                 },
                 "aggregation_ms": 1,
+                "quality_per_j": 0,  # budgets alone decide in these tests (the price: test_routing_learning.py)
             },
         },
         "routing-test",
@@ -217,9 +218,17 @@ async def test_budget_cli_sets_and_shows_with_the_change_log(server, capsys):
     rc = await asyncio.to_thread(main, ["budget", "show", "--target", target, "--changes", "3"])
     out = capsys.readouterr().out
     assert rc == 0 and "cluster" in out and "500.00 W avg" in out and "(peak hours)" in out
+    assert "price of energy 0 quality/J (fixed 0/J)" in out  # the configured price (router.quality_per_j: 0)
     rc = await asyncio.to_thread(main, ["budget", "set", "nobody", "--energy-j", "5", "--target", target])
     assert rc == 1 and "unknown tenant 'nobody'" in capsys.readouterr().err
     assert await asyncio.to_thread(main, ["budget", "set", "cluster", "--unlimited", "--target", target]) == 0
+    # the price of energy, live (then back to the configured 0 for the other tests)
+    assert await asyncio.to_thread(main, ["budget", "price", "acme", "--quality-per-j", "0.5", "--target", target]) == 0
+    out = capsys.readouterr().out
+    assert "tenant:acme: price of energy was the cluster's, now fixed for the tenant" in out
+    assert await asyncio.to_thread(main, ["budget", "price", "acme", "--quality-per-j", "-1", "--target", target]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, ["budget", "price", "acme", "--inherit", "--target", target]) == 0
 
 
 async def test_http_api_and_metrics_show_the_routing_decision(server, predicted):
@@ -260,6 +269,9 @@ async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_on
         assert usage.expert == "cloud" and list(usage.cascade) == ["edge", "cloud"]
         assert text == " tok" * 6  # only the strong expert's answer reached the client
         assert usage.energy_j > predicted["cloud"] / 8 * 6 * 0.5 and "answered by cloud" in usage.routing_reason
+        # both outcomes taught the router about edge (weak feedback: kept 1, escalated 0)
+        edge_fb = server.gateway.routing.feedback.stats[("*", "edge")]
+        assert edge_fb.scores == 2 and edge_fb.weight == pytest.approx(2 * 0.5)
         # a budget that cannot pay for both answers: no cascade, the top expert of what fits
         tight = await usage_of(stub, request(max_tokens=6, energy_budget_j=(predicted["edge"] * predicted["cloud"]) ** 0.5))
         assert tight.expert == "edge" and list(tight.cascade) == []

@@ -185,6 +185,28 @@ class GenerateResponse(_message.Message):
     usage: Usage
     def __init__(self, chunk: _Optional[_Union[TokenChunk, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
+class FeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "score", "tenant")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    score: float
+    tenant: str
+    def __init__(self, request_id: _Optional[str] = ..., score: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("request_id", "expert", "predicted_quality", "quality_correction")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    expert: str
+    predicted_quality: float
+    quality_correction: float
+    def __init__(self, request_id: _Optional[str] = ..., expert: _Optional[str] = ..., predicted_quality: _Optional[float] = ..., quality_correction: _Optional[float] = ...) -> None: ...
+
 class ListExpertsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -393,7 +415,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., best_choice: _Optional[int] = ..., best_text: _Optional[str] = ..., choice_probs: _Optional[_Iterable[float]] = ..., experts: _Optional[_Iterable[_Union[ExpertScore, _Mapping]]] = ..., energy_j: _Optional[float] = ..., total_latency_ms: _Optional[float] = ..., routing_policy: _Optional[str] = ..., routing_reason: _Optional[str] = ..., gate: _Optional[str] = ..., budget_exceeded: _Optional[bool] = ..., predicted_energy_j: _Optional[float] = ...) -> None: ...
 
 class EnergyBudget(_message.Message):
-    __slots__ = ("scope", "unlimited", "energy_budget_j", "window_s", "average_power_w", "throttle_fraction", "used_j", "remaining_j", "state", "retry_after_s")
+    __slots__ = ("scope", "unlimited", "energy_budget_j", "window_s", "average_power_w", "throttle_fraction", "used_j", "remaining_j", "state", "retry_after_s", "quality_per_j", "price")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     UNLIMITED_FIELD_NUMBER: _ClassVar[int]
     ENERGY_BUDGET_J_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +426,8 @@ class EnergyBudget(_message.Message):
     REMAINING_J_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_PER_J_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
     scope: str
     unlimited: bool
     energy_budget_j: float
@@ -414,7 +438,9 @@ class EnergyBudget(_message.Message):
     remaining_j: float
     state: str
     retry_after_s: float
-    def __init__(self, scope: _Optional[str] = ..., unlimited: _Optional[bool] = ..., energy_budget_j: _Optional[float] = ..., window_s: _Optional[float] = ..., average_power_w: _Optional[float] = ..., throttle_fraction: _Optional[float] = ..., used_j: _Optional[float] = ..., remaining_j: _Optional[float] = ..., state: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    quality_per_j: float
+    price: str
+    def __init__(self, scope: _Optional[str] = ..., unlimited: _Optional[bool] = ..., energy_budget_j: _Optional[float] = ..., window_s: _Optional[float] = ..., average_power_w: _Optional[float] = ..., throttle_fraction: _Optional[float] = ..., used_j: _Optional[float] = ..., remaining_j: _Optional[float] = ..., state: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., quality_per_j: _Optional[float] = ..., price: _Optional[str] = ...) -> None: ...
 
 class BudgetChange(_message.Message):
     __slots__ = ("unix_s", "scope", "old_budget", "new_budget", "actor", "peer", "reason")
@@ -461,6 +487,30 @@ class SetEnergyBudgetResponse(_message.Message):
     budget: EnergyBudget
     change: BudgetChange
     def __init__(self, budget: _Optional[_Union[EnergyBudget, _Mapping]] = ..., change: _Optional[_Union[BudgetChange, _Mapping]] = ...) -> None: ...
+
+class SetEnergyPriceRequest(_message.Message):
+    __slots__ = ("scope", "quality_per_j", "auto", "inherit", "actor", "reason")
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_PER_J_FIELD_NUMBER: _ClassVar[int]
+    AUTO_FIELD_NUMBER: _ClassVar[int]
+    INHERIT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    scope: str
+    quality_per_j: float
+    auto: bool
+    inherit: bool
+    actor: str
+    reason: str
+    def __init__(self, scope: _Optional[str] = ..., quality_per_j: _Optional[float] = ..., auto: _Optional[bool] = ..., inherit: _Optional[bool] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetEnergyPriceResponse(_message.Message):
+    __slots__ = ("budget", "old_price")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    OLD_PRICE_FIELD_NUMBER: _ClassVar[int]
+    budget: EnergyBudget
+    old_price: str
+    def __init__(self, budget: _Optional[_Union[EnergyBudget, _Mapping]] = ..., old_price: _Optional[str] = ...) -> None: ...
 
 class GetEnergyBudgetRequest(_message.Message):
     __slots__ = ("scopes", "recent_changes")

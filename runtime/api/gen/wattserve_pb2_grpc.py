@@ -54,6 +54,11 @@ class InferenceStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/wattserve.v1.Inference/Feedback',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -98,6 +103,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """How good a finished Generate answer was (score in [0, 1]): the router corrects the answering
+        expert's predicted quality (docs/routing.md, "Feedback"). Accepted once per request id, for
+        router.feedback.remember_s after it finished, from its own tenant.
+        Errors: INVALID_ARGUMENT (score missing or outside [0, 1], empty request_id), NOT_FOUND (an id
+        this server does not remember), ALREADY_EXISTS (the request was scored already).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +136,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateImage,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GenerateImageResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -240,6 +261,33 @@ class Inference:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Inference/Feedback',
+            wattserve_dot_v1_dot_wattserve__pb2.FeedbackRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -269,6 +317,11 @@ class AdminStub:
                 '/wattserve.v1.Admin/GetEnergyBudget',
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+                _registered_method=True)
+        self.SetEnergyPrice = channel.unary_unary(
+                '/wattserve.v1.Admin/SetEnergyPrice',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceResponse.FromString,
                 _registered_method=True)
         self.SetPowerBudget = channel.unary_unary(
                 '/wattserve.v1.Admin/SetPowerBudget',
@@ -311,6 +364,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetEnergyPrice(self, request, context):
+        """The price of energy (quality units per J) of the cluster or a tenant, live: a number, auto
+        (derived from the budget), or, for a tenant, back to the cluster's. Logged with the caller's
+        peer; not persisted (router.quality_per_j / tenants[].quality_per_j are the durable setting).
+        INVALID_ARGUMENT for a negative or non-finite price, an unknown tenant, or not exactly one choice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPowerBudget(self, request, context):
         """The power governor (POLCA). FAILED_PRECONDITION when the server runs without it
         (config power.enabled: false); INVALID_ARGUMENT for an unknown row or a budget <= 0.
@@ -347,6 +410,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetEnergyBudget,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.SerializeToString,
+            ),
+            'SetEnergyPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnergyPrice,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceResponse.SerializeToString,
             ),
             'SetPowerBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPowerBudget,
@@ -467,6 +535,33 @@ class Admin:
             '/wattserve.v1.Admin/GetEnergyBudget',
             wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.GetEnergyBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnergyPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/SetEnergyPrice',
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.SetEnergyPriceResponse.FromString,
             options,
             channel_credentials,
             insecure,

