@@ -24,7 +24,7 @@ at random reaches any point between them), the share of the oracle's saving ther
 ``(E_strong - E95) / (E_strong - E95_oracle)``, and the AIQ: the mean of that hull's quality over
 normalised energy ``x = E / E_strong`` from the cheapest expert's ``x`` to 1 (RouterBench's
 Average Improvement in Quality with joules in place of dollars; a policy scores 0 where it cannot
-operate, below its cheapest point).
+operate, below its cheapest point; single-point policies get none).
 """
 
 from __future__ import annotations
@@ -243,9 +243,10 @@ def metrics(curves: Sequence[Curve], experts: Sequence[EvalExpert], quality: np.
         e95 = c.energy_for(target)
         share = None
         if e95 is not None and oracle_e95 is not None and strong_e - oracle_e95 > 1e-12:
-            share = (strong_e - e95) / (strong_e - oracle_e95)
+            share = (strong_e - e95) / (strong_e - oracle_e95) + 0.0  # + 0.0: no "-0%"
         out["policies"][c.policy] = {
-            "aiq": c.aiq(lo, strong_e) if strong_e > lo else None,
+            # a single operating point has no curve to integrate (RouterBench scores routers only)
+            "aiq": c.aiq(lo, strong_e) if strong_e > lo and len(c.points) > 1 else None,
             "e95_j": e95, "e95_x_strong": e95 / strong_e if e95 is not None else None,
             "oracle_saving_share": share,
             "shares_at_e95": c.shares_near(e95) if e95 is not None else (c.shares[-1] if c.shares else {}),

@@ -46,8 +46,9 @@ def test_policies_replayed_with_measured_costs():
     assert m["policies"]["random"]["oracle_saving_share"] < 0.3  # ~(100 - 91) / (100 - 50.5)
     assert m["policies"]["strongest"]["oracle_saving_share"] == pytest.approx(0.0)
     assert m["policies"]["cheapest"]["e95_j"] is None
-    # AIQ: the informed router's area beats random's; strongest can only operate at its own energy
-    assert m["policies"]["moe2"]["aiq"] > m["policies"]["random"]["aiq"] > m["policies"]["strongest"]["aiq"]
+    # AIQ: the informed router's area beats random's
+    assert m["policies"]["moe2"]["aiq"] > m["policies"]["random"]["aiq"] > 0.5
+    assert m["policies"]["strongest"]["aiq"] is None  # one point: nothing to integrate
     assert sum(m["policies"]["moe2"]["shares_at_e95"].values()) == pytest.approx(1.0)
     lines = summary(curves, m)
     assert lines[0].startswith("policy") and "AIQ" in lines[0] and any(line.startswith("moe2") for line in lines)
