@@ -96,7 +96,7 @@ def test_knn_mlp_and_price_rule():
     lab = rng.integers(0, 2, 300)
     x = centers[lab] + rng.normal(0, 0.1, (300, 3))
     q = np.stack([lab == 0, lab == 1], axis=1).astype(np.float32)
-    for pred in (knn_predict(x[:200], q[:200], x[200:], k=10), mlp_predict(x[:200], q[:200], x[200:], epochs=200)):
+    for pred in (knn_predict(x[:200], q[:200], x[200:], k=10), mlp_predict(x[:200], q[:200], x[200:], epochs=100)):
         assert (pred.argmax(axis=1) == q[200:].argmax(axis=1)).mean() > 0.95
     energy = np.array([1.0, 2.0])
     assert choose_by_price(np.array([[0.5, 0.5]]), energy, 0.0).tolist() == [0]  # ties go to the cheaper
