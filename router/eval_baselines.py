@@ -11,7 +11,8 @@ which traces the least energy that reaches each quality with perfect knowledge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -38,11 +39,20 @@ def mlp_predict(train_x: np.ndarray, train_q: np.ndarray, test_x: np.ndarray, *,
 
     if len(train_x) == 0:
         raise ValueError("the MLP needs training rows")
+    with one_thread():
+        return _fit_mlp(torch, train_x, train_q, test_x, hidden, epochs, lr, weight_decay, seed)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: nets this small train fastest so (two threads on a busy 2-core host
+    were ~15x slower)."""
+    import torch
+
     threads = torch.get_num_threads()
-    # A net this small runs fastest on one thread (two threads on a busy 2-core host: ~15x slower).
     torch.set_num_threads(1)
     try:
-        return _fit_mlp(torch, train_x, train_q, test_x, hidden, epochs, lr, weight_decay, seed)
+        yield
     finally:
         torch.set_num_threads(threads)
 

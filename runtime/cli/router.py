@@ -82,12 +82,36 @@ def _eval_gates(args, train_emb, train_q, test_emb, experts, names):
     else:
         import torch
 
-        say(f"fitting a gate on {len(train_emb)} prompts (evaluated: {len(test_emb)})")
-        mlp = train_mlp(train_emb, train_q, seed=args.seed)
-        with torch.inference_mode():
-            logits = mlp(torch.as_tensor(test_emb)).numpy()
+        from router.eval_baselines import one_thread
+
+        with one_thread():
+            epochs = _gate_epochs(train_emb, train_q, args.seed)
+            say(f"fitting a gate on {len(train_emb)} prompts for {epochs} epochs (evaluated: {len(test_emb)})")
+            mlp = train_mlp(train_emb, train_q, seed=args.seed, epochs=epochs)
+            with torch.inference_mode():
+                logits = mlp(torch.as_tensor(test_emb)).numpy()
         outputs, source = experts, "fitted:on-the-fly"
     return [gate_output(row, outputs, names, source) for row in logits]
+
+
+def _gate_epochs(x, y, seed: int, choices=(10, 20, 40, 80)) -> int:
+    """Training length of the on-the-fly gate, chosen on a validation fifth of the *training* rows
+    (held-out BCE), so the evaluated rows never tune it."""
+    import numpy as np
+    import torch
+
+    from router.gate_fit import split, train_mlp
+
+    if len(x) < 50:
+        return 30
+    fit, val = split(len(x), 0.2, seed + 1)
+    xv, yv = torch.as_tensor(x[val]), torch.as_tensor(y[val])
+    losses = {}
+    for epochs in choices:
+        mlp = train_mlp(x[fit], y[fit], seed=seed, epochs=epochs)
+        with torch.inference_mode():
+            losses[epochs] = float(torch.nn.functional.binary_cross_entropy_with_logits(mlp(xv), yv))
+    return int(min(losses, key=lambda e: (round(losses[e], 4), e))) if np.isfinite(list(losses.values())).all() else 30
 
 
 def _trained_hashes(gate_dir: Path, seed_default: int) -> tuple[set[str] | None, str]:
