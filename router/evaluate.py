@@ -243,7 +243,7 @@ def metrics(curves: Sequence[Curve], experts: Sequence[EvalExpert], quality: np.
         e95 = c.energy_for(target)
         share = None
         if e95 is not None and oracle_e95 is not None and strong_e - oracle_e95 > 1e-12:
-            share = (strong_e - e95) / (strong_e - oracle_e95) + 0.0  # + 0.0: no "-0%"
+            share = round((strong_e - e95) / (strong_e - oracle_e95), 9) + 0.0  # no "-0%" from rounding noise
         out["policies"][c.policy] = {
             # a single operating point has no curve to integrate (RouterBench scores routers only)
             "aiq": c.aiq(lo, strong_e) if strong_e > lo and len(c.points) > 1 else None,
