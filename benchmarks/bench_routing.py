@@ -37,13 +37,14 @@ POLICIES = ("moe2", "threshold", "knn", "mlp", "random", "cheapest", "strongest"
 
 
 def sets(shared: Path | None, mmlu_sample: int) -> list[tuple[str, Path, Path, list[str]]]:
+    """(name, data, profiles, extra route-eval arguments) of every data set found."""
     out = []
     routellm = shared / "routing" / "routellm" if shared else None
     profiles = ROOT / "configs" / "eval" / "routellm_mixtral_gpt4.yaml"
     if routellm and routellm.is_dir():
         out.append(("gsm8k", routellm / "gsm8k_correctness_mixtral_vs_gpt4.csv", profiles, []))
         out.append(("mmlu", routellm / "mmlu_correctness_mixtral_vs_gpt4.csv", profiles,
-                    ["--sample", str(mmlu_sample)] if mmlu_sample else []))
+                    ["--sample", str(mmlu_sample), "--sample-seed", "0"] if mmlu_sample else []))
     else:
         print("shared/data/routing/routellm not found (set WATTSERVE_SHARED_DATA): RouteLLM sets skipped", file=sys.stderr)
     out.append(("alpacaeval_8", ROOT / "data" / "routing" / "alpacaeval_8" / "alpacaeval_8.csv",
@@ -84,6 +85,7 @@ def main() -> int:
     ap.add_argument("--mmlu-sample", type=int, default=3000, help="seeded sample of MMLU rows (0: all 14,042)")
     ap.add_argument("--only", help="comma-separated data set names to run (default: all)")
     ap.add_argument("--png", action="store_true", help="also write a quality-vs-energy PNG per data set")
+    ap.add_argument("--seed", type=int, default=0, help="split seed (the MMLU sample stays the seed-0 sample)")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,8 @@ def main() -> int:
     for name, data, profiles, extra in sets(_shared_data_dir(), args.mmlu_sample):
         if only and name not in only:
             continue
-        argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(out / f"{name}.json"), *extra]
+        argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(out / f"{name}.json"),
+                "--seed", str(args.seed), *extra]
         if args.png:
             argv += ["--png", str(out / f"{name}.png")]
         rc = cli(argv)

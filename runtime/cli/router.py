@@ -201,9 +201,10 @@ def cmd_route_eval(args) -> int:
             + (f" - {e.note}" if e.note else ""))
     ties = energy_ties(experts)
     cols = [e.column for e in experts]
-    data = read_eval_data(args.data, cols, limit=args.limit, sample=args.sample, seed=args.seed, skip_blank=args.skip_blank)
+    sample_seed = args.seed if args.sample_seed is None else args.sample_seed
+    data = read_eval_data(args.data, cols, limit=args.limit, sample=args.sample, seed=sample_seed, skip_blank=args.skip_blank)
     if args.test:
-        test = read_eval_data(args.test, cols, limit=args.limit, sample=args.sample, seed=args.seed, skip_blank=args.skip_blank)
+        test = read_eval_data(args.test, cols, limit=args.limit, sample=args.sample, seed=sample_seed, skip_blank=args.skip_blank)
         train = data
     else:
         tr, te = split(len(data.prompts), args.holdout, args.seed)
@@ -219,8 +220,12 @@ def cmd_route_eval(args) -> int:
     if not args.gate and len(train.prompts) < 10:
         raise InvalidRequest(f"{len(train.prompts)} training rows are too few to fit a gate; lower --holdout, "
                              "give --gate, or give a separate --test file")
-    emb = _embed(train.prompts + test.prompts, _embedding_cache())
-    train_emb, test_emb = emb[:len(train.prompts)], emb[len(train.prompts):]
+    # Embed whole files in file order: the cache then serves every split and seed.
+    vectors = dict(zip(data.prompts, _embed(data.prompts, _embedding_cache()), strict=True))
+    if args.test:
+        vectors.update(zip(test.prompts, _embed(test.prompts, _embedding_cache()), strict=True))
+    test_emb = np.stack([vectors[p] for p in test.prompts])
+    train_emb = np.stack([vectors[p] for p in train.prompts]) if train.prompts else test_emb[:0]
     names = {e.name: e.column for e in experts}
     q_idx = [data.experts.index(c) for c in cols]
     train_q, test_q = train.quality[:, q_idx], test.quality[:, q_idx]
@@ -383,6 +388,7 @@ def register(sub) -> None:
                    help="share of rows evaluated, in (0, 1] (the rest trains the gate and baselines; 1.0 needs --gate)")
     s.add_argument("--limit", type=int, help="use only the first N rows")
     s.add_argument("--sample", type=int, help="use a seeded random sample of N rows (MMLU is sorted by subject)")
+    s.add_argument("--sample-seed", type=int, help="seed of --sample (default: --seed)")
     s.add_argument("--output-tokens", type=int, help="output tokens per request (default from the profile file)")
     s.add_argument("--steps", type=int, default=21, help="knob values per swept policy")
     s.add_argument("--seed", type=int, default=0)
