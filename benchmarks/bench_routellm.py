@@ -3,8 +3,9 @@
 Mixtral-8x7B's measured ML.ENERGY profile for the weak expert, Llama-3.1-405B's as the documented
 stand-in for the GPT-4-class strong expert (configs/eval/routellm_mixtral_gpt4.yaml); half of each
 file trains the gate, the other half is replayed through the serving policies (``wattserve route
-eval``). Prints, per policy, quality at 25/50/75 % of the strong model's energy and the energy
-needed to reach 95 % of the strong model's quality, and writes a PNG per file.
+eval``). Prints, per policy, the AIQ, the energy needed to reach 95 % of the strong model's
+quality and the share of the oracle's saving there, and writes a PNG per file. Superseded by
+``bench_routing.py``, which runs these two files and the many-expert set side by side.
 
     .venv/bin/python benchmarks/bench_routellm.py [--out-dir bench-out] [--sample N]
 

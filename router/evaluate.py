@@ -1,26 +1,34 @@
 """Offline evaluation: replay labelled prompts through the routing policies (``wattserve route eval``).
 
-Each expert is a column of per-prompt quality in the data (e.g. RouteLLM's correctness of
-Mixtral-8x7B and GPT-4) plus a measured energy profile (an ML.ENERGY leaderboard row: J per
-output token, time per output token, batch size). Every prompt of the held-out split goes through
-the *serving* policy objects (``router/policies.py``, ``router/moe2.py``) with a candidate per
-expert whose live profile is that row, so the cost model and the selector run exactly as online.
-A policy with a knob is swept into a curve:
+Each expert is a column of per-prompt quality in the data plus an energy profile
+(``router/eval_profiles.py``: a measured ML.ENERGY row, a stand-in's row, or a size law fitted
+on those rows, each labelled so). Every held-out prompt goes through the *serving* policy objects
+(``router/policies.py``, ``router/moe2.py``) with a candidate per expert whose live profile is
+that row, so the cost model and the selector run exactly as online. A policy with a knob is
+swept into a curve:
 
-- ``moe2``: the price of energy ``quality_per_j`` (experts not worth their joules at that price
-  are left out; see ``router/moe2.py``);
-- ``threshold`` (RouteLLM-style): the quality-gain threshold;
-- ``random`` (RouteLLM's random router): the share sent to the strongest expert;
-- ``cheapest``, ``strongest``, ``round_robin``, ``least_loaded`` are single points; ``oracle``
-  (the cheapest correct expert per prompt) is the upper bound.
+- ``moe2``: the price of energy ``quality_per_j`` (k = 1: argmax q - price E, see router/moe2.py);
+- ``threshold`` (RouteLLM): the strongest expert when the gate predicts it gains at least tau over
+  the *cheapest* expert, else the cheapest;
+- ``random`` (RouteLLM's random router): the strongest with probability p, else the cheapest;
+- ``knn``, ``mlp`` (RouterBench's baselines, ``router/eval_baselines.py``): argmax of predicted
+  quality minus price x energy, with quality predicted by the k nearest training prompts or by an
+  MLP regressor;
+- ``cheapest``, ``strongest``, ``round_robin``, ``least_loaded`` are single points;
+- ``oracle``: the true qualities under the same price rule, the least energy that reaches each
+  quality with perfect knowledge.
 
-Output: mean quality vs mean energy per request for every point, quality at equal energy, the
-energy needed to reach 95 % of the strongest expert's quality, and a PNG of all curves.
+Figures of merit, per policy (``metrics``): the energy needed to reach 95 % of the strongest
+expert's quality (interpolating on the curve's upper convex hull, as mixing two operating points
+at random reaches any point between them), the share of the oracle's saving there,
+``(E_strong - E95) / (E_strong - E95_oracle)``, and the AIQ: the mean of that hull's quality over
+normalised energy ``x = E / E_strong`` from the cheapest expert's ``x`` to 1 (RouterBench's
+Average Improvement in Quality with joules in place of dollars; a policy scores 0 where it cannot
+operate, below its cheapest point; single-point policies get none).
 """
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,30 +36,20 @@ from pathlib import Path
 
 import numpy as np
 
-from wattserve.errors import InvalidRequest
-from wattserve.types import ExpertProfile
-
-from .base import Candidate, RequestFeatures, RouterSettings
+from .base import RequestFeatures, RouterSettings
+from .eval_baselines import price_curve, price_grid
+from .eval_profiles import EvalExpert, candidate, load_experts  # noqa: F401  (re-exported)
 from .gate import GateOutput
 from .policies import make_policy
 
-
-@dataclass(slots=True, frozen=True)
-class EvalExpert:
-    name: str
-    column: str  # quality column in the data (and gate output)
-    j_per_token: float  # measured J per output token
-    tpot_ms: float  # measured time per output token
-    batch: float  # average batch size of the measurement
-    max_batch: int
-    source: str  # where the numbers come from
-    note: str = ""
+TARGET_SHARE = 0.95  # of the strongest expert's quality
 
 
 @dataclass(slots=True)
 class Curve:
     policy: str
     points: list[tuple[float, float, str]] = field(default_factory=list)  # (energy J, quality, knob)
+    shares: list[dict[str, float]] = field(default_factory=list)  # routing shares of each point
 
     def pareto(self) -> list[tuple[float, float]]:
         """Points sorted by energy keeping only those that raise quality."""
@@ -61,9 +59,23 @@ class Curve:
                 out.append((e, q))
         return out
 
+    def hull(self) -> list[tuple[float, float]]:
+        """Upper convex hull of the Pareto points: what mixing operating points at random reaches."""
+        out: list[tuple[float, float]] = []
+        for p in self.pareto():
+            while len(out) >= 2:
+                (e0, q0), (e1, q1) = out[-2], out[-1]
+                # drop the middle point if it lies on or below the chord from out[-2] to p
+                if (q1 - q0) * (p[0] - e0) <= (p[1] - q0) * (e1 - e0):
+                    out.pop()
+                else:
+                    break
+            out.append(p)
+        return out
+
     def quality_at(self, energy_j: float) -> float | None:
-        """Best quality at or below ``energy_j``, interpolating between Pareto points."""
-        pts = self.pareto()
+        """Best quality at or below ``energy_j`` on the hull; None below the cheapest point."""
+        pts = self.hull()
         if not pts or energy_j < pts[0][0] - 1e-9:
             return None
         for (e0, q0), (e1, q1) in zip(pts, pts[1:], strict=False):
@@ -72,68 +84,35 @@ class Curve:
         return pts[-1][1] if energy_j >= pts[-1][0] else pts[0][1]
 
     def energy_for(self, quality: float) -> float | None:
-        """Least energy reaching ``quality`` (interpolated), None if never reached."""
-        pts = self.pareto()
-        for (e0, q0), (e1, q1) in zip([pts[0]] + pts, pts, strict=False):
+        """Least energy reaching ``quality`` on the hull, None if never reached."""
+        pts = self.hull()
+        if not pts:
+            return None
+        if pts[0][1] >= quality:
+            return pts[0][0]
+        for (e0, q0), (e1, q1) in zip(pts, pts[1:], strict=False):
             if q1 >= quality:
-                if q1 == q0 or q0 >= quality:
-                    return e1 if q0 < quality else e0
                 return e0 + (e1 - e0) * (quality - q0) / (q1 - q0)
         return None
 
+    def aiq(self, lo_j: float, hi_j: float, samples: int = 2001) -> float:
+        """Mean hull quality over energies in [lo_j, hi_j] (0 where the policy cannot operate)."""
+        if hi_j <= lo_j:
+            q = self.quality_at(hi_j)
+            return q or 0.0
+        xs = np.linspace(lo_j, hi_j, samples)
+        ys = np.array([self.quality_at(float(x)) or 0.0 for x in xs])
+        return float(np.trapezoid(ys, xs) / (hi_j - lo_j))
 
-# -- profiles -----------------------------------------------------------------------------------
-def mlenergy_row(csv_path: Path, model: str, gpu: str, max_batch_size: int, task: str = "") -> dict:
-    with csv_path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["model"] == model and r["gpu"] == gpu
-                and int(float(r["max_batch_size"])) == max_batch_size and (not task or r["task"] == task)]
-    if not rows:
-        raise InvalidRequest(f"{csv_path}: no ML.ENERGY row for {model} on {gpu} at max batch {max_batch_size}")
-    return rows[0]
-
-
-def load_experts(spec: Mapping, base_dir: Path, shared_dir: Path | None) -> list[EvalExpert]:
-    """Experts of an eval profile file (see configs/eval/*.yaml)."""
-    csv_ref = str(spec.get("mlenergy_csv", ""))
-    if csv_ref.startswith("shared:"):
-        if shared_dir is None:
-            raise InvalidRequest("the profile file refers to shared data but no shared/data folder was found")
-        csv_path = shared_dir / csv_ref.removeprefix("shared:")
-    else:
-        csv_path = base_dir / csv_ref
-    experts = []
-    for e in spec.get("experts", []):
-        if "mlenergy" in e:
-            m = e["mlenergy"]
-            row = mlenergy_row(csv_path, m["model"], m["gpu"], int(m["max_batch_size"]), m.get("task", ""))
-            experts.append(EvalExpert(
-                name=e["name"], column=e["column"], j_per_token=float(row["energy_per_output_token_J"]),
-                tpot_ms=float(row["avg_tpot_or_itl_ms"]), batch=float(row["avg_batch_size"]),
-                max_batch=int(float(row["max_batch_size"])),
-                source=f"ML.ENERGY {row['source']} {row['task']}: {row['model']} on {row['num_gpus']} x {row['gpu']}",
-                note=e.get("note", ""),
-            ))
-        else:
-            experts.append(EvalExpert(e["name"], e["column"], float(e["j_per_token"]), float(e["tpot_ms"]),
-                                      float(e.get("batch", 1)), int(e.get("max_batch", 1)), "profile file", e.get("note", "")))
-    if len(experts) < 2:
-        raise InvalidRequest("an evaluation needs at least two experts")
-    return experts
-
-
-def candidate(e: EvalExpert) -> Candidate:
-    """A replica whose live profile is the measured row: the cost model predicts J/token x tokens
-    and TPOT x tokens for it."""
-    # The measured row already is per request at its batch size: present it as a batch-1 step
-    # of TPOT ms whose power makes one token cost the measured joules. No live load offline.
-    prof = ExpertProfile(
-        expert=e.name, replica=0, model=e.column, engine="offline", device=e.source, energy_source="measured:mlenergy",
-        priority_class="high", max_batch=max(1, e.max_batch), max_queue=0, max_model_len=1 << 20, params=0,
-        healthy=True, running=0, waiting=0, prefill_ms_per_token=0.0, decode_ms_per_token=e.tpot_ms,
-        j_per_token=e.j_per_token, decode_ms_per_step_by_batch={1: e.tpot_ms},
-        busy_power_w=e.j_per_token * 1000.0 / e.tpot_ms,
-    )
-    return Candidate(e.name, 0, True, 0, prof)
+    def shares_near(self, energy_j: float) -> dict[str, float]:
+        """Routing shares of the cheapest point at or above ``energy_j`` (the last point if none)."""
+        if not self.shares:
+            return {}
+        order = sorted(range(len(self.points)), key=lambda i: self.points[i][0])
+        for i in order:
+            if self.points[i][0] >= energy_j - 1e-9:
+                return self.shares[i]
+        return self.shares[order[-1]]
 
 
 # -- replay -------------------------------------------------------------------------------------
@@ -155,111 +134,163 @@ def replay(policy_name: str, settings: RouterSettings, experts: Sequence[EvalExp
     return total_e / n, total_q / n, {k: v / n for k, v in shares.items()}
 
 
+def pair(experts: Sequence[EvalExpert], prior: Mapping[str, float]) -> tuple[str, str]:
+    """(strongest by prior quality, cheapest by energy): the two experts of RouteLLM's routers.
+    Ties: the strongest among equally good is the cheaper; the cheapest among equally cheap is
+    the better."""
+    strong = min(experts, key=lambda e: (-prior[e.name], e.j_per_token, e.name)).name
+    cheap = min(experts, key=lambda e: (e.j_per_token, -prior[e.name], e.name)).name
+    return strong, cheap
+
+
+def energy_ties(experts: Sequence[EvalExpert], rel: float = 1e-6) -> list[tuple[str, str]]:
+    """Pairs of experts whose energy per request is the same: curves between them collapse."""
+    out = []
+    for i, a in enumerate(experts):
+        for b in experts[i + 1:]:
+            if abs(a.j_per_token - b.j_per_token) <= rel * max(a.j_per_token, b.j_per_token):
+                out.append((a.name, b.name))
+    return out
+
+
 def evaluate(experts: Sequence[EvalExpert], gates: Sequence[GateOutput], quality: np.ndarray, prior: Mapping[str, float],
-             output_tokens: int, steps: int = 21, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[Curve]:
-    """Every policy's curve on the rows (``quality[row, k]`` belongs to ``experts[k]``)."""
+             output_tokens: int, steps: int = 21, seed: int = 0, progress: Callable[[str], None] | None = None,
+             predictions: Mapping[str, np.ndarray] | None = None) -> list[Curve]:
+    """Every policy's curve on the rows (``quality[row, k]`` belongs to ``experts[k]``);
+    ``predictions`` adds offline routers by name (e.g. ``knn``: predicted quality per row/expert)."""
     base = RouterSettings(infeasible="serve_cheapest", quality_prior=dict(prior))
-    strong = max(prior, key=lambda e: (prior[e], e))
-    weak = min(prior, key=lambda e: (prior[e], e))
-    energy = {e.name: e.j_per_token * output_tokens for e in experts}
+    strong, cheap = pair(experts, prior)
+    names = [e.name for e in experts]
+    energy = np.array([e.j_per_token * output_tokens for e in experts])
     curves = []
 
     def sweep(name: str, knobs: Sequence[tuple[str, RouterSettings]], policy: str | None = None) -> None:
         curve = Curve(name)
         for label, settings in knobs:
-            e, q, _ = replay(policy or name, settings, experts, gates, quality, output_tokens, seed)
+            e, q, shares = replay(policy or name, settings, experts, gates, quality, output_tokens, seed)
             curve.points.append((e, q, label))
+            curve.shares.append(shares)
         curves.append(curve)
         if progress:
             progress(name)
 
-    prices = _price_grid(experts, gates, energy, steps)
-    sweep("moe2", [(f"price {p:.3g}", replace(base, quality_per_j=p)) for p in prices])
-    gains = np.array([g.quality[strong] - g.quality[weak] for g in gates])
-    taus = sorted({*np.quantile(gains, np.linspace(0, 1, steps)).tolist(), float(gains.max()) + 1e-6})
-    sweep("threshold", [(f"tau {t:+.3f}", replace(base, strong=strong, weak=weak, threshold=t)) for t in taus])
+    gate_q = np.array([[g.quality[n] for n in names] for g in gates])
+    sweep("moe2", [(f"price {p:.3g}", replace(base, quality_per_j=p)) for p in price_grid(gate_q, energy, steps)])
+    if strong != cheap:
+        gains = gate_q[:, names.index(strong)] - gate_q[:, names.index(cheap)]
+        taus = sorted({*np.quantile(gains, np.linspace(0, 1, steps)).tolist(), float(gains.max()) + 1e-6})
+        sweep("threshold", [(f"tau {t:+.3f}", replace(base, strong=strong, weak=cheap, threshold=t)) for t in taus])
+    for name, pred in (predictions or {}).items():
+        curve = Curve(name)
+        for e, q, label, shares in price_curve(pred, quality, energy, names, steps):
+            curve.points.append((e, q, label))
+            curve.shares.append(shares)
+        curves.append(curve)
     for name in ("cheapest", "strongest", "round_robin", "least_loaded"):
         sweep(name, [("", base)])
-    curves.append(random_curve(experts, quality, output_tokens, strong, weak, steps, seed))
-    curves.append(oracle(experts, quality, output_tokens))
+    curves.append(random_curve(experts, quality, output_tokens, strong, cheap, steps, seed))
+    curves.append(oracle(experts, quality, output_tokens, steps))
     return curves
 
 
-def _price_grid(experts, gates, energy, steps) -> list[float]:
-    """Prices (quality per joule) at which the k = 1 choice between two experts flips on some
-    prompt: (q_i - q_j) / (E_i - E_j); their quantiles span every routing mix."""
-    flips = []
-    for g in gates:
-        for a in experts:
-            for b in experts:
-                de = energy[a.name] - energy[b.name]
-                dq = g.quality[a.name] - g.quality[b.name]
-                if de > 0 and dq > 0:
-                    flips.append(dq / de)
-    if not flips:
-        return [0.0]
-    grid = np.quantile(np.asarray(flips), np.linspace(0, 1, steps)).tolist()
-    return sorted({0.0, *grid, max(flips) * 1.01})
-
-
-def random_curve(experts, quality, output_tokens, strong, weak, steps, seed) -> Curve:
-    """RouteLLM's random router: the strong expert with probability p, else the weak one."""
+def random_curve(experts, quality, output_tokens, strong, cheap, steps, seed) -> Curve:
+    """RouteLLM's random router: the strongest expert with probability p, else the cheapest."""
     col = {e.name: i for i, e in enumerate(experts)}
     energy = {e.name: e.j_per_token * output_tokens for e in experts}
     rng = random.Random(seed)
     curve = Curve("random")
     for p in np.linspace(0, 1, steps):
-        picks = [strong if rng.random() < p else weak for _ in range(len(quality))]
+        picks = [strong if rng.random() < p else cheap for _ in range(len(quality))]
         curve.points.append((
             float(np.mean([energy[x] for x in picks])),
             float(np.mean([quality[r, col[x]] for r, x in enumerate(picks)])),
             f"p {p:.2f}",
         ))
+        share = sum(x == strong for x in picks) / max(1, len(picks))
+        curve.shares.append({strong: share, cheap: 1.0 - share} if strong != cheap else {strong: 1.0})
     return curve
 
 
-def oracle(experts, quality, output_tokens) -> Curve:
-    """Upper bound: per prompt the cheapest expert that is best on it."""
-    order = sorted(range(len(experts)), key=lambda k: experts[k].j_per_token)
-    e_tot = q_tot = 0.0
-    for row in quality:
-        best = row.max()
-        k = next(k for k in order if row[k] >= best)
-        e_tot += experts[k].j_per_token * output_tokens
-        q_tot += float(best)
-    n = max(1, len(quality))
-    return Curve("oracle", [(e_tot / n, q_tot / n, "")])
+def oracle(experts, quality, output_tokens, steps: int = 21) -> Curve:
+    """Perfect knowledge: per prompt argmax q - price E over a sweep of prices; its top point
+    (price -> 0) is the cheapest expert among the best on each prompt."""
+    names = [e.name for e in experts]
+    energy = np.array([e.j_per_token * output_tokens for e in experts])
+    curve = Curve("oracle")
+    for e, q, label, shares in price_curve(np.asarray(quality, dtype=np.float64), quality, energy, names, steps):
+        curve.points.append((e, q, label))
+        curve.shares.append(shares)
+    return curve
 
 
-# -- reporting ----------------------------------------------------------------------------------
-def summary(curves: Sequence[Curve], strong_quality: float, strong_energy: float) -> list[str]:
-    """Text lines: per policy, quality at fixed energies and the energy to reach 95 % of strong."""
-    target = 0.95 * strong_quality
-    fractions = (0.25, 0.5, 0.75)
-    lines = [
-        f"{'policy':<13} {'points':>6} " + " ".join(f"{'Q@' + format(f, '.0%') + ' E':>9}" for f in fractions)
-        + f" {'E for 95% Q':>12} {'(x strong)':>10}"
-    ]
+# -- figures of merit ---------------------------------------------------------------------------
+def metrics(curves: Sequence[Curve], experts: Sequence[EvalExpert], quality: np.ndarray, strong: str,
+            output_tokens: int) -> dict:
+    """Per policy: AIQ, energy for 95 % of the strongest's quality (J and x strongest), the share
+    of the oracle's saving captured there, and routing shares at that point."""
+    k = [e.name for e in experts].index(strong)
+    strong_q = float(quality[:, k].mean())
+    strong_e = experts[k].j_per_token * output_tokens
+    lo = min(e.j_per_token for e in experts) * output_tokens
+    target = TARGET_SHARE * strong_q
+    by = {c.policy: c for c in curves}
+    oracle_e95 = by["oracle"].energy_for(target) if "oracle" in by else None
+    oracle_top = min((e for e, q, _ in by["oracle"].points if q >= max(qq for _, qq, _ in by["oracle"].points) - 1e-12),
+                     default=None) if "oracle" in by else None
+    out = {"strong": strong, "strong_quality": strong_q, "strong_energy_j": strong_e, "target_quality": target,
+           "aiq_range_j": [lo, strong_e], "oracle_e95_j": oracle_e95, "oracle_top_energy_j": oracle_top, "policies": {}}
     for c in curves:
-        qs = [c.quality_at(f * strong_energy) for f in fractions]
         e95 = c.energy_for(target)
-        lines.append(
-            f"{c.policy:<13} {len(c.points):>6} " + " ".join(f"{q:>9.4f}" if q is not None else f"{'-':>9}" for q in qs)
-            + (f" {e95:>10.1f} J {e95 / strong_energy:>9.2f}x" if e95 is not None else f" {'never':>12} {'':>10}")
-        )
-    ours = next((c for c in curves if c.policy == "moe2"), None)
+        share = None
+        if e95 is not None and oracle_e95 is not None and strong_e - oracle_e95 > 1e-12:
+            share = round((strong_e - e95) / (strong_e - oracle_e95), 9) + 0.0  # no "-0%" from rounding noise
+        out["policies"][c.policy] = {
+            # a single operating point has no curve to integrate (RouterBench scores routers only)
+            "aiq": c.aiq(lo, strong_e) if strong_e > lo and len(c.points) > 1 else None,
+            "e95_j": e95, "e95_x_strong": e95 / strong_e if e95 is not None else None,
+            "oracle_saving_share": share,
+            "shares_at_e95": c.shares_near(e95) if e95 is not None else (c.shares[-1] if c.shares else {}),
+            "points": len(c.points),
+        }
+    return out
+
+
+def equal_energy(ours: Curve, other: Curve) -> list[tuple[float, float, float]]:
+    """(energy, our quality, their quality) at each of ``other``'s points where ours operates."""
+    out = []
+    for e, q, _ in other.points:
+        m = ours.quality_at(e)
+        if m is not None:
+            out.append((e, m, q))
+    return out
+
+
+def summary(curves: Sequence[Curve], m: Mapping) -> list[str]:
+    """Text lines: per policy AIQ, energy to 95 % of the strongest's quality, the oracle's saving
+    captured there, routing shares at that point; then MoE² at the energy of the others' points."""
+    strong_e = m["strong_energy_j"]
+    lines = [f"{'policy':<13} {'points':>6} {'AIQ':>7} {'E for 95% Q':>12} {'x strong':>8} {'oracle saving':>13}  shares at that point"]
+    for c in curves:
+        p = m["policies"][c.policy]
+        aiq = f"{p['aiq']:>7.4f}" if p["aiq"] is not None else f"{'-':>7}"
+        e95 = (f"{p['e95_j']:>10.1f} J {p['e95_x_strong']:>7.2f}x" if p["e95_j"] is not None else f"{'never':>12} {'':>8}")
+        share = f"{p['oracle_saving_share']:>12.0%}" if p["oracle_saving_share"] is not None else f"{'-':>12}"
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in sorted(p["shares_at_e95"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        lines.append(f"{c.policy:<13} {len(c.points):>6} {aiq} {e95} {share}   {mix}")
+    by = {c.policy: c for c in curves}
+    ours = by.get("moe2")
     if ours is not None:
-        lines.append("moe2 at the energy of each other policy's point(s) (quality moe2 vs theirs):")
+        lines.append(f"moe2 at the energy of each other policy's point(s) (quality moe2 vs theirs; strongest = {strong_e:.0f} J):")
         for c in curves:
             if c is ours:
                 continue
-            diffs = [(e, ours.quality_at(e), q) for e, q, _ in c.points if ours.quality_at(e) is not None]
+            diffs = equal_energy(ours, c)
             if not diffs:
                 continue
-            gain = [m - q for _, m, q in diffs]
+            gain = [mq - q for _, mq, q in diffs]
             if len(diffs) == 1:
-                e, m, q = diffs[0]
-                lines.append(f"  vs {c.policy:<12} {m:.4f} vs {q:.4f} at {e:.0f} J ({m - q:+.4f})")
+                e, mq, q = diffs[0]
+                lines.append(f"  vs {c.policy:<12} {mq:.4f} vs {q:.4f} at {e:.0f} J ({mq - q:+.4f})")
             else:
                 lines.append(f"  vs {c.policy:<12} mean {np.mean(gain):+.4f}, min {min(gain):+.4f}, max {max(gain):+.4f} over {len(diffs)} points")
     return lines
@@ -280,7 +311,7 @@ def plot(curves: Sequence[Curve], path: Path, title: str) -> None:
             style.update(linewidth=2.5, color="black")
         ax.plot(xs, ys, label=c.policy, **style)
     ax.set_xlabel("mean energy per request (J)")
-    ax.set_ylabel("mean quality (accuracy)")
+    ax.set_ylabel("mean quality")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -71,70 +71,223 @@ def _shared_data_dir() -> Path | None:
     return None
 
 
-def _eval_gates(args, data, emb, train, test, names):
-    """Gate outputs for the held-out rows: a fitted gate from --gate, or one fitted on ``train``."""
+def _eval_gates(args, train_emb, train_q, test_emb, experts, names):
+    """Gate outputs for the evaluated rows: a fitted gate from --gate, or one fitted on the training rows."""
     from router.gate import FittedGate, gate_output
     from router.gate_fit import train_mlp
 
     if args.gate:
         gate = FittedGate(args.gate, names)
-        logits, outputs, source = gate.logits(emb[test]), gate.outputs, gate.source
+        logits, outputs, source = gate.logits(test_emb), gate.outputs, gate.source
     else:
         import torch
 
-        say(f"fitting a gate on {len(train)} prompts (held out for the evaluation: {len(test)})")
-        mlp = train_mlp(emb[train], data.quality[train], seed=args.seed)
-        with torch.inference_mode():
-            logits = mlp(torch.as_tensor(emb[test])).numpy()
-        outputs, source = data.experts, "fitted:on-the-fly"
+        from router.eval_baselines import one_thread
+
+        with one_thread():
+            epochs = _gate_epochs(train_emb, train_q, args.seed)
+            say(f"fitting a gate on {len(train_emb)} prompts for {epochs} epochs (evaluated: {len(test_emb)})")
+            mlp = train_mlp(train_emb, train_q, seed=args.seed, epochs=epochs)
+            with torch.inference_mode():
+                logits = mlp(torch.as_tensor(test_emb)).numpy()
+        outputs, source = experts, "fitted:on-the-fly"
     return [gate_output(row, outputs, names, source) for row in logits]
 
 
+def _gate_epochs(x, y, seed: int, choices=(10, 20, 40, 80)) -> int:
+    """Training length of the on-the-fly gate, chosen on a validation fifth of the *training* rows
+    (held-out BCE), so the evaluated rows never tune it."""
+    import numpy as np
+    import torch
+
+    from router.gate_fit import split, train_mlp
+
+    if len(x) < 50:
+        return 30
+    fit, val = split(len(x), 0.2, seed + 1)
+    xv, yv = torch.as_tensor(x[val]), torch.as_tensor(y[val])
+    losses = {}
+    for epochs in choices:
+        mlp = train_mlp(x[fit], y[fit], seed=seed, epochs=epochs)
+        with torch.inference_mode():
+            losses[epochs] = float(torch.nn.functional.binary_cross_entropy_with_logits(mlp(xv), yv))
+    return int(min(losses, key=lambda e: (round(losses[e], 4), e))) if np.isfinite(list(losses.values())).all() else 30
+
+
+def _trained_hashes(gate_dir: Path, seed_default: int) -> tuple[set[str] | None, str]:
+    """sha1 prefixes of the prompts a gate trained on: from gate.json, else re-derived from the
+    split it records; (None, why) when neither works."""
+    from router.eval_data import prompt_sha1
+    from router.gate_fit import split
+
+    try:
+        meta = json.loads((gate_dir / "gate.json").read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read {gate_dir / 'gate.json'}: {exc}"
+    if meta.get("train_prompt_sha1"):
+        return set(meta["train_prompt_sha1"]), "gate.json lists the prompts it trained on"
+    data, holdout, train_rows = meta.get("data"), meta.get("holdout"), meta.get("train_rows")
+    if not data or holdout is None or not Path(data).exists():
+        return None, f"gate.json names no readable training data ({data!r})"
+    from router.eval_data import read_eval_data
+
+    try:
+        rows = read_eval_data(data, meta.get("experts"), skip_blank=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means: cannot tell
+        return None, f"cannot re-read its training data {data}: {exc}"
+    tr, _ = split(len(rows.prompts), float(holdout), int(meta.get("seed", seed_default)))
+    if train_rows is not None and len(tr) != int(train_rows):
+        return None, (f"re-splitting {data} gives {len(tr)} training rows, the gate recorded {train_rows} "
+                      "(it was fitted on a sample or a limit)")
+    return {prompt_sha1(rows.prompts[i]) for i in tr}, f"re-derived from its recorded split of {data} (seed, holdout)"
+
+
+def _drop_leaked(args, test, gate_dir: Path):
+    """Evaluation rows the gate trained on are dropped (and said); none left is an error."""
+    import numpy as np
+
+    from router.eval_data import prompt_sha1
+    from wattserve.errors import InvalidRequest
+
+    trained, how = _trained_hashes(gate_dir, args.seed)
+    if trained is None:
+        say(f"WARNING: cannot tell which prompts the gate {gate_dir} trained on ({how}); "
+            "if it saw these rows the figures below are optimistic")
+        return test, None
+    leaked = np.asarray([prompt_sha1(p) in trained for p in test.prompts])
+    if not leaked.any():
+        say(f"leakage check: none of the {len(test.prompts)} evaluated prompts is in the gate's training set ({how})")
+        return test, 0
+    if leaked.all():
+        raise InvalidRequest(f"all {len(test.prompts)} evaluated prompts were in the training set of gate {gate_dir} "
+                             f"({how}); evaluate on rows it never saw (--test FILE, or a gate fitted on other data)")
+    say(f"WARNING: {int(leaked.sum())} of {len(test.prompts)} evaluated prompts were in the gate's training set ({how}); "
+        f"they are left out: evaluating on the other {int((~leaked).sum())}")
+    return test.subset(np.flatnonzero(~leaked)), int(leaked.sum())
+
+
+def _gate_calibration(gates, quality, names, tasks) -> dict:
+    import numpy as np
+
+    from router import calibration
+
+    p = np.array([[g.quality[n] for n in names] for g in gates])
+    out = {"brier": calibration.brier(p, quality), "ece": calibration.ece(p, quality), "auc": calibration.auc(p, quality)}
+    if tasks is not None and len(set(tasks)) > 1:
+        groups = [t for t in tasks for _ in names]
+        out["within_task_auc"], out["tasks_used"] = calibration.within_group_auc(p, quality, groups)
+    else:
+        out["within_task_auc"], out["tasks_used"] = None, 0
+    return out
+
+
 def cmd_route_eval(args) -> int:
+    import numpy as np
     import yaml
 
-    from router.evaluate import evaluate, load_experts
-    from router.gate_fit import read_labelled, split
+    from router.eval_data import read_eval_data
+    from router.evaluate import energy_ties, evaluate, load_experts, metrics, pair
+    from router.gate_fit import split
+    from wattserve.errors import InvalidRequest
 
+    if not 0 < args.holdout <= 1:
+        raise InvalidRequest(f"--holdout must be in (0, 1], got {args.holdout}")
     spec_path = Path(args.experts)
     spec = yaml.safe_load(spec_path.read_text())
     experts = load_experts(spec, spec_path.parent, _shared_data_dir())
     tokens = args.output_tokens or int(spec.get("output_tokens", 128))
     for e in experts:
-        say(f"{e.name}: {e.j_per_token:.3f} J/token, {e.tpot_ms:.1f} ms/token at batch {e.batch:.0f} ({e.source}){' - ' + e.note if e.note else ''}")
-    data = read_labelled(args.data, [e.column for e in experts], limit=args.limit, sample=args.sample, seed=args.seed)
-    emb = _embed(data.prompts, _embedding_cache())
-    train, test = split(len(data.prompts), args.holdout, args.seed)
-    gates = _eval_gates(args, data, emb, train, test, {e.name: e.column for e in experts})
-    quality = data.quality[test][:, [data.experts.index(e.column) for e in experts]]
-    # The static baselines' "strongest" is the expert with the best mean quality on the training half.
-    prior = {e.name: float(data.quality[train][:, data.experts.index(e.column)].mean()) for e in experts}
-    curves = evaluate(experts, gates, quality, prior, tokens, steps=args.steps, seed=args.seed,
-                      progress=lambda name: say(f"replayed {name}"))
-    _report(args, experts, curves, quality, prior, tokens, len(test))
+        say(f"{e.name}: {e.j_per_token:.3f} J/token [{e.energy_source}], {e.tpot_ms:.1f} ms/token ({e.source})"
+            + (f" - {e.note}" if e.note else ""))
+    ties = energy_ties(experts)
+    cols = [e.column for e in experts]
+    sample_seed = args.seed if args.sample_seed is None else args.sample_seed
+    data = read_eval_data(args.data, cols, limit=args.limit, sample=args.sample, seed=sample_seed, skip_blank=args.skip_blank)
+    if args.test:
+        test = read_eval_data(args.test, cols, limit=args.limit, sample=args.sample, seed=sample_seed, skip_blank=args.skip_blank)
+        train = data
+    else:
+        tr, te = split(len(data.prompts), args.holdout, args.seed)
+        if args.holdout >= 1:
+            tr = np.asarray([], dtype=int)
+        train, test = data.subset(tr), data.subset(te)
+    skipped = data.skipped_blank + (test.skipped_blank if args.test else 0)
+    if skipped:
+        say(f"skipped {skipped} rows with a blank quality cell (--skip-blank)")
+    leaked = None
+    if args.gate:
+        test, leaked = _drop_leaked(args, test, Path(args.gate))
+    if not args.gate and len(train.prompts) < 10:
+        raise InvalidRequest(f"{len(train.prompts)} training rows are too few to fit a gate; lower --holdout, "
+                             "give --gate, or give a separate --test file")
+    # Embed whole files in file order: the cache then serves every split and seed.
+    vectors = dict(zip(data.prompts, _embed(data.prompts, _embedding_cache()), strict=True))
+    if args.test:
+        vectors.update(zip(test.prompts, _embed(test.prompts, _embedding_cache()), strict=True))
+    test_emb = np.stack([vectors[p] for p in test.prompts])
+    train_emb = np.stack([vectors[p] for p in train.prompts]) if train.prompts else test_emb[:0]
+    names = {e.name: e.column for e in experts}
+    q_idx = [data.experts.index(c) for c in cols]
+    train_q, test_q = train.quality[:, q_idx], test.quality[:, q_idx]
+    gates = _eval_gates(args, train_emb, train_q, test_emb, cols, names)
+    if len(train.prompts):
+        # The static baselines' "strongest" is the expert with the best mean quality on the training rows.
+        prior = {e.name: float(train_q[:, k].mean()) for k, e in enumerate(experts)}
+    else:
+        say("no training rows (--holdout 1.0): the strongest expert is the one the gate predicts best on average")
+        prior = {e.name: float(np.mean([g.quality[e.name] for g in gates])) for e in experts}
+    predictions = {}
+    if len(train.prompts) >= 10:
+        from router.eval_baselines import knn_predict, mlp_predict
+
+        predictions["knn"] = knn_predict(train_emb, train_q, test_emb, k=min(args.knn_k, len(train.prompts)))
+        predictions["mlp"] = mlp_predict(train_emb, train_q, test_emb, seed=args.seed)
+    else:
+        say("kNN and MLP routers skipped: they need training rows")
+    curves = evaluate(experts, gates, test_q, prior, tokens, steps=args.steps, seed=args.seed,
+                      progress=lambda name: say(f"replayed {name}"), predictions=predictions)
+    strong, cheap = pair(experts, prior)
+    m = metrics(curves, experts, test_q, strong, tokens)
+    m["cheapest"] = cheap
+    m["gate"] = _gate_calibration(gates, test_q, [e.name for e in experts], test.tasks)
+    m["energy_ties"] = ties
+    m["skipped_blank_rows"] = skipped
+    m["leaked_rows_dropped"] = leaked
+    _report(args, experts, curves, m, tokens, len(test.prompts), len(train.prompts))
     return 0
 
 
-def _report(args, experts, curves, quality, prior, tokens, rows) -> None:
+def _report(args, experts, curves, m, tokens, rows, train_rows) -> None:
     from router.evaluate import plot, summary
 
-    strong = max(prior, key=prior.get)
-    k = [e.name for e in experts].index(strong)
-    strong_q, strong_e = float(quality[:, k].mean()), experts[k].j_per_token * tokens
-    print(f"\n{Path(args.data).name}: {rows} held-out prompts, {tokens} output tokens per request; "
-          f"strongest expert {strong}: quality {strong_q:.4f} at {strong_e:.1f} J/request")
-    for line in summary(curves, strong_q, strong_e):
+    name = Path(args.test or args.data).name
+    print(f"\n{name}: {rows} evaluated prompts ({train_rows} training), {tokens} output tokens per request; "
+          f"strongest expert {m['strong']}: quality {m['strong_quality']:.4f} at {m['strong_energy_j']:.1f} J/request; "
+          f"cheapest {m['cheapest']}")
+    for a, b in m["energy_ties"]:
+        print(f"  WARNING: {a} and {b} cost the same energy per request: curves between them collapse onto one energy")
+    if m["strong"] == m["cheapest"]:
+        print("  WARNING: the strongest expert is also the cheapest: there is no trade-off to route")
+    g = m["gate"]
+    fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    print(f"  gate ({'given' if args.gate else 'fitted on the training rows'}): Brier {fmt(g['brier'])}, ECE {fmt(g['ece'])}, "
+          f"AUC {fmt(g['auc'])}, within-task AUC {fmt(g['within_task_auc'])} ({g['tasks_used']} tasks)")
+    for line in summary(curves, m):
         print("  " + line)
-    png = Path(args.png)
-    plot(curves, png, f"{Path(args.data).name}: quality vs energy ({rows} held-out prompts)")
-    print(f"plot: {png}")
+    if args.png:
+        png = Path(args.png)
+        plot(curves, png, f"{name}: quality vs energy ({rows} evaluated prompts)")
+        print(f"plot: {png}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
-            "data": str(args.data), "rows": rows, "output_tokens": tokens, "strong": strong,
-            "strong_quality": strong_q, "strong_energy_j": strong_e,
-            "experts": [{"name": e.name, "j_per_token": e.j_per_token, "tpot_ms": e.tpot_ms, "source": e.source}
+            "data": str(args.data), "test": str(args.test) if args.test else None, "rows": rows, "train_rows": train_rows,
+            "output_tokens": tokens, **m,
+            "experts": [{"name": e.name, "column": e.column, "j_per_token": e.j_per_token, "tpot_ms": e.tpot_ms,
+                         "energy_j_per_request": e.j_per_token * tokens, "energy_source": e.energy_source, "source": e.source}
                         for e in experts],
-            "curves": {c.policy: c.points for c in curves},
+            "curves": {c.policy: [{"energy_j": e, "quality": q, "knob": k, "shares": c.shares[i] if i < len(c.shares) else {}}
+                                  for i, (e, q, k) in enumerate(c.points)] for c in curves},
         }, indent=1))
 
 
@@ -247,16 +400,21 @@ def register(sub) -> None:
 
     route = sub.add_parser("route", help="offline routing evaluation").add_subparsers(dest="route_command", required=True)
     s = route.add_parser("eval", help="replay labelled prompts through every policy: quality vs energy")
-    s.add_argument("--data", required=True, help="labelled CSV (e.g. shared/data/routing/routellm/*.csv)")
+    s.add_argument("--data", required=True, help="labelled CSV or RouterBench pickle (e.g. shared/data/routing/routellm/*.csv)")
+    s.add_argument("--test", help="a separate labelled file to evaluate on (then all of --data trains the gate and baselines)")
+    s.add_argument("--skip-blank", action="store_true", help="skip rows with a blank quality cell (and count them)")
+    s.add_argument("--knn-k", type=int, default=40, help="neighbours of the kNN router (default 40)")
     s.add_argument("--experts", required=True, help="expert profiles YAML (e.g. configs/eval/routellm_mixtral_gpt4.yaml)")
     s.add_argument("--gate", help="a fitted gate directory (default: fit one on the training split)")
-    s.add_argument("--holdout", type=float, default=0.5, help="share of rows evaluated (the rest trains the gate)")
+    s.add_argument("--holdout", type=float, default=0.5,
+                   help="share of rows evaluated, in (0, 1] (the rest trains the gate and baselines; 1.0 needs --gate)")
     s.add_argument("--limit", type=int, help="use only the first N rows")
     s.add_argument("--sample", type=int, help="use a seeded random sample of N rows (MMLU is sorted by subject)")
+    s.add_argument("--sample-seed", type=int, help="seed of --sample (default: --seed)")
     s.add_argument("--output-tokens", type=int, help="output tokens per request (default from the profile file)")
     s.add_argument("--steps", type=int, default=21, help="knob values per swept policy")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--png", default="route-eval.png", help="where to write the quality-vs-energy plot")
+    s.add_argument("--png", help="write the quality-vs-energy plot here (default: no plot)")
     s.add_argument("--json", help="also write every point to this JSON file")
     s.set_defaults(func=cmd_route_eval)
 
