@@ -108,7 +108,7 @@ def _load_engine(cfg, spec, cache: Path, threads: int | None):
 
 
 def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dict], *, max_tokens: int,
-                   mc_norm: str, save, chunk: int = 16, progress=None) -> None:
+                   mc_norm: str, save, chunk: int = 16, save_every_s: float = 30.0, progress=None) -> None:
     """Fill ``rows[item.id][name]`` with "1"/"0" for every item that lacks it; ``save()`` after
     each chunk so an interrupted run loses at most one chunk."""
     from router.quality import exact_match, mc_correct
@@ -123,10 +123,13 @@ def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dic
         save()
         if progress:
             progress(len(part))
+    last_save = time.monotonic()
     for i, it in enumerate(mc, start=1):
         rows.setdefault(it.id, {})[name] = "1" if mc_correct(answers.score(it.prompt, it.choices), it, mc_norm) else "0"
-        if i % chunk == 0 or i == len(mc):
+        # Long few-shot prompts take tens of seconds each on a busy CPU: save by time too.
+        if i % chunk == 0 or i == len(mc) or time.monotonic() - last_save > save_every_s:
             save()
+            last_save = time.monotonic()
         if progress:
             progress(1)
 

@@ -97,3 +97,22 @@ def test_quality_measure_on_the_real_default_experts(tmp_path, capsys):
     # Both models know the capital of France when it is scored as a continuation.
     assert data.quality[2].tolist() == [1.0, 1.0]
     assert "capital" in capsys.readouterr().out
+
+
+def test_local_config_ships_a_gate_fitted_on_its_own_experts():
+    import json as _json
+
+    from runtime.config import load_config
+
+    cfg = load_config(LOCAL)
+    gate_dir = Path(cfg.router.gate_path)
+    meta = _json.loads((gate_dir / "gate.json").read_text())
+    assert sorted(meta["experts"]) == sorted(e.name for e in cfg.experts)
+    assert (gate_dir / "gate.safetensors").stat().st_size < 1_000_000
+    labels = read_labelled(Path(meta["data"]) if Path(meta["data"]).is_absolute()
+                           else Path(__file__).resolve().parents[2] / meta["data"])
+    from router.gate_fit import prompt_sha1
+
+    seen = set(meta["train_prompt_sha1"]) | set(meta["heldout_prompt_sha1"])
+    assert seen == {prompt_sha1(p) for p in labels.prompts} and not set(meta["train_prompt_sha1"]) & set(meta["heldout_prompt_sha1"])
+    assert meta["heldout_report"]["within_task_auc"] is not None
