@@ -125,6 +125,7 @@ def main() -> int:
     ap.add_argument("--target", help="a running server (default: start one with --config)")
     ap.add_argument("--data", default=str(ROOT / "data" / "quality" / "prompts.jsonl"))
     ap.add_argument("--limit", type=int, default=60, help="items (spread over the tasks; default 60)")
+    ap.add_argument("--tasks", help="comma-separated tasks to keep (default: all)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--mc-norm", choices=("per_char", "sum"), default="per_char")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per request")
@@ -138,6 +139,9 @@ def main() -> int:
     from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 
     items = read_items(args.data)
+    if args.tasks:
+        keep = {t.strip() for t in args.tasks.split(",")}
+        items = [it for it in items if it.task in keep]
     # Round-robin over tasks so a limit keeps the mix.
     by_task: dict[str, list] = {}
     for it in items:
