@@ -225,7 +225,8 @@ def cmd_budget_show(args) -> int:
 def register(sub) -> None:
     gate = sub.add_parser("gate", help="train the MoE² gate").add_subparsers(dest="gate_command", required=True)
     s = gate.add_parser("fit", help="fit the gate on a CSV of (prompt, per-expert quality) rows")
-    s.add_argument("--data", required=True, help="CSV with a prompt column and one quality column per expert")
+    s.add_argument("--data", required=True, help="CSV with a prompt column, one quality column per expert and "
+                   "optionally a task column (within-task AUC), e.g. from `wattserve quality measure`")
     s.add_argument("--out", required=True, help="directory to write the fitted gate to")
     s.add_argument("--columns", help="comma-separated quality columns (default: every numeric/boolean column)")
     s.add_argument("--limit", type=int, help="use only the first N rows")
