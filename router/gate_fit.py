@@ -10,7 +10,14 @@ cross-entropy against those qualities on a seeded train split; the held-out spli
   expert's mean and the oracle (best expert per prompt);
 - ``top_choice_accuracy``: on prompts where the experts disagree, how often the gate's top
   expert is one of the best;
-- calibration: Brier score and expected calibration error (10 bins) of the predicted qualities.
+- calibration: Brier score and expected calibration error (10 bins) of the predicted qualities;
+- ranking: AUC of the predicted qualities pooled, and **within-task AUC** (per group column, e.g.
+  ``task``): a gate that only tells tasks apart scores 0.5 there;
+- truncation: how many prompts were longer than MiniLM's 256 word pieces (cut by the window).
+
+``gate.json`` also records which prompts trained the gate and which were held out
+(``train_prompt_sha1`` / ``heldout_prompt_sha1``: the first 16 hex digits of the SHA-1 of each
+prompt's UTF-8 bytes), so an evaluation can refuse rows the gate has seen.
 """
 
 from __future__ import annotations
@@ -31,9 +38,19 @@ import numpy as np
 from wattserve.errors import InvalidRequest
 
 from . import calibration
-from .gate import EMBEDDING_MODEL, GATE_FILE, WEIGHTS_FILE, MiniLMEncoder, build_mlp
+from .gate import (
+    DEFAULT_HEAD_TOKENS,
+    EMBEDDING_MODEL,
+    GATE_FILE,
+    WEIGHTS_FILE,
+    MiniLMEncoder,
+    build_mlp,
+    embed_windows,
+    load_minilm_tokenizer,
+)
 
-NON_QUALITY_COLUMNS = {"prompt", "subject", "category", "question_id", "turn", "id", "prompt_turn1"}
+NON_QUALITY_COLUMNS = {"prompt", "subject", "category", "question_id", "turn", "id", "prompt_turn1", "task"}
+GROUP_COLUMNS = ("task", "subject", "category")  # the first one present groups rows for within-task AUC
 
 
 @dataclass(slots=True)
@@ -42,6 +59,7 @@ class LabelledPrompts:
     experts: list[str]  # quality column names
     quality: np.ndarray  # (N, experts) in [0, 1]
     source: str
+    groups: list[str] | None = None  # task of each row (GROUP_COLUMNS), for within-task AUC
 
 
 def _parse(value: str) -> float | None:
@@ -84,27 +102,44 @@ def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit:
     if sample and sample < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), sample))
         rows = [rows[i] for i in keep]
-    prompts, values = [], []
+    group_col = next((c for c in GROUP_COLUMNS if c in header), None)
+    prompts, values, groups = [], [], []
     for n, r in enumerate(rows, start=2):
         parsed = [_parse(r[c] or "") for c in cols]
         if any(p is None for p in parsed) or not r["prompt"]:
             raise InvalidRequest(f"{path}:{n}: empty prompt or non-numeric quality in {cols}")
         prompts.append(r["prompt"])
         values.append(parsed)
+        if group_col:
+            groups.append(r[group_col] or "")
     q = np.asarray(values, dtype=np.float32)
     top = q.max(axis=0)
     q = np.where(top > 1.0, q / np.maximum(top, 1e-9), q)  # scores such as 1-10 -> [0, 1]
-    return LabelledPrompts(prompts, cols, np.clip(q, 0.0, 1.0), str(path))
+    return LabelledPrompts(prompts, cols, np.clip(q, 0.0, 1.0), str(path), groups if group_col else None)
 
 
-def embed_cached(prompts: Sequence[str], cache_dir: Path | None, encoder_factory: Callable[[], object] = MiniLMEncoder,
-                 progress: Callable[[int], None] | None = None, batch_size: int = 32) -> np.ndarray:
-    """MiniLM embeddings of ``prompts``, cached on disk by content hash (embedding is the slow part)."""
+def prompt_sha1(prompt: str) -> str:
+    """The leakage record's key: the first 16 hex digits of sha1(prompt as UTF-8)."""
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def count_truncated(prompts: Sequence[str], tokenizer=None) -> int:
+    """How many prompts are longer than MiniLM reads (256 word pieces with [CLS]/[SEP])."""
+    tok = tokenizer or load_minilm_tokenizer()
+    return int(sum(embed_windows(tok, prompts)[1]))
+
+
+def embed_cached(prompts: Sequence[str], cache_dir: Path | None, encoder_factory: Callable[..., object] = MiniLMEncoder,
+                 progress: Callable[[int], None] | None = None, batch_size: int = 32, window: str = "head",
+                 head_tokens: int = DEFAULT_HEAD_TOKENS) -> np.ndarray:
+    """MiniLM embeddings of ``prompts`` read through ``window`` (``router/gate.py``), cached on
+    disk by content hash (embedding is the slow part)."""
     digest = hashlib.sha256("\x1e".join(prompts).encode("utf-8", "surrogatepass")).hexdigest()[:24]
-    cached = cache_dir / f"minilm-{digest}.npy" if cache_dir else None
+    tag = "" if window == "head" else f"-{window}{head_tokens}"
+    cached = cache_dir / f"minilm-{digest}{tag}.npy" if cache_dir else None
     if cached is not None and cached.exists():
         return np.load(cached)
-    encoder = encoder_factory()
+    encoder = encoder_factory() if window == "head" else encoder_factory(window=window, head_tokens=head_tokens)
     # Chunks of similar length (the encoder pads each batch to its longest prompt).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     emb = np.zeros((len(prompts), encoder.dim), dtype=np.float32)
@@ -156,8 +191,9 @@ def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 3
     return mlp.eval()
 
 
-def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str]) -> dict:
-    """Held-out metrics of a gate (see the module docstring)."""
+def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str], groups: Sequence[str] | None = None) -> dict:
+    """Held-out metrics of a gate (see the module docstring). ``groups`` (a task per row) adds
+    within-task AUC, per expert and pooled over experts (each expert's rows keep their task)."""
     p = 1.0 / (1.0 + np.exp(-logits))
     top = logits.argmax(axis=1)
     rows = np.arange(len(y))
@@ -176,12 +212,27 @@ def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str]) -> dict:
         "ece": calibration.ece(p, y),
         "auc": calibration.auc(p, y),
         "predicted_mean_quality": {e: float(p[:, i].mean()) for i, e in enumerate(experts)},
+        **_within_task(p, y, experts, groups),
     }
 
 
+def _within_task(p: np.ndarray, y: np.ndarray, experts: Sequence[str], groups: Sequence[str] | None) -> dict:
+    if groups is None:
+        return {"within_task_auc": None, "within_task_auc_by_expert": {}, "tasks_ranked": 0}
+    g = list(groups)
+    by_expert = {e: calibration.within_group_auc(p[:, i], y[:, i], g)[0] for i, e in enumerate(experts)}
+    # Pooled: a (task, expert) pair is one group, so neither tasks nor experts' base rates count.
+    pooled_groups = [f"{t}\x1f{e}" for e in experts for t in g]
+    pooled, used = calibration.within_group_auc(p.T.ravel(), y.T.ravel(), pooled_groups)
+    return {"within_task_auc": pooled, "within_task_auc_by_expert": by_expert, "tasks_ranked": used}
+
+
 def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, holdout: float = 0.2, seed: int = 0,
-             hidden: int = 64, epochs: int = 30, on_epoch: Callable[[int, float], None] | None = None) -> dict:
-    """Train on the train split, report on the held-out split, save to ``out_dir``; returns the report."""
+             hidden: int = 64, epochs: int = 30, on_epoch: Callable[[int, float], None] | None = None,
+             window: str = "head", head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None) -> dict:
+    """Train on the train split, report on the held-out split, save to ``out_dir``; returns the
+    report. ``window``/``head_tokens`` record how ``emb`` was computed (the serving gate embeds
+    the same way); ``truncated`` is how many of the prompts were longer than MiniLM reads."""
     from safetensors.torch import save_file
 
     if not 0 < holdout < 1:
@@ -195,7 +246,9 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
 
     with torch.inference_mode():
         held = mlp(torch.as_tensor(emb[ho])).numpy()
-    rep = report(held, data.quality[ho], data.experts)
+    rep = report(held, data.quality[ho], data.experts, [data.groups[i] for i in ho] if data.groups else None)
+    rep["prompts_truncated"] = truncated
+    rep["prompts"] = len(data.prompts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out / WEIGHTS_FILE))
@@ -203,6 +256,8 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         "experts": data.experts,
         "embedding": EMBEDDING_MODEL,
         "embedding_dim": int(emb.shape[1]),
+        "window": window,
+        "head_tokens": head_tokens,
         "hidden": hidden,
         "epochs": epochs,
         "seed": seed,
@@ -211,6 +266,9 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         "data": data.source,
         "train_s": round(time.monotonic() - t0, 2),
         "heldout_report": rep,
+        # Leakage record: which prompts the gate saw (an evaluation must not score them).
+        "train_prompt_sha1": [prompt_sha1(data.prompts[i]) for i in tr],
+        "heldout_prompt_sha1": [prompt_sha1(data.prompts[i]) for i in ho],
     }
     (out / GATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return rep

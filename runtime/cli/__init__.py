@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "runtime.cli.power",
     "runtime.cli.auth",
     "runtime.cli.exits",
+    "runtime.cli.quality",
 )
 
 

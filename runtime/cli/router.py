@@ -34,19 +34,26 @@ def _embed(prompts, cache: Path | None):
 def cmd_gate_fit(args) -> int:
     from tqdm import tqdm
 
-    from router.gate_fit import fit_gate, read_labelled
+    from router.gate_fit import count_truncated, embed_cached, fit_gate, read_labelled
 
     cols = [c.strip() for c in args.columns.split(",")] if args.columns else None
     data = read_labelled(args.data, cols, limit=args.limit, sample=args.sample, seed=args.seed)
     say(f"{len(data.prompts)} prompts, experts (quality columns): {', '.join(data.experts)}")
-    emb = _embed(data.prompts, None if args.no_cache else _embedding_cache())
+    truncated = count_truncated(data.prompts)
+    say(f"{truncated} of {len(data.prompts)} prompts are longer than MiniLM's 256 word pieces; "
+        f"the {args.window} window embeds them" + (f" (first {args.head_tokens} pieces + the end)" if args.window == "head_tail" else ""))
+    with tqdm(total=len(data.prompts), desc="embedding prompts (MiniLM)", unit="prompt", file=sys.stderr) as bar:
+        emb = embed_cached(data.prompts, None if args.no_cache else _embedding_cache(), progress=bar.update,
+                           window=args.window, head_tokens=args.head_tokens)
+        bar.update(bar.total - bar.n)
     with tqdm(total=args.epochs, desc="training gate", unit="epoch", file=sys.stderr) as bar:
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 
         rep = fit_gate(data, emb, args.out, holdout=args.holdout, seed=args.seed, hidden=args.hidden,
-                       epochs=args.epochs, on_epoch=on_epoch)
+                       epochs=args.epochs, on_epoch=on_epoch, window=args.window, head_tokens=args.head_tokens,
+                       truncated=truncated)
     print(f"held-out report ({rep['rows']} prompts):")
     print(f"  quality of the gate's top choice   {rep['top_choice_quality']:.4f}  (oracle {rep['oracle_quality']:.4f})")
     for e, q in rep["expert_quality"].items():
@@ -55,6 +62,13 @@ def cmd_gate_fit(args) -> int:
     if acc is not None:
         print(f"  top choice is a best expert on {acc:.1%} of the {rep['disagreeing_rows']} prompts where experts disagree")
     print(f"  calibration: Brier {rep['brier']:.4f}, ECE {rep['ece']:.4f}")
+    auc, within = rep["auc"], rep["within_task_auc"]
+    print("  ranking: AUC " + (f"{auc:.4f}" if auc is not None else "n/a") + ", within-task AUC "
+          + (f"{within:.4f} over {rep['tasks_ranked']} (task, expert) groups" if within is not None
+             else "n/a (no task column, or no task with both right and wrong answers)"))
+    for e, a in rep["within_task_auc_by_expert"].items():
+        print(f"    within-task AUC for {e:<30} " + (f"{a:.4f}" if a is not None else "n/a"))
+    print(f"  prompts cut to MiniLM's 256 word pieces: {truncated} of {len(data.prompts)} ({args.window} window)")
     print(f"gate saved to {args.out} (use it with router.gate_path)")
     return 0
 
@@ -386,7 +400,8 @@ def cmd_budget_show(args) -> int:
 def register(sub) -> None:
     gate = sub.add_parser("gate", help="train the MoE² gate").add_subparsers(dest="gate_command", required=True)
     s = gate.add_parser("fit", help="fit the gate on a CSV of (prompt, per-expert quality) rows")
-    s.add_argument("--data", required=True, help="CSV with a prompt column and one quality column per expert")
+    s.add_argument("--data", required=True, help="CSV with a prompt column, one quality column per expert and "
+                   "optionally a task column (within-task AUC), e.g. from `wattserve quality measure`")
     s.add_argument("--out", required=True, help="directory to write the fitted gate to")
     s.add_argument("--columns", help="comma-separated quality columns (default: every numeric/boolean column)")
     s.add_argument("--limit", type=int, help="use only the first N rows")
@@ -396,6 +411,10 @@ def register(sub) -> None:
     s.add_argument("--hidden", type=int, default=64, help="MLP hidden units")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-cache", action="store_true", help="do not cache prompt embeddings on disk")
+    s.add_argument("--window", choices=("head", "head_tail"), default="head_tail",
+                   help="what MiniLM reads of a prompt over 256 word pieces: the head, or the head and the "
+                        "end where the question is (default head_tail; docs/routing.md)")
+    s.add_argument("--head-tokens", type=int, default=32, help="head_tail: word pieces kept from the start (default 32)")
     s.set_defaults(func=cmd_gate_fit)
 
     route = sub.add_parser("route", help="offline routing evaluation").add_subparsers(dest="route_command", required=True)

@@ -11,8 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from router.gate import GATE_FILE, FittedGate, PriorGate, load_gate
-from router.gate_fit import embed_cached, fit_gate, read_labelled
+from router.gate import (
+    GATE_FILE,
+    MAX_EMBED_TOKENS,
+    FittedGate,
+    PriorGate,
+    embed_windows,
+    load_gate,
+    load_minilm_tokenizer,
+)
+from router.gate_fit import count_truncated, embed_cached, fit_gate, prompt_sha1, read_labelled, report
 from wattserve.errors import ConfigError, InvalidRequest
 
 
@@ -108,3 +116,76 @@ def test_fit_and_predict_on_a_slice_of_routellm_with_minilm(tmp_path):
     assert set(out.weights) == {"weak", "strong"} and sum(out.weights.values()) == pytest.approx(1.0)
     # the gate's mean predicted quality follows the data: GPT-4 is right more often than Mixtral
     assert rep["predicted_mean_quality"][names["strong"]] > rep["predicted_mean_quality"][names["weak"]]
+
+
+def test_gate_json_records_train_and_heldout_prompts(tmp_path):
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=50))
+    emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
+    fit_gate(data, emb, tmp_path / "gate", holdout=0.2, epochs=2, hidden=8)
+    meta = json.loads((tmp_path / "gate" / GATE_FILE).read_text())
+    train, held = meta["train_prompt_sha1"], meta["heldout_prompt_sha1"]
+    assert len(train) == 40 and len(held) == 10 and not set(train) & set(held)
+    import hashlib
+
+    everything = {hashlib.sha1(p.encode("utf-8")).hexdigest()[:16] for p in data.prompts}
+    assert set(train) | set(held) == everything
+    assert prompt_sha1("é") == hashlib.sha1("é".encode()).hexdigest()[:16] and len(prompt_sha1("x")) == 16
+
+
+def test_report_gives_within_task_auc_beside_pooled_auc():
+    # Two tasks with different base rates; inside each, the logits rank right above wrong for
+    # expert "a" and upside down for expert "b"; within-task AUC tells them apart.
+    groups = ["easy"] * 4 + ["hard"] * 4
+    y_a, z_a = [1, 1, 1, 0, 1, 0, 0, 0], [3, 3, 2, 1, 0, -1, -2, -2]
+    y_b, z_b = [1, 1, 0, 0, 1, 0, 0, 0], [1.0, 1.1, 2.0, 2.1, -2, -1, -0.5, 0]
+    y = np.array([y_a, y_b], dtype=float).T
+    logits = np.array([z_a, z_b], dtype=float).T
+    rep = report(logits, y, ["a", "b"], groups)
+    assert rep["within_task_auc_by_expert"]["a"] == pytest.approx(1.0)
+    assert rep["within_task_auc_by_expert"]["b"] == pytest.approx(0.0)
+    assert rep["auc"] > 0.5  # pooled over tasks and experts, the base rates hide b's inversion
+    # pair-weighted over (task, expert) groups: a has 3 + 3 pairs at AUC 1, b has 4 + 3 at AUC 0
+    assert rep["tasks_ranked"] == 4 and rep["within_task_auc"] == pytest.approx(6 / 13)
+    assert report(logits, y, ["a", "b"])["within_task_auc"] is None  # no task column: said, not invented
+
+
+def test_read_labelled_keeps_the_task_column_as_groups(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("id,task,prompt,edge,cloud\nx/1,arc,Q1,1,0\nx/2,lambada,Q2,0,0\n")
+    data = read_labelled(path)
+    assert data.experts == ["edge", "cloud"] and data.groups == ["arc", "lambada"]
+
+
+def test_long_prompts_are_counted_and_the_head_tail_window_keeps_the_question():
+    tok = load_minilm_tokenizer()
+    prefix = "Example: the sky is blue and grass is green. " * 60  # a long shared few-shot prefix
+    prompts = [prefix + "Question: what colour is snow?", prefix + "Question: how many legs has a cat?", "short"]
+    assert count_truncated(prompts, tok) == 2
+    head, cut = embed_windows(tok, prompts, "head")
+    assert cut == [True, True, False] and all(len(ids) == MAX_EMBED_TOKENS for ids in head[:2])
+    assert head[0] == head[1]  # cut to the shared prefix: one embedding for both questions
+    both, _ = embed_windows(tok, prompts, "head_tail", head_tokens=16)
+    assert len(both[0]) == MAX_EMBED_TOKENS and both[0] != both[1]
+    assert tok.decode(both[1][-12:-1]).endswith("how many legs has a cat?")
+    assert both[2] == head[2]  # short prompts are read whole either way
+
+
+def test_serving_gate_embeds_with_its_window_and_logs_cuts(tmp_path, caplog):
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=30))
+    emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
+    fit_gate(data, emb, tmp_path / "gate", epochs=1, hidden=8, window="head_tail", head_tokens=16)
+
+    class CountingEncoder(FakeEncoder):
+        def __init__(self):
+            self.tok = load_minilm_tokenizer()
+
+        def encode_with_cuts(self, texts, batch_size=32):
+            return self.encode(texts), embed_windows(self.tok, texts, "head_tail", 16)[1]
+
+    gate = FittedGate(tmp_path / "gate", encoder=CountingEncoder())
+    assert gate.window == "head_tail" and gate.head_tokens == 16
+    with caplog.at_level("INFO", logger="wattserve.gate"):
+        gate("short prompt")
+        gate("word " * 400)
+    assert (gate.prompts_seen, gate.prompts_cut) == (2, 1)
+    assert "was cut (head_tail window); 1 of 2 prompts" in caplog.text

@@ -1,0 +1,206 @@
+"""``wattserve quality measure``: per-prompt quality labels measured on a config's experts.
+
+Each expert of the config is loaded on its own engine, in this process, exactly as its Ray actor
+loads it (``prepare_model`` + ``build_engine`` with the config's expert spec: same weights,
+tokenizer, BOS rule, dtype and threads), and answers every item of a labelled JSONL set
+(``router/quality.py``): multiple-choice items through the engine's Score path, short answers by
+greedy generation through the engine's step loop. The labels (1 right, 0 wrong) go to a CSV with
+one column per expert, the shape ``wattserve gate fit`` reads. Experts run one after another, so
+only one model is in memory; the CSV is rewritten after every chunk, and a rerun measures only
+the cells still missing (resume after an interruption, or add an expert).
+
+Why in-process rather than through a served gateway: labels must not depend on routing, budgets
+or admission (a pinned request may still be refused for its budget), and a label run should not
+need a cluster or ports; the engine code and model files are the ones the server runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+from wattserve.errors import ConfigError
+
+from . import say
+
+DEFAULT_CONFIG = "configs/local.yaml"
+KEY_COLUMNS = ("id", "task", "prompt")
+
+
+class EngineAnswers:
+    """Greedy answers and choice log-likelihoods from one real engine, driven step by step."""
+
+    def __init__(self, engine, max_batch: int) -> None:
+        self.engine = engine
+        self.max_batch = max(1, max_batch)
+        self._n = 0
+
+    def _call_id(self) -> str:
+        self._n += 1
+        return f"quality-{self._n}"
+
+    def generate(self, prompts: list[str], max_tokens: int, stop: tuple[str, ...]) -> list[str]:
+        """Greedy completions of ``prompts`` (batched like served requests)."""
+        from wattserve.types import GenerateCall, SamplingParams
+
+        out: list[str] = []
+        for i in range(0, len(prompts), self.max_batch):
+            ids, texts = [], {}
+            for p in prompts[i : i + self.max_batch]:
+                call = GenerateCall(request_id=self._call_id(), prompt=p, max_tokens=max_tokens,
+                                    sampling=SamplingParams(temperature=0.0, stop=stop))
+                self.engine.add(self.engine.validate(call, time.monotonic()))
+                ids.append(call.request_id)
+                texts[call.request_id] = []
+            done: set[str] = set()
+            while len(done) < len(ids):
+                for o in self.engine.step(time.monotonic()).outputs:
+                    texts[o.request_id].append(o.text)
+                    if o.finish_reason is not None:
+                        if o.error:
+                            raise RuntimeError(f"engine error on a quality prompt: {o.error}")
+                        done.add(o.request_id)
+            out.extend("".join(texts[r]) for r in ids)
+        return out
+
+    def score(self, prompt: str, choices: tuple[str, ...]) -> list[float]:
+        """Summed log p(choice | prompt) per choice, in nats (the Score path)."""
+        from wattserve.types import ScoreCall
+
+        call = ScoreCall(request_id=self._call_id(), prompt=prompt, choices=choices)
+        return list(self.engine.score(self.engine.validate_score(call, time.monotonic())).logprobs)
+
+
+def _read_labels(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def _write_labels(path: Path, items, rows: dict[str, dict], experts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([*KEY_COLUMNS, *experts])
+        for it in items:
+            r = rows.get(it.id, {})
+            w.writerow([it.id, it.task, it.prompt, *(r.get(e, "") for e in experts)])
+    tmp.replace(path)
+
+
+def _load_engine(cfg, spec, cache: Path, threads: int | None):
+    from workers.engines import build_engine
+    from workers.models import prepare_model
+
+    if spec.engine.kind != "torch":
+        raise ConfigError(f"expert {spec.name!r} runs the {spec.engine.kind} engine; quality measure drives "
+                          "stepped engines (torch) in-process")
+    if threads:
+        spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"threads": threads})})
+    model_dir = prepare_model(spec.model, cache, progress=say)
+    say(f"loading {spec.model_label} for expert {spec.name}")
+    return build_engine(spec, model_dir)
+
+
+def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dict], *, max_tokens: int,
+                   mc_norm: str, save, chunk: int = 16, save_every_s: float = 30.0, progress=None) -> None:
+    """Fill ``rows[item.id][name]`` with "1"/"0" for every item that lacks it; ``save()`` after
+    each chunk so an interrupted run loses at most one chunk."""
+    from router.quality import exact_match, mc_correct
+
+    todo = [it for it in items if rows.get(it.id, {}).get(name, "") == ""]
+    exact = [it for it in todo if it.kind == "exact"]
+    mc = [it for it in todo if it.kind == "mc"]
+    for i in range(0, len(exact), chunk):
+        part = exact[i : i + chunk]
+        for it, text in zip(part, answers.generate([it.prompt for it in part], max_tokens, ("\n",)), strict=True):
+            rows.setdefault(it.id, {})[name] = "1" if exact_match(text, it.answers, it.match) else "0"
+        save()
+        if progress:
+            progress(len(part))
+    last_save = time.monotonic()
+    for i, it in enumerate(mc, start=1):
+        rows.setdefault(it.id, {})[name] = "1" if mc_correct(answers.score(it.prompt, it.choices), it, mc_norm) else "0"
+        # Long few-shot prompts take tens of seconds each on a busy CPU: save by time too.
+        if i % chunk == 0 or i == len(mc) or time.monotonic() - last_save > save_every_s:
+            save()
+            last_save = time.monotonic()
+        if progress:
+            progress(1)
+
+
+def cmd_measure(args) -> int:
+    from tqdm import tqdm
+
+    from router.quality import read_items, summarise
+    from workers.models import default_cache_dir
+
+    from ..config import load_config
+
+    cfg = load_config(args.config)
+    names = [e.strip() for e in args.experts.split(",")] if args.experts else [e.name for e in cfg.experts]
+    specs = []
+    for n in names:
+        spec = cfg.expert(n)
+        if spec is None:
+            raise ConfigError(f"{args.config}: no expert {n!r} (experts: {', '.join(e.name for e in cfg.experts)})")
+        specs.append(spec)
+    items = read_items(args.data)
+    if args.tasks:
+        keep = {t.strip() for t in args.tasks.split(",")}
+        items = [it for it in items if it.task in keep]
+    if args.limit:
+        items = items[: args.limit]
+    out = Path(args.out)
+    rows = _read_labels(out)
+    experts = list(dict.fromkeys([*(k for r in rows.values() for k in r if k not in KEY_COLUMNS), *names]))
+    cache = Path(args.cache_dir or os.environ.get("WATTSERVE_CACHE_DIR") or cfg.model_cache_dir or default_cache_dir())
+    say(f"{len(items)} items from {args.data}; experts {', '.join(names)}; labels -> {out}")
+
+    def save() -> None:
+        _write_labels(out, items, rows, experts)
+
+    for spec in specs:
+        missing = sum(1 for it in items if rows.get(it.id, {}).get(spec.name, "") == "")
+        if not missing:
+            say(f"{spec.name}: every item already labelled in {out}")
+            continue
+        engine = _load_engine(cfg, spec, cache, args.threads)
+        try:
+            t0 = time.monotonic()
+            with tqdm(total=missing, desc=f"{spec.name}", unit="item", file=sys.stderr) as bar:
+                measure_expert(EngineAnswers(engine, spec.max_batch), items, spec.name, rows,
+                               max_tokens=args.max_tokens, mc_norm=args.mc_norm, save=save, progress=bar.update)
+            say(f"{spec.name}: {missing} items in {time.monotonic() - t0:.0f} s")
+        finally:
+            engine.close()
+    save()
+    done = [{"task": it.task, **rows[it.id]} for it in items if all(rows.get(it.id, {}).get(e, "") != "" for e in names)]
+    print(f"labels: {out} ({len(done)} of {len(items)} items labelled by {', '.join(names)})")
+    for task, s in summarise(done, names).items():
+        acc = ", ".join(f"{e} {a:.2f}" for e, a in s["accuracy"].items())
+        print(f"  {task:<20} {s['rows']:4d} items  accuracy {acc}  experts disagree on {s['disagree_share']:.0%}")
+    return 0
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quality", help="measure the experts' answer quality").add_subparsers(
+        dest="quality_command", required=True)
+    s = q.add_parser("measure", help="label a prompt set with each expert's right/wrong answers (gate fit's input)")
+    s.add_argument("--config", default=DEFAULT_CONFIG, help=f"config whose experts answer (default {DEFAULT_CONFIG})")
+    s.add_argument("--data", required=True, help="labelled JSONL (e.g. data/quality/prompts.jsonl)")
+    s.add_argument("--out", required=True, help="labels CSV to write; an existing one is resumed")
+    s.add_argument("--experts", help="comma-separated expert names (default: every expert of the config)")
+    s.add_argument("--tasks", help="comma-separated task names to keep")
+    s.add_argument("--limit", type=int, help="only the first N items")
+    s.add_argument("--max-tokens", type=int, default=8, help="generated tokens per short answer (default 8)")
+    s.add_argument("--mc-norm", choices=("per_char", "sum"), default="per_char",
+                   help="multiple choice: log-likelihood per character of the choice (default) or summed")
+    s.add_argument("--threads", type=int, help="torch threads per engine (default: the config's)")
+    s.add_argument("--cache-dir", help="model cache (default $WATTSERVE_CACHE_DIR, else the config's)")
+    s.set_defaults(func=cmd_measure)

