@@ -51,6 +51,15 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main([*argv, "--gate", str(tmp_path / "gate")]) == 0
     err = capsys.readouterr().err
+    assert "were in the gate's training set (gate.json lists the prompts it trained on)" in err
+    assert "they are left out" in err
+    # a gate from before the prompt record: the split is re-derived from its seed, holdout and data
+    meta_path = tmp_path / "gate" / "gate.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("train_prompt_sha1"), meta.pop("heldout_prompt_sha1", None)
+    meta_path.write_text(json.dumps(meta))
+    assert main([*argv, "--gate", str(tmp_path / "gate")]) == 0
+    err = capsys.readouterr().err
     assert "were in the gate's training set (re-derived from its recorded split" in err and "they are left out" in err
     # --holdout 1.0 with a gate used to crash with an IndexError; now the rows it saw are left out
     assert main([*argv, "--gate", str(tmp_path / "gate"), "--holdout", "1.0"]) == 0
