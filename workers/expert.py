@@ -23,7 +23,7 @@ from .devices import open_device
 from .engines import build_engine
 from .governed import GovernedDevice
 from .loop import EngineLoop, ServingLoop
-from .models import prepare_model
+from .models import prepare_for_engine
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ExpertWorker(GovernedDevice):
         self.exit_on_failure = exit_on_failure
         model_dir: Path | None = None
         if spec.model is not None:
-            model_dir = prepare_model(spec.model, Path(cache_dir), progress=log.info)
+            model_dir = prepare_for_engine(spec.model, spec.engine.kind, Path(cache_dir), progress=log.info)
         self.loop = self._serving_loop(spec, model_dir)
         self.device = self.loop.device
         self.loop.start()
