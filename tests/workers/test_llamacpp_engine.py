@@ -169,7 +169,7 @@ def test_max_batch_queues_the_rest(engine):
     [
         (call("e", prompt=""), "prompt is empty"),
         (call("long", prompt="word " * 300), "allows at most 256 tokens"),
-        (call("max", max_tokens=250), "lower max_tokens"),
+        (call("max", max_tokens=254), "lower max_tokens to 251"),
     ],
 )
 def test_requests_beyond_the_context_are_rejected_before_queueing(engine, bad, match):
@@ -189,15 +189,15 @@ def test_eos_finishes_with_stop(engine, monkeypatch):
 def test_chat_uses_the_gguf_template(engine):
     assert "<|im_start|>" in engine.tokenizer.chat_template
     chat = GenerateCall(request_id="c", prompt="", max_tokens=16,
-                        messages=(ChatMessage("user", "What is the capital of France?"),))
+                        messages=(ChatMessage("user", "What is the capital of France? Answer in one word."),))
     prepared = engine.validate(chat, 0.0)
-    rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in rendered
+    rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in one word."}])
+    assert rendered.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>" in rendered
     im_start = engine.model.tokenize("<|im_start|>", add_special=False)
     assert len(im_start) == 1 and prepared.prompt_ids.count(im_start[0]) >= 2  # special tokens, not text
     engine.add(prepared)
     texts, _, reasons, _, _ = run(engine, [])
-    assert reasons["c"] == FinishReason.STOP or len(texts["c"]) > 0
+    assert reasons["c"] == FinishReason.STOP  # <|im_end|> ends the assistant turn
     assert "Paris" in texts["c"]
     assert_no_leak(engine)
 

@@ -162,6 +162,8 @@ class LlamaCppEngine(Engine):
             result.outputs.append(self.abort(seq.request_id, FinishReason.DEADLINE))
         decoding = list(self.scheduler.running)  # every running sequence holds a slot already
         admitted = self.scheduler.admit()
+        if not decoding and not admitted:  # everything expired: nothing to compute
+            return result
         batch = self.batch
         batch.clear()
         for seq in decoding:
