@@ -8,7 +8,8 @@ models, batch 1 and 8:
 
     .venv/bin/python benchmarks/bench_llamacpp.py [--rounds 3] [--tokens 32] [--threads 2]
 
-Every side uses the same threads, prompts (8 distinct, ~45 tokens), greedy decoding with
+llama.cpp sides use ``--threads``, the torch engine ``--torch-threads`` (1, as configs/local.yaml
+runs it); all use the same prompts (8 distinct, ~45 tokens), greedy decoding with
 ignore_eos and ``tokens`` output tokens per request. A cell is B requests started together
 (closed loop). Cells alternate: every round runs every (model, batch) cell on every side, the
 side order rotating per round, so a busy neighbour on a shared host hits all sides alike. Prints
@@ -35,6 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# What the llamacpp engine sets in its experts before llama.cpp loads (workers/engines/
+# llamacpp_engine/model.py: import_llama_cpp): without it, 2 spinning OpenMP threads on a busy
+# 2-core host ran bare llama.cpp 5-20x slower. Bare gets the same setting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 WATTS_PER_CORE = 4.4  # the cpu device's default model (DeviceSpec.watts_per_core)
 MAX_MODEL_LEN = 512
@@ -161,11 +166,11 @@ def flow(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in d.items()) + "}"
 
 
-def start_server(engines: list[str], threads: int, cache: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(engines: list[str], threads: dict[str, int], cache: Path) -> tuple[subprocess.Popen, str, str]:
     text = CONFIG_HEAD % cache
     for m, src in MODELS.items():
         for e in engines:
-            text += EXPERT.format(name=f"{m}-{e}", model=flow(src), engine=e, threads=threads, len=MAX_MODEL_LEN)
+            text += EXPERT.format(name=f"{m}-{e}", model=flow(src), engine=e, threads=threads[e], len=MAX_MODEL_LEN)
     cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     cfg.write(text)
     cfg.close()
@@ -222,25 +227,28 @@ async def served_cell(target: str, expert: str, prompts: list[str], tokens: int)
     }
 
 
-def expert_rss_mb(server: subprocess.Popen) -> dict[str, float]:
+def expert_rss_mb(target: str) -> dict[str, float]:
+    """RSS of each expert's actor process (pids from the Admin API's ListExperts)."""
+    import grpc
     import psutil
 
-    out = {}
-    for p in psutil.Process(server.pid).children(recursive=True):
-        try:
-            m = re.search(r"ray::wattserve:([\w-]+):\d+:ExpertActor", " ".join(p.cmdline()))
-            if m:
-                out[m.group(1)] = p.memory_info().rss / 2**20
-        except psutil.Error:
-            continue
-    return out
+    from runtime.api.gen import wattserve_pb2 as pb
+    from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
+
+    async def pids() -> dict[str, int]:
+        async with grpc.aio.insecure_channel(target) as ch:
+            resp = await pb_grpc.AdminStub(ch).ListExperts(pb.ListExpertsRequest())
+        return {e.name: r.pid for e in resp.experts for r in e.replicas}
+
+    return {name: psutil.Process(pid).memory_info().rss / 2**20 for name, pid in asyncio.run(pids()).items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32, help="output tokens per request (ignore_eos)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (bare and expert)")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch engine threads (configs/local.yaml: 1)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--no-torch", action="store_true", help="skip the torch engine side")
     args = ap.parse_args()
@@ -252,7 +260,7 @@ def main() -> None:
     paths = {m: locate_gguf(GgufPackageSource(**{k: v for k, v in s.items() if k != "kind"}), cache) for m, s in MODELS.items()}
     engines = ["llamacpp"] + ([] if args.no_torch else ["torch"])
     print(f"starting wattserve with experts {[f'{m}-{e}' for m in MODELS for e in engines]} ...", flush=True)
-    server, target, cfg = start_server(engines, args.threads, cache)
+    server, target, cfg = start_server(engines, {"llamacpp": args.threads, "torch": args.torch_threads}, cache)
     bare = {m: Bare(p, args.threads, max(args.batches), add_bos=(m == "gemma3")) for m, p in paths.items()}
     load0 = os.getloadavg()[0]
     sides = ["bare", *engines]
@@ -275,7 +283,7 @@ def main() -> None:
                         results.setdefault((m, b, side), []).append(r)
                         print(f"round {rnd} {m:8} b={b} {side:8} {r['tok_s']:7.1f} tok/s  TTFT {r['ttft_ms']:6.0f} ms  "
                               f"ITL {r['itl_ms']:6.1f} ms  {r['j_per_token']:.3f} J/tok", flush=True)
-        rss = expert_rss_mb(server)
+        rss = expert_rss_mb(target)
     finally:
         server.send_signal(2)
         try:
@@ -288,7 +296,7 @@ def main() -> None:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     print(f"\n{cpu}, {os.cpu_count()} cores (shared host: load {load0:.1f} before, {os.getloadavg()[0]:.1f} after); "
-          f"{args.threads} threads every side; {args.tokens} output tokens/request; medians of {args.rounds} rounds")
+          f"llama.cpp {args.threads} threads, torch {args.torch_threads}; {args.tokens} output tokens/request; medians of {args.rounds} rounds")
     print("llama-cpp-python built with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' (./dev)")
     hdr = "| model | batch | side | tok/s | TTFT ms | ITL ms | J/token (modeled:cpu) | vs bare | vs torch |"
     print(hdr + "\n" + "|---" * 9 + "|")

@@ -164,13 +164,18 @@ class LlamaCppEngine(Engine):
         admitted = self.scheduler.admit()
         if not decoding and not admitted:  # everything expired: nothing to compute
             return result
-        batch = self.batch
-        batch.clear()
-        for seq in decoding:
-            seq.row = batch.add((seq.output_ids[-1],), seq.n_past, seq.slot)
         for seq in admitted:
             seq.slot = self._free_slots.pop()
-            seq.row = batch.add(seq.req.prompt_ids, 0, seq.slot)
+        # Rows in sequence-id order, lowest free ids first: when finished slots were handed out
+        # again in reverse order, a batch-8 decode cost ~35% more CPU per token than bare
+        # llama.cpp's (same process, alternating runs); in order it costs the same.
+        batch = self.batch
+        batch.clear()
+        for seq in sorted(decoding + admitted, key=lambda s: s.slot):
+            if seq.n_past:
+                seq.row = batch.add((seq.output_ids[-1],), seq.n_past, seq.slot)
+            else:
+                seq.row = batch.add(seq.req.prompt_ids, 0, seq.slot)
         t0 = time.perf_counter()
         batch.decode(self.model.ctx)
         finished: list[_Sequence] = []
@@ -243,6 +248,7 @@ class LlamaCppEngine(Engine):
             return
         self.model.forget(seq.slot)
         self._free_slots.append(seq.slot)
+        self._free_slots.sort(reverse=True)  # pop() hands out the lowest free id
         seq.slot = -1
 
     # -- scoring -------------------------------------------------------------------------------

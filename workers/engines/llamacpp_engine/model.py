@@ -30,7 +30,15 @@ _LOG_ERROR, _LOG_WARN, _LOG_CONT = 3, 2, 5
 
 
 def import_llama_cpp():
-    """The ``llama_cpp.llama_cpp`` bindings, or a ConfigError naming how to install them."""
+    """The ``llama_cpp.llama_cpp`` bindings, or a ConfigError naming how to install them.
+
+    ggml's CPU threads are OpenMP threads. With libgomp's default (active) wait policy, threads
+    that wait spin; on a host with more runnable threads than cores (a shared 2-core machine) a
+    descheduled thread leaves the others spinning at its barrier and a 2-thread decode step ran 5-20x
+    slower than with 1 thread (benchmarks/bench_llamacpp.py, docs/llamacpp.md). PASSIVE makes
+    waiting threads sleep; libgomp reads it once, when the library loads, hence before the import.
+    An OMP_WAIT_POLICY already in the environment wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import llama_cpp.llama_cpp as lib
     except ImportError as error:
