@@ -300,3 +300,38 @@ def test_gpu_offload_gives_the_cpu_answer(smol_gguf, engine):
         assert on_gpu["g"][:3] == on_cpu["g"][:3]
     finally:
         gpu.close()
+
+
+def test_abort_through_the_loop_ends_the_stream_and_frees_the_slot(engine):
+    device = open_device(DeviceSpec.model_validate("cpu"), model_params=engine.info.params)
+    loop = EngineLoop(engine, device, max_queue=4)
+    loop.start()
+    events, done = [], threading.Event()
+
+    def sink(item):
+        events.extend(item if not isinstance(item, BaseException) else [item])
+        if isinstance(item, BaseException) or item[-1].usage is not None:
+            done.set()
+
+    try:
+        loop.submit(call("long", max_tokens=200, ignore_eos=True), sink)
+        while sum(len(ev.token_ids) for ev in events) < 3:
+            threading.Event().wait(0.01)
+        loop.abort("long")
+        assert done.wait(30)
+        usage = events[-1].usage
+        assert usage.finish_reason == FinishReason.ABORT and 3 <= usage.completion_tokens < 200
+        assert usage.energy_j > 0 and usage.energy_source == "modeled:cpu"
+    finally:
+        loop.stop()
+    assert_no_leak(engine)
+
+
+def test_an_expert_with_a_corrupt_gguf_fails_to_start_with_the_reason(tmp_path):
+    from workers.expert import ExpertWorker
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    spec = ExpertSpec(name="broken", model={"kind": "local", "path": str(bad)}, engine={"kind": "llamacpp", "threads": 1})
+    with pytest.raises(ModelSourceError, match="llama.cpp could not load .*broken.gguf"):
+        ExpertWorker(spec, 0, str(tmp_path), exit_on_failure=False)
