@@ -166,7 +166,7 @@ def flow(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in d.items()) + "}"
 
 
-def start_server(engines: list[str], threads: dict[str, int], cache: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(engines: list[str], threads: dict[str, int], cache: Path, niceness: int = 0) -> tuple[subprocess.Popen, str, str]:
     text = CONFIG_HEAD % cache
     for m, src in MODELS.items():
         for e in engines:
@@ -175,7 +175,11 @@ def start_server(engines: list[str], threads: dict[str, int], cache: Path) -> tu
     cfg.write(text)
     cfg.close()
     cmd = [str(Path(sys.executable).parent / "wattserve"), "serve", "--config", cfg.name, "--port", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+    # Ray starts worker processes (the experts) at niceness 15; on a host where other work keeps the
+    # cores busy they then get a sliver of CPU while the bare side (niceness 0) competes normally.
+    # Same niceness for every side, unless --ray-niceness says otherwise.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
+           "RAY_worker_niceness": str(niceness)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     deadline, tail = time.monotonic() + 600, []
     while time.monotonic() < deadline:
@@ -251,6 +255,7 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1, help="torch engine threads (configs/local.yaml: 1)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--no-torch", action="store_true", help="skip the torch engine side")
+    ap.add_argument("--ray-niceness", type=int, default=0, help="niceness of the expert processes (Ray's default: 15)")
     args = ap.parse_args()
 
     from wattserve.specs import GgufPackageSource
@@ -260,7 +265,7 @@ def main() -> None:
     paths = {m: locate_gguf(GgufPackageSource(**{k: v for k, v in s.items() if k != "kind"}), cache) for m, s in MODELS.items()}
     engines = ["llamacpp"] + ([] if args.no_torch else ["torch"])
     print(f"starting wattserve with experts {[f'{m}-{e}' for m in MODELS for e in engines]} ...", flush=True)
-    server, target, cfg = start_server(engines, {"llamacpp": args.threads, "torch": args.torch_threads}, cache)
+    server, target, cfg = start_server(engines, {"llamacpp": args.threads, "torch": args.torch_threads}, cache, args.ray_niceness)
     bare = {m: Bare(p, args.threads, max(args.batches), add_bos=(m == "gemma3")) for m, p in paths.items()}
     load0 = os.getloadavg()[0]
     sides = ["bare", *engines]
@@ -296,7 +301,7 @@ def main() -> None:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     print(f"\n{cpu}, {os.cpu_count()} cores (shared host: load {load0:.1f} before, {os.getloadavg()[0]:.1f} after); "
-          f"llama.cpp {args.threads} threads, torch {args.torch_threads}; {args.tokens} output tokens/request; medians of {args.rounds} rounds")
+          f"llama.cpp {args.threads} threads, torch {args.torch_threads}; expert niceness {args.ray_niceness}; {args.tokens} output tokens/request; medians of {args.rounds} rounds")
     print("llama-cpp-python built with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' (./dev)")
     hdr = "| model | batch | side | tok/s | TTFT ms | ITL ms | J/token (modeled:cpu) | vs bare | vs torch |"
     print(hdr + "\n" + "|---" * 9 + "|")
