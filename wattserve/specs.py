@@ -29,7 +29,10 @@ class LocalModelSource(Strict):
     """A Hugging Face-format directory (config.json, tokenizer, safetensors) on this host."""
 
     kind: Literal["local"] = "local"
-    path: str = Field(description="Directory holding config.json and weights; ~ is expanded.")
+    path: str = Field(
+        description="Directory holding config.json and weights; for engine llamacpp, a .gguf file (or a "
+        "directory holding exactly one). ~ is expanded."
+    )
 
 
 class GgufPackageSource(Strict):
@@ -258,6 +261,35 @@ class DiffusionEngineSpec(Strict):
         return self
 
 
+class LlamaCppEngineSpec(Strict):
+    """llama.cpp (llama-cpp-python's low-level API) over a GGUF file, with continuous batching: one
+    ``llama_decode`` per step over every running sequence, one sequence id each. For edge experts;
+    see docs/llamacpp.md."""
+
+    kind: Literal["llamacpp"] = "llamacpp"
+    threads: int | None = Field(
+        default=None, ge=1, le=512,
+        description="Threads for decode steps; None: the cores this process may run on.",
+    )
+    threads_batch: int | None = Field(
+        default=None, ge=1, le=512, description="Threads for steps that prefill prompts; None: as threads."
+    )
+    n_gpu_layers: int = Field(
+        default=0, ge=-1,
+        description="Layers offloaded to a GPU (-1: all); needs a GPU build of llama-cpp-python. 0: CPU only.",
+    )
+    max_prefill_tokens_per_step: int = Field(
+        default=2048,
+        ge=1,
+        description="Prompt tokens admitted per step beyond the first request, bounding how long "
+        "new prompts can stall the decode of running requests.",
+    )
+    n_ubatch: int = Field(
+        default=512, ge=1, le=65536,
+        description="Tokens llama.cpp computes per graph evaluation (a long step is split into these).",
+    )
+
+
 #: AsyncEngineArgs that the expert's own keys set; `engine_args` may not override them
 VLLM_RESERVED_ARGS = frozenset({
     "model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -326,7 +358,8 @@ class VllmEngineSpec(Strict):
 
 
 EngineSpec = Annotated[
-    TorchEngineSpec | SyntheticEngineSpec | DiffusionEngineSpec | VllmEngineSpec, Field(discriminator="kind")
+    TorchEngineSpec | SyntheticEngineSpec | DiffusionEngineSpec | VllmEngineSpec | LlamaCppEngineSpec,
+    Field(discriminator="kind"),
 ]
 
 
@@ -403,7 +436,8 @@ class ExpertSpec(Strict):
     model: ModelSource | None = Field(default=None, description="Required unless engine is synthetic.")
     engine: EngineSpec = Field(
         default_factory=TorchEngineSpec,
-        description="torch (default), vllm, synthetic, or diffusion (an image expert); a string is shorthand for the kind.",
+        description="torch (default), llamacpp (GGUF files), vllm, synthetic, or diffusion (an image expert); a "
+        "string is shorthand for the kind.",
     )
     device: DeviceSpec = Field(default_factory=DeviceSpec, description="Energy source: cpu, nvml[:i] or simulated:<profile>.")
     replicas: int = Field(default=1, ge=1, le=64, description="Ray actors serving this expert.")
@@ -445,6 +479,11 @@ class ExpertSpec(Strict):
             raise ValueError(
                 f"expert {self.name!r}: tensor_parallel_size {self.engine.tensor_parallel_size} needs "
                 f"resources.num_gpus {self.engine.tensor_parallel_size} (got {self.resources.num_gpus:g})"
+            )
+        if self.engine.kind == "llamacpp" and isinstance(self.model, HubModelSource):
+            raise ValueError(
+                f"expert {self.name!r}: engine llamacpp reads GGUF files; use model kind gguf_package or "
+                "local (a .gguf path), not hub"
             )
         if self.engine.kind == "diffusion" and not isinstance(self.model, LocalModelSource):
             raise ValueError(

@@ -24,7 +24,7 @@ from .devices import open_device
 from .engines import build_engine
 from .governed import GovernedDevice
 from .loop import EngineLoop, ServingLoop
-from .models import prepare_model
+from .models import prepare_for_engine
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ExpertWorker(GovernedDevice):
         self.exit_on_failure = exit_on_failure
         model_dir: Path | None = None
         if spec.model is not None:
-            model_dir = prepare_model(spec.model, Path(cache_dir), progress=log.info)
+            model_dir = prepare_for_engine(spec.model, spec.engine.kind, Path(cache_dir), progress=log.info)
         self.startup["model_files_unix_s"] = time.time()
         self.loop = self._serving_loop(spec, model_dir)
         self.startup["model_loaded_unix_s"] = time.time()

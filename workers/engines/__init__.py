@@ -10,11 +10,16 @@ from .base import Engine
 
 
 def build_engine(expert: ExpertSpec, model_dir: Path | None) -> Engine:
+    """The engine of ``expert``; ``model_dir`` is its HF-format directory, or its GGUF file for llamacpp."""
     kind = expert.engine.kind
     if kind == "torch":
         from .torch_engine import TorchEngine
 
         return TorchEngine(model_dir, expert, model_label=expert.model_label)
+    if kind == "llamacpp":
+        from .llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(model_dir, expert, model_label=expert.model_label)
     if kind == "synthetic":
         from .synthetic import SyntheticEngine
 
