@@ -74,8 +74,9 @@ class PolicySummary:
     seconds: float
 
 
-def size_fleet(exp: CapacityExperiment, work, profile: ReplicaProfile) -> tuple[PoolSpec, PoolSpec]:
-    """Pools sized for the day's busiest minute at the maximum clock (what ``static`` keeps up)."""
+def size_fleet(exp: CapacityExperiment, work, profile: ReplicaProfile, tdp_w: float) -> tuple[PoolSpec, PoolSpec]:
+    """Pools sized for the day's busiest minute at the maximum clock (what ``static`` keeps up);
+    ``tdp_w`` is one GPU's board power (the cold start draws ``cold_start_power_fraction`` of it)."""
     specs = []
     for name, prio, slo, mask in (("high", "high", exp.hp_slo, work.high_priority),
                                   ("low", "low", exp.lp_slo, ~work.high_priority)):
@@ -87,17 +88,10 @@ def size_fleet(exp: CapacityExperiment, work, profile: ReplicaProfile) -> tuple[
         plan = plan_pool(load, PoolState(0.0, 256), probe, profile, exp.planner.model_copy(update={
             "scale_down_delay_s": 0.0}), dvfs=False)
         n = max(1, plan.replicas)
-        cold_j = exp.cold_start_power_fraction * profile.gpus * _tdp_w(profile) * exp.cold_start_s
+        cold_j = exp.cold_start_power_fraction * profile.gpus * tdp_w * exp.cold_start_s
         specs.append(PoolSpec(name=name, priority=prio, slo=slo, min_replicas=min(exp.min_replicas, n),
                               max_replicas=n, cold_start_s=exp.cold_start_s, cold_start_energy_j=cold_j))
     return specs[0], specs[1]
-
-
-def _tdp_w(profile: ReplicaProfile) -> float:
-    return _TDP_W[profile.energy_source]
-
-
-_TDP_W: dict[str, float] = {}
 
 
 def run_experiment(exp: CapacityExperiment, policies=POLICIES) -> tuple[list[PolicySummary], dict[str, DayResult]]:
@@ -105,9 +99,9 @@ def run_experiment(exp: CapacityExperiment, policies=POLICIES) -> tuple[list[Pol
     work = day_workload(trace, exp.peak_rate_rps, hp_fraction=exp.hp_fraction, seed=exp.seed, hours=exp.hours,
                         shape=exp.shape, start_hour=exp.start_hour)
     profile = exp.replica_profile()
-    _TDP_W[profile.energy_source] = load_profile(exp.profile).tdp_w
-    specs = size_fleet(exp, work, profile)
-    nameplate = sum(s.max_replicas for s in specs) * profile.gpus * _tdp_w(profile)
+    tdp_w = load_profile(exp.profile).tdp_w
+    specs = size_fleet(exp, work, profile, tdp_w)
+    nameplate = sum(s.max_replicas for s in specs) * profile.gpus * tdp_w
     results, rows = {}, []
     for policy in policies:
         t0 = time.perf_counter()

@@ -106,8 +106,9 @@ class _Pool:
     """Fluid state of one pool (see the module docstring)."""
 
     def __init__(self, spec: PoolSpec, profile: ReplicaProfile, work: Workload, mask: np.ndarray,
-                 n_ticks: int, tick_s: float) -> None:
+                 n_ticks: int, tick_s: float, released_w: float) -> None:
         self.spec, self.prof, self.dt = spec, profile, tick_s
+        self._released_w = released_w  # what a released replica still draws
         self.arr = work.arrival_s[mask]
         self.prompt = work.prompt_tokens[mask].astype(float)
         self.out = work.output_tokens[mask].astype(float)
@@ -165,8 +166,6 @@ class _Pool:
         busy = w[0] + self.pre[0] + self.dec_n > 1e-9 or self.bin_n[k] > 0
         self.idle_since = None if busy else (now if self.idle_since is None else self.idle_since)
         return power
-
-    _released_w = 0.0
 
     def _serve(self, k: int, dt: float, prof: ReplicaProfile) -> float:
         n, w, pre = self.ready, self.wait, self.pre
@@ -301,11 +300,10 @@ def simulate_day(work: Workload, specs: tuple[PoolSpec, PoolSpec], profile: Repl
     dt = config.tick_s
     end_s = (float(work.arrival_s[-1]) if len(work.arrival_s) else 0.0) + config.drain_s
     n_ticks = int(math.ceil(end_s / dt))
-    hp, lp = (_Pool(s, profile, work, m, n_ticks, dt) for s, m in zip(specs, (work.high_priority,
-                                                                          ~work.high_priority), strict=True))
-    pools = (hp, lp)
-    for p in pools:
-        p._released_w = config.released_replica_power_w
+    masks = (work.high_priority, ~work.high_priority)
+    pools = tuple(_Pool(s, profile, work, m, n_ticks, dt, config.released_replica_power_w)
+                  for s, m in zip(specs, masks, strict=True))
+    hp, lp = pools
     every = max(1, int(round(config.planner.interval_s / dt)))
     polca_every = max(1, int(round(config.polca_interval_s / dt)))
     clock_every = max(1, int(round(config.clock_interval_s / dt))) if config.clock_interval_s else 0
