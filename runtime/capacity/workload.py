@@ -7,9 +7,9 @@ request), so every hour keeps the trace's own minute-scale bursts and token size
 
 The curve is an assumption, not a measurement in our data: a raised cosine between
 ``trough_fraction`` x peak (at ``peak_hour`` - 12 h) and the peak (at ``peak_hour``, local 14:00 by
-default). Production LLM services report a daily peak-to-trough ratio of roughly 2-3x (the week-long
-Azure 2024 traces, DynamoLLM's Figure 2 shows the same shape); 0.35 gives 2.9x. Change it with
-``--trough-fraction`` / ``--peak-hour``.
+default); 0.35 gives a 2.9x peak-to-trough ratio. The week-long Azure 2024 traces that would let
+us fit it are not in ``shared/data`` (only their description is), so this is a labelled choice:
+change it with ``--trough-fraction`` / ``--peak-hour``.
 """
 
 from __future__ import annotations
