@@ -298,6 +298,7 @@ def _plan(pred: Prediction, i: int, spec: PoolSpec, profile: ReplicaProfile, sta
     if state.replicas_ready == 0:
         wait_s = state.cold_start_left_s if state.replicas_starting else spec.cold_start_s
         ttft_ms += wait_s * 1e3
+        slo_met = slo_met and ttft_ms <= spec.slo.ttft_ms  # requests arriving before a replica serves
         cold = f"; cold: {wait_s:.0f} s of start-up counted in TTFT"
     reason = (f"{spec.name}: plan {rate:.2f} req/s -> {n} replica(s) at {clock:.0f} MHz: predicted TTFT "
               f"{ttft_ms:.0f} ms (p99 prompt), TPOT {tpot_ms:.0f} ms vs SLO {spec.slo.ttft_ms:g}/{spec.slo.tpot_ms:g} "
