@@ -157,3 +157,6 @@ def register(sub) -> None:
     s.add_argument("--plot", default="power_sim.png", help="PNG of row power vs thresholds ('' for none)")
     s.add_argument("--json", help="write the summary rows as JSON here")
     s.set_defaults(func=cmd_simulate_power)
+    from .capacity import register_simulate
+
+    register_simulate(ssub)

@@ -1,0 +1,92 @@
+"""``wattserve simulate capacity``: a day of an Azure trace on simulated replicas under the
+capacity policies (static, autoscale, dvfs, both, both+polca); no server needed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+POLICY_CHOICES = ("static", "autoscale", "dvfs", "both", "both+polca")
+
+
+def cmd_simulate_capacity(args) -> int:
+    from ..capacity.planner import SLO, PlannerConfig
+    from ..capacity.report import CapacityExperiment, format_table, plot_day, run_experiment, saving_sources
+    from ..capacity.workload import DayShape
+
+    policies = list(POLICY_CHOICES) if args.policy == "all" else [p for p in args.policy.split(",") if p]
+    bad = [p for p in policies if p not in POLICY_CHOICES]
+    if bad:
+        print(f"error: unknown policy {', '.join(bad)}; choose from {', '.join(POLICY_CHOICES)} or all",
+              file=sys.stderr)
+        return 2
+    if "static" not in policies:
+        policies.insert(0, "static")  # the reference every saving is measured against
+    try:
+        exp = CapacityExperiment(
+            trace=args.trace, peak_rate_rps=args.peak_rate_rps, hours=args.hours, start_hour=args.start_hour,
+            hp_fraction=args.hp_fraction, profile=args.profile, gpus_per_replica=args.gpus_per_replica,
+            model_params=args.model_params, max_batch=args.max_batch, clock_power_exponent=args.clock_power_exponent,
+            mem_clock_power_exponent=args.mem_clock_power_exponent,
+            hp_slo=SLO(ttft_ms=args.hp_ttft_ms, tpot_ms=args.hp_tpot_ms),
+            lp_slo=SLO(ttft_ms=args.lp_ttft_ms, tpot_ms=args.lp_tpot_ms),
+            min_replicas=args.min_replicas, cold_start_s=args.cold_start_s,
+            planner=PlannerConfig(interval_s=args.interval_s), budget_fraction=args.budget_fraction,
+            clock_interval_s=args.clock_interval_s,
+            released_replica_power_w=args.released_replica_power_w,
+            shape=DayShape(trough_fraction=args.trough_fraction, peak_hour=args.peak_hour), seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows, results = run_experiment(exp, tuple(policies))
+    first = next(iter(results.values()))
+    print(f"{Path(args.trace).name}: {args.hours:g} h from {args.start_hour:g}:00, peak {args.peak_rate_rps:g} req/s, "
+          f"{args.hp_fraction:.0%} high priority; replicas of {args.gpus_per_replica} x {args.profile}, "
+          f"fleet {rows[0].replicas_max} replicas (busiest minute at max clock); energy {first.energy_source}")
+    print(format_table(rows))
+    print(saving_sources(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    if args.plot:
+        print(f"plot: {plot_day(results, Path(args.plot), f'{Path(args.trace).stem}: capacity policies')}")
+    return 0
+
+
+def register_simulate(ssub) -> None:
+    """Add ``capacity`` under the ``simulate`` command (created by runtime.cli.power)."""
+    s = ssub.add_parser("capacity", help="replicas and clocks vs load: a day of a trace under capacity policies")
+    s.add_argument("--trace", required=True, help="Azure LLM inference trace CSV (shared/data/traces/azure_llm_2023)")
+    s.add_argument("--policy", default="all", help=f"{', '.join(POLICY_CHOICES)}, a comma list, or all")
+    s.add_argument("--peak-rate-rps", type=float, default=8.0, help="request rate at the day's peak hour")
+    s.add_argument("--hours", type=float, default=24.0, help="hours simulated")
+    s.add_argument("--start-hour", type=float, default=0.0, help="hour of day the run starts at")
+    s.add_argument("--trough-fraction", type=float, default=0.35, help="diurnal trough as a fraction of the peak")
+    s.add_argument("--peak-hour", type=float, default=14.0, help="hour of the diurnal peak")
+    s.add_argument("--hp-fraction", type=float, default=0.5, help="share of requests at high priority")
+    s.add_argument("--profile", default="a100", help="simulated GPU profile (a100, h100, b200)")
+    s.add_argument("--gpus-per-replica", type=int, default=8)
+    s.add_argument("--model-params", type=float, default=70e9, help="model size, split over a replica's GPUs")
+    s.add_argument("--max-batch", type=int, default=64)
+    s.add_argument("--clock-power-exponent", type=float, help="override the profile's assumed exponent (2.0)")
+    s.add_argument("--mem-clock-power-exponent", type=float, default=0.0,
+                   help="sensitivity: memory-bound power also scales as clock ratio**this (0: the device model)")
+    s.add_argument("--hp-ttft-ms", type=float, default=2000.0)
+    s.add_argument("--hp-tpot-ms", type=float, default=100.0)
+    s.add_argument("--lp-ttft-ms", type=float, default=10000.0)
+    s.add_argument("--lp-tpot-ms", type=float, default=200.0)
+    s.add_argument("--min-replicas", type=int, default=0, help="per pool; 0 allows scale to zero")
+    s.add_argument("--cold-start-s", type=float, default=60.0)
+    s.add_argument("--interval-s", type=float, default=10.0, help="planner control period")
+    s.add_argument("--clock-interval-s", type=float,
+                   help="also re-plan clocks (replicas fixed) this often between replica plans (default: off)")
+    s.add_argument("--budget-fraction", type=float, default=0.6,
+                   help="both+polca: budget P as a fraction of the static fleet's nameplate power")
+    s.add_argument("--released-replica-power-w", type=float, default=0.0,
+                   help="power a released replica still draws (0: powered down or lent elsewhere)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--plot", default="capacity_sim.png", help="PNG of power, replicas and TTFT ('' for none)")
+    s.add_argument("--json", help="write the summary rows as JSON here")
+    s.set_defaults(func=cmd_simulate_capacity)

@@ -1,0 +1,191 @@
+"""The capacity simulator: the day's load shape, FIFO latencies from the fluid, determinism,
+energy bookkeeping, policies, and the `wattserve simulate capacity` CLI on a short slice."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.capacity.planner import SLO, PlannerConfig, PoolSpec
+from runtime.capacity.profile import replica_profile_from_device
+from runtime.capacity.report import CapacityExperiment, run_experiment
+from runtime.capacity.sim import SimConfig, request_latencies, simulate_day
+from runtime.capacity.workload import DayShape, day_workload
+from runtime.cli import main as cli_main
+from runtime.power.workload import Trace, Workload, load_trace
+
+TRACES = Path("/work/shared/data/traces/azure_llm_2023")
+CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
+needs_traces = pytest.mark.skipif(not CONV.exists(), reason="Azure traces not present")
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return replica_profile_from_device("a100", gpus=8, model_params=70e9, max_batch=64)
+
+
+def synthetic(rate: float, seconds: float, seed: int) -> Workload:
+    rng = np.random.default_rng(seed)
+    n = int(rate * seconds)
+    arr = np.sort(rng.uniform(0, seconds, n))
+    return Workload("synthetic", arr, rng.integers(200, 3000, n), rng.integers(10, 400, n),
+                    high_priority=rng.random(n) < 0.5)
+
+
+def specs(max_replicas: int = 4, min_replicas: int = 0):
+    return tuple(PoolSpec(name=p, priority=p, slo=slo, min_replicas=min_replicas, max_replicas=max_replicas,
+                          cold_start_s=30.0, cold_start_energy_j=3e4)
+                 for p, slo in (("high", SLO(ttft_ms=2000, tpot_ms=100)), ("low", SLO(ttft_ms=10000, tpot_ms=200))))
+
+
+def test_day_shape_peaks_and_troughs():
+    shape = DayShape(trough_fraction=0.3, peak_hour=14.0)
+    assert shape.multiplier(14.0) == pytest.approx(1.0)
+    assert shape.multiplier(2.0) == pytest.approx(0.3)
+    assert all(0.3 <= shape.multiplier(h) <= 1.0 for h in np.linspace(0, 24, 97))
+    with pytest.raises(ValueError):
+        DayShape(trough_fraction=0.0)
+
+
+def test_day_workload_follows_the_curve():
+    rng = np.random.default_rng(1)
+    t = Trace("t", np.sort(rng.uniform(0, 3500, 7000)), np.full(7000, 100), np.full(7000, 20))
+    w = day_workload(t, 4.0, hp_fraction=0.5, seed=0, hours=24, shape=DayShape(0.25, 14.0))
+    per_hour = np.bincount((w.arrival_s // 3600).astype(int), minlength=24) / 3600.0
+    assert per_hour[14] == pytest.approx(4.0 * DayShape(0.25, 14.0).multiplier(14.5), rel=0.1)
+    assert per_hour[2] == pytest.approx(4.0 * DayShape(0.25, 14.0).multiplier(2.5), rel=0.1)
+    assert np.all(np.diff(w.arrival_s) >= 0) and w.arrival_s[-1] < 24 * 3600
+
+
+def test_fifo_latency_of_a_lone_request(profile):
+    # one 1000-token prompt at t = 0.2 s, alone: TTFT is its own prefill, TPOT the batch-1 step
+    dt, ci = 1.0, profile.max_clock_index
+    own = profile.prefill_s(1000, ci)
+    c_tok = np.array([1000.0, 1000.0, 1000.0])
+    t_p = np.array([own, 0.0, 0.0])
+    step = profile.decode_step(1.0, ci)
+    tpot = np.full(3, step)
+    ttft, tp = request_latencies(np.array([0.2]), np.array([1000.0]), np.array([10.0]), c_tok, t_p, tpot,
+                                 np.full(3, profile.clocks_mhz[ci]), profile, dt)
+    assert ttft[0] == pytest.approx(own)
+    assert tp[0] == pytest.approx(step)
+
+
+def test_queued_requests_wait_in_fifo_order(profile):
+    # two prompts of 1000 tokens; the pool only prefilled 1500 tokens in tick 0 and the rest in tick 1
+    ci = profile.max_clock_index
+    ttft, _ = request_latencies(np.array([0.0, 0.0]), np.array([1000.0, 1000.0]), np.array([5.0, 5.0]),
+                                np.array([1500.0, 2000.0, 2000.0]), np.array([1.0, 0.5, 0.0]), np.full(3, 0.03),
+                                np.full(3, profile.clocks_mhz[ci]), profile, 1.0)
+    assert ttft[0] == pytest.approx(1000 / 1500)
+    assert ttft[1] == pytest.approx(1.0 + 0.5)
+
+
+def test_simulation_is_deterministic_and_seeded(profile):
+    cfg = SimConfig(policy="both")
+    a = simulate_day(synthetic(3.0, 900, seed=3), specs(), profile, cfg)
+    b = simulate_day(synthetic(3.0, 900, seed=3), specs(), profile, cfg)
+    c = simulate_day(synthetic(3.0, 900, seed=4), specs(), profile, cfg)
+    for pa, pb in zip(a.pools, b.pools, strict=True):
+        np.testing.assert_array_equal(pa.ttft_s, pb.ttft_s)
+        np.testing.assert_array_equal(pa.power_w, pb.power_w)
+    assert a.energy_j == b.energy_j != c.energy_j
+
+
+def test_energy_parts_add_up_to_the_power_series(profile):
+    for policy in ("static", "both"):
+        r = simulate_day(synthetic(2.0, 600, seed=5), specs(), profile,
+                         SimConfig(policy=policy, released_replica_power_w=50.0))
+        assert r.energy_j == pytest.approx(float(r.power_w.sum() * r.tick_s), rel=1e-9)
+        assert r.energy_source == "modeled:a100"
+
+
+def test_static_keeps_everything_up_and_finishes_every_request(profile):
+    r = simulate_day(synthetic(2.0, 600, seed=6), specs(max_replicas=3), profile, SimConfig(policy="static"))
+    for p in r.pools:
+        assert np.all(p.replicas == 3) and np.all(p.clock_mhz == profile.clocks_mhz[-1])
+        assert p.replica_changes == p.clock_changes == p.cold_starts == 0
+        assert not np.isnan(p.ttft_s).any()
+
+
+def test_autoscale_saves_at_low_load_and_dvfs_lowers_clocks(profile):
+    work = synthetic(0.5, 1200, seed=7)
+    static = simulate_day(work, specs(max_replicas=6), profile, SimConfig(policy="static"))
+    auto = simulate_day(work, specs(max_replicas=6), profile, SimConfig(policy="autoscale"))
+    eager = PlannerConfig(clock_change_min_saving=0.0)  # the default keeps max clock for < 3% savings
+    dvfs = simulate_day(work, specs(max_replicas=6), profile, SimConfig(policy="dvfs", planner=eager))
+    assert auto.energy_j < static.energy_j and dvfs.energy_j < static.energy_j
+    assert max(p.replicas[-100:].max() for p in auto.pools) < 6
+    assert min(p.clock_mhz[-100:].min() for p in dvfs.pools) < profile.clocks_mhz[-1]
+
+
+def test_idle_pool_scales_to_zero_and_wakes_with_a_cold_start(profile):
+    # requests for 200 s, silence for 700 s, then one more burst
+    rng = np.random.default_rng(8)
+    arr = np.sort(np.concatenate([rng.uniform(0, 200, 200), rng.uniform(900, 960, 60)]))
+    n = len(arr)
+    work = Workload("gap", arr, np.full(n, 500), np.full(n, 50), high_priority=np.ones(n, dtype=bool))
+    hp, lp = specs(max_replicas=2, min_replicas=0)
+    r = simulate_day(replace(work), (hp, lp), profile, SimConfig(policy="autoscale"))
+    reps = r.pools[0].replicas
+    assert reps[850] == 0  # released after 300 s of nothing
+    assert reps[int(arr[-1])] >= 1 and r.pools[0].cold_starts >= 1
+    woke = r.pools[0].ttft_s[arr >= 900]
+    assert np.nanmax(woke) >= hp.cold_start_s - 15  # the first requests waited for the start
+
+
+def test_polca_policy_drives_clocks_under_a_tight_budget(profile):
+    work = synthetic(6.0, 600, seed=9)
+    r = simulate_day(work, specs(max_replicas=4), profile,
+                     SimConfig(policy="both+polca", provisioned_power_w=6000.0))
+    assert r.polca_capped_s > 0
+    with pytest.raises(ValueError):
+        SimConfig(policy="both+polca")
+    with pytest.raises(ValueError):
+        SimConfig(policy="bogus")
+
+
+@needs_traces
+def test_experiment_on_a_trace_slice_reports_every_policy():
+    exp = CapacityExperiment(trace=str(CONV), hours=0.1, start_hour=13.0, peak_rate_rps=4.0)
+    rows, results = run_experiment(exp)
+    assert [r.policy for r in rows] == ["static", "autoscale", "dvfs", "both", "both+polca"]
+    static = rows[0]
+    assert static.saving == 0.0 and static.energy_kwh > 0
+    for r in rows:
+        assert set(r.slo_attainment) == {"high", "low", "all"}
+        assert r.unfinished == 0
+    assert len(load_trace(CONV).arrival_s) > 0
+
+
+@needs_traces
+def test_cli_simulate_capacity_on_a_short_slice(tmp_path):
+    out, js, png = io.StringIO(), tmp_path / "cap.json", tmp_path / "cap.png"
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["simulate", "capacity", "--trace", str(CONV), "--hours", "0.05", "--start-hour", "13",
+                       "--policy", "both", "--json", str(js), "--plot", str(png)])
+    assert rc == 0
+    text = out.getvalue()
+    assert "static" in text and "both" in text and "modeled:a100" in text
+    rows = json.loads(js.read_text())
+    assert [r["policy"] for r in rows] == ["static", "both"]
+    assert png.stat().st_size > 1000
+
+
+def test_cli_rejects_an_unknown_policy(capsys):
+    assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--policy", "magic"]) == 2
+    assert "unknown policy" in capsys.readouterr().err
+
+
+def test_fast_clock_loop_only_moves_clocks(profile):
+    work = synthetic(3.0, 600, seed=10)
+    slow = simulate_day(work, specs(), profile, SimConfig(policy="both"))
+    fast = simulate_day(work, specs(), profile, SimConfig(policy="both", clock_interval_s=2.0))
+    assert sum(p.replica_changes for p in fast.pools) == sum(p.replica_changes for p in slow.pools)
+    assert sum(p.clock_changes for p in fast.pools) >= sum(p.clock_changes for p in slow.pools)
