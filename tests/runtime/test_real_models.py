@@ -95,5 +95,5 @@ async def test_score_ensemble_of_the_packaged_models_prefers_the_right_answer(se
     assert resp.best_text == " Paris", resp
     assert {e.expert for e in resp.experts} == {"edge", "cloud"}  # no budget: the whole subset
     assert all(e.choice_probs[1] == max(e.choice_probs) for e in resp.experts)
-    # configs/local.yaml ships a gate fitted on these two experts (docs/routing.md §8)
+    # configs/local.yaml ships a gate fitted on these two experts (docs/routing.md §10)
     assert resp.energy_j > 0 and resp.gate.startswith("fitted:") and resp.gate.endswith("gate-local")
