@@ -7,9 +7,10 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+from ..power.policy import PRESETS
 from .connect import add_connection_args, channel
 
-POLICY_CHOICES = ("polca", "lp-only", "all-one-threshold", "none")
+POLICY_CHOICES = PRESETS
 
 
 def cmd_power_set(args) -> int:
