@@ -45,9 +45,9 @@ class RiseStatistics:
         self.min_samples = min_samples
         self.band_w = band_w
         self._readings: collections.deque[tuple[float, float, int]] = collections.deque()  # (t, W, level)
-        self._fifo: collections.deque[tuple[int, float, float]] = collections.deque()  # (band, rise, reached W)
+        self._fifo: collections.deque[tuple[int, float]] = collections.deque()  # (band, rise), oldest first
         self._all: list[float] = []  # every remembered rise, sorted
-        self._bands: dict[int, list[float]] = {}  # band of the start -> powers reached (W), sorted
+        self._bands: dict[int, list[float]] = {}  # band of the start -> its rises (W), sorted
 
     @property
     def samples(self) -> int:
@@ -69,7 +69,7 @@ class RiseStatistics:
         if now_s - then_s < self.horizon_s or then_level != level:
             return None
         rise = power_w - then_w
-        self._add(self._band(then_w), rise, power_w)
+        self._add(self._band(then_w), rise)
         return rise
 
     def forget_readings(self) -> None:
@@ -84,39 +84,40 @@ class RiseStatistics:
         return _nearest_rank(self._all, q)
 
     def forecast_w(self, q: float, power_w: float) -> float | None:
-        """The power (W) the row may reach within the horizon from ``power_w``: the q-quantile
-        of the powers reached from starts in ``power_w``'s band, pooled with the bands below it
-        until ``min_samples`` are in (a row that started lower and got high says the same of
-        this one), never below ``power_w``. None while fewer than ``min_samples`` are known."""
+        """The power (W) the row may reach within the horizon from ``power_w``: ``power_w`` plus
+        the q-quantile of the rises that started near it, pooled band by band outwards (its own
+        band, the one below, the one above, two below, ...) until ``min_samples`` are in. A row
+        near its peak cannot rise as far as an idle one, so the rises of the whole hour (idle to
+        burst) would cap far too early. None while fewer than ``min_samples`` are known."""
         if len(self._all) < self.min_samples:
             return None
-        band, lowest = self._band(power_w), min(self._bands)
+        own = self._band(power_w)
         pooled: list[list[float]] = []
-        count = 0
-        while band >= lowest and count < self.min_samples:
-            reached = self._bands.get(band)
-            if reached:
-                pooled.append(reached)
-                count += len(reached)
-            band -= 1
-        if count < self.min_samples:  # new territory below too: add the hour's worst rise to it
-            return power_w + max(0.0, _nearest_rank(self._all, q))
+        count, step = 0, 0
+        reach = max(abs(own - min(self._bands)), abs(max(self._bands) - own))
+        while count < self.min_samples and step <= reach:
+            for band in ((own,) if step == 0 else (own - step, own + step)):
+                rises = self._bands.get(band)
+                if rises:
+                    pooled.append(rises)
+                    count += len(rises)
+            step += 1
         merged = pooled[0] if len(pooled) == 1 else list(heapq.merge(*pooled))
-        return max(power_w, _nearest_rank(merged, q))
+        return power_w + max(0.0, _nearest_rank(merged, q))
 
     def _band(self, power_w: float) -> int:
         return math.floor(power_w / self.band_w)
 
-    def _add(self, band: int, rise: float, reached_w: float) -> None:
-        self._fifo.append((band, rise, reached_w))
+    def _add(self, band: int, rise: float) -> None:
+        self._fifo.append((band, rise))
         bisect.insort(self._all, rise)
-        bisect.insort(self._bands.setdefault(band, []), reached_w)
+        bisect.insort(self._bands.setdefault(band, []), rise)
         if len(self._fifo) > self.window_samples:
-            old_band, old_rise, old_reached = self._fifo.popleft()
-            del self._all[bisect.bisect_left(self._all, old_rise)]
-            reached = self._bands[old_band]
-            del reached[bisect.bisect_left(reached, old_reached)]
-            if not reached:
+            old_band, old = self._fifo.popleft()
+            del self._all[bisect.bisect_left(self._all, old)]
+            rises = self._bands[old_band]
+            del rises[bisect.bisect_left(rises, old)]
+            if not rises:
                 del self._bands[old_band]
 
 

@@ -91,16 +91,20 @@ class PolicyConfig(Strict):
         "and pooled (from the band of the reading downwards) for each forecast.",
     )
     forecast_prior_rise_fraction: float = Field(
-        default=0.18, ge=0, lt=1, description="forecast: rise assumed (fraction of P) until enough are learned; "
-        "0.18 with the 0.98 guard caps at 0.80 P like POLCA's T1.",
+        default=0.13, ge=0, lt=1, description="forecast: rise assumed (fraction of P) until enough are learned; "
+        "0.13 with the 0.93 guard caps at 0.80 P like POLCA's T1.",
+    )
+    forecast_cap_high_priority: bool = Field(
+        default=False, description="forecast: T2 also locks high-priority GPUs (POLCA's table); false: only "
+        "low-priority GPUs are capped before the brake (lp-only's table).",
     )
     forecast_band_fraction: float = Field(
         default=0.05, gt=0, le=1, description="forecast: rises are learned per band of the power they started from, "
         "this wide (fraction of P); a band with too few rises falls back to all of them.",
     )
     forecast_guard_fraction: float = Field(
-        default=0.98, gt=0, le=2, description="forecast: enter T1 when power + expected rise reaches this fraction "
-        "of P (a little under the brake, for the quantile's misses).",
+        default=0.93, gt=0, le=2, description="forecast: enter T1 when power + expected rise reaches this fraction "
+        "of P (under the brake: room for the quantile's misses and for a cap's slow bite).",
     )
     forecast_t2_step_fraction: float = Field(
         default=0.05, ge=0, lt=1, description="forecast: enter T2 when the forecast exceeds the guard by this "
@@ -130,7 +134,8 @@ class PolicyConfig(Strict):
             return brake
         if self.preset == "all-one-threshold":
             return {CapLevel.T1: {LOW: self.single_sm_clock_mhz, HIGH: self.single_sm_clock_mhz}, **brake}
-        hp_t2 = self.hp_t2_sm_clock_mhz if self.preset in ("polca", "forecast") else None
+        hp_caps = self.preset == "polca" or (self.preset == "forecast" and self.forecast_cap_high_priority)
+        hp_t2 = self.hp_t2_sm_clock_mhz if hp_caps else None
         return {
             CapLevel.T1: {LOW: self.lp_t1_sm_clock_mhz, HIGH: None},
             CapLevel.T2: {LOW: self.lp_t2_sm_clock_mhz, HIGH: hp_t2},
