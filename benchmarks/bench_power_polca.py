@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=40)
     ap.add_argument("--hp-fraction", type=float, default=0.5)
     ap.add_argument("--loads", default="default,high")
+    ap.add_argument("--trace-names", default="conv,code", help="which traces (conv, code)")
     ap.add_argument("--out", type=Path, default=Path("bench_power_out"))
     ap.add_argument("--policies", default=",".join(PRESETS), help="comma list of policy presets")
     ap.add_argument("--extras", default=",".join(f"{x:g}" for x in EXTRAS), help="oversubscription levels")
@@ -62,7 +63,7 @@ def main() -> None:
     extras = [float(x) for x in args.extras.split(",") if x]
     args.out.mkdir(parents=True, exist_ok=True)
     everything = []
-    for trace in ("conv", "code"):
+    for trace in args.trace_names.split(","):
         path = args.traces / f"AzureLLMInferenceTrace_{trace}.csv"
         for load in args.loads.split(","):
             rate = LOADS[trace][load]

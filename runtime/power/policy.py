@@ -107,8 +107,8 @@ class PolicyConfig(Strict):
         "of P (under the brake: room for the quantile's misses and for a cap's slow bite).",
     )
     forecast_t2_step_fraction: float = Field(
-        default=0.05, ge=0, lt=1, description="forecast: enter T2 when the forecast exceeds the guard by this "
-        "fraction of P more.",
+        default=0.20, ge=0, lt=1, description="forecast: enter T2 when the forecast exceeds the guard by this "
+        "fraction of P more (0.20: only when even the brake line would be crossed by far).",
     )
     forecast_cap_saving_fraction: float = Field(
         default=0.05, ge=0, lt=1, description="forecast: power (fraction of P) a level is assumed to hold back: "

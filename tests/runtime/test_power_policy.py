@@ -217,7 +217,7 @@ def test_policy_module_is_pure():
 
 
 def forecast_policy(**overrides) -> PowerPolicy:
-    # guard 930 W, T2 at a forecast of 980 W; rises over 3 s = two readings 2 s apart
+    # guard 930 W, T2 at a forecast of 1130 W; rises over 3 s = two readings 2 s apart
     return policy(**{"preset": "forecast", "forecast_min_samples": 10, **overrides})
 
 
@@ -248,8 +248,15 @@ def test_forecast_caps_before_a_burst_its_statistics_predict():
     [(kind, reason)] = decision.events
     assert kind == EventKind.LEVEL and "expected rise 300 W" in reason and "q0.999 of" in reason
     assert policy().update(200.0, 660.0).level == CapLevel.NONE  # POLCA waits for 800 W
-    # a forecast past the guard by the T2 step locks low priority lower; high priority stays free
-    assert pol.update(202.0, 700.0).level == CapLevel.T2 and clocks(pol) == (1110.0, None)
+    # 700 + 300 W: past P, yet short of the T2 line (guard + 0.20 P = 1130 W): T1 holds
+    assert pol.update(202.0, 700.0).level == CapLevel.T1
+    # with a T2 step of 0.05 P (T2 at 980 W) the same forecast locks low priority lower; high
+    # priority stays free unless forecast_cap_high_priority asks for POLCA's table
+    for cap_hp, hp_clock in ((False, None), (True, 1305.0)):
+        deeper = forecast_policy(forecast_t2_step_fraction=0.05, forecast_cap_high_priority=cap_hp)
+        for i, watts in enumerate(pattern * 12):
+            deeper.rises.observe(2.0 * i, watts, int(CapLevel.NONE))
+        assert deeper.update(200.0, 700.0).level == CapLevel.T2 and clocks(deeper) == (1110.0, hp_clock)
     # and the brake stays the last resort on the reading itself
     assert pol.update(204.0, 1001.0).level == CapLevel.BRAKE
 
