@@ -303,8 +303,10 @@ class PowerPolicy:
         if now_s - self._below_since < self.config.dwell_s:
             return
         lower = max((lv for lv in self._levels if lv < self.level), default=CapLevel.NONE)
+        saving = (f" - {self.config.forecast_cap_saving_fraction:.0%} of P assumed saving"
+                  if self.rises is not None and self.level < CapLevel.BRAKE else "")
         reason = (f"row {self.row} at {power_w:.0f} W stayed <= {release_w:.0f} W ({self.level.name} threshold "
-                  f"- {self.config.release_margin_fraction:.0%} of P) for {self.config.dwell_s:g} s")
+                  f"- {self.config.release_margin_fraction:.0%} of P{saving}) for {self.config.dwell_s:g} s")
         self._move(now_s, lower, decision, reason)
 
     def _move(self, now_s: float, level: CapLevel, decision: Decision, reason: str) -> None:
