@@ -110,6 +110,10 @@ class PolicyConfig(Strict):
         default=0.20, ge=0, lt=1, description="forecast: enter T2 when the forecast exceeds the guard by this "
         "fraction of P more (0.20: only when even the brake line would be crossed by far).",
     )
+    forecast_t2_sustain_s: float | None = Field(
+        default=20.0, gt=0, description="forecast: also enter T2 when T1 has not brought the reading itself under "
+        "the guard for this long (seconds; a load above the guard for longer than a burst); null: never.",
+    )
     forecast_cap_saving_fraction: float = Field(
         default=0.05, ge=0, lt=1, description="forecast: power (fraction of P) a level is assumed to hold back: "
         "release only if the forecast plus this stays under the guard by the release margin.",
@@ -198,6 +202,7 @@ class PowerPolicy:
         self.braked_s = 0.0
         self.rises: RiseStatistics | None = None  # forecast: the learned rises over the horizon
         self._reading_w: float | None = None  # the reading being judged (its band picks the rises)
+        self._over_guard_since: float | None = None  # forecast: capped at T1 and still >= the guard since
         self._new_rises()
 
     def _new_rises(self) -> None:
@@ -259,6 +264,8 @@ class PowerPolicy:
         if row_power_w is None:
             return decision
         wanted = self._level_for(row_power_w)
+        if self.rises is not None:
+            wanted = max(wanted, self._sustained_level(now_s, row_power_w))
         if wanted > self.level:
             self._move(now_s, wanted, decision, self._why_up(row_power_w, wanted))
         elif self.level > CapLevel.NONE and telemetry_ok:
@@ -289,8 +296,20 @@ class PowerPolicy:
                 wanted = max(wanted, level)
         return wanted
 
+    def _sustained_level(self, now_s: float, power_w: float) -> CapLevel:
+        """forecast: T1 that has not brought the reading itself under the guard for
+        ``forecast_t2_sustain_s`` is not enough (a steady load, not a burst): go to T2."""
+        sustain_s = self.config.forecast_t2_sustain_s
+        if sustain_s is None or self.level != CapLevel.T1 or power_w < self.config.forecast_guard_fraction * self.provisioned_power_w:
+            self._over_guard_since = None
+            return CapLevel.NONE
+        if self._over_guard_since is None:
+            self._over_guard_since = now_s
+        return CapLevel.T2 if now_s - self._over_guard_since >= sustain_s else CapLevel.NONE
+
     def _maybe_release(self, now_s: float, power_w: float, decision: Decision) -> None:
-        release_w = self.threshold_w(self.level) - self.config.release_margin_fraction * self.provisioned_power_w
+        line = CapLevel.T1 if self.rises is not None and self.level == CapLevel.T2 else self.level
+        release_w = self.threshold_w(line) - self.config.release_margin_fraction * self.provisioned_power_w
         if self.rises is not None and self.level < CapLevel.BRAKE:
             # the reading is held down by the cap itself: releasing gives that power back
             release_w -= self.config.forecast_cap_saving_fraction * self.provisioned_power_w

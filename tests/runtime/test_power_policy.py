@@ -332,3 +332,23 @@ def test_rise_statistics_window_bands_and_quantiles():
     assert stats.observe(20.0, 999.0, 1) is None  # time must advance
     with pytest.raises(ValueError):
         RiseStatistics(horizon_s=0.0, window_samples=5, min_samples=3, band_w=100.0)
+
+
+def test_forecast_goes_to_t2_when_t1_does_not_bring_a_steady_load_under_the_guard():
+    pol = forecast_policy(forecast_t2_sustain_s=20.0, dwell_s=10.0, settle_s=2.0)
+    readings = ([700.0 + 5 * (i % 3) for i in range(30)] + [700.0 + 10 * i for i in range(1, 24)]
+                + [935.0 + 5 * (i % 3) for i in range(30)])  # a slow climb to a steady 0.94 P
+    levels = feed(pol, readings)
+    first_t1, first_t2 = levels.index(CapLevel.T1), levels.index(CapLevel.T2)
+    over_guard = next(i for i, w in enumerate(readings) if w >= 930.0)
+    # T1 from the forecast before the guard; T2 once T1 has left the reading above the guard for 20 s
+    assert first_t1 < over_guard and first_t2 - over_guard == 10
+    # T2 holds until the load is under T1's release line, not merely under T2's
+    assert feed(pol, [900.0] * 10, start_s=200.0) == [CapLevel.T2] * 10
+    assert CapLevel.T1 in feed(pol, [780.0] * 8, start_s=240.0)
+    # a burst that T1 brings under the guard within the sustain time never reaches T2
+    burst = forecast_policy(forecast_t2_sustain_s=20.0)
+    levels = feed(burst, readings[:53] + [935.0] * 5 + [900.0] * 20)
+    assert CapLevel.T1 in levels and CapLevel.T2 not in levels
+    never = forecast_policy(forecast_t2_sustain_s=None)
+    assert CapLevel.T2 not in feed(never, readings + [935.0] * 30)
