@@ -190,14 +190,17 @@ def test_run_matrix_on_a_slice_of_the_conv_trace():
 @needs_traces
 def test_cli_simulate_power(tmp_path):
     out = io.StringIO()
-    plot = tmp_path / "row.png"
+    plot = tmp_path / "row.png"  # two runs: row-polca-0.3.png and row-forecast-0.3.png
     with contextlib.redirect_stdout(out):
         rc = cli_main(["simulate", "power", "--trace", str(TRACES / "AzureLLMInferenceTrace_code.csv"),
-                       "--servers", "8", "--extra-servers", "0.3", "--policy", "polca", "--hp-fraction", "0.4",
+                       "--servers", "8", "--extra-servers", "0.3", "--policy", "polca,forecast", "--hp-fraction", "0.4",
                        "--duration-s", "240", "--plot", str(plot), "--json", str(tmp_path / "rows.json")])
     text = out.getvalue()
     assert rc == 0 and "polca" in text and "10 (+30%)" in text and "largest oversubscription" in text
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "rows.json").exists()
+    assert "forecast: largest oversubscription" in text
+    for name in ("row-polca-0.3.png", "row-forecast-0.3.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "rows.json").exists()
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert cli_main(["simulate", "power", "--trace", "x.csv", "--policy", "magic"]) == 2
     assert "unknown policy magic" in err.getvalue()
