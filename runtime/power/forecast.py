@@ -12,9 +12,12 @@ hold it is ``horizon_s`` (interval + actuation delay) away. So the rule is::
 where ``rise_q`` is a high quantile of the row's own power rises over the horizon, learned online
 from the telemetry the policy already reads (no model of the servers, no trace knowledge): every
 reading adds the sample ``p(now) - p(now - horizon)`` (the latest reading at least ``horizon_s``
-old), kept for the last ``window_samples`` readings. Before ``min_samples`` samples exist the
-rise is a conservative prior (``prior_rise_fraction`` x P: 0.18 P caps at 0.80 P with the
-default guard, i.e. POLCA's T1), so a fresh governor starts as cautious as POLCA.
+old), kept for the last ``window_samples`` readings and sorted per band of the power it started
+from; the quantile for a reading pools its own band and its neighbours (see :meth:`forecast_w`).
+Before ``min_samples`` samples exist the policy uses a conservative prior rise
+(``forecast_prior_rise_fraction`` x P: 0.13 P with the 0.93 guard caps at 0.80 P, POLCA's T1),
+so a fresh governor starts as cautious as POLCA. The levels, T2 and release rules live in
+``policy.py``.
 
 Samples are taken only while the cap level did not change between the two readings and the
 telemetry was complete: a rise across a release would be the cap's saving, a fall across an
