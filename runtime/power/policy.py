@@ -19,10 +19,11 @@ Rules (Patel et al., "POLCA", ASPLOS'24; thresholds configurable):
 Presets are the paper's policy and the baselines it is compared with: ``polca``; ``lp-only``
 (only low-priority GPUs are ever capped, until the brake); ``all-one-threshold`` (one threshold,
 T1, at which every GPU is locked to the same clock); ``none`` (no capping: only the brake, the
-datacenter's last line of defence); ``forecast`` (POLCA's levels and clocks, but each level starts
-where the row's power plus a learned high quantile of its rise over the actuation horizon reaches
-a guard just under P, see ``runtime/power/forecast.py``: it caps only when power could reach the
-budget before a later cap would act).
+datacenter's last line of defence); ``forecast`` (lp-only's levels and clocks by default, but T1
+starts where the row's power plus a learned high quantile of its rise over the actuation horizon
+reaches a guard under P, T2 where that forecast passes P by far or T1 has not held the reading
+under the guard for ``forecast_t2_sustain_s``; see ``runtime/power/forecast.py``: it caps only
+when power could reach the budget before a later cap would act).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class PolicyConfig(Strict):
         default="polca",
         description="polca: priority-aware two thresholds + brake; lp-only: cap only low-priority GPUs; "
         "all-one-threshold: lock every GPU at T1; none: no capping, only the brake at the budget; "
-        "forecast: polca's levels, entered when power + its learned rise over the horizon reaches the guard.",
+        "forecast: lp-only's levels, entered when power + its learned rise over the horizon reaches the guard.",
     )
     t1_fraction: float = Field(default=0.80, gt=0, lt=1, description="T1 as a fraction of the budget P.")
     t2_fraction: float = Field(default=0.89, gt=0, lt=1, description="T2 as a fraction of P (above T1).")
@@ -88,7 +89,7 @@ class PolicyConfig(Strict):
     )
     forecast_min_samples: int = Field(
         default=30, ge=1, description="forecast: rises needed before the learned quantile replaces the prior, "
-        "and pooled (from the band of the reading downwards) for each forecast.",
+        "and pooled (the reading's band, then its neighbours outwards) for each forecast.",
     )
     forecast_prior_rise_fraction: float = Field(
         default=0.13, ge=0, lt=1, description="forecast: rise assumed (fraction of P) until enough are learned; "
@@ -100,7 +101,7 @@ class PolicyConfig(Strict):
     )
     forecast_band_fraction: float = Field(
         default=0.05, gt=0, le=1, description="forecast: rises are learned per band of the power they started from, "
-        "this wide (fraction of P); a band with too few rises falls back to all of them.",
+        "this wide (fraction of P); a band with too few rises is pooled with its neighbours.",
     )
     forecast_guard_fraction: float = Field(
         default=0.93, gt=0, le=2, description="forecast: enter T1 when power + expected rise reaches this fraction "
