@@ -112,7 +112,7 @@ class PolicyConfig(Strict):
         "fraction of P more (0.20: only when even the brake line would be crossed by far).",
     )
     forecast_t2_sustain_s: float | None = Field(
-        default=20.0, gt=0, description="forecast: also enter T2 when T1 has not brought the reading itself under "
+        default=60.0, gt=0, description="forecast: also enter T2 when T1 has not brought the reading itself under "
         "the guard for this long (seconds; a load above the guard for longer than a burst); null: never.",
     )
     forecast_cap_saving_fraction: float = Field(
