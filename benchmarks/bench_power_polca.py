@@ -1,8 +1,9 @@
-"""The POLCA experiment in the row simulator: POLCA vs the three baselines at +0..+100% servers on
-the Azure conv and code traces, against the paper's claim (+30% servers with high-priority P99
-impact < 5%, low-priority P99 < 50%, zero power-brake events).
+"""The POLCA experiment in the row simulator: POLCA, its baselines and the forecast policy at
++0..+100% servers on the Azure conv and code traces, against the paper's claim (+30% servers with
+high-priority P99 impact < 5%, low-priority P99 < 50%, zero power-brake events).
 
     .venv/bin/python benchmarks/bench_power_polca.py [--traces DIR] [--servers 40] [--out DIR]
+        [--policies polca,none,forecast] [--extras 0,0.1,...]
 
 Each row budget is provisioned for ``--servers`` servers at nameplate (8 x A100 TDP each);
 oversubscribed rows deploy more servers under the same budget and serve proportionally more
@@ -53,31 +54,41 @@ def main() -> None:
     ap.add_argument("--servers", type=int, default=40)
     ap.add_argument("--hp-fraction", type=float, default=0.5)
     ap.add_argument("--loads", default="default,high")
+    ap.add_argument("--trace-names", default="conv,code", help="which traces (conv, code)")
     ap.add_argument("--out", type=Path, default=Path("bench_power_out"))
+    ap.add_argument("--policies", default=",".join(PRESETS), help="comma list of policy presets")
+    ap.add_argument("--extras", default=",".join(f"{x:g}" for x in EXTRAS), help="oversubscription levels")
     args = ap.parse_args()
+    policies = [p for p in args.policies.split(",") if p]
+    extras = [float(x) for x in args.extras.split(",") if x]
     args.out.mkdir(parents=True, exist_ok=True)
     everything = []
-    for trace in ("conv", "code"):
+    for trace in args.trace_names.split(","):
         path = args.traces / f"AzureLLMInferenceTrace_{trace}.csv"
         for load in args.loads.split(","):
             rate = LOADS[trace][load]
             exp = Experiment(trace=str(path), servers=args.servers, hp_fraction=args.hp_fraction, rate_per_server=rate)
             started = time.perf_counter()
-            rows, results = run_matrix(exp, EXTRAS, list(PRESETS))
+            rows, results = run_matrix(exp, extras, policies)
             took = time.perf_counter() - started
             everything += [dict(asdict(r), load=load, rate_per_server=rate) for r in rows]
             print(f"\n### {trace}, {rate:g} req/s per server ({load} load), P = {exp.provisioned_power_w() / 1e3:.0f} kW "
-                  f"for {args.servers} servers; {len(rows) + len(EXTRAS)} simulations in {took:.0f} s "
+                  f"for {args.servers} servers; {len(rows) + len(extras)} simulations in {took:.0f} s "
                   f"({max(r.seconds for r in rows):.1f} s for the slowest governed hour)\n")
             print(markdown(rows))
             print()
-            for policy in PRESETS:
+            unmanaged = largest_passing(rows, "none") if "none" in policies else None
+            for policy in policies:
                 best = largest_passing(rows, policy)
+                beyond = ("" if "none" not in policies or policy == "none" or best is None
+                          else f" ({(best - (unmanaged or 0.0)) * 100:+.0f} points beyond none)")
                 print(f"- {policy}: largest oversubscription meeting all three limits: "
-                      f"{'none' if best is None else f'+{best:.0%}'}")
-            capped, reference = results[("polca", 0.3)]
-            plot_power(capped, reference, args.out / f"polca-{trace}-{load}-30.png",
-                       f"{trace}, {rate:g} req/s/server: polca, +30% servers")
+                      f"{'none' if best is None else f'+{best:.0%}'}{beyond}")
+            for policy in policies:
+                if (policy, 0.3) in results:
+                    capped, reference = results[(policy, 0.3)]
+                    plot_power(capped, reference, args.out / f"{policy}-{trace}-{load}-30.png",
+                               f"{trace}, {rate:g} req/s/server: {policy}, +30% servers")
     (args.out / "rows.json").write_text(json.dumps(everything, indent=1))
     print(f"\nrows and plots in {args.out}/")
 

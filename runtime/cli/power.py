@@ -7,9 +7,10 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+from ..power.policy import PRESETS
 from .connect import add_connection_args, channel
 
-POLICY_CHOICES = ("polca", "lp-only", "all-one-threshold", "none")
+POLICY_CHOICES = PRESETS
 
 
 def cmd_power_set(args) -> int:
@@ -93,7 +94,9 @@ def cmd_simulate_power(args) -> int:
     exp = Experiment(
         trace=args.trace, servers=args.servers, hp_fraction=args.hp_fraction, rate_per_server=args.rate_per_server,
         server=ServerModel(args.profile, args.gpus_per_server, args.model_params, args.max_batch),
-        policy=PolicyConfig(dwell_s=args.dwell_s, settle_s=args.actuation_delay_s + 1.0),  # + 1 s reading window
+        # settle: + 1 s reading window; forecast: a cap not set now acts one interval + the delay later
+        policy=PolicyConfig(dwell_s=args.dwell_s, settle_s=args.actuation_delay_s + 1.0,
+                            forecast_horizon_s=args.interval_s + args.actuation_delay_s),
         interval_s=args.interval_s, actuation_delay_s=args.actuation_delay_s, tick_s=args.tick_s,
         duration_s=args.duration_s, seed=args.seed,
     )

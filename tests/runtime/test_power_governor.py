@@ -242,3 +242,25 @@ async def test_agent_reads_real_gpus(real_nvml):  # noqa: F811 - the fixture imp
         assert all(s.sample.priority_class == "low" for s in samples)  # no expert: nothing to protect
     finally:
         agent.shutdown()
+
+
+async def test_forecast_preset_runs_in_the_live_governor():
+    clock = FakeClock()
+    lp, hp = FakeExpert(a100(), "low", 300.0), FakeExpert(a100(), "high", 300.0)
+    gov, _ = build({"lp/0": lp, "hp/0": hp}, clock, policy={"preset": "forecast", "forecast_min_samples": 10})
+    await ticks(gov, clock, 15)  # 600 W: learn the row's (flat) rises
+    for _ in range(28):  # a slow climb to 880 W = 0.88 P, past POLCA's T1
+        lp.power_w += 5.0
+        hp.power_w += 5.0
+        await ticks(gov, clock, 1)
+    await ticks(gov, clock, 10)
+    policy = gov.policies["cluster"]
+    assert policy.level == CapLevel.NONE and lp.device.locked_sm_clock_mhz() is None
+    [row] = (await gov.status()).rows
+    assert row.power_w == 880.0 and row.t1_w > 880.0  # the line moved up with the small learned rise
+    lp.power_w = 520.0  # a jump to 960 W: past the 930 W guard, low priority capped, high left alone
+    await ticks(gov, clock, 1)
+    assert policy.level == CapLevel.T1
+    assert lp.device.locked_sm_clock_mhz() == 1275.0 and hp.device.locked_sm_clock_mhz() is None
+    [cap] = [e for e in gov.events if e.kind == EventKind.CAP]
+    assert cap.gpu == "lp/0"

@@ -211,3 +211,144 @@ def test_policy_module_is_pure():
     imported = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m and m.split(".")[0] in {"ray", "grpc", "workers", "asyncio", "time"} for m in imported)
+
+
+# --- the forecast preset: cap on the learned rise over the actuation horizon ---------------------
+
+
+def forecast_policy(**overrides) -> PowerPolicy:
+    # guard 930 W, T2 at a forecast of 1130 W; rises over 3 s = two readings 2 s apart
+    return policy(**{"preset": "forecast", "forecast_min_samples": 10, **overrides})
+
+
+def test_forecast_does_not_cap_a_steady_load_between_t1_and_p():
+    warm_up = [500.0 + (5 if i % 2 else -5) for i in range(40)]  # learn the row's noise
+    ramp = [500.0 + 10 * i for i in range(1, 41)]  # a slow climb to 900 W = 0.90 P
+    steady = [900.0 + (5 if i % 2 else -5) for i in range(200)]  # 0.895-0.905 P, far above T1
+    readings = warm_up + ramp + steady
+    pol = forecast_policy()
+    assert set(feed(pol, readings)) == {CapLevel.NONE}
+    assert pol.capped_s == 0.0 and pol.rises.samples > 200
+    assert pol.threshold_w(CapLevel.T1) > 905  # the learned rise is small: the threshold moved up
+    polca = policy()
+    assert polca.level == CapLevel.NONE and CapLevel.T2 in feed(polca, readings)  # fixed T1/T2 cap it
+
+
+def test_forecast_caps_before_a_burst_its_statistics_predict():
+    pol = forecast_policy()
+    # what the row's telemetry showed so far: from 600 W, bursts to 900 W within the horizon
+    pattern = [600.0, 600.0, 900.0, 600.0, 600.0]
+    for i, watts in enumerate(pattern * 12):
+        pol.rises.observe(2.0 * i, watts, int(CapLevel.NONE))
+    assert pol.rises.quantile_w(0.999) == pytest.approx(300.0)
+    # the base load creeps up to 660 W, still well under POLCA's T1 (800 W): a 300 W burst from here
+    # would cross the guard before a later cap could act, so the forecast caps now
+    decision = pol.update(200.0, 660.0)
+    assert decision.level == CapLevel.T1 and clocks(pol) == (1275.0, None)  # low priority only
+    [(kind, reason)] = decision.events
+    assert kind == EventKind.LEVEL and "expected rise 300 W" in reason and "q0.999 of" in reason
+    assert policy().update(200.0, 660.0).level == CapLevel.NONE  # POLCA waits for 800 W
+    # 700 + 300 W: past P, yet short of the T2 line (guard + 0.20 P = 1130 W): T1 holds
+    assert pol.update(202.0, 700.0).level == CapLevel.T1
+    # with a T2 step of 0.05 P (T2 at 980 W) the same forecast locks low priority lower; high
+    # priority stays free unless forecast_cap_high_priority asks for POLCA's table
+    for cap_hp, hp_clock in ((False, None), (True, 1305.0)):
+        deeper = forecast_policy(forecast_t2_step_fraction=0.05, forecast_cap_high_priority=cap_hp)
+        for i, watts in enumerate(pattern * 12):
+            deeper.rises.observe(2.0 * i, watts, int(CapLevel.NONE))
+        assert deeper.update(200.0, 700.0).level == CapLevel.T2 and clocks(deeper) == (1110.0, hp_clock)
+    # and the brake stays the last resort on the reading itself
+    assert pol.update(204.0, 1001.0).level == CapLevel.BRAKE
+
+
+def test_forecast_prior_is_as_cautious_as_polca_until_rises_are_learned():
+    pol = forecast_policy(forecast_min_samples=1000)
+    assert pol.update(0.0, 790.0).level == CapLevel.NONE
+    assert pol.update(2.0, 800.0).level == CapLevel.T1  # 800 + 0.13 P reaches the 0.93 P guard
+    assert pol.expected_rise_w() == pytest.approx(130.0)
+
+
+def test_forecast_hysteresis_releases_only_with_margin_and_dwell():
+    pol = forecast_policy(dwell_s=10.0, settle_s=2.0)
+    steady = [700.0 + 5 * (i % 3) for i in range(30)]
+    ramp = [700.0 + 10 * i for i in range(1, 23)]  # +20 W per horizon up to 920 W
+    levels = feed(pol, steady + ramp)
+    capped_at = (steady + ramp)[levels.index(CapLevel.T1)]
+    assert 905 <= capped_at < 930 and CapLevel.T2 not in levels  # 910 + 20 reaches the 930 W guard
+    t = 2.0 * len(levels)
+    # a signal hovering just under the guard is capped once and stays capped: release needs the
+    # cap's own saving (0.05 P) and the margin (0.05 P) to fit under the guard as well
+    for i in range(30):
+        assert pol.update(t + 2 * i, 915.0 if i % 2 else 925.0).level == CapLevel.T1
+    t += 60.0
+    # 800 W + its learned rise (20 W) + saving (50 W) + margin (50 W) fits under the guard
+    levels = feed(pol, [800.0] * 8, start_s=t)
+    assert levels[:5] == [CapLevel.T1] * 5 and levels[-1] == CapLevel.NONE  # after dwell_s, not before
+    decisions = [pol.update(t + 16 + 2 * i, 790.0) for i in range(3)]
+    assert all(not d.changed for d in decisions)  # no flapping once released
+
+
+def test_forecast_lost_telemetry_fails_safe_and_is_not_learned():
+    pol = forecast_policy(dwell_s=2.0, settle_s=0.0)
+    feed(pol, [700.0 + 5 * (i % 3) for i in range(30)])
+    pol.update(60.0, 975.0)
+    assert pol.level == CapLevel.T2
+    learned = pol.rises.samples
+    for t in range(62, 100, 2):  # partial readings: caps hold however low they read
+        assert pol.update(float(t), 100.0, telemetry_ok=False).level == CapLevel.T2
+    assert pol.update(100.0, None).level == CapLevel.T2
+    assert pol.rises.samples == learned  # nothing learned from incomplete telemetry
+    pol.update(102.0, 700.0)  # back: the first complete reading starts a new series, no rise across the gap
+    assert pol.rises.samples == learned
+
+
+def test_forecast_is_deterministic_with_an_injected_clock():
+    import random
+
+    rng = random.Random(7)
+    readings = [600 + 300 * (rng.random() < 0.1) + rng.uniform(-20, 20) for _ in range(400)]
+    runs = []
+    for _ in range(2):
+        pol = forecast_policy()
+        now = iter(range(0, 10_000, 2))
+        runs.append([(pol.update(float(next(now)), w).level, round(pol.expected_rise_w(), 6)) for w in readings])
+    assert runs[0] == runs[1]
+    assert {lv for lv, _ in runs[0]} >= {CapLevel.NONE, CapLevel.T1}
+
+
+def test_rise_statistics_window_bands_and_quantiles():
+    from runtime.power.forecast import RiseStatistics
+
+    stats = RiseStatistics(horizon_s=3.0, window_samples=5, min_samples=3, band_w=100.0)
+    assert stats.observe(0.0, 100.0, 0) is None and stats.observe(2.0, 150.0, 0) is None  # not 3 s yet
+    assert stats.observe(4.0, 400.0, 0) == 300.0  # vs the reading at 0 s (the newest >= 3 s old)
+    assert stats.observe(6.0, 420.0, 0) == 270.0  # vs 2 s
+    assert stats.observe(8.0, 430.0, 1) is None  # the level changed in between: a cap's effect, not load
+    assert stats.quantile_w(0.5) is None  # 2 < min_samples
+    for t in (10.0, 12.0, 14.0, 16.0, 18.0, 20.0):  # 10 s spans the level change: no sample
+        stats.observe(t, 430.0, 1)
+    assert stats.samples == 5  # the window keeps the newest 5: 300 and 270 are gone
+    assert stats.quantile_w(0.999) == 0.0 and stats.forecast_w(0.999, 450.0) == 450.0
+    assert stats.observe(20.0, 999.0, 1) is None  # time must advance
+    with pytest.raises(ValueError):
+        RiseStatistics(horizon_s=0.0, window_samples=5, min_samples=3, band_w=100.0)
+
+
+def test_forecast_goes_to_t2_when_t1_does_not_bring_a_steady_load_under_the_guard():
+    pol = forecast_policy(forecast_t2_sustain_s=20.0, dwell_s=10.0, settle_s=2.0)
+    readings = ([700.0 + 5 * (i % 3) for i in range(30)] + [700.0 + 10 * i for i in range(1, 24)]
+                + [935.0 + 5 * (i % 3) for i in range(30)])  # a slow climb to a steady 0.94 P
+    levels = feed(pol, readings)
+    first_t1, first_t2 = levels.index(CapLevel.T1), levels.index(CapLevel.T2)
+    over_guard = next(i for i, w in enumerate(readings) if w >= 930.0)
+    # T1 from the forecast before the guard; T2 once T1 has left the reading above the guard for 20 s
+    assert first_t1 < over_guard and first_t2 - over_guard == 10
+    # T2 holds until the load is under T1's release line, not merely under T2's
+    assert feed(pol, [900.0] * 10, start_s=200.0) == [CapLevel.T2] * 10
+    assert CapLevel.T1 in feed(pol, [780.0] * 8, start_s=240.0)
+    # a burst that T1 brings under the guard within the sustain time never reaches T2
+    burst = forecast_policy(forecast_t2_sustain_s=20.0)
+    levels = feed(burst, readings[:53] + [935.0] * 5 + [900.0] * 20)
+    assert CapLevel.T1 in levels and CapLevel.T2 not in levels
+    never = forecast_policy(forecast_t2_sustain_s=None)
+    assert CapLevel.T2 not in feed(never, readings + [935.0] * 30)

@@ -126,6 +126,36 @@ def test_all_one_threshold_slows_high_priority_too():
     assert np.nanmean(one.latency_s[hp]) > np.nanmean(reference.latency_s[hp])
 
 
+def forecast(w, budget, **policy):
+    cfg = PolicyConfig(preset="forecast", dwell_s=4.0, settle_s=3.0, forecast_min_samples=10, **policy)
+    settings = SimSettings(servers=6, hp_servers=3, provisioned_power_w=budget, policy=cfg)
+    return RowSimulator(w, SERVER, settings).run()
+
+
+def test_forecast_caps_less_than_polca_where_no_policy_is_safe():
+    w = synthetic_workload(burst=True)
+    reference = simulate(w)
+    budget = reference.telemetry_w.max() / 0.90  # the busiest reading: 0.90 P, above T2, never P
+    polca = simulate(w, budget=budget)
+    learned = forecast(w, budget)
+    assert simulate(w, budget=budget, preset="none").brake_events == 0  # no policy at all is safe here
+    assert polca.cap_events >= 1
+    assert learned.brake_events == 0 and learned.capped_s < polca.capped_s
+    hp = w.high_priority
+    assert np.allclose(learned.latency_s[hp], reference.latency_s[hp])  # high priority untouched
+    assert np.nanpercentile(learned.latency_s[~hp], 99) <= np.nanpercentile(polca.latency_s[~hp], 99)
+
+
+def test_forecast_avoids_the_brakes_that_no_policy_hits():
+    w = synthetic_workload(burst=True)
+    budget = simulate(w).telemetry_w.max() / 1.02  # without capping the burst crosses P
+    assert simulate(w, budget=budget, preset="none").brake_events >= 1
+    learned = forecast(w, budget)
+    assert learned.brake_events == 0 and learned.cap_events >= 1 and learned.telemetry_w.max() < budget
+    again = forecast(w, budget)  # seeded workload, injected time: the same run twice
+    assert np.array_equal(learned.levels, again.levels) and np.array_equal(learned.row_power_w, again.row_power_w)
+
+
 def test_settings_are_checked():
     w = synthetic_workload(hp_fraction=1.0)
     with pytest.raises(ValueError, match="low-priority server|high-priority server"):
@@ -160,14 +190,17 @@ def test_run_matrix_on_a_slice_of_the_conv_trace():
 @needs_traces
 def test_cli_simulate_power(tmp_path):
     out = io.StringIO()
-    plot = tmp_path / "row.png"
+    plot = tmp_path / "row.png"  # two runs: row-polca-0.3.png and row-forecast-0.3.png
     with contextlib.redirect_stdout(out):
         rc = cli_main(["simulate", "power", "--trace", str(TRACES / "AzureLLMInferenceTrace_code.csv"),
-                       "--servers", "8", "--extra-servers", "0.3", "--policy", "polca", "--hp-fraction", "0.4",
+                       "--servers", "8", "--extra-servers", "0.3", "--policy", "polca,forecast", "--hp-fraction", "0.4",
                        "--duration-s", "240", "--plot", str(plot), "--json", str(tmp_path / "rows.json")])
     text = out.getvalue()
     assert rc == 0 and "polca" in text and "10 (+30%)" in text and "largest oversubscription" in text
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "rows.json").exists()
+    assert "forecast: largest oversubscription" in text
+    for name in ("row-polca-0.3.png", "row-forecast-0.3.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "rows.json").exists()
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert cli_main(["simulate", "power", "--trace", "x.csv", "--policy", "magic"]) == 2
     assert "unknown policy magic" in err.getvalue()
