@@ -8,7 +8,7 @@ Each mode replays the same prompts: ``auto`` lets the router choose, ``edge``/``
 expert. Running ``auto`` first and last shows the cold start (an expert that never served is
 priced by its cost_priors) and the routing once both have measured costs. Prints each request's
 expert, predicted and measured joules, then per mode the split and the total measured energy.
-No quality column: that needs labels for these prompts.
+No quality column: these prompts have no labels (bench_routing_live.py measures quality on the labelled set).
 """
 
 from __future__ import annotations

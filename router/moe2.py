@@ -63,6 +63,8 @@ class MoE2(Policy):
         if request.mode == "generate":
             return self._generate(request, usable, options, groups, gate, lam)
         worth = _worth_their_energy(usable, lam) if lam > 0 else usable
+        if not worth:
+            worth = _least_loss(usable, request, lam)
         items = [
             Item(o.weight * o.quality, o.cost.energy_j if o.cost else 0.0, o.cost.latency_ms if o.cost else 0.0)
             for o in worth
@@ -233,6 +235,19 @@ def _worth_their_energy(options: list[_Option], lam: float) -> list[_Option]:
     per joule (keep i if g_i q_i >= lam E_i). Q = sum g_i q_i is separable, so this is the
     Lagrangian of an *average* energy budget, and the selection stays monotone."""
     return [o for o in options if o.cost is None or o.weight * o.quality >= lam * o.cost.energy_j]
+
+
+def _least_loss(options: list[_Option], request: RequestFeatures, lam: float) -> list[_Option]:
+    """Score when no expert is worth its joules at ``lam``: the price ranks experts, it does not
+    refuse a request (a long few-shot prompt made every expert's g_i q_i < lam E_i, and requests
+    with no budget were rejected). Answer from the one expert that fits with the highest
+    g_i q_i - lam E_i, as Generate would; none fits: the budget, not the price, refuses it."""
+    fits = [o for o in options if o.cost is None or _fits(o.cost, request)]
+    if not fits:
+        return []
+    best = max(fits, key=lambda o: (o.weight * o.quality - (lam * o.cost.energy_j if o.cost else 0.0),
+                                    -_energy(o), o.expert))
+    return [best]
 
 
 def _energy(o: _Option) -> float:

@@ -28,11 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-#: quality units per joule when nothing else says (docs/routing.md, "Choosing the default price").
-#: On the 2-core dev machine (modeled:cpu) cloud measured 0.46-0.51 J per output token against
-#: edge's 0.28 at 48-100 tokens: ~0.2 J more per token. At 0.02/J the priors' quality gap of 0.15
-#: is worth 7.5 J, i.e. cloud for answers up to ~40 tokens and edge beyond; a fitted gate sends a
-#: 16-token answer to cloud when it predicts a gain of >= ~0.06, a 64-token one at >= ~0.25.
+#: quality units per joule when nothing else says (docs/routing.md §4, "Choosing the default price").
+#: Re-derived for the default experts on llama.cpp (2-core dev machine, modeled:cpu): cloud costs
+#: ~0.03 J more per output token than edge (0.11 vs 0.08 measured at 64 tokens), and the fitted
+#: gate's predicted quality gap between them has a median of 0.044; at 0.02/J that gap buys
+#: 2.2 J, the extra cost of a ~70-token answer, so the price decides inside the 8-128-token
+#: answers served. Offline on the labelled set (out-of-sample gate predictions, seeds 0-4) 0.01-0.02
+#: gave the best quality for 8- and 64-token answers, above 0 and above 0.05-0.1.
 DEFAULT_QUALITY_PER_J = 0.02
 
 

@@ -1,7 +1,7 @@
 """``wattserve quality measure``: per-prompt quality labels measured on a config's experts.
 
 Each expert of the config is loaded on its own engine, in this process, exactly as its Ray actor
-loads it (``prepare_model`` + ``build_engine`` with the config's expert spec: same weights,
+loads it (``prepare_for_engine`` + ``build_engine`` with the config's expert spec: same weights,
 tokenizer, BOS rule, dtype and threads), and answers every item of a labelled JSONL set
 (``router/quality.py``): multiple-choice items through the engine's Score path, short answers by
 greedy generation through the engine's step loop. The labels (1 right, 0 wrong) go to a CSV with
@@ -28,6 +28,8 @@ from . import say
 
 DEFAULT_CONFIG = "configs/local.yaml"
 KEY_COLUMNS = ("id", "task", "prompt")
+# Engines with the add/step/score surface that this command drives without an actor.
+STEPPED_ENGINES = ("torch", "llamacpp")
 
 
 class EngineAnswers:
@@ -95,14 +97,15 @@ def _write_labels(path: Path, items, rows: dict[str, dict], experts: list[str]) 
 
 def _load_engine(cfg, spec, cache: Path, threads: int | None):
     from workers.engines import build_engine
-    from workers.models import prepare_model
+    from workers.models import prepare_for_engine
 
-    if spec.engine.kind != "torch":
+    if spec.engine.kind not in STEPPED_ENGINES:
         raise ConfigError(f"expert {spec.name!r} runs the {spec.engine.kind} engine; quality measure drives "
-                          "stepped engines (torch) in-process")
+                          f"stepped engines ({', '.join(STEPPED_ENGINES)}) in-process")
     if threads:
         spec = spec.model_copy(update={"engine": spec.engine.model_copy(update={"threads": threads})})
-    model_dir = prepare_model(spec.model, cache, progress=say)
+    # The file the expert's actor loads: the GGUF itself for llamacpp, the HF directory for torch.
+    model_dir = prepare_for_engine(spec.model, spec.engine.kind, cache, progress=say)
     say(f"loading {spec.model_label} for expert {spec.name}")
     return build_engine(spec, model_dir)
 
@@ -201,6 +204,6 @@ def register(sub) -> None:
     s.add_argument("--max-tokens", type=int, default=8, help="generated tokens per short answer (default 8)")
     s.add_argument("--mc-norm", choices=("per_char", "sum"), default="per_char",
                    help="multiple choice: log-likelihood per character of the choice (default) or summed")
-    s.add_argument("--threads", type=int, help="torch threads per engine (default: the config's)")
+    s.add_argument("--threads", type=int, help="engine threads (default: the config's)")
     s.add_argument("--cache-dir", help="model cache (default $WATTSERVE_CACHE_DIR, else the config's)")
     s.set_defaults(func=cmd_measure)

@@ -148,6 +148,17 @@ def test_plans_never_exceed_budgets_and_match_the_exhaustive_optimum():
                  for c in cands]
         if price:
             items = [it if it.value >= price * it.energy_j else Item(0.0, it.energy_j, it.latency_ms) for it in items]
+            if all(it.value == 0 for it in items):
+                # no expert is worth its joules: the price ranks, it does not refuse; one expert answers
+                net = {e: gate.weights[e] * gate.quality[e] - price * est[e].energy_j for e in fits}
+                try:
+                    plan = p.plan(r, cands)
+                except BudgetInfeasible:
+                    assert fits == []
+                    continue
+                assert len(plan.subset) == 1 and plan.subset[0] in fits
+                assert net[plan.subset[0]] == pytest.approx(max(net.values()))
+                continue
         ref = exhaustive_subset(items, r.energy_budget_j, r.latency_budget_ms, 2.0)
         try:
             plan = p.plan(r, cands)
@@ -225,6 +236,23 @@ def test_price_of_energy_answers_from_the_lagrangian_optimum():
     est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j for c in pool()}
     price = g.weights["cloud"] * g.quality["cloud"] / est["cloud"] * 1.01
     assert "cloud" not in policy(quality_per_j=price).plan(r, pool()).subset
+
+
+def test_score_without_a_budget_is_served_when_no_expert_is_worth_its_joules():
+    """A long few-shot Score request at the default price: every g_i q_i < lam E_i. With no budget
+    it must still be answered, by the expert with the best g_i q_i - lam E_i (not refused)."""
+    r = req(mode="score", max_tokens=0, prompt_chars=4000, choice_tokens=(5, 5, 5, 5))
+    cands = pool()
+    p = policy(quality_per_j=0.5)
+    gate = r.gate
+    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j for c in cands}
+    assert all(gate.weights[e] * gate.quality[e] < 0.5 * est[e] for e in est)  # nobody is worth it
+    plan = p.plan(r, cands)
+    best = max(est, key=lambda e: gate.weights[e] * gate.quality[e] - 0.5 * est[e])
+    assert plan.subset == (best,) and not plan.budget_exceeded
+    # with a budget nothing fits, the budget (not the price) refuses it
+    with pytest.raises(BudgetInfeasible):
+        p.plan(dataclasses.replace(r, energy_budget_j=min(est.values()) / 2), cands)
 
 
 def test_renormalised_weights_and_the_ensemble():

@@ -1,9 +1,10 @@
 """The embedded default (configs/local.yaml, default router settings) on the real packaged models:
 a mixed prompt set uses both experts, and the README's budget examples are served, not refused.
 
-With the prior gate (quality 0.35 / 0.5) the default price of energy (0.02 quality units per J)
-decides by size: cloud's extra joules are worth its quality for short answers, not for long ones
-(docs/routing.md, "Choosing the default price"). Slow: both models load (~35 s) and answer on CPU.
+With the shipped gate (data/quality/gate-local) and both experts on llama.cpp, the default price of
+energy (0.02 quality units per J) weighs the gate's per-prompt quality gap against cloud's extra
+~0.03 J per token (docs/routing.md §4); on this set edge answered the three short questions and one
+long request, cloud the other long one (2026-12-06). Slow: both models load and answer on CPU.
 """
 
 from __future__ import annotations
