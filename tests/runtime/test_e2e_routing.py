@@ -277,3 +277,5 @@ async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_on
         assert tight.expert == "edge" and list(tight.cascade) == []
     finally:
         policy.settings = before
+        # the cascade's outcomes were feedback: other tests of this module expect the bare prior
+        server.gateway.routing.feedback.stats.clear()

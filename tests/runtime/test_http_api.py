@@ -337,7 +337,9 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
     assert server.gateway.requests_failed == failed_before + 1
     assert delta("wattserve_time_to_first_token_seconds_count", expert="chat") == 1
     assert delta("wattserve_e2e_request_latency_seconds_count", expert="slow") == 1
-    assert delta("wattserve_inter_token_latency_seconds_count", expert="chat") >= 1
+    # ITL is observed between chunks: the tiny model's 4 tokens may come as one coalesced chunk,
+    # the slow expert's 20 ms steps never do
+    assert delta("wattserve_inter_token_latency_seconds_count", expert="slow") >= 1
     assert delta("wattserve_generation_tokens_total", expert="chat") == 4
     assert delta("wattserve_request_energy_joules_total", expert="chat", tenant="acme", energy_source="modeled:h100") > 0
     assert delta("wattserve_budget_violations_total", kind="energy", expert="chat") == 1
