@@ -1,24 +1,13 @@
 """The llama.cpp engine's sampler on plain arrays: each processor, the exact top-p window, and
-options that the request type gains later (repetition_penalty, min_p, min_tokens)."""
+the vLLM sampling extensions with the torch sampler's semantics."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from wattserve.types import SamplingParams
 from workers.engines.llamacpp_engine.sampler import Sampler, SamplerState, log_prob, min_p, top_p
-
-
-@dataclass(frozen=True)
-class ExtendedParams(SamplingParams):
-    """SamplingParams as the HTTP API extends it: the sampler must honour these fields."""
-
-    repetition_penalty: float = 1.0
-    min_p: float = 0.0
-    min_tokens: int = 0
 
 
 def test_greedy_is_argmax_and_log_prob_is_the_models():
@@ -53,12 +42,39 @@ def test_seeded_draws_repeat_and_follow_the_filters():
     assert 0.5 < seq.count(0) / len(seq) < 0.75  # 0.5 / 0.8 = 0.625 renormalised
 
 
-def test_repetition_penalty_min_tokens_and_min_p_act_when_params_carry_them():
+def test_repetition_penalty_min_tokens_and_min_p():
     logits = np.array([2.0, 1.9, -1.0, 0.5], dtype=np.float32)
-    rep = Sampler(ExtendedParams(repetition_penalty=2.0), frozenset(), 4)
+    rep = Sampler(SamplingParams(repetition_penalty=2.0), frozenset(), 4)
     assert [rep.pick(logits) for _ in range(2)] == [0, 1]  # 0 once said is penalised below 1
-    eos = Sampler(ExtendedParams(min_tokens=2), frozenset({0}), 4)
+    eos = Sampler(SamplingParams(min_tokens=2), frozenset({0}), 4)
     assert [eos.pick(logits) for _ in range(3)] == [1, 1, 0]  # EOS (0) barred for two tokens
-    scores = min_p(np.array([2.0, 1.9, -1.0, 0.5], dtype=np.float32), SamplerState(), ExtendedParams(min_p=0.2))  # p ratio to best: 1, .90, .05, .22
+    scores = min_p(np.array([2.0, 1.9, -1.0, 0.5], dtype=np.float32), SamplerState(), SamplingParams(min_p=0.2))  # p ratio to best: 1, .90, .05, .22
     assert list(np.isfinite(scores)) == [True, True, False, True]
     assert list(logits) == [2.0, 1.9, -1.0, 0.5]  # the model's row is never modified
+
+
+def test_penalties_match_the_torch_sampler_prompt_and_output_alike():
+    """Repetition over prompt and output, frequency per occurrence and presence once, over the
+    output only: the same numbers as the torch engine's sampler (vLLM's semantics)."""
+    import torch
+
+    from workers.engines.llamacpp_engine.sampler import penalties
+    from workers.engines.torch_engine.sampling import apply_penalties
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=12).astype(np.float32) * 2
+    prompt, output = [1, 4, 4, 7], [2, 4, 2, 2, 9]
+    params = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.25)
+    ours = penalties(logits.copy(), SamplerState(generated=list(output), prompt=tuple(prompt)), params)
+    theirs = apply_penalties(torch.from_numpy(logits.copy()), params, prompt, output).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    untouched = [i for i in range(12) if i not in set(prompt) | set(output)]
+    np.testing.assert_array_equal(ours[untouched], logits[untouched])
+
+
+def test_presence_penalty_changes_the_greedy_choice_and_the_prompt_counts_for_repetition():
+    logits = np.array([2.0, 1.8, 0.0], dtype=np.float32)
+    greedy = Sampler(SamplingParams(presence_penalty=0.5), frozenset(), 3)
+    assert [greedy.pick(logits) for _ in range(3)] == [0, 1, 0]  # each said token is pushed down once
+    rep = Sampler(SamplingParams(repetition_penalty=2.0), frozenset(), 3, prompt_ids=[0])
+    assert rep.pick(logits) == 1  # token 0 is in the prompt: penalised before it is ever generated

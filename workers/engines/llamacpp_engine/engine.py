@@ -132,7 +132,8 @@ class LlamaCppEngine(Engine):
         sampling = request.call.sampling
         self.scheduler.add(_Sequence(
             req=request,
-            sampler=Sampler(sampling, frozenset() if sampling.ignore_eos else self.eog_ids, self.model.n_vocab),
+            sampler=Sampler(sampling, frozenset() if sampling.ignore_eos else self.eog_ids, self.model.n_vocab,
+                            request.prompt_ids),
             stopper=StopChecker(sampling.stop),
             detok=ByteDetokenizer(self.model),
         ))
@@ -217,7 +218,8 @@ class LlamaCppEngine(Engine):
         if token in self.eog_ids and not call.sampling.ignore_eos:
             reason = FinishReason.STOP
         else:
-            text, hit = seq.stopper.push(seq.detok.push(token))
+            # stop strings count only past min_tokens, as in the torch engine and vLLM
+            text, hit = seq.stopper.push(seq.detok.push(token), check=len(seq.output_ids) > call.sampling.min_tokens)
             if hit:
                 reason = FinishReason.STOP
         if reason is None and (

@@ -5,9 +5,10 @@ seeded draw). The chain is built once per request from its :class:`SamplingParam
 is a function ``(scores, state) -> scores`` plus the rule that says when it applies, so a new
 sampling option is one function and one line in :data:`PROCESSORS`.
 
-Options the request type does not carry yet (``repetition_penalty``, ``min_p``, ``min_tokens``,
-which the HTTP API adds) are read with ``getattr`` and their neutral defaults: they act as soon as
-:class:`~wattserve.types.SamplingParams` has them.
+The options follow the torch sampler's (vLLM's) semantics: the repetition penalty covers every
+token of the prompt and the output, the frequency and presence penalties the output only; options
+are read with ``getattr`` and their neutral defaults, so a SamplingParams without them samples
+as before.
 
 Each request draws from its own ``numpy.random.Generator`` seeded with its ``seed``, so a seeded
 request samples the same tokens whatever else shares its batch. The answer's log-probability
@@ -34,6 +35,7 @@ class SamplerState:
     """What processors may read about the sequence so far."""
 
     generated: list[int] = field(default_factory=list)  # completion token ids so far
+    prompt: tuple[int, ...] = ()  # prompt token ids (the repetition penalty sees them too)
     eog_ids: frozenset[int] = frozenset()  # end-of-generation ids (EOS, EOT, <|im_end|>, ...)
 
 
@@ -43,14 +45,30 @@ def option(params: SamplingParams, name: str, default):
 
 
 # -- processors: (scores, state, params) -> scores; scores is a float32 copy they may modify ----
-def repetition_penalty(scores: np.ndarray, state: SamplerState, params: SamplingParams) -> np.ndarray:
-    """CTRL's penalty (as in HF and vLLM): logits of tokens already generated are divided by the
-    penalty when positive and multiplied when negative."""
-    penalty = float(option(params, "repetition_penalty", 1.0))
-    seen = np.fromiter(set(state.generated), dtype=np.int64)
-    vals = scores[seen]
-    scores[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+def penalties(scores: np.ndarray, state: SamplerState, params: SamplingParams) -> np.ndarray:
+    """vLLM's penalties: the repetition penalty (CTRL's, as in HF) divides positive and multiplies
+    negative logits of every token seen in the prompt or the output; the frequency penalty is
+    subtracted once per occurrence in the output, the presence penalty once for any occurrence."""
+    rep = float(option(params, "repetition_penalty", 1.0))
+    if rep != 1.0:
+        seen = np.fromiter(set(state.prompt).union(state.generated), dtype=np.int64)
+        seen = seen[seen < scores.shape[0]]
+        vals = scores[seen]
+        scores[seen] = np.where(vals > 0, vals / rep, vals * rep)
+    freq = float(option(params, "frequency_penalty", 0.0))
+    pres = float(option(params, "presence_penalty", 0.0))
+    if (freq or pres) and state.generated:
+        ids, counts = np.unique(np.asarray(state.generated, dtype=np.int64), return_counts=True)
+        keep = ids < scores.shape[0]
+        ids, counts = ids[keep], counts[keep]
+        scores[ids] -= np.float32(freq) * counts.astype(np.float32) + np.float32(pres)
     return scores
+
+
+def _penalised(params: SamplingParams) -> bool:
+    return (float(option(params, "repetition_penalty", 1.0)) != 1.0
+            or float(option(params, "frequency_penalty", 0.0)) != 0.0
+            or float(option(params, "presence_penalty", 0.0)) != 0.0)
 
 
 def min_tokens(scores: np.ndarray, state: SamplerState, params: SamplingParams) -> np.ndarray:
@@ -101,15 +119,15 @@ def min_p(scores: np.ndarray, state: SamplerState, params: SamplingParams) -> np
 Rule = Callable[[SamplingParams], bool]
 Processor = Callable[[np.ndarray, SamplerState, SamplingParams], np.ndarray]
 
-#: processors in the order they apply, each with the rule that switches it on. Penalties and the
-#: EOS mask act at any temperature; the filters only where a token is drawn.
+#: processors in the order they apply (the torch sampler's), each with the rule that switches it
+#: on. Penalties and the EOS mask act at any temperature; the filters only where a token is drawn.
 PROCESSORS: tuple[tuple[Rule, Processor], ...] = (
-    (lambda p: float(option(p, "repetition_penalty", 1.0)) != 1.0, repetition_penalty),
+    (_penalised, penalties),
     (lambda p: int(option(p, "min_tokens", 0)) > 0, min_tokens),
     (lambda p: p.temperature > 0, temperature),
+    (lambda p: p.temperature > 0 and float(option(p, "min_p", 0.0)) > 0, min_p),
     (lambda p: p.temperature > 0 and 0 < p.top_k, top_k),
     (lambda p: p.temperature > 0 and p.top_p < 1.0, top_p),
-    (lambda p: p.temperature > 0 and float(option(p, "min_p", 0.0)) > 0, min_p),
 )
 
 
@@ -127,9 +145,10 @@ def log_prob(logits: np.ndarray, token: int) -> float:
 class Sampler:
     """The chain for one request; :meth:`pick` returns the next token id."""
 
-    def __init__(self, params: SamplingParams, eog_ids: frozenset[int], vocab_size: int) -> None:
+    def __init__(self, params: SamplingParams, eog_ids: frozenset[int], vocab_size: int,
+                 prompt_ids: tuple[int, ...] | list[int] = ()) -> None:
         self.params = params
-        self.state = SamplerState(eog_ids=eog_ids)
+        self.state = SamplerState(eog_ids=eog_ids, prompt=tuple(prompt_ids))
         self.vocab_size = vocab_size
         self._chain = [proc for applies, proc in PROCESSORS if applies(params)]
         self._min_tokens = int(option(params, "min_tokens", 0))
