@@ -37,6 +37,7 @@ import grpc
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
+from wattserve.errors import ConfigError
 
 TENANT = "chaos"
 CLIENT_TIMEOUT_S = 60.0  # a request with no answer by then is counted as hung
@@ -199,9 +200,16 @@ async def restart_gateway_mid_run(tmp: Path, workers: int = 4, max_tokens: int =
     server stops (in-flight requests are cut after ``grace_s``) and a new one starts on the same
     port with the same ledger file; the clients go on until ``then`` more have completed. Every
     completed request's charge must be in the restored ledger."""
-    port, ledger = free_port(), tmp / "ledger.sqlite3"
-    cfg = server_config([expert("steady", step_ms=step_ms, max_batch=8)], ledger, port=port)
-    srv = await start_server(cfg)
+    ledger = tmp / "ledger.sqlite3"
+    for attempt in range(3):  # a free port can be taken (by a Ray worker) before the server binds it
+        port = free_port()
+        cfg = server_config([expert("steady", step_ms=step_ms, max_batch=8)], ledger, port=port)
+        try:
+            srv = await start_server(cfg)
+            break
+        except ConfigError:
+            if attempt == 2:
+                raise
     outcomes: list[Outcome] = []
     goal = [restart_after]
     reached, stop = asyncio.Event(), asyncio.Event()
