@@ -136,7 +136,7 @@ def read_eval_data(path: str | Path, columns: Sequence[str] | None = None, *, li
     else:
         cols = [c for c in header if c not in ID_COLUMNS and "|" not in c and _numeric([r.get(c) for r in rows[:200]])]
     if len(cols) < 2:
-        raise InvalidRequest(f"{path}: need at least two expert quality columns, found {cols}; name them with the experts file")
+        raise InvalidRequest(f"{path}: need at least two expert quality columns, found {cols}; name the quality columns (--columns, or the experts file)")
     task_col = next((c for c in TASK_COLUMNS if c in header), None)
     if limit:
         rows = rows[:limit]

@@ -22,10 +22,8 @@ prompt's UTF-8 bytes), so an evaluation can refuse rows the gate has seen.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -38,6 +36,7 @@ import numpy as np
 from wattserve.errors import InvalidRequest
 
 from . import calibration
+from .eval_data import prompt_sha1, read_eval_data
 from .gate import (
     DEFAULT_HEAD_TOKENS,
     EMBEDDING_MODEL,
@@ -49,9 +48,6 @@ from .gate import (
     load_minilm_tokenizer,
 )
 
-NON_QUALITY_COLUMNS = {"prompt", "subject", "category", "question_id", "turn", "id", "prompt_turn1", "task"}
-GROUP_COLUMNS = ("task", "subject", "category")  # the first one present groups rows for within-task AUC
-
 
 @dataclass(slots=True)
 class LabelledPrompts:
@@ -59,68 +55,18 @@ class LabelledPrompts:
     experts: list[str]  # quality column names
     quality: np.ndarray  # (N, experts) in [0, 1]
     source: str
-    groups: list[str] | None = None  # task of each row (GROUP_COLUMNS), for within-task AUC
-
-
-def _parse(value: str) -> float | None:
-    v = value.strip()
-    if v.lower() in ("true", "false"):
-        return 1.0 if v.lower() == "true" else 0.0
-    try:
-        x = float(v)
-    except ValueError:
-        return None
-    return x if math.isfinite(x) else None
+    groups: list[str] | None = None  # task of each row (eval_data.TASK_COLUMNS), for within-task AUC
 
 
 def read_labelled(path: str | Path, columns: Sequence[str] | None = None, limit: int | None = None,
                   sample: int | None = None, seed: int = 0) -> LabelledPrompts:
-    """Read (prompt, per-expert quality) rows; ``columns`` names the quality columns (default:
-    every column except ``prompt`` and known id/category columns whose values are all numbers or
-    booleans). ``limit`` keeps the first rows, ``sample`` a seeded random subset (files such as
-    MMLU are sorted by subject). Raises InvalidRequest naming what is wrong with the file."""
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
-    if not rows or "prompt" not in rows[0]:
-        raise InvalidRequest(f"{path}: expected a CSV with a 'prompt' column and one quality column per expert")
-    header = list(rows[0].keys())
-    if columns:
-        unknown = [c for c in columns if c not in header]
-        if unknown:
-            raise InvalidRequest(f"{path}: no column {unknown[0]!r}; columns are {header}")
-        cols = list(columns)
-    else:
-        cols = [c for c in header if c not in NON_QUALITY_COLUMNS and all(_parse(r[c] or "") is not None for r in rows[:200])]
-    if len(cols) < 2:
-        raise InvalidRequest(f"{path}: need at least two expert quality columns, found {cols}; name them with --columns")
-    if limit:
-        rows = rows[:limit]
-    if sample and sample < len(rows):
-        keep = sorted(random.Random(seed).sample(range(len(rows)), sample))
-        rows = [rows[i] for i in keep]
-    group_col = next((c for c in GROUP_COLUMNS if c in header), None)
-    prompts, values, groups = [], [], []
-    for n, r in enumerate(rows, start=2):
-        parsed = [_parse(r[c] or "") for c in cols]
-        if any(p is None for p in parsed) or not r["prompt"]:
-            raise InvalidRequest(f"{path}:{n}: empty prompt or non-numeric quality in {cols}")
-        prompts.append(r["prompt"])
-        values.append(parsed)
-        if group_col:
-            groups.append(r[group_col] or "")
-    q = np.asarray(values, dtype=np.float32)
-    top = q.max(axis=0)
-    q = np.where(top > 1.0, q / np.maximum(top, 1e-9), q)  # scores such as 1-10 -> [0, 1]
-    return LabelledPrompts(prompts, cols, np.clip(q, 0.0, 1.0), str(path), groups if group_col else None)
-
-
-def prompt_sha1(prompt: str) -> str:
-    """The leakage record's key: the first 16 hex digits of sha1(prompt as UTF-8)."""
-    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+    """Read (prompt, per-expert quality) rows with the one reader ``route eval`` uses too
+    (``router/eval_data.py``: CSV or RouterBench's table; a task/subject/category column groups
+    rows). ``columns`` names the quality columns; ``limit`` keeps the first rows, ``sample`` a
+    seeded random subset. A blank cell is an error here. Raises InvalidRequest naming what is
+    wrong with the file."""
+    d = read_eval_data(path, columns, limit=limit, sample=sample, seed=seed)
+    return LabelledPrompts(d.prompts, d.experts, d.quality, d.source, d.tasks)
 
 
 def count_truncated(prompts: Sequence[str], tokenizer=None) -> int:

@@ -110,15 +110,20 @@ def _load_engine(cfg, spec, cache: Path, threads: int | None):
     return build_engine(spec, model_dir)
 
 
+def unlabelled(items, rows: dict[str, dict], name: str) -> list:
+    """The items whose label for expert ``name`` is still missing (a resumed run fills only these)."""
+    return [it for it in items if rows.get(it.id, {}).get(name, "") == ""]
+
+
 def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dict], *, max_tokens: int,
                    mc_norm: str, save, chunk: int = 16, save_every_s: float = 30.0, progress=None) -> None:
     """Fill ``rows[item.id][name]`` with "1"/"0" for every item that lacks it; ``save()`` after
     each chunk so an interrupted run loses at most one chunk."""
     from router.quality import exact_match, mc_correct
 
-    todo = [it for it in items if rows.get(it.id, {}).get(name, "") == ""]
-    exact = [it for it in todo if it.kind == "exact"]
-    mc = [it for it in todo if it.kind == "mc"]
+    missing = unlabelled(items, rows, name)
+    exact = [it for it in missing if it.kind == "exact"]
+    mc = [it for it in missing if it.kind == "mc"]
     for i in range(0, len(exact), chunk):
         part = exact[i : i + chunk]
         for it, text in zip(part, answers.generate([it.prompt for it in part], max_tokens, ("\n",)), strict=True):
@@ -169,7 +174,7 @@ def cmd_measure(args) -> int:
         _write_labels(out, items, rows, experts)
 
     for spec in specs:
-        missing = sum(1 for it in items if rows.get(it.id, {}).get(spec.name, "") == "")
+        missing = len(unlabelled(items, rows, spec.name))
         if not missing:
             say(f"{spec.name}: every item already labelled in {out}")
             continue
