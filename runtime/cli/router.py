@@ -306,11 +306,22 @@ def _report(args, experts, curves, m, tokens, rows, train_rows) -> None:
 
 
 # -- budget set|show ----------------------------------------------------------------------------
-def _admin(args):
+def _admin_call(args, method: str, request):
+    """One Admin RPC against ``--target``; None (after printing the status) when it fails."""
+    import grpc
+
     from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    ch = channel(args)
-    return ch, pb_grpc.AdminStub(ch)
+    with channel(args) as ch:
+        try:
+            return getattr(pb_grpc.AdminStub(ch), method)(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return None
+
+
+def _actor(args) -> str:
+    return args.actor or f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 def _print_budget(b) -> None:
@@ -326,24 +337,18 @@ def _print_budget(b) -> None:
 
 
 def cmd_budget_set(args) -> int:
-    import grpc
-
     from ..api.gen import wattserve_pb2 as pb
 
     req = pb.SetEnergyBudgetRequest(scope=args.scope, window_s=args.window_s or 0.0, unlimited=args.unlimited,
                                     throttle_fraction=args.throttle_fraction or 0.0, reason=args.reason or "",
-                                    actor=args.actor or f"{getpass.getuser()}@{socket.gethostname()}")
+                                    actor=_actor(args))
     if args.energy_j is not None:
         req.energy_budget_j = args.energy_j
     if args.average_power_w is not None:
         req.average_power_w = args.average_power_w
-    channel, admin = _admin(args)
-    with channel:
-        try:
-            resp = admin.SetEnergyBudget(req, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    resp = _admin_call(args, "SetEnergyBudget", req)
+    if resp is None:
+        return 1
     c = resp.change
     print(f"{c.scope}: {c.old_budget} -> {c.new_budget} (by {c.actor} from {c.peer})")
     _print_budget(resp.budget)
@@ -351,21 +356,15 @@ def cmd_budget_set(args) -> int:
 
 
 def cmd_budget_price(args) -> int:
-    import grpc
-
     from ..api.gen import wattserve_pb2 as pb
 
     req = pb.SetEnergyPriceRequest(scope=args.scope, auto=args.auto, inherit=args.inherit, reason=args.reason or "",
-                                   actor=args.actor or f"{getpass.getuser()}@{socket.gethostname()}")
+                                   actor=_actor(args))
     if args.quality_per_j is not None:
         req.quality_per_j = args.quality_per_j
-    channel, admin = _admin(args)
-    with channel:
-        try:
-            resp = admin.SetEnergyPrice(req, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    resp = _admin_call(args, "SetEnergyPrice", req)
+    if resp is None:
+        return 1
     print(f"{resp.budget.scope}: price of energy was {resp.old_price}, now {resp.budget.price}")
     return 0
 
@@ -373,18 +372,12 @@ def cmd_budget_price(args) -> int:
 def cmd_budget_show(args) -> int:
     import datetime
 
-    import grpc
-
     from ..api.gen import wattserve_pb2 as pb
 
-    channel, admin = _admin(args)
-    with channel:
-        try:
-            resp = admin.GetEnergyBudget(pb.GetEnergyBudgetRequest(scopes=args.scope, recent_changes=args.changes),
-                                         timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    resp = _admin_call(args, "GetEnergyBudget",
+                       pb.GetEnergyBudgetRequest(scopes=args.scope, recent_changes=args.changes))
+    if resp is None:
+        return 1
     print("energy budgets:")
     for b in resp.budgets:
         _print_budget(b)
