@@ -27,3 +27,38 @@ async def wait_for(predicate, timeout_s=30.0) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+def start_serve_process(config_path, timeout_s: float = 150.0):
+    """Start ``wattserve serve --config config_path`` as its own process and read its output until
+    it says it is ready. Returns (process, lines read, gRPC target, HTTP base URL or None); the
+    caller stops the process. Asserts (with the output) when it did not come up in time."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    binary = Path(sys.executable).parent / "wattserve"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(binary), "serve", "--config", str(config_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    target = http = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
+        target = target or (m.group(1) if m else None)
+        m = re.search(r"HTTP .*: (http://127\.0\.0\.1:\d+)", line)
+        http = http or (m.group(1) if m else None)
+        if "Ctrl-C stops the server" in line:
+            break
+    if not target:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("server did not come up:\n" + "".join(lines))
+    return proc, lines, target, http

@@ -8,13 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from runtime.security.keys import digest_of
+from tests.runtime.grpc_helpers import start_serve_process
 
 BIN = Path(sys.executable).parent / "wattserve"
 pytestmark = pytest.mark.timeout(240)
@@ -57,19 +57,7 @@ experts:
 """
     )
     before = _ray_processes()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(BIN), "serve", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines, target = [], None
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-        target = target or (m.group(1) if m else None)
-        if "Ctrl-C stops the server" in line:
-            break
+    proc, lines, target, _ = start_serve_process(cfg)
     try:
         assert target, "server did not come up:\n" + "".join(lines)
         yield target, proc, lines

@@ -6,24 +6,19 @@ server's last lines say what happened."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
+from tests.runtime.grpc_helpers import start_serve_process
 from workers.models import default_cache_dir
 
-BIN = Path(sys.executable).parent / "wattserve"
 GRACE_S = 8.0
 SHORT_TOKENS, LONG_TOKENS = 6, 900
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -102,23 +97,7 @@ experts:
     max_batch: 8
     max_model_len: 1024
 """)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(BIN), "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    target = http = None
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-        target = target or (m.group(1) if m else None)
-        m = re.search(r"HTTP .*: (http://127\.0\.0\.1:\d+)", line)
-        http = http or (m.group(1) if m else None)
-        if "Ctrl-C stops the server" in line:
-            break
+    proc, lines, target, http = start_serve_process(cfg, timeout_s=180)
     try:
         assert target and http, "server did not come up:\n" + "".join(lines)
         yield target, http, proc, lines
