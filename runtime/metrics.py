@@ -11,7 +11,7 @@ Two kinds of series:
   bounded: without configured tenants, all but "default" read "other");
 * per scrape, pulled from the gateway's latest telemetry by :class:`GatewayCollector`: queue
   depths, health, device power / power limit / SM clock per replica, energy per replica
-  (requests and idle), the power budget and cap events of :class:`runtime.power_state.PowerState`.
+  (requests and idle), the power budget and cap events of :class:`runtime.power.state.PowerState`.
 
 Every server owns its own ``CollectorRegistry``: tests start several servers in one process.
 """
@@ -27,17 +27,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from wattserve.errors import WattserveError
 
 if TYPE_CHECKING:
-    from .gateway import Chunk, Final, Gateway
+    from .gateway.admin import Admin
+    from .gateway.request import Chunk, Final
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 ENERGY_BUCKETS_J = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 BUDGET_USE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
-
-#: device backends whose power is a GPU's (measured or a simulated GPU profile)
-GPU_BACKENDS = ("nvml", "simulated")
-
 
 #: the ``reason`` label of a refusal: a fixed set, so clients cannot grow the series
 REFUSAL_REASONS = frozenset({
@@ -126,9 +123,10 @@ class ServingMetrics:
         )
         self._gateways: list[GatewayCollector] = []
 
-    def watch(self, gateway: Gateway) -> None:
-        """Export ``gateway``'s telemetry (queues, power, replica energy) at every scrape."""
-        collector = GatewayCollector(gateway)
+    def watch(self, admin: Admin) -> None:
+        """Export a gateway's telemetry (queues, power, replica energy) at every scrape, read through
+        its admin façade."""
+        collector = GatewayCollector(admin)
         self.registry.register(collector)
         self._gateways.append(collector)
 
@@ -186,6 +184,11 @@ class RequestRecorder:
             if final.total_latency_ms > latency_budget_ms:
                 m.budget_violations.labels("latency", expert).inc()
 
+    def succeeded(self, expert: str) -> None:
+        """A call without a token stream (Score) answered."""
+        self._done = True
+        self.metrics.requests.labels(self.api, expert, "ok").inc()
+
     def failed(self, exc: BaseException) -> None:
         if not self._done:
             self._done = True
@@ -194,25 +197,26 @@ class RequestRecorder:
 
 
 class GatewayCollector:
-    """Reads the gateway's last telemetry poll at scrape time (no Ray calls on the scrape path)."""
+    """Reads the gateway's last telemetry poll at scrape time (no replica calls on the scrape path)."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, admin: Admin) -> None:
+        self.admin = admin
 
     def describe(self):
         return []  # dynamic families; prometheus_client then skips the collision check for them
 
     def collect(self):
-        gw = self.gateway
-        yield _gauge("wattserve_gateway_inflight_requests", "Requests the gateway is serving now.", [], [([], gw.inflight)])
-        yield _gauge("wattserve_gateway_max_inflight_requests", "The gateway's admission limit.", [], [([], gw.gw.max_inflight)])
-        yield from self._replicas(gw)
-        yield from self._power(gw)
-        yield from self._budgets(gw)
+        status = self.admin.status()
+        yield _gauge("wattserve_gateway_inflight_requests", "Requests the gateway is serving now.", [], [([], status.inflight)])
+        yield _gauge("wattserve_gateway_max_inflight_requests", "The gateway's admission limit.", [],
+                     [([], status.max_inflight)])
+        yield from self._replicas(self.admin)
+        yield from self._power(self.admin)
+        yield from self._budgets(self.admin)
 
-    def _budgets(self, gw: Gateway):
+    def _budgets(self, admin: Admin):
         """Energy budgets as the router's ledger holds them now (config or Admin.SetEnergyBudget)."""
-        statuses = gw.routing.budget_status()
+        statuses = [b.status for b in admin.budgets()]
         tenants = [([st.scope.removeprefix("tenant:")], st.limit.energy_j) for st in statuses
                    if st.scope.startswith("tenant:") and st.limit is not None]
         yield _gauge("wattserve_tenant_energy_budget_joules", "Energy a tenant may use per budget window.", ["tenant"], tenants)
@@ -220,16 +224,16 @@ class GatewayCollector:
         for st in statuses:  # scopes of unlisted tenants without a limit share one label value
             scope = st.scope
             if st.limit is None and scope.startswith("tenant:"):
-                scope = "tenant:" + gw.tenant_label(scope.removeprefix("tenant:"))
+                scope = "tenant:" + admin.tenant_label(scope.removeprefix("tenant:"))
             used[scope] = used.get(scope, 0.0) + st.used_j
         yield _gauge("wattserve_energy_budget_used_joules", "Measured energy charged to a budget scope in its current window.",
                      ["scope"], [([scope], j) for scope, j in used.items()])
-        errors = [([e, kind], v) for e, err in sorted(gw.routing.cost.errors.items())
+        errors = [([e, kind], v) for e, err in sorted(admin.prediction_errors().items())
                   for kind, v in (("energy", err.energy_rel_error), ("latency", err.latency_rel_error)) if v is not None]
         yield _gauge("wattserve_router_prediction_relative_error", "EWMA of |predicted - measured| / measured per expert.",
                      ["expert", "kind"], errors)
 
-    def _replicas(self, gw: Gateway):
+    def _replicas(self, admin: Admin):
         labels = ["expert", "replica", "device"]
         rows: dict[str, list] = {k: [] for k in ("healthy", "running", "waiting", "inflight", "power", "gpu", "limit",
                                                  "clock", "kv")}
@@ -241,25 +245,22 @@ class GatewayCollector:
             "wattserve_early_exit_tokens", "Decoded tokens by the layer they left at (early-exit experts; the "
             "deepest layer is full depth).", labels=[*labels, "exit_layer"],
         )
-        for s in gw.replica_states():
-            spec = gw.config.expert(s.replica.expert)
-            device = spec.device.label if spec else "unknown"
-            key = [s.replica.expert, str(s.replica.index), device]
-            rows["healthy"].append((key, 1.0 if s.healthy else 0.0))
-            rows["inflight"].append((key, s.inflight))
-            p = s.profile
+        for r in admin.replicas():
+            key = [r.expert, str(r.index), r.device]
+            rows["healthy"].append((key, 1.0 if r.healthy else 0.0))
+            rows["inflight"].append((key, r.inflight))
+            p = r.profile
             if p is None:
                 continue
             rows["running"].append((key, p.running))
             rows["waiting"].append((key, p.waiting))
             if p.kv_cache_usage is not None:
                 rows["kv"].append((key, p.kv_cache_usage))
-            gpu = spec is not None and spec.device.backend in GPU_BACKENDS
             if p.power_w is not None:
-                rows["gpu" if gpu else "power"].append(([*key, p.energy_source], p.power_w))
-            if gpu and p.power_limit_w is not None:
+                rows["gpu" if r.gpu else "power"].append(([*key, p.energy_source], p.power_w))
+            if r.gpu and p.power_limit_w is not None:
                 rows["limit"].append((key, p.power_limit_w))
-            if gpu and p.sm_clock_mhz is not None:
+            if r.gpu and p.sm_clock_mhz is not None:
                 rows["clock"].append((key, p.sm_clock_mhz))
             if p.energy is not None:
                 energy.add_metric([*key, p.energy.energy_source, "requests"], p.energy.requests_j)
@@ -280,8 +281,8 @@ class GatewayCollector:
         yield energy
         yield exits
 
-    def _power(self, gw: Gateway):
-        power = gw.power
+    def _power(self, admin: Admin):
+        power = admin.power
         budget = [([], power.budget_w)] if power.budget_w is not None else []
         yield _gauge("wattserve_power_budget_watts", "Provisioned power budget the governor keeps the cluster under.", [], budget)
         events = CounterMetricFamily("wattserve_power_cap_events", "Power-cap actuations by kind.", labels=["kind"])

@@ -211,7 +211,7 @@ async def test_auto_stream_names_the_answering_expert_in_every_chunk(base_url):
 
 # -- error codes ----------------------------------------------------------------------------------------
 async def test_lone_surrogate_is_400_at_the_gateway_and_never_retried(base_url, server):
-    retried = server.gateway.requests_retried
+    retried = server.gateway.counters.retried
     for body in (b'{"model": "auto", "prompt": "a \\ud800 b"}',
                  b'{"model": "chat", "messages": [{"role": "user", "content": "x\\udfff"}]}',
                  b'{"model": "chat", "prompt": "ok", "stop": ["\\ud83d"]}'):
@@ -220,7 +220,7 @@ async def test_lone_surrogate_is_400_at_the_gateway_and_never_retried(base_url, 
         err = json.loads(text)["error"]
         assert status == 400 and "lone UTF-16 surrogate" in err["message"], text
         assert err["param"] in ("prompt", "messages[0].content", "stop")
-    assert server.gateway.requests_retried == retried
+    assert server.gateway.counters.retried == retried
     # a proper pair is one character and is served
     status, _ = await _post(base_url, "/v1/completions", b'{"model": "slow", "prompt": "a \\ud83d\\ude00", "max_tokens": 1}')
     assert status == 200
