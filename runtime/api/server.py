@@ -37,6 +37,7 @@ from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .http_server import HttpApi
 from .interceptors import ErrorInterceptor
+from .prometheus import export as export_gateway
 from .servicer import AdminServicer, InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class WattserveServer:
         replicas = await self._replica_phases(created_unix_s)
         self.gateway = Gateway(cfg, self.pool.clients(), on_health_change=self._set_health, metrics=self.metrics,
                                image_metrics=self.image_metrics)
-        self.metrics.watch(self.gateway.admin)
+        export_gateway(self.gateway.admin, self.metrics.registry)
         await self.gateway.start()
         phases.mark("gateway")
         if cfg.power.enabled:

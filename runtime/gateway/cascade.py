@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from router.base import Plan
 
-from .generate import answer
+from .answer import answer
 from .lifecycle import Call
 from .request import Chunk, Final
 
@@ -29,7 +29,7 @@ def _stage(plan: Plan, expert: str, reason: str) -> Plan:
 
 
 async def cascade(call: Call, plan: Plan) -> AsyncIterator[Chunk | Final]:
-    """Yields what :func:`~runtime.gateway.generate.answer` yields, with the cascade's outcome in
+    """Yields what :func:`~runtime.gateway.answer.answer` yields, with the cascade's outcome in
     the final message."""
     first, strong = plan.cascade
     threshold = plan.cascade_below_logprob
