@@ -23,29 +23,23 @@ log = logging.getLogger(__name__)
 ENGINES_WITH_METRICS = ("vllm",)
 
 
-async def engine_metrics_text(gateway, timeout_s: float = 2.0) -> bytes:
-    """Prometheus text of every vLLM replica's ``vllm:*`` metrics, labelled by expert and replica."""
-    replicas = []
-    for state in gateway.replica_states():
-        spec = gateway.config.expert(state.replica.expert)
-        if spec is not None and spec.engine.kind in ENGINES_WITH_METRICS:
-            replicas.append(state.replica)
-    if not replicas:
+async def engine_metrics_text(admin, timeout_s: float = 2.0) -> bytes:
+    """Prometheus text of every vLLM replica's ``vllm:*`` metrics, labelled by expert and replica
+    (``admin``: the gateway's :class:`~runtime.gateway.admin.Admin`)."""
+    clients = admin.clients(ENGINES_WITH_METRICS)
+    if not clients:
         return b""
     answers = await asyncio.gather(
-        *(asyncio.wait_for(_fetch(r), timeout_s) for r in replicas), return_exceptions=True
+        *(asyncio.wait_for(c.engine_metrics(), timeout_s) for c in clients), return_exceptions=True
     )
     texts = {}
-    for replica, answer in zip(replicas, answers, strict=True):
+    for client, answer in zip(clients, answers, strict=True):
         if isinstance(answer, str):
-            texts[(replica.expert, str(replica.index))] = answer
+            texts[(client.expert, str(client.index))] = answer
         else:
-            log.debug("no engine metrics from %s/%d: %r", replica.expert, replica.index, answer)
+            log.debug("no engine metrics from %s: %r", client.name, answer)
     return merge_metrics(texts)
 
-
-async def _fetch(replica) -> str:
-    return await replica.actor.engine_metrics.remote()
 
 
 def merge_metrics(texts: dict[tuple[str, str], str]) -> bytes:

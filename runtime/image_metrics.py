@@ -1,4 +1,4 @@
-"""Prometheus series of the image experts, recorded by :mod:`runtime.image_gateway` as results
+"""Prometheus series of the image experts, recorded by :mod:`runtime.gateway.images` as results
 pass through the gateway and exported on ``/metrics`` with the rest (same registry).
 
 - ``wattserve_image_requests_total{kind, expert, status}``: streams and text-to-image requests

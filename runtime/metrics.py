@@ -9,9 +9,9 @@ Two kinds of series:
   (``wattserve_*_seconds``); tokens; energy by expert, tenant and energy source; how much of
   its energy budget each request used and how many budgets were missed (tenant labels are
   bounded: without configured tenants, all but "default" read "other");
-* per scrape, pulled from the gateway's latest telemetry by :class:`GatewayCollector`: queue
-  depths, health, device power / power limit / SM clock per replica, energy per replica
-  (requests and idle), the power budget and cap events of :class:`runtime.power_state.PowerState`.
+* per scrape, pulled from the gateway's latest telemetry through its admin façade by
+  ``runtime/api/prometheus.py``: queue depths, health, device power / power limit / SM clock per
+  replica, energy per replica (requests and idle), the power budget and cap events.
 
 Every server owns its own ``CollectorRegistry``: tests start several servers in one process.
 """
@@ -22,22 +22,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from wattserve.errors import WattserveError
 
 if TYPE_CHECKING:
-    from .gateway import Chunk, Final, Gateway
+    from .gateway.request import Chunk, Final
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 ENERGY_BUCKETS_J = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 BUDGET_USE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
-
-#: device backends whose power is a GPU's (measured or a simulated GPU profile)
-GPU_BACKENDS = ("nvml", "simulated")
-
 
 #: the ``reason`` label of a refusal: a fixed set, so clients cannot grow the series
 REFUSAL_REASONS = frozenset({
@@ -124,13 +119,6 @@ class ServingMetrics:
             "wattserve_budget_violations", "Finished requests that exceeded their budget, by kind (energy, latency).",
             ["kind", "expert"], registry=r,
         )
-        self._gateways: list[GatewayCollector] = []
-
-    def watch(self, gateway: Gateway) -> None:
-        """Export ``gateway``'s telemetry (queues, power, replica energy) at every scrape."""
-        collector = GatewayCollector(gateway)
-        self.registry.register(collector)
-        self._gateways.append(collector)
 
     def refused(self, api: str, exc: BaseException) -> None:
         """Count ``exc`` in ``wattserve_refused_requests_total`` if it is a refusal (a 4xx)."""
@@ -186,114 +174,13 @@ class RequestRecorder:
             if final.total_latency_ms > latency_budget_ms:
                 m.budget_violations.labels("latency", expert).inc()
 
+    def succeeded(self, expert: str) -> None:
+        """A call without a token stream (Score) answered."""
+        self._done = True
+        self.metrics.requests.labels(self.api, expert, "ok").inc()
+
     def failed(self, exc: BaseException) -> None:
         if not self._done:
             self._done = True
             self.metrics.requests.labels(self.api, self.expert, status_label(exc)).inc()
             self.metrics.refused(self.api, exc)
-
-
-class GatewayCollector:
-    """Reads the gateway's last telemetry poll at scrape time (no Ray calls on the scrape path)."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    def describe(self):
-        return []  # dynamic families; prometheus_client then skips the collision check for them
-
-    def collect(self):
-        gw = self.gateway
-        yield _gauge("wattserve_gateway_inflight_requests", "Requests the gateway is serving now.", [], [([], gw.inflight)])
-        yield _gauge("wattserve_gateway_max_inflight_requests", "The gateway's admission limit.", [], [([], gw.gw.max_inflight)])
-        yield from self._replicas(gw)
-        yield from self._power(gw)
-        yield from self._budgets(gw)
-
-    def _budgets(self, gw: Gateway):
-        """Energy budgets as the router's ledger holds them now (config or Admin.SetEnergyBudget)."""
-        statuses = gw.routing.budget_status()
-        tenants = [([st.scope.removeprefix("tenant:")], st.limit.energy_j) for st in statuses
-                   if st.scope.startswith("tenant:") and st.limit is not None]
-        yield _gauge("wattserve_tenant_energy_budget_joules", "Energy a tenant may use per budget window.", ["tenant"], tenants)
-        used: dict[str, float] = {}
-        for st in statuses:  # scopes of unlisted tenants without a limit share one label value
-            scope = st.scope
-            if st.limit is None and scope.startswith("tenant:"):
-                scope = "tenant:" + gw.tenant_label(scope.removeprefix("tenant:"))
-            used[scope] = used.get(scope, 0.0) + st.used_j
-        yield _gauge("wattserve_energy_budget_used_joules", "Measured energy charged to a budget scope in its current window.",
-                     ["scope"], [([scope], j) for scope, j in used.items()])
-        errors = [([e, kind], v) for e, err in sorted(gw.routing.cost.errors.items())
-                  for kind, v in (("energy", err.energy_rel_error), ("latency", err.latency_rel_error)) if v is not None]
-        yield _gauge("wattserve_router_prediction_relative_error", "EWMA of |predicted - measured| / measured per expert.",
-                     ["expert", "kind"], errors)
-
-    def _replicas(self, gw: Gateway):
-        labels = ["expert", "replica", "device"]
-        rows: dict[str, list] = {k: [] for k in ("healthy", "running", "waiting", "inflight", "power", "gpu", "limit",
-                                                 "clock", "kv")}
-        energy = CounterMetricFamily(
-            "wattserve_replica_energy_joules", "Device energy of a replica since it started, split into the part "
-            "attributed to requests and the idle part.", labels=[*labels, "energy_source", "part"],
-        )
-        exits = CounterMetricFamily(
-            "wattserve_early_exit_tokens", "Decoded tokens by the layer they left at (early-exit experts; the "
-            "deepest layer is full depth).", labels=[*labels, "exit_layer"],
-        )
-        for s in gw.replica_states():
-            spec = gw.config.expert(s.replica.expert)
-            device = spec.device.label if spec else "unknown"
-            key = [s.replica.expert, str(s.replica.index), device]
-            rows["healthy"].append((key, 1.0 if s.healthy else 0.0))
-            rows["inflight"].append((key, s.inflight))
-            p = s.profile
-            if p is None:
-                continue
-            rows["running"].append((key, p.running))
-            rows["waiting"].append((key, p.waiting))
-            if p.kv_cache_usage is not None:
-                rows["kv"].append((key, p.kv_cache_usage))
-            gpu = spec is not None and spec.device.backend in GPU_BACKENDS
-            if p.power_w is not None:
-                rows["gpu" if gpu else "power"].append(([*key, p.energy_source], p.power_w))
-            if gpu and p.power_limit_w is not None:
-                rows["limit"].append((key, p.power_limit_w))
-            if gpu and p.sm_clock_mhz is not None:
-                rows["clock"].append((key, p.sm_clock_mhz))
-            if p.energy is not None:
-                energy.add_metric([*key, p.energy.energy_source, "requests"], p.energy.requests_j)
-                energy.add_metric([*key, p.energy.energy_source, "idle"], p.energy.idle_j)
-            for layer, tokens in sorted(p.exit_histogram.items()):
-                exits.add_metric([*key, str(layer)], tokens)
-        src = [*labels, "energy_source"]
-        yield _gauge("wattserve_replica_healthy", "1 if the replica answered its last health poll healthy.", labels, rows["healthy"])
-        yield _gauge("wattserve_replica_running_requests", "Requests in the replica's running batch.", labels, rows["running"])
-        yield _gauge("wattserve_replica_waiting_requests", "Requests queued at the replica for a batch slot.", labels, rows["waiting"])
-        yield _gauge("wattserve_replica_kv_cache_usage_ratio", "Share of the replica's KV cache in use (engines that report it: vllm).",
-                     labels, rows["kv"])
-        yield _gauge("wattserve_replica_gateway_inflight_requests", "Requests the gateway has in flight to the replica.", labels, rows["inflight"])
-        yield _gauge("wattserve_gpu_power_watts", "GPU power of a replica's device (measured or modeled, see energy_source).", src, rows["gpu"])
-        yield _gauge("wattserve_cpu_power_watts", "Modeled CPU power of a replica that runs on CPU.", src, rows["power"])
-        yield _gauge("wattserve_gpu_power_limit_watts", "Enforced board power limit of a replica's GPU.", labels, rows["limit"])
-        yield _gauge("wattserve_gpu_sm_clock_mhz", "Current SM clock of a replica's GPU.", labels, rows["clock"])
-        yield energy
-        yield exits
-
-    def _power(self, gw: Gateway):
-        power = gw.power
-        budget = [([], power.budget_w)] if power.budget_w is not None else []
-        yield _gauge("wattserve_power_budget_watts", "Provisioned power budget the governor keeps the cluster under.", [], budget)
-        events = CounterMetricFamily("wattserve_power_cap_events", "Power-cap actuations by kind.", labels=["kind"])
-        for kind, count in sorted(power.cap_events.items()):
-            events.add_metric([kind], count)
-        yield events
-        caps = [([e, str(i), cap], 1.0) for (e, i), cap in sorted(power.caps.items())]
-        yield _gauge("wattserve_replica_power_cap", "1 for the cap a replica is under now.", ["expert", "replica", "cap"], caps)
-
-
-def _gauge(name: str, doc: str, labels: list[str], rows) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=labels)
-    for values, value in rows:
-        family.add_metric(values, float(value))
-    return family

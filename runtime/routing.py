@@ -23,7 +23,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from router.base import Candidate, Plan, RequestFeatures, RouterSettings, estimate_tokens
 from router.budget import CLUSTER, BudgetLedger, BudgetLimit, ScopeStatus, tenant_scope
@@ -33,28 +34,15 @@ from router.gate import GateOutput, load_gate
 from router.policies import Policy, make_policy
 from router.price import EnergyPrice, PriceSettings
 from wattserve.errors import AlreadyRecorded, BudgetInfeasible, InvalidRequest, NotFound
-from wattserve.types import Priority
 
 from .config import WattserveConfig
 from .ledger_store import LedgerStore
 from .served import ServedRequest, ServedRequests
 
+if TYPE_CHECKING:
+    from .gateway.request import Request
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True, frozen=True)
-class RouteRequest:
-    """What routing needs to know about a validated request."""
-
-    prompt: str
-    tenant: str
-    priority: Priority
-    max_tokens: int = 0
-    expert: str = ""
-    energy_budget_j: float | None = None
-    latency_budget_ms: float | None = None
-    choices: tuple[str, ...] = ()  # score mode when non-empty
-    deadline_ms: float | None = None  # time left before the gRPC deadline
 
 
 class RoutingService:
@@ -189,22 +177,24 @@ class RoutingService:
             await asyncio.to_thread(self.gate, "warm-up")
 
     # -- per request ---------------------------------------------------------------------------
-    async def plan(self, req: RouteRequest, candidates: Sequence[Candidate]) -> Plan:
-        """Admit against the tenant and cluster budgets, run the gate, ask the policy."""
+    async def plan(self, req: Request, candidates: Sequence[Candidate], *, time_left_ms: float | None = None) -> Plan:
+        """Admit ``req`` (validated) against the tenant and cluster budgets, run the gate, ask the
+        policy. ``time_left_ms``: what is left of the client's deadline, a latency budget too."""
         admission = self.ledger.admit(req.tenant, self.clock())
-        raw_gate = await self.gate_for(req.prompt)
+        prompt = req.text
+        raw_gate = await self.gate_for(prompt)
         gate = self.feedback.apply(raw_gate, req.tenant)
         learning = bool(self.feedback.stats)  # explore only once clients send feedback
         features = RequestFeatures(
-            prompt_chars=len(req.prompt),
+            prompt_chars=len(prompt),
             max_tokens=req.max_tokens,
             priority=req.priority,
             tenant=req.tenant,
             expert=req.expert or None,
             energy_budget_j=req.energy_budget_j,
             latency_budget_ms=req.latency_budget_ms,
-            prompt_tokens=estimate_tokens(req.prompt),
-            mode="score" if req.choices else "generate",
+            prompt_tokens=estimate_tokens(prompt),
+            mode="score" if req.kind == "score" else "generate",
             choice_tokens=tuple(estimate_tokens(c) for c in req.choices),
             gate=gate,
             throttled=admission.throttled,
@@ -212,7 +202,7 @@ class RoutingService:
             quality_per_j=self.price_for(req.tenant),
             explore_share=self.config.router.feedback.explore_share if learning else 0.0,
         )
-        plan = self._plan(features, req.deadline_ms, candidates)
+        plan = self._plan(features, time_left_ms, candidates)
         return replace(plan, predicted_quality=dict(raw_gate.quality))
 
     def _plan(self, features: RequestFeatures, deadline: float | None, candidates: Sequence[Candidate]) -> Plan:

@@ -21,7 +21,7 @@ from workers.engines.chat import check_messages
 
 if TYPE_CHECKING:
     from .config import WattserveConfig
-    from .gateway import ClientRequest
+    from .gateway.request import Request
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -43,7 +43,33 @@ class Validator:
         self.gw = config.gateway
         self._seen_tenants: set[str] = set()
 
-    def request(self, req: ClientRequest) -> ClientRequest:
+    def check(self, req: Request) -> Request:
+        """Check every field of ``req`` for its kind; return it with defaults filled in."""
+        if req.kind == "generate":
+            return self.request(req)
+        if req.kind == "score":
+            return self.score(req)
+        return self.image(req)
+
+    def score(self, req: Request) -> Request:
+        """A Score request: a prompt (as Generate's) and its candidate answers."""
+        checked = self.request(replace(req, max_tokens=1))  # its limits, not its token count
+        self.choices(req.choices)
+        return replace(req, tenant=checked.tenant, priority=checked.priority)
+
+    def image(self, req: Request) -> Request:
+        """An image request or stream: the same limits as text where they apply."""
+        params = req.image
+        if params is None or not params.prompt.strip():
+            raise InvalidRequest("prompt is empty: describe the image to generate")
+        self.prompt_size(params.prompt, "prompt")
+        self.prompt_size(params.negative_prompt, "negative_prompt")
+        self.expert(req.expert, "image")
+        self.request_id(req.request_id)
+        tenant, priority = self.tenant(req.tenant, req.priority)
+        return replace(req, tenant=tenant, priority=priority)
+
+    def request(self, req: Request) -> Request:
         """Check every field of a generation request; return it with defaults filled in."""
         gw = self.gw
         if req.messages and req.prompt:

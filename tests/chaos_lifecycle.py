@@ -89,12 +89,12 @@ async def _settled(srv, experts: list[str], timeout_s: float = 30.0) -> dict:
     """Wait until nothing is held anywhere; returns what is still held at the end."""
     deadline = time.monotonic() + timeout_s
     while True:
-        await srv.gateway.poll_once()
-        held = {"admission_inflight": srv.gateway.admission.inflight,
-                "admission_by_tenant": sum(srv.gateway.admission.by_tenant.values()),
-                "gateway_replica_inflight": sum(s.inflight for s in srv.gateway.replica_states()),
-                "replica_running": sum(s.profile.running for s in srv.gateway.replica_states() if s.profile),
-                "replica_waiting": sum(s.profile.waiting for s in srv.gateway.replica_states() if s.profile)}
+        await srv.gateway.admin.refresh()
+        held = {"admission_inflight": srv.gateway.lifecycle.admission.inflight,
+                "admission_by_tenant": sum(srv.gateway.lifecycle.admission.by_tenant.values()),
+                "gateway_replica_inflight": sum(r.inflight for r in srv.gateway.admin.replicas()),
+                "replica_running": sum(r.profile.running for r in srv.gateway.admin.replicas() if r.profile),
+                "replica_waiting": sum(r.profile.waiting for r in srv.gateway.admin.replicas() if r.profile)}
         if not any(held.values()) or time.monotonic() > deadline:
             return held
         await asyncio.sleep(0.1)
@@ -290,7 +290,7 @@ async def two_tenant_overload(tmp: Path, multiple: float = 5.0, duration_s: floa
             "sustainable_rps": rate, "unloaded_latency_s": unloaded_s,
             "calm": dict(Counter(o.status for o in calm)), "flood": dict(Counter(o.status for o in flood_out)),
             "calm_p50_s": _pct(ok, 0.5), "calm_p99_s": _pct(ok, 0.99),
-            "refused_by_rule": dict(srv.gateway.admission.refused),
+            "refused_by_rule": dict(srv.gateway.lifecycle.admission.refused),
         }
         return counts
     finally:

@@ -175,7 +175,7 @@ async def kill_expert_during_burst(tmp: Path, requests: int = 24, max_tokens: in
             tokens_at_kill = seen["tokens"]
             outcomes = await asyncio.gather(*tasks)
             await srv.gateway.routing.flush()
-            counts = tally("kill an expert process during a burst", outcomes, stored_ids(srv), srv.gateway.requests_retried)
+            counts = tally("kill an expert process during a burst", outcomes, stored_ids(srv), srv.gateway.counters.retried)
             counts.extra = {"tokens_streamed_at_kill": tokens_at_kill,
                             "failures": dict(Counter(o.details[:80] for o in outcomes if o.status != "OK"))}
             return counts
@@ -184,7 +184,7 @@ async def kill_expert_during_burst(tmp: Path, requests: int = 24, max_tokens: in
 
 
 def _replicas(srv) -> list:
-    return [s.profile for s in srv.gateway.replica_states() if s.profile is not None]
+    return [r.profile for r in srv.gateway.admin.replicas() if r.profile is not None]
 
 
 # -- 2. the gateway restarts mid-run -----------------------------------------------------------------------
@@ -363,8 +363,8 @@ async def node_loss(tmp: Path, requests: int = 40, max_tokens: int = 20, step_ms
             removed_at = len(outcomes)
             await asyncio.gather(*tasks)
             await srv.gateway.routing.flush()
-            counts = tally("lose a node of a two-node Ray cluster", outcomes, stored_ids(srv), srv.gateway.requests_retried)
-            healthy = {f"{s.replica.expert}/{s.replica.index}": s.healthy for s in srv.gateway.replica_states()}
+            counts = tally("lose a node of a two-node Ray cluster", outcomes, stored_ids(srv), srv.gateway.counters.retried)
+            healthy = {f"{r.expert}/{r.index}": r.healthy for r in srv.gateway.admin.replicas()}
             counts.extra = {"finished_before_removal": removed_at, "requests_by_expert_before": dict(before),
                             "healthy_after": healthy,
                             "completed_after_removal": sum(o.status == "OK" for o in outcomes[removed_at:])}

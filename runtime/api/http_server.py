@@ -2,7 +2,7 @@
 
 Runs on the same asyncio loop as the grpc.aio server and drives the same
 :meth:`Gateway.generate` lifecycle: this module only moves bytes. Request bodies become a
-:class:`ClientRequest` in ``openai_protocol.py``; domain errors become OpenAI-style error bodies
+:class:`~runtime.gateway.Request` in ``openai_protocol.py``; domain errors become OpenAI-style error bodies
 in ``interceptors.http_error`` (the HTTP twin of the gRPC interceptor).
 
 Streaming uses server-sent events (``data: {...}`` lines, ``data: [DONE]`` last). The first
@@ -40,7 +40,7 @@ from .openai_protocol import (
     StreamFormatter,
     full_response,
     parse_body,
-    to_client_request,
+    to_request,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class HttpApi:
         # request on its expert (aiohttp otherwise lets the handler run to the end).
         # access_log None: no request lines (with their headers) in our logs. The parser's own
         # per-header limits sit at our metadata limit, so no header can make it allocate more.
-        limit = self.gateway.gw.max_metadata_bytes
+        limit = self.gateway.config.gateway.max_metadata_bytes
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                      max_line_size=limit, max_field_size=limit, max_headers=64)
         await self._runner.setup()
@@ -137,7 +137,7 @@ class HttpApi:
     @web.middleware
     async def _header_limit(self, request: web.Request, handler):
         try:
-            check_metadata_size(request.raw_headers, self.gateway.gw.max_metadata_bytes)
+            check_metadata_size(request.raw_headers, self.gateway.config.gateway.max_metadata_bytes)
         except InvalidRequest as exc:
             return self._refused(request, exc)
         return await handler(request)
@@ -153,7 +153,7 @@ class HttpApi:
         try:
             body = await self._json(request)
             parsed = parse_body(model, body)
-            creq = to_client_request(parsed, request.headers)
+            creq = to_request(parsed, request.headers)
             creq = dataclasses.replace(creq, tenant=bind_tenant(request.get(PRINCIPAL_KEY, ANONYMOUS), creq.tenant))
         except Exception as exc:  # noqa: BLE001 - mapped to a status by http_error
             return self._refused(request, exc)
@@ -258,38 +258,36 @@ class HttpApi:
         return web.json_response(card)
 
     def _model_cards(self) -> list[dict]:
-        cfg = self.gateway.config
+        admin = self.gateway.admin
+        policy = admin.status().routing_policy
         cards = [{"id": AUTO_MODEL, "object": "model", "created": self.created, "owned_by": "wattserve",
-                  "wattserve": {"description": f"the router ({self.gateway.policy.name}) picks an expert per request"}}]
-        states = self.gateway.replica_states()
-        for spec in cfg.experts:
-            if spec.modality != "text":
-                continue  # image experts are served over gRPC (StreamImages, GenerateImage)
-            profiles = [s.profile for s in states if s.replica.expert == spec.name and s.profile]
+                  "wattserve": {"description": f"the router ({policy}) picks an expert per request"}}]
+        for e in admin.experts("text"):  # image experts are served over gRPC (StreamImages, GenerateImage)
+            spec, p = e.spec, e.profile
             cards.append({
                 "id": spec.name, "object": "model", "created": self.created, "owned_by": "wattserve",
                 "wattserve": {
-                    "model": profiles[0].model if profiles else spec.model_label,
+                    "model": p.model if p else spec.model_label,
                     "engine": spec.engine.kind,
                     "device": spec.device.label,
-                    "energy_source": profiles[0].energy_source if profiles else "",
-                    "max_model_len": profiles[0].max_model_len if profiles else spec.max_model_len,
-                    "replicas": spec.replicas,
-                    "healthy_replicas": sum(s.healthy for s in states if s.replica.expert == spec.name),
+                    "energy_source": p.energy_source if p else "",
+                    "max_model_len": p.max_model_len if p else spec.max_model_len,
+                    "replicas": len(e.replicas),
+                    "healthy_replicas": e.healthy_replicas,
                 },
             })
         return cards
 
     async def metrics(self, request: web.Request) -> web.Response:
         # wattserve's series, then the engines' own (vLLM's vllm:*, labelled by expert and replica)
-        engines = await engine_metrics_text(self.gateway)
+        engines = await engine_metrics_text(self.gateway.admin)
         return web.Response(body=generate_latest(self.registry) + engines, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(self, request: web.Request) -> web.Response:
-        states = self.gateway.replica_states()
+        st = self.gateway.admin.status()
         ok = self.healthy()
-        body = {"status": "ok" if ok else "unavailable", "healthy_replicas": sum(s.healthy for s in states),
-                "total_replicas": len(states)}
+        body = {"status": "ok" if ok else "unavailable", "healthy_replicas": st.healthy_replicas,
+                "total_replicas": st.total_replicas}
         return web.json_response(body, status=200 if ok else 503)
 
 

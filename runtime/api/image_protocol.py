@@ -6,14 +6,14 @@ other check (prompt, sizes, bytes) happens in the gateway and on the expert, onc
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from wattserve.errors import InvalidRequest
 from wattserve.images import CfgType, ImageData, ImageFormat, ImageParams, SimilarityFilterParams
 from wattserve.types import Priority
 
-from ..image_gateway import FrameOut, ImageAnswer, ImageRequest, ImageStreamRequest, StreamEnded, StreamStarted
+from ..gateway.images import FrameOut, ImageAnswer, StreamEnded, StreamStarted
+from ..gateway.request import Request
 from .gen import wattserve_pb2 as pb
 
 _FORMATS = {
@@ -71,7 +71,7 @@ def params_from_proto(msg: pb.ImageParams) -> ImageParams:
     )
 
 
-def stream_request_from_proto(msg: pb.ImageStreamConfig) -> ImageStreamRequest:
+def stream_request_from_proto(msg: pb.ImageStreamConfig) -> Request:
     similarity = None
     if msg.HasField("similarity_filter"):
         f = msg.similarity_filter
@@ -80,8 +80,9 @@ def stream_request_from_proto(msg: pb.ImageStreamConfig) -> ImageStreamRequest:
             threshold=f.threshold if f.HasField("threshold") else 0.98,
             max_skip_frames=f.max_skip_frames if f.HasField("max_skip_frames") else 10,
         )
-    return ImageStreamRequest(
-        params=params_from_proto(msg.params), similarity=similarity, frame_buffer_size=msg.frame_buffer_size,
+    return Request(
+        kind="image_stream", image=params_from_proto(msg.params), similarity=similarity,
+        frame_buffer_size=msg.frame_buffer_size,
         expert=msg.expert, priority=_priority(msg.priority), tenant=msg.tenant, request_id=msg.request_id,
     )
 
@@ -98,11 +99,10 @@ async def frames_from_proto(messages: AsyncIterator[pb.StreamImagesRequest]) -> 
             raise InvalidRequest("empty StreamImages message: set `frame`")
 
 
-def image_request_from_proto(msg: pb.GenerateImageRequest, time_remaining_s: float | None) -> ImageRequest:
-    return ImageRequest(
-        params=params_from_proto(msg.params), expert=msg.expert, priority=_priority(msg.priority),
-        tenant=msg.tenant, request_id=msg.request_id,
-        deadline_unix_s=None if time_remaining_s is None else time.time() + time_remaining_s,
+def image_request_from_proto(msg: pb.GenerateImageRequest, time_remaining_s: float | None) -> Request:
+    return Request(
+        kind="image", image=params_from_proto(msg.params), expert=msg.expert, priority=_priority(msg.priority),
+        tenant=msg.tenant, request_id=msg.request_id, timeout_s=time_remaining_s,
     )
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from wattserve.errors import InvalidRequest
 from wattserve.types import ChatMessage, ExitUsage, Priority, SamplingParams
 
-from ..gateway import ClientRequest, Final
+from ..gateway import Final, Request
 
 AUTO_MODEL = "auto"  # the router chooses the expert
 
@@ -260,7 +260,7 @@ def _chat_messages(messages: list[ChatMessageIn]) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[str, str]) -> ClientRequest:
+def to_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[str, str]) -> Request:
     """The gateway's request for a parsed OpenAI body plus its headers."""
     ext = _header_extensions(headers)
     for field in HEADER_FIELDS.values():
@@ -299,7 +299,7 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
         raise InvalidRequest(f"deadline_ms must be a positive number of milliseconds (got {deadline_ms})",
                              param="deadline_ms")
     model = parsed.model.strip()
-    return ClientRequest(
+    return Request(
         prompt=prompt,
         messages=messages,
         max_tokens=max_tokens or 0,
@@ -311,7 +311,7 @@ def to_client_request(parsed: CompletionRequest | ChatRequest, headers: Mapping[
         priority=Priority[ext["priority"].upper()] if "priority" in ext else Priority.NORMAL,
         tenant=ext.get("tenant", ""),
         request_id=ext.get("request_id") or uuid.uuid4().hex,
-        deadline_unix_s=None if deadline_ms is None else time.time() + deadline_ms / 1000.0,
+        timeout_s=None if deadline_ms is None else deadline_ms / 1000.0,
         api="http",
     )
 

@@ -7,11 +7,13 @@ these and nothing here decides anything.
 from __future__ import annotations
 
 from router.base import Plan
-from router.budget import BudgetChange, BudgetLimit, ScopeStatus
+from router.budget import BudgetChange, BudgetLimit
 from wattserve.errors import InvalidRequest
 from wattserve.types import Priority
 
-from ..scoring import ScoreOutcome, ScoreRequest
+from ..gateway.admin import BudgetView
+from ..gateway.request import Request
+from ..gateway.score import ScoreOutcome
 from .gen import wattserve_pb2 as pb
 
 
@@ -28,10 +30,11 @@ def add_plan_to_usage(usage: pb.Usage, plan: Plan, mean_logprob: float | None = 
     return usage
 
 
-def score_request_from_proto(msg: pb.ScoreRequest) -> ScoreRequest:
+def score_request_from_proto(msg: pb.ScoreRequest) -> Request:
     if msg.priority not in Priority._value2member_map_ and msg.priority != pb.PRIORITY_UNSPECIFIED:
         raise InvalidRequest(f"priority {msg.priority} is not one of LOW, NORMAL, HIGH")
-    return ScoreRequest(
+    return Request(
+        kind="score",
         prompt=msg.prompt,
         choices=tuple(msg.choices),
         energy_budget_j=msg.energy_budget_j if msg.HasField("energy_budget_j") else None,
@@ -67,25 +70,25 @@ def score_response_to_proto(out: ScoreOutcome, choices) -> pb.ScoreResponse:
     )
 
 
-def limit_from_proto(msg: pb.SetEnergyBudgetRequest, default_throttle: float) -> BudgetLimit | None:
-    """The limit a SetEnergyBudget request asks for (None: unlimited)."""
+def budget_from_proto(msg: pb.SetEnergyBudgetRequest) -> tuple[float | None, float, float | None]:
+    """What a SetEnergyBudget request asks for: (joules per window or None for unlimited, the
+    window in seconds, the throttle fraction or None for the server's default)."""
     has_j, has_w = msg.HasField("energy_budget_j"), msg.HasField("average_power_w")
+    window_s = msg.window_s or 3600.0
     if msg.unlimited:
         if has_j or has_w:
             raise InvalidRequest("send either unlimited or a budget, not both")
-        return None
+        return None, window_s, None
     if has_j == has_w:
         raise InvalidRequest("send exactly one of energy_budget_j (J per window) or average_power_w, or unlimited")
-    window_s = msg.window_s or 3600.0
     joules = msg.energy_budget_j if has_j else msg.average_power_w * window_s
-    return BudgetLimit(joules, window_s, msg.throttle_fraction or default_throttle)
+    return joules, window_s, msg.throttle_fraction or None
 
 
-def budget_to_proto(st: ScopeStatus, price: tuple[float, str] | None = None) -> pb.EnergyBudget:
+def budget_to_proto(view: BudgetView) -> pb.EnergyBudget:
+    st = view.status
     msg = pb.EnergyBudget(scope=st.scope, unlimited=st.limit is None, used_j=st.used_j, state=st.state.value,
-                          retry_after_s=st.retry_after_s)
-    if price is not None:
-        msg.quality_per_j, msg.price = price
+                          retry_after_s=st.retry_after_s, quality_per_j=view.quality_per_j, price=view.price)
     if st.limit is not None:
         msg.energy_budget_j = st.limit.energy_j
         msg.window_s = st.limit.window_s

@@ -28,7 +28,6 @@ from workers.models import default_cache_dir
 from ..cluster import ExpertPool, start_ray, stop_ray
 from ..config import WattserveConfig, resolve_http_port
 from ..gateway import Gateway
-from ..image_gateway import ImageGateway
 from ..image_metrics import ImageMetrics
 from ..metrics import ServingMetrics
 from ..power.plane import PowerPlane
@@ -38,6 +37,7 @@ from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .http_server import HttpApi
 from .interceptors import ErrorInterceptor
+from .prometheus import export as export_gateway
 from .servicer import AdminServicer, InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,14 @@ class WattserveServer:
         await self.pool.wait_ready(cfg.ray.ready_timeout_s, self.progress, require_all=cfg.ray.require_all_experts)
         phases.mark("experts ready")
         replicas = await self._replica_phases(created_unix_s)
-        self.gateway = Gateway(cfg, self.pool, on_health_change=self._set_health, metrics=self.metrics)
-        self.metrics.watch(self.gateway)
+        self.gateway = Gateway(cfg, self.pool.clients(), on_health_change=self._set_health, metrics=self.metrics,
+                               image_metrics=self.image_metrics)
+        export_gateway(self.gateway.admin, self.metrics.registry)
         await self.gateway.start()
         phases.mark("gateway")
         if cfg.power.enabled:
             self.progress("starting the power governor")
-            self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.power)
+            self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.admin.power)
             await self.power.start()
             phases.mark("power governor")
 
@@ -165,8 +166,7 @@ class WattserveServer:
                      ("grpc.max_send_message_length", limit),
                      ("grpc.max_metadata_size", 4 * meta), ("grpc.absolute_max_metadata_size", 8 * meta)],
         )
-        images = ImageGateway(self.gateway, self.image_metrics)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway, images), self.server)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.gateway), self.server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.gateway, self.ray_address, self.power), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -182,7 +182,7 @@ class WattserveServer:
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address}: {exc} (is the port in use? try --port 0)") from None
         await self.server.start()
-        await self._set_health_async(any(s.healthy for s in self.gateway.replica_states()))
+        await self._set_health_async(self.gateway.admin.healthy())
         phases.mark("gRPC bind")
         if cfg.http.enabled:
             await self._start_http()
@@ -212,7 +212,7 @@ class WattserveServer:
         http = self.config.http.model_copy(update={"port": resolve_http_port(self.config.http, self.config.gateway.port)})
         self.http = HttpApi(
             gateway, self.metrics.registry, http,
-            healthy=lambda: any(s.healthy for s in gateway.replica_states()),
+            healthy=gateway.admin.healthy,
             keys=self.keys, auth=self.config.auth, tls=self.config.tls,
         )
         try:

@@ -9,15 +9,14 @@ and the gateway's ``finally`` aborts the work on the expert.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import wattserve
 from wattserve.errors import FeatureDisabled, InvalidRequest, WattserveError
 from wattserve.power import PowerStatus
 from wattserve.types import ChatMessage, Priority, SamplingParams
 
-from ..gateway import Chunk, ClientRequest, Final, Gateway
-from ..image_gateway import ImageGateway
+from ..gateway import Chunk, Final, Gateway, Request
+from ..gateway.admin import ReplicaView
 from ..security.keys import bind_tenant
 from .auth import current_principal
 from .gen import wattserve_pb2 as pb
@@ -32,19 +31,19 @@ from .image_protocol import (
 from .power_proto import row_to_proto, status_to_proto
 from .routing_messages import (
     add_plan_to_usage,
+    budget_from_proto,
     budget_to_proto,
     change_to_proto,
-    limit_from_proto,
     score_request_from_proto,
     score_response_to_proto,
 )
 
 
-def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) -> ClientRequest:
+def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) -> Request:
     s = msg.sampling
     if msg.priority not in Priority._value2member_map_ and msg.priority != pb.PRIORITY_UNSPECIFIED:
         raise InvalidRequest(f"priority {msg.priority} is not one of LOW, NORMAL, HIGH")
-    return ClientRequest(
+    return Request(
         prompt=msg.prompt,
         messages=tuple(ChatMessage(role=m.role, content=m.content) for m in msg.messages),
         max_tokens=msg.max_tokens,
@@ -68,7 +67,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
         priority=Priority(msg.priority) if msg.priority else Priority.NORMAL,
         tenant=msg.tenant,
         request_id=msg.request_id,
-        deadline_unix_s=None if time_remaining_s is None else time.time() + time_remaining_s,
+        timeout_s=time_remaining_s,
     )
 
 
@@ -100,9 +99,9 @@ def usage_to_proto(final: Final) -> pb.Usage:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, gateway: Gateway, images: ImageGateway | None = None) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.images = images or ImageGateway(gateway)
+        self.images = gateway.images
 
     async def Generate(self, request, context):
         try:
@@ -161,80 +160,43 @@ class AdminServicer(pb_grpc.AdminServicer):
         return status_to_proto(await self.power.status(request.max_events or 100))
 
     async def ListExperts(self, request, context):
-        await self.gateway.poll_once()  # operators see the replicas' state now, not the last poll
-        experts = []
-        states = self.gateway.replica_states()
-        for spec in self.gateway.config.experts:
-            mine = [s for s in states if s.replica.expert == spec.name]
-            profiles = [s.profile for s in mine if s.profile is not None]
-            first = profiles[0] if profiles else None
-            experts.append(
-                pb.ExpertInfo(
-                    name=spec.name,
-                    model=first.model if first else spec.model_label,
-                    engine=spec.engine.kind,
-                    device_backend=spec.device.label,
-                    energy_source=first.energy_source if first else "",
-                    priority_class=spec.priority_class,
-                    max_batch=spec.max_batch,
-                    max_model_len=first.max_model_len if first else spec.max_model_len,
-                    params=first.params if first else 0,
-                    replicas=[_replica_to_proto(s) for s in mine],
-                    prediction=_prediction_to_proto(self.gateway.routing.cost.errors.get(spec.name)),
-                    quality_prior=spec.quality_prior,
-                )
-            )
-        return pb.ListExpertsResponse(experts=experts)
+        admin = self.gateway.admin
+        await admin.refresh()
+        return pb.ListExpertsResponse(experts=[_expert_to_proto(e) for e in admin.experts()])
 
     async def GetStatus(self, request, context):
-        gw = self.gateway
-        await gw.poll_once()
-        states = gw.replica_states()
-        energies = [s.profile.energy for s in states if s.profile and s.profile.energy]
+        admin = self.gateway.admin
+        await admin.refresh()
+        st = admin.status()
         return pb.GetStatusResponse(
-            version=wattserve.__version__,
-            uptime_s=gw.uptime_s(),
-            ray_address=self.ray_address,
-            routing_policy=gw.policy.name,
-            inflight=gw.inflight,
-            max_inflight=gw.gw.max_inflight,
-            healthy_replicas=sum(s.healthy for s in states),
-            total_replicas=len(states),
-            requests_total=gw.requests_total,
-            requests_failed=gw.requests_failed,
-            requests_energy_j=sum(e.requests_j for e in energies),
-            idle_energy_j=sum(e.idle_j for e in energies),
-            energy_sources=sorted({e.energy_source for e in energies}),
-            gate=gw.routing.gate.source,
+            version=wattserve.__version__, uptime_s=st.uptime_s, ray_address=self.ray_address,
+            routing_policy=st.routing_policy, inflight=st.inflight, max_inflight=st.max_inflight,
+            healthy_replicas=st.healthy_replicas, total_replicas=st.total_replicas, requests_total=st.requests_total,
+            requests_failed=st.requests_failed, requests_energy_j=st.requests_energy_j, idle_energy_j=st.idle_energy_j,
+            energy_sources=list(st.energy_sources), gate=st.gate,
         )
 
     async def SetEnergyBudget(self, request, context):
-        routing = self.gateway.routing
-        limit = limit_from_proto(request, routing.config.router.throttle_fraction)
-        change = routing.set_budget(request.scope, limit, actor=_actor(request.actor), peer=context.peer() or "",
-                                    reason=request.reason)
-        (status,) = routing.budget_status([change.scope])
-        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(status, routing.price_of_scope(status.scope)),
-                                          change=change_to_proto(change))
+        energy_j, window_s, throttle = budget_from_proto(request)
+        view, change = self.gateway.admin.set_budget(
+            request.scope, energy_j, window_s=window_s, throttle_fraction=throttle, actor=_actor(request.actor),
+            peer=context.peer() or "", reason=request.reason)
+        return pb.SetEnergyBudgetResponse(budget=budget_to_proto(view), change=change_to_proto(change))
 
     async def SetEnergyPrice(self, request, context):
-        routing = self.gateway.routing
         choices = [request.HasField("quality_per_j"), request.auto, request.inherit]
         if sum(choices) != 1:
             raise InvalidRequest("give exactly one of quality_per_j, auto or inherit")
         value = request.quality_per_j if choices[0] else ("auto" if request.auto else None)
-        old = routing.set_price(request.scope, value, actor=_actor(request.actor), peer=context.peer() or "",
-                                reason=request.reason)
-        scope = routing.scope_of(request.scope)
-        (status,) = routing.budget_status([scope])
-        return pb.SetEnergyPriceResponse(budget=budget_to_proto(status, routing.price_of_scope(scope)), old_price=old)
+        view, old = self.gateway.admin.set_price(request.scope, value, actor=_actor(request.actor),
+                                                 peer=context.peer() or "", reason=request.reason)
+        return pb.SetEnergyPriceResponse(budget=budget_to_proto(view), old_price=old)
 
     async def GetEnergyBudget(self, request, context):
-        routing = self.gateway.routing
-        changes = list(routing.ledger.changes)[-request.recent_changes:] if request.recent_changes > 0 else []
+        admin = self.gateway.admin
         return pb.GetEnergyBudgetResponse(
-            budgets=[budget_to_proto(s, routing.price_of_scope(s.scope)) for s in routing.budget_status(list(request.scopes))],
-            changes=[change_to_proto(c) for c in changes],
+            budgets=[budget_to_proto(v) for v in admin.budgets(list(request.scopes))],
+            changes=[change_to_proto(c) for c in admin.budget_changes(request.recent_changes)],
         )
 
 
@@ -261,9 +223,21 @@ def _prediction_to_proto(err) -> pb.PredictionError | None:
     )
 
 
-def _replica_to_proto(state) -> pb.ExpertReplica:
-    p = state.profile
-    msg = pb.ExpertReplica(replica=state.replica.index, healthy=state.healthy, error=state.error)
+def _expert_to_proto(e) -> pb.ExpertInfo:
+    spec, first = e.spec, e.profile
+    return pb.ExpertInfo(
+        name=spec.name, model=first.model if first else spec.model_label, engine=spec.engine.kind,
+        device_backend=spec.device.label, energy_source=first.energy_source if first else "",
+        priority_class=spec.priority_class, max_batch=spec.max_batch,
+        max_model_len=first.max_model_len if first else spec.max_model_len, params=first.params if first else 0,
+        replicas=[_replica_to_proto(r) for r in e.replicas], prediction=_prediction_to_proto(e.prediction),
+        quality_prior=spec.quality_prior,
+    )
+
+
+def _replica_to_proto(view: ReplicaView) -> pb.ExpertReplica:
+    p = view.profile
+    msg = pb.ExpertReplica(replica=view.index, healthy=view.healthy, error=view.error)
     if p is not None:
         msg.running, msg.waiting = p.running, p.waiting
         msg.prefill_ms_per_token = p.prefill_ms_per_token or 0.0

@@ -40,7 +40,7 @@ class PowerPlane:
     def __init__(self, config: PowerConfig, replicas: list[Replica], mirror_into=None) -> None:
         self.config = config
         self.replicas = replicas
-        self.mirror_into = mirror_into  # a runtime.power_state.PowerState to keep current, or None
+        self.mirror_into = mirror_into  # a runtime.power.state.PowerState to keep current, or None
         self.agents: dict[str, tuple[Any, str]] = {}  # node id -> (handle, node address)
         self.governor: Any = None
         self._watchdog: asyncio.Task | None = None

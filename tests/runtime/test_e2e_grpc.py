@@ -192,6 +192,7 @@ async def _load_is(channel, expert, n):
 
 
 async def test_admin_status_and_health(channel, server):
+    await collect(pb_grpc.InferenceStub(channel), request(expert="slow", max_tokens=2))  # alone, it needs one request
     status = await pb_grpc.AdminStub(channel).GetStatus(pb.GetStatusRequest())
     assert status.healthy_replicas == status.total_replicas == 3
     assert set(status.energy_sources) == {"modeled:cpu", "modeled:h100"}
@@ -215,3 +216,37 @@ async def test_reflection_lists_our_services(channel):
         names = {s.name for s in resp.list_services_response.service}
         assert {"wattserve.v1.Inference", "wattserve.v1.Admin", "grpc.health.v1.Health"} <= names
         break
+
+
+async def test_a_replica_added_at_run_time_serves_and_a_removed_one_drains(channel, server):
+    """The seam capacity scaling uses: a new Ray replica joins the router's candidates; a removed
+    one takes no new calls, finishes the stream it holds, and leaves."""
+    from runtime.cluster import RayReplicaClient
+
+    stub = pb_grpc.InferenceStub(channel)
+    replica = server.pool.add("slow")
+    await replica.actor.ready.remote()
+    server.gateway.replicas.add(RayReplicaClient(replica))
+    await server.gateway.admin.refresh()
+    experts = {e.name: e for e in (await pb_grpc.AdminStub(channel).ListExperts(pb.ListExpertsRequest())).experts}
+    assert [(r.replica, r.healthy) for r in experts["slow"].replicas] == [(0, True), (1, True)]
+    # four at once need both replicas (each holds a batch of 2): the new one serves
+    results = await asyncio.gather(*(collect(stub, request(prompt="a b", expert="slow", max_tokens=5)) for _ in range(4)))
+    assert {usage.replica for _, _, usage in results} == {0, 1}
+    # remove it while it streams: the stream finishes there, then the replica is gone
+    call = stub.Generate(request(prompt="a b", expert="slow", max_tokens=40), timeout=60)
+    assert await wait_for(lambda: _load_is(channel, "slow", 1))
+    holder = next(r for r in server.gateway.admin.replicas() if r.expert == "slow" and r.inflight)
+    removal = asyncio.create_task(server.gateway.replicas.remove(("slow", holder.index)))
+    usage = [m.usage async for m in call if m.HasField("usage")][0]
+    assert usage.completion_tokens == 40 and usage.replica == holder.index
+    await removal
+    server.pool.remove("slow", holder.index)
+    if holder.index == 0:  # keep the module's replica numbering for the tests after this one
+        await server.gateway.replicas.remove(("slow", 1))
+        server.gateway.replicas.add(RayReplicaClient(server.pool.replicas["slow"][0]))
+    await server.gateway.admin.refresh()
+    experts = {e.name: e for e in (await pb_grpc.AdminStub(channel).ListExperts(pb.ListExpertsRequest())).experts}
+    assert len(experts["slow"].replicas) == 1 and experts["slow"].replicas[0].healthy
+    _, _, usage = await collect(stub, request(prompt="a b", expert="slow", max_tokens=3))
+    assert usage.completion_tokens == 3

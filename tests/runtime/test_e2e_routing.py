@@ -255,7 +255,7 @@ async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_on
 
     from workers.engines.synthetic import fake_token_logprob
 
-    policy = server.gateway.policy
+    policy = server.gateway.routing.policy
     before = policy.settings
     edge_conf = fake_token_logprob("edge", PROMPT)
     stub = pb_grpc.InferenceStub(channel)

@@ -275,7 +275,7 @@ async def test_client_disconnect_mid_stream_frees_the_slot(base_url, server):
 
 
 def _load(server, expert):
-    return sum(s.inflight for s in server.gateway.replica_states() if s.replica.expert == expert)
+    return sum(r.inflight for r in server.gateway.admin.replicas() if r.expert == expert)
 
 
 async def _wait(pred, timeout_s=20.0):
@@ -288,8 +288,8 @@ async def _wait(pred, timeout_s=20.0):
 
 async def _wait_idle(server, expert):
     async def idle():
-        await server.gateway.poll_once()
-        return all(s.profile.queue_depth == 0 for s in server.gateway.replica_states() if s.replica.expert == expert)
+        await server.gateway.admin.refresh()
+        return all(r.profile.queue_depth == 0 for r in server.gateway.admin.replicas() if r.expert == expert)
 
     for _ in range(200):
         if _load(server, expert) == 0 and await idle():
@@ -316,7 +316,7 @@ def _sum(samples, name, **labels):
 
 async def test_metrics_parse_and_move_as_requests_complete(base_url, server, client):
     before = await _scrape(base_url)
-    failed_before = server.gateway.requests_failed
+    failed_before = server.gateway.counters.failed
     await client.completions.create(model="chat", prompt="Hello", max_tokens=4, temperature=0,
                                     extra_body={"ignore_eos": True, "energy_budget_j": 1e-9, "tenant": "acme"})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
@@ -324,7 +324,7 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
             pass
     with pytest.raises(openai.NotFoundError):
         await client.completions.create(model="ghost", prompt="x")
-    await server.gateway.poll_once()  # replica telemetry as of now, not the last background poll
+    await server.gateway.admin.refresh()  # replica telemetry as of now, not the last background poll
     after = await _scrape(base_url)
 
     def delta(name, **labels):
@@ -334,7 +334,7 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
     assert delta("wattserve_requests_total", api="grpc", expert="slow", status="ok") == 1
     assert delta("wattserve_requests_total", api="http", status="invalid_argument") == 1
     # the unknown model is a failure (refused); closing a stream after its end is none
-    assert server.gateway.requests_failed == failed_before + 1
+    assert server.gateway.counters.failed == failed_before + 1
     assert delta("wattserve_time_to_first_token_seconds_count", expert="chat") == 1
     assert delta("wattserve_e2e_request_latency_seconds_count", expert="slow") == 1
     # ITL is observed between chunks: the tiny model's 4 tokens may come as one coalesced chunk,
@@ -355,15 +355,15 @@ async def test_metrics_parse_and_move_as_requests_complete(base_url, server, cli
 async def test_power_state_is_exported_when_the_governor_fills_it(base_url, server, client):
     await client.completions.create(model="chat", prompt="Hello", max_tokens=2, temperature=0, extra_body={
         "energy_budget_j": 1e-9, "latency_budget_ms": 1e6, "tenant": "acme"})  # every per-request series has data
-    await server.gateway.poll_once()
-    server.gateway.power.budget_w = 1200.0
-    server.gateway.power.record_cap_event("t1", 2)
-    server.gateway.power.caps[("chat", 0)] = "sm_clock:1275"
+    await server.gateway.admin.refresh()
+    server.gateway.admin.power.budget_w = 1200.0
+    server.gateway.admin.power.record_cap_event("t1", 2)
+    server.gateway.admin.power.caps[("chat", 0)] = "sm_clock:1275"
     try:
         samples = await _scrape(base_url)
     finally:
-        server.gateway.power.budget_w = None
-        server.gateway.power.caps.clear()
+        server.gateway.admin.power.budget_w = None
+        server.gateway.admin.power.caps.clear()
     # every series the Grafana dashboard queries exists (requests ran in earlier tests)
     dashboard = (Path(__file__).resolve().parents[2] / "docs" / "grafana" / "wattserve.json").read_text()
     queried = set(re.findall(r"wattserve_[a-z0-9_]+", dashboard))

@@ -124,14 +124,14 @@ async def test_load_caps_low_priority_only_then_releases(server, stubs):
         cap = next(e for e in st.events if e.kind == "cap")
         assert cap.gpu == "lp/0" and cap.to_sm_clock_mhz == LP_T1_MHZ and "low-priority" in cap.reason
         # the router sees the cap through the expert's profile
-        await server.gateway.poll_once()
-        profiles = {k[0]: s.profile for k, s in server.gateway.states.items()}
+        await server.gateway.admin.refresh()
+        profiles = {r.expert: r.profile for r in server.gateway.admin.replicas()}
         assert profiles["lp"].sm_clock_cap_mhz == LP_T1_MHZ and profiles["lp"].sm_clock_mhz == LP_T1_MHZ
         assert profiles["hp"].sm_clock_cap_mhz is None and profiles["hp"].sm_clock_mhz == 1410.0
         await asyncio.sleep(1.5)  # several dwell periods under load: the cap holds (no flapping)
         assert locked(await status(admin), "lp/0") == LP_T1_MHZ
         # what /metrics exports mirrors the governor (budget, caps in force, event counters)
-        power = server.gateway.power
+        power = server.gateway.admin.power
         assert power.budget_w == pytest.approx(st.rows[0].provisioned_power_w)
         assert power.caps == {("lp", 0): f"sm_clock:{LP_T1_MHZ:g}"} and power.cap_events["cap_events"] >= 1
     st = await wait_for(admin, lambda s: locked(s, "lp/0") is None and s.rows[0].level == "NONE", "the release")

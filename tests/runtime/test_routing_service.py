@@ -9,7 +9,8 @@ from router.base import Candidate
 from router.budget import CLUSTER, BudgetState
 from router.gate_fit import fit_gate, read_labelled
 from runtime.config import parse_config
-from runtime.routing import RouteRequest, RoutingService
+from runtime.gateway.request import Request
+from runtime.routing import RoutingService
 from tests.router.test_gate import FakeEncoder, _synthetic_csv
 from tests.router.test_moe2 import prof
 from wattserve.errors import BudgetExhausted, InvalidRequest
@@ -31,7 +32,7 @@ CANDS = [Candidate("edge", 0, True, 0, prof("edge", power_w=10.0, step_ms=5.0)),
 
 
 def req(**kw):
-    return RouteRequest(**{"prompt": "add these numbers", "tenant": "acme", "priority": Priority.NORMAL, "max_tokens": 8, **kw})
+    return Request(**{"prompt": "add these numbers", "tenant": "acme", "priority": Priority.NORMAL, "max_tokens": 8, **kw})
 
 
 async def test_configured_budgets_throttle_and_exhaust():
@@ -71,6 +72,6 @@ async def test_a_deadline_is_a_latency_budget_but_never_a_reason_to_refuse():
     svc = RoutingService(config())
     assert (await svc.plan(req(tenant="default"), CANDS)).ranked[0].expert == "cloud"
     # cloud needs ~7 x 20 ms; edge ~7 x 5 ms: a 100 ms deadline moves the request to edge
-    assert (await svc.plan(req(tenant="default", deadline_ms=100.0), CANDS)).ranked[0].expert == "edge"
+    assert (await svc.plan(req(tenant="default"), CANDS, time_left_ms=100.0)).ranked[0].expert == "edge"
     # nothing can finish in 1 ms: served anyway (the engine enforces the deadline), not refused
-    assert (await svc.plan(req(tenant="default", deadline_ms=1.0), CANDS)).ranked[0].expert == "cloud"
+    assert (await svc.plan(req(tenant="default"), CANDS, time_left_ms=1.0)).ranked[0].expert == "cloud"

@@ -17,6 +17,10 @@ from collections.abc import AsyncIterator
 
 from router.base import Plan
 
+from .answer import answer
+from .lifecycle import Call
+from .request import Chunk, Final
+
 
 def _stage(plan: Plan, expert: str, reason: str) -> Plan:
     """The plan restricted to one expert's replicas."""
@@ -24,20 +28,19 @@ def _stage(plan: Plan, expert: str, reason: str) -> Plan:
                                subset=(expert,), weights={expert: 1.0}, cascade=())
 
 
-async def serve_cascade(gw, req, plan: Plan, received: float, rec) -> AsyncIterator:
-    """Yields what ``Gateway._run`` yields, with the cascade's outcome in the final message."""
-    from .gateway import Final
-
+async def cascade(call: Call, plan: Plan) -> AsyncIterator[Chunk | Final]:
+    """Yields what :func:`~runtime.gateway.answer.answer` yields, with the cascade's outcome in
+    the final message."""
     first, strong = plan.cascade
     threshold = plan.cascade_below_logprob
     held: list = []
-    async for item in gw._run(req, _stage(plan, first, plan.reason), received, rec):
+    async for item in answer(call, _stage(plan, first, plan.reason)):
         held.append(item)
     final: Final = held[-1]
     confidence = final.usage.mean_logprob
     kept = confidence is None or confidence >= threshold
     if confidence is not None:  # the outcome is (weak) feedback on the cheap expert
-        await gw.routing.cascade_outcome(req.tenant, first, plan, kept)
+        await call.lifecycle.routing.cascade_outcome(call.request.tenant, first, plan, kept)
     if kept:
         note = f"; cascade: kept {first}'s answer (mean log p {_fmt(confidence)} >= {threshold:g})"
         for item in held[:-1]:
@@ -45,7 +48,7 @@ async def serve_cascade(gw, req, plan: Plan, received: float, rec) -> AsyncItera
         yield dataclasses.replace(final, plan=dataclasses.replace(plan, reason=plan.reason + note, cascaded=(first,)))
         return
     note = f"; cascade: {first}'s answer unsure (mean log p {_fmt(confidence)} < {threshold:g}), answered by {strong}"
-    async for item in gw._run(req, _stage(plan, strong, plan.reason + note), received, rec):
+    async for item in answer(call, _stage(plan, strong, plan.reason + note)):
         if isinstance(item, Final):
             usage = dataclasses.replace(item.usage, energy_j=item.usage.energy_j + final.usage.energy_j)
             item = dataclasses.replace(item, usage=usage, plan=dataclasses.replace(

@@ -1,0 +1,134 @@
+"""One answer streamed from the replica a plan picks (Generate runs it once, a cascade per stage).
+
+A replica that fails before the caller saw any token (its process died, its engine failed) is
+replaced once by another healthy replica of the plan (``gateway.retry_unstarted``); after a token
+the error stands (UNAVAILABLE), since a partly streamed answer cannot be replayed transparently.
+Whichever way the caller leaves, the replica stops working on the request and the tenant is
+charged for the part that ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from router.base import Plan
+from wattserve.errors import ExpertUnavailable, QueueFull
+from wattserve.types import GenerateCall
+
+from .lifecycle import Call, Lifecycle
+from .replicas import Key, Lease, ReplicaDied, ReplicaStream
+from .request import Chunk, Final, engine_deadline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """How far one dispatch got: the replica it went to, and whether a token reached the caller
+    (then it must not be retried)."""
+
+    key: Key | None = None
+    streamed: bool = False
+
+
+async def answer(call: Call, plan: Plan) -> AsyncIterator[Chunk | Final]:
+    """One answer to ``call`` from the plan's first replica that admits it, retried once on another
+    replica of the plan if the first fails before its first token."""
+    failed: set[Key] = set()
+    lc = call.lifecycle
+    retries = 1 if lc.retry_unstarted else 0
+    while True:
+        attempt = _Attempt()
+        try:
+            async for item in _attempt(call, plan, failed, attempt):
+                yield item
+            return
+        except ExpertUnavailable as exc:
+            if attempt.streamed or attempt.key is None:
+                raise
+            failed.add(attempt.key)
+            spare = [c.key for c in plan.ranked if c.key not in failed and lc.replicas.healthy(c.key)]
+            if retries <= 0 or not spare:
+                raise
+            retries -= 1
+            lc.counters.retried += 1
+            log.warning("request %s: %s; retrying on %s/%d", call.request.request_id or "-", exc, *spare[0])
+
+
+async def _attempt(call: Call, plan: Plan, failed: set[Key], attempt: _Attempt) -> AsyncIterator[Chunk | Final]:
+    """One dispatch (a fresh call id, so a restarted replica cannot mix it up)."""
+    lc, req = call.lifecycle, call.request
+    engine_call = GenerateCall(
+        request_id=uuid.uuid4().hex, prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling,
+        priority=req.priority, tenant=req.tenant, deadline_unix_s=engine_deadline(call.deadline_s, call.clock),
+        messages=req.messages, compute_budget=req.compute_budget, energy_budget_j=req.energy_budget_j,
+    )
+
+    async def start(client) -> tuple[ReplicaStream, list]:
+        attempt.key = client.key
+        stream = client.generate(engine_call)
+        try:
+            return stream, await stream.next()
+        except BaseException as exc:
+            stream.cancel()
+            if not isinstance(exc, QueueFull):  # a full replica refused it: nothing to abort
+                client.abort(engine_call.request_id)
+            raise
+
+    lease, (stream, events) = await lc.replicas.dispatch(plan.ranked, start, skip=failed)
+    client = lease.client
+    call.recorder.routed(client.expert)
+    ttft_ms: float | None = None
+    tokens = 0
+    finished = False
+    try:
+        while True:
+            # Events that arrived together (the replica coalesces under load) leave as one chunk:
+            # fewer, larger messages when the server is busy.
+            text = "".join(ev.text for ev in events)
+            ids = tuple(t for ev in events for t in ev.token_ids)
+            if text or ids:
+                if ttft_ms is None:
+                    ttft_ms = call.elapsed_ms()
+                tokens += len(ids)
+                attempt.streamed = True
+                yield Chunk(text, ids, client.expert)
+            usage = events[-1].usage
+            if usage is not None:
+                finished = True
+                yield await _final(call, plan, lease, engine_call.request_id, usage, ttft_ms)
+                return
+            events = await _next(lc, lease, stream, tokens)
+    finally:
+        lease.release()
+        if not finished:
+            stream.cancel()
+            client.abort(engine_call.request_id)
+            lc.routing.charge_unfinished(req.tenant, plan, tokens / max(1, req.max_tokens),
+                                         request_id=engine_call.request_id)
+
+
+async def _next(lc: Lifecycle, lease: Lease, stream: ReplicaStream, tokens: int) -> list:
+    try:
+        return await lc.replicas.watch(lease.state, stream.next())
+    except ReplicaDied as exc:
+        raise ReplicaDied(f"{exc} (after {tokens} tokens)") from None
+
+
+async def _final(call: Call, plan: Plan, lease: Lease, call_id: str, usage, ttft_ms: float | None) -> Final:
+    """Charge the measured energy (durably, before the caller learns the request finished), teach
+    the cost model, remember who answered (for feedback), and build the final message."""
+    lc, req, client = call.lifecycle, call.request, lease.client
+    lc.routing.finish(plan, req.tenant, client.expert, client.index, prompt_tokens=usage.prompt_tokens,
+                      output_tokens=usage.completion_tokens, energy_j=usage.energy_j, latency_ms=usage.latency_ms,
+                      request_id=call_id)
+    await lc.routing.flush()
+    request_id = req.request_id or call_id
+    lc.routing.remember(request_id, req.tenant, client.expert, plan)
+    total_ms = call.elapsed_ms()
+    return Final(request_id=request_id, expert=client.expert, replica=client.index, usage=usage,
+                 ttft_ms=ttft_ms if ttft_ms is not None else total_ms, total_latency_ms=total_ms, plan=plan)
+
