@@ -7,7 +7,8 @@ import random
 import pytest
 
 from router.base import Candidate, RequestFeatures
-from router.policies import LeastLoaded, make_policy
+from router.policies import make_policy
+from router.policies.least_loaded import LeastLoaded
 from wattserve.errors import NoHealthyExpert
 from wattserve.types import ExpertProfile
 
@@ -29,14 +30,14 @@ REQ = RequestFeatures(prompt_chars=10, max_tokens=5)
 
 def test_ranks_by_occupancy_relative_to_batch():
     pool = [cand("a", running=4, max_batch=8), cand("b", running=2, max_batch=2), cand("c", running=1, max_batch=8)]
-    plan = LeastLoaded(random.Random(0)).plan(REQ, pool)
+    plan = LeastLoaded(rng=random.Random(0)).plan(REQ, pool)
     assert [c.expert for c in plan.ranked] == ["c", "a", "b"]
     assert plan.policy == "least_loaded" and "c/0" in plan.reason
 
 
 def test_gateway_inflight_counts_when_telemetry_is_stale():
     pool = [cand("a", inflight=3), cand("b", running=1)]
-    assert LeastLoaded(random.Random(0)).plan(REQ, pool).ranked[0].expert == "b"
+    assert LeastLoaded(rng=random.Random(0)).plan(REQ, pool).ranked[0].expert == "b"
 
 
 def test_pinned_expert_and_unhealthy_replicas():
@@ -51,9 +52,9 @@ def test_pinned_expert_and_unhealthy_replicas():
 
 def test_ties_are_broken_at_random_but_reproducibly():
     pool = [cand("a"), cand("b"), cand("c")]
-    firsts = {LeastLoaded(random.Random(s)).plan(REQ, pool).ranked[0].expert for s in range(30)}
+    firsts = {LeastLoaded(rng=random.Random(s)).plan(REQ, pool).ranked[0].expert for s in range(30)}
     assert firsts == {"a", "b", "c"}
-    assert LeastLoaded(random.Random(5)).plan(REQ, pool) == LeastLoaded(random.Random(5)).plan(REQ, pool)
+    assert LeastLoaded(rng=random.Random(5)).plan(REQ, pool) == LeastLoaded(rng=random.Random(5)).plan(REQ, pool)
 
 
 def test_unknown_policy_name():
