@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from router.policies import policy_names
 from router.price import DEFAULT_QUALITY_PER_J
 from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
@@ -92,10 +93,19 @@ class GatewayConfig(Strict):
         description="A request whose expert fails before it streamed any token is retried once on another "
         "eligible replica (one that streamed tokens ends with UNAVAILABLE instead).",
     )
-    routing_policy: Literal["least_loaded", "random", "round_robin", "cheapest", "strongest", "threshold", "moe2"] = Field(
+    routing_policy: str = Field(
         default="least_loaded",
-        description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline.",
+        description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline; one of "
+        + ", ".join(policy_names()) + ".",
     )
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        # The registry, not this file, knows the policies: a new policy module is selectable at once.
+        if name not in policy_names():
+            raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}")
+        return name
 
 
 class CostPriorConfig(Strict):

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from router.base import Candidate, RequestFeatures
-from router.policies import make_policy
+from router.base import Candidate, RequestFeatures, RouterSettings
+from router.cost import CostModel
+from router.policies import Policy, make_policy, policy_names, register
 from router.policies.least_loaded import LeastLoaded
 from wattserve.errors import NoHealthyExpert
 from wattserve.types import ExpertProfile
@@ -57,6 +58,24 @@ def test_ties_are_broken_at_random_but_reproducibly():
     assert LeastLoaded(rng=random.Random(5)).plan(REQ, pool) == LeastLoaded(rng=random.Random(5)).plan(REQ, pool)
 
 
-def test_unknown_policy_name():
-    with pytest.raises(ValueError, match="known: .*least_loaded.*moe2"):
+def test_unknown_policy_name_lists_the_registered_ones():
+    with pytest.raises(ValueError) as err:
         make_policy("oracle")
+    assert str(err.value) == f"unknown routing policy 'oracle'; known: {', '.join(policy_names())}"
+
+
+def test_every_policy_module_registers_its_policy_under_its_name():
+    assert policy_names() == ("cheapest", "least_loaded", "moe2", "random", "round_robin", "strongest", "threshold")
+    cost, settings = CostModel(), RouterSettings(threshold=0.1)
+    for name in policy_names():
+        policy = make_policy(name, cost=cost, settings=settings)
+        assert policy.name == name and policy.cost is cost and policy.settings is settings
+
+
+def test_a_second_policy_under_a_taken_name_is_refused():
+    class Impostor(Policy):
+        name = "least_loaded"
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Impostor)
+    assert make_policy("least_loaded").__class__ is LeastLoaded

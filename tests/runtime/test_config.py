@@ -42,6 +42,8 @@ def _write(tmp_path, text):
         ("experts:\n  - name: a\n    engine: torch\n", "needs a `model`"),
         ("experts: [{name: a, engine: synthetic}, {name: a, engine: synthetic}]\n", "duplicate expert names: a"),
         ("experts: [{name: a, engine: synthetic, device: 'simulated:'}]\n", "need a profile"),
+        ("gateway: {routing_policy: oracle}\nexperts: [{name: a, engine: synthetic}]\n",
+         "gateway.routing_policy: Value error, unknown routing policy 'oracle'; known: cheapest, least_loaded, moe2, "),
         ("experts: [{name: a, engine: synthetic, max_batch: 0}]\n", "experts.0.max_batch"),
         ("experts: [\n", "not valid YAML"),
         ("- just a list\n", "expected a mapping"),
