@@ -35,9 +35,6 @@ E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 12
 ENERGY_BUCKETS_J = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 BUDGET_USE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
-#: device backends whose power is a GPU's (measured or a simulated GPU profile)
-GPU_BACKENDS = ("nvml", "simulated")
-
 
 #: the ``reason`` label of a refusal: a fixed set, so clients cannot grow the series
 REFUSAL_REASONS = frozenset({
@@ -254,7 +251,7 @@ class GatewayCollector:
             rows["waiting"].append((key, p.waiting))
             if p.kv_cache_usage is not None:
                 rows["kv"].append((key, p.kv_cache_usage))
-            gpu = spec is not None and spec.device.backend in GPU_BACKENDS
+            gpu = spec is not None and spec.device.is_gpu
             if p.power_w is not None:
                 rows["gpu" if gpu else "power"].append(([*key, p.energy_source], p.power_w))
             if gpu and p.power_limit_w is not None:
