@@ -22,7 +22,7 @@ from .strict import Strict
 class DeviceSpecBase(Strict):
     """What every backend's spec answers; callers ask these instead of testing backend names."""
 
-    backend: str
+    backend: str = Field(description="Which backend meters the expert's energy; selects the spec class.")
 
     #: its power is a GPU's (measured, or a simulated GPU profile): GPU power/clock metrics apply
     is_gpu: ClassVar[bool] = False
@@ -39,7 +39,7 @@ class DeviceSpecBase(Strict):
 class CpuDeviceSpec(DeviceSpecBase):
     """backend cpu: energy modeled from the process's CPU time (no counter is read)."""
 
-    backend: Literal["cpu"] = "cpu"
+    backend: Literal["cpu"] = Field(default="cpu", description="cpu; also what a mapping without `backend` is.")
     watts_per_core: float = Field(
         default=4.4,
         gt=0,
@@ -52,7 +52,7 @@ class CpuDeviceSpec(DeviceSpecBase):
 class NvmlDeviceSpec(DeviceSpecBase):
     """backend nvml: an NVIDIA GPU's measured energy counter (``nvml:<index>``)."""
 
-    backend: Literal["nvml"] = "nvml"
+    backend: Literal["nvml"] = Field(default="nvml", description="nvml (shorthand `nvml` or `nvml:<index>`).")
     index: int = Field(default=0, ge=0, description="GPU index as NVML numbers them (all GPUs of the host).")
 
     is_gpu: ClassVar[bool] = True
@@ -62,7 +62,7 @@ class NvmlDeviceSpec(DeviceSpecBase):
 class SimulatedDeviceSpec(DeviceSpecBase):
     """backend simulated: a named device's power/latency profile, modeled (``simulated:<profile>``)."""
 
-    backend: Literal["simulated"] = "simulated"
+    backend: Literal["simulated"] = Field(default="simulated", description="simulated (shorthand `simulated:<profile>`).")
     profile: str = Field(default="", description="Profile name, e.g. h100 (workers/devices/profiles). Required.")
     actuation_delay_s: float = Field(
         default=0.0, ge=0, le=120,

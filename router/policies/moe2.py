@@ -15,8 +15,8 @@ Per request (DESIGN.md sections 4 and 10):
    can correct an expert the router has stopped using;
 4. **Score** runs a subset S maximising Q(S) = sum g_i q_i within the budgets
    (``router/selector.py``; with a price, experts with g_i q_i < lam E_i are left out first) and
-   mixes the answers with the weights renormalised over S (``combine``). Cascades take the
-   cheapest feasible expert and the top one, when both together fit.
+   mixes the answers with the weights renormalised over S (``combine`` in ``router/moe2.py``).
+   Cascades take the cheapest feasible expert and the top one, when both together fit.
 
 Nothing fits: ``infeasible: reject`` raises :class:`BudgetInfeasible` naming the cheapest budget
 that would be feasible; ``serve_cheapest`` serves the lowest-energy expert and flags
