@@ -4,15 +4,16 @@ An expert's ``device`` is one of these, told apart by ``backend`` (a pydantic di
 union). ``cpu``, ``nvml:1`` and ``simulated:h100`` are shorthand for the mapping form; a field
 that belongs to another backend (``{backend: cpu, index: 1}``) is refused by name.
 
-The implementations live in ``workers/devices/<backend>.py``, which maps each backend name to its
-spec class and factory. The specs live here, not beside them, because :class:`ExpertSpec
-<wattserve.specs.ExpertSpec>` validates them and this package imports nothing above it. A new
-backend is a spec class here (added to :data:`DEVICE_SPECS`) and its module in ``workers/devices/``.
+The implementations live in ``workers/devices/<backend>.py`` and ``workers.devices.BACKENDS`` maps
+each backend name to its spec class and factory. The specs live here, not beside them, because
+:class:`ExpertSpec <wattserve.specs.ExpertSpec>` validates them and this package imports nothing
+above it. A new backend is a spec class here (joined to the union below), its module in
+``workers/devices/`` and its line in ``BACKENDS``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BeforeValidator, Field, TypeAdapter, model_validator
 
@@ -80,8 +81,9 @@ class SimulatedDeviceSpec(DeviceSpecBase):
         return self
 
 
-#: every backend's spec; the order is the order errors and docs list them in
-DEVICE_SPECS: tuple[type[DeviceSpecBase], ...] = (CpuDeviceSpec, NvmlDeviceSpec, SimulatedDeviceSpec)
+_AnyDeviceSpec = CpuDeviceSpec | NvmlDeviceSpec | SimulatedDeviceSpec  # a new backend's spec joins here
+#: every backend's spec, in the order errors list them
+DEVICE_SPECS: tuple[type[DeviceSpecBase], ...] = get_args(_AnyDeviceSpec)
 _BY_BACKEND: dict[str, type[DeviceSpecBase]] = {cls.model_fields["backend"].default: cls for cls in DEVICE_SPECS}
 
 
@@ -117,7 +119,7 @@ def _refuse_foreign_fields(cls: type[DeviceSpecBase], value: dict) -> None:
 
 
 DeviceSpec = Annotated[
-    CpuDeviceSpec | NvmlDeviceSpec | SimulatedDeviceSpec,
+    _AnyDeviceSpec,
     Field(discriminator="backend"),
     BeforeValidator(_expand),
 ]
