@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from wattserve.specs import DeviceSpec, ExpertSpec, GgufPackageSource
+from wattserve.devices import CpuDeviceSpec
+from wattserve.specs import ExpertSpec, GgufPackageSource
 from wattserve.types import GenerateCall, SamplingParams
 from workers.devices import open_device
 from workers.engines.torch_engine import TorchEngine
@@ -77,7 +78,7 @@ def main() -> None:
     spec = ExpertSpec(name="bench", model={"kind": "local", "path": str(model_dir)},
                       engine={"kind": "torch", "threads": args.threads}, max_batch=args.requests)
     engine = TorchEngine(model_dir, spec)
-    loop = EngineLoop(engine, open_device(DeviceSpec(backend="cpu")), max_queue=args.requests)
+    loop = EngineLoop(engine, open_device(CpuDeviceSpec()), max_queue=args.requests)
     loop.start()
     sampling = SamplingParams(ignore_eos=True)
 

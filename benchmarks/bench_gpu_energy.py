@@ -25,7 +25,8 @@ from pathlib import Path
 
 from bench_batching import PROMPTS, run
 
-from wattserve.specs import DeviceSpec, ExpertSpec
+from wattserve.devices import DeviceSpecBase, NvmlDeviceSpec, parse_device_spec
+from wattserve.specs import ExpertSpec
 from wattserve.types import GenerateCall, SamplingParams
 from workers.devices import open_device
 from workers.engines.torch_engine import TorchEngine
@@ -50,7 +51,7 @@ def random_weights_copy(arch_dir: Path, out_dir: Path, dtype: str) -> Path:
     return out_dir
 
 
-def measure(engine: TorchEngine, device_spec: DeviceSpec, args) -> dict[str, dict[str, float]]:
+def measure(engine: TorchEngine, device_spec: DeviceSpecBase, args) -> dict[str, dict[str, float]]:
     """Sequential then batched through one engine loop metered by ``device_spec``."""
     device = open_device(device_spec, model_params=engine.info.params)
     loop = EngineLoop(engine, device, max_queue=args.requests)
@@ -104,8 +105,8 @@ def main() -> None:
         print(f"model {Path(args.model_dir).name}{' (random weights)' if args.random_weights else ''}: "
               f"{engine.info.params / 1e6:.1f}M params, {args.dtype} on {args.device}, "
               f"{args.requests} requests x {args.max_tokens} tokens")
-        sources = {"measured": DeviceSpec(backend="nvml", index=args.gpu_index),
-                   "modeled": DeviceSpec.model_validate(f"simulated:{args.profile}")}
+        sources = {"measured": NvmlDeviceSpec(index=args.gpu_index),
+                   "modeled": parse_device_spec(f"simulated:{args.profile}")}
         results = {name: measure(engine, spec_, args) for name, spec_ in sources.items() if name in args.sources}
     for name, by_mode in results.items():
         for mode, r in by_mode.items():

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 # 2-core host ran bare llama.cpp 5-20x slower. Bare gets the same setting.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-WATTS_PER_CORE = 4.4  # the cpu device's default model (DeviceSpec.watts_per_core)
+WATTS_PER_CORE = 4.4  # the cpu device's default model (CpuDeviceSpec.watts_per_core)
 MAX_MODEL_LEN = 512
 PROMPTS = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from router.base import Candidate, RequestFeatures, RouterSettings  # noqa: E402
 from router.cost import CostModel  # noqa: E402
 from router.gate import PriorGate  # noqa: E402
-from router.moe2 import MoE2  # noqa: E402
+from router.policies.moe2 import MoE2  # noqa: E402
 from router.selector import Item, exhaustive_subset, select_subset  # noqa: E402
 from wattserve.types import ExpertProfile  # noqa: E402
 

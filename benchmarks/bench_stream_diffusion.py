@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.tiny_diffusion import build_diffusion_model  # noqa: E402
+from wattserve.devices import CpuDeviceSpec, parse_device_spec  # noqa: E402
 from wattserve.images import CfgType, ImageParams, ImageStreamCall, SimilarityFilterParams  # noqa: E402
-from wattserve.specs import DeviceSpec, DiffusionEngineSpec  # noqa: E402
+from wattserve.specs import DiffusionEngineSpec  # noqa: E402
 from workers.devices import open_device  # noqa: E402
 from workers.diffusion.components import DiffusionModel  # noqa: E402
 from workers.diffusion.loop import DiffusionLoop  # noqa: E402
@@ -77,7 +78,7 @@ def clip(kind: str, frames: int, width: int, height: int, seed: int = 0) -> list
 
 
 class Run:
-    device_spec = DeviceSpec(backend="cpu")  # main() sets --energy
+    device_spec = CpuDeviceSpec()  # main() sets --energy
 
     def __init__(self, model, engine, cfg, similarity=None, stream_batch=True) -> None:
         self.loop = DiffusionLoop(model, open_device(self.device_spec, model_params=model.params), engine)
@@ -211,7 +212,7 @@ def main() -> None:
     p.add_argument("--energy", default="cpu", help="device backend metering it: cpu (modeled), nvml (measured), simulated:<profile>")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
-    Run.device_spec = DeviceSpec.model_validate(args.energy)
+    Run.device_spec = parse_device_spec(args.energy)
     result = bench(args)
     report(result)
     if args.json:

@@ -1,7 +1,7 @@
 """The router's seam: plain-value inputs, a ranked plan out. No Ray, no gRPC.
 
 The gateway builds a :class:`RequestFeatures` and one :class:`Candidate` per expert replica from
-its latest telemetry, asks a :class:`RoutingPolicy` for a :class:`Plan`, and dispatches to the
+its latest telemetry, asks a routing policy (``router/policies/``) for a :class:`Plan`, and dispatches to the
 plan's candidates in order (the next one if a replica turns out to be full). Every decision is a
 pure function of these values, so it can be unit-tested and replayed offline.
 """
@@ -9,9 +9,9 @@ pure function of these values, so it can be unit-tested and replayed offline.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from wattserve.types import ExpertProfile, Priority
 
@@ -111,10 +111,3 @@ class Plan:
     def experts(self) -> tuple[str, ...]:
         """The experts this plan uses: S, or the first candidate's expert."""
         return self.subset or ((self.ranked[0].expert,) if self.ranked else ())
-
-
-class RoutingPolicy(Protocol):
-    name: str
-
-    def plan(self, request: RequestFeatures, candidates: Sequence[Candidate]) -> Plan:
-        """Rank ``candidates`` for ``request``. Raises NoHealthyExpert if none can serve it."""

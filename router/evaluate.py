@@ -3,11 +3,11 @@
 Each expert is a column of per-prompt quality in the data plus an energy profile
 (``router/eval_profiles.py``: a measured ML.ENERGY row, a stand-in's row, or a size law fitted
 on those rows, each labelled so). Every held-out prompt goes through the *serving* policy objects
-(``router/policies.py``, ``router/moe2.py``) with a candidate per expert whose live profile is
+(``router/policies/``) with a candidate per expert whose live profile is
 that row, so the cost model and the selector run exactly as online. A policy with a knob is
 swept into a curve:
 
-- ``moe2``: the price of energy ``quality_per_j`` (k = 1: argmax q - price E, see router/moe2.py);
+- ``moe2``: the price of energy ``quality_per_j`` (k = 1: argmax q - price E, see router/policies/moe2.py);
 - ``threshold`` (RouteLLM): the strongest expert when the gate predicts it gains at least tau over
   the *cheapest* expert, else the cheapest;
 - ``random`` (RouteLLM's random router): the strongest with probability p, else the cheapest;

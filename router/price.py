@@ -1,6 +1,6 @@
 """The price of energy: how much quality a joule is worth, fixed by an operator or derived online.
 
-Generate answers with argmax_i q_i(x) - lam E_i(x) (``router/moe2.py``). ``lam`` is in quality
+Generate answers with argmax_i q_i(x) - lam E_i(x) (``router/policies/moe2.py``). ``lam`` is in quality
 units per joule: at lam = 0.02, an expert must predict 0.1 more quality to be worth 5 J more.
 
 Two ways to set it (DESIGN.md section 10):

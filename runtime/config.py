@@ -3,7 +3,7 @@
 ``load_config(path)`` returns a :class:`WattserveConfig` or raises ``ConfigError`` whose message
 names the file and the dotted path of every bad key, e.g.::
 
-    configs/local.yaml: experts.1.device.backnd: unknown key (allowed: backend, index, ...)
+    configs/local.yaml: experts.1.device.nvml.indx: unknown key (allowed: backend, index)
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from router.policies import policy_names
 from router.price import DEFAULT_QUALITY_PER_J
 from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
@@ -92,10 +93,19 @@ class GatewayConfig(Strict):
         description="A request whose expert fails before it streamed any token is retried once on another "
         "eligible replica (one that streamed tokens ends with UNAVAILABLE instead).",
     )
-    routing_policy: Literal["least_loaded", "random", "round_robin", "cheapest", "strongest", "threshold", "moe2"] = Field(
+    routing_policy: str = Field(
         default="least_loaded",
-        description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline.",
+        description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline; one of "
+        + ", ".join(policy_names()) + ".",
     )
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        # The registry, not this file, knows the policies: a new policy module is selectable at once.
+        if name not in policy_names():
+            raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}")
+        return name
 
 
 class CostPriorConfig(Strict):
@@ -354,13 +364,18 @@ def _models_in(annotation) -> list[type[Strict]]:
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
+def _tag(model: type[Strict], field: str) -> object:
+    """The discriminator value a union member is chosen by (``kind`` or ``backend``), if any."""
+    return getattr(model.model_fields.get(field), "default", None)
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     """Best effort: the keys allowed where an unknown key ``loc[-1]`` was found."""
     models: list[type[Strict]] = [WattserveConfig]
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        by_tag = [m for m in models if getattr(m.model_fields.get("kind"), "default", None) == part]
+        by_tag = [m for m in models if part in (_tag(m, "kind"), _tag(m, "backend"))]
         if by_tag:  # a discriminated union puts the tag in the location
             models = by_tag
             continue
@@ -423,8 +438,8 @@ def load_config(path: str | Path) -> WattserveConfig:
 
 def config_reference() -> str:
     """Markdown reference of every config key, generated from the models (docs/config.md)."""
+    from wattserve.devices import CpuDeviceSpec, NvmlDeviceSpec, SimulatedDeviceSpec
     from wattserve.specs import (
-        DeviceSpec,
         DiffusionEngineSpec,
         EarlyExitSpec,
         GgufPackageSource,
@@ -461,7 +476,9 @@ def config_reference() -> str:
         ("experts[].engine (kind: vllm)", VllmEngineSpec),
         ("experts[].engine (kind: synthetic)", SyntheticEngineSpec),
         ("experts[].engine (kind: diffusion): image experts", DiffusionEngineSpec),
-        ("experts[].device", DeviceSpec),
+        ("experts[].device (backend: cpu)", CpuDeviceSpec),
+        ("experts[].device (backend: nvml)", NvmlDeviceSpec),
+        ("experts[].device (backend: simulated)", SimulatedDeviceSpec),
         ("experts[].resources", ResourceSpec),
         ("auth", AuthConfig),
         ("tls", TlsConfig),

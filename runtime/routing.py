@@ -19,6 +19,7 @@ the same SQLite file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -44,10 +45,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: a policy class, or anything called like one: ``(rng=..., cost=..., settings=...) -> Policy``
+PolicyFactory = Callable[..., Policy]
+
 
 class RoutingService:
     def __init__(self, config: WattserveConfig, *, clock: Callable[[], float] = time.monotonic,
-                 policy: Policy | None = None) -> None:
+                 policy: PolicyFactory | None = None) -> None:
+        """``policy`` (tests): builds the policy instead of ``gateway.routing_policy``; it is called
+        with this service's ``rng``, ``cost`` and ``settings``, so a policy class itself will do."""
         r = config.router
         self.config = config
         self.clock = clock
@@ -64,8 +70,8 @@ class RoutingService:
             alpha=r.cost_ewma_alpha,
         )
         rng = random.Random(r.seed) if r.seed is not None else None
-        self.policy = policy or make_policy(config.gateway.routing_policy, rng=rng, cost=self.cost, settings=self.settings)
-        self.policy.cost, self.policy.settings = self.cost, self.settings
+        build = policy or functools.partial(make_policy, config.gateway.routing_policy)
+        self.policy = build(rng=rng, cost=self.cost, settings=self.settings)
         self.prior_gate = load_gate(None, prior)
         self.gate = load_gate(r.gate_path, prior, r.gate_outputs or None) if r.gate_path else self.prior_gate
         self.ledger = BudgetLedger()

@@ -11,15 +11,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .devices import CpuDeviceSpec, DeviceSpec
+from .strict import Strict
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-
-
-class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 # --- model sources -----------------------------------------------------------------------------
@@ -363,60 +360,6 @@ EngineSpec = Annotated[
 ]
 
 
-# --- devices -----------------------------------------------------------------------------------
-
-
-class DeviceSpec(Strict):
-    """Where an expert's energy comes from. Strings like ``cpu``, ``nvml:1``, ``simulated:h100``
-    are accepted as shorthand."""
-
-    backend: Literal["cpu", "nvml", "simulated"] = Field(
-        default="cpu",
-        description="nvml: measured GPU energy counter; cpu: modeled from the process's CPU time; "
-        "simulated: a named device's power/latency profile (modeled).",
-    )
-    index: int = Field(default=0, ge=0, description="GPU index for nvml.")
-    profile: str | None = Field(default=None, description="Profile name for simulated, e.g. h100.")
-    watts_per_core: float = Field(
-        default=4.4,
-        gt=0,
-        description="cpu: modeled active power per fully busy core. Default 280 W / 64 cores, the "
-        "TDP of an AMD EPYC 7763 (a datasheet figure, not a measurement of this host).",
-    )
-    idle_power_w: float = Field(
-        default=0.0, ge=0, description="cpu: modeled idle power charged per wall-clock second."
-    )
-    actuation_delay_s: float = Field(
-        default=0.0, ge=0, le=120,
-        description="simulated: seconds before a clock lock or power limit takes effect (in-band NVML "
-        "commands act within about a second, out-of-band BMC caps take up to ~40 s).",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            backend, _, arg = value.partition(":")
-            if backend == "nvml":
-                return {"backend": "nvml", "index": int(arg)} if arg else {"backend": "nvml"}
-            if backend == "simulated":
-                return {"backend": "simulated", "profile": arg or None}
-            return {"backend": backend}
-        return value
-
-    @model_validator(mode="after")
-    def _profile_for_simulated(self) -> DeviceSpec:
-        if self.backend == "simulated" and not self.profile:
-            raise ValueError("simulated devices need a profile, e.g. `simulated:h100`")
-        return self
-
-    @property
-    def label(self) -> str:
-        if self.backend == "simulated":
-            return f"simulated:{self.profile}"
-        return f"nvml:{self.index}" if self.backend == "nvml" else self.backend
-
-
 # --- experts -----------------------------------------------------------------------------------
 
 
@@ -439,7 +382,11 @@ class ExpertSpec(Strict):
         description="torch (default), llamacpp (GGUF files), vllm, synthetic, or diffusion (an image expert); a "
         "string is shorthand for the kind.",
     )
-    device: DeviceSpec = Field(default_factory=DeviceSpec, description="Energy source: cpu, nvml[:i] or simulated:<profile>.")
+    device: DeviceSpec = Field(
+        default_factory=CpuDeviceSpec,
+        description="Energy source: cpu, nvml[:i] or simulated:<profile>, or a mapping with `backend` and that "
+        "backend's fields.",
+    )
     replicas: int = Field(default=1, ge=1, le=64, description="Ray actors serving this expert.")
     max_restarts: int = Field(default=3, ge=-1, description="Ray actor restarts; -1 is unlimited.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Ray resources per replica.")

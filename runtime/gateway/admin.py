@@ -102,7 +102,7 @@ class Admin:
             out.append(ReplicaView(
                 expert=s.client.expert, index=s.client.index, healthy=s.healthy and not s.removing, error=s.error,
                 inflight=s.inflight, profile=s.profile, device=spec.device.label if spec else "unknown",
-                gpu=spec is not None and spec.device.backend in GPU_BACKENDS,
+                gpu=spec is not None and spec.device.is_gpu,
             ))
         return out
 
@@ -173,7 +173,3 @@ class Admin:
     def _view(self, status: ScopeStatus) -> BudgetView:
         lam, how = self._routing.price_of_scope(status.scope)
         return BudgetView(status, lam, how)
-
-
-#: device backends whose power is a GPU's (measured or a simulated GPU profile)
-GPU_BACKENDS = ("nvml", "simulated")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-from router.policies import Policy
 from wattserve.errors import WattserveError
 
 from ..admission import Admission
@@ -21,7 +20,7 @@ from ..config import WattserveConfig
 from ..image_metrics import ImageMetrics
 from ..metrics import ServingMetrics
 from ..power.state import PowerState
-from ..routing import RoutingService
+from ..routing import PolicyFactory, RoutingService
 from ..shutdown import StreamDrain
 from ..validation import Validator
 from .admin import Admin
@@ -34,7 +33,7 @@ from .score import ScoreOutcome, score
 
 
 class Gateway:
-    def __init__(self, config: WattserveConfig, clients: list[ReplicaClient], *, policy: Policy | None = None,
+    def __init__(self, config: WattserveConfig, clients: list[ReplicaClient], *, policy: PolicyFactory | None = None,
                  clock: Callable[[], float] = time.monotonic, on_health_change: Callable[[bool], None] | None = None,
                  metrics: ServingMetrics | None = None, image_metrics: ImageMetrics | None = None) -> None:
         gw = config.gateway

@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from wattserve.devices import NvmlDeviceSpec
 from wattserve.errors import DeviceError
 from wattserve.power import CapResult, DeviceSample, GpuSample, PowerCap
-from wattserve.specs import DeviceSpec
 from workers.devices import open_device
 from workers.devices.base import Device
 from workers.devices.control import apply_cap, sample_device
@@ -74,7 +74,7 @@ class NodeAgent:
         devices = {}
         for index in range(count):
             try:
-                devices[f"{self.node}/nvml:{index}"] = open_device(DeviceSpec(backend="nvml", index=index))
+                devices[f"{self.node}/nvml:{index}"] = open_device(NvmlDeviceSpec(index=index))
             except DeviceError as exc:
                 log.warning("node %s: cannot open GPU %d: %s", self.node, index, exc)
         return devices

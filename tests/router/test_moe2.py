@@ -10,8 +10,9 @@ import pytest
 from router.base import Candidate, RequestFeatures, RouterSettings
 from router.cost import CostModel
 from router.gate import PriorGate
-from router.moe2 import MoE2, combine
+from router.moe2 import combine
 from router.policies import make_policy
+from router.policies.moe2 import MoE2
 from router.selector import Item, exhaustive_subset
 from wattserve.errors import BudgetInfeasible
 from wattserve.types import ExpertProfile

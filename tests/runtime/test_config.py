@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import load_config
+from runtime.config import load_config, parse_config
+from wattserve.devices import CpuDeviceSpec, NvmlDeviceSpec, SimulatedDeviceSpec, parse_device_spec
 from wattserve.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -42,6 +43,16 @@ def _write(tmp_path, text):
         ("experts:\n  - name: a\n    engine: torch\n", "needs a `model`"),
         ("experts: [{name: a, engine: synthetic}, {name: a, engine: synthetic}]\n", "duplicate expert names: a"),
         ("experts: [{name: a, engine: synthetic, device: 'simulated:'}]\n", "need a profile"),
+        ("experts: [{name: a, engine: synthetic, device: {backend: cpu, index: 1}}]\n",
+         "experts.0.device: Value error, 'index' is a field of device backend nvml, not cpu (which takes: watts_per_core, idle_power_w)"),
+        ("experts: [{name: a, engine: synthetic, device: {backend: simulated, profile: h100, watts_per_core: 2}}]\n",
+         "'watts_per_core' is a field of device backend cpu, not simulated"),
+        ("experts: [{name: a, engine: synthetic, device: {backend: nvml, indx: 1}}]\n",
+         "experts.0.device.nvml.indx: unknown key (allowed: backend, index)"),
+        ("experts: [{name: a, engine: synthetic, device: tpu}]\n", "expected tags: 'cpu', 'nvml', 'simulated'"),
+        ("experts: [{name: a, engine: synthetic, device: 'cpu:2'}]\n", "device 'cpu' takes no ':<argument>'"),
+        ("gateway: {routing_policy: oracle}\nexperts: [{name: a, engine: synthetic}]\n",
+         "gateway.routing_policy: Value error, unknown routing policy 'oracle'; known: cheapest, least_loaded, moe2, "),
         ("experts: [{name: a, engine: synthetic, max_batch: 0}]\n", "experts.0.max_batch"),
         ("experts: [\n", "not valid YAML"),
         ("- just a list\n", "expected a mapping"),
@@ -66,6 +77,27 @@ def test_shorthands_and_relative_cache_dir(tmp_path):
     assert cfg.experts[0].device.backend == "nvml" and cfg.experts[0].device.index == 1
     assert cfg.experts[1].device.label == "simulated:a100"
     assert cfg.model_cache_dir == str((tmp_path / "cache").resolve())
+
+
+@pytest.mark.parametrize(
+    "device, spec, label, is_gpu",
+    [
+        (None, CpuDeviceSpec, "cpu", False),
+        ("cpu", CpuDeviceSpec, "cpu", False),
+        ({"watts_per_core": 3.0}, CpuDeviceSpec, "cpu", False),  # the mapping form defaults to cpu
+        ("nvml", NvmlDeviceSpec, "nvml:0", True),
+        ("nvml:1", NvmlDeviceSpec, "nvml:1", True),
+        ({"backend": "nvml", "index": 2}, NvmlDeviceSpec, "nvml:2", True),
+        ("simulated:h100", SimulatedDeviceSpec, "simulated:h100", True),
+        ({"backend": "simulated", "profile": "a100", "actuation_delay_s": 2.0}, SimulatedDeviceSpec, "simulated:a100", True),
+    ],
+)
+def test_each_device_form_parses_to_its_backends_spec(device, spec, label, is_gpu):
+    expert = {"name": "a", "engine": "synthetic"} | ({"device": device} if device is not None else {})
+    parsed = parse_config({"experts": [expert]}).experts[0].device
+    assert type(parsed) is spec and parsed.label == label and parsed.is_gpu is is_gpu
+    again = parse_device_spec(parsed.label)  # a label is the shorthand that names the device again
+    assert type(again) is spec and again.label == label
 
 
 def test_config_reference_doc_is_current():

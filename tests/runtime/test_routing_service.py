@@ -8,6 +8,7 @@ import pytest
 from router.base import Candidate
 from router.budget import CLUSTER, BudgetState
 from router.gate_fit import fit_gate, read_labelled
+from router.policies.cheapest import Cheapest
 from runtime.config import parse_config
 from runtime.gateway.request import Request
 from runtime.routing import RoutingService
@@ -75,3 +76,12 @@ async def test_a_deadline_is_a_latency_budget_but_never_a_reason_to_refuse():
     assert (await svc.plan(req(tenant="default"), CANDS, time_left_ms=100.0)).ranked[0].expert == "edge"
     # nothing can finish in 1 ms: served anyway (the engine enforces the deadline), not refused
     assert (await svc.plan(req(tenant="default"), CANDS, time_left_ms=1.0)).ranked[0].expert == "cloud"
+
+
+def test_a_policy_given_to_the_service_is_built_with_its_cost_model_and_settings():
+    svc = RoutingService(config(), policy=Cheapest)
+    assert isinstance(svc.policy, Cheapest)
+    assert svc.policy.cost is svc.cost and svc.policy.settings is svc.settings
+    by_config = RoutingService(config())
+    assert by_config.policy.name == "moe2" and by_config.policy.cost is by_config.cost
+

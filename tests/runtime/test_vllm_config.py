@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from router.base import Candidate, RequestFeatures
-from router.policies import LeastLoaded
+from router.policies.least_loaded import LeastLoaded
 from runtime.config import load_config, parse_config
 from runtime.engine_metrics import merge_metrics
 from wattserve.errors import ConfigError, NoHealthyExpert

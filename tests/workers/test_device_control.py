@@ -13,9 +13,10 @@ import pynvml
 import pytest
 
 from tests.workers.test_devices import FakeClock, FakePynvml, real_nvml  # noqa: F401 - a fixture
+from wattserve.devices import parse_device_spec
 from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
 from wattserve.power import PowerCap
-from wattserve.specs import DeviceSpec, ExpertSpec
+from wattserve.specs import ExpertSpec
 from wattserve.types import GenerateCall, Priority, SamplingParams, StepWork
 from workers.devices import nvml as nvml_module
 from workers.devices import open_device
@@ -280,7 +281,7 @@ def _run_requests(loop: EngineLoop, n: int, tag: str) -> None:
 def test_loop_waits_out_a_modeled_cap_so_measured_costs_move():
     spec = ExpertSpec(name="s", engine={"kind": "synthetic", "model_params": 70_000_000_000}, max_batch=4)
     engine = SyntheticEngine(spec)
-    dev = open_device(DeviceSpec.model_validate("simulated:a100"), model_params=engine.info.params)
+    dev = open_device(parse_device_spec("simulated:a100"), model_params=engine.info.params)
     slept: list[float] = []
     loop = EngineLoop(engine, dev, max_queue=8, sleep=lambda s: (slept.append(s), time.sleep(0))[1])
     loop.start()

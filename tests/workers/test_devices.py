@@ -14,11 +14,11 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from wattserve.devices import DEVICE_SPECS, parse_device_spec
 from wattserve.errors import DeviceError
-from wattserve.specs import DeviceSpec
 from wattserve.types import StepWork
+from workers.devices import BACKENDS, open_device
 from workers.devices import nvml as nvml_module
-from workers.devices import open_device
 from workers.devices.cpu import CpuDevice
 from workers.devices.nvml import NvmlDevice
 from workers.devices.simulated import (
@@ -493,29 +493,36 @@ def test_real_pynvml_without_driver_gives_readable_error():
 
 def test_open_device_builds_each_backend(monkeypatch):
     clock = FakeClock()
-    cpu = open_device(DeviceSpec.model_validate({"backend": "cpu", "watts_per_core": 3.0}), clock=clock)
+    cpu = open_device(parse_device_spec({"backend": "cpu", "watts_per_core": 3.0}), clock=clock)
     assert isinstance(cpu, CpuDevice) and cpu.watts_per_core == 3.0
-    sim = open_device(DeviceSpec.model_validate("simulated:h100"), model_params=135_000_000, clock=clock)
+    sim = open_device(parse_device_spec("simulated:h100"), model_params=135_000_000, clock=clock)
     assert isinstance(sim, SimulatedDevice) and sim.energy_source == "modeled:h100"
     clock.advance(1.0)
     assert sim.energy_j() == pytest.approx(load_profile("h100").idle_w)
     with pytest.raises(DeviceError, match="parameter count"):
-        open_device(DeviceSpec.model_validate("simulated:h100"))
+        open_device(parse_device_spec("simulated:h100"))
     with pytest.raises(DeviceError, match="available"):
-        open_device(DeviceSpec.model_validate("simulated:v100"), model_params=1)
+        open_device(parse_device_spec("simulated:v100"), model_params=1)
     monkeypatch.setattr(nvml_module, "pynvml",
                         FakePynvml(fail={"nvmlInit": pynvml.NVML_ERROR_LIBRARY_NOT_FOUND}))
     with pytest.raises(DeviceError, match="NVML is not available"):
-        open_device(DeviceSpec.model_validate("nvml:0"))
+        open_device(parse_device_spec("nvml:0"))
+
+
+def test_every_device_spec_has_a_backend_whose_module_opens_it():
+    assert {b.spec for b in BACKENDS.values()} == set(DEVICE_SPECS)
+    for name, backend in BACKENDS.items():
+        assert backend.spec.model_fields["backend"].default == name
+        assert callable(backend.factory())
 
 
 def test_factory_imports_pynvml_only_for_nvml():
     code = (
         "import sys\n"
-        "from wattserve.specs import DeviceSpec\n"
+        "from wattserve.devices import parse_device_spec\n"
         "from workers.devices import open_device\n"
-        "open_device(DeviceSpec.model_validate('cpu'))\n"
-        "open_device(DeviceSpec.model_validate('simulated:orin'), model_params=10**9)\n"
+        "open_device(parse_device_spec('cpu'))\n"
+        "open_device(parse_device_spec('simulated:orin'), model_params=10**9)\n"
         "assert 'pynvml' not in sys.modules, 'pynvml imported'\n"
         "assert 'workers.devices.nvml' not in sys.modules\n"
     )

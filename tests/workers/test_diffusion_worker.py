@@ -225,6 +225,7 @@ class FakeWorkDevice(Device):
 
     name = "fake"
     energy_source = "modeled:fake"
+    models_step_work = True
 
     def __init__(self) -> None:
         self.booked = 0.0
@@ -243,7 +244,7 @@ class FakeWorkDevice(Device):
 def test_frame_energy_is_its_share_of_each_phase(worker, cfg):
     """1 J per UNet row and per image encoded or decoded: a frame is charged its own rows over
     its n calls plus its encode and decode, whatever else shared the calls."""
-    loop = DiffusionLoop(worker.model, FakeWorkDevice(), worker.engine, simulated_device=True)
+    loop = DiffusionLoop(worker.model, FakeWorkDevice(), worker.engine)
     call = ImageStreamCall("fake", ImageParams("the cat", negative_prompt="blurry", cfg_type=cfg))
     settings = resolve_settings(call.params, worker.engine, worker.model)
     session = StreamSession(call, settings, worker.model, input_queue_frames=8, output_queue_frames=64, schedule_steps=50)
@@ -262,7 +263,7 @@ def test_frame_energy_is_its_share_of_each_phase(worker, cfg):
 
 def test_simulated_gpu_models_each_phase_from_its_flops(worker, tiny_diffusion_dir):
     device = open_device(spec(tiny_diffusion_dir, device="simulated:h100").device, model_params=worker.model.params)
-    loop = DiffusionLoop(worker.model, device, worker.engine, simulated_device=True)
+    loop = DiffusionLoop(worker.model, device, worker.engine)
     call = ImageStreamCall("sim", ImageParams("the cat", cfg_type=CfgType.FULL))
     settings = resolve_settings(call.params, worker.engine, worker.model)
     session = StreamSession(call, settings, worker.model, input_queue_frames=8, output_queue_frames=8, schedule_steps=50)

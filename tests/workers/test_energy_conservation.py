@@ -16,7 +16,8 @@ import pytest
 
 from tests.workers.test_devices import FakeClock, FakePynvml
 from tests.workers.test_loop import Collector, gen
-from wattserve.specs import DeviceSpec, ExpertSpec
+from wattserve.devices import parse_device_spec
+from wattserve.specs import ExpertSpec
 from workers.devices import nvml as nvml_module
 from workers.devices import open_device
 from workers.devices.nvml import NvmlDevice
@@ -149,7 +150,7 @@ def test_replicas_sharing_one_gpu_add_up_to_its_counter(engines, monkeypatch):
 
 def test_simulated_device_counter_over_a_run_stopped_mid_request(engines):
     clock = FakeClock()
-    device = open_device(DeviceSpec.model_validate("simulated:h100"), model_params=engines[0].info.params, clock=clock)
+    device = open_device(parse_device_spec("simulated:h100"), model_params=engines[0].info.params, clock=clock)
     start_j = device.energy_j()
     loop = EngineLoop(engines[0], device, max_queue=4)
     loop.start()
@@ -174,7 +175,7 @@ def test_simulated_device_counter_over_a_run_stopped_mid_request(engines):
 
 
 def test_cpu_device_counter_over_a_run(engines):
-    device = open_device(DeviceSpec.model_validate("cpu"))
+    device = open_device(parse_device_spec("cpu"))
     start_j = device.energy_j()
     loop = EngineLoop(engines[0], device, max_queue=4)
     loop.start()

@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./dev builds it)")
 
+from wattserve.devices import parse_device_spec  # noqa: E402
 from wattserve.errors import InvalidRequest, ModelSourceError  # noqa: E402
-from wattserve.specs import DeviceSpec, ExpertSpec, GgufPackageSource  # noqa: E402
+from wattserve.specs import ExpertSpec, GgufPackageSource  # noqa: E402
 from wattserve.types import ChatMessage, FinishReason, GenerateCall, SamplingParams, ScoreCall  # noqa: E402
 from workers.devices import open_device  # noqa: E402
 from workers.engines.base import PreparedScore  # noqa: E402
@@ -214,7 +215,7 @@ def test_score_prefers_the_right_answer_and_matches_generation(engine):
 
 
 def test_engine_loop_conserves_energy_with_concurrent_requests(engine):
-    device = open_device(DeviceSpec.model_validate("cpu"), model_params=engine.info.params)
+    device = open_device(parse_device_spec("cpu"), model_params=engine.info.params)
     loop = EngineLoop(engine, device, max_queue=4)
     loop.start()
     try:
@@ -303,7 +304,7 @@ def test_gpu_offload_gives_the_cpu_answer(smol_gguf, engine):
 
 
 def test_abort_through_the_loop_ends_the_stream_and_frees_the_slot(engine):
-    device = open_device(DeviceSpec.model_validate("cpu"), model_params=engine.info.params)
+    device = open_device(parse_device_spec("cpu"), model_params=engine.info.params)
     loop = EngineLoop(engine, device, max_queue=4)
     loop.start()
     events, done = [], threading.Event()

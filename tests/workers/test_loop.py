@@ -8,8 +8,9 @@ import time
 import pytest
 
 from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
+from wattserve.devices import parse_device_spec
 from wattserve.errors import EngineDead, InvalidRequest, QueueFull
-from wattserve.specs import DeviceSpec, ExpertSpec
+from wattserve.specs import ExpertSpec
 from wattserve.types import FinishReason, GenerateCall, SamplingParams
 from workers.devices import open_device
 from workers.engines.torch_engine import TorchEngine
@@ -44,7 +45,7 @@ def engine(tiny_llama):
 
 
 def make_loop(engine, device="cpu", max_queue=2):
-    dev = open_device(DeviceSpec.model_validate(device), model_params=engine.info.params)
+    dev = open_device(parse_device_spec(device), model_params=engine.info.params)
     loop = EngineLoop(engine, dev, max_queue=max_queue)
     loop.start()
     return loop

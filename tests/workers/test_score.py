@@ -7,8 +7,9 @@ import threading
 import pytest
 import torch
 
+from wattserve.devices import parse_device_spec
 from wattserve.errors import InvalidRequest
-from wattserve.specs import DeviceSpec, ExpertSpec
+from wattserve.specs import ExpertSpec
 from wattserve.types import GenerateCall, SamplingParams, ScoreCall
 from workers.devices import open_device
 from workers.engines.synthetic import SyntheticEngine, fake_logprob
@@ -50,7 +51,7 @@ def test_synthetic_score_is_deterministic():
 
 
 def test_scoring_between_steps_is_metered_and_leaves_generation_alone(engine):
-    dev = open_device(DeviceSpec.model_validate("simulated:h100"), model_params=engine.info.params)
+    dev = open_device(parse_device_spec("simulated:h100"), model_params=engine.info.params)
     loop = EngineLoop(engine, dev, max_queue=4)
     loop.start()
     try:
@@ -81,7 +82,7 @@ def test_scoring_between_steps_is_metered_and_leaves_generation_alone(engine):
 
 def test_generation_reports_its_mean_token_log_prob(engine):
     """The confidence the cascade reads: mean log p of the generated tokens under the model."""
-    dev = open_device(DeviceSpec.model_validate("cpu"), model_params=engine.info.params)
+    dev = open_device(parse_device_spec("cpu"), model_params=engine.info.params)
     loop = EngineLoop(engine, dev, max_queue=4)
     loop.start()
     try:

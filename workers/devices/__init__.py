@@ -1,22 +1,43 @@
 """Device backends behind one interface (:class:`~workers.devices.base.Device`).
 
-:func:`open_device` imports a backend only in the branch that chooses it, so ``pynvml`` is
-imported only when an expert asks for ``nvml``.
+:data:`BACKENDS` maps each backend name to its spec class (``wattserve/devices.py``) and the
+module whose ``open_from_spec`` builds it. :func:`open_device` imports that module only when an
+expert asks for the backend, so ``pynvml`` is imported only for ``nvml``.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from wattserve.devices import CpuDeviceSpec, DeviceSpecBase, NvmlDeviceSpec, SimulatedDeviceSpec
 from wattserve.errors import DeviceError
-from wattserve.specs import DeviceSpec
-from workers.devices.base import Device
+from workers.devices.base import Device, DeviceContext
 
-__all__ = ["Device", "open_device"]
+__all__ = ["BACKENDS", "Backend", "Device", "DeviceContext", "open_device"]
 
 
-def open_device(spec: DeviceSpec, *, model_params: int = 0,
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One device backend: the spec it is configured by and the module that opens it."""
+
+    spec: type[DeviceSpecBase]
+    module: str  # defines ``open_from_spec(spec, context) -> Device``
+
+    def factory(self) -> Callable[[DeviceSpecBase, DeviceContext], Device]:
+        return importlib.import_module(self.module).open_from_spec
+
+
+BACKENDS: dict[str, Backend] = {
+    "cpu": Backend(CpuDeviceSpec, "workers.devices.cpu"),
+    "nvml": Backend(NvmlDeviceSpec, "workers.devices.nvml"),
+    "simulated": Backend(SimulatedDeviceSpec, "workers.devices.simulated"),
+}
+
+
+def open_device(spec: DeviceSpecBase, *, model_params: int = 0,
                 clock: Callable[[], float] | None = None, include_child_processes: bool = False) -> Device:
     """Open the device ``spec`` names.
 
@@ -27,24 +48,8 @@ def open_device(spec: DeviceSpec, *, model_params: int = 0,
     descendants (engines such as vLLM compute in child processes).
     Raises :class:`DeviceError` when the backend cannot be opened.
     """
-    clock = clock or time.monotonic
-    if spec.backend == "cpu":
-        from workers.devices.cpu import CpuDevice
-
-        return CpuDevice(spec.watts_per_core, spec.idle_power_w, clock=clock,
-                         include_children=include_child_processes)
-    if spec.backend == "nvml":
-        from workers.devices.nvml import NvmlDevice
-
-        return NvmlDevice(spec.index, clock=clock)
-    if spec.backend == "simulated":
-        from workers.devices.simulated import SimulatedDevice, load_profile
-
-        if model_params <= 0:
-            raise DeviceError(
-                f"device simulated:{spec.profile} needs the model's parameter count "
-                "(open_device(..., model_params=N)) to model step latency and energy"
-            )
-        return SimulatedDevice(load_profile(spec.profile or ""), model_params, clock=clock,
-                               actuation_delay_s=spec.actuation_delay_s)
-    raise DeviceError(f"unknown device backend {spec.backend!r}")
+    backend = BACKENDS.get(spec.backend)
+    if backend is None or not isinstance(spec, backend.spec):
+        raise DeviceError(f"unknown device backend {spec.backend!r}; known: {', '.join(BACKENDS)}")
+    context = DeviceContext(model_params, clock or time.monotonic, include_child_processes)
+    return backend.factory()(spec, context)

@@ -18,14 +18,29 @@ limit. A backend that cannot do one raises :class:`~wattserve.errors.ActuationUn
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from wattserve.errors import ActuationUnavailable
 from wattserve.power import DeviceControl
 from wattserve.types import StepWork
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceContext:
+    """What opening a device may need besides its spec."""
+
+    model_params: int  # parameters held on the device (a modeled device's work model needs them)
+    clock: Callable[[], float]  # seconds, monotonic
+    include_child_processes: bool  # cpu: also charge the CPU time of this process's descendants
+
+
 class Device(abc.ABC):
     """One accelerator, or the CPU share of one process, that an expert runs on."""
+
+    #: whether energy and latency are modeled from the work each step describes (StepWork), so
+    #: an engine must describe it (FLOPs, tokens) rather than just bracket the step
+    models_step_work: bool = False
 
     @property
     @abc.abstractmethod

@@ -23,8 +23,15 @@ import os
 import time
 from collections.abc import Callable
 
+from wattserve.devices import CpuDeviceSpec
 from wattserve.power import DeviceControl
-from workers.devices.base import Device
+from workers.devices.base import Device, DeviceContext
+
+
+def open_from_spec(spec: CpuDeviceSpec, context: DeviceContext) -> CpuDevice:
+    """The ``cpu`` backend's factory (``workers.devices.BACKENDS``)."""
+    return CpuDevice(spec.watts_per_core, spec.idle_power_w, clock=context.clock,
+                     include_children=context.include_child_processes)
 
 
 class ProcessTreeCpuTime:

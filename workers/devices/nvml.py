@@ -35,9 +35,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from wattserve.devices import NvmlDeviceSpec
 from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
 from wattserve.power import DeviceControl
-from workers.devices.base import Device
+from workers.devices.base import Device, DeviceContext
 from workers.devices.gpu_share import GpuEnergyShare
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ except ImportError:  # nvidia-ml-py is a dependency; keep the error readable if 
     pynvml = None  # type: ignore[assignment]
 
 NO_NVML = "NVML is not available on this host (no NVIDIA driver): use device: cpu or simulated:<profile>"
+
+
+def open_from_spec(spec: NvmlDeviceSpec, context: DeviceContext) -> NvmlDevice:
+    """The ``nvml`` backend's factory (``workers.devices.BACKENDS``)."""
+    return NvmlDevice(spec.index, clock=context.clock)
 
 
 def nvml_error(exc: Exception, what: str, index: int) -> DeviceError:

@@ -43,10 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from wattserve.devices import SimulatedDeviceSpec
 from wattserve.errors import DeviceError, InvalidRequest
 from wattserve.power import DeviceControl
 from wattserve.types import StepWork
-from workers.devices.base import Device
+from workers.devices.base import Device, DeviceContext
 
 PROFILES_RESOURCE = "profiles/profiles.json"
 
@@ -254,6 +255,17 @@ def load_profile(name: str) -> DeviceProfile:
     return profile_from_entry(key, profiles[key])
 
 
+def open_from_spec(spec: SimulatedDeviceSpec, context: DeviceContext) -> SimulatedDevice:
+    """The ``simulated`` backend's factory (``workers.devices.BACKENDS``)."""
+    if context.model_params <= 0:
+        raise DeviceError(
+            f"device simulated:{spec.profile} needs the model's parameter count "
+            "(open_device(..., model_params=N)) to model step latency and energy"
+        )
+    return SimulatedDevice(load_profile(spec.profile), context.model_params, clock=context.clock,
+                           actuation_delay_s=spec.actuation_delay_s)
+
+
 # --- the device --------------------------------------------------------------------------------
 
 
@@ -273,6 +285,8 @@ class SimulatedDevice(Device):
     ``actuation_delay_s`` after they are issued (on ``clock``), as in-band NVML commands do after
     a short delay and out-of-band (BMC) caps after up to tens of seconds.
     """
+
+    models_step_work = True
 
     def __init__(
         self,

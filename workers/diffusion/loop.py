@@ -75,7 +75,7 @@ class _Counters:
 
 
 class DiffusionLoop:
-    def __init__(self, model, device: Device, engine: DiffusionEngineSpec, *, simulated_device: bool = False,
+    def __init__(self, model, device: Device, engine: DiffusionEngineSpec, *,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.model = model
@@ -87,7 +87,7 @@ class DiffusionLoop:
         self.ledger = EnergyLedger(device.energy_source)
         self._lock = threading.Lock()
         self.meter = Meter(device, self.ledger, self._lock, model.synchronize, model.params,
-                           FlopEstimator(model) if simulated_device else None)
+                           FlopEstimator(model) if device.models_step_work else None)
         self._wake = threading.Event()
         self._opening: list[_Opening] = []
         self._sessions: dict[str, StreamSession] = {}

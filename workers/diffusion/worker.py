@@ -59,8 +59,7 @@ class ImageExpertWorker(GovernedDevice):
         self.exit_on_failure = exit_on_failure
         self.model = DiffusionModel(spec.model.path, self.engine, label=spec.model_label)
         self.device = open_device(spec.device, model_params=self.model.params)
-        self.loop = DiffusionLoop(self.model, self.device, self.engine,
-                                  simulated_device=spec.device.backend == "simulated", on_fatal=self._on_fatal)
+        self.loop = DiffusionLoop(self.model, self.device, self.engine, on_fatal=self._on_fatal)
         self.loop.start()
         self._init_governed()
         log.info("image expert %s/%d ready: %s on %s (%s), %d params", spec.name, replica, self.model.label,

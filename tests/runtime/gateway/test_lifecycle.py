@@ -11,7 +11,7 @@ import contextlib
 import pytest
 
 from router.base import Plan
-from router.policies import by_expert, eligible
+from router.policies.base import by_expert, eligible
 from runtime.config import parse_config
 from runtime.gateway import Chunk, Final, Gateway, Request
 from tests.fakes import FakeReplicaClient
@@ -26,6 +26,9 @@ class FakePolicy:
 
     def __init__(self, order: list[str], cascade: tuple[str, str] | None = None, below: float = -1.0) -> None:
         self.order, self.cascade, self.below = order, cascade, below
+
+    def __call__(self, **_):  # the routing service builds its policy from a factory: this one is ready
+        return self
 
     def plan(self, request, candidates) -> Plan:
         groups = by_expert(eligible(request, candidates))
