@@ -10,7 +10,8 @@ from router.budget import CLUSTER, BudgetState
 from router.gate_fit import fit_gate, read_labelled
 from runtime.config import parse_config
 from runtime.routing import RouteRequest, RoutingService
-from tests.router.test_gate import FakeEncoder, _synthetic_csv
+from tests.fakes import FakeEncoder
+from tests.router.test_gate import _synthetic_csv
 from tests.router.test_moe2 import prof
 from wattserve.errors import BudgetExhausted, InvalidRequest
 from wattserve.types import Priority
