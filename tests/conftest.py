@@ -27,9 +27,10 @@ def pytest_addoption(parser):
     )
 
 
-def pytest_report_header(config):
+def pytest_terminal_summary(terminalreporter, config):
     seed = config.getoption("--shuffle-seed")
-    return None if seed is None else f"shuffled order: --shuffle-seed {seed}"
+    if seed is not None:  # in the summary, where -q still shows it: what reproduces this order
+        terminalreporter.write_line(f"shuffled order: --shuffle-seed {seed}")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest regroups tests by parametrized fixtures
