@@ -29,9 +29,9 @@ import torch
 from wattserve.specs import EarlyExitSpec, ExpertSpec, GgufPackageSource
 from wattserve.types import GenerateCall, SamplingParams
 from workers.engines.torch_engine import TorchEngine
-from workers.engines.torch_engine.adapters import FitSettings, save_adapters
-from workers.engines.torch_engine.exit_control import ExitControl
-from workers.engines.torch_engine.exit_jobs import calibrate_engine, fit_adapters, record
+from workers.engines.torch_engine.early_exit.adapters import FitSettings, save_adapters
+from workers.engines.torch_engine.early_exit.control import ExitControl
+from workers.engines.torch_engine.early_exit.jobs import calibrate_engine, fit_adapters, record
 from workers.models import default_cache_dir, prepare_model
 
 DATA = Path("/work/shared/data/routing/routellm")

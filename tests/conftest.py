@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -16,6 +17,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Packaged models are converted once into the repo's cache, as `./dev` does, and reused.
 os.environ.setdefault("WATTSERVE_CACHE_DIR", str(ROOT / ".cache" / "wattserve"))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shuffle-seed", type=int, default=None, metavar="N",
+        help="run modules, and the tests inside each module, in an order shuffled by seed N "
+        "(every test must pass alone and in any order; modules stay whole so module fixtures start once)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    seed = config.getoption("--shuffle-seed")
+    if seed is not None:  # in the summary, where -q still shows it: what reproduces this order
+        terminalreporter.write_line(f"shuffled order: --shuffle-seed {seed}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest regroups tests by parametrized fixtures
+def pytest_collection_modifyitems(config, items):
+    seed = config.getoption("--shuffle-seed")
+    if seed is None:
+        return
+    rng = random.Random(seed)
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    modules = list(by_module.values())
+    rng.shuffle(modules)
+    items[:] = []
+    for tests in modules:
+        rng.shuffle(tests)
+        items.extend(tests)
 
 
 @pytest.fixture(scope="session")

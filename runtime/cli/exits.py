@@ -55,7 +55,7 @@ def _expert_engine(args, drop_adapters: bool):
 
 
 def _documents(args):
-    from workers.engines.torch_engine.calibrate import read_documents
+    from workers.engines.torch_engine.early_exit.calibrate import read_documents
 
     docs = read_documents(args.data)
     if not docs:
@@ -64,7 +64,7 @@ def _documents(args):
 
 
 def _record(engine, docs, args):
-    from workers.engines.torch_engine.exit_jobs import record
+    from workers.engines.torch_engine.early_exit.jobs import record
 
     say(f"{len(docs)} documents from {args.data}; continuing each for {args.new_tokens} tokens at full depth")
     return record(
@@ -74,7 +74,7 @@ def _record(engine, docs, args):
 
 
 def cmd_calibrate(args) -> int:
-    from workers.engines.torch_engine.exit_jobs import calibrate_engine
+    from workers.engines.torch_engine.early_exit.jobs import calibrate_engine
 
     docs = _documents(args)
     engine, cache, configured = _expert_engine(args, drop_adapters=False)
@@ -99,8 +99,8 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from workers.engines.torch_engine.adapters import FitSettings, save_adapters
-    from workers.engines.torch_engine.exit_jobs import fit_adapters
+    from workers.engines.torch_engine.early_exit.adapters import FitSettings, save_adapters
+    from workers.engines.torch_engine.early_exit.jobs import fit_adapters
 
     docs = _documents(args)
     engine, cache, configured = _expert_engine(args, drop_adapters=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from router.gate import (
     load_minilm_tokenizer,
 )
 from router.gate_fit import count_truncated, embed_cached, fit_gate, prompt_sha1, read_labelled, report
+from tests.fakes import FakeEncoder
 from wattserve.errors import ConfigError, InvalidRequest
 
 
@@ -33,19 +33,6 @@ def _routellm() -> Path:
 
 
 ROUTELLM = _routellm()
-
-
-class FakeEncoder:
-    """Bag of hashed words, 384 dims, L2-normalised: stands in for MiniLM where speed matters."""
-
-    dim = 384
-
-    def encode(self, texts, batch_size=32):
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, zlib.crc32(w.encode()) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def test_prior_gate_is_a_softmax_of_prior_logits():

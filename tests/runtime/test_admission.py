@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 
 from runtime.admission import MIN_RETRY_MS, Admission, RateLimit
+from tests.fakes import FakeClock
 from wattserve.errors import QueueFull
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_server_and_tenant_caps_refuse_with_a_hint():
@@ -55,14 +48,14 @@ def test_a_tenant_between_two_requests_keeps_its_share_for_a_while():
     clock = FakeClock()
     adm = Admission(8, fair_share_above=0.5, clock=clock)
     adm.release(adm.acquire("calm"))  # one request, done: calm holds nothing now
-    clock.now += 0.5  # ... and is about to send the next one
+    clock.advance(0.5)  # ... and is about to send the next one
     flood = []
     with pytest.raises(QueueFull, match="fair share"):
         while True:
             flood.append(adm.acquire("flood"))
     assert len(flood) == 4  # half the server, not all of it: calm finds room
     adm.release(adm.acquire("calm"))
-    clock.now += 10.0  # calm went quiet (well past 4 mean durations): the flooder may take the rest
+    clock.advance(10.0)  # calm went quiet (well past 4 mean durations): the flooder may take the rest
     assert adm.fair_share("flood") == 8 and "calm" not in adm.last_seen_s
 
 
@@ -78,7 +71,7 @@ def test_retry_hint_follows_request_duration():
     adm = Admission(2, clock=clock)
     for _ in range(50):
         t = adm.acquire("a")
-        clock.now += 2.0
+        clock.advance(2.0)
         adm.release(t)
     assert 1900 < adm.duration_ms < 2100
     held = [adm.acquire("a"), adm.acquire("a")]
@@ -92,7 +85,7 @@ def test_rate_limit_allows_bursts_then_the_rate():
     clock = FakeClock()
     limit = RateLimit(10.0, 3, clock)
     assert [limit.take() for _ in range(4)] == [True, True, True, False]
-    clock.now += 0.1
+    clock.advance(0.125)  # 1.25 tokens (0.1 s after t=100 is 0.9999... of one in floats)
     assert limit.take() and not limit.take()
-    clock.now += 10.0
+    clock.advance(10.0)
     assert sum(limit.take() for _ in range(10)) == 3  # the bucket holds at most the burst

@@ -289,9 +289,19 @@ async def test_mutual_tls_needs_a_client_certificate(ray_session, pki):
         await srv.stop()
 
 
-# -- last: nothing above may have logged a secret ----------------------------------------------------------
+# -- no secret in any log line: this test's own calls, and whatever ran before it in the module ----------
 async def test_no_secret_in_any_log_line(server, logs):
-    await _grpc_call(server, "GetStatus", WRONG)  # one more failure, right before looking
+    every_key = (None, WRONG, KEYS["acme"], KEYS["beta"], KEYS["ops"])
+    for method in GRPC_MATRIX:  # SetEnergyBudget with the operator key logs the budget change
+        for key in every_key:
+            await _grpc_call(server, method, key)
+    for header in ("Basic " + KEYS["ops"], "Bearer a b", KEYS["ops"], "bearer " + KEYS["acme"]):
+        await _grpc_call(server, "GetStatus", header=header)
+    await _grpc_call(server, "Generate", KEYS["acme"], tenant="beta")  # another tenant: refused
+    body = {"model": "guarded", "prompt": "a b", "max_tokens": 2}
+    for method, path in HTTP_MATRIX:
+        for key in every_key:
+            await _http(server, method, path, key, **({"json": body} if method == "POST" else {}))
     text = "\n".join(logs.lines)
     assert "energy budget of tenant:beta" in text and "by ops" in text, "the capture sees the server's own logs"
     for secret in (*KEYS.values(), WRONG):

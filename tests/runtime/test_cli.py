@@ -3,6 +3,7 @@ commands against it, then Ctrl-C. Nothing may be left running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from runtime.security.keys import digest_of
@@ -20,9 +22,27 @@ BIN = Path(sys.executable).parent / "wattserve"
 pytestmark = pytest.mark.timeout(240)
 
 
-def _ray_processes() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _ray_processes(server_pid: int) -> list[psutil.Process]:
+    """The Ray head processes (GCS, raylet) under the serve process. Counting every raylet on the
+    machine instead mistook other Ray instances (this session's, another run's) for ours."""
+    try:
+        under = psutil.Process(server_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ours = []
+    for p in under:
+        with contextlib.suppress(psutil.Error):
+            program = (p.cmdline() or [""])[0]
+            if "raylet" in program or "gcs_server" in program:
+                ours.append(p)
+    return ours
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _new_key(role: str, name: str, keys_file: Path) -> str:
@@ -56,10 +76,12 @@ experts:
     max_model_len: 256
 """
     )
-    before = _ray_processes()
     proc, lines, target, _ = start_serve_process(cfg)
+    ray_heads: list[psutil.Process] = []
     try:
         assert target, "server did not come up:\n" + "".join(lines)
+        ray_heads = _ray_processes(proc.pid)
+        assert ray_heads, "the serve process started no Ray head of its own"
         yield target, proc, lines
     finally:
         if proc.poll() is None:
@@ -69,7 +91,7 @@ experts:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    assert _ray_processes() <= before, "ray processes left behind"
+    assert not [p.pid for p in ray_heads if _alive(p)], "ray processes left behind"
 
 
 def _cli(*args: str, key: str | None = None, operator_key: str | None = None) -> subprocess.CompletedProcess:

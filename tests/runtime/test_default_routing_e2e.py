@@ -44,6 +44,10 @@ async def server(ray_session):
     cfg.gateway.port = 0
     cfg.http.port = 0
     cfg.ledger.path = None  # hermetic: no budget use or learned quality from earlier runs
+    # Plans see the start-up telemetry only (the priors): a poll that lands between two requests
+    # would swap edge's prior for its first measured figures or not, by timing alone, and flip
+    # the last long prompt (seen in a shuffled full run on a loaded machine).
+    cfg.gateway.health_interval_s = 3600.0
     cfg.model_cache_dir = str(default_cache_dir())
     srv = WattserveServer(cfg, progress=print)
     await srv.start()

@@ -3,7 +3,6 @@ expert-like objects owning real simulated/NVML-faked devices, an injected clock.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import pytest
@@ -11,34 +10,14 @@ import pytest
 from runtime.power.agent import ExpertTarget, NodeAgent
 from runtime.power.config import PowerConfig
 from runtime.power.governor import PowerGovernor
-from tests.workers.test_device_control import ControlFakePynvml
-from tests.workers.test_devices import FakeClock, real_nvml  # noqa: F401 - a fixture
+from tests.fakes import ControlFakePynvml, FakeActor, FakeClock
+from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
 from wattserve.errors import InvalidRequest
 from wattserve.power import CapLevel, EventKind, PowerCap
 from workers.devices import nvml as nvml_module
 from workers.devices.control import apply_cap, sample_device
 from workers.devices.cpu import CpuDevice
 from workers.devices.simulated import SimulatedDevice
-
-
-class FakeActor:
-    """Stands for a Ray actor handle: ``handle.method.remote(*a)`` returns an awaitable."""
-
-    def __init__(self, obj) -> None:
-        self._obj = obj
-
-    def __getattr__(self, name):
-        method = getattr(self._obj, name)
-
-        class _Method:
-            @staticmethod
-            def remote(*args, **kwargs):
-                async def call():
-                    result = method(*args, **kwargs)
-                    return await result if asyncio.iscoroutine(result) else result
-                return call()
-
-        return _Method()
 
 
 class FakeExpert:

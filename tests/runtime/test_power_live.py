@@ -54,8 +54,19 @@ def config(tmp_path_factory):
 
 @pytest.fixture
 async def stubs(server):
+    """The server's stubs once the governor is at rest: both GPUs reporting, the budget as
+    configured, no level, no lock and idle power, whatever a test before this one left."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield pb_grpc.InferenceStub(ch), pb_grpc.AdminStub(ch)
+        admin = pb_grpc.AdminStub(ch)
+        await admin.SetPowerBudget(pb.SetPowerBudgetRequest(provisioned_power_w=BUDGET_W), timeout=10)
+        await wait_for(admin, at_rest, "the governor at rest", timeout_s=60.0)
+        yield pb_grpc.InferenceStub(ch), admin
+
+
+def at_rest(st: pb.PowerStatus) -> bool:
+    row = st.rows[0]
+    return (len(st.gpus) == 2 and row.telemetry_ok and row.level == "NONE" and row.power_w < 0.5 * row.t1_w
+            and all(not g.HasField("locked_sm_clock_mhz") for g in st.gpus))
 
 
 async def status(admin) -> pb.PowerStatus:
@@ -105,7 +116,7 @@ async def load(inference, per_expert: int = 2):
 
 async def test_status_before_load(stubs):
     _, admin = stubs
-    st = await wait_for(admin, lambda s: len(s.gpus) == 2 and s.rows[0].telemetry_ok, "first telemetry")
+    st = await status(admin)
     assert st.enabled and st.policy == "polca" and st.interval_s == 0.25
     [row] = st.rows
     assert row.name == "cluster" and row.provisioned_power_w == BUDGET_W and row.level == "NONE"
@@ -121,7 +132,7 @@ async def test_load_caps_low_priority_only_then_releases(server, stubs):
         st = await wait_for(admin, lambda s: locked(s, "lp/0") == LP_T1_MHZ, "the low-priority cap")
         assert st.rows[0].level == "T1" and st.rows[0].power_w >= st.rows[0].t1_w
         assert locked(st, "hp/0") is None and not gpu(st, "hp/0").HasField("target_sm_clock_mhz")
-        cap = next(e for e in st.events if e.kind == "cap")
+        cap = next(e for e in reversed(st.events) if e.kind == "cap")  # this load's, not an earlier test's
         assert cap.gpu == "lp/0" and cap.to_sm_clock_mhz == LP_T1_MHZ and "low-priority" in cap.reason
         # the router sees the cap through the expert's profile
         await server.gateway.admin.refresh()

@@ -12,7 +12,8 @@ from router.policies.cheapest import Cheapest
 from runtime.config import parse_config
 from runtime.gateway.request import Request
 from runtime.routing import RoutingService
-from tests.router.test_gate import FakeEncoder, _synthetic_csv
+from tests.fakes import FakeEncoder
+from tests.router.test_gate import _synthetic_csv
 from tests.router.test_moe2 import prof
 from wattserve.errors import BudgetExhausted, InvalidRequest
 from wattserve.types import Priority

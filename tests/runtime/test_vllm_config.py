@@ -11,6 +11,7 @@ from router.base import Candidate, RequestFeatures
 from router.policies.least_loaded import LeastLoaded
 from runtime.config import load_config, parse_config
 from runtime.engine_metrics import merge_metrics
+from tests.fakes import FakeActor
 from wattserve.errors import ConfigError, NoHealthyExpert
 from wattserve.types import ExpertProfile
 
@@ -73,42 +74,33 @@ def test_no_healthy_replica_error_carries_what_the_replicas_say():
         LeastLoaded().plan(RequestFeatures(prompt_chars=1, max_tokens=1, expert="cloud"), [broken])
 
 
-class _Ref:
-    def __init__(self, fail: str | None) -> None:
-        self.fail = fail
+class _Replica:
+    """A replica's readiness answer: True, or the error its start-up died with."""
 
-    def __await__(self):
-        async def answer():
-            if self.fail:
-                raise ConfigError(self.fail)
-            return True
-        return answer().__await__()
-
-
-class _Method:
-    def __init__(self, fail: str | None) -> None:
-        self.fail = fail
-
-    def remote(self):
-        return _Ref(self.fail)
-
-
-class _FakeActor:
     def __init__(self, fail: str | None = None) -> None:
-        self.ready = _Method(fail)
+        self.fail = fail
+
+    async def ready(self) -> bool:
+        if self.fail:
+            raise ConfigError(self.fail)
+        return True
+
+
+def _actor(fail: str | None = None) -> FakeActor:
+    return FakeActor(_Replica(fail))
 
 
 async def test_pool_can_start_without_replicas_that_failed():
     from runtime.cluster import ExpertPool, Replica
 
     pool = ExpertPool([], "/tmp")
-    pool.replicas = {"ok": [Replica("ok", 0, _FakeActor())], "bad": [Replica("bad", 0, _FakeActor("engine exploded"))]}
+    pool.replicas = {"ok": [Replica("ok", 0, _actor())], "bad": [Replica("bad", 0, _actor("engine exploded"))]}
     lines: list[str] = []
     failures = await pool.wait_ready(30, lines.append, require_all=False)
     assert failures == ["wattserve:bad:0: engine exploded"]
     assert any(line.startswith("serving without wattserve:bad:0") for line in lines)
     with pytest.raises(ConfigError, match="experts failed to start: wattserve:bad:0: engine exploded"):
         await pool.wait_ready(30, lines.append)
-    pool.replicas = {"bad": [Replica("bad", 0, _FakeActor("engine exploded"))]}
+    pool.replicas = {"bad": [Replica("bad", 0, _actor("engine exploded"))]}
     with pytest.raises(ConfigError, match="experts failed to start"):  # nothing at all came up
         await pool.wait_ready(30, lines.append, require_all=False)

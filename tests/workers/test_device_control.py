@@ -12,7 +12,8 @@ import time
 import pynvml
 import pytest
 
-from tests.workers.test_devices import FakeClock, FakePynvml, real_nvml  # noqa: F401 - a fixture
+from tests.fakes import ControlFakePynvml, FakeClock
+from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
 from wattserve.devices import parse_device_spec
 from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
 from wattserve.power import PowerCap
@@ -30,48 +31,6 @@ from workers.loop import EngineLoop
 PARAMS = 8_000_000_000
 PREFILL = StepWork(prefill_tokens=2048, batch_size=1)
 DECODE = StepWork(decode_tokens=16, batch_size=16)
-
-
-class ControlFakePynvml(FakePynvml):
-    """FakePynvml plus the control calls, recording every call with its arguments."""
-
-    def __init__(self, *, deny: set[str] = frozenset(), **kw) -> None:
-        super().__init__(**kw)
-        self.calls: list[tuple] = []
-        self.deny = deny
-
-    def _control(self, name, *args):
-        if name in self.deny:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
-        self.calls.append((name, *args))
-
-    def nvmlDeviceSetGpuLockedClocks(self, handle, lo, hi):
-        self._control("nvmlDeviceSetGpuLockedClocks", handle, lo, hi)
-
-    def nvmlDeviceResetGpuLockedClocks(self, handle):
-        self._control("nvmlDeviceResetGpuLockedClocks", handle)
-
-    def nvmlDeviceSetPowerManagementLimit(self, handle, limit_mw):
-        self._control("nvmlDeviceSetPowerManagementLimit", handle, limit_mw)
-
-    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle):
-        return 700_000
-
-    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle):
-        return 200_000, 700_000
-
-    def nvmlDeviceGetMaxClockInfo(self, handle, clock_type):
-        return 1980
-
-    def nvmlDeviceGetSupportedMemoryClocks(self, handle):
-        return [2619, 1593]
-
-    def nvmlDeviceGetSupportedGraphicsClocks(self, handle, mem_mhz):
-        assert mem_mhz == 2619  # the graphics clocks listed at the highest memory clock
-        return [1980, 1965, 900, 345]
-
-    def nvmlDeviceGetUUID(self, handle):
-        return f"GPU-{1234 + handle[1]}".encode()
 
 
 @pytest.fixture

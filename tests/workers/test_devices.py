@@ -14,6 +14,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from tests.fakes import FakeClock, FakePynvml
 from wattserve.devices import DEVICE_SPECS, parse_device_spec
 from wattserve.errors import DeviceError
 from wattserve.types import StepWork
@@ -34,19 +35,6 @@ DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "energy"
 if not DATA_DIR.exists():
     DATA_DIR = Path("/work/shared/data/energy")
 needs_data = pytest.mark.skipif(not DATA_DIR.exists(), reason="shared/data/energy is not present")
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, t: float = 100.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 # --- CPU ---------------------------------------------------------------------------------------
@@ -237,62 +225,6 @@ def test_refit_reproduces_committed_parameters():
 
 
 # --- NVML --------------------------------------------------------------------------------------
-
-
-class FakePynvml:
-    """Stands in for the pynvml module where no NVIDIA driver exists (patched where it is used)."""
-
-    NVMLError = pynvml.NVMLError
-
-    def __init__(self, *, fail: dict[str, int] | None = None, energy_mj=(1_000_000,),
-                 power_mw: int = 250_000, count: int = 1) -> None:
-        self.fail = dict(fail or {})
-        self.energy_mj = list(energy_mj)
-        self.power_mw = power_mw
-        self.count = count
-        self.shutdowns = 0
-
-    def __getattr__(self, name: str):
-        if name.startswith("NVML_"):  # constants: the real module's values
-            return getattr(pynvml, name)
-        raise AttributeError(name)
-
-    def _check(self, function: str) -> None:
-        if function in self.fail:
-            raise pynvml.NVMLError(self.fail[function])
-
-    def nvmlInit(self):
-        self._check("nvmlInit")
-
-    def nvmlShutdown(self):
-        self.shutdowns += 1
-
-    def nvmlDeviceGetCount(self):
-        return self.count
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return ("handle", index)
-
-    def nvmlDeviceGetName(self, handle):
-        return b"NVIDIA H100 80GB HBM3"
-
-    def nvmlDeviceGetUUID(self, handle):
-        return f"GPU-0000000{handle[1]}-fake"
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
-        self._check("nvmlDeviceGetTotalEnergyConsumption")
-        return self.energy_mj.pop(0) if len(self.energy_mj) > 1 else self.energy_mj[0]
-
-    def nvmlDeviceGetPowerUsage(self, handle):
-        self._check("nvmlDeviceGetPowerUsage")
-        return self.power_mw
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
-        return 700_000
-
-    def nvmlDeviceGetClockInfo(self, handle, clock_type):
-        assert clock_type == pynvml.NVML_CLOCK_SM
-        return 1755
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fakes import FakeDevice
 from wattserve.errors import InvalidRequest, QueueFull, RequestAborted
 from wattserve.images import (
     CfgType,
@@ -26,7 +27,6 @@ from wattserve.images import (
 )
 from wattserve.specs import ExpertSpec
 from workers.devices import open_device
-from workers.devices.base import Device
 from workers.diffusion.loop import DiffusionLoop
 from workers.diffusion.session import RawResult, RawSummary, StreamSession
 from workers.diffusion.settings import resolve_settings
@@ -219,32 +219,12 @@ def test_energy_per_frame_is_conserved(worker):
     assert totals.requests_j == pytest.approx(m.session.totals.energy_j, rel=1e-6)  # frames + setup
 
 
-class FakeWorkDevice(Device):
-    """Books exactly one joule per item of described work (UNet rows, images encoded/decoded),
-    so attribution can be checked to the joule."""
-
-    name = "fake"
-    energy_source = "modeled:fake"
-    models_step_work = True
-
-    def __init__(self) -> None:
-        self.booked = 0.0
-
-    def energy_j(self) -> float:
-        return self.booked
-
-    def power_w(self) -> float:
-        return 0.0
-
-    def end_step(self, work) -> None:
-        self.booked += work.batch_size
-
-
 @pytest.mark.parametrize("cfg", list(CfgType))
 def test_frame_energy_is_its_share_of_each_phase(worker, cfg):
     """1 J per UNet row and per image encoded or decoded: a frame is charged its own rows over
     its n calls plus its encode and decode, whatever else shared the calls."""
-    loop = DiffusionLoop(worker.model, FakeWorkDevice(), worker.engine)
+    # 1 J per item of described work (UNet rows, images encoded/decoded): attribution checks to the joule
+    loop = DiffusionLoop(worker.model, FakeDevice(lambda work: work.batch_size), worker.engine)
     call = ImageStreamCall("fake", ImageParams("the cat", negative_prompt="blurry", cfg_type=cfg))
     settings = resolve_settings(call.params, worker.engine, worker.model)
     session = StreamSession(call, settings, worker.model, input_queue_frames=8, output_queue_frames=64, schedule_steps=50)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.engines.torch_engine.early_exit import (
+from workers.engines.torch_engine.early_exit.decode import (
     ALWAYS,
     NEVER,
     EarlyExitRunner,

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from tests.workers.test_devices import FakeClock, FakePynvml
-from tests.workers.test_loop import Collector, gen
+from tests.fakes import Collector, FakeClock, FakePynvml
+from tests.workers.test_loop import gen
 from wattserve.devices import parse_device_spec
 from wattserve.specs import ExpertSpec
 from workers.devices import nvml as nvml_module

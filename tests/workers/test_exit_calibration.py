@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from wattserve.errors import ExitCalibrationError
-from workers.engines.torch_engine.calibrate import deer_thresholds, read_documents, simulate, solve_lambda
-from workers.engines.torch_engine.exit_points import (
+from workers.engines.torch_engine.early_exit.calibrate import deer_thresholds, read_documents, simulate, solve_lambda
+from workers.engines.torch_engine.early_exit.points import (
     FULL,
     EnergyRates,
     ExitProfile,
@@ -96,7 +96,7 @@ def _exit_engine(model_dir, **early_exit):
 
 @pytest.fixture(scope="module")
 def calibrated(deep_llama, text_file, tmp_path_factory):
-    from workers.engines.torch_engine.exit_jobs import calibrate_engine, record
+    from workers.engines.torch_engine.early_exit.jobs import calibrate_engine, record
 
     engine = _exit_engine(deep_llama)
     docs = read_documents(text_file)
@@ -159,8 +159,8 @@ def test_thresholds_file_round_trips_and_refuses_what_does_not_fit(calibrated, d
 
 
 def test_fitted_adapters_raise_held_out_agreement_and_pin_the_calibration(calibrated, deep_llama, tmp_path):
-    from workers.engines.torch_engine.adapters import FitSettings, load_adapters, save_adapters
-    from workers.engines.torch_engine.exit_jobs import calibrate_engine, fit_adapters
+    from workers.engines.torch_engine.early_exit.adapters import FitSettings, load_adapters, save_adapters
+    from workers.engines.torch_engine.early_exit.jobs import calibrate_engine, fit_adapters
 
     _, path, _, states = calibrated
     engine = _exit_engine(deep_llama)

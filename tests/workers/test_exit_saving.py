@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 
-from tests.workers.test_loop import Collector
+from tests.fakes import Collector, FakeDevice
 from wattserve.types import GenerateCall, SamplingParams, StepWork
-from workers.devices.base import Device
 from workers.energy import ExitSavingMeter
 from workers.loop import EngineLoop
 
@@ -26,26 +26,13 @@ def test_meter_compares_early_exit_steps_with_full_depth_ones_of_the_same_batch(
     assert meter.close("c") is None and meter.close("a") is None  # closed once
 
 
-class WorkMeteredDevice(Device):
-    """A modeled device whose decode step costs ``fixed_j + per_layer_j * layer_fraction`` per
-    token: ``fixed_j`` is what early exit cannot skip (head, probes, launch overhead)."""
-
-    def __init__(self, fixed_j: float, per_layer_j: float) -> None:
-        self.fixed_j, self.per_layer_j, self.j = fixed_j, per_layer_j, 0.0
-
-    name = "work-metered"
-    energy_source = "modeled:test"
-
-    def energy_j(self) -> float:
-        return self.j
-
-    def power_w(self) -> float:
-        return 0.0
-
-    def end_step(self, work: StepWork) -> None:
-        self.j += 0.01 * work.prefill_tokens
-        if work.decode_tokens and not work.prefill_tokens:
-            self.j += work.decode_tokens * (self.fixed_j + self.per_layer_j * work.layer_fraction)
+def decode_cost_j(fixed_j: float, per_layer_j: float, work: StepWork) -> float:
+    """A modeled step: ``fixed_j + per_layer_j * layer_fraction`` per decode token, ``fixed_j``
+    being what early exit cannot skip (head, probes, launch overhead); prefill 0.01 J a token."""
+    cost_j = 0.01 * work.prefill_tokens
+    if work.decode_tokens and not work.prefill_tokens:
+        cost_j += work.decode_tokens * (fixed_j + per_layer_j * work.layer_fraction)
+    return cost_j
 
 
 def serve_one(loop, rid, **kw):
@@ -58,7 +45,7 @@ def serve_one(loop, rid, **kw):
 @pytest.mark.parametrize(("fixed_j", "per_layer_j"), [(1.0, 0.0), (0.2, 1.0)])
 def test_gross_estimate_and_net_saving_on_a_device_that_saves_nothing_or_something(deep_llama, fixed_j, per_layer_j):  # noqa: F811
     engine = _engine(deep_llama, thresholds=[math.inf] * 3)  # every early-exit token leaves at layer 2
-    loop = EngineLoop(engine, WorkMeteredDevice(fixed_j, per_layer_j), max_queue=2)
+    loop = EngineLoop(engine, FakeDevice(partial(decode_cost_j, fixed_j, per_layer_j)), max_queue=2)
     loop.start()
     try:
         full = serve_one(loop, "full", compute_budget=1.0)  # batch 1 at full depth: the reference

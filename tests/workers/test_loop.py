@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
+from tests.fakes import Collector
 from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
 from wattserve.devices import parse_device_spec
 from wattserve.errors import EngineDead, InvalidRequest, QueueFull
@@ -15,26 +15,6 @@ from wattserve.types import FinishReason, GenerateCall, SamplingParams
 from workers.devices import open_device
 from workers.engines.torch_engine import TorchEngine
 from workers.loop import EngineLoop
-
-
-class Collector:
-    def __init__(self):
-        self.events = []
-        self.error = None
-        self.done = threading.Event()
-
-    def __call__(self, item):
-        if isinstance(item, BaseException):
-            self.error = item
-            self.done.set()
-            return
-        self.events.extend(item)
-        if item[-1].usage is not None:
-            self.done.set()
-
-    @property
-    def usage(self):
-        return self.events[-1].usage if self.events else None
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def test_max_exit_layer_loads_fewer_layers(deep_llama):
 
 
 def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_path):
-    from workers.engines.torch_engine.exit_points import ExitProfile, OperatingPoint
+    from workers.engines.torch_engine.early_exit.points import ExitProfile, OperatingPoint
 
     engine = _engine(deep_llama)
     exits = engine.exits

@@ -9,39 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.fakes import FakeDevice
 from wattserve.types import StepWork
-from workers.devices.base import Device
 from workers.energy import EnergyLedger
 from workers.engines.vllm_engine.metering import StepMeter, tap_outputs
 from workers.profile import ProfileTracker
-
-
-class FakeDevice(Device):
-    """A counter the test advances; records the step hooks a modeled device would get."""
-
-    def __init__(self) -> None:
-        self.joules = 0.0
-        self.hooks: list[tuple[str, StepWork | None]] = []
-
-    @property
-    def name(self) -> str:
-        return "fake"
-
-    @property
-    def energy_source(self) -> str:
-        return "modeled:fake"
-
-    def energy_j(self) -> float:
-        return self.joules
-
-    def power_w(self) -> float:
-        return 0.0
-
-    def begin_step(self) -> None:
-        self.hooks.append(("begin", None))
-
-    def end_step(self, work: StepWork) -> None:
-        self.hooks.append(("end", work))
 
 
 def state(rid: str, prefilling: bool, prompt_len: int = 5):

@@ -32,7 +32,7 @@ from ..base import (
 )
 from ..chat import encode_checked
 from ..scheduler import Scheduler
-from .exit_control import ExitControl, ExitTally
+from .early_exit.control import ExitControl, ExitTally
 from .kv_cache import SlotKVCache
 from .runner import DecoderRunner
 from .sampling import IncrementalDetokenizer, StopChecker, make_generator, sample

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runner import DecoderRunner
+from ..runner import DecoderRunner
 
 CRITERIA = ("tv", "argmax", "margin")
 KV_FILLS = ("propagate", "deferred")
@@ -420,7 +420,7 @@ def head_layers(runner: DecoderRunner) -> float:
 
 def model_fingerprint(runner: DecoderRunner):
     """The identity a thresholds or adapters file is checked against."""
-    from .exit_points import ModelFingerprint
+    from .points import ModelFingerprint
 
     cfg = runner.config
     head = runner.lm_head.weight

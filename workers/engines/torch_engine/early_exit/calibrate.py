@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .early_exit import ALWAYS, NEVER, ExitHeads, ExitLayout
-from .exit_points import ExitProfile, ModelFingerprint, OperatingPoint, effective_fraction
-from .runner import DecoderRunner
+from ..runner import DecoderRunner
+from .decode import ALWAYS, NEVER, ExitHeads, ExitLayout
+from .points import ExitProfile, ModelFingerprint, OperatingPoint, effective_fraction
 
 Progress = Callable[[int], None]  # called with the number of positions just recorded
 

@@ -10,8 +10,8 @@ import torch
 
 from .adapters import ExitAdapter, FitSettings, closed_form, distill
 from .calibrate import ProbeStates, build_shortlist, calibrate, record_states
-from .early_exit import ExitHeads
-from .exit_points import ExitProfile
+from .decode import ExitHeads
+from .points import ExitProfile
 
 #: makes a progress callback for ``total`` units with a label; returns (tick(n), close())
 ProgressFactory = Callable[[str, int], tuple[Callable[[int], None], Callable[[], None]]]

@@ -96,7 +96,7 @@ def load_adapters(path: str | Path, fingerprint, dtype: torch.dtype, device: tor
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    from .exit_points import ModelFingerprint
+    from .points import ModelFingerprint
 
     path = Path(path).expanduser()
     if not path.is_file():

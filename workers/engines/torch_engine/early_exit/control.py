@@ -11,8 +11,9 @@ from wattserve.errors import ExitCalibrationError
 from wattserve.specs import EarlyExitSpec
 from wattserve.types import ExitUsage, GenerateCall
 
+from ..runner import DecoderRunner
 from .adapters import load_adapters
-from .early_exit import (
+from .decode import (
     ALWAYS,
     NEVER,
     Deferred,
@@ -23,8 +24,7 @@ from .early_exit import (
     kv_share,
     model_fingerprint,
 )
-from .exit_points import FULL, EnergyRates, ExitProfile, PointChooser, effective_fraction, per_layer_j
-from .runner import DecoderRunner
+from .points import FULL, EnergyRates, ExitProfile, PointChooser, effective_fraction, per_layer_j
 
 
 @dataclass(slots=True)
