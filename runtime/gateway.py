@@ -129,6 +129,7 @@ class Gateway:
         self.metrics = metrics or ServingMetrics()
         self.power = PowerState()  # filled by the power governor; exported as metrics
         self.drain = StreamDrain(clock)  # shutdown: streams finish within the grace period or are cut
+        self._streams: dict[tuple[str, int], _ReplicaStream] = {}  # one multiplexed stream per replica
 
     # -- telemetry ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +138,8 @@ class Gateway:
         self._poller = asyncio.create_task(self._poll_forever(), name="gateway-telemetry")
 
     async def stop(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
         if self._poller:
             self._poller.cancel()
             try:
@@ -296,7 +299,7 @@ class Gateway:
             compute_budget=req.compute_budget,
             energy_budget_j=req.energy_budget_j,
         )
-        state, stream, first = await self._dispatch(plan, call, failed, attempt)
+        state, queue, first = await self._dispatch(plan, call, failed, attempt)
         replica = state.replica
         rec.routed(replica.expert)
         ttft_ms = None
@@ -337,11 +340,12 @@ class Gateway:
                         plan=plan,
                     )
                     return
-                events = await self._next(stream, replica, tokens_streamed)
+                events = await self._next(queue, replica, tokens_streamed)
         finally:
             state.inflight -= 1
+            self._stream(attempt.key).forget(call.request_id)
             if not finished:
-                _abandon(stream, replica, call.request_id)
+                _abandon(replica, call.request_id)
                 self.routing.charge_unfinished(req.tenant, plan, tokens_streamed / max(1, req.max_tokens),
                                                request_id=call.request_id)
 
@@ -354,41 +358,64 @@ class Gateway:
                 continue
             state = self.states[cand.key]
             attempt.key = cand.key
-            stream = state.replica.actor.generate.remote(call)
+            stream = self._stream(cand.key)
+            queue, accepted = stream.start(call)
             state.inflight += 1
             try:
-                first = await self._next(stream, state.replica, 0)
+                refused = await accepted
+                if refused is not None:
+                    self._raise(refused, state.replica, 0)
+                first = await self._next(queue, state.replica, 0)
             except QueueFull as exc:
                 state.inflight -= 1
+                stream.forget(call.request_id)
                 full.append(str(exc))
                 continue
             except BaseException:
                 state.inflight -= 1
-                _abandon(stream, state.replica, call.request_id)
+                stream.forget(call.request_id)
+                _abandon(state.replica, call.request_id)
                 raise
-            return state, stream, first
+            return state, queue, first
         raise QueueFull("every eligible replica is full: " + " | ".join(full), retry_after_ms=250)
 
-    async def _next(self, stream, replica: Replica, tokens_streamed: int):
-        try:
-            ref = await stream.__anext__()
-            return await ref
-        except StopAsyncIteration:
+    def _stream(self, key: tuple[str, int]) -> _ReplicaStream:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _ReplicaStream(self.states[key].replica)
+        return stream
+
+    async def _next(self, queue: asyncio.Queue, replica: Replica, tokens_streamed: int) -> list:
+        """The request's next events: everything its stream delivered since the last call (events
+        that arrived together leave as one chunk), or the error that ended it."""
+        item = await queue.get()
+        events: list = []
+        while True:
+            if isinstance(item, BaseException):
+                self._raise(item, replica, tokens_streamed)
+            events.extend(item)
+            if queue.empty():
+                return events
+            item = queue.get_nowait()
+
+    def _raise(self, exc: BaseException, replica: Replica, tokens_streamed: int):
+        """Raise ``exc`` (from the replica's stream or its submit) as a domain error."""
+        if isinstance(exc, WattserveError):
+            raise exc  # Ray re-raises actor errors as instances of the original class
+        if isinstance(exc, StopAsyncIteration):
             raise ExpertUnavailable(
                 f"expert {replica.expert}/{replica.index} ended the stream without a final message"
             ) from None
-        except WattserveError:
-            raise  # Ray re-raises actor errors as instances of the original class
-        except RayActorError as exc:
+        if isinstance(exc, RayActorError):
             self.states[(replica.expert, replica.index)].healthy = False
             raise ExpertUnavailable(
                 f"expert {replica.expert}/{replica.index} died while serving this request "
                 f"after {tokens_streamed} tokens ({type(exc).__name__}); retry"
             ) from None
-        except RayError as exc:
-            raise ExpertUnavailable(
-                f"expert {replica.expert}/{replica.index} failed: {str(exc).strip().splitlines()[-1][:300]}"
-            ) from None
+        text = str(exc).strip().splitlines()
+        raise ExpertUnavailable(
+            f"expert {replica.expert}/{replica.index} failed: {(text[-1] if text else type(exc).__name__)[:300]}"
+        ) from None
 
     async def feedback(self, request_id: str, score: float, tenant: str = ""):
         """A client's score in [0, 1] for a finished Generate request (``RoutingService.record_feedback``)."""
@@ -420,10 +447,92 @@ class Gateway:
         return self.clock() - self.started_s
 
 
-def _abandon(stream, replica: Replica, request_id: str) -> None:
+def _abandon(replica: Replica, request_id: str) -> None:
     """Make sure a replica stops work on a request we no longer read (cancel, error, deadline)."""
-    try:
-        ray.cancel(stream)
-    except Exception:  # noqa: BLE001 - the abort below is what frees the slot
-        pass
     replica.actor.abort.remote(request_id)
+
+
+class _ReplicaStream:
+    """The gateway's side of one replica's multiplexed stream (``workers/streams.py``): calls
+    started in one turn of the event loop go to the replica in one ``submit``, and one long-lived
+    ``open_stream`` generator brings back the events of all of them, sorted here into a queue per
+    request. One Ray task and object per batch instead of a task per request and an object per
+    chunk. If the stream fails (the replica died), every request on it gets the error and the
+    next call opens a fresh stream."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._on_stream: dict[str, str] = {}  # request id -> the stream it was submitted on
+        self._pending: list[tuple[GenerateCall, asyncio.Future]] = []
+        self._stream_id = ""
+        self._reader: asyncio.Task | None = None
+        self._generator = None
+
+    def start(self, call: GenerateCall) -> tuple[asyncio.Queue, asyncio.Future]:
+        """Queue ``call`` for the next submit; returns the queue of its events and a future of
+        the replica's answer to the submit (None, or the exception that refused it)."""
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader.done():
+            self._open()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        accepted = loop.create_future()
+        self._pending.append((call, accepted))
+        queue = self._queues[call.request_id] = asyncio.Queue()
+        self._on_stream[call.request_id] = self._stream_id
+        return queue, accepted
+
+    def forget(self, request_id: str) -> None:
+        """The request is over for the gateway; a call not yet submitted never will be."""
+        self._queues.pop(request_id, None)
+        self._on_stream.pop(request_id, None)
+        self._pending = [(c, f) for c, f in self._pending if c.request_id != request_id]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._generator is not None:
+            try:
+                ray.cancel(self._generator)  # the replica aborts what the stream still had
+            except Exception:  # noqa: BLE001 - a dead replica has nothing left to abort
+                pass
+
+    def _open(self) -> None:
+        self._stream_id = uuid.uuid4().hex
+        self._generator = self.replica.actor.open_stream.remote(self._stream_id)
+        self._reader = asyncio.create_task(self._read(self._generator, self._stream_id),
+                                           name=f"stream-{self.replica.expert}-{self.replica.index}")
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        ref = self.replica.actor.submit.remote(self._stream_id, [call for call, _ in batch])
+        asyncio.ensure_future(self._settle(ref, batch))
+
+    @staticmethod
+    async def _settle(ref, batch: list[tuple[GenerateCall, asyncio.Future]]) -> None:
+        try:
+            results = await ref
+        except BaseException as exc:  # noqa: BLE001 - every call of the batch gets it
+            results = [exc] * len(batch)
+        for (_, accepted), result in zip(batch, results, strict=True):
+            if not accepted.done():
+                accepted.set_result(result)
+
+    async def _read(self, generator, stream_id: str) -> None:
+        try:
+            async for ref in generator:
+                for rid, item in await ref:
+                    queue = self._queues.get(rid)
+                    if queue is not None:
+                        queue.put_nowait(item)
+            error: BaseException = StopAsyncIteration()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the requests on this stream get it
+            error = exc
+        for rid, sid in list(self._on_stream.items()):
+            if sid == stream_id:
+                self._queues[rid].put_nowait(error)
