@@ -59,15 +59,45 @@ class Outbox:
                 await self._wake.wait()
                 self._wake.clear()
                 self._armed = False
-                batch = []
-                while self._items:
-                    rid, item = self._items.popleft()
-                    if isinstance(item, BaseException) or item[-1].finished:
-                        self.requests.discard(rid)
-                    batch.append((rid, item))
+                batch = self._take()
                 if batch:
                     yield batch
         finally:
             for rid in list(self.requests):
                 self._abort(rid)
             self.requests.clear()
+
+    def _take(self) -> list[StreamItem]:
+        """Everything delivered so far, each request's events merged into one event: the caller
+        sends events that arrive together as one chunk anyway, and one object per request
+        instead of one per token is most of the pickling."""
+        batch: list[StreamItem] = []
+        merged: dict[str, list[StreamEvent]] = {}
+        while self._items:
+            rid, item = self._items.popleft()
+            if isinstance(item, BaseException):
+                self.requests.discard(rid)
+                batch.append((rid, item))
+                merged.pop(rid, None)
+                continue
+            if item[-1].finished:
+                self.requests.discard(rid)
+            events = merged.get(rid)
+            if events is None:
+                merged[rid] = events = list(item)
+                batch.append((rid, events))
+            else:
+                events.extend(item)
+        for _, item in batch:
+            if isinstance(item, list) and len(item) > 1:
+                item[:] = [_merged(item)]
+        return batch
+
+
+def _merged(events: list[StreamEvent]) -> StreamEvent:
+    return StreamEvent(
+        request_id=events[-1].request_id,
+        text="".join(ev.text for ev in events),
+        token_ids=tuple(t for ev in events for t in ev.token_ids),
+        usage=events[-1].usage,
+    )

@@ -111,3 +111,28 @@ def test_outbox_wakes_once_for_items_delivered_together():
         return first
 
     assert [rid for rid, _ in asyncio.run(main())] == ["r0", "r1", "r2"]
+
+
+def test_outbox_merges_a_requests_events_delivered_together():
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = Outbox(loop, abort=lambda rid: None)
+        batches = box.batches()
+        a, b = box.sink_for("a"), box.sink_for("b")
+
+        def two_steps():
+            a([StreamEvent("a", " x", (1,))])
+            b([StreamEvent("b", " y", (2,))])
+            a([StreamEvent("a", " z", (3,))])
+            b(QueueFull("gone"))
+
+        await loop.run_in_executor(None, two_steps)
+        first = await anext(batches)
+        await batches.aclose()
+        return first
+
+    batch = asyncio.run(main())
+    assert [rid for rid, _ in batch] == ["a", "b", "b"]
+    assert batch[0][1] == [StreamEvent("a", " x z", (1, 3))]
+    assert batch[1][1] == [StreamEvent("b", " y", (2,))]
+    assert isinstance(batch[2][1], QueueFull)
