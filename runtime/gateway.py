@@ -468,6 +468,7 @@ class _ReplicaStream:
         self._stream_id = ""
         self._reader: asyncio.Task | None = None
         self._generator = None
+        self._submitting = False  # a submit is scheduled or on its way: new calls wait for the next
 
     def start(self, call: GenerateCall) -> tuple[asyncio.Queue, asyncio.Future]:
         """Queue ``call`` for the next submit; returns the queue of its events and a future of
@@ -475,7 +476,8 @@ class _ReplicaStream:
         loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
             self._open()
-        if not self._pending:
+        if not self._submitting:
+            self._submitting = True
             loop.call_soon(self._flush)
         accepted = loop.create_future()
         self._pending.append((call, accepted))
@@ -505,18 +507,27 @@ class _ReplicaStream:
                                            name=f"stream-{self.replica.expert}-{self.replica.index}")
 
     def _flush(self) -> None:
+        """Submit what is pending. One submit at a time per replica: calls that arrive while one
+        is on its way go together in the next, so the batches grow with the load (a call that
+        finds none on its way leaves in the next turn of the event loop)."""
         batch, self._pending = self._pending, []
         if not batch:
+            self._submitting = False
             return
+        if self._reader is None or self._reader.done():
+            self._open()  # the stream failed since these calls were started
+        for call, _ in batch:
+            self._on_stream[call.request_id] = self._stream_id
         ref = self.replica.actor.submit.remote(self._stream_id, [call for call, _ in batch])
         asyncio.ensure_future(self._settle(ref, batch))
 
-    @staticmethod
-    async def _settle(ref, batch: list[tuple[GenerateCall, asyncio.Future]]) -> None:
+    async def _settle(self, ref, batch: list[tuple[GenerateCall, asyncio.Future]]) -> None:
         try:
             results = await ref
         except BaseException as exc:  # noqa: BLE001 - every call of the batch gets it
             results = [exc] * len(batch)
+        finally:
+            self._flush()
         for (_, accepted), result in zip(batch, results, strict=True):
             if not accepted.done():
                 accepted.set_result(result)
