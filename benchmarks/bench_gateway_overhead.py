@@ -21,8 +21,8 @@ them show what the path adds to inter-token latency.
 Per side: requests/s, tokens/s, messages per request, and latencies as the client sees them:
 time to first token, inter-token latency (the gap between consecutive messages that carry tokens,
 as vLLM's serving benchmark counts it: at equal granularity both sides have the same gaps to
-measure) and time per output token ((last token - first token) / (tokens - 1) per request), p50
-and p99; then the ratios wattserve/bare per round and their median.
+measure) and time per output token ((last token - first token) / (tokens - 1) per request that
+came in more than one message), p50 and p99; then the ratios wattserve/bare per round and their median.
 """
 
 from __future__ import annotations
@@ -45,18 +45,26 @@ import grpc
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 
-# The bare server reads "<messages per request>/<ms per token>" from the request's ``expert``
-# field (no messages: one per token), so the benchmark can change it between rounds.
+# The bare server reads "<mean messages per request>/<ms per token>" from the request's
+# ``expert`` field (no messages: one per token), so the benchmark can change it between rounds.
 BARE_SERVER = r'''
 import asyncio
 import grpc
 from runtime.api.gen import wattserve_pb2 as pb, wattserve_pb2_grpc as pb_grpc
 
 class Bare(pb_grpc.InferenceServicer):
+    calls = 0
+
     async def Generate(self, request, context):
         n = request.max_tokens
         messages, step_ms = request.expert.split("/")
-        messages = min(n, int(messages)) if messages else n
+        if messages:  # a mean such as 1.25: every fourth answer in two messages, the others in one
+            Bare.calls += 1
+            mean = float(messages)
+            whole = int(mean)
+            messages = min(n, whole + (int(Bare.calls * (mean - whole)) != int((Bare.calls - 1) * (mean - whole))))
+        else:
+            messages = n
         sent = 0
         for i in range(messages):
             size = (n - sent) // (messages - i)  # spread the tokens evenly over the messages
@@ -148,7 +156,7 @@ async def load(target: str, requests: int, concurrency: int, tokens: int, bare: 
                 except grpc.aio.AioRpcError:
                     stats["failures"] += 1
                     return
-                if record and got > 1:
+                if record and last is not None and last > first:  # answers in one message have no TPOT
                     tpot_s.append((last - first) / (got - 1))
 
         await asyncio.gather(*(one(False) for _ in range(min(concurrency, requests))))  # warm-up
@@ -219,7 +227,7 @@ def main() -> None:
             ):
                 print(f"starting {name} ...", flush=True)
                 servers[name] = start(cmd, env)
-            messages = None  # wattserve's last messages per request (rounded), for "matched"
+            messages = None  # wattserve's last mean messages per request, for "matched"
             for i in range(args.rounds):
                 results = {}
                 for name in ("wattserve", "bare"):  # ABAB: "matched" needs wattserve's count first
@@ -228,7 +236,7 @@ def main() -> None:
                         bare = f"{messages if args.granularity == 'matched' else ''}/{args.step_ms}"
                     results[name] = r = run(load(servers[name][1], args.requests, args.concurrency, args.tokens, bare))
                     if name == "wattserve":
-                        messages = max(1, round(r["messages_per_request"]))
+                        messages = max(1.0, round(r["messages_per_request"], 2))
                     show(name, r)
                 ratios = {k: ratio(results["wattserve"][k], results["bare"][k]) for k in KEYS}
                 print(f"  round {i + 1}: wattserve/bare requests/s {ratios['requests_per_s']:.2f}x, "
