@@ -453,10 +453,10 @@ def _abandon(replica: Replica, request_id: str) -> None:
 
 
 class _ReplicaStream:
-    """The gateway's side of one replica's multiplexed stream (``workers/streams.py``): calls
-    started in one turn of the event loop go to the replica in one ``submit``, and one long-lived
-    ``open_stream`` generator brings back the events of all of them, sorted here into a queue per
-    request. One Ray task and object per batch instead of a task per request and an object per
+    """The gateway's side of one replica's multiplexed stream (``workers/streams.py``): calls go
+    to the replica in batches, one ``submit`` on its way at a time (those started meanwhile go in
+    the next), and one long-lived ``open_stream`` generator brings back the events of all of them,
+    sorted here into a queue per request. One Ray task and object per batch instead of a task per request and an object per
     chunk. If the stream fails (the replica died), every request on it gets the error and the
     next call opens a fresh stream."""
 
