@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,12 +205,20 @@ class RayReplicaClient(ReplicaClient):
     def __init__(self, replica: Replica) -> None:
         super().__init__(replica.expert, replica.index)
         self.actor = replica.actor
+        self._mux: _Multiplexed | None = None
 
     async def profile(self):
         return await self._call(self.actor.profile.remote(), "telemetry")
 
     def generate(self, call) -> ReplicaStream:
-        return _RayStream(self, self.actor.generate.remote(call))
+        if self._mux is None:
+            self._mux = _Multiplexed(self)
+        return _MuxStream(self, self._mux, call)
+
+    def close(self) -> None:
+        if self._mux is not None:
+            self._mux.close()
+            self._mux = None
 
     def abort(self, request_id: str) -> None:
         self.actor.abort.remote(request_id)
@@ -265,7 +274,7 @@ OUTPUT_BACKPRESSURE_OBJECTS = 2
 
 
 class _RayStream(ReplicaStream):
-    """A Ray streaming generator (Generate events, image results): one object per batch."""
+    """A Ray streaming generator of one call (an image session's results): one object per batch."""
 
     def __init__(self, client: RayReplicaClient, gen) -> None:  # an ObjectRefGenerator
         self.client = client
@@ -284,6 +293,140 @@ class _RayStream(ReplicaStream):
 
     def cancel(self) -> None:
         _cancel(self.gen)
+
+
+class _Multiplexed:
+    """The gateway's side of one replica's multiplexed stream (``workers/streams.py``).
+
+    A Ray streaming generator per request costs the replica an actor task per request and an
+    object per yield (about 2 ms of its CPU per request on a 2-core host: docs/benchmarks.md,
+    "Serving-path overhead"). Instead one long-lived ``open_stream`` generator per replica brings
+    back the events of every request, sorted here into a queue per request, and calls go to the
+    replica in batches: one ``submit`` on its way at a time, those started meanwhile in the next,
+    so batches grow with the load and a lone call leaves in the next turn of the event loop. If the
+    stream fails (the replica died), every request on it gets the error and the next call opens a
+    fresh stream.
+    """
+
+    def __init__(self, client: RayReplicaClient) -> None:
+        self.client = client
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._on_stream: dict[str, str] = {}  # request id -> the stream it was submitted on
+        self._pending: list[tuple[object, asyncio.Future]] = []
+        self._stream_id = ""
+        self._reader: asyncio.Task | None = None
+        self._generator = None
+        self._submitting = False  # a submit is scheduled or on its way: new calls wait for the next
+
+    def start(self, call) -> tuple[asyncio.Queue, asyncio.Future]:
+        """Queue ``call`` for the next submit; returns the queue of its events and a future of the
+        replica's answer to the submit (None, or the exception that refused it)."""
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader.done():
+            self._open()
+        if not self._submitting:
+            self._submitting = True
+            loop.call_soon(self._flush)
+        accepted = loop.create_future()
+        self._pending.append((call, accepted))
+        queue = self._queues[call.request_id] = asyncio.Queue()
+        self._on_stream[call.request_id] = self._stream_id
+        return queue, accepted
+
+    def forget(self, request_id: str) -> None:
+        """The request is over for the gateway; a call not yet submitted never will be."""
+        self._queues.pop(request_id, None)
+        self._on_stream.pop(request_id, None)
+        self._pending = [(c, f) for c, f in self._pending if c.request_id != request_id]
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._generator is not None:
+            _cancel(self._generator)  # the replica aborts what the stream still had
+
+    def _open(self) -> None:
+        self._stream_id = uuid.uuid4().hex
+        self._generator = self.client.actor.open_stream.remote(self._stream_id)
+        self._reader = asyncio.create_task(self._read(self._generator, self._stream_id),
+                                           name=f"stream-{self.client.expert}-{self.client.index}")
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            self._submitting = False
+            return
+        if self._reader is None or self._reader.done():
+            self._open()  # the stream failed since these calls were started
+        for call, _ in batch:
+            self._on_stream[call.request_id] = self._stream_id
+        ref = self.client.actor.submit.remote(self._stream_id, [call for call, _ in batch])
+        asyncio.ensure_future(self._settle(ref, batch))
+
+    async def _settle(self, ref, batch: list[tuple[object, asyncio.Future]]) -> None:
+        try:
+            results = await ref
+        except BaseException as exc:  # noqa: BLE001 - every call of the batch gets it
+            results = [exc] * len(batch)
+        finally:
+            self._flush()
+        for (_, accepted), result in zip(batch, results, strict=True):
+            if not accepted.done():
+                accepted.set_result(result)
+
+    async def _read(self, generator, stream_id: str) -> None:
+        try:
+            async for ref in generator:
+                for rid, item in await ref:
+                    queue = self._queues.get(rid)
+                    if queue is not None:
+                        queue.put_nowait(item)
+            error: BaseException = StopAsyncIteration()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the requests on this stream get it
+            error = exc
+        for rid, sid in list(self._on_stream.items()):
+            if sid == stream_id:
+                self._queues[rid].put_nowait(error)
+
+
+class _MuxStream(ReplicaStream):
+    """One Generate call on a replica's multiplexed stream."""
+
+    def __init__(self, client: RayReplicaClient, mux: _Multiplexed, call) -> None:
+        self.client, self.mux, self.request_id = client, mux, call.request_id
+        self.queue, self.accepted = mux.start(call)
+
+    async def next(self) -> list:
+        """Everything the stream delivered for this call since the last call (events that arrived
+        together leave as one chunk), or the error that ended it."""
+        if self.accepted is not None:
+            refused = await self.accepted
+            self.accepted = None
+            if refused is not None:
+                self._raise(refused)
+        item = await self.queue.get()
+        events: list = []
+        while True:
+            if isinstance(item, BaseException):
+                self._raise(item)
+            events.extend(item)
+            if self.queue.empty():
+                return events
+            item = self.queue.get_nowait()
+
+    def cancel(self) -> None:
+        self.mux.forget(self.request_id)
+
+    def _raise(self, exc: BaseException):
+        if isinstance(exc, WattserveError):
+            raise exc  # the replica's own answer (QueueFull, InvalidRequest, EngineDead, ...)
+        if isinstance(exc, StopAsyncIteration):
+            raise ExpertUnavailable(f"expert {self.client.name} ended its stream without a final message; retry")
+        if isinstance(exc, RayError):
+            raise self.client._unavailable(exc, "serving this request") from None
+        raise exc
 
 
 def _cancel(ref) -> None:

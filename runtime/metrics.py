@@ -19,7 +19,7 @@ Every server owns its own ``CollectorRegistry``: tests start several servers in 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -119,6 +119,19 @@ class ServingMetrics:
             "wattserve_budget_violations", "Finished requests that exceeded their budget, by kind (energy, latency).",
             ["kind", "expert"], registry=r,
         )
+        self._by_expert: dict[str, _ExpertSeries] = {}
+
+    def expert_series(self, expert: str) -> _ExpertSeries:
+        """``expert``'s labelled series, looked up once: ``labels()`` costs a lock and a dict
+        walk per call, and a request records several of them."""
+        series = self._by_expert.get(expert)
+        if series is None:
+            series = self._by_expert[expert] = _ExpertSeries(
+                self.ttft.labels(expert), self.itl.labels(expert), self.e2e.labels(expert),
+                self.prompt_tokens.labels(expert), self.generation_tokens.labels(expert),
+                self.energy_per_request.labels(expert),
+            )
+        return series
 
     def refused(self, api: str, exc: BaseException) -> None:
         """Count ``exc`` in ``wattserve_refused_requests_total`` if it is a refusal (a 4xx)."""
@@ -132,38 +145,50 @@ class ServingMetrics:
         return RequestRecorder(self, api, clock)
 
 
+class _ExpertSeries(NamedTuple):
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    energy_per_request: Histogram
+
+
 class RequestRecorder:
     """Follows one request through the gateway and records it once, when it ends."""
 
-    __slots__ = ("metrics", "api", "clock", "expert", "_last_chunk_s", "_done")
+    __slots__ = ("metrics", "api", "clock", "expert", "_itl", "_last_chunk_s", "_done")
 
     def __init__(self, metrics: ServingMetrics, api: str, clock: Callable[[], float]) -> None:
         self.metrics = metrics
         self.api = api
         self.clock = clock
         self.expert = "none"  # until routed
+        self._itl = None  # the expert's inter-token histogram, looked up when routed, not per chunk
         self._last_chunk_s: float | None = None
         self._done = False
 
     def routed(self, expert: str) -> None:
         self.expert = expert
+        self._itl = self.metrics.expert_series(expert).itl
 
     def chunk(self, chunk: Chunk) -> None:
         now = self.clock()
         if self._last_chunk_s is not None:
-            self.metrics.itl.labels(self.expert).observe(now - self._last_chunk_s)
+            (self._itl or self.metrics.itl.labels(self.expert)).observe(now - self._last_chunk_s)
         self._last_chunk_s = now
 
     def finished(self, final: Final, tenant: str, energy_budget_j: float | None, latency_budget_ms: float | None) -> None:
         m, expert, u = self.metrics, final.expert, final.usage
         self._done = True
+        series = m.expert_series(expert)
         m.requests.labels(self.api, expert, "ok").inc()
-        m.ttft.labels(expert).observe(final.ttft_ms / 1000.0)
-        m.e2e.labels(expert).observe(final.total_latency_ms / 1000.0)
-        m.prompt_tokens.labels(expert).inc(u.prompt_tokens)
-        m.generation_tokens.labels(expert).inc(u.completion_tokens)
+        series.ttft.observe(final.ttft_ms / 1000.0)
+        series.e2e.observe(final.total_latency_ms / 1000.0)
+        series.prompt_tokens.inc(u.prompt_tokens)
+        series.generation_tokens.inc(u.completion_tokens)
         m.energy.labels(expert, tenant, u.energy_source).inc(u.energy_j)
-        m.energy_per_request.labels(expert).observe(u.energy_j)
+        series.energy_per_request.observe(u.energy_j)
         if energy_budget_j is not None:
             m.budgeted.labels("energy", expert).inc()
             m.budget_use.labels(expert).observe(u.energy_j / energy_budget_j)

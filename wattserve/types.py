@@ -6,12 +6,31 @@ dataclasses, not pydantic models. Units are in the field names.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # images.py imports Priority from here
     from .images import ImageExpertStats
+
+
+def _pickled_by_position(cls):
+    """Pickle ``cls`` as its field values in order. A slotted dataclass otherwise pickles through
+    dataclasses' ``__getstate__``/``__setstate__``, which call ``fields()`` on every object: with
+    one streamed chunk per request that was a tenth of the gateway's CPU time (docs/benchmarks.md,
+    "Serving-path overhead")."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    values = operator.attrgetter(*names)
+    if len(names) == 1:
+        def __reduce__(self):
+            return cls, (values(self),)
+    else:
+        def __reduce__(self):
+            return cls, values(self)
+    cls.__reduce__ = __reduce__
+    return cls
 
 
 class Priority(enum.IntEnum):
@@ -30,6 +49,7 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the engine failed while serving it
 
 
+@_pickled_by_position
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """How to pick the next token. ``temperature == 0`` is greedy decoding."""
@@ -54,6 +74,7 @@ class SamplingParams:
     min_tokens: int = 0
 
 
+@_pickled_by_position
 @dataclass(slots=True, frozen=True)
 class ChatMessage:
     """One turn of a chat conversation (OpenAI ``messages``); ``role`` is system, user or assistant."""
@@ -62,6 +83,7 @@ class ChatMessage:
     content: str
 
 
+@_pickled_by_position
 @dataclass(slots=True, frozen=True)
 class GenerateCall:
     """One generation request as an expert receives it (already validated by the gateway).
@@ -131,6 +153,7 @@ class StepWork:
         return self.prefill_tokens + self.decode_tokens
 
 
+@_pickled_by_position
 @dataclass(slots=True, frozen=True)
 class ExitUsage:
     """What early exit did for one request's completion tokens (the first comes from prefill,
@@ -152,6 +175,7 @@ class ExitUsage:
     energy_saved_net_j: float | None = None  # measured against full-depth steps; None: no reference
 
 
+@_pickled_by_position
 @dataclass(slots=True, frozen=True)
 class RequestUsage:
     """Final accounting for one request, as measured by the expert that served it."""
@@ -167,6 +191,7 @@ class RequestUsage:
     mean_logprob: float | None = None  # mean log p of the generated tokens under the model (nats)
 
 
+@_pickled_by_position
 @dataclass(slots=True, frozen=True)
 class StreamEvent:
     """A piece of one request's output. The last event of a request has ``usage`` set."""

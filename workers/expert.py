@@ -25,6 +25,7 @@ from .engines import build_engine
 from .governed import GovernedDevice
 from .loop import EngineLoop, ServingLoop
 from .models import prepare_for_engine
+from .streams import Outbox, StreamItem
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class ExpertWorker(GovernedDevice):
         self.loop.started.add_done_callback(lambda _: self.startup.setdefault("engine_ready_unix_s", time.time()))
         self.device = self.loop.device
         self.loop.start()
+        self._outboxes: dict[str, Outbox] = {}  # stream id -> its caller's requests (workers/streams.py)
         self._init_governed()
         info = self.loop.info
         log.info(
@@ -133,6 +135,39 @@ class ExpertWorker(GovernedDevice):
         finally:
             if not finished:
                 self.loop.abort(call.request_id)
+
+    async def open_stream(self, stream_id: str) -> AsyncIterator[list[StreamItem]]:
+        """The caller's multiplexed stream (``workers/streams.py``): batches of ``(request_id,
+        events or exception)`` for every request it submits with :meth:`submit` under
+        ``stream_id``, until it closes the stream; its unfinished requests are aborted then."""
+        try:
+            async for batch in self._outbox(stream_id).batches():
+                yield batch
+        finally:
+            self._outboxes.pop(stream_id, None)
+
+    async def submit(self, stream_id: str, calls: list[GenerateCall]) -> list[BaseException | None]:
+        """Start ``calls``, their events going to stream ``stream_id``; per call None (started) or
+        the exception that refused it (InvalidRequest, QueueFull, EngineDead), in order."""
+        outbox = self._outbox(stream_id)
+        results: list[BaseException | None] = []
+        for call in calls:
+            try:
+                self.loop.submit(call, outbox.sink_for(call.request_id))
+            except Exception as exc:  # noqa: BLE001 - the caller raises it for that request alone
+                results.append(exc)
+                continue
+            outbox.requests.add(call.request_id)
+            self.note_priority(call.priority)
+            results.append(None)
+        return results
+
+    def _outbox(self, stream_id: str) -> Outbox:
+        # Either call may come first: Ray starts an async actor's tasks concurrently.
+        outbox = self._outboxes.get(stream_id)
+        if outbox is None:
+            outbox = self._outboxes[stream_id] = Outbox(asyncio.get_running_loop(), self.loop.abort)
+        return outbox
 
     async def score(self, call: ScoreCall) -> ScoreResult:
         """Log-probabilities of ``call.choices`` given ``call.prompt``, computed by the engine loop

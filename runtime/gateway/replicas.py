@@ -85,6 +85,9 @@ class ReplicaClient(ABC):
         """The engine's own Prometheus text (vLLM); empty for engines without any."""
         return ""
 
+    def close(self) -> None:
+        """Release what the client holds open to the replica (the gateway is stopping or the replica left)."""
+
     # image experts
     async def open_session(self, call: ImageStreamCall) -> StreamSettings:
         raise ExpertUnavailable(f"expert {self.name} does not serve image streams")
@@ -170,6 +173,7 @@ class ReplicaSet:
         while state.inflight > 0:
             await asyncio.sleep(poll_s)
         del self.states[index]
+        state.client.close()
         return state.client
 
     def next_index(self) -> int:
@@ -280,6 +284,8 @@ class Replicas:
             except asyncio.CancelledError:
                 pass
             self._poller = None
+        for state in self.states():
+            state.client.close()
 
     async def _poll_forever(self) -> None:
         while True:

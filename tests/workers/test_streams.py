@@ -1,0 +1,138 @@
+"""The multiplexed stream of an expert replica (workers/streams.py), in-process: many requests'
+events on one stream, refusals per call, and a closed stream aborts what it still carried."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wattserve.errors import InvalidRequest, QueueFull
+from wattserve.specs import ExpertSpec
+from wattserve.types import GenerateCall, StreamEvent
+from workers.expert import ExpertWorker
+from workers.streams import Outbox
+
+
+@pytest.fixture
+def worker(tmp_path):
+    spec = ExpertSpec.model_validate({"name": "synth", "engine": {"kind": "synthetic", "step_ms": 1},
+                                      "device": "cpu", "max_batch": 4, "max_queue": 2})
+    w = ExpertWorker(spec, 0, str(tmp_path), exit_on_failure=False)
+    yield w
+    w.shutdown()
+
+
+def _call(rid: str, tokens: int = 5, prompt: str = "a b c") -> GenerateCall:
+    return GenerateCall(request_id=rid, prompt=prompt, max_tokens=tokens)
+
+
+async def _collect(stream, want: set[str]) -> dict[str, list]:
+    """Read batches until every request in ``want`` has finished or failed."""
+    got: dict[str, list] = {}
+    async for batch in stream:
+        for rid, item in batch:
+            got.setdefault(rid, []).append(item)
+            if isinstance(item, BaseException) or item[-1].finished:
+                want.discard(rid)
+        if not want:
+            return got
+    raise AssertionError("the stream ended")
+
+
+def test_many_requests_share_one_stream_in_order(worker):
+    async def main():
+        stream = worker.open_stream("s1")
+        reader = asyncio.ensure_future(_collect(stream, {"r1", "r2", "r3"}))
+        assert await worker.submit("s1", [_call("r1", 5), _call("r2", 3), _call("r3", 7)]) == [None, None, None]
+        got = await asyncio.wait_for(reader, 10)
+        await stream.aclose()
+        return got
+
+    got = asyncio.run(main())
+    for rid, n in (("r1", 5), ("r2", 3), ("r3", 7)):
+        events = [ev for item in got[rid] for ev in item]
+        assert all(isinstance(ev, StreamEvent) and ev.request_id == rid for ev in events)
+        assert "".join(ev.text for ev in events) == " tok" * n
+        assert [ev.finished for ev in events] == [False] * (len(events) - 1) + [True]
+        assert events[-1].usage.completion_tokens == n
+    assert worker.loop.snapshot().requests_finished == 3
+
+
+def test_refusals_come_back_per_call(worker):
+    async def main():
+        calls = [_call("ok"), _call("empty", prompt=""), *(_call(f"f{i}", 500) for i in range(6))]
+        results = await worker.submit("s1", calls)
+        await asyncio.sleep(0)
+        stream = worker.open_stream("s1")
+        await stream.aclose()  # aborts what was admitted
+        return results
+
+    results = asyncio.run(main())
+    assert results[0] is None
+    assert isinstance(results[1], InvalidRequest)
+    assert sum(isinstance(r, QueueFull) for r in results[2:]) == 1  # capacity 6: ok + 5 of the 6 fit
+    assert sum(r is None for r in results) == 6
+
+
+def test_closing_the_stream_aborts_its_unfinished_requests(worker):
+    async def main():
+        stream = worker.open_stream("s1")
+        await worker.submit("s1", [_call("long", 10_000), _call("short", 2)])
+        got = await asyncio.wait_for(_collect(stream, {"short"}), 10)
+        await stream.aclose()  # what Ray does when the gateway cancels the stream
+        for _ in range(100):
+            snap = worker.loop.snapshot()
+            if snap.running == snap.waiting == 0:
+                return got, snap
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"still running: {snap}")
+
+    got, snap = asyncio.run(main())
+    assert got["short"][-1][-1].finished
+    assert snap.requests_finished == 2  # the long one ended as aborted
+    assert "s1" not in worker._outboxes
+
+
+def test_outbox_wakes_once_for_items_delivered_together():
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = Outbox(loop, abort=lambda rid: None)
+        batches = box.batches()
+        sinks = [box.sink_for(f"r{i}") for i in range(3)]
+
+        def engine_step():  # a step's outputs, delivered from the engine thread one after another
+            for i, sink in enumerate(sinks):
+                sink([StreamEvent(f"r{i}", " tok", (0,))])
+
+        await loop.run_in_executor(None, engine_step)
+        first = await anext(batches)
+        await batches.aclose()
+        return first
+
+    assert [rid for rid, _ in asyncio.run(main())] == ["r0", "r1", "r2"]
+
+
+def test_outbox_merges_a_requests_events_delivered_together():
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = Outbox(loop, abort=lambda rid: None)
+        batches = box.batches()
+        a, b = box.sink_for("a"), box.sink_for("b")
+
+        def two_steps():
+            a([StreamEvent("a", " x", (1,))])
+            b([StreamEvent("b", " y", (2,))])
+            a([StreamEvent("a", " z", (3,))])
+            b(QueueFull("gone"))
+
+        await loop.run_in_executor(None, two_steps)
+        first = await anext(batches)
+        await batches.aclose()
+        return first
+
+    batch = asyncio.run(main())
+    assert [rid for rid, _ in batch] == ["a", "b", "b"]
+    assert batch[0][1] == [StreamEvent("a", " x z", (1, 3))]
+    assert batch[1][1] == [StreamEvent("b", " y", (2,))]
+    assert isinstance(batch[2][1], QueueFull)
