@@ -447,6 +447,8 @@ def config_reference() -> str:
         VllmEngineSpec,
     )
 
+    from .capacity.config import ExpertCapacity
+    from .capacity.planner import SLO, PlannerConfig
     from .power.config import RowSpec
     from .power.policy import PolicyConfig
 
@@ -479,6 +481,10 @@ def config_reference() -> str:
         ("power", PowerConfig),
         ("power.rows[]", RowSpec),
         ("power.policy", PolicyConfig),
+        ("capacity", CapacityConfig),
+        ("capacity.experts.<expert>", ExpertCapacity),
+        ("capacity.experts.<expert>.slo", SLO),
+        ("capacity.planner", PlannerConfig),
     ]
     out = [
         "# Configuration reference",

@@ -46,7 +46,7 @@ class CapacityConfig(Strict):
         default_factory=dict, description="Experts the controller sizes (others keep their configured replicas)."
     )
     planner: PlannerConfig = Field(default_factory=PlannerConfig,
-                                   description="The planner's knobs (its interval_s is replaced by interval_s).")
+                                   description="The planner's knobs (interval_s and scale_to_zero_after_s come from this section and its experts).")
     ready_timeout_s: float = Field(default=600.0, gt=0, description="A start not ready after this long has failed.")
     wake_timeout_s: float = Field(
         default=120.0, gt=0,

@@ -223,9 +223,13 @@ class CapacityController:
             for _ in range(plan.replicas - have):
                 self._start(name)
         elif plan.replicas < have:
-            self._event(name, "scale_to_zero" if plan.replicas == 0 else "scale_down", have, plan.replicas, plan)
-            # the newest first: the oldest have the warmest caches and measured profiles
-            for state in sorted(self._serving(name), key=lambda s: -s.client.index)[: have - plan.replicas]:
+            # the newest first: the oldest have the warmest caches and measured profiles. Replicas
+            # still starting are left to finish (counted as serving at the next plan).
+            leaving = sorted(self._serving(name), key=lambda s: -s.client.index)[: have - plan.replicas]
+            if leaving:
+                after = have - len(leaving)
+                self._event(name, "scale_to_zero" if after == 0 else "scale_down", have, after, plan)
+            for state in leaving:
                 self._remove(name, state.client.index)
         target = None if plan.clock_mhz == CLOCK_NOT_CONTROLLED or plan.replicas == 0 else plan.clock_mhz
         if target is not None and target != m.clock_mhz and plan.replicas == have:

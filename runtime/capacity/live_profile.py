@@ -60,7 +60,9 @@ def measured_profile(spec: ExpertSpec, telemetry: ExpertProfile | None, config: 
         decode_step_s=(step_ms / 1e3)[None, :],
         decode_power_w=np.full((1, len(batches)), busy_w),
         prefill_s_per_token=np.array([prefill_ms / 1e3]),
-        prefill_overhead_s=0.0,
+        # a prompt takes at least one engine step, also where the engine reports no prefill time
+        # (synthetic): the planner divides by the chunk step
+        prefill_overhead_s=float(step_ms[1]) / 1e3,
         prefill_power_w=np.array([busy_w]),
         idle_power_w=idle_w,
     )
