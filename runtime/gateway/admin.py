@@ -130,8 +130,9 @@ class Admin:
         return [s.client for s in self._replicas.states() if s.client.expert in kinds]
 
     def healthy(self) -> bool:
-        """Whether any replica can serve (the health endpoints' answer)."""
-        return any(s.healthy for s in self._replicas.states())
+        """Whether any replica can serve, or a scaled-to-zero expert can be woken to (the health
+        endpoints' answer)."""
+        return self._replicas.any_serving()
 
     def capacity_view(self, last_events: int = 50) -> CapacityView:
         """What the capacity controller wants and runs per expert, and its last decisions."""
