@@ -258,3 +258,15 @@ def test_a_cold_candidates_start_is_in_its_predicted_latency_and_ranks_after_war
     cost = CostModel()
     assert predict(cost, req, cold).latency_ms == predict(cost, req, Candidate("b", 0, True, 0, profile)).latency_ms + 30_000
     assert LeastLoaded(cost=cost).plan(req, [cold, warm]).ranked[0] is warm
+
+
+def test_capacity_show_says_when_the_controller_is_off_and_labels_targets_and_estimates():
+    from runtime.api.capacity_proto import capacity_to_proto
+    from runtime.cli.capacity import render_capacity
+    from runtime.gateway.admin import CapacityView
+
+    assert "off" in render_capacity(capacity_to_proto(CapacityView(False, (), ())))
+    gw, ctl, pool, clock = setup()
+    gw.admin.capacity.experts["a"].target_clock_mhz = 1200.0
+    shown = render_capacity(capacity_to_proto(gw.admin.capacity_view()))
+    assert "1200 (n/a)" in shown and "estimate" in shown

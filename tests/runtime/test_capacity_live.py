@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
+from runtime.cli.capacity import render_capacity
 from runtime.config import parse_config
 from tests.runtime.grpc_helpers import collect
 
@@ -75,6 +76,13 @@ async def test_a_burst_scales_up_quiet_scales_to_zero_and_a_request_wakes_it(ser
     assert syn().cold_starts >= 2 and syn().cold_start_s > 0
     status = admin.status()
     assert (status.requests_total, status.requests_failed) == (9, 0)  # no request lost
+    reply = await pb_grpc.AdminStub(channel).GetCapacityStatus(pb.GetCapacityStatusRequest(max_events=100))
+    (expert,) = reply.experts
+    assert reply.enabled and expert.expert == "syn" and expert.cold_starts == syn().cold_starts
+    assert not expert.HasField("target_sm_clock_mhz") and expert.reason  # CPU: no clock to target
+    assert [e.action for e in reply.events] == actions
+    shown = render_capacity(reply)
+    assert "syn" in shown and "wake" in shown and "estimate" in shown
     text = generate_latest(server.metrics.registry).decode()
     assert 'wattserve_capacity_cold_starts_total{expert="syn"}' in text
     assert 'wattserve_capacity_replicas_wanted{expert="syn"}' in text
