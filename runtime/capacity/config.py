@@ -24,7 +24,8 @@ class ExpertCapacity(Strict):
         default=300.0, ge=0, description="Release the last replica after no request and no work this long (s)."
     )
     scale_down_delay_s: float | None = Field(
-        default=None, ge=0, description="A smaller count must be wanted this long (s); None: planner.scale_down_delay_s."
+        default=None, ge=0,
+        description="A smaller count must be wanted this long (s); None: planner.scale_down_delay_s."
     )
     cold_start_s: float = Field(
         default=30.0, ge=0, description="Seconds a start is assumed to take until one has been measured."
@@ -45,8 +46,10 @@ class CapacityConfig(Strict):
     experts: dict[str, ExpertCapacity] = Field(
         default_factory=dict, description="Experts the controller sizes (others keep their configured replicas)."
     )
-    planner: PlannerConfig = Field(default_factory=PlannerConfig,
-                                   description="The planner's knobs (interval_s and scale_to_zero_after_s come from this section and its experts).")
+    planner: PlannerConfig = Field(
+        default_factory=PlannerConfig,
+        description="The planner's knobs (interval_s and scale_to_zero_after_s are set above and per expert).",
+    )
     ready_timeout_s: float = Field(default=600.0, gt=0, description="A start not ready after this long has failed.")
     wake_timeout_s: float = Field(
         default=120.0, gt=0,

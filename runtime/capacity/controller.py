@@ -257,7 +257,8 @@ class CapacityController:
             st.cold_start_s = took if m.measured_starts == 1 else 0.7 * st.cold_start_s + 0.3 * took
             rs.cold_start_ms = 1e3 * st.cold_start_s
             st.cold_starts += 1
-            self._log(name, "started", f"{client.name} serving after {took:.1f} s (cold start now {st.cold_start_s:.1f} s)")
+            self._log(name, "started",
+                      f"{client.name} serving after {took:.1f} s (cold start now {st.cold_start_s:.1f} s)")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed start is an event, not a dead controller

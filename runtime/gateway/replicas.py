@@ -202,7 +202,7 @@ class ReplicaSet:
 
     @property
     def cold(self) -> bool:
-        """No replica is serving or draining, and a request can wake one."""
+        """No replica takes calls (draining ones may still finish theirs), and a request can wake one."""
         return self.waker is not None and not any(not s.removing for s in self.states.values())
 
     def finished(self, prompt_tokens: int, output_tokens: int) -> None:
