@@ -81,6 +81,9 @@ class Candidate:
     healthy: bool
     inflight: int  # requests the gateway has dispatched to it and not yet seen finish
     profile: ExpertProfile | None = None
+    # > 0: no replica runs (scaled to zero); the first request starts one and waits this long
+    # before its own prefill, so the cost model adds it to the predicted latency
+    cold_start_ms: float = 0.0
 
     @property
     def key(self) -> tuple[str, int]:

@@ -27,6 +27,7 @@ is tracked per expert and exported through the Admin API.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class CostEstimate:
     latency_ms: float
     queue_ms: float
     basis: str  # "measured" (live profile) or "prior" (config, nothing measured yet)
+
+    def waiting(self, wait_ms: float) -> CostEstimate:
+        """This estimate after ``wait_ms`` more of waiting before the work starts (a cold start)."""
+        return dataclasses.replace(self, latency_ms=self.latency_ms + wait_ms, queue_ms=self.queue_ms + wait_ms)
 
 
 @dataclass(slots=True)

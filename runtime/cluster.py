@@ -120,6 +120,20 @@ class ExpertPool:
         group.append(replica)
         return replica
 
+    async def start_replica(self, expert: str, timeout_s: float) -> RayReplicaClient:
+        """Start one more replica of ``expert`` and return its client once it has loaded; a replica
+        that fails or is not ready within ``timeout_s`` is released and ExpertUnavailable raised."""
+        replica = self.add(expert)
+        try:
+            await asyncio.wait_for(replica.actor.ready.remote(), timeout_s)
+        except BaseException as exc:
+            self.remove(expert, replica.index)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            why = f"not ready after {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else _root_cause(exc)
+            raise ExpertUnavailable(f"{replica.name} did not start: {why}") from None
+        return RayReplicaClient(replica)
+
     def remove(self, expert: str, index: int) -> None:
         """Kill replica ``index`` of ``expert`` (drain it through the gateway first)."""
         group = self.replicas.get(expert, [])

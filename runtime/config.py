@@ -21,6 +21,7 @@ from wattserve.errors import ConfigError
 from wattserve.specs import ExpertSpec, Strict
 from wattserve.types import Priority
 
+from .capacity.config import CapacityConfig
 from .power.config import PowerConfig
 from .security.config import AuthConfig, TlsConfig
 
@@ -331,6 +332,10 @@ class WattserveConfig(Strict):
     power: PowerConfig = Field(
         default_factory=PowerConfig, description="The power governor (off unless enabled)."
     )
+    capacity: CapacityConfig = Field(
+        default_factory=CapacityConfig, description="The capacity controller: replicas per expert from the load "
+        "(off unless enabled)."
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys of clients and operators.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS for gRPC and HTTP (off unless a cert is set).")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig, description="Durable budget ledger.")
@@ -348,6 +353,11 @@ class WattserveConfig(Strict):
             unknown = sorted(set(keys) - names)
             if unknown:
                 raise ValueError(f"router.{what} names unknown experts {unknown}; experts are {sorted(names)}")
+        text = {e.name for e in self.experts if e.modality == "text"}
+        unsized = sorted(set(self.capacity.experts) - text)
+        if unsized:
+            raise ValueError(f"capacity.experts names {unsized}, which are not text experts; text experts are "
+                             f"{sorted(text)}")
         return self
 
     def expert(self, name: str) -> ExpertSpec | None:
@@ -452,6 +462,8 @@ def config_reference() -> str:
         VllmEngineSpec,
     )
 
+    from .capacity.config import ExpertCapacity
+    from .capacity.planner import SLO, PlannerConfig
     from .power.config import RowSpec
     from .power.policy import PolicyConfig
 
@@ -486,6 +498,10 @@ def config_reference() -> str:
         ("power", PowerConfig),
         ("power.rows[]", RowSpec),
         ("power.policy", PolicyConfig),
+        ("capacity", CapacityConfig),
+        ("capacity.experts.<expert>", ExpertCapacity),
+        ("capacity.experts.<expert>.slo", SLO),
+        ("capacity.planner", PlannerConfig),
     ]
     out = [
         "# Configuration reference",

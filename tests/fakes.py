@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import pynvml
 
+from router.base import Plan
+from router.policies.base import by_expert, eligible
 from runtime.gateway.replicas import ReplicaClient, ReplicaDied, ReplicaStream
 from wattserve.errors import QueueFull
 from wattserve.types import (
@@ -328,3 +330,26 @@ class _FakeStream(ReplicaStream):
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+class FixedOrderPolicy:
+    """A routing policy that ranks experts in a fixed order (each expert's replicas least loaded
+    first, a cold candidate last); optionally it plans a cascade. The routing service builds its
+    policy from a factory: calling this one returns it, ready."""
+
+    name = "fixed"
+    uses_gate = False
+
+    def __init__(self, order: list[str], cascade: tuple[str, str] | None = None, below: float = -1.0) -> None:
+        self.order, self.cascade, self.below = order, cascade, below
+
+    def __call__(self, **_) -> FixedOrderPolicy:
+        return self
+
+    def plan(self, request, candidates) -> Plan:
+        groups = by_expert(eligible(request, candidates))
+        experts = [e for e in self.order if e in groups]
+        ranked = tuple(c for e in experts for c in groups[e])
+        return Plan(ranked=ranked, policy=self.name, reason="fixed order", subset=tuple(experts[:1]),
+                    weights={experts[0]: 1.0}, predicted_energy_j=2.0,
+                    cascade=self.cascade or (), cascade_below_logprob=self.below if self.cascade else None)

@@ -37,17 +37,21 @@ def load_fraction(c: Candidate) -> float:
     """Occupancy of a replica: what it is running or queueing, relative to its batch size.
 
     The gateway's own in-flight count is fresher than the replica's last published queue, so the
-    larger of the two is used.
+    larger of the two is used. A cold replica (none running: a request would wait for its start)
+    ranks after every warm one.
     """
+    if c.cold_start_ms:
+        return float("inf")
     queued = c.profile.queue_depth if c.profile else 0
     batch = c.profile.max_batch if c.profile else 1
     return max(c.inflight, queued) / max(1, batch)
 
 
 def predict(cost: CostModel, request: RequestFeatures, c: Candidate) -> CostEstimate | None:
-    """Predicted cost of ``request`` on replica ``c``."""
-    return cost.predict(c.profile, c.expert, request.tokens_in, request.tokens_out,
-                        inflight=c.inflight, queue=request.mode == "generate")
+    """Predicted cost of ``request`` on replica ``c`` (a cold replica's start included in its latency)."""
+    est = cost.predict(c.profile, c.expert, request.tokens_in, request.tokens_out,
+                       inflight=c.inflight, queue=request.mode == "generate")
+    return est.waiting(c.cold_start_ms) if est is not None and c.cold_start_ms else est
 
 
 def by_expert(pool: Sequence[Candidate]) -> dict[str, list[Candidate]]:

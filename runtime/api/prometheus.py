@@ -1,7 +1,8 @@
 """Prometheus series read at scrape time from the gateway's admin façade (no replica calls on
 the scrape path): queue depths, health, device power / power limit / SM clock per replica, energy
 per replica (requests and idle), energy budgets and prediction errors, and the power budget and
-cap events the governor wrote (``runtime/power/state.py``). The per-request series are
+cap events the governor wrote (``runtime/power/state.py``), and the capacity controller's replicas
+wanted and running, cold starts, clock targets and estimated energy saved. The per-request series are
 ``runtime/metrics.py``'s."""
 
 from __future__ import annotations
@@ -34,6 +35,36 @@ class GatewayCollector:
         yield from self._replicas(self.admin)
         yield from self._power(self.admin)
         yield from self._budgets(self.admin)
+        yield from self._capacity(self.admin)
+
+    def _capacity(self, admin: Admin):
+        view = admin.capacity_view(last_events=0)
+        if not view.enabled:
+            return
+        rows = [([e.expert], e) for e in view.experts]
+        yield _gauge("wattserve_capacity_replicas_wanted", "Replicas the capacity controller's last plan wants.",
+                     ["expert"], [(k, e.wanted) for k, e in rows])
+        yield _gauge("wattserve_capacity_replicas_running", "Healthy replicas taking calls.", ["expert"],
+                     [(k, e.running) for k, e in rows])
+        yield _gauge("wattserve_capacity_replicas_starting", "Replicas the controller is starting.", ["expert"],
+                     [(k, e.starting) for k, e in rows])
+        starts = CounterMetricFamily("wattserve_capacity_cold_starts", "Replicas the capacity controller started "
+                                     "(scale-ups and wakes).", labels=["expert"])
+        for k, e in rows:
+            starts.add_metric(k, e.cold_starts)
+        yield starts
+        yield _gauge("wattserve_capacity_cold_start_seconds", "Measured start time of a replica (EWMA; configured "
+                     "until one is measured).", ["expert"], [(k, e.cold_start_s) for k, e in rows])
+        yield _gauge("wattserve_capacity_target_sm_clock_mhz", "The planner's SM clock for the expert: recorded, not "
+                     "applied (the controller actuates no clock).", ["expert", "applied"],
+                     [([*k, str(e.clock_applied).lower()], e.target_clock_mhz) for k, e in rows
+                      if e.target_clock_mhz is not None])
+        saved = CounterMetricFamily(
+            "wattserve_capacity_energy_saved_joules", "Estimate, not a measurement: idle power of the expert's replica "
+            "profile x replica-seconds not running, against max_replicas always on.", labels=["expert", "kind", "energy_source"])
+        for k, e in rows:
+            saved.add_metric([*k, "estimate", e.energy_source], e.saved_energy_j)
+        yield saved
 
     def _budgets(self, admin: Admin):
         """Energy budgets as the router's ledger holds them now (config or Admin.SetEnergyBudget)."""

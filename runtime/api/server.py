@@ -112,6 +112,7 @@ class WattserveServer:
         self.pool: ExpertPool | None = None
         self.gateway: Gateway | None = None
         self.power: PowerPlane | None = None
+        self.capacity = None  # the capacity controller, when capacity.enabled
         self.server: aio.Server | None = None
         self.health = HealthServicer()
         self.metrics = ServingMetrics()  # a registry per server: tests run several in one process
@@ -155,6 +156,8 @@ class WattserveServer:
             self.power = PowerPlane(cfg.power, self.pool.all(), mirror_into=self.gateway.admin.power)
             await self.power.start()
             phases.mark("power governor")
+        if cfg.capacity.enabled:
+            await self._start_capacity()
 
         limit, meta = cfg.gateway.max_message_bytes, cfg.gateway.max_metadata_bytes
         self.server = aio.server(
@@ -190,6 +193,19 @@ class WattserveServer:
         self.startup_line = phases.line(replicas)
         self.progress(self.startup_line)
         return self.port
+
+    async def _start_capacity(self) -> None:
+        # Imported here: the planner pulls numpy and the device models, which a server without
+        # the controller need not load.
+        from ..capacity.controller import CapacityController
+
+        admin = self.gateway.admin
+        self.progress(f"starting the capacity controller for {', '.join(self.config.capacity.experts) or 'no expert'}")
+        self.capacity = CapacityController(
+            self.config.capacity, {e.name: e for e in self.config.experts}, self.gateway.replicas, self.pool,
+            admin.capacity, power_budget_w=lambda: admin.power.budget_w,
+        )
+        await self.capacity.start()
 
     async def _replica_phases(self, created_unix_s: float) -> list[str]:
         """Where each replica's start-up went, from its own wall-clock marks (same host)."""
@@ -310,6 +326,9 @@ class WattserveServer:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(1.0)  # drained above: only calls that are not streams remain
             self.server = None
+        if self.capacity is not None:
+            await self.capacity.stop()
+            self.capacity = None
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None

@@ -19,6 +19,7 @@ from ..gateway import Chunk, Final, Gateway, Request
 from ..gateway.admin import ReplicaView
 from ..security.keys import bind_tenant
 from .auth import current_principal
+from .capacity_proto import capacity_to_proto
 from .gen import wattserve_pb2 as pb
 from .gen import wattserve_pb2_grpc as pb_grpc
 from .image_protocol import (
@@ -158,6 +159,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         if self.power is None:
             return status_to_proto(PowerStatus(enabled=False, policy="", interval_s=0.0))
         return status_to_proto(await self.power.status(request.max_events or 100))
+
+    async def GetCapacityStatus(self, request, context):
+        return capacity_to_proto(self.gateway.admin.capacity_view(request.max_events or 50))
 
     async def ListExperts(self, request, context):
         admin = self.gateway.admin

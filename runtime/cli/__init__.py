@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "runtime.cli.router",
     "runtime.cli.images",
     "runtime.cli.power",
+    "runtime.cli.capacity",
     "runtime.cli.auth",
     "runtime.cli.exits",
     "runtime.cli.quality",

@@ -1,12 +1,16 @@
 """``wattserve simulate capacity``: a day of an Azure trace on simulated replicas under the
-capacity policies (static, autoscale, dvfs, both, both+polca); no server needed."""
+capacity policies (static, autoscale, dvfs, both, both+polca); no server needed. ``wattserve
+capacity show``: the live controller of a running server."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+from .connect import add_connection_args, channel
 
 POLICY_CHOICES = ("static", "autoscale", "dvfs", "both", "both+polca")
 
@@ -53,6 +57,57 @@ def cmd_simulate_capacity(args) -> int:
     if args.plot:
         print(f"plot: {plot_day(results, Path(args.plot), f'{Path(args.trace).stem}: capacity policies')}")
     return 0
+
+
+def cmd_capacity_show(args) -> int:
+    import grpc
+
+    from ..api.gen import wattserve_pb2 as pb
+    from ..api.gen import wattserve_pb2_grpc as pb_grpc
+
+    with channel(args) as ch:
+        try:
+            status = pb_grpc.AdminStub(ch).GetCapacityStatus(pb.GetCapacityStatusRequest(max_events=args.events),
+                                                             timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(render_capacity(status))
+    return 0
+
+
+def render_capacity(status) -> str:
+    """Human-readable capacity status: per expert replicas wanted/running, clock target, estimate."""
+    if not status.enabled:
+        return "capacity controller: off (set capacity.enabled: true in the server config)"
+    out = [f"  {'expert':<16} {'wanted':>6} {'running':>7} {'starting':>8} {'cold starts':>11} {'start s':>7} "
+           f"{'clock MHz':>12} {'saved J (estimate)':>18}  energy"]
+    for e in status.experts:
+        clock = "-" if not e.HasField("target_sm_clock_mhz") else \
+            f"{e.target_sm_clock_mhz:.0f}{'' if e.clock_applied else ' (n/a)'}"
+        out.append(f"  {e.expert:<16} {e.replicas_wanted:>6} {e.replicas_running:>7} {e.replicas_starting:>8} "
+                   f"{e.cold_starts:>11} {e.cold_start_s:>7.1f} {clock:>12} {e.energy_saved_j:>18.0f}  {e.energy_source}")
+    out.append("  clock targets are recorded, not applied ((n/a)); saved energy is an estimate (idle power x "
+               "replica-seconds not running, against max_replicas always on)")
+    for e in status.experts:
+        if e.reason:
+            out.append(f"  {e.expert}: {e.reason}")
+    if status.events:
+        out.append("  recent decisions:")
+        for ev in status.events:
+            when = dt.datetime.fromtimestamp(ev.time_unix_s).strftime("%H:%M:%S")
+            out.append(f"    {when} {ev.expert} {ev.action} {ev.replicas_from} -> {ev.replicas_to}: {ev.reason}")
+    return "\n".join(["capacity controller:", *out])
+
+
+def register(sub) -> None:
+    capacity = sub.add_parser("capacity", help="see the capacity controller of a running server")
+    csub = capacity.add_subparsers(dest="capacity_command", required=True)
+    s = csub.add_parser("show", help="replicas wanted and running per expert, clock targets, recent decisions")
+    s.add_argument("--events", type=int, default=20, help="recent decisions to show")
+    add_connection_args(s, operator=True)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(func=cmd_capacity_show)
 
 
 def register_simulate(ssub) -> None:

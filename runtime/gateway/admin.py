@@ -7,6 +7,7 @@ changes (energy budgets and prices) go to the routing service and come back as v
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from router.cost import PredictionError
 from wattserve.specs import ExpertSpec
 from wattserve.types import ExpertProfile
 
+from ..capacity.state import CapacityEvent, CapacityState, ExpertCapacityState
 from ..config import WattserveConfig
 from ..power.state import PowerState
 from ..routing import RoutingService
@@ -78,6 +80,13 @@ class BudgetView:
     price: str  # how that price is set
 
 
+@dataclass(slots=True, frozen=True)
+class CapacityView:
+    enabled: bool  # whether the capacity controller runs
+    experts: tuple[ExpertCapacityState, ...]  # copies, taken now
+    events: tuple[CapacityEvent, ...]  # the last decisions, oldest first
+
+
 class Admin:
     def __init__(self, config: WattserveConfig, replicas: Replicas, routing: RoutingService, lifecycle: Lifecycle,
                  counters: Counters, power: PowerState, clock: Callable[[], float]) -> None:
@@ -87,6 +96,7 @@ class Admin:
         self._lifecycle = lifecycle
         self._counters = counters
         self.power = power  # filled by the power governor
+        self.capacity = CapacityState()  # filled by the capacity controller
         self._clock = clock
         self._started_s = clock()
 
@@ -120,8 +130,15 @@ class Admin:
         return [s.client for s in self._replicas.states() if s.client.expert in kinds]
 
     def healthy(self) -> bool:
-        """Whether any replica can serve (the health endpoints' answer)."""
-        return any(s.healthy for s in self._replicas.states())
+        """Whether any replica can serve, or a scaled-to-zero expert can be woken to (the health
+        endpoints' answer)."""
+        return self._replicas.any_serving()
+
+    def capacity_view(self, last_events: int = 50) -> CapacityView:
+        """What the capacity controller wants and runs per expert, and its last decisions."""
+        cap = self.capacity
+        events = tuple(cap.events)[-last_events:] if last_events > 0 else ()
+        return CapacityView(cap.enabled, tuple(dataclasses.replace(e) for e in cap.experts.values()), events)
 
     # -- status ---------------------------------------------------------------------------------
     def status(self) -> StatusView:

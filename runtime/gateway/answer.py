@@ -78,7 +78,7 @@ async def _attempt(call: Call, plan: Plan, failed: set[Key], attempt: _Attempt) 
                 client.abort(engine_call.request_id)
             raise
 
-    lease, (stream, events) = await lc.replicas.dispatch(plan.ranked, start, skip=failed)
+    lease, (stream, events) = await lc.replicas.dispatch(plan.ranked, start, skip=failed, deadline_s=call.deadline_s)
     client = lease.client
     call.recorder.routed(client.expert)
     ttft_ms: float | None = None
@@ -122,6 +122,7 @@ async def _final(call: Call, plan: Plan, lease: Lease, call_id: str, usage, ttft
     """Charge the measured energy (durably, before the caller learns the request finished), teach
     the cost model, remember who answered (for feedback), and build the final message."""
     lc, req, client = call.lifecycle, call.request, lease.client
+    lc.replicas.sets[client.expert].finished(usage.prompt_tokens, usage.completion_tokens)
     lc.routing.finish(plan, req.tenant, client.expert, client.index, prompt_tokens=usage.prompt_tokens,
                       output_tokens=usage.completion_tokens, energy_j=usage.energy_j, latency_ms=usage.latency_ms,
                       request_id=call_id)

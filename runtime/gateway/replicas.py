@@ -8,6 +8,10 @@ lifecycle's retry, abandon, cascade, deadline and replica-death paths run withou
 A ``ReplicaSet`` owns its replicas' states (health, last profile, in-flight count), polls their
 telemetry, and can grow and shrink at run time: an added replica is a candidate at the next plan;
 a removed one stops taking requests at once and leaves when the calls it holds have finished.
+It also counts what the capacity controller measures (arrivals, token sizes). A set that a waker
+can grow from zero stays routable with no replica: one cold candidate (``COLD_REPLICA``) whose
+predicted latency includes the start; a request dispatched to it wakes a replica and waits for it
+within its deadline.
 :class:`Replicas` holds every expert's set: the router's candidates come from it and every call
 goes through :meth:`Replicas.dispatch` ("the first replica of the plan that accepts, else the
 next"), which also keeps the in-flight counts and marks a replica whose process died unhealthy.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,6 +36,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Key = tuple[str, int]
+
+#: the replica index of a cold candidate: an expert with no replica that a request can wake
+COLD_REPLICA = -1
+#: finished requests whose token counts a set keeps for the capacity controller
+TOKEN_SAMPLES = 1000
 
 
 class ReplicaDied(ExpertUnavailable):
@@ -155,7 +165,13 @@ class ReplicaSet:
         self.expert = expert
         self.modality = modality
         self.states: dict[int, ReplicaState] = {}
-        self._idle = asyncio.Event()
+        self.arrivals = 0  # calls dispatched to (or waking) this expert since start
+        self.tokens: deque[tuple[int, int]] = deque(maxlen=TOKEN_SAMPLES)  # (prompt, output) of finished calls
+        # Set by the capacity controller for experts it may scale to zero: starts a replica (if
+        # none is starting) and returns once one is healthy.
+        self.waker: Callable[[], Awaitable[None]] | None = None
+        self.cold_start_ms = 0.0  # what a waking request waits (measured starts, else configured)
+        self.last_profile: ExpertProfile | None = None  # what the last replica said before it left
 
     def add(self, client: ReplicaClient) -> ReplicaState:
         if client.expert != self.expert:
@@ -174,13 +190,28 @@ class ReplicaSet:
             await asyncio.sleep(poll_s)
         del self.states[index]
         state.client.close()
+        if state.profile is not None:
+            self.last_profile = state.profile
         return state.client
 
     def next_index(self) -> int:
         return max(self.states, default=-1) + 1
 
     def candidates(self) -> list[Candidate]:
-        return [s.candidate() for s in self.states.values() if not s.removing]
+        out = [s.candidate() for s in self.states.values() if not s.removing]
+        if not out and self.cold:
+            out.append(Candidate(expert=self.expert, replica=COLD_REPLICA, healthy=True, inflight=0,
+                                 profile=self.last_profile, cold_start_ms=max(1.0, self.cold_start_ms)))
+        return out
+
+    @property
+    def cold(self) -> bool:
+        """No replica takes calls (draining ones may still finish theirs), and a request can wake one."""
+        return self.waker is not None and not any(not s.removing for s in self.states.values())
+
+    def finished(self, prompt_tokens: int, output_tokens: int) -> None:
+        """A call finished with these token counts (what the capacity controller plans with)."""
+        self.tokens.append((prompt_tokens, output_tokens))
 
 
 class Replicas:
@@ -195,6 +226,7 @@ class Replicas:
         self.on_health_change = on_health_change
         self._poller: asyncio.Task | None = None
         self._any_healthy: bool | None = None
+        self.wake_timeout_s = 120.0  # most a request without a deadline waits for a cold expert
 
     @classmethod
     def of(cls, clients: Iterable[ReplicaClient], modality: Callable[[str], str] = lambda e: "text",
@@ -222,6 +254,10 @@ class Replicas:
         st = self.state(key)
         return st is not None and st.healthy and not st.removing
 
+    def any_serving(self) -> bool:
+        """Whether any replica can serve, or a cold expert can be woken to."""
+        return any(s.healthy for s in self.states()) or any(s.cold for s in self.sets.values())
+
     # -- growing and shrinking ------------------------------------------------------------------
     def add(self, client: ReplicaClient, modality: str = "text") -> ReplicaState:
         """A new replica; it is a candidate from its first healthy poll (call :meth:`poll_once` to
@@ -235,18 +271,26 @@ class Replicas:
 
     # -- dispatch -------------------------------------------------------------------------------
     async def dispatch(self, ranked: Sequence[Candidate], start: Callable[[ReplicaClient], Awaitable[T]], *,
-                       skip: Iterable[Key] = (), what: str = "replica", retry_after_ms: int = 250
-                       ) -> tuple[Lease, T]:
+                       skip: Iterable[Key] = (), what: str = "replica", retry_after_ms: int = 250,
+                       deadline_s: float | None = None) -> tuple[Lease, T]:
         """``start`` the call on the first replica of ``ranked`` (not in ``skip``) that accepts it.
 
         A replica that answers QueueFull is passed over for the next; any other error stands. The
-        returned lease counts the call in the replica's in-flight number until released.
+        returned lease counts the call in the replica's in-flight number until released. A cold
+        candidate wakes its expert and waits for a replica until ``deadline_s`` (on this clock;
+        None: ``wake_timeout_s``); one that does not come in time is passed over like a full one.
         """
         skipped = set(skip)
         full: list[str] = []
+        cold: list[str] = []
         for cand in ranked:
-            state = self.state(cand.key)
-            if cand.key in skipped or state is None or state.removing:
+            if cand.replica == COLD_REPLICA:
+                state = await self._woken(cand.expert, deadline_s, cold)  # counts the arrival
+            else:
+                state = self.state(cand.key)
+                if state is not None and cand.key not in skipped and not state.removing:
+                    self.sets[cand.expert].arrivals += 1
+            if state is None or state.key in skipped or state.removing:
                 continue
             lease = Lease(state)
             try:
@@ -258,8 +302,32 @@ class Replicas:
                 lease.release()
                 raise
         if not full:
-            raise ExpertUnavailable(f"no {what} of the plan is left to try (removed or failed); retry")
+            why = "; ".join(cold) if cold else "removed or failed"
+            raise ExpertUnavailable(f"no {what} of the plan is left to try ({why}); retry")
         raise QueueFull(f"every eligible {what} is full: " + " | ".join(full), retry_after_ms=retry_after_ms)
+
+    async def _woken(self, expert: str, deadline_s: float | None, notes: list[str]) -> ReplicaState | None:
+        """Wake a cold ``expert`` and return its least loaded healthy replica, or None (said why in
+        ``notes``) if none is healthy before the deadline."""
+        rs = self.sets.get(expert)
+        if rs is None:
+            return None
+        rs.arrivals += 1  # load the controller sees at its next plan, even if this call goes elsewhere
+        ready = [s for s in rs.states.values() if s.healthy and not s.removing]
+        if not ready and rs.waker is not None:
+            wait_s = self.wake_timeout_s if deadline_s is None else min(self.wake_timeout_s, deadline_s - self.clock())
+            if 1e3 * wait_s < rs.cold_start_ms:
+                notes.append(f"{expert} is cold: a start takes ~{rs.cold_start_ms / 1e3:.1f} s, the deadline is "
+                             f"{max(0.0, wait_s):.1f} s away")
+                return None
+            try:
+                await asyncio.wait_for(rs.waker(), max(0.0, wait_s))
+            except (TimeoutError, ExpertUnavailable) as exc:
+                notes.append(f"{expert} is cold and no replica started within {max(0.0, wait_s):.1f} s"
+                            + (f" ({exc})" if str(exc) else ""))
+                return None
+            ready = [s for s in rs.states.values() if s.healthy and not s.removing]
+        return min(ready, key=lambda s: s.inflight, default=None)
 
     async def watch(self, state: ReplicaState, call: Awaitable[T]) -> T:
         """Await ``call`` on ``state``'s replica; a dead replica is marked unhealthy at once (the
@@ -297,11 +365,19 @@ class Replicas:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(s) for s in self.states()))
-        any_healthy = any(s.healthy for s in self.states())
+        any_healthy = self.any_serving()
         if any_healthy != self._any_healthy:
             self._any_healthy = any_healthy
             if self.on_health_change:
                 self.on_health_change(any_healthy)
+
+    async def poll(self, key: Key) -> bool:
+        """Poll one replica now; whether it is healthy."""
+        state = self.state(key)
+        if state is None:
+            return False
+        await self._poll(state)
+        return state.healthy
 
     async def _poll(self, state: ReplicaState) -> None:
         try:

@@ -896,3 +896,63 @@ class PowerStatus(_message.Message):
     counters: _containers.ScalarMap[str, int]
     alerts: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, enabled: _Optional[bool] = ..., policy: _Optional[str] = ..., interval_s: _Optional[float] = ..., rows: _Optional[_Iterable[_Union[PowerRow, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[GpuPower, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[PowerEvent, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., alerts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetCapacityStatusRequest(_message.Message):
+    __slots__ = ("max_events",)
+    MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    max_events: int
+    def __init__(self, max_events: _Optional[int] = ...) -> None: ...
+
+class ExpertCapacity(_message.Message):
+    __slots__ = ("expert", "replicas_wanted", "replicas_running", "replicas_starting", "cold_starts", "cold_start_s", "target_sm_clock_mhz", "clock_applied", "energy_saved_j", "energy_source", "reason")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_WANTED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_STARTING_FIELD_NUMBER: _ClassVar[int]
+    COLD_STARTS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_S_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SAVED_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    replicas_wanted: int
+    replicas_running: int
+    replicas_starting: int
+    cold_starts: int
+    cold_start_s: float
+    target_sm_clock_mhz: float
+    clock_applied: bool
+    energy_saved_j: float
+    energy_source: str
+    reason: str
+    def __init__(self, expert: _Optional[str] = ..., replicas_wanted: _Optional[int] = ..., replicas_running: _Optional[int] = ..., replicas_starting: _Optional[int] = ..., cold_starts: _Optional[int] = ..., cold_start_s: _Optional[float] = ..., target_sm_clock_mhz: _Optional[float] = ..., clock_applied: _Optional[bool] = ..., energy_saved_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CapacityEvent(_message.Message):
+    __slots__ = ("time_unix_s", "expert", "action", "replicas_from", "replicas_to", "target_sm_clock_mhz", "reason")
+    TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FROM_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_TO_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SM_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    time_unix_s: float
+    expert: str
+    action: str
+    replicas_from: int
+    replicas_to: int
+    target_sm_clock_mhz: float
+    reason: str
+    def __init__(self, time_unix_s: _Optional[float] = ..., expert: _Optional[str] = ..., action: _Optional[str] = ..., replicas_from: _Optional[int] = ..., replicas_to: _Optional[int] = ..., target_sm_clock_mhz: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CapacityStatus(_message.Message):
+    __slots__ = ("enabled", "experts", "events")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertCapacity]
+    events: _containers.RepeatedCompositeFieldContainer[CapacityEvent]
+    def __init__(self, enabled: _Optional[bool] = ..., experts: _Optional[_Iterable[_Union[ExpertCapacity, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[CapacityEvent, _Mapping]]] = ...) -> None: ...

@@ -333,6 +333,11 @@ class AdminStub:
                 request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.SerializeToString,
                 response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.FromString,
                 _registered_method=True)
+        self.GetCapacityStatus = channel.unary_unary(
+                '/wattserve.v1.Admin/GetCapacityStatus',
+                request_serializer=wattserve_dot_v1_dot_wattserve__pb2.GetCapacityStatusRequest.SerializeToString,
+                response_deserializer=wattserve_dot_v1_dot_wattserve__pb2.CapacityStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -388,6 +393,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCapacityStatus(self, request, context):
+        """The capacity controller: replicas wanted and running per expert, clock targets (recorded, not
+        applied), the energy-saved estimate and recent decisions. enabled is false without it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -425,6 +438,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetPowerStatus,
                     request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.FromString,
                     response_serializer=wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.SerializeToString,
+            ),
+            'GetCapacityStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCapacityStatus,
+                    request_deserializer=wattserve_dot_v1_dot_wattserve__pb2.GetCapacityStatusRequest.FromString,
+                    response_serializer=wattserve_dot_v1_dot_wattserve__pb2.CapacityStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -616,6 +634,33 @@ class Admin:
             '/wattserve.v1.Admin/GetPowerStatus',
             wattserve_dot_v1_dot_wattserve__pb2.GetPowerStatusRequest.SerializeToString,
             wattserve_dot_v1_dot_wattserve__pb2.PowerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCapacityStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wattserve.v1.Admin/GetCapacityStatus',
+            wattserve_dot_v1_dot_wattserve__pb2.GetCapacityStatusRequest.SerializeToString,
+            wattserve_dot_v1_dot_wattserve__pb2.CapacityStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,35 +11,13 @@ import contextlib
 import pytest
 
 from router.base import Plan
-from router.policies.base import by_expert, eligible
 from runtime.config import parse_config
 from runtime.gateway import Chunk, Final, Gateway, Request
-from tests.fakes import FakeReplicaClient
+from tests.fakes import FakeReplicaClient, FixedOrderPolicy
 from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull, ShuttingDown
 
 
-class FakePolicy:
-    """Ranks experts in a fixed order (replicas least loaded first); optionally plans a cascade."""
-
-    name = "fake"
-    uses_gate = False
-
-    def __init__(self, order: list[str], cascade: tuple[str, str] | None = None, below: float = -1.0) -> None:
-        self.order, self.cascade, self.below = order, cascade, below
-
-    def __call__(self, **_):  # the routing service builds its policy from a factory: this one is ready
-        return self
-
-    def plan(self, request, candidates) -> Plan:
-        groups = by_expert(eligible(request, candidates))
-        experts = [e for e in self.order if e in groups]
-        ranked = tuple(c for e in experts for c in groups[e])
-        return Plan(ranked=ranked, policy=self.name, reason="fixed order", subset=tuple(experts[:1]),
-                    weights={experts[0]: 1.0}, predicted_energy_j=2.0,
-                    cascade=self.cascade or (), cascade_below_logprob=self.below if self.cascade else None)
-
-
-def make_gateway(clients: list[FakeReplicaClient], policy: FakePolicy | None = None, **gateway) -> Gateway:
+def make_gateway(clients: list[FakeReplicaClient], policy: FixedOrderPolicy | None = None, **gateway) -> Gateway:
     experts = sorted({c.expert for c in clients})
     cfg = parse_config({
         "gateway": {"health_interval_s": 3600, **gateway},
@@ -47,7 +25,7 @@ def make_gateway(clients: list[FakeReplicaClient], policy: FakePolicy | None = N
                     for e in experts],
         "router": {"quality_per_j": 0},
     })
-    return Gateway(cfg, clients, policy=policy or FakePolicy(experts))
+    return Gateway(cfg, clients, policy=policy or FixedOrderPolicy(experts))
 
 
 @contextlib.asynccontextmanager
@@ -164,7 +142,7 @@ async def test_the_deadline_travels_to_the_engine_and_shapes_the_plan():
 
 async def test_cascade_keeps_a_confident_answer_and_escalates_an_unsure_one():
     cheap, strong = FakeReplicaClient("cheap", energy_j=1.0), FakeReplicaClient("strong", energy_j=5.0)
-    policy = FakePolicy(["cheap", "strong"], cascade=("cheap", "strong"), below=-1.0)
+    policy = FixedOrderPolicy(["cheap", "strong"], cascade=("cheap", "strong"), below=-1.0)
     async with running(make_gateway([cheap, strong], policy)) as gw:
         cheap.mean_logprob = -0.5
         chunks, final = await collect(gw)
@@ -181,7 +159,7 @@ async def test_score_mixes_the_experts_that_answered_and_survives_one_that_died(
     a = FakeReplicaClient("a", choice_logprobs=(-0.1, -3.0))
     b = FakeReplicaClient("b", choice_logprobs=(-3.0, -0.1))
 
-    class Both(FakePolicy):
+    class Both(FixedOrderPolicy):
         def plan(self, request, candidates):
             plan = super().plan(request, candidates)
             return Plan(ranked=plan.ranked, policy="fake", reason="both", subset=("a", "b"), weights={"a": 0.75, "b": 0.25})
