@@ -283,13 +283,14 @@ class Replicas:
         skipped = set(skip)
         full: list[str] = []
         cold: list[str] = []
+        first = next((c for c in ranked if c.key not in skipped and c.expert in self.sets), None)
+        if first is not None:  # the demand the capacity controller sees: one arrival, at the router's choice
+            self.sets[first.expert].arrivals += 1
         for cand in ranked:
             if cand.replica == COLD_REPLICA:
-                state = await self._woken(cand.expert, deadline_s, cold)  # counts the arrival
+                state = await self._woken(cand.expert, deadline_s, cold)
             else:
                 state = self.state(cand.key)
-                if state is not None and cand.key not in skipped and not state.removing:
-                    self.sets[cand.expert].arrivals += 1
             if state is None or state.key in skipped or state.removing:
                 continue
             lease = Lease(state)
@@ -312,7 +313,6 @@ class Replicas:
         rs = self.sets.get(expert)
         if rs is None:
             return None
-        rs.arrivals += 1  # load the controller sees at its next plan, even if this call goes elsewhere
         ready = [s for s in rs.states.values() if s.healthy and not s.removing]
         if not ready and rs.waker is not None:
             wait_s = self.wake_timeout_s if deadline_s is None else min(self.wake_timeout_s, deadline_s - self.clock())
