@@ -204,8 +204,14 @@ class WattserveServer:
         self.capacity = CapacityController(
             self.config.capacity, {e.name: e for e in self.config.experts}, self.gateway.replicas, self.pool,
             admin.capacity, power_budget_w=lambda: admin.power.budget_w,
+            on_replicas_changed=self._replicas_changed if self.power is not None else None,
         )
         await self.capacity.start()
+
+    async def _replicas_changed(self) -> None:
+        """The capacity controller added or released replicas: the power governor caps the new set."""
+        if self.power is not None and self.pool is not None:
+            await self.power.update_replicas(self.pool.all())
 
     async def _replica_phases(self, created_unix_s: float) -> list[str]:
         """Where each replica's start-up went, from its own wall-clock marks (same host)."""

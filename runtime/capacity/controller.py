@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -83,6 +83,7 @@ class CapacityController:
     def __init__(self, config: CapacityConfig, experts: dict[str, ExpertSpec], replicas: Replicas,
                  actions: PoolActions, state: CapacityState, *,
                  power_budget_w: Callable[[], float | None] = lambda: None,
+                 on_replicas_changed: Callable[[], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.specs = {name: experts[name] for name in config.experts}
@@ -90,6 +91,7 @@ class CapacityController:
         self.actions = actions
         self.state = state
         self.power_budget_w = power_budget_w
+        self.on_replicas_changed = on_replicas_changed  # e.g. the power governor learning them
         self.clock = clock
         self.wall = wall
         self._meters = {name: _Meter() for name in self.specs}
@@ -251,6 +253,7 @@ class CapacityController:
             client = await self.actions.start_replica(name, self.config.ready_timeout_s)
             self.replicas.add(client, self.specs[name].modality)
             await self.replicas.poll(client.key)
+            await self._changed(name)
             took = self.clock() - t0
             m.measured_starts += 1
             # the first measured start replaces the configured guess; later ones are averaged
@@ -280,10 +283,21 @@ class CapacityController:
         try:
             await self.replicas.remove((name, index))  # drains: the calls it holds finish there
             self.actions.remove(name, index)
+            await self._changed(name)
             self._log(name, "removed", f"{name}/{index} drained and released")
         finally:
             self._meters[name].stopping.discard(index)
             self._count(name)
+
+    async def _changed(self, name: str) -> None:
+        """Tell who else follows the replicas (the power governor) that they changed."""
+        if self.on_replicas_changed is None:
+            return
+        try:
+            await self.on_replicas_changed()
+        except Exception as exc:  # noqa: BLE001 - scaling goes on; the governor's view is stale until the next change
+            self._log(name, "notify_failed", f"replicas changed but the power governor was not told: {exc}",
+                      level=logging.WARNING)
 
     # -- waking ---------------------------------------------------------------------------------
     def _waker(self, name: str):

@@ -80,6 +80,21 @@ class PowerPlane:
             by_node[node_id].append((replica.expert, replica.index, replica.actor))
         return by_node
 
+    async def update_replicas(self, replicas: list[Replica], timeout_s: float = 10.0) -> None:
+        """The expert replicas changed at run time (the capacity controller added or released some):
+        hand each node's agent its replicas now, so the governor reads and caps the new ones and
+        forgets the released. A replica on a node without an agent (one that joined after the
+        governor started) is reported and left uncapped."""
+        self.replicas = list(replicas)
+        by_node = await asyncio.wait_for(self._experts_by_node(), timeout_s)
+        unknown = sorted(set(by_node) - set(self.agents))
+        if unknown:
+            log.warning("power governor: replicas on nodes without an agent are not capped: %s",
+                        ", ".join(f"{e}/{i}" for n in unknown for e, i, _ in by_node[n]))
+        await asyncio.wait_for(asyncio.gather(*(
+            handle.set_experts.remote(by_node.get(node_id, [])) for node_id, (handle, _) in self.agents.items()
+        )), timeout_s)
+
     async def _keep_running(self) -> None:
         """Restart the governor's loop if its actor came back without it, and mirror its status
         into the gateway's power picture (what /metrics exports)."""

@@ -96,6 +96,12 @@ def names(gw: Gateway, expert: str = "a") -> list[int]:
 
 async def test_a_burst_scales_up_and_quiet_time_scales_down_then_to_zero():
     gw, ctl, pool, clock = setup()
+    seen: list[int] = []  # what the power governor would be told: the replicas after each change
+
+    async def changed() -> None:
+        seen.append(len(names(gw)))
+
+    ctl.on_replicas_changed = changed
     async with running(gw, ctl):
         finals = await ask(gw, 20)
         assert all(f.usage.completion_tokens == 64 for f in finals)
@@ -123,6 +129,7 @@ async def test_a_burst_scales_up_and_quiet_time_scales_down_then_to_zero():
         actions = [e.action for e in gw.admin.capacity_view().events]
         assert actions[0] == "scale_up" and "scale_down" in actions and actions[-2:] == ["scale_to_zero", "removed"]
         assert all(e.reason for e in gw.admin.capacity_view().events)
+        assert len(seen) == len(pool.started) + len(pool.removed) and seen[-1] == 0
 
 
 async def test_a_cold_expert_is_routable_and_a_request_wakes_it():

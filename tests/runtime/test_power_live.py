@@ -195,3 +195,20 @@ async def test_without_a_governor():
     assert not st.enabled
     with pytest.raises(FeatureDisabled, match="power.enabled"):
         await servicer.SetPowerBudget(pb.SetPowerBudgetRequest(provisioned_power_w=1.0), None)
+
+
+async def test_replicas_added_and_released_at_run_time_are_followed_by_the_governor(server, stubs):
+    """What the capacity controller does when it scales: the new replica's GPU is read (and may be
+    capped) from then on, the released one is forgotten."""
+    _, admin = stubs
+    replica = server.pool.add("lp")
+    try:
+        await replica.actor.ready.remote()
+        await server.power.update_replicas(server.pool.all())
+        st = await wait_for(admin, lambda st: any(g.gpu == "lp/1" for g in st.gpus), "the added replica's GPU")
+        assert len(st.gpus) == 3 and gpu(st, "lp/1").priority == "low"
+    finally:
+        server.pool.remove("lp", replica.index)
+        await server.power.update_replicas(server.pool.all())
+    st = await wait_for(admin, lambda st: len(st.gpus) == 2, "the released replica forgotten")
+    assert {g.gpu for g in st.gpus} == {"lp/0", "hp/0"}
