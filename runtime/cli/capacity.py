@@ -10,7 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .connect import add_connection_args, channel
+from .connect import add_connection_args, admin_call
 
 POLICY_CHOICES = ("static", "autoscale", "dvfs", "both", "both+polca")
 
@@ -60,18 +60,11 @@ def cmd_simulate_capacity(args) -> int:
 
 
 def cmd_capacity_show(args) -> int:
-    import grpc
-
     from ..api.gen import wattserve_pb2 as pb
-    from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    with channel(args) as ch:
-        try:
-            status = pb_grpc.AdminStub(ch).GetCapacityStatus(pb.GetCapacityStatusRequest(max_events=args.events),
-                                                             timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    status = admin_call(args, "GetCapacityStatus", pb.GetCapacityStatusRequest(max_events=args.events))
+    if status is None:
+        return 1
     print(render_capacity(status))
     return 0
 

@@ -9,6 +9,7 @@ commands first try ``WATTSERVE_OPERATOR_KEY``) so they need not appear in shell 
 from __future__ import annotations
 
 import os
+import sys
 
 import grpc
 from grpc import aio
@@ -124,3 +125,15 @@ class _AioStreamUnary(_AioKey, aio.StreamUnaryClientInterceptor):
 class _AioStreamStream(_AioKey, aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(_with_key(details, self._key), request_iterator)
+
+
+def admin_call(args, method: str, request):
+    """One Admin RPC against ``--target``; None (after printing the status) when it fails."""
+    from ..api.gen import wattserve_pb2_grpc as pb_grpc
+
+    with channel(args) as ch:
+        try:
+            return getattr(pb_grpc.AdminStub(ch), method)(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return None

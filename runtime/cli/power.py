@@ -8,42 +8,29 @@ import sys
 from pathlib import Path
 
 from ..power.policy import PRESETS
-from .connect import add_connection_args, channel
+from .connect import add_connection_args, admin_call
 
 POLICY_CHOICES = PRESETS
 
 
 def cmd_power_set(args) -> int:
-    import grpc
-
     from ..api.gen import wattserve_pb2 as pb
-    from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    with channel(args) as ch:
-        try:
-            reply = pb_grpc.AdminStub(ch).SetPowerBudget(
-                pb.SetPowerBudgetRequest(row=args.row or "", provisioned_power_w=args.budget_w), timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    reply = admin_call(args, "SetPowerBudget",
+                       pb.SetPowerBudgetRequest(row=args.row or "", provisioned_power_w=args.budget_w))
+    if reply is None:
+        return 1
     print(f"row {reply.row.name}: P = {reply.row.provisioned_power_w:.0f} W, now {reply.row.power_w:.0f} W, "
           f"level {reply.row.level}")
     return 0
 
 
 def cmd_power_show(args) -> int:
-    import grpc
-
     from ..api.gen import wattserve_pb2 as pb
-    from ..api.gen import wattserve_pb2_grpc as pb_grpc
 
-    with channel(args) as ch:
-        try:
-            status = pb_grpc.AdminStub(ch).GetPowerStatus(pb.GetPowerStatusRequest(max_events=args.events),
-                                                              timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    status = admin_call(args, "GetPowerStatus", pb.GetPowerStatusRequest(max_events=args.events))
+    if status is None:
+        return 1
     print(render_status(status))
     return 0
 

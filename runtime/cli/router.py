@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import say
-from .connect import add_connection_args, channel
+from .connect import add_connection_args, admin_call
 
 
 def _embedding_cache() -> Path:
@@ -306,20 +306,6 @@ def _report(args, experts, curves, m, tokens, rows, train_rows) -> None:
 
 
 # -- budget set|show ----------------------------------------------------------------------------
-def _admin_call(args, method: str, request):
-    """One Admin RPC against ``--target``; None (after printing the status) when it fails."""
-    import grpc
-
-    from ..api.gen import wattserve_pb2_grpc as pb_grpc
-
-    with channel(args) as ch:
-        try:
-            return getattr(pb_grpc.AdminStub(ch), method)(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return None
-
-
 def _actor(args) -> str:
     return args.actor or f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -346,7 +332,7 @@ def cmd_budget_set(args) -> int:
         req.energy_budget_j = args.energy_j
     if args.average_power_w is not None:
         req.average_power_w = args.average_power_w
-    resp = _admin_call(args, "SetEnergyBudget", req)
+    resp = admin_call(args, "SetEnergyBudget", req)
     if resp is None:
         return 1
     c = resp.change
@@ -362,7 +348,7 @@ def cmd_budget_price(args) -> int:
                                    actor=_actor(args))
     if args.quality_per_j is not None:
         req.quality_per_j = args.quality_per_j
-    resp = _admin_call(args, "SetEnergyPrice", req)
+    resp = admin_call(args, "SetEnergyPrice", req)
     if resp is None:
         return 1
     print(f"{resp.budget.scope}: price of energy was {resp.old_price}, now {resp.budget.price}")
@@ -374,7 +360,7 @@ def cmd_budget_show(args) -> int:
 
     from ..api.gen import wattserve_pb2 as pb
 
-    resp = _admin_call(args, "GetEnergyBudget",
+    resp = admin_call(args, "GetEnergyBudget",
                        pb.GetEnergyBudgetRequest(scopes=args.scope, recent_changes=args.changes))
     if resp is None:
         return 1
