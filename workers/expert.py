@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from wattserve.specs import ExpertSpec
-from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult, StreamEvent
+from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult
 
 from .devices import open_device
 from .engines import build_engine
@@ -107,34 +107,6 @@ class ExpertWorker(GovernedDevice):
         """The engine's own view of its requests and load (vLLM: unfinished requests, scheduler
         counts, KV cache usage, the finish reasons it reported); for operators and tests."""
         return self.loop.engine_state()
-
-    async def generate(self, call: GenerateCall) -> AsyncIterator[list[StreamEvent]]:
-        """Stream ``call``'s output in chunks of events; the last event carries the usage.
-
-        Errors in validation or admission raise before the first chunk. If the consumer goes
-        away (Ray cancels this generator), the request is aborted and its slot freed.
-        """
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        self.loop.submit(call, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-        self.note_priority(call.priority)
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                chunk: list[StreamEvent] = []
-                while True:  # coalesce whatever else is ready: fewer, larger Ray objects under load
-                    if isinstance(item, BaseException):
-                        raise item
-                    chunk.extend(item)
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                finished = chunk[-1].finished
-                yield chunk
-        finally:
-            if not finished:
-                self.loop.abort(call.request_id)
 
     async def open_stream(self, stream_id: str) -> AsyncIterator[list[StreamItem]]:
         """The caller's multiplexed stream (``workers/streams.py``): batches of ``(request_id,

@@ -22,6 +22,7 @@ planner's reason. No Ray here: the pool's actions come in through :class:`PoolAc
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -107,7 +108,7 @@ class CapacityController:
             rs = replicas.sets.setdefault(name, ReplicaSet(name, self.specs[name].modality))
             rs.cold_start_ms = 1e3 * cap.cold_start_s
             if cap.min_replicas == 0:
-                rs.waker = self._waker(name)
+                rs.waker = functools.partial(self.wake, name)
 
     # -- the loop -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -300,11 +301,6 @@ class CapacityController:
                       level=logging.WARNING)
 
     # -- waking ---------------------------------------------------------------------------------
-    def _waker(self, name: str):
-        async def wake() -> None:
-            await self.wake(name)
-        return wake
-
     async def wake(self, name: str) -> None:
         """Return once a replica of ``name`` is healthy, starting one if none is starting; raises
         ExpertUnavailable if every start failed. Cancelling the wait does not cancel the start."""
@@ -334,13 +330,14 @@ class CapacityController:
         clock = None if plan.clock_mhz == CLOCK_NOT_CONTROLLED else plan.clock_mhz
         self._event_text(name, action, before, after, clock, plan.reason)
 
-    def _event_text(self, name: str, action: str, before: int, after: int, clock: float | None, reason: str) -> None:
+    def _event_text(self, name: str, action: str, before: int, after: int, clock: float | None, reason: str,
+                    level: int = logging.INFO) -> None:
         if clock is not None:
             reason += f" [target clock {clock:.0f} MHz: recorded, not applied]"
         self.state.events.append(CapacityEvent(self.wall(), name, action, before, after, clock, reason))
-        log.info("capacity %s %s %d -> %d: %s", name, action, before, after, reason)
+        log.log(level, "capacity %s %s %d -> %d: %s", name, action, before, after, reason)
 
     def _log(self, name: str, action: str, reason: str, level: int = logging.INFO) -> None:
+        """An event that leaves the replica count as it is (a start finished or failed, a release)."""
         n = len(self._serving(name))
-        self.state.events.append(CapacityEvent(self.wall(), name, action, n, n, None, reason))
-        log.log(level, "capacity %s %s: %s", name, action, reason)
+        self._event_text(name, action, n, n, None, reason, level)

@@ -20,6 +20,7 @@ next"), which also keeps the in-flight counts and marks a replica whose process 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
@@ -194,9 +195,6 @@ class ReplicaSet:
             self.last_profile = state.profile
         return state.client
 
-    def next_index(self) -> int:
-        return max(self.states, default=-1) + 1
-
     def candidates(self) -> list[Candidate]:
         out = [s.candidate() for s in self.states.values() if not s.removing]
         if not out and self.cold:
@@ -347,10 +345,8 @@ class Replicas:
     async def stop(self) -> None:
         if self._poller:
             self._poller.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-            except asyncio.CancelledError:
-                pass
             self._poller = None
         for state in self.states():
             state.client.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 
@@ -132,8 +133,6 @@ async def test_the_deadline_travels_to_the_engine_and_shapes_the_plan():
     a = FakeReplicaClient("a")
     async with running(make_gateway([a])) as gw:
         await collect(gw, timeout_s=30.0)
-        import time
-
         left = a.calls[0].deadline_unix_s - time.time()
         assert 25.0 < left <= 30.0
         await collect(gw)
