@@ -10,7 +10,13 @@ decode step ms by batch size, J/token, queue, SM clock) and the request's token 
     latency   = (queue + prefill + decode) * latency_correction
     energy    = busy_power_w * r_t ** -power_clock_exponent * (prefill + decode / batch)
                 * energy_correction
-              (before the profile has measured power: j_per_token * tokens * r_t ** -energy_clock_exponent)
+              (a profile without measured power: j_per_token * tokens * r_t ** -energy_clock_exponent)
+
+Before a replica has measured anything its expert's :class:`CostPrior` stands in for the profile,
+through the same formula: a prior gives prefill ms/token, decode ms/step and the busy power, so
+a prompt-heavy request and an output-heavy one rank two experts as their measurements would (a
+shallow wide model can be cheaper per prompt token and dearer per output token than a deep narrow
+one). A prior with only ``j_per_token`` (the old form) prices every token alike, prompt or output.
 
 Energy follows compute time because the engine attributes each step's energy by tokens: a
 request pays its prefill and a 1/batch share of every decode step. Why these exponents: prefill is
@@ -37,11 +43,21 @@ from wattserve.types import ExpertProfile
 
 @dataclass(slots=True, frozen=True)
 class CostPrior:
-    """Costs to assume before an expert has measured anything (from the router config)."""
+    """Costs to assume before an expert has measured anything (from the router config).
+
+    With ``busy_power_w`` the prior predicts energy like a measured profile (power x the
+    request's share of compute time: its prefill and 1/batch of each decode step); without it,
+    ``j_per_token`` x (prompt + output tokens). One of the two must be given.
+    """
 
     prefill_ms_per_token: float
     decode_ms_per_token: float
-    j_per_token: float
+    j_per_token: float | None = None
+    busy_power_w: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.busy_power_w is None and self.j_per_token is None:
+            raise ValueError("a cost prior needs busy_power_w (or the older j_per_token)")
 
 
 @dataclass(slots=True, frozen=True)
@@ -220,7 +236,8 @@ def _figures(profile: ExpertProfile | None, prior: CostPrior | None) -> _Figures
         return _Figures(prefill, profile.decode_ms_per_step_by_batch, profile.decode_ms_per_token,
                         profile.j_per_token, profile.busy_power_w, "measured")
     if prior is not None:
-        return _Figures(prior.prefill_ms_per_token, {}, prior.decode_ms_per_token, prior.j_per_token, None, "prior")
+        return _Figures(prior.prefill_ms_per_token, {}, prior.decode_ms_per_token, prior.j_per_token or 0.0,
+                        prior.busy_power_w, "prior")
     return None
 
 

@@ -112,9 +112,25 @@ class GatewayConfig(Strict):
 class CostPriorConfig(Strict):
     """Costs the router assumes for an expert until it has measured any (cold start)."""
 
+    # With busy_power_w energy is predicted like a measured profile's, power x compute time, so
+    # prompt and output tokens are priced apart (docs/routing.md section 2); j_per_token alone
+    # (the older form) prices every token alike.
+
     prefill_ms_per_token: float = Field(ge=0, description="Prompt processing time per token.")
     decode_ms_per_token: float = Field(ge=0, description="Time of one decode step (one output token).")
-    j_per_token: float = Field(ge=0, description="Energy per token processed.")
+    busy_power_w: float | None = Field(
+        default=None, gt=0,
+        description="Power while computing (energy of a step / its time); energy = this x predicted compute time.",
+    )
+    j_per_token: float | None = Field(
+        default=None, ge=0, description="Older form, used only without busy_power_w: energy per token processed.",
+    )
+
+    @model_validator(mode="after")
+    def _an_energy_figure(self) -> CostPriorConfig:
+        if self.busy_power_w is None and self.j_per_token is None:
+            raise ValueError("a cost prior needs busy_power_w (or the older j_per_token)")
+        return self
 
 
 class ClusterBudgetConfig(Strict):

@@ -65,7 +65,7 @@ class RoutingService:
             cascade_below_logprob=r.cascade_below_logprob,
         )
         self.cost = CostModel(
-            priors={name: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token)
+            priors={name: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token, p.busy_power_w)
                     for name, p in r.cost_priors.items()},
             alpha=r.cost_ewma_alpha,
         )
