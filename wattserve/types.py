@@ -208,12 +208,15 @@ class StreamEvent:
 
 @dataclass(slots=True, frozen=True)
 class EnergyTotals:
-    """Energy an expert has seen since it started. ``requests_j + idle_j == device_j``."""
+    """Energy an expert has seen since it started. ``requests_j + idle_j + probe_j == device_j``:
+    ``probe_j`` is what the replica's own start-up probes spent (``ExpertWorker.probe``), kept
+    apart from the requests clients sent."""
 
     requests_j: float
     idle_j: float
     device_j: float
     energy_source: str
+    probe_j: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
