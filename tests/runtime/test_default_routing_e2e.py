@@ -25,13 +25,26 @@ from workers.models import default_cache_dir
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 
-#: (prompt, max_tokens): short questions and long answers, as a mixed workload has
+PASSAGE = (
+    "The town council met on Monday evening to discuss the old railway bridge. Engineers had reported "
+    "cracks in two of its stone piers after the spring floods, and the council had closed it to lorries "
+    "in April. Shopkeepers on the east bank said that their deliveries now took an hour longer, while "
+    "residents on the west bank worried about the noise of a temporary crossing. After three hours the "
+    "council voted to repair the piers rather than build a new bridge, because the repair would cost "
+    "half as much and could be finished before winter. Work will begin in August and the bridge will "
+    "reopen to all traffic in November. "
+)
+#: (prompt, max_tokens): short questions, long answers, and long prompts with short answers (reading
+#: a passage), as a mixed workload has. The last kind is priced mostly by prompt processing, the
+#: long answers by decode steps: the experts rank differently on them (docs/routing.md section 2).
 MIXED = [
     ("What is the capital of France?", 8),
     ("2 + 2 =", 8),
     ("Name a primary colour.", 8),
     ("Write a short story about a robot who learns to paint, with a beginning, a middle and an end.", 128),
     ("Explain step by step how a bicycle works, for a ten-year-old.", 128),
+    (PASSAGE * 2 + "\nQuestion: In which month will the bridge reopen?\nAnswer:", 8),
+    (PASSAGE * 2 + "\nQuestion: Did the council decide to repair the bridge or to build a new one?\nAnswer:", 8),
 ]
 
 
