@@ -5,7 +5,8 @@ competes for the CPU, and serves: its start-up probe (``ExpertWorker.probe``), t
 rounds of a prompt-heavy request (~400 prompt tokens, 1 output token: what ``Score`` and short
 answers cost) and an output-heavy one (a short prompt, ``--output-tokens`` tokens with end of
 sequence ignored). It prints the figures its profile measured (prefill ms/token, decode ms per
-step at batch 1, busy power: EWMAs, as the router reads them), the ``cost_priors`` line to paste,
+step at batch 1, busy power overall and in prefill-only and decode-only steps: EWMAs, as the
+router reads them), the ``cost_priors`` line to paste,
 and, per request shape, the energy those figures predict through the router's own cost model
 (``router/cost.py``) against the mean measured, so a prior's error is known before it is used.
 
@@ -85,14 +86,18 @@ async def measure(spec, cache_dir: str, rounds: int, output_tokens: int) -> dict
         worker.shutdown()
     prior = CostPrior(prefill_ms_per_token=prof.prefill_ms_per_token or 0.0,
                       decode_ms_per_token=prof.decode_ms_per_step_by_batch.get(1, prof.decode_ms_per_token or 0.0),
-                      busy_power_w=prof.busy_power_w)
+                      busy_power_w=prof.busy_power_w, prefill_power_w=prof.prefill_power_w,
+                      decode_power_w=prof.decode_power_w)
     model = CostModel(priors={spec.name: prior})
+    one_power = CostModel(priors={spec.name: CostPrior(prior.prefill_ms_per_token, prior.decode_ms_per_token,
+                                                       busy_power_w=prior.busy_power_w)})
     rows = []
     for shape, us in usages.items():
         p, n = us[0].prompt_tokens, us[0].completion_tokens
         rows.append({"shape": shape, "prompt_tokens": p, "output_tokens": n,
                      "measured_j": statistics.mean(u.energy_j for u in us),
                      "predicted_j": model.predict(None, spec.name, p, n).energy_j,
+                     "one_power_j": one_power.predict(None, spec.name, p, n).energy_j,
                      "latency_ms": statistics.mean(u.latency_ms for u in us)})
     return {"expert": spec.name, "prior": prior, "probe": probe, "rows": rows, "energy_source": prof.energy_source}
 
@@ -112,15 +117,19 @@ def main() -> int:
     for r in results:
         print(f"\n{r['expert']} ({r['energy_source']}): start-up probe {r['probe']['prompt_tokens']}+"
               f"{r['probe']['completion_tokens']} tokens, {r['probe']['energy_j']:.3f} J")
-        print(f"  {'request':<13} {'prompt':>6} {'output':>6} {'measured J':>10} {'predicted J':>11} {'pred/meas':>9} {'ms':>7}")
+        print(f"  {'request':<13} {'prompt':>6} {'output':>6} {'measured J':>10} {'predicted J':>11} {'pred/meas':>9} "
+              f"{'one power':>9} {'ms':>7}")
         for row in r["rows"]:
             print(f"  {row['shape']:<13} {row['prompt_tokens']:>6} {row['output_tokens']:>6} {row['measured_j']:>10.3f} "
-                  f"{row['predicted_j']:>11.3f} {row['predicted_j'] / row['measured_j']:>9.2f} {row['latency_ms']:>7.0f}")
+                  f"{row['predicted_j']:>11.3f} {row['predicted_j'] / row['measured_j']:>9.2f} "
+                  f"{row['one_power_j'] / row['measured_j']:>9.2f} {row['latency_ms']:>7.0f}")
+    print("(pred/meas: priced with each phase's power; one power: with busy_power_w for both phases)")
     print("\nrouter:\n  cost_priors:")
     for r in results:
         p = r["prior"]
         print(f"    {r['expert']}: {{prefill_ms_per_token: {p.prefill_ms_per_token:.2f}, "
-              f"decode_ms_per_token: {p.decode_ms_per_token:.1f}, busy_power_w: {p.busy_power_w:.1f}}}")
+              f"decode_ms_per_token: {p.decode_ms_per_token:.1f}, busy_power_w: {p.busy_power_w:.1f}, "
+              f"prefill_power_w: {p.prefill_power_w:.1f}, decode_power_w: {p.decode_power_w:.1f}}}")
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from router.cost import CostModel, CostPrior  # noqa: E402
+from router.cost import CostModel  # noqa: E402
 from router.gate import FittedGate  # noqa: E402
 from router.gate_fit import prompt_sha1  # noqa: E402
 from runtime.config import load_config  # noqa: E402
@@ -75,8 +75,7 @@ def main() -> None:
     cfg = load_config(args.config)
     experts = [e.name for e in cfg.experts]
     priors = {x: cfg.router.cost_priors[x] for x in experts}
-    cost = CostModel(priors={x: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token, p.busy_power_w)
-                             for x, p in priors.items()})
+    cost = CostModel(priors={x: p.prior() for x, p in priors.items()})
     with open(args.labels, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if all(r.get(x, "") != "" for x in experts)]
     preds = predictions(args.gates, rows, experts)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from router.base import Candidate, Plan, RequestFeatures, RouterSettings, estimate_tokens
 from router.budget import CLUSTER, BudgetLedger, BudgetLimit, ScopeStatus, tenant_scope
-from router.cost import CostModel, CostPrior
+from router.cost import CostModel
 from router.feedback import FeedbackSettings, QualityFeedback
 from router.gate import GateOutput, load_gate
 from router.policies import Policy, make_policy
@@ -65,8 +65,7 @@ class RoutingService:
             cascade_below_logprob=r.cascade_below_logprob,
         )
         self.cost = CostModel(
-            priors={name: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token, p.busy_power_w)
-                    for name, p in r.cost_priors.items()},
+            priors={name: p.prior() for name, p in r.cost_priors.items()},
             alpha=r.cost_ewma_alpha,
         )
         rng = random.Random(r.seed) if r.seed is not None else None

@@ -247,6 +247,9 @@ class ExpertProfile:
     j_per_token: float | None = None
     decode_ms_per_step_by_batch: dict[int, float] = field(default_factory=dict)
     busy_power_w: float | None = None  # EWMA of step energy / step compute time
+    # the same over prefill-only and decode-only steps (None until such a step was measured)
+    prefill_power_w: float | None = None
+    decode_power_w: float | None = None
     energy: EnergyTotals | None = None
     requests_finished: int = 0
     error: str = ""  # why the replica is unhealthy, if it is

@@ -141,7 +141,8 @@ class ExpertWorker(GovernedDevice):
         return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                 "energy_j": usage.energy_j, "energy_source": usage.energy_source, "latency_ms": usage.latency_ms,
                 "prefill_ms_per_token": prof.prefill_ms_per_token, "decode_ms_per_token": prof.decode_ms_per_token,
-                "busy_power_w": prof.busy_power_w}
+                "busy_power_w": prof.busy_power_w, "prefill_power_w": prof.prefill_power_w,
+                "decode_power_w": prof.decode_power_w}
 
     async def startup_phases(self) -> dict[str, float]:
         """Wall-clock times (POSIX s) of this replica's start-up: its process started
@@ -232,6 +233,8 @@ class ExpertWorker(GovernedDevice):
             j_per_token=prof.j_per_token,
             decode_ms_per_step_by_batch=dict(prof.decode_ms_by_batch),
             busy_power_w=prof.busy_power_w,
+            prefill_power_w=prof.prefill_power_w,
+            decode_power_w=prof.decode_power_w,
             energy=self._client_energy(snap.energy),
             requests_finished=max(0, snap.requests_finished - self._probes),
             error=snap.dead,

@@ -100,6 +100,21 @@ def test_power_priors_rank_experts_by_the_shape_of_the_request():
     assert model.predict(None, "deep", 0, 0).energy_j == 0.0  # nothing to compute, nothing to pay
 
 
+def test_each_phase_is_priced_at_its_own_power():
+    """A prompt keeps every core busy and a small decode batch does not: prefill tokens at the
+    prefill power, decode steps at the decode power, busy power where a phase is unmeasured."""
+    split = profile(decode_ms_per_step_by_batch={}, prefill_power_w=400.0, decode_power_w=200.0)
+    est = CostModel().predict(split, "e", prompt_tokens=100, output_tokens=11)
+    assert est.energy_j == pytest.approx((400.0 * 50 + 200.0 * 11 * 10.0) / 1000)
+    half = CostModel().predict(profile(decode_ms_per_step_by_batch={}, prefill_power_w=400.0), "e", 100, 11)
+    assert half.energy_j == pytest.approx((400.0 * 50 + 300.0 * 11 * 10.0) / 1000)  # decode at busy 300 W
+    prior = CostModel(priors={"e": CostPrior(0.5, 10.0, busy_power_w=300.0, prefill_power_w=400.0,
+                                             decode_power_w=200.0)})
+    assert prior.predict(None, "e", 100, 11).energy_j == pytest.approx(est.energy_j)
+    with pytest.raises(ValueError, match="refine busy_power_w"):
+        CostPrior(0.5, 10.0, j_per_token=1.0, prefill_power_w=400.0)
+
+
 def test_an_energy_per_token_prior_still_works_and_one_figure_is_required():
     legacy = CostModel(priors={"e": CostPrior(1.0, 20.0, j_per_token=0.5)})
     assert legacy.predict(None, "e", 10, 6).energy_j == pytest.approx(0.5 * 16)
