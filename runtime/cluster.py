@@ -153,9 +153,13 @@ class ExpertPool:
                 why = f"no answer after {PROBE_TIMEOUT_S:.0f} s" if isinstance(exc, TimeoutError) else _root_cause(exc)
                 progress(f"{r.name}: start-up probe failed ({why}); priced by router.cost_priors until it serves")
                 continue
-            progress(f"{r.name} measured by its start-up probe: prefill {m['prefill_ms_per_token'] or 0:.2f} ms/token, "
-                     f"decode {m['decode_ms_per_token'] or 0:.1f} ms/step, {m['busy_power_w'] or 0:.1f} W busy; "
-                     f"{m['energy_j']:.3f} J ({m['energy_source']}, not charged to any tenant)")
+            def at(power_w) -> str:
+                return f" at {power_w:.1f} W" if power_w else ""
+
+            progress(f"{r.name} measured by its start-up probe: prefill {m['prefill_ms_per_token'] or 0:.2f} ms/token"
+                     f"{at(m.get('prefill_power_w'))}, decode {m['decode_ms_per_token'] or 0:.1f} ms/step"
+                     f"{at(m.get('decode_power_w'))}; {m['energy_j']:.3f} J ({m['energy_source']}, not charged to any "
+                     "tenant)")
 
     def remove(self, expert: str, index: int) -> None:
         """Kill replica ``index`` of ``expert`` (drain it through the gateway first)."""
