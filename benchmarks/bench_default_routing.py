@@ -5,8 +5,9 @@ Ray, gRPC, one request at a time.
     .venv/bin/python benchmarks/bench_default_routing.py [--modes auto edge cloud auto]
 
 Each mode replays the same prompts: ``auto`` lets the router choose, ``edge``/``cloud`` pin an
-expert. Running ``auto`` first and last shows the cold start (an expert that never served is
-priced by its cost_priors) and the routing once both have measured costs. Prints each request's
+expert. Running ``auto`` first and last shows the start (each replica's start-up probe has
+measured its costs; with ``--no-probe`` an expert that never served is priced by its cost_priors)
+and the routing once both have served. Prints each request's
 expert, predicted and measured joules, then per mode the split and the total measured energy.
 No quality column: these prompts have no labels (bench_routing_live.py measures quality on the labelled set).
 """
@@ -47,7 +48,7 @@ def _cpu() -> str:
         return platform.processor() or "unknown"
 
 
-async def run(modes: list[str]) -> None:
+async def run(modes: list[str], probe: bool = True) -> None:
     import ray
 
     from runtime.api.server import WattserveServer
@@ -59,6 +60,8 @@ async def run(modes: list[str]) -> None:
     cfg = load_config(LOCAL)
     cfg.gateway.port, cfg.http.port, cfg.ledger.path = 0, 0, None
     cfg.model_cache_dir = str(default_cache_dir())
+    for e in cfg.experts:
+        e.startup_probe = probe
     srv = WattserveServer(cfg, progress=print)
     await srv.start()
     summary = []
@@ -82,7 +85,7 @@ async def run(modes: list[str]) -> None:
     finally:
         await srv.stop()
         ray.shutdown()
-    print(f"\nCPU: {_cpu()}; price: router.quality_per_j={cfg.router.quality_per_j} "
+    print(f"\nCPU: {_cpu()}; start-up probes {'on' if probe else 'off'}; price: router.quality_per_j={cfg.router.quality_per_j} "
           f"(default {cfg.router.price.default_quality_per_j}/J)")
     print(f"{'mode':<8} {'split':<28} {'energy J':>9}")
     for mode, split, total in summary:
@@ -93,7 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", nargs="+", default=["auto", "edge", "cloud", "auto"],
                     choices=["auto", "edge", "cloud"], help="runs in order over the same prompts")
-    asyncio.run(run(ap.parse_args().modes))
+    ap.add_argument("--no-probe", action="store_true", help="no start-up probes: cold experts priced by cost_priors")
+    args = ap.parse_args()
+    asyncio.run(run(args.modes, probe=not args.no_probe))
 
 
 if __name__ == "__main__":

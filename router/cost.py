@@ -8,9 +8,17 @@ decode step ms by batch size, J/token, queue, SM clock) and the request's token 
     decode    = decode_step_ms(batch) * (output_tokens - 1) * r_t ** decode_clock_exponent
     queue     = rounds_ahead * output_tokens * decode_step_ms(max_batch)
     latency   = (queue + prefill + decode) * latency_correction
-    energy    = busy_power_w * r_t ** -power_clock_exponent * (prefill + decode / batch)
+    energy    = r_t ** -power_clock_exponent * (prefill_power_w * prefill + decode_power_w * decode / batch)
                 * energy_correction
-              (before the profile has measured power: j_per_token * tokens * r_t ** -energy_clock_exponent)
+              (each phase's power measured over steps of that phase only; busy_power_w, over all
+              steps, until such a step was measured)
+              (a profile without measured power: j_per_token * tokens * r_t ** -energy_clock_exponent)
+
+Before a replica has measured anything its expert's :class:`CostPrior` stands in for the profile,
+through the same formula: a prior gives prefill ms/token, decode ms/step and the busy power, so
+a prompt-heavy request and an output-heavy one rank two experts as their measurements would (a
+shallow wide model can be cheaper per prompt token and dearer per output token than a deep narrow
+one). A prior with only ``j_per_token`` (the old form) prices every token alike, prompt or output.
 
 Energy follows compute time because the engine attributes each step's energy by tokens: a
 request pays its prefill and a 1/batch share of every decode step. Why these exponents: prefill is
@@ -37,11 +45,25 @@ from wattserve.types import ExpertProfile
 
 @dataclass(slots=True, frozen=True)
 class CostPrior:
-    """Costs to assume before an expert has measured anything (from the router config)."""
+    """Costs to assume before an expert has measured anything (from the router config).
+
+    With ``busy_power_w`` the prior predicts energy like a measured profile (power x the
+    request's share of compute time: its prefill and 1/batch of each decode step); without it,
+    ``j_per_token`` x (prompt + output tokens). One of the two must be given.
+    """
 
     prefill_ms_per_token: float
     decode_ms_per_token: float
-    j_per_token: float
+    j_per_token: float | None = None
+    busy_power_w: float | None = None
+    prefill_power_w: float | None = None  # power while prefilling; None: busy_power_w
+    decode_power_w: float | None = None  # power while decoding; None: busy_power_w
+
+    def __post_init__(self) -> None:
+        if self.busy_power_w is None and self.j_per_token is None:
+            raise ValueError("a cost prior needs busy_power_w (or the older j_per_token)")
+        if self.busy_power_w is None and (self.prefill_power_w is not None or self.decode_power_w is not None):
+            raise ValueError("prefill_power_w and decode_power_w refine busy_power_w: give it too")
 
 
 @dataclass(slots=True, frozen=True)
@@ -145,8 +167,10 @@ class CostModel:
         if f.busy_power_w is not None:
             # Energy follows compute time: our prefill, and our 1/batch share of each decode step
             # (the engine splits a step's energy by tokens). Power falls with the clock.
-            busy_ms = prefill_ms + step_ms / batch * n
-            energy = f.busy_power_w * r_t**-self.power_clock_exponent * busy_ms / 1000.0
+            prefill_w = f.prefill_power_w or f.busy_power_w
+            decode_w = f.decode_power_w or f.busy_power_w
+            busy_mj = prefill_w * prefill_ms + decode_w * step_ms / batch * n
+            energy = r_t**-self.power_clock_exponent * busy_mj / 1000.0
         else:
             energy = f.j_per_token * (p + n) * r_t**-self.energy_clock_exponent
         return CostEstimate(energy_j=energy, latency_ms=latency + queue_ms, queue_ms=queue_ms, basis=f.basis)
@@ -208,6 +232,8 @@ class _Figures:
     decode_ms: float
     j_per_token: float
     busy_power_w: float | None
+    prefill_power_w: float | None
+    decode_power_w: float | None
     basis: str
 
 
@@ -218,9 +244,11 @@ def _figures(profile: ExpertProfile | None, prior: CostPrior | None) -> _Figures
         if prefill is None:  # engines that report no separate prefill time (synthetic)
             prefill = prior.prefill_ms_per_token if prior else 0.0
         return _Figures(prefill, profile.decode_ms_per_step_by_batch, profile.decode_ms_per_token,
-                        profile.j_per_token, profile.busy_power_w, "measured")
+                        profile.j_per_token, profile.busy_power_w, profile.prefill_power_w, profile.decode_power_w,
+                        "measured")
     if prior is not None:
-        return _Figures(prior.prefill_ms_per_token, {}, prior.decode_ms_per_token, prior.j_per_token, None, "prior")
+        return _Figures(prior.prefill_ms_per_token, {}, prior.decode_ms_per_token, prior.j_per_token or 0.0,
+                        prior.busy_power_w, prior.prefill_power_w, prior.decode_power_w, "prior")
     return None
 
 

@@ -30,6 +30,9 @@ from .gateway.replicas import ReplicaClient, ReplicaDied, ReplicaStream
 
 log = logging.getLogger(__name__)
 
+#: seconds a replica's start-up probe (~60 prompt tokens, 8 output tokens) may take
+PROBE_TIMEOUT_S = 120.0
+
 
 def start_ray(cfg: RayConfig) -> tuple[str, bool]:
     """Start or join Ray; returns the GCS address and whether this call started the connection
@@ -132,7 +135,31 @@ class ExpertPool:
                 raise
             why = f"not ready after {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else _root_cause(exc)
             raise ExpertUnavailable(f"{replica.name} did not start: {why}") from None
+        await self.probe([replica])
         return RayReplicaClient(replica)
+
+    async def probe(self, replicas: list[Replica], progress: Callable[[str], None] = log.info) -> None:
+        """Each ready text replica's start-up probe (``ExpertWorker.probe``: one short request, so
+        the router prices it from measurement), one replica at a time: on a shared CPU two probes
+        at once would each measure the other's contention. A probe that fails is reported and
+        skipped; that replica is priced by ``router.cost_priors`` until it has served a request."""
+        for r in replicas:
+            spec = self.specs[r.expert]
+            if spec.modality != "text" or not spec.startup_probe:
+                continue
+            try:
+                m = await asyncio.wait_for(r.actor.probe.remote(), PROBE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - serving goes on; the prior stands in
+                why = f"no answer after {PROBE_TIMEOUT_S:.0f} s" if isinstance(exc, TimeoutError) else _root_cause(exc)
+                progress(f"{r.name}: start-up probe failed ({why}); priced by router.cost_priors until it serves")
+                continue
+            def at(power_w) -> str:
+                return f" at {power_w:.1f} W" if power_w else ""
+
+            progress(f"{r.name} measured by its start-up probe: prefill {m['prefill_ms_per_token'] or 0:.2f} ms/token"
+                     f"{at(m.get('prefill_power_w'))}, decode {m['decode_ms_per_token'] or 0:.1f} ms/step"
+                     f"{at(m.get('decode_power_w'))}; {m['energy_j']:.3f} J ({m['energy_source']}, not charged to any "
+                     "tenant)")
 
     def remove(self, expert: str, index: int) -> None:
         """Kill replica ``index`` of ``expert`` (drain it through the gateway first)."""
@@ -178,6 +205,7 @@ class ExpertPool:
         ready = 0
         pending = {r.name: asyncio.ensure_future(r.actor.ready.remote()) for r in self.all()}
         failures: list[str] = []
+        up: set[str] = set()
         while pending:
             done, _ = await asyncio.wait(pending.values(), timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
             for name, fut in list(pending.items()):
@@ -187,6 +215,7 @@ class ExpertPool:
                         failures.append(f"{name}: {_root_cause(fut.exception())}")
                     else:
                         ready += 1
+                        up.add(name)
                         progress(f"{name} ready ({time.monotonic() - start:.1f} s)")
             if pending and time.monotonic() - start > timeout_s:
                 for fut in pending.values():
@@ -199,6 +228,7 @@ class ExpertPool:
             raise ConfigError("experts failed to start: " + "; ".join(failures))
         for failure in failures:
             progress(f"serving without {failure}")
+        await self.probe([r for r in self.all() if r.name in up], progress)
         return failures
 
     def kill(self) -> None:

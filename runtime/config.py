@@ -15,6 +15,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from router.cost import CostPrior
 from router.policies import policy_names
 from router.price import DEFAULT_QUALITY_PER_J
 from wattserve.errors import ConfigError
@@ -112,9 +113,38 @@ class GatewayConfig(Strict):
 class CostPriorConfig(Strict):
     """Costs the router assumes for an expert until it has measured any (cold start)."""
 
+    # With busy_power_w energy is predicted like a measured profile's, power x compute time, so
+    # prompt and output tokens are priced apart (docs/routing.md section 2); j_per_token alone
+    # (the older form) prices every token alike.
+
     prefill_ms_per_token: float = Field(ge=0, description="Prompt processing time per token.")
     decode_ms_per_token: float = Field(ge=0, description="Time of one decode step (one output token).")
-    j_per_token: float = Field(ge=0, description="Energy per token processed.")
+    busy_power_w: float | None = Field(
+        default=None, gt=0,
+        description="Power while computing (energy of a step / its time); energy = this x predicted compute time.",
+    )
+    prefill_power_w: float | None = Field(
+        default=None, gt=0, description="Power while prefilling (prompt-only steps); None: busy_power_w.",
+    )
+    decode_power_w: float | None = Field(
+        default=None, gt=0, description="Power while decoding (decode-only steps); None: busy_power_w.",
+    )
+    j_per_token: float | None = Field(
+        default=None, ge=0, description="Older form, used only without busy_power_w: energy per token processed.",
+    )
+
+    @model_validator(mode="after")
+    def _an_energy_figure(self) -> CostPriorConfig:
+        if self.busy_power_w is None and self.j_per_token is None:
+            raise ValueError("a cost prior needs busy_power_w (or the older j_per_token)")
+        if self.busy_power_w is None and (self.prefill_power_w is not None or self.decode_power_w is not None):
+            raise ValueError("prefill_power_w and decode_power_w refine busy_power_w: give it too")
+        return self
+
+    def prior(self) -> CostPrior:
+        """The cost model's form of this prior."""
+        return CostPrior(self.prefill_ms_per_token, self.decode_ms_per_token, self.j_per_token, self.busy_power_w,
+                         self.prefill_power_w, self.decode_power_w)
 
 
 class ClusterBudgetConfig(Strict):

@@ -1,6 +1,8 @@
 """The budget ledger on disk: every energy charge and every limit change in a local SQLite file,
 so tenant and cluster budget use survives a gateway restart. The router's learned quality
-corrections (feedback, ``router/feedback.py``) are kept in the same file.
+corrections (feedback, ``router/feedback.py``) are kept in the same file, and so is its memory of
+which expert answered each recent request (``runtime/served.py``, bounded by the same count and age
+as in memory), so a client can score a request served before a restart.
 
 Why SQLite and not Ray's GCS: the embedded default starts its own Ray instance, and the GCS's
 key-value store lives in that instance's memory unless GCS fault tolerance is set up with an
@@ -61,6 +63,15 @@ CREATE TABLE IF NOT EXISTS changes (
     peer TEXT NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS served_requests (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    expert TEXT NOT NULL,
+    predicted_quality REAL NOT NULL,
+    unix_s REAL NOT NULL,
+    scored INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS served_time ON served_requests (unix_s);
 CREATE TABLE IF NOT EXISTS quality_feedback (
     tenant TEXT NOT NULL,
     expert TEXT NOT NULL,
@@ -97,6 +108,9 @@ class LedgerStore:
         self.wall_clock = wall_clock
         self._db: sqlite3.Connection | None = None
         self._pending: list[tuple[float, str, float, str, str]] = []
+        self._served: list[tuple[str, str, str, float, float]] = []  # requests remembered, not yet written
+        self.served_capacity = 100_000  # the served-request memory's bounds (router.feedback sets them)
+        self.served_ttl_s = 3600.0
         self._appended = 0  # rows appended since open
         self._committed = 0  # rows of those known to be on disk
         self._lock = asyncio.Lock()
@@ -122,8 +136,8 @@ class LedgerStore:
         return self._db is not None
 
     def close(self) -> None:
-        if self._pending and self._db is not None:
-            self._write(self._take())
+        if (self._pending or self._served) and self._db is not None:
+            self._write(*self._take())
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -168,20 +182,30 @@ class LedgerStore:
             del self._pending[0]
             self.dropped += 1
 
+    def remember_served(self, request_id: str, tenant: str, expert: str, predicted_quality: float) -> None:
+        """Queue the record of who answered ``request_id`` (written by the next :meth:`flush`,
+        with the charges: the gateway flushes before the final message, so a request the client
+        saw finish can be scored after a restart)."""
+        self._served.append((request_id, tenant, expert, float(predicted_quality), self.wall_clock()))
+        self._appended += 1
+        if len(self._served) > MAX_PENDING:
+            del self._served[0]
+            self.dropped += 1
+
     async def flush(self) -> None:
-        """Return once every charge appended before this call is on disk (or the disk refused
-        it: logged, kept for the next flush)."""
+        """Return once every charge (and served request) appended before this call is on disk
+        (or the disk refused it: logged, kept for the next flush)."""
         target = self._appended
         async with self._lock:
             if self._committed >= target or self._db is None:
                 return
             upto = self._appended
-            rows = self._take()
-            ok = await asyncio.to_thread(self._write, rows)
+            rows, served = self._take()
+            ok = await asyncio.to_thread(self._write, rows, served)
             if ok:
                 self._committed = upto
-            else:
-                self._pending[:0] = rows  # keep them for the next try
+            else:  # keep them for the next try
+                self._pending[:0], self._served[:0] = rows, served
             if self.wall_clock() - self._pruned_s > PRUNE_EVERY_S:
                 await asyncio.to_thread(self._prune)
 
@@ -197,19 +221,26 @@ class LedgerStore:
                  change.peer, change.reason),
             )
 
-    def _take(self) -> list:
+    def _take(self) -> tuple[list, list]:
         rows, self._pending = self._pending, []
-        return rows
+        served, self._served = self._served, []
+        return rows, served
 
-    def _write(self, rows: list) -> bool:
+    def _write(self, rows: list, served: list = ()) -> bool:
+        """Charges and served requests in one transaction."""
         try:
             with self._db:  # one transaction
                 self._db.executemany(
                     "INSERT INTO charges (unix_s, tenant, energy_j, request_id, kind) VALUES (?,?,?,?,?)", rows)
+                # a reused id refers to its latest request, as in memory
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO served_requests (request_id, tenant, expert, predicted_quality, unix_s, "
+                    "scored) VALUES (?,?,?,?,?,0)", served)
             return True
         except sqlite3.Error as exc:
             self.write_errors += 1
-            log.error("budget ledger %s: cannot write %d charge(s) (%s); keeping them in memory", self.path, len(rows), exc)
+            log.error("budget ledger %s: cannot write %d charge(s) and %d served request(s) (%s); keeping them in "
+                      "memory", self.path, len(rows), len(served), exc)
             return False
 
     def _prune(self) -> None:
@@ -217,6 +248,9 @@ class LedgerStore:
         try:
             with self._db:
                 self._db.execute("DELETE FROM charges WHERE unix_s < ?", (self.wall_clock() - keep_s,))
+                self._db.execute("DELETE FROM served_requests WHERE unix_s < ?", (self.wall_clock() - self.served_ttl_s,))
+                self._db.execute("DELETE FROM served_requests WHERE request_id IN (SELECT request_id FROM "
+                                 "served_requests ORDER BY unix_s DESC LIMIT -1 OFFSET ?)", (self.served_capacity,))
         except sqlite3.Error as exc:
             log.warning("budget ledger %s: prune failed (%s)", self.path, exc)
         self._pruned_s = self.wall_clock()
@@ -226,13 +260,14 @@ class LedgerStore:
         """The stored feedback statistics: (tenant, expert, residual_sum, weight, scores)."""
         return self._db.execute("SELECT tenant, expert, residual_sum, weight, scores FROM quality_feedback").fetchall()
 
-    async def save_feedback(self, rows: list[tuple[str, str, float, float, int]]) -> None:
-        """Replace the stored statistics of these (tenant, expert) pairs, off the event loop and
-        never inside a charges transaction (the same lock as :meth:`flush`)."""
+    async def save_feedback(self, rows: list[tuple[str, str, float, float, int]], scored: str = "") -> None:
+        """Replace the stored statistics of these (tenant, expert) pairs, and mark request
+        ``scored`` as scored, off the event loop and never inside a charges transaction (the same
+        lock as :meth:`flush`)."""
         async with self._lock:
-            await asyncio.to_thread(self._save_feedback, rows)
+            await asyncio.to_thread(self._save_feedback, rows, scored)
 
-    def _save_feedback(self, rows: list[tuple[str, str, float, float, int]]) -> None:
+    def _save_feedback(self, rows: list[tuple[str, str, float, float, int]], scored: str = "") -> None:
         """One transaction. A failed write is logged; the next one carries the whole state again."""
         if self._db is None:
             return
@@ -242,9 +277,19 @@ class LedgerStore:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO quality_feedback (tenant, expert, residual_sum, weight, scores, unix_s) "
                     "VALUES (?,?,?,?,?,?)", [(*r, now) for r in rows])
+                if scored:
+                    self._db.execute("UPDATE served_requests SET scored = 1 WHERE request_id = ?", (scored,))
         except sqlite3.Error as exc:
             self.write_errors += 1
             log.error("budget ledger %s: cannot write quality feedback (%s)", self.path, exc)
+
+    def load_served(self) -> list[tuple[str, str, str, float, float, bool]]:
+        """The remembered requests still inside the memory's age and count, oldest first:
+        (request_id, tenant, expert, predicted_quality, unix_s, scored)."""
+        rows = self._db.execute(
+            "SELECT request_id, tenant, expert, predicted_quality, unix_s, scored FROM served_requests WHERE unix_s > ? "
+            "ORDER BY unix_s DESC LIMIT ?", (self.wall_clock() - self.served_ttl_s, self.served_capacity)).fetchall()
+        return [(rid, t, e, q, u, bool(sc)) for rid, t, e, q, u, sc in reversed(rows)]
 
     # -- for tests and the chaos report -----------------------------------------------------------
     def charges(self) -> list[tuple[str, float, str, str]]:

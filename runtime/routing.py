@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from router.base import Candidate, Plan, RequestFeatures, RouterSettings, estimate_tokens
 from router.budget import CLUSTER, BudgetLedger, BudgetLimit, ScopeStatus, tenant_scope
-from router.cost import CostModel, CostPrior
+from router.cost import CostModel
 from router.feedback import FeedbackSettings, QualityFeedback
 from router.gate import GateOutput, load_gate
 from router.policies import Policy, make_policy
@@ -65,8 +65,7 @@ class RoutingService:
             cascade_below_logprob=r.cascade_below_logprob,
         )
         self.cost = CostModel(
-            priors={name: CostPrior(p.prefill_ms_per_token, p.decode_ms_per_token, p.j_per_token)
-                    for name, p in r.cost_priors.items()},
+            priors={name: p.prior() for name, p in r.cost_priors.items()},
             alpha=r.cost_ewma_alpha,
         )
         rng = random.Random(r.seed) if r.seed is not None else None
@@ -80,6 +79,8 @@ class RoutingService:
         if config.ledger.path:
             self.store = LedgerStore(config.ledger.path, retention_s=config.ledger.retention_s)
         f = r.feedback
+        if self.store is not None:
+            self.store.served_capacity, self.store.served_ttl_s = f.remember_requests, f.remember_s
         self.feedback = QualityFeedback(FeedbackSettings(f.prior_weight, f.max_weight, f.max_correction))
         self.served = ServedRequests(f.remember_requests, f.remember_s, clock=clock)
 
@@ -176,6 +177,7 @@ class RoutingService:
             self.store.open()
             self.ledger = BudgetLedger.restore(self.store.load(self.ledger.snapshot(), self.clock()))
             self.feedback.restore(self.store.load_feedback())
+            self.served.restore(self.store.load_served(), self.store.wall_clock())
         elif self.config.tenants and any(t.energy_budget_j is not None for t in self.config.tenants):
             log.warning("tenant energy budgets are configured but ledger.path is not: their use resets "
                         "when the gateway restarts")
@@ -268,7 +270,10 @@ class RoutingService:
         """A Generate request finished: remember who answered it, for the client's feedback."""
         if request_id:
             predicted = plan.predicted_quality.get(expert)
-            self.served.add(request_id, ServedRequest(tenant, expert, predicted if predicted is not None else 0.5))
+            q = predicted if predicted is not None else 0.5
+            self.served.add(request_id, ServedRequest(tenant, expert, q))
+            if self.store is not None:
+                self.store.remember_served(request_id, tenant, expert, q)  # durable with the next flush
 
     async def record_feedback(self, request_id: str, score: float, tenant: str = "") -> tuple[ServedRequest, float]:
         """A client's score in [0, 1] for a finished request; returns (what was served, the
@@ -292,7 +297,7 @@ class RoutingService:
             raise AlreadyRecorded(f"request {request_id!r} already has feedback; a request is scored once")
         served.scored = True
         correction = self.feedback.update(served.expert, served.tenant, float(score), served.predicted_quality)
-        await self._save_feedback()
+        await self._save_feedback(scored=request_id)
         return served, correction
 
     async def cascade_outcome(self, tenant: str, expert: str, plan: Plan, kept: bool) -> None:
@@ -305,9 +310,9 @@ class RoutingService:
         self.feedback.update(expert, tenant, 1.0 if kept else 0.0, predicted, weight=weight)
         await self._save_feedback()
 
-    async def _save_feedback(self) -> None:
+    async def _save_feedback(self, scored: str = "") -> None:
         if self.store is not None and self.store.is_open:
-            await self.store.save_feedback(self.feedback.rows())
+            await self.store.save_feedback(self.feedback.rows(), scored)
 
     # -- operators -----------------------------------------------------------------------------
     def scope_of(self, name: str) -> str:

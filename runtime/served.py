@@ -3,7 +3,8 @@
 A client's feedback names a request id; to learn from it the gateway must know which expert
 answered that request, for which tenant, and what quality the gate predicted for it then. At most
 ``capacity`` finished requests are remembered, each for ``ttl_s``; the oldest go first. Memory is
-bounded: ~200 bytes per entry, so the default 100,000 entries hold ~20 MB at most.
+bounded: ~200 bytes per entry, so the default 100,000 entries hold ~20 MB at most. With a ledger
+file the gateway also writes them there (same bounds) and restores them at start.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ class ServedRequests:
         served.finished_s = now
         self._items.pop(request_id, None)  # a reused id refers to its latest request
         self._items[request_id] = served
+        self._expire(now)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def restore(self, rows, now_unix_s: float) -> None:
+        """Entries stored by an earlier process (``LedgerStore.load_served``: oldest first, with
+        wall-clock finish times), mapped onto this process's clock so they expire on time."""
+        now = self.clock()
+        for request_id, tenant, expert, predicted, unix_s, scored in rows:
+            finished = now - max(0.0, now_unix_s - unix_s)
+            self._items.pop(request_id, None)
+            self._items[request_id] = ServedRequest(tenant, expert, predicted, finished, scored)
         self._expire(now)
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)

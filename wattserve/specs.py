@@ -403,6 +403,13 @@ class ExpertSpec(Strict):
     quality_prior: float = Field(
         default=0.5, ge=0, le=1, description="Expected answer quality without a fitted gate."
     )
+    startup_probe: bool = Field(
+        default=True,
+        description="Text experts: each replica serves one short internal request when it starts or is woken "
+        "(a ~60-token prompt, 8 output tokens), so the router prices it from measured prefill, decode and power "
+        "figures from the first request instead of router.cost_priors. Its energy is reported as probe energy, "
+        "never charged to a tenant.",
+    )
 
     @model_validator(mode="before")
     @classmethod

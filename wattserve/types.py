@@ -208,12 +208,15 @@ class StreamEvent:
 
 @dataclass(slots=True, frozen=True)
 class EnergyTotals:
-    """Energy an expert has seen since it started. ``requests_j + idle_j == device_j``."""
+    """Energy an expert has seen since it started. ``requests_j + idle_j + probe_j == device_j``:
+    ``probe_j`` is what the replica's own start-up probes spent (``ExpertWorker.probe``), kept
+    apart from the requests clients sent."""
 
     requests_j: float
     idle_j: float
     device_j: float
     energy_source: str
+    probe_j: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -244,6 +247,9 @@ class ExpertProfile:
     j_per_token: float | None = None
     decode_ms_per_step_by_batch: dict[int, float] = field(default_factory=dict)
     busy_power_w: float | None = None  # EWMA of step energy / step compute time
+    # the same over prefill-only and decode-only steps (None until such a step was measured)
+    prefill_power_w: float | None = None
+    decode_power_w: float | None = None
     energy: EnergyTotals | None = None
     requests_finished: int = 0
     error: str = ""  # why the replica is unhealthy, if it is

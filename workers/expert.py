@@ -9,6 +9,7 @@ that Ray exposes as a streaming generator.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from wattserve.specs import ExpertSpec
-from wattserve.types import ExpertProfile, GenerateCall, ScoreCall, ScoreResult
+from wattserve.types import EnergyTotals, ExpertProfile, GenerateCall, SamplingParams, ScoreCall, ScoreResult
 
 from .devices import open_device
 from .engines import build_engine
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 
 #: seconds between a fatal engine error and the process exit that lets Ray restart the actor
 EXIT_DELAY_S = 1.0
+
+#: The start-up probe's prompt: plain prose, ~60 tokens on the default experts' tokenizers. Long
+#: enough that prefill ms/token is not all per-step overhead, short enough to cost well under a
+#: joule on the dev machine's CPU.
+PROBE_PROMPT = (
+    "The river rose slowly through the night, and by morning the low fields beside the old mill were "
+    "under water. The farmers gathered on the bridge to watch the current carry branches past the "
+    "stone arches, and they talked about the harvest, the weather and the long winter ahead."
+)
+PROBE_OUTPUT_TOKENS = 8
 
 
 def _process_start_unix_s() -> float:
@@ -64,6 +75,8 @@ class ExpertWorker(GovernedDevice):
         self.device = self.loop.device
         self.loop.start()
         self._outboxes: dict[str, Outbox] = {}  # stream id -> its caller's requests (workers/streams.py)
+        self._probes = 0  # start-up probes served (not client requests)
+        self._probe_j = 0.0  # and their energy, part of the loop ledger's requests_j
         self._init_governed()
         info = self.loop.info
         log.info(
@@ -91,6 +104,45 @@ class ExpertWorker(GovernedDevice):
         EngineDead naming the cause if it failed to start."""
         await asyncio.wrap_future(self.loop.started)
         return True
+
+    async def probe(self) -> dict:
+        """Serve one short internal request (:data:`PROBE_PROMPT`, greedy, exactly
+        :data:`PROBE_OUTPUT_TOKENS` tokens) through the engine loop like any other, so this
+        replica's profile holds measured prefill ms/token, decode ms/step and busy power before
+        the router relies on them: without it an expert is priced by ``router.cost_priors`` until
+        it has served a client, and one measured expert against one priced by a prior is an
+        unfair comparison (docs/routing.md section 2). Its energy is metered like a request's and
+        reported apart (``EnergyTotals.probe_j``; ``requests_finished`` excludes probes); no
+        tenant is charged, because the gateway never sees it. Returns what it measured."""
+        await self.ready()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        events = []
+
+        def sink(item) -> None:
+            loop.call_soon_threadsafe(_collect, done, events, item)
+
+        self._probes += 1  # before submitting: a profile read mid-probe must not count it as a client's
+        call = GenerateCall(
+            request_id=f"wattserve-probe:{self.spec.name}:{self.replica}:{self._probes}",
+            prompt=PROBE_PROMPT, max_tokens=PROBE_OUTPUT_TOKENS,
+            sampling=SamplingParams(temperature=0.0, ignore_eos=True), tenant="",
+        )
+        try:
+            self.loop.submit(call, sink)
+            usage = await done
+        except BaseException:
+            self._probes -= 1
+            raise
+        self._probe_j += usage.energy_j
+        prof = self.loop.profile
+        log.info("expert %s/%d: start-up probe %d+%d tokens, %.3f J (%s), %.0f ms", self.spec.name, self.replica,
+                 usage.prompt_tokens, usage.completion_tokens, usage.energy_j, usage.energy_source, usage.latency_ms)
+        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "energy_j": usage.energy_j, "energy_source": usage.energy_source, "latency_ms": usage.latency_ms,
+                "prefill_ms_per_token": prof.prefill_ms_per_token, "decode_ms_per_token": prof.decode_ms_per_token,
+                "busy_power_w": prof.busy_power_w, "prefill_power_w": prof.prefill_power_w,
+                "decode_power_w": prof.decode_power_w}
 
     async def startup_phases(self) -> dict[str, float]:
         """Wall-clock times (POSIX s) of this replica's start-up: its process started
@@ -181,8 +233,10 @@ class ExpertWorker(GovernedDevice):
             j_per_token=prof.j_per_token,
             decode_ms_per_step_by_batch=dict(prof.decode_ms_by_batch),
             busy_power_w=prof.busy_power_w,
-            energy=snap.energy,
-            requests_finished=snap.requests_finished,
+            prefill_power_w=prof.prefill_power_w,
+            decode_power_w=prof.decode_power_w,
+            energy=self._client_energy(snap.energy),
+            requests_finished=max(0, snap.requests_finished - self._probes),
             error=snap.dead,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -196,6 +250,12 @@ class ExpertWorker(GovernedDevice):
             sm_clock_cap_mhz=cap,
             kv_cache_usage=snap.kv_cache_usage,
         )
+
+    def _client_energy(self, totals: EnergyTotals) -> EnergyTotals:
+        """The loop's totals with the probes' joules moved from ``requests_j`` to ``probe_j``."""
+        if not self._probe_j:
+            return totals
+        return dataclasses.replace(totals, requests_j=totals.requests_j - self._probe_j, probe_j=self._probe_j)
 
     def _device_telemetry(self) -> tuple[float | None, ...]:
         """Blocking device reads (NVML calls), run off the event loop."""
@@ -213,6 +273,18 @@ class ExpertWorker(GovernedDevice):
         # max_restarts brings up a fresh replica. The delay lets failure events reach callers.
         log.error("expert %s/%d: engine failed (%s); exiting for a restart", self.spec.name, self.replica, exc)
         threading.Timer(EXIT_DELAY_S, os._exit, args=(1,)).start()
+
+
+def _collect(fut: asyncio.Future, events: list, item) -> None:
+    """A probe's sink: gather its events; settle with its usage (or the exception that ended it)."""
+    if fut.done():
+        return
+    if isinstance(item, BaseException):
+        fut.set_exception(item)
+        return
+    events.extend(item)
+    if events and events[-1].usage is not None:
+        fut.set_result(events[-1].usage)
 
 
 def _settle(fut: asyncio.Future, item) -> None:

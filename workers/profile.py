@@ -32,6 +32,10 @@ class ProfileTracker:
         self.decode_ms_per_token: float | None = None  # one decode step = one token per sequence
         self.j_per_token: float | None = None  # step energy over all tokens processed in it
         self.busy_power_w: float | None = None  # step energy over step compute time
+        # the same, over steps that only prefilled (prompts, scoring) and steps that only decoded:
+        # a prompt keeps every core busy, a small decode batch does not, so they draw differently
+        self.prefill_power_w: float | None = None
+        self.decode_power_w: float | None = None
         self.decode_ms_by_batch: dict[int, float] = {}
         self.steps = 0
 
@@ -59,6 +63,10 @@ class ProfileTracker:
         busy_s = timings.prefill_s + timings.decode_s
         if tokens and busy_s > 0:
             self.busy_power_w = _ewma(self.busy_power_w, energy_j / busy_s, a)
+            if timings.prefill_s > 0 and timings.decode_s <= 0:
+                self.prefill_power_w = _ewma(self.prefill_power_w, energy_j / busy_s, a)
+            elif timings.decode_s > 0 and timings.prefill_s <= 0:
+                self.decode_power_w = _ewma(self.decode_power_w, energy_j / busy_s, a)
 
     def _layer_tokens(self, work: StepWork, energy_j: float) -> None:
         # Mixed steps are skipped: their energy cannot be split between prefill and decode.

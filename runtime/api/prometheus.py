@@ -91,7 +91,7 @@ class GatewayCollector:
                                                  "clock", "kv")}
         energy = CounterMetricFamily(
             "wattserve_replica_energy_joules", "Device energy of a replica since it started, split into the part "
-            "attributed to requests and the idle part.", labels=[*labels, "energy_source", "part"],
+            "attributed to requests, the idle part and its start-up probe's (no tenant's).", labels=[*labels, "energy_source", "part"],
         )
         exits = CounterMetricFamily(
             "wattserve_early_exit_tokens", "Decoded tokens by the layer they left at (early-exit experts; the "
@@ -117,6 +117,7 @@ class GatewayCollector:
             if p.energy is not None:
                 energy.add_metric([*key, p.energy.energy_source, "requests"], p.energy.requests_j)
                 energy.add_metric([*key, p.energy.energy_source, "idle"], p.energy.idle_j)
+                energy.add_metric([*key, p.energy.energy_source, "probe"], p.energy.probe_j)
             for layer, tokens in sorted(p.exit_histogram.items()):
                 exits.add_metric([*key, str(layer)], tokens)
         src = [*labels, "energy_source"]

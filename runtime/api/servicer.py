@@ -257,5 +257,5 @@ def _replica_to_proto(view: ReplicaView) -> pb.ExpertReplica:
             msg.kv_cache_usage = p.kv_cache_usage
         if p.energy:
             msg.requests_energy_j, msg.idle_energy_j = p.energy.requests_j, p.energy.idle_j
-            msg.device_energy_j = p.energy.device_j
+            msg.device_energy_j, msg.probe_energy_j = p.energy.device_j, p.energy.probe_j
     return msg

@@ -126,9 +126,9 @@ async def _final(call: Call, plan: Plan, lease: Lease, call_id: str, usage, ttft
     lc.routing.finish(plan, req.tenant, client.expert, client.index, prompt_tokens=usage.prompt_tokens,
                       output_tokens=usage.completion_tokens, energy_j=usage.energy_j, latency_ms=usage.latency_ms,
                       request_id=call_id)
-    await lc.routing.flush()
     request_id = req.request_id or call_id
     lc.routing.remember(request_id, req.tenant, client.expert, plan)
+    await lc.routing.flush()  # charges and who answered are on disk before the caller learns it finished
     total_ms = call.elapsed_ms()
     return Final(request_id=request_id, expert=client.expert, replica=client.index, usage=usage,
                  ttft_ms=ttft_ms if ttft_ms is not None else total_ms, total_latency_ms=total_ms, plan=plan)

@@ -64,6 +64,64 @@ def test_priors_before_measurements_and_none_without():
     assert model.predict(None, "e", 10, 5).basis == "prior"
 
 
+UNMEASURED = dict(prefill_ms_per_token=None, decode_ms_per_token=None, j_per_token=None, busy_power_w=None,
+                  decode_ms_per_step_by_batch={})
+
+
+def test_a_power_prior_predicts_like_the_measurements_it_stands_for():
+    """A prior with busy power goes through the measured path's formula: the same figures, the
+    same prediction, whether they come from the config or from the replica."""
+    figures = dict(prefill_ms_per_token=0.5, decode_ms_per_token=10.0, busy_power_w=300.0)
+    model = CostModel(priors={"e": CostPrior(**figures)})
+    measured = CostModel().predict(profile(decode_ms_per_step_by_batch={}, **figures), "e", 100, 11)
+    prior = model.predict(profile(**UNMEASURED), "e", 100, 11)
+    assert prior.basis == "prior" and measured.basis == "measured"
+    assert prior.energy_j == pytest.approx(measured.energy_j) == pytest.approx(300.0 * (50 + 11 * 10.0) / 1000)
+    assert prior.latency_ms == pytest.approx(measured.latency_ms)
+    # a busy replica shares its decode steps: the prior's energy follows the batch like a measurement
+    shared = model.predict(profile(running=3, **UNMEASURED), "e", 0, 10)
+    assert shared.energy_j == pytest.approx(300.0 * 10.0 / 4 * 10 / 1000)
+
+
+def test_power_priors_rank_experts_by_the_shape_of_the_request():
+    """A shallow wide model (fast prefill, slow decode steps) against a deep narrow one: the
+    wide one is cheaper for a long prompt with a one-token answer, the deep one for a short
+    prompt with a long answer. One J/token per expert cannot say both."""
+    priors = {"wide": CostPrior(prefill_ms_per_token=1.0, decode_ms_per_token=30.0, busy_power_w=8.0),
+              "deep": CostPrior(prefill_ms_per_token=2.0, decode_ms_per_token=20.0, busy_power_w=8.0)}
+    model = CostModel(priors=priors)
+
+    def cheaper(prompt_tokens: int, output_tokens: int) -> str:
+        return min(priors, key=lambda e: model.predict(None, e, prompt_tokens, output_tokens).energy_j)
+
+    assert cheaper(400, 1) == "wide"  # 3.4 J against 6.6 J
+    assert cheaper(10, 128) == "deep"  # 20.6 J against 30.8 J
+    assert model.predict(None, "wide", 400, 1).energy_j == pytest.approx(8.0 * (400 * 1.0 + 30.0) / 1000)
+    assert model.predict(None, "deep", 0, 0).energy_j == 0.0  # nothing to compute, nothing to pay
+
+
+def test_each_phase_is_priced_at_its_own_power():
+    """A prompt keeps every core busy and a small decode batch does not: prefill tokens at the
+    prefill power, decode steps at the decode power, busy power where a phase is unmeasured."""
+    split = profile(decode_ms_per_step_by_batch={}, prefill_power_w=400.0, decode_power_w=200.0)
+    est = CostModel().predict(split, "e", prompt_tokens=100, output_tokens=11)
+    assert est.energy_j == pytest.approx((400.0 * 50 + 200.0 * 11 * 10.0) / 1000)
+    half = CostModel().predict(profile(decode_ms_per_step_by_batch={}, prefill_power_w=400.0), "e", 100, 11)
+    assert half.energy_j == pytest.approx((400.0 * 50 + 300.0 * 11 * 10.0) / 1000)  # decode at busy 300 W
+    prior = CostModel(priors={"e": CostPrior(0.5, 10.0, busy_power_w=300.0, prefill_power_w=400.0,
+                                             decode_power_w=200.0)})
+    assert prior.predict(None, "e", 100, 11).energy_j == pytest.approx(est.energy_j)
+    with pytest.raises(ValueError, match="refine busy_power_w"):
+        CostPrior(0.5, 10.0, j_per_token=1.0, prefill_power_w=400.0)
+
+
+def test_an_energy_per_token_prior_still_works_and_one_figure_is_required():
+    legacy = CostModel(priors={"e": CostPrior(1.0, 20.0, j_per_token=0.5)})
+    assert legacy.predict(None, "e", 10, 6).energy_j == pytest.approx(0.5 * 16)
+    with pytest.raises(ValueError, match="busy_power_w"):
+        CostPrior(1.0, 20.0)
+
+
 def test_learning_corrects_bias_and_tracks_error():
     model = CostModel(alpha=0.5)
     p = profile()

@@ -57,6 +57,8 @@ def _write(tmp_path, text):
         ("experts: [\n", "not valid YAML"),
         ("- just a list\n", "expected a mapping"),
         ("ray: {}\n", "experts: required key is missing"),
+        ("experts: [{name: a, engine: synthetic}]\nrouter: {cost_priors: {a: {prefill_ms_per_token: 1, "
+         "decode_ms_per_token: 9}}}\n", "router.cost_priors.a: Value error, a cost prior needs busy_power_w"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path, text, expected):

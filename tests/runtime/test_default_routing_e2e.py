@@ -2,9 +2,11 @@
 a mixed prompt set uses both experts, and the README's budget examples are served, not refused.
 
 With the shipped gate (data/quality/gate-local) and both experts on llama.cpp, the default price of
-energy (0.02 quality units per J) weighs the gate's per-prompt quality gap against cloud's extra
-~0.03 J per token (docs/routing.md §4); on this set edge answered the three short questions and one
-long request, cloud the other long one (2026-12-06). Slow: both models load and answer on CPU.
+energy (0.02 quality units per J) weighs the gate's per-prompt quality gap against the cost gap the
+router predicts from each replica's start-up probe (docs/routing.md §2): cloud's decode steps cost
+~3x edge's, its prompt tokens less than edge's. On this set edge answered the short questions and
+the long answers, cloud the two passage questions (2026-12-06, 2-core Intel Xeon shared with other
+jobs). Slow: both models load and answer on CPU.
 """
 
 from __future__ import annotations
@@ -25,13 +27,26 @@ from workers.models import default_cache_dir
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 
-#: (prompt, max_tokens): short questions and long answers, as a mixed workload has
+PASSAGE = (
+    "The town council met on Monday evening to discuss the old railway bridge. Engineers had reported "
+    "cracks in two of its stone piers after the spring floods, and the council had closed it to lorries "
+    "in April. Shopkeepers on the east bank said that their deliveries now took an hour longer, while "
+    "residents on the west bank worried about the noise of a temporary crossing. After three hours the "
+    "council voted to repair the piers rather than build a new bridge, because the repair would cost "
+    "half as much and could be finished before winter. Work will begin in August and the bridge will "
+    "reopen to all traffic in November. "
+)
+#: (prompt, max_tokens): short questions, long answers, and long prompts with short answers (reading
+#: a passage), as a mixed workload has. The last kind is priced mostly by prompt processing, the
+#: long answers by decode steps: the experts rank differently on them (docs/routing.md section 2).
 MIXED = [
     ("What is the capital of France?", 8),
     ("2 + 2 =", 8),
     ("Name a primary colour.", 8),
     ("Write a short story about a robot who learns to paint, with a beginning, a middle and an end.", 128),
     ("Explain step by step how a bicycle works, for a ten-year-old.", 128),
+    (PASSAGE * 2 + "\nQuestion: In which month will the bridge reopen?\nAnswer:", 8),
+    (PASSAGE * 2 + "\nQuestion: Did the council decide to repair the bridge or to build a new one?\nAnswer:", 8),
 ]
 
 

@@ -97,9 +97,9 @@ async def test_concurrent_flushes_share_one_write(tmp_path):
     writes = []
     original = store._write
 
-    def counted(rows):
+    def counted(rows, served=()):
         writes.append(len(rows))
-        return original(rows)
+        return original(rows, served)
 
     store._write = counted
 
@@ -118,9 +118,9 @@ async def test_a_refused_write_is_kept_and_written_later(tmp_path):
     store.open()
     original, calls = store._write, []
 
-    def flaky(rows):
+    def flaky(rows, served=()):
         calls.append(len(rows))
-        return False if len(calls) == 1 else original(rows)
+        return False if len(calls) == 1 else original(rows, served)
 
     store._write = flaky
     store.append("acme", 2.0, request_id="a")

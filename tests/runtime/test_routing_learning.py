@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from router.price import DEFAULT_QUALITY_PER_J
@@ -98,6 +100,45 @@ async def test_learned_quality_survives_a_restart(tmp_path):
     assert before < -0.3
     assert again.feedback.rows() == svc.feedback.rows()
     await again.stop()
+
+
+async def test_feedback_for_a_request_served_before_a_restart_is_accepted(tmp_path):
+    """Who answered which request is kept in the ledger file, with the memory's bounds (count and
+    age): after a restart a client can still score it, once."""
+    cfg = config(feedback={"remember_requests": 3, "remember_s": 3600})
+    cfg.ledger.path = str(tmp_path / "ledger.sqlite3")
+    svc = RoutingService(cfg)
+    await svc.start()
+    plan = await svc.plan(req(tenant="acme"), CANDS)
+    for i in range(5):
+        svc.remember(f"r{i}", "acme", "cloud", plan)
+        await svc.flush()  # what the gateway does before the final message
+    await svc.record_feedback("r4", 1.0)
+    await svc.stop()
+
+    again = RoutingService(cfg)
+    with pytest.raises(NotFound):  # nothing restored before start
+        await again.record_feedback("r3", 0.0)
+    await again.start()
+    for gone in ("r0", "r1"):  # beyond the memory's count, on disk as in memory
+        with pytest.raises(NotFound):
+            await again.record_feedback(gone, 0.0)
+    stored = again.store._db.execute("SELECT COUNT(*) FROM served_requests").fetchone()[0]
+    assert stored == 3
+    with pytest.raises(AlreadyRecorded):  # scored before the restart
+        await again.record_feedback("r4", 0.0)
+    with pytest.raises(NotFound):  # still only for its own tenant
+        await again.record_feedback("r3", 0.0, "other")
+    served, correction = await again.record_feedback("r3", 0.0, "acme")
+    assert served.expert == "cloud" and served.tenant == "acme" and correction < 0
+    await again.stop()
+
+    later = RoutingService(cfg)
+    later.store.wall_clock = lambda: time.time() + 3601  # an hour on: past remember_s
+    await later.start()
+    with pytest.raises(NotFound):
+        await later.record_feedback("r2", 0.0)
+    await later.stop()
 
 
 def test_config_refuses_negative_prices():

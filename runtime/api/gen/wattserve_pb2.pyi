@@ -212,7 +212,7 @@ class ListExpertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertReplica(_message.Message):
-    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid", "kv_cache_usage", "num_layers", "j_per_layer_token", "exit_histogram")
+    __slots__ = ("replica", "healthy", "error", "running", "waiting", "prefill_ms_per_token", "decode_ms_per_token", "j_per_token", "requests_energy_j", "idle_energy_j", "requests_finished", "device", "device_energy_j", "energy_source", "host", "pid", "kv_cache_usage", "num_layers", "j_per_layer_token", "exit_histogram", "probe_energy_j")
     class ExitHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class ExpertReplica(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     J_PER_LAYER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXIT_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    PROBE_ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     replica: int
     healthy: bool
     error: str
@@ -260,7 +261,8 @@ class ExpertReplica(_message.Message):
     num_layers: int
     j_per_layer_token: float
     exit_histogram: _containers.ScalarMap[int, int]
-    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_layers: _Optional[int] = ..., j_per_layer_token: _Optional[float] = ..., exit_histogram: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    probe_energy_j: float
+    def __init__(self, replica: _Optional[int] = ..., healthy: _Optional[bool] = ..., error: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., j_per_token: _Optional[float] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., requests_finished: _Optional[int] = ..., device: _Optional[str] = ..., device_energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_layers: _Optional[int] = ..., j_per_layer_token: _Optional[float] = ..., exit_histogram: _Optional[_Mapping[int, int]] = ..., probe_energy_j: _Optional[float] = ...) -> None: ...
 
 class PredictionError(_message.Message):
     __slots__ = ("energy_rel_error", "latency_rel_error", "energy_correction", "latency_correction", "samples")
