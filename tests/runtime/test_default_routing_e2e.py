@@ -3,8 +3,9 @@ a mixed prompt set uses both experts, and the README's budget examples are serve
 
 With the shipped gate (data/quality/gate-local) and both experts on llama.cpp, the default price of
 energy (0.02 quality units per J) weighs the gate's per-prompt quality gap against cloud's extra
-~0.03 J per token (docs/routing.md §4); on this set edge answered the three short questions and one
-long request, cloud the other long one (2026-12-06). Slow: both models load and answer on CPU.
+~0.03 J per token (docs/routing.md §4); with the gate refitted on 1,030 labels, edge answered one
+short question and both long requests, cloud the other two short ones (2026-12-06). Slow: both
+models load and answer on CPU.
 """
 
 from __future__ import annotations
