@@ -68,6 +68,8 @@ def rank_cv(y: np.ndarray, ranks: Sequence[int], hide: float = 0.1, folds: int =
     err = dict.fromkeys(ranks, 0.0)
     for _ in range(folds):
         hidden = rng.random(y.shape) < hide
+        if not hidden.any():  # a small table: hide one cell at least
+            hidden[rng.integers(y.shape[0]), rng.integers(y.shape[1])] = True
         for r in ranks:
             err[r] += float(((impute(y, hidden, r) - y)[hidden] ** 2).mean()) / folds
     return err

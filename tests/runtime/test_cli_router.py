@@ -24,24 +24,28 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "held-out report (12 prompts)" in out.out and "calibration: Brier" in out.out
     assert "training gate" in out.err and "embedding prompts" in out.err  # progress bars
-    assert json.loads((tmp_path / "gate" / "gate.json").read_text())["experts"] == ["math", "prose"]
+    meta = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert meta["experts"] == ["math", "prose"] and meta["knn_weight"] == 0.5  # the default keeps neighbours
+    assert (tmp_path / "gate" / "neighbours.safetensors").exists()
 
     profiles = tmp_path / "experts.yaml"
     profiles.write_text(PROFILES)
     js = tmp_path / "out" / "eval.json"
     argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(js), "--steps", "5"]
     assert main(argv) == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
     assert "30 evaluated prompts (30 training)" in text and "moe2" in text and "threshold" in text and "oracle" in text
     assert "gate (fitted on the training rows): Brier" in text and "within-task AUC" in text and "AIQ" in text
     assert not list(tmp_path.glob("*.png"))  # no plot unless asked
     rep = json.loads(js.read_text())
     assert set(rep["curves"]) == {"moe2", "threshold", "knn", "mlp", "cheapest", "strongest", "round_robin",
-                                  "least_loaded", "random", "oracle"}
+                                  "least_loaded", "random", "oracle", "ceiling_denoised", "ceiling_insample"}
     assert {"brier", "ece", "auc", "within_task_auc"} <= set(rep["gate"])
     assert rep["cheapest"] == "small" and rep["experts"][0]["energy_source"] == "modeled:profile-file"
     for p in rep["policies"].values():
-        assert {"aiq", "e95_j", "oracle_saving_share", "shares_at_e95"} <= set(p)
+        assert {"aiq", "e95_j", "oracle_saving_share", "attainable_saving_share", "shares_at_e95"} <= set(p)
+    assert "attainable" in text and "noise ceiling: labels denoised at rank" in cap.err
     assert all("shares" in pt for pt in rep["curves"]["moe2"])
 
     png = tmp_path / "plots" / "eval.png"
@@ -64,6 +68,12 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     # --holdout 1.0 with a gate used to crash with an IndexError; now the rows it saw are left out
     assert main([*argv, "--gate", str(tmp_path / "gate"), "--holdout", "1.0"]) == 0
     assert "no training rows" in capsys.readouterr().err
+    # with a given gate there is no in-sample ceiling (nothing is fitted), the label-only one stays
+    assert main([*argv, "--gate", str(tmp_path / "gate")]) == 0
+    rep = json.loads(js.read_text())
+    assert "ceiling_denoised" in rep["curves"] and "ceiling_insample" not in rep["curves"]
+    assert main([*argv, "--gate-knn-weight", "1.5"]) == 2
+    assert "--gate-knn-weight must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_route_eval_refuses_a_gate_that_saw_every_row_and_reads_a_test_file(tmp_path, monkeypatch, capsys):
