@@ -289,7 +289,10 @@ def cmd_route_eval(args) -> int:
     else:
         say("kNN and MLP routers skipped: they need training rows")
     # What a router that knew each prompt's expected quality could reach (router/eval_ceiling.py).
-    if len(test.prompts) >= 10:
+    if len(experts) < 3:
+        say("noise ceiling: the label-only estimate needs 3 or more experts (with 2 there is no structure "
+            "shared across experts to denoise by)")
+    elif len(test.prompts) >= 10:
         from router.eval_ceiling import denoise
 
         den = denoise(test_q, seed=args.seed)
