@@ -323,6 +323,10 @@ def plot(curves: Sequence[Curve], path: Path, title: str) -> None:
         style = dict(marker="o", markersize=3 if len(pts) > 1 else 8, linewidth=1.5 if len(pts) > 1 else 0)
         if c.policy == "moe2":
             style.update(linewidth=2.5, color="black")
+        elif c.policy == "oracle":
+            style.update(color="crimson", linestyle=":")
+        elif c.policy.startswith(CEILING_PREFIX):
+            style.update(linestyle="--")
         ax.plot(xs, ys, label=c.policy, **style)
     ax.set_xlabel("mean energy per request (J)")
     ax.set_ylabel("mean quality")
