@@ -7,14 +7,22 @@ routers, the other half is replayed through the policies):
   (shared/data/routing/routellm; profiles configs/eval/routellm_mixtral_gpt4.yaml: Mixtral's
   measured ML.ENERGY row, Llama-3.1-405B's as GPT-4's stand-in);
 - ``alpacaeval_8``: eight chat models of 1.2B-69B parameters judged per prompt on AlpacaEval 2.0
-  (data/routing/alpacaeval_8; profiles configs/eval/alpacaeval_8.yaml: ML.ENERGY size law).
+  (data/routing/alpacaeval_8; profiles configs/eval/alpacaeval_8.yaml: ML.ENERGY size law);
+- ``alpacaeval1_ladder``: eight chat models of 2.8B-69B (the Llama-2 7/13/70B ladder as Meta's
+  chat models and as Tulu-2-DPO, Phi-2, Yi-34B) judged 0/1 by AlpacaEval 1's GPT-4 annotator
+  (data/routing/alpacaeval1_ladder; configs/eval/alpacaeval1_ladder.yaml: ML.ENERGY size law).
 
-Per data set and policy: the AIQ (mean quality over energy from the cheapest expert's to the
+Per data set and policy, averaged over the split seeds (``--seeds``; each seed is another
+random half evaluated): the AIQ (mean quality over energy from the cheapest expert's to the
 strongest's, on the policy's hull), the energy to reach 95 % of the strongest expert's quality
-(x the strongest's energy), and the share of the oracle's saving captured there. Writes
-``<out-dir>/<set>.json`` per set and ``<out-dir>/routing.json`` with the table.
+(x the strongest's energy), the share of the oracle's saving captured there and the share of the
+*attainable* saving (the ``ceiling_*`` curves: what a router knowing each prompt's expected
+quality could reach, router/eval_ceiling.py); then MoE²'s quality minus threshold's and kNN's at
+the energy of their points. Writes ``<out-dir>/<set>-s<seed>.json`` per set and seed and
+``<out-dir>/routing.json`` with the table.
 
-    .venv/bin/python benchmarks/bench_routing.py [--out-dir bench-out] [--mmlu-sample 3000] [--png]
+    .venv/bin/python benchmarks/bench_routing.py [--out-dir bench-out] [--seeds 0,1,2,3,4] [--steps 41]
+                                                 [--mmlu-sample 3000] [--only alpacaeval_8,...] [--png]
 
 MiniLM embeddings are cached under $WATTSERVE_CACHE_DIR/embeddings (the first run embeds every
 prompt: ~10 prompts/s on 2 shared cores).
@@ -27,13 +35,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from router.evaluate import Curve, equal_energy  # noqa: E402
 from runtime.cli import main as cli  # noqa: E402
 from runtime.cli.router import _shared_data_dir  # noqa: E402
 
-POLICIES = ("moe2", "threshold", "knn", "mlp", "random", "cheapest", "strongest", "oracle")
+POLICIES = ("moe2", "threshold", "knn", "mlp", "random", "cheapest", "strongest", "ceiling_denoised",
+            "ceiling_insample", "oracle")
 
 
 def sets(shared: Path | None, mmlu_sample: int) -> list[tuple[str, Path, Path, list[str]]]:
@@ -49,33 +61,77 @@ def sets(shared: Path | None, mmlu_sample: int) -> list[tuple[str, Path, Path, l
         print("shared/data/routing/routellm not found (set WATTSERVE_SHARED_DATA): RouteLLM sets skipped", file=sys.stderr)
     out.append(("alpacaeval_8", ROOT / "data" / "routing" / "alpacaeval_8" / "alpacaeval_8.csv",
                 ROOT / "configs" / "eval" / "alpacaeval_8.yaml", []))
+    out.append(("alpacaeval1_ladder", ROOT / "data" / "routing" / "alpacaeval1_ladder" / "alpacaeval1_ladder.csv",
+                ROOT / "configs" / "eval" / "alpacaeval1_ladder.yaml", ["--skip-blank"]))
+    return out
+
+
+def _mean(values: list) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if len(v) == len(values) and v else None
+
+
+def _curve(points: list[dict], name: str) -> Curve:
+    c = Curve(name)
+    c.points = [(p["energy_j"], p["quality"], p["knob"]) for p in points]
+    return c
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Means over seeds of each policy's figures (None where any seed had none), per-seed shares,
+    and MoE²'s mean quality gain at equal energy over threshold and kNN (min over seeds too)."""
+    out = {"rows": [r["rows"] for r in runs], "strong": runs[0]["strong"], "experts": len(runs[0]["experts"]),
+           "gate": {k: _mean([r["gate"][k] for r in runs]) for k in ("brier", "ece", "auc", "within_task_auc")},
+           "policies": {}, "moe2_vs": {}}
+    for p in runs[0]["policies"]:
+        ms = [r["policies"][p] for r in runs]
+        out["policies"][p] = {
+            "aiq": _mean([m["aiq"] for m in ms]), "e95_x_strong": _mean([m["e95_x_strong"] for m in ms]),
+            "oracle_saving_share": _mean([m["oracle_saving_share"] for m in ms]),
+            "attainable_saving_share": _mean([m.get("attainable_saving_share") for m in ms]),
+            "oracle_saving_share_by_seed": [m["oracle_saving_share"] for m in ms],
+        }
+    for other in ("threshold", "knn"):
+        gains = []
+        for r in runs:
+            if other not in r["curves"]:
+                continue
+            diffs = equal_energy(_curve(r["curves"]["moe2"], "moe2"), _curve(r["curves"][other], other))
+            gains.append([mq - q for _, mq, q in diffs])
+        if gains:
+            out["moe2_vs"][other] = {"mean": float(np.mean([np.mean(g) for g in gains])),
+                                     "min": float(min(min(g) for g in gains)), "seeds": len(gains)}
     return out
 
 
 def table(results: dict[str, dict]) -> list[str]:
     names = list(results)
-    head = f"{'policy':<11}" + "".join(f" | {n[:22]:^26}" for n in names)
-    sub = f"{'':<11}" + "".join(f" | {'AIQ':>6} {'E95 x':>6} {'saving':>8}" + " " * 3 for _ in names)
+    head = f"{'policy':<17}" + "".join(f" | {n[:30]:^31}" for n in names)
+    sub = f"{'':<17}" + "".join(f" | {'AIQ':>6} {'E95 x':>6} {'oracle':>7} {'attain':>7} " for _ in names)
     lines = [head, sub]
     for p in POLICIES:
         cells = []
         for n in names:
             m = results[n]["policies"].get(p)
             if m is None:
-                cells.append(f" | {'':>26}")
+                cells.append(f" | {'':>31}")
                 continue
             aiq = f"{m['aiq']:.3f}" if m["aiq"] is not None else "-"
             e95 = f"{m['e95_x_strong']:.2f}x" if m["e95_x_strong"] is not None else "never"
             share = f"{m['oracle_saving_share']:.0%}" if m["oracle_saving_share"] is not None else "-"
-            cells.append(f" | {aiq:>6} {e95:>6} {share:>8}   ")
-        lines.append(f"{p:<11}" + "".join(cells))
+            att = f"{m['attainable_saving_share']:.0%}" if m["attainable_saving_share"] is not None else "-"
+            cells.append(f" | {aiq:>6} {e95:>6} {share:>7} {att:>7} ")
+        lines.append(f"{p:<17}" + "".join(cells))
     for n in names:
         r = results[n]
         g = r["gate"]
-        wt = f"{g['within_task_auc']:.3f}" if g["within_task_auc"] is not None else "-"
-        lines.append(f"{n}: {r['rows']} evaluated prompts, {len(r['experts'])} experts, strongest {r['strong']} "
-                     f"(quality {r['strong_quality']:.3f}, {r['strong_energy_j']:.0f} J), gate AUC {g['auc']:.3f}, "
-                     f"within-task AUC {wt}, Brier {g['brier']:.3f}, ECE {g['ece']:.3f}")
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        vs = "; ".join(f"vs {o} {v['mean']:+.4f} (worst point {v['min']:+.4f})" for o, v in r["moe2_vs"].items())
+        by_seed = ", ".join(f"{x:.0%}" if x is not None else "never" for x in r["policies"]["moe2"]["oracle_saving_share_by_seed"])
+        lines.append(f"{n}: {r['rows'][0]} evaluated prompts x {len(r['rows'])} seeds, {r['experts']} experts, strongest "
+                     f"{r['strong']}; gate AUC {fmt(g['auc'])}, within-task AUC {fmt(g['within_task_auc'])}, "
+                     f"Brier {fmt(g['brier'])}, ECE {fmt(g['ece'])}; moe2's oracle share by seed {by_seed}; "
+                     f"moe2 quality at equal energy {vs}")
     return lines
 
 
@@ -85,8 +141,12 @@ def main() -> int:
     ap.add_argument("--mmlu-sample", type=int, default=3000, help="seeded sample of MMLU rows (0: all 14,042)")
     ap.add_argument("--only", help="comma-separated data set names to run (default: all)")
     ap.add_argument("--png", action="store_true", help="also write a quality-vs-energy PNG per data set")
-    ap.add_argument("--seed", type=int, default=0, help="split seed (the MMLU sample stays the seed-0 sample)")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="split seeds, comma-separated (the MMLU sample stays the seed-0 sample)")
+    ap.add_argument("--gate-knn-weight", type=float, default=0.5,
+                    help="MoE²'s gate: weight of the nearest training prompts (0: the MLP alone, as before issue 14's item 5)")
+    ap.add_argument("--steps", type=int, default=41, help="knob values per swept policy (the same for every policy)")
     args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -94,20 +154,22 @@ def main() -> int:
     for name, data, profiles, extra in sets(_shared_data_dir(), args.mmlu_sample):
         if only and name not in only:
             continue
-        argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(out / f"{name}.json"),
-                "--seed", str(args.seed), *extra]
-        if args.png:
-            argv += ["--png", str(out / f"{name}.png")]
-        rc = cli(argv)
-        if rc:
-            return rc
-        results[name] = json.loads((out / f"{name}.json").read_text())
+        runs = []
+        for seed in seeds:
+            path = out / f"{name}-s{seed}.json"
+            argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(path),
+                    "--seed", str(seed), "--steps", str(args.steps),
+                    "--gate-knn-weight", str(args.gate_knn_weight), *extra]
+            if args.png:
+                argv += ["--png", str(out / f"{name}-s{seed}.png")]
+            rc = cli(argv)
+            if rc:
+                return rc
+            runs.append(json.loads(path.read_text()))
+        results[name] = summarise(runs)
     lines = table(results)
     print("\n" + "\n".join(lines))
-    (out / "routing.json").write_text(json.dumps({
-        n: {"rows": r["rows"], "strong": r["strong"], "gate": r["gate"], "policies": {
-            p: {k: v for k, v in m.items() if k != "shares_at_e95"} | {"shares_at_e95": m["shares_at_e95"]}
-            for p, m in r["policies"].items()}} for n, r in results.items()}, indent=1))
+    (out / "routing.json").write_text(json.dumps({"seeds": seeds, "steps": args.steps, "gate_knn_weight": args.gate_knn_weight, "sets": results}, indent=1))
     return 0
 
 

@@ -41,8 +41,8 @@ def predictions(gate_dirs: list[str], rows: list[dict], experts: list[str]) -> l
         if not mine:
             raise SystemExit(f"{d}: none of its held-out prompts are in the labels file")
         emb, _ = gate._encoder().encode_with_cuts([r["prompt"] for r in mine])
-        for r, z in zip(mine, gate.logits(emb), strict=True):
-            out.append((r, dict(gate.output_for(z).quality)))
+        for r, q in zip(mine, gate.quality(emb), strict=True):  # with its neighbours, if it keeps them
+            out.append((r, dict(gate.output_for_quality(q).quality)))
     return out
 
 

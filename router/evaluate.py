@@ -16,12 +16,15 @@ swept into a curve:
   MLP regressor;
 - ``cheapest``, ``strongest``, ``round_robin``, ``least_loaded`` are single points;
 - ``oracle``: the true qualities under the same price rule, the least energy that reaches each
-  quality with perfect knowledge.
+  quality with perfect knowledge;
+- ``ceiling_*`` (``route eval`` adds them): estimates of what a router that knew each prompt's
+  *expected* quality, not its sampled label, could reach (``router/eval_ceiling.py``).
 
 Figures of merit, per policy (``metrics``): the energy needed to reach 95 % of the strongest
 expert's quality (interpolating on the curve's upper convex hull, as mixing two operating points
 at random reaches any point between them), the share of the oracle's saving there,
-``(E_strong - E95) / (E_strong - E95_oracle)``, and the AIQ: the mean of that hull's quality over
+``(E_strong - E95) / (E_strong - E95_oracle)``, the share of the attainable saving (the same with
+the most saving ``ceiling_*`` curve in place of the oracle), and the AIQ: the mean of that hull's quality over
 normalised energy ``x = E / E_strong`` from the cheapest expert's ``x`` to 1 (RouterBench's
 Average Improvement in Quality with joules in place of dollars; a policy scores 0 where it cannot
 operate, below its cheapest point; single-point policies get none).
@@ -43,6 +46,7 @@ from .gate import GateOutput
 from .policies import make_policy
 
 TARGET_SHARE = 0.95  # of the strongest expert's quality
+CEILING_PREFIX = "ceiling_"  # curves that estimate what is attainable (router/eval_ceiling.py)
 
 
 @dataclass(slots=True)
@@ -235,20 +239,27 @@ def metrics(curves: Sequence[Curve], experts: Sequence[EvalExpert], quality: np.
     target = TARGET_SHARE * strong_q
     by = {c.policy: c for c in curves}
     oracle_e95 = by["oracle"].energy_for(target) if "oracle" in by else None
+    ceilings = [e for c in curves if c.policy.startswith(CEILING_PREFIX) and (e := c.energy_for(target)) is not None]
+    attainable_e95 = min(ceilings) if ceilings else None
     oracle_top = min((e for e, q, _ in by["oracle"].points if q >= max(qq for _, qq, _ in by["oracle"].points) - 1e-12),
                      default=None) if "oracle" in by else None
     out = {"strong": strong, "strong_quality": strong_q, "strong_energy_j": strong_e, "target_quality": target,
-           "aiq_range_j": [lo, strong_e], "oracle_e95_j": oracle_e95, "oracle_top_energy_j": oracle_top, "policies": {}}
+           "aiq_range_j": [lo, strong_e], "oracle_e95_j": oracle_e95, "oracle_top_energy_j": oracle_top,
+           "attainable_e95_j": attainable_e95, "policies": {}}
     for c in curves:
         e95 = c.energy_for(target)
         share = None
         if e95 is not None and oracle_e95 is not None and strong_e - oracle_e95 > 1e-12:
             share = round((strong_e - e95) / (strong_e - oracle_e95), 9) + 0.0  # no "-0%" from rounding noise
+        attainable = None
+        if e95 is not None and attainable_e95 is not None and strong_e - attainable_e95 > 1e-12:
+            attainable = round((strong_e - e95) / (strong_e - attainable_e95), 9) + 0.0
         out["policies"][c.policy] = {
             # a single operating point has no curve to integrate (RouterBench scores routers only)
             "aiq": c.aiq(lo, strong_e) if strong_e > lo and len(c.points) > 1 else None,
             "e95_j": e95, "e95_x_strong": e95 / strong_e if e95 is not None else None,
             "oracle_saving_share": share,
+            "attainable_saving_share": attainable,
             "shares_at_e95": c.shares_near(e95) if e95 is not None else (c.shares[-1] if c.shares else {}),
             "points": len(c.points),
         }
@@ -269,20 +280,23 @@ def summary(curves: Sequence[Curve], m: Mapping) -> list[str]:
     """Text lines: per policy AIQ, energy to 95 % of the strongest's quality, the oracle's saving
     captured there, routing shares at that point; then MoE² at the energy of the others' points."""
     strong_e = m["strong_energy_j"]
-    lines = [f"{'policy':<13} {'points':>6} {'AIQ':>7} {'E for 95% Q':>12} {'x strong':>8} {'oracle saving':>13}  shares at that point"]
+    lines = [f"{'policy':<17} {'points':>6} {'AIQ':>7} {'E for 95% Q':>12} {'x strong':>8} {'oracle saving':>13} "
+             f"{'attainable':>10}  shares at that point"]
     for c in curves:
         p = m["policies"][c.policy]
         aiq = f"{p['aiq']:>7.4f}" if p["aiq"] is not None else f"{'-':>7}"
         e95 = (f"{p['e95_j']:>10.1f} J {p['e95_x_strong']:>7.2f}x" if p["e95_j"] is not None else f"{'never':>12} {'':>8}")
         share = f"{p['oracle_saving_share']:>12.0%}" if p["oracle_saving_share"] is not None else f"{'-':>12}"
+        att = p.get("attainable_saving_share")
+        share += f" {att:>10.0%}" if att is not None else f" {'-':>10}"
         mix = ", ".join(f"{k} {v:.0%}" for k, v in sorted(p["shares_at_e95"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
-        lines.append(f"{c.policy:<13} {len(c.points):>6} {aiq} {e95} {share}   {mix}")
+        lines.append(f"{c.policy:<17} {len(c.points):>6} {aiq} {e95} {share}   {mix}")
     by = {c.policy: c for c in curves}
     ours = by.get("moe2")
     if ours is not None:
         lines.append(f"moe2 at the energy of each other policy's point(s) (quality moe2 vs theirs; strongest = {strong_e:.0f} J):")
         for c in curves:
-            if c is ours:
+            if c is ours or c.policy.startswith(CEILING_PREFIX):
                 continue
             diffs = equal_energy(ours, c)
             if not diffs:
@@ -309,6 +323,10 @@ def plot(curves: Sequence[Curve], path: Path, title: str) -> None:
         style = dict(marker="o", markersize=3 if len(pts) > 1 else 8, linewidth=1.5 if len(pts) > 1 else 0)
         if c.policy == "moe2":
             style.update(linewidth=2.5, color="black")
+        elif c.policy == "oracle":
+            style.update(color="crimson", linestyle=":")
+        elif c.policy.startswith(CEILING_PREFIX):
+            style.update(linestyle="--")
         ax.plot(xs, ys, label=c.policy, **style)
     ax.set_xlabel("mean energy per request (J)")
     ax.set_ylabel("mean quality")

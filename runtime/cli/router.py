@@ -36,6 +36,10 @@ def cmd_gate_fit(args) -> int:
 
     from router.gate_fit import count_truncated, embed_cached, fit_gate, read_labelled
 
+    if not 0 <= args.knn_weight <= 1:
+        from wattserve.errors import InvalidRequest
+
+        raise InvalidRequest(f"--knn-weight must be in [0, 1], got {args.knn_weight}")
     cols = [c.strip() for c in args.columns.split(",")] if args.columns else None
     data = read_labelled(args.data, cols, limit=args.limit, sample=args.sample, seed=args.seed)
     say(f"{len(data.prompts)} prompts, experts (quality columns): {', '.join(data.experts)}")
@@ -54,7 +58,7 @@ def cmd_gate_fit(args) -> int:
         rep = fit_gate(data, emb, args.out, holdout=args.holdout, seed=args.seed, hidden=args.hidden,
                        epochs=args.epochs, weight_decay=args.weight_decay, dropout=args.dropout,
                        on_epoch=on_epoch, window=args.window, head_tokens=args.head_tokens,
-                       truncated=truncated)
+                       truncated=truncated, knn_weight=args.knn_weight, knn_k=args.knn_k)
     print(f"held-out report ({rep['rows']} prompts):")
     print(f"  quality of the gate's top choice   {rep['top_choice_quality']:.4f}  (oracle {rep['oracle_quality']:.4f})")
     for e, q in rep["expert_quality"].items():
@@ -86,27 +90,51 @@ def _shared_data_dir() -> Path | None:
     return None
 
 
-def _eval_gates(args, train_emb, train_q, test_emb, experts, names):
-    """Gate outputs for the evaluated rows: a fitted gate from --gate, or one fitted on the training rows."""
-    from router.gate import FittedGate, gate_output
+def _fit_quality(x, y, seed: int, epochs: int, knn_weight: float, knn_k: int):
+    """MoE²'s quality predictor fitted on (x, y): the gate MLP, averaged with the k nearest
+    training prompts' mean quality when ``knn_weight`` > 0 (router/gate.py). Returns emb -> q."""
+    import numpy as np
+    import torch
+
+    from router.eval_baselines import one_thread
+    from router.gate import Neighbours, blend
     from router.gate_fit import train_mlp
+
+    with one_thread():
+        mlp = train_mlp(x, y, seed=seed, epochs=epochs)
+    neighbours = Neighbours(x, y, knn_k) if knn_weight > 0 else None
+
+    def predict(emb):
+        with one_thread(), torch.inference_mode():
+            p = 1.0 / (1.0 + np.exp(-mlp(torch.as_tensor(emb)).numpy().astype(np.float64)))
+        return blend(p, neighbours.predict(emb), knn_weight) if neighbours is not None else p
+
+    return predict
+
+
+def _eval_gates(args, train_emb, train_q, test_emb, test_q, experts, names):
+    """Gate outputs for the evaluated rows (a fitted gate from --gate, or MoE²'s predictor fitted
+    on the training rows), and the in-sample ceiling's predictions (the same predictor fitted on
+    the training *and* evaluated rows; None with --gate)."""
+    import numpy as np
+
+    from router.eval_baselines import one_thread
+    from router.gate import FittedGate, quality_output
 
     if args.gate:
         gate = FittedGate(args.gate, names)
-        logits, outputs, source = gate.logits(test_emb), gate.outputs, gate.source
-    else:
-        import torch
-
-        from router.eval_baselines import one_thread
-
-        with one_thread():
-            epochs = _gate_epochs(train_emb, train_q, args.seed)
-            say(f"fitting a gate on {len(train_emb)} prompts for {epochs} epochs (evaluated: {len(test_emb)})")
-            mlp = train_mlp(train_emb, train_q, seed=args.seed, epochs=epochs)
-            with torch.inference_mode():
-                logits = mlp(torch.as_tensor(test_emb)).numpy()
-        outputs, source = experts, "fitted:on-the-fly"
-    return [gate_output(row, outputs, names, source) for row in logits]
+        q, outputs, source = gate.quality(test_emb), gate.outputs, gate.source
+        return [quality_output(row, outputs, names, source) for row in q], None
+    with one_thread():
+        epochs = _gate_epochs(train_emb, train_q, args.seed)
+    w = args.gate_knn_weight
+    say(f"fitting a gate on {len(train_emb)} prompts for {epochs} epochs" + (f", averaged with its {args.knn_k} nearest "
+        f"training prompts at weight {w:g}" if w > 0 else "") + f" (evaluated: {len(test_emb)})")
+    q = _fit_quality(train_emb, train_q, args.seed, epochs, w, args.knn_k)(test_emb)
+    gates = [quality_output(row, experts, names, "fitted:on-the-fly") for row in q]
+    both_x, both_y = np.concatenate([train_emb, test_emb]), np.concatenate([train_q, test_q])
+    ceiling = _fit_quality(both_x, both_y, args.seed, epochs, w, args.knn_k)(test_emb)
+    return gates, ceiling
 
 
 def _gate_epochs(x, y, seed: int, choices=(10, 20, 40, 80)) -> int:
@@ -207,6 +235,8 @@ def cmd_route_eval(args) -> int:
 
     if not 0 < args.holdout <= 1:
         raise InvalidRequest(f"--holdout must be in (0, 1], got {args.holdout}")
+    if not 0 <= args.gate_knn_weight <= 1:
+        raise InvalidRequest(f"--gate-knn-weight must be in [0, 1], got {args.gate_knn_weight}")
     spec_path = Path(args.experts)
     spec = yaml.safe_load(spec_path.read_text())
     experts = load_experts(spec, spec_path.parent, _shared_data_dir())
@@ -244,7 +274,7 @@ def cmd_route_eval(args) -> int:
     names = {e.name: e.column for e in experts}
     q_idx = [data.experts.index(c) for c in cols]
     train_q, test_q = train.quality[:, q_idx], test.quality[:, q_idx]
-    gates = _eval_gates(args, train_emb, train_q, test_emb, cols, names)
+    gates, ceiling_insample = _eval_gates(args, train_emb, train_q, test_emb, test_q, cols, names)
     if len(train.prompts):
         # The static baselines' "strongest" is the expert with the best mean quality on the training rows.
         prior = {e.name: float(train_q[:, k].mean()) for k, e in enumerate(experts)}
@@ -259,6 +289,18 @@ def cmd_route_eval(args) -> int:
         predictions["mlp"] = mlp_predict(train_emb, train_q, test_emb, seed=args.seed)
     else:
         say("kNN and MLP routers skipped: they need training rows")
+    # What a router that knew each prompt's expected quality could reach (router/eval_ceiling.py).
+    if len(experts) < 3:
+        say("noise ceiling: the label-only estimate needs 3 or more experts (with 2 there is no structure "
+            "shared across experts to denoise by)")
+    elif len(test.prompts) >= 10:
+        from router.eval_ceiling import denoise
+
+        den = denoise(test_q, seed=args.seed)
+        predictions["ceiling_denoised"] = den.quality
+        say(f"noise ceiling: labels denoised at rank {den.rank} (cell cross-validation over ranks 0-{max(den.cv_mse)})")
+    if ceiling_insample is not None:
+        predictions["ceiling_insample"] = ceiling_insample
     curves = evaluate(experts, gates, test_q, prior, tokens, steps=args.steps, seed=args.seed,
                       progress=lambda name: say(f"replayed {name}"), predictions=predictions)
     strong, cheap = pair(experts, prior)
@@ -397,6 +439,10 @@ def register(sub) -> None:
                    help="what MiniLM reads of a prompt over 256 word pieces: the head, or the head and the "
                         "end where the question is (default head_tail; docs/routing.md)")
     s.add_argument("--head-tokens", type=int, default=32, help="head_tail: word pieces kept from the start (default 32)")
+    s.add_argument("--knn-weight", type=float, default=0.5,
+                   help="keep the training prompts as neighbours and average their mean quality into the gate's "
+                        "prediction at this weight (0: the MLP alone; default 0.5)")
+    s.add_argument("--knn-k", type=int, default=40, help="neighbours averaged (default 40)")
     s.set_defaults(func=cmd_gate_fit)
 
     route = sub.add_parser("route", help="offline routing evaluation").add_subparsers(dest="route_command", required=True)
@@ -404,7 +450,10 @@ def register(sub) -> None:
     s.add_argument("--data", required=True, help="labelled CSV or RouterBench pickle (e.g. shared/data/routing/routellm/*.csv)")
     s.add_argument("--test", help="a separate labelled file to evaluate on (then all of --data trains the gate and baselines)")
     s.add_argument("--skip-blank", action="store_true", help="skip rows with a blank quality cell (and count them)")
-    s.add_argument("--knn-k", type=int, default=40, help="neighbours of the kNN router (default 40)")
+    s.add_argument("--knn-k", type=int, default=40, help="neighbours of the kNN router and of the gate (default 40)")
+    s.add_argument("--gate-knn-weight", type=float, default=0.5,
+                   help="weight of the nearest training prompts' quality in the on-the-fly gate's prediction "
+                        "(0: the MLP alone; default 0.5)")
     s.add_argument("--experts", required=True, help="expert profiles YAML (e.g. configs/eval/routellm_mixtral_gpt4.yaml)")
     s.add_argument("--gate", help="a fitted gate directory (default: fit one on the training split)")
     s.add_argument("--holdout", type=float, default=0.5,

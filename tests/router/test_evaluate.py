@@ -153,3 +153,19 @@ def test_the_plot(tmp_path):
     png = tmp_path / "out" / "curve.png"
     plot([Curve("moe2", [(1.0, 0.5, ""), (2.0, 0.6, "")]), Curve("cheapest", [(1.0, 0.5, "")])], png, "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attainable_share_uses_the_most_saving_ceiling_curve():
+    experts = [WEAK, STRONG]
+    quality = np.array([[1.0, 1.0], [0.0, 1.0]] * 10)
+    e_strong = STRONG.j_per_token * 10
+    e_weak = WEAK.j_per_token * 10
+    oracle = Curve("oracle", [(e_weak * 0.5 + e_strong * 0.5, 1.0, "")])
+    mine = Curve("moe2", [(e_strong, 1.0, "")])
+    ceil_a = Curve("ceiling_a", [(e_strong * 0.9, 1.0, "")])
+    ceil_b = Curve("ceiling_b", [(e_strong * 0.8, 1.0, "")])
+    m = metrics([oracle, mine, ceil_a, ceil_b], experts, quality, "strong", 10)
+    assert m["attainable_e95_j"] == pytest.approx(e_strong * 0.8)
+    assert m["policies"]["ceiling_b"]["attainable_saving_share"] == pytest.approx(1.0)
+    assert m["policies"]["ceiling_a"]["attainable_saving_share"] == pytest.approx(0.5)
+    assert m["policies"]["moe2"]["attainable_saving_share"] == 0.0

@@ -201,3 +201,56 @@ def test_serving_gate_embeds_with_its_window_and_logs_cuts(tmp_path, caplog):
         gate("word " * 400)
     assert (gate.prompts_seen, gate.prompts_cut) == (2, 1)
     assert "was cut (head_tail window); 1 of 2 prompts" in caplog.text
+
+
+def _clustered(n, seed, dim=16, clusters=12, experts=4):
+    """Prompts from clusters; each cluster has an expected quality per expert; labels are one
+    Bernoulli draw of it (the structure of judged labels: noisy single samples)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(0, 1, (clusters, dim))
+    expected = np.random.default_rng(98).uniform(0.05, 0.95, (clusters, experts))
+    c = rng.integers(0, clusters, n)
+    x = (centres[c] + rng.normal(0, 0.35, (n, dim))).astype(np.float32)
+    return x, expected[c], (rng.random((n, experts)) < expected[c]).astype(np.float32)
+
+
+def test_neighbours_lower_the_error_of_the_predicted_quality_on_noisy_labels(tmp_path):
+    """On noisy single-draw labels the average of the MLP and the nearest training prompts is
+    closer to the expected quality than the MLP alone (what argmax q - price E compares)."""
+    from router.gate import Neighbours, blend
+    from router.gate_fit import train_mlp
+
+    x, _, y = _clustered(400, seed=0)
+    xt, expected, _ = _clustered(400, seed=1)
+    import torch
+
+    mlp = train_mlp(x, y, epochs=60, hidden=32, seed=0)
+    with torch.inference_mode():
+        p_mlp = 1 / (1 + np.exp(-mlp(torch.as_tensor(xt)).numpy()))
+    p_blend = blend(p_mlp, Neighbours(x, y, k=20).predict(xt), 0.5)
+    err_mlp, err_blend = ((p_mlp - expected) ** 2).mean(), ((p_blend - expected) ** 2).mean()
+    assert err_blend < 0.9 * err_mlp
+
+
+def test_a_gate_with_neighbours_is_saved_loaded_and_blends(tmp_path):
+    from router.gate import NEIGHBOURS_FILE, blend
+
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=60))
+    emb = FakeEncoder().encode(data.prompts)
+    fit_gate(data, emb, tmp_path / "gate", epochs=3, hidden=8, knn_weight=0.5, knn_k=5)
+    meta = json.loads((tmp_path / "gate" / GATE_FILE).read_text())
+    assert meta["knn_weight"] == 0.5 and meta["knn_k"] == 5
+    assert (tmp_path / "gate" / NEIGHBOURS_FILE).exists()
+    gate = FittedGate(tmp_path / "gate", encoder=FakeEncoder())
+    assert gate.neighbours is not None and len(gate.neighbours.quality) == meta["train_rows"]
+    q = gate.quality(emb[:4])
+    p = 1 / (1 + np.exp(-gate.logits(emb[:4]).astype(np.float64)))
+    assert np.allclose(q, blend(p, gate.neighbours.predict(emb[:4]), 0.5))
+    out = gate(data.prompts[0])
+    assert out.quality["math"] == pytest.approx(q[0][0], abs=1e-5) and sum(out.weights.values()) == pytest.approx(1.0)
+    # refitting without neighbours removes the stale file and the gate reads the MLP alone
+    fit_gate(data, emb, tmp_path / "gate", epochs=3, hidden=8)
+    assert not (tmp_path / "gate" / NEIGHBOURS_FILE).exists()
+    assert FittedGate(tmp_path / "gate", encoder=FakeEncoder()).neighbours is None
+    with pytest.raises(ConfigError):
+        blend(p, p, 1.5)

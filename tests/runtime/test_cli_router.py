@@ -24,24 +24,28 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "held-out report (12 prompts)" in out.out and "calibration: Brier" in out.out
     assert "training gate" in out.err and "embedding prompts" in out.err  # progress bars
-    assert json.loads((tmp_path / "gate" / "gate.json").read_text())["experts"] == ["math", "prose"]
+    meta = json.loads((tmp_path / "gate" / "gate.json").read_text())
+    assert meta["experts"] == ["math", "prose"] and meta["knn_weight"] == 0.5  # the default keeps neighbours
+    assert (tmp_path / "gate" / "neighbours.safetensors").exists()
 
     profiles = tmp_path / "experts.yaml"
     profiles.write_text(PROFILES)
     js = tmp_path / "out" / "eval.json"
     argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(js), "--steps", "5"]
     assert main(argv) == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
     assert "30 evaluated prompts (30 training)" in text and "moe2" in text and "threshold" in text and "oracle" in text
     assert "gate (fitted on the training rows): Brier" in text and "within-task AUC" in text and "AIQ" in text
     assert not list(tmp_path.glob("*.png"))  # no plot unless asked
     rep = json.loads(js.read_text())
     assert set(rep["curves"]) == {"moe2", "threshold", "knn", "mlp", "cheapest", "strongest", "round_robin",
-                                  "least_loaded", "random", "oracle"}
+                                  "least_loaded", "random", "oracle", "ceiling_insample"}
     assert {"brier", "ece", "auc", "within_task_auc"} <= set(rep["gate"])
     assert rep["cheapest"] == "small" and rep["experts"][0]["energy_source"] == "modeled:profile-file"
     for p in rep["policies"].values():
-        assert {"aiq", "e95_j", "oracle_saving_share", "shares_at_e95"} <= set(p)
+        assert {"aiq", "e95_j", "oracle_saving_share", "attainable_saving_share", "shares_at_e95"} <= set(p)
+    assert "attainable" in text and "the label-only estimate needs 3 or more experts" in cap.err
     assert all("shares" in pt for pt in rep["curves"]["moe2"])
 
     png = tmp_path / "plots" / "eval.png"
@@ -64,6 +68,12 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     # --holdout 1.0 with a gate used to crash with an IndexError; now the rows it saw are left out
     assert main([*argv, "--gate", str(tmp_path / "gate"), "--holdout", "1.0"]) == 0
     assert "no training rows" in capsys.readouterr().err
+    # with a given gate there is no in-sample ceiling (nothing is fitted)
+    assert main([*argv, "--gate", str(tmp_path / "gate")]) == 0
+    rep = json.loads(js.read_text())
+    assert not [c for c in rep["curves"] if c.startswith("ceiling_")]
+    assert main([*argv, "--gate-knn-weight", "1.5"]) == 2
+    assert "--gate-knn-weight must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_route_eval_refuses_a_gate_that_saw_every_row_and_reads_a_test_file(tmp_path, monkeypatch, capsys):
@@ -103,3 +113,19 @@ def test_route_eval_blank_cells(tmp_path, monkeypatch, capsys):
     assert main([*argv, "--skip-blank"]) == 0
     out = capsys.readouterr()
     assert "skipped 1 rows with a blank quality cell" in out.err and "20 evaluated prompts (19 training)" in out.out
+
+
+def test_route_eval_with_three_experts_adds_the_label_only_ceiling(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WATTSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    data = _synthetic_csv(tmp_path / "d.csv", n=40)
+    lines = data.read_text().splitlines()
+    rows = [lines[0] + ",mid"] + [f"{line},{0.5 if i % 3 else 1.0}" for i, line in enumerate(lines[1:])]
+    data.write_text("\n".join(rows) + "\n")
+    profiles = tmp_path / "experts.yaml"
+    profiles.write_text(PROFILES + "  - {name: mid, column: mid, j_per_token: 2.0, tpot_ms: 20}\n")
+    js = tmp_path / "eval.json"
+    assert main(["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(js), "--steps", "5"]) == 0
+    assert "noise ceiling: labels denoised at rank" in capsys.readouterr().err
+    rep = json.loads(js.read_text())
+    assert {"ceiling_denoised", "ceiling_insample"} <= set(rep["curves"])
+    assert rep["attainable_e95_j"] is None or rep["attainable_e95_j"] > 0
