@@ -53,7 +53,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from tests.runtime.grpc_helpers import collect, start_serve_process
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300),
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480),
               pytest.mark.skipif(sys.platform != "linux", reason="needs the loopback address 127.0.0.2")]
 
 NODE_IP = "127.0.0.2"
@@ -119,7 +119,8 @@ class Cluster:
 
     def stop(self) -> None:
         """SIGTERM each ``ray start --block`` (it stops the daemons it started), then SIGKILL any
-        descendant still alive: all by process id."""
+        descendant still alive, and any process whose command line names this cluster's private
+        temp dir (daemons of a node that failed to join): all by process id."""
         if self.prober is not None:
             self.prober.stdin.close()  # it exits at the end of its input
             try:
@@ -133,6 +134,9 @@ class Cluster:
                 family += psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
+        for p in psutil.process_iter(["cmdline"]):
+            if p.pid != os.getpid() and str(self.tmp) in " ".join(p.info["cmdline"] or ()):
+                family.append(p)
         for proc in reversed(self.procs):  # the worker node first
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -163,19 +167,21 @@ def cluster():
         c.start_node("head", "--head", "--port", str(port), "--temp-dir", str(tmp),
                      "--ray-client-server-port", str(free_port()), "--include-dashboard", "false",
                      "--resources", json.dumps({"node_a": 1}))
-        deadline = time.monotonic() + 120
-        while True:  # the head's GCS takes connections
-            with socket.socket() as s:
-                if s.connect_ex((NODE_IP, port)) == 0:
-                    break
+        deadline = time.monotonic() + 240  # generous: on a loaded 2-core host a node takes 30 s and more
+        head_log = tmp / "head.log"
+        while "Ray runtime started" not in head_log.read_text():  # the head is up, not only its GCS port
             assert c.procs[0].poll() is None and time.monotonic() < deadline, f"no head node:\n{c.logs()}"
             time.sleep(0.5)
-        c.start_node("worker", "--address", c.address, "--resources", json.dumps({"node_b": 1}))
-        while True:  # both nodes registered
-            nodes = c.probe()["nodes"] if all(p.poll() is None for p in c.procs) else None
-            if nodes is not None and sorted(nodes.values()) == [["node_a"], ["node_b"]]:
+        tries = 0
+        while True:  # both nodes registered; a worker node that timed out joining is started again
+            if c.procs[-1] is c.procs[0] or c.procs[-1].poll() is not None:
+                assert tries < 3 and c.procs[0].poll() is None, f"the worker node did not join:\n{c.logs()}"
+                tries += 1
+                c.start_node(f"worker-{tries}", "--address", c.address, "--resources", json.dumps({"node_b": 1}))
+            nodes = c.probe()["nodes"]
+            if sorted(nodes.values()) == [["node_a"], ["node_b"]]:
                 break
-            assert nodes is not None and time.monotonic() < deadline, f"cluster did not come up:\n{c.logs()}"
+            assert time.monotonic() < deadline, f"cluster did not come up:\n{c.logs()}"
             time.sleep(1)
         yield c
     finally:
