@@ -124,11 +124,14 @@ class ExpertPool:
         return replica
 
     async def start_replica(self, expert: str, timeout_s: float) -> RayReplicaClient:
-        """Start one more replica of ``expert`` and return its client once it has loaded; a replica
-        that fails or is not ready within ``timeout_s`` is released and ExpertUnavailable raised."""
+        """Start one more replica of ``expert`` and return its client once it has loaded (with the
+        node Ray placed it on, by the expert's ``resources``); a replica that fails or is not ready
+        within ``timeout_s`` (none of the cluster's nodes has its resources free, say) is released and
+        ExpertUnavailable raised."""
         replica = self.add(expert)
         try:
             await asyncio.wait_for(replica.actor.ready.remote(), timeout_s)
+            node = await replica.actor.node_id.remote()
         except BaseException as exc:
             self.remove(expert, replica.index)
             if isinstance(exc, asyncio.CancelledError):
@@ -136,7 +139,9 @@ class ExpertPool:
             why = f"not ready after {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else _root_cause(exc)
             raise ExpertUnavailable(f"{replica.name} did not start: {why}") from None
         await self.probe([replica])
-        return RayReplicaClient(replica)
+        client = RayReplicaClient(replica)
+        client.node = node
+        return client
 
     async def probe(self, replicas: list[Replica], progress: Callable[[str], None] = log.info) -> None:
         """Each ready text replica's start-up probe (``ExpertWorker.probe``: one short request, so

@@ -93,7 +93,8 @@ class GatewayConfig(Strict):
     retry_unstarted: bool = Field(
         default=True,
         description="A request whose expert fails before it streamed any token is retried once on another "
-        "eligible replica (one that streamed tokens ends with UNAVAILABLE instead).",
+        "eligible replica (one that streamed tokens ends with UNAVAILABLE instead); a replica it woke that fails "
+        "so is replaced within capacity.wakes_per_request.",
     )
     routing_policy: str = Field(
         default="least_loaded",

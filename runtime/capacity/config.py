@@ -56,6 +56,12 @@ class CapacityConfig(Strict):
         description="Most a request without a deadline waits for a cold expert to start (s); one with a "
         "deadline waits at most until it."
     )
+    wakes_per_request: int = Field(
+        default=2, ge=1, le=16,
+        description="Replicas one request may wake: a woken replica that fails before the request's first token "
+        "is replaced by a healthy one of the plan, else by waking another, until this many were woken; then "
+        "UNAVAILABLE."
+    )
     events_kept: int = Field(default=500, ge=1, le=100_000, description="Decisions kept in the event log.")
     assumed_prompt_tokens: int = Field(default=256, ge=1, description="Prompt tokens per request until measured.")
     assumed_output_tokens: int = Field(default=128, ge=1, description="Output tokens per request until measured.")

@@ -13,7 +13,9 @@ through ``Replicas.remove`` then release its actor. Clocks are only recorded (a 
 not applied): nothing here actuates a device.
 
 A cold expert (``min_replicas: 0``, no replica) stays routable: its set's waker is :meth:`wake`,
-which starts one replica (once, however many requests wait) and returns when it is healthy.
+which starts one replica (once, however many requests wait) and returns when it is healthy. A
+request whose woken replica failed before its first token wakes again, passing the replica it
+failed on, so that one does not count as the healthy replica it waits for.
 
 Every decision goes to the event log (``CapacityState.events``, bounded) and the log, with the
 planner's reason. No Ray here: the pool's actions come in through :class:`PoolActions`.
@@ -102,6 +104,7 @@ class CapacityController:
         state.events = deque(state.events, maxlen=config.events_kept)
         now = clock()
         replicas.wake_timeout_s = config.wake_timeout_s
+        replicas.wakes_per_request = config.wakes_per_request
         for name, cap in config.experts.items():
             state.experts[name] = ExpertCapacityState(name, cold_start_s=cap.cold_start_s)
             self._meters[name].last_s = now
@@ -226,9 +229,10 @@ class CapacityController:
             for _ in range(plan.replicas - have):
                 self._start(name)
         elif plan.replicas < have:
-            # the newest first: the oldest have the warmest caches and measured profiles. Replicas
-            # still starting are left to finish (counted as serving at the next plan).
-            leaving = sorted(self._serving(name), key=lambda s: -s.client.index)[: have - plan.replicas]
+            # unhealthy ones first (dead, restarting), then the newest: the oldest have the warmest
+            # caches and measured profiles. Replicas still starting are left to finish (counted as
+            # serving at the next plan).
+            leaving = sorted(self._serving(name), key=lambda s: (s.healthy, -s.client.index))[: have - plan.replicas]
             if leaving:
                 after = have - len(leaving)
                 self._event(name, "scale_to_zero" if after == 0 else "scale_down", have, after, plan)
@@ -261,8 +265,9 @@ class CapacityController:
             st.cold_start_s = took if m.measured_starts == 1 else 0.7 * st.cold_start_s + 0.3 * took
             rs.cold_start_ms = 1e3 * st.cold_start_s
             st.cold_starts += 1
+            where = f" on node {client.node}" if client.node else ""
             self._log(name, "started",
-                      f"{client.name} serving after {took:.1f} s (cold start now {st.cold_start_s:.1f} s)")
+                      f"{client.name} serving{where} after {took:.1f} s (cold start now {st.cold_start_s:.1f} s)")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed start is an event, not a dead controller
@@ -301,13 +306,18 @@ class CapacityController:
                       level=logging.WARNING)
 
     # -- waking ---------------------------------------------------------------------------------
-    async def wake(self, name: str) -> None:
-        """Return once a replica of ``name`` is healthy, starting one if none is starting; raises
-        ExpertUnavailable if every start failed. Cancelling the wait does not cancel the start."""
+    async def wake(self, name: str, avoid: frozenset[int] = frozenset()) -> None:
+        """Return once a replica of ``name`` not in ``avoid`` (replica indices the waiting request
+        failed on) is healthy, starting one if none is starting; raises ExpertUnavailable if every
+        start failed. Cancelling the wait does not cancel the start."""
         m = self._meters[name]
         m.waiters += 1
+
+        def usable() -> list:
+            return [s for s in self._serving(name) if s.client.index not in avoid]
+
         try:
-            while not any(s.healthy for s in self._serving(name)):
+            while not any(s.healthy for s in usable()):
                 if not m.starts:
                     have = len(self._serving(name))
                     self._event_text(name, "wake", have, have + 1, None,
@@ -316,11 +326,11 @@ class CapacityController:
                     self._start(name)
                 before = self.state.experts[name].cold_starts
                 await asyncio.wait(list(m.starts), return_when=asyncio.FIRST_COMPLETED)
-                if any(s.healthy for s in self._serving(name)):
+                if any(s.healthy for s in usable()):
                     break
                 if self.state.experts[name].cold_starts == before and not m.starts:
                     raise ExpertUnavailable(f"expert {name} is scaled to zero and its replica failed to start")
-                while self._serving(name) and not any(s.healthy for s in self._serving(name)):
+                while usable() and not any(s.healthy for s in usable()):
                     await asyncio.sleep(WAKE_POLL_S)  # started, not yet healthy: its next poll tells
         finally:
             m.waiters -= 1

@@ -3,6 +3,9 @@
 A replica that fails before the caller saw any token (its process died, its engine failed) is
 replaced once by another healthy replica of the plan (``gateway.retry_unstarted``); after a token
 the error stands (UNAVAILABLE), since a partly streamed answer cannot be replayed transparently.
+A replica the request woke (a cold expert's fresh replica) that fails so is replaced as well, by a
+healthy replica of the plan if one is left, else by waking another: at most
+``capacity.wakes_per_request`` wakes per request, then UNAVAILABLE saying how many died.
 Whichever way the caller leaves, the replica stops working on the request and the tenant is
 charged for the part that ran.
 """
@@ -14,12 +17,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from router.base import Plan
+from router.base import Candidate, Plan
 from wattserve.errors import ExpertUnavailable, QueueFull
 from wattserve.types import GenerateCall
 
 from .lifecycle import Call, Lifecycle
-from .replicas import Key, Lease, ReplicaDied, ReplicaStream
+from .replicas import COLD_REPLICA, Key, Lease, ReplicaDied, ReplicaStream
 from .request import Chunk, Final, engine_deadline
 
 log = logging.getLogger(__name__)
@@ -36,29 +39,49 @@ class _Attempt:
 
 async def answer(call: Call, plan: Plan) -> AsyncIterator[Chunk | Final]:
     """One answer to ``call`` from the plan's first replica that admits it, retried once on another
-    replica of the plan if the first fails before its first token."""
+    replica of the plan if the first fails before its first token (and again, waking another, while
+    the replicas it woke fail so and ``wakes_per_request`` allows)."""
     failed: set[Key] = set()
     lc = call.lifecycle
     retries = 1 if lc.retry_unstarted else 0
+    wakes = 0  # replicas this request reached through a cold candidate
+    ranked = list(plan.ranked)
     while True:
         attempt = _Attempt()
         try:
-            async for item in _attempt(call, plan, failed, attempt):
+            async for item in _attempt(call, plan, ranked, failed, attempt):
                 yield item
             return
         except ExpertUnavailable as exc:
             if attempt.streamed or attempt.key is None:
                 raise
             failed.add(attempt.key)
-            spare = [c.key for c in plan.ranked if c.key not in failed and lc.replicas.healthy(c.key)]
-            if retries <= 0 or not spare:
+            # a replica the ranking did not list was reached through a cold candidate: one it woke
+            woken = attempt.key not in {c.key for c in ranked}
+            wakes += woken
+            if not lc.retry_unstarted:
                 raise
-            retries -= 1
+            can_wake = wakes < lc.replicas.wakes_per_request
+            # a fresh replica that failed at once: replacing it does not use the one retry
+            free = woken and can_wake
+            ranked = lc.replicas.retry_ranking(plan.ranked, failed, wake=can_wake) if free or retries > 0 else []
+            if not ranked:
+                if woken:
+                    raise ExpertUnavailable(
+                        f"{exc} ({wakes} replica(s) woken for this request failed before its first token; "
+                        f"at most {lc.replicas.wakes_per_request} per request: capacity.wakes_per_request)"
+                    ) from None
+                raise
+            if not free:
+                retries -= 1
             lc.counters.retried += 1
-            log.warning("request %s: %s; retrying on %s/%d", call.request.request_id or "-", exc, *spare[0])
+            first = ranked[0]
+            where = f"waking another {first.expert}" if first.replica == COLD_REPLICA else f"{first.expert}/{first.replica}"
+            log.warning("request %s: %s; retrying on %s", call.request.request_id or "-", exc, where)
 
 
-async def _attempt(call: Call, plan: Plan, failed: set[Key], attempt: _Attempt) -> AsyncIterator[Chunk | Final]:
+async def _attempt(call: Call, plan: Plan, ranked: list[Candidate], failed: set[Key],
+                   attempt: _Attempt) -> AsyncIterator[Chunk | Final]:
     """One dispatch (a fresh call id, so a restarted replica cannot mix it up)."""
     lc, req = call.lifecycle, call.request
     engine_call = GenerateCall(
@@ -78,7 +101,7 @@ async def _attempt(call: Call, plan: Plan, failed: set[Key], attempt: _Attempt) 
                 client.abort(engine_call.request_id)
             raise
 
-    lease, (stream, events) = await lc.replicas.dispatch(plan.ranked, start, skip=failed, deadline_s=call.deadline_s)
+    lease, (stream, events) = await lc.replicas.dispatch(ranked, start, skip=failed, deadline_s=call.deadline_s)
     client = lease.client
     call.recorder.routed(client.expert)
     ttft_ms: float | None = None

@@ -11,7 +11,8 @@ a removed one stops taking requests at once and leaves when the calls it holds h
 It also counts what the capacity controller measures (arrivals, token sizes). A set that a waker
 can grow from zero stays routable with no replica: one cold candidate (``COLD_REPLICA``) whose
 predicted latency includes the start; a request dispatched to it wakes a replica and waits for it
-within its deadline.
+within its deadline. A request whose woken replica fails before its first token may wake another
+(:meth:`Replicas.retry_ranking`, at most ``wakes_per_request`` wakes in all).
 :class:`Replicas` holds every expert's set: the router's candidates come from it and every call
 goes through :meth:`Replicas.dispatch` ("the first replica of the plan that accepts, else the
 next"), which also keeps the in-flight counts and marks a replica whose process died unhealthy.
@@ -42,6 +43,8 @@ Key = tuple[str, int]
 COLD_REPLICA = -1
 #: finished requests whose token counts a set keeps for the capacity controller
 TOKEN_SAMPLES = 1000
+#: replicas one request may wake (its first wake included) unless the capacity controller says otherwise
+WAKES_PER_REQUEST = 2
 
 
 class ReplicaDied(ExpertUnavailable):
@@ -70,6 +73,7 @@ class ReplicaClient(ABC):
     def __init__(self, expert: str, index: int) -> None:
         self.expert = expert
         self.index = index
+        self.node = ""  # where the replica runs (a Ray node id), when whoever started it knows
 
     @property
     def key(self) -> Key:
@@ -169,8 +173,9 @@ class ReplicaSet:
         self.arrivals = 0  # calls dispatched to (or waking) this expert since start
         self.tokens: deque[tuple[int, int]] = deque(maxlen=TOKEN_SAMPLES)  # (prompt, output) of finished calls
         # Set by the capacity controller for experts it may scale to zero: starts a replica (if
-        # none is starting) and returns once one is healthy.
-        self.waker: Callable[[], Awaitable[None]] | None = None
+        # none is starting) and returns once one is healthy that is not among the replica indices
+        # passed (those the waiting request already failed on).
+        self.waker: Callable[[frozenset[int]], Awaitable[None]] | None = None
         self.cold_start_ms = 0.0  # what a waking request waits (measured starts, else configured)
         self.last_profile: ExpertProfile | None = None  # what the last replica said before it left
 
@@ -225,6 +230,7 @@ class Replicas:
         self._poller: asyncio.Task | None = None
         self._any_healthy: bool | None = None
         self.wake_timeout_s = 120.0  # most a request without a deadline waits for a cold expert
+        self.wakes_per_request = WAKES_PER_REQUEST  # replicas one request may wake, retries included
 
     @classmethod
     def of(cls, clients: Iterable[ReplicaClient], modality: Callable[[str], str] = lambda e: "text",
@@ -286,7 +292,7 @@ class Replicas:
             self.sets[first.expert].arrivals += 1
         for cand in ranked:
             if cand.replica == COLD_REPLICA:
-                state = await self._woken(cand.expert, deadline_s, cold)
+                state = await self._woken(cand.expert, deadline_s, cold, skipped)
             else:
                 state = self.state(cand.key)
             if state is None or state.key in skipped or state.removing:
@@ -305,13 +311,34 @@ class Replicas:
             raise ExpertUnavailable(f"no {what} of the plan is left to try ({why}); retry")
         raise QueueFull(f"every eligible {what} is full: " + " | ".join(full), retry_after_ms=retry_after_ms)
 
-    async def _woken(self, expert: str, deadline_s: float | None, notes: list[str]) -> ReplicaState | None:
-        """Wake a cold ``expert`` and return its least loaded healthy replica, or None (said why in
-        ``notes``) if none is healthy before the deadline."""
+    def retry_ranking(self, ranked: Sequence[Candidate], failed: Iterable[Key], *, wake: bool) -> list[Candidate]:
+        """Where a request may go after the replicas in ``failed`` failed it before its first token:
+        the plan's healthy replicas not in ``failed`` (in the plan's order: they answer at once), then,
+        with ``wake``, a cold candidate for each expert of the plan that a waker can grow and that has
+        none of those (a woken replica that died leaves its expert like this). Dispatched, that
+        candidate takes a healthy replica the plan did not list if one came meanwhile, else wakes one."""
+        failed = set(failed)
+        warm = [c for c in ranked if c.replica != COLD_REPLICA and c.key not in failed and self.healthy(c.key)]
+        if not wake:
+            return warm
+        cold: list[Candidate] = []
+        for expert in dict.fromkeys(c.expert for c in ranked):
+            rs = self.sets.get(expert)
+            if rs is None or rs.waker is None or any(c.expert == expert for c in warm):
+                continue
+            profile = next((s.profile for s in rs.states.values() if s.profile is not None), rs.last_profile)
+            cold.append(Candidate(expert=expert, replica=COLD_REPLICA, healthy=True, inflight=0, profile=profile,
+                                  cold_start_ms=max(1.0, rs.cold_start_ms)))
+        return warm + cold
+
+    async def _woken(self, expert: str, deadline_s: float | None, notes: list[str],
+                     avoid: set[Key] | frozenset[Key] = frozenset()) -> ReplicaState | None:
+        """Wake a cold ``expert`` and return its least loaded healthy replica not in ``avoid``, or
+        None (said why in ``notes``) if none is healthy before the deadline."""
         rs = self.sets.get(expert)
         if rs is None:
             return None
-        ready = [s for s in rs.states.values() if s.healthy and not s.removing]
+        ready = [s for s in rs.states.values() if s.healthy and not s.removing and s.key not in avoid]
         if not ready and rs.waker is not None:
             wait_s = self.wake_timeout_s if deadline_s is None else min(self.wake_timeout_s, deadline_s - self.clock())
             if 1e3 * wait_s < rs.cold_start_ms:
@@ -319,12 +346,12 @@ class Replicas:
                              f"{max(0.0, wait_s):.1f} s away")
                 return None
             try:
-                await asyncio.wait_for(rs.waker(), max(0.0, wait_s))
+                await asyncio.wait_for(rs.waker(frozenset(i for e, i in avoid if e == expert)), max(0.0, wait_s))
             except (TimeoutError, ExpertUnavailable) as exc:
                 notes.append(f"{expert} is cold and no replica started within {max(0.0, wait_s):.1f} s"
                             + (f" ({exc})" if str(exc) else ""))
                 return None
-            ready = [s for s in rs.states.values() if s.healthy and not s.removing]
+            ready = [s for s in rs.states.values() if s.healthy and not s.removing and s.key not in avoid]
         return min(ready, key=lambda s: s.inflight, default=None)
 
     async def watch(self, state: ReplicaState, call: Awaitable[T]) -> T:

@@ -29,10 +29,11 @@ async def wait_for(predicate, timeout_s=30.0) -> bool:
     return False
 
 
-def start_serve_process(config_path, timeout_s: float = 150.0):
-    """Start ``wattserve serve --config config_path`` as its own process and read its output until
-    it says it is ready. Returns (process, lines read, gRPC target, HTTP base URL or None); the
-    caller stops the process. Asserts (with the output) when it did not come up in time."""
+def start_serve_process(config_path, timeout_s: float = 150.0, env: dict[str, str] | None = None):
+    """Start ``wattserve serve --config config_path`` as its own process (``env`` added to this
+    process's environment) and read its output until it says it is ready. Returns (process, lines
+    read, gRPC target, HTTP base URL or None); the caller stops the process. Asserts (with the
+    output) when it did not come up in time."""
     import os
     import re
     import subprocess
@@ -40,7 +41,7 @@ def start_serve_process(config_path, timeout_s: float = 150.0):
     from pathlib import Path
 
     binary = Path(sys.executable).parent / "wattserve"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(binary), "serve", "--config", str(config_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []

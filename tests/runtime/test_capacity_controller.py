@@ -24,11 +24,13 @@ from wattserve.types import ExpertProfile
 
 
 class FakePool:
-    """Starts fake replicas after ``start_s`` (or fails them) and records what it released."""
+    """Starts fake replicas after ``start_s`` (or fails them) and records what it released. The next
+    ``dying`` replicas it starts die before their first token."""
 
     def __init__(self, tokens: int = 64, start_s: float = 0.0) -> None:
         self.tokens, self.start_s = tokens, start_s
         self.fail = False
+        self.dying = 0
         self.started: list[FakeReplicaClient] = []
         self.removed: list[tuple[str, int]] = []
         self._next = 100
@@ -39,6 +41,9 @@ class FakePool:
             raise ExpertUnavailable(f"{expert} did not start: fake failure")
         self._next += 1
         client = FakeReplicaClient(expert, self._next, tokens=self.tokens, max_batch=4)
+        if self.dying > 0:
+            self.dying -= 1
+            client.die_after = 0
         self.started.append(client)
         return client
 
@@ -173,6 +178,58 @@ async def test_a_failed_start_fails_the_waiting_request_with_unavailable_and_is_
         else:
             raise AssertionError("expected UNAVAILABLE")
         assert [e.action for e in gw.admin.capacity_view().events] == ["wake", "start_failed"]
+
+
+async def test_a_woken_replica_that_dies_before_the_first_token_is_replaced_by_waking_another():
+    gw, ctl, pool, clock = setup(start_s=0.01)
+    async with running(gw, ctl):
+        await gw.replicas.remove(("a", 0))
+        pool.dying = 1  # the first replica a request wakes dies before its first token
+        (final,) = await ask(gw, 1)
+        first, second = pool.started
+        assert first.dead and final.usage.completion_tokens == 64 and final.replica == second.index
+        assert gw.counters.retried == 1 and gw.admin.status().requests_failed == 0
+        assert [e.action for e in gw.admin.capacity_view().events] == ["wake", "started", "wake", "started"]
+        # the dead one goes first when the controller scales down (it is unhealthy)
+        for _ in range(3):
+            clock.advance(1.0)
+            ctl.tick()
+        await settle(ctl)
+        assert names(gw) == [second.index] and pool.removed == [("a", first.index)]
+
+
+async def test_a_request_wakes_at_most_wakes_per_request_replicas_then_fails_saying_so():
+    gw, ctl, pool, clock = setup(start_s=0.01, capacity={"wakes_per_request": 3})
+    async with running(gw, ctl):
+        await gw.replicas.remove(("a", 0))
+        pool.dying = 5  # every start dies at once
+        try:
+            await ask(gw, 1)
+        except ExpertUnavailable as exc:
+            assert "3 replica(s) woken for this request failed before its first token" in str(exc)
+            assert "wakes_per_request" in str(exc)
+        else:
+            raise AssertionError("expected UNAVAILABLE")
+        assert len(pool.started) == 3 and all(c.dead for c in pool.started)
+
+
+async def test_a_woken_replica_that_dies_is_replaced_by_a_warm_replica_of_the_plan_first():
+    gw, ctl, pool, clock = setup(("a", "b"), start_s=0.01)
+    async with running(gw, ctl):
+        await gw.replicas.remove(("a", 0))  # a is cold; the fixed order still tries it first
+        pool.dying = 1
+        (final,) = await ask(gw, 1)
+        assert final.expert == "b" and len(pool.started) == 1 and pool.started[0].dead
+        assert gw.counters.retried == 1
+
+
+async def test_a_warm_replica_that_dies_is_replaced_by_waking_its_expert_when_no_other_is_left():
+    gw, ctl, pool, clock = setup(start_s=0.01)
+    async with running(gw, ctl):
+        gw.replicas.state(("a", 0)).client.die_after = 0
+        (final,) = await ask(gw, 1)
+        assert final.replica == pool.started[0].index and gw.counters.retried == 1
+        assert [e.action for e in gw.admin.capacity_view().events] == ["wake", "started"]
 
 
 async def test_a_replica_released_while_streaming_finishes_its_request_there():

@@ -1,12 +1,14 @@
 """The capacity controller end to end on real Ray behind the real gRPC server: a synthetic-engine
-expert (a burst scales it up, quiet time scales it to zero, a request wakes it, no request is lost)
-and a real model, the tiny random llama (released when idle, woken by a request)."""
+expert (a burst scales it up, quiet time scales it to zero, a request wakes it, no request is lost),
+a real model, the tiny random llama (released when idle, woken by a request), and a synthetic
+expert whose freshly woken replica is killed before the first token (the request wakes another)."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
@@ -28,7 +30,9 @@ def config(tmp_path_factory, tiny_llama):
         # 20 ms per step, batches of 2: a burst of long answers needs a second replica
         "experts": [{"name": "syn", "engine": {"kind": "synthetic", "step_ms": 20}, "max_batch": 2, "max_queue": 16},
                     {"name": "edge", "model": {"kind": "local", "path": str(tiny_llama)},
-                     "engine": {"kind": "torch", "threads": 1}, "max_batch": 2, "max_model_len": 256}],
+                     "engine": {"kind": "torch", "threads": 1}, "max_batch": 2, "max_model_len": 256},
+                    # 200 ms steps: a replica killed as the request reaches it cannot have sent a token
+                    {"name": "fragile", "engine": {"kind": "synthetic", "step_ms": 200}, "max_batch": 2}],
         "capacity": {
             "enabled": True, "interval_s": 0.5,
             "planner": {"peak_window_s": 0, "ewma_s": 1.0},
@@ -36,7 +40,10 @@ def config(tmp_path_factory, tiny_llama):
                                 "scale_to_zero_after_s": 2.0, "cold_start_s": 5.0,
                                 "slo": {"ttft_ms": 5000, "tpot_ms": 100}},
                         "edge": {"min_replicas": 0, "max_replicas": 1, "scale_to_zero_after_s": 1.0,
-                                 "cold_start_s": 10.0, "slo": {"ttft_ms": 30000, "tpot_ms": 1000}}},
+                                 "cold_start_s": 10.0, "slo": {"ttft_ms": 30000, "tpot_ms": 1000}},
+                        "fragile": {"min_replicas": 0, "max_replicas": 2, "scale_to_zero_after_s": 1.0,
+                                    "scale_down_delay_s": 1.0, "cold_start_s": 5.0,
+                                    "slo": {"ttft_ms": 30000, "tpot_ms": 1000}}},
         },
     }, "capacity-live-test")
 
@@ -110,3 +117,39 @@ async def test_a_real_model_is_released_when_idle_and_woken_by_a_request(server,
     # the next plans use what the woken replica measured (until then: assumed figures, labelled)
     await until(lambda: edge().energy_source.startswith("measured:"), timeout_s=10)
     assert admin.status().requests_failed == failed
+
+
+async def test_a_woken_replica_killed_before_the_first_token_is_replaced_by_waking_another(server, channel,
+                                                                                           monkeypatch):
+    sets, admin = server.gateway.replicas.sets, server.gateway.admin
+    await until(lambda: not sets["fragile"].states)  # idle since start: released after 1 s
+    killed: list[str] = []
+    start_replica = server.pool.start_replica
+
+    async def first_one_dies(expert, timeout_s):
+        client = await start_replica(expert, timeout_s)
+        if expert == "fragile" and not killed:
+            killed.append(client.name)
+            generate = client.generate
+
+            def kill_then_generate(call):  # the process dies as the request reaches it
+                ray.kill(client.actor, no_restart=True)
+                return generate(call)
+
+            client.generate = kill_then_generate
+        return client
+
+    monkeypatch.setattr(server.pool, "start_replica", first_one_dies)
+    before = admin.status()
+    seen = len(admin.capacity_view(last_events=10_000).events)
+    text, _, usage = await collect(pb_grpc.InferenceStub(channel), request(3, "fragile"))
+    assert usage.completion_tokens == 3 and text and usage.expert == "fragile"
+    assert killed and f"fragile/{usage.replica}" != killed[0]  # answered by the second woken replica
+    after = admin.status()
+    assert after.requests_failed == before.requests_failed and after.requests_retried == before.requests_retried + 1
+    actions = [e.action for e in admin.capacity_view(last_events=10_000).events[seen:] if e.expert == "fragile"]
+    # the retry woke a second replica, or waited for the one a plan had just asked for (the request
+    # counted as load): either way a second start, no failure
+    assert actions[0] == "wake" and actions.count("started") >= 2
+    # the dead replica leaves at the next scale-down (unhealthy replicas go first)
+    await until(lambda: killed[0] not in {s.client.name for s in sets["fragile"].states.values()})
