@@ -10,7 +10,6 @@ charged for the part that ran.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from wattserve.types import GenerateCall
 
 from .lifecycle import Call, Lifecycle
 from .replicas import Key, Lease, ReplicaDied, ReplicaStream
-from .request import Chunk, Final, engine_deadline
+from .request import Chunk, Final, engine_deadline, new_call_id
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ async def _attempt(call: Call, plan: Plan, failed: set[Key], attempt: _Attempt) 
     """One dispatch (a fresh call id, so a restarted replica cannot mix it up)."""
     lc, req = call.lifecycle, call.request
     engine_call = GenerateCall(
-        request_id=uuid.uuid4().hex, prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling,
+        request_id=new_call_id(), prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling,
         priority=req.priority, tenant=req.tenant, deadline_unix_s=engine_deadline(call.deadline_s, call.clock),
         messages=req.messages, compute_budget=req.compute_budget, energy_budget_j=req.energy_budget_j,
     )
