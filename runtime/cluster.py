@@ -321,10 +321,11 @@ class _Multiplexed:
     object per yield (about 2 ms of its CPU per request on a 2-core host: docs/benchmarks.md,
     "Serving-path overhead"). Instead one long-lived ``open_stream`` generator per replica brings
     back the events of every request, sorted here into a queue per request, and calls go to the
-    replica in batches: one ``submit`` on its way at a time, those started meanwhile in the next,
-    so batches grow with the load and a lone call leaves in the next turn of the event loop. If the
-    stream fails (the replica died), every request on it gets the error and the next call opens a
-    fresh stream.
+    replica in batches: up to ``MAX_SUBMITS_IN_FLIGHT`` submits on their way, those started
+    meanwhile in the next, so batches grow with the load and a lone call leaves in the next turn of
+    the event loop. The replica's answer to a submit only matters for the calls it refused: their
+    error goes into their queue like any event. If the stream fails (the replica died), every
+    request on it gets the error and the next call opens a fresh stream.
     """
 
     def __init__(self, client: RayReplicaClient) -> None:
