@@ -318,6 +318,11 @@ class RayReplicaClient(ReplicaClient):
         return ExpertUnavailable(f"expert {self.name} failed while {doing}: {str(exc).strip().splitlines()[-1][:300]}")
 
 
+#: submits one replica's stream may have on their way at once: the first call of a burst leaves
+#: at once, the rest of the burst in the next one instead of waiting for the first's reply (the
+#: time to first token of a burst of arrivals was two submit round trips behind the engine)
+MAX_SUBMITS_IN_FLIGHT = 2
+
 #: results an image replica may have produced and the gateway not yet taken
 OUTPUT_BACKPRESSURE_OBJECTS = 2
 
@@ -351,42 +356,43 @@ class _Multiplexed:
     object per yield (about 2 ms of its CPU per request on a 2-core host: docs/benchmarks.md,
     "Serving-path overhead"). Instead one long-lived ``open_stream`` generator per replica brings
     back the events of every request, sorted here into a queue per request, and calls go to the
-    replica in batches: one ``submit`` on its way at a time, those started meanwhile in the next,
-    so batches grow with the load and a lone call leaves in the next turn of the event loop. If the
-    stream fails (the replica died), every request on it gets the error and the next call opens a
-    fresh stream.
+    replica in batches: up to ``MAX_SUBMITS_IN_FLIGHT`` submits on their way, those started
+    meanwhile in the next, so batches grow with the load and a lone call leaves in the next turn of
+    the event loop. The replica's answer to a submit only matters for the calls it refused: their
+    error goes into their queue like any event. If the stream fails (the replica died), every
+    request on it gets the error and the next call opens a fresh stream.
     """
 
     def __init__(self, client: RayReplicaClient) -> None:
         self.client = client
         self._queues: dict[str, asyncio.Queue] = {}
         self._on_stream: dict[str, str] = {}  # request id -> the stream it was submitted on
-        self._pending: list[tuple[object, asyncio.Future]] = []
+        self._pending: list = []  # calls started and not yet submitted
         self._stream_id = ""
         self._reader: asyncio.Task | None = None
         self._generator = None
-        self._submitting = False  # a submit is scheduled or on its way: new calls wait for the next
+        self._scheduled = False  # a flush is scheduled for the next turn of the event loop
+        self._in_flight = 0  # submits on their way
 
-    def start(self, call) -> tuple[asyncio.Queue, asyncio.Future]:
-        """Queue ``call`` for the next submit; returns the queue of its events and a future of the
-        replica's answer to the submit (None, or the exception that refused it)."""
-        loop = asyncio.get_running_loop()
+    def start(self, call) -> asyncio.Queue:
+        """Queue ``call`` for the next submit; returns the queue of its events. A refusal (the
+        exception the replica's ``submit`` answered for it, or the submit's own failure) arrives
+        in the same queue, so the first token never waits for the submit's reply."""
         if self._reader is None or self._reader.done():
             self._open()
-        if not self._submitting:
-            self._submitting = True
-            loop.call_soon(self._flush)
-        accepted = loop.create_future()
-        self._pending.append((call, accepted))
+        if self._in_flight < MAX_SUBMITS_IN_FLIGHT and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(call)
         queue = self._queues[call.request_id] = asyncio.Queue()
         self._on_stream[call.request_id] = self._stream_id
-        return queue, accepted
+        return queue
 
     def forget(self, request_id: str) -> None:
         """The request is over for the gateway; a call not yet submitted never will be."""
         self._queues.pop(request_id, None)
         self._on_stream.pop(request_id, None)
-        self._pending = [(c, f) for c, f in self._pending if c.request_id != request_id]
+        self._pending = [c for c in self._pending if c.request_id != request_id]
 
     def close(self) -> None:
         if self._reader is not None:
@@ -401,32 +407,38 @@ class _Multiplexed:
                                            name=f"stream-{self.client.expert}-{self.client.index}")
 
     def _flush(self) -> None:
+        self._scheduled = False
         batch, self._pending = self._pending, []
         if not batch:
-            self._submitting = False
             return
         if self._reader is None or self._reader.done():
             self._open()  # the stream failed since these calls were started
-        for call, _ in batch:
+        for call in batch:
             self._on_stream[call.request_id] = self._stream_id
-        ref = self.client.actor.submit.remote(self._stream_id, [call for call, _ in batch])
+        ref = self.client.actor.submit.remote(self._stream_id, batch)
+        self._in_flight += 1
         asyncio.ensure_future(self._settle(ref, batch))
 
-    async def _settle(self, ref, batch: list[tuple[object, asyncio.Future]]) -> None:
+    async def _settle(self, ref, batch: list) -> None:
         try:
             results = await ref
         except BaseException as exc:  # noqa: BLE001 - every call of the batch gets it
             results = [exc] * len(batch)
         finally:
-            self._flush()
-        for (_, accepted), result in zip(batch, results, strict=True):
-            if not accepted.done():
-                accepted.set_result(result)
+            self._in_flight -= 1
+            if self._pending and not self._scheduled:
+                self._flush()  # the calls that waited for a free submit
+        for call, refused in zip(batch, results, strict=True):
+            queue = self._queues.get(call.request_id)
+            if refused is not None and queue is not None:
+                queue.put_nowait(refused)
 
     async def _read(self, generator, stream_id: str) -> None:
         try:
             async for ref in generator:
-                for rid, item in await ref:
+                # The generator has waited for the object: read it now rather than await it
+                # again, which would cost another wake-up through Ray's thread and the loop.
+                for rid, item in ray.get(ref):
                     queue = self._queues.get(rid)
                     if queue is not None:
                         queue.put_nowait(item)
@@ -445,16 +457,11 @@ class _MuxStream(ReplicaStream):
 
     def __init__(self, client: RayReplicaClient, mux: _Multiplexed, call) -> None:
         self.client, self.mux, self.request_id = client, mux, call.request_id
-        self.queue, self.accepted = mux.start(call)
+        self.queue = mux.start(call)
 
     async def next(self) -> list:
         """Everything the stream delivered for this call since the last call (events that arrived
-        together leave as one chunk), or the error that ended it."""
-        if self.accepted is not None:
-            refused = await self.accepted
-            self.accepted = None
-            if refused is not None:
-                self._raise(refused)
+        together leave as one chunk), or the error that ended it (a refusal of the submit too)."""
         item = await self.queue.get()
         events: list = []
         while True:

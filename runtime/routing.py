@@ -35,6 +35,7 @@ from router.gate import GateOutput, load_gate
 from router.policies import Policy, make_policy
 from router.price import EnergyPrice, PriceSettings
 from wattserve.errors import AlreadyRecorded, BudgetInfeasible, InvalidRequest, NotFound
+from wattserve.types import evolve
 
 from .config import WattserveConfig
 from .ledger_store import LedgerStore
@@ -211,7 +212,7 @@ class RoutingService:
             explore_share=self.config.router.feedback.explore_share if learning else 0.0,
         )
         plan = self._plan(features, time_left_ms, candidates)
-        return replace(plan, predicted_quality=dict(raw_gate.quality))
+        return evolve(plan, predicted_quality=dict(raw_gate.quality))
 
     def _plan(self, features: RequestFeatures, deadline: float | None, candidates: Sequence[Candidate]) -> Plan:
         req = features

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from wattserve.errors import InvalidRequest, UnknownExpert
-from wattserve.types import Priority
+from wattserve.types import Priority, evolve
 from workers.engines.chat import check_messages
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class Validator:
             )
         self.request_id(req.request_id)
         tenant, priority = self.tenant(req.tenant, req.priority)
-        return replace(req, max_tokens=max_tokens, sampling=sampling, tenant=tenant, priority=priority)
+        return evolve(req, max_tokens=max_tokens, sampling=sampling, tenant=tenant, priority=priority)
 
     def prompt_size(self, text: str, what: str) -> None:
         """``text`` is valid Unicode and at most ``gateway.max_prompt_bytes`` in UTF-8."""
@@ -146,7 +146,9 @@ class Validator:
                                  param="stop")
         for stop in s.stop:
             check_unicode(stop, "stop")
-        return replace(s, temperature=temperature, top_p=top_p)
+        if temperature == s.temperature and top_p == s.top_p:
+            return s
+        return evolve(s, temperature=temperature, top_p=top_p)
 
     def expert(self, name: str, modality: str) -> None:
         if not name:

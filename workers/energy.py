@@ -2,7 +2,8 @@
 
 Each engine step's device energy (a counter delta) is split over the requests in that step in
 proportion to the tokens each had processed (prompt tokens in prefill, one per decode); energy
-between steps is idle and kept apart. Every delta it is given lands in exactly one bucket, so
+drawn while the engine loop waits with nothing to do is idle and kept apart (the loop's work
+between two busy steps belongs to the next step). Every delta it is given lands in exactly one bucket, so
 ``requests_j + idle_j == device_j`` holds by construction (``tests/workers/test_energy.py``
 checks the split, not the measurement). Whether the deltas add up to what the device drew is
 the engine loop's job: it reads the counter when it starts and, freshly synced, when it ends,

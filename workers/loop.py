@@ -295,14 +295,18 @@ class EngineLoop:
         return end_j
 
     def _step(self, last_j: float) -> float:
-        start_j = self.device.energy_j()
+        # One counter reading per step: the step runs from the previous reading (the end of the
+        # step before, or the loop waking from idle), so the work between two steps (delivering
+        # outputs, taking new requests in) is charged to the requests of the next one, and only
+        # time spent waiting with nothing to do is idle. A second reading per step cost the
+        # replica ~5% of its CPU time at full speed (docs/benchmarks.md "Serving-path overhead").
+        start_j = last_j
         self.device.begin_step()
         result = self.engine.step(self.clock())
         self._wait_out_cap(result)
         self.device.end_step(result.work)
         end_j = self.device.energy_j()
         with self._lock:
-            self.ledger.add_idle(start_j - last_j)
             self.ledger.add_step(end_j - start_j, result.tokens_by_request)
             self._load = self.engine.load()
         self.exit_savings.observe(end_j - start_j, result.work.prefill_tokens, result.tokens_by_request,

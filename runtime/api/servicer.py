@@ -8,12 +8,10 @@ and the gateway's ``finally`` aborts the work on the expert.
 
 from __future__ import annotations
 
-import dataclasses
-
 import wattserve
 from wattserve.errors import FeatureDisabled, InvalidRequest, WattserveError
 from wattserve.power import PowerStatus
-from wattserve.types import ChatMessage, Priority, SamplingParams
+from wattserve.types import ChatMessage, Priority, SamplingParams, evolve
 
 from ..gateway import Chunk, Final, Gateway, Request
 from ..gateway.admin import ReplicaView
@@ -206,7 +204,8 @@ class AdminServicer(pb_grpc.AdminServicer):
 
 def _bound(req):
     """``req`` with its tenant bound to the caller's key (a client key decides the tenant)."""
-    return dataclasses.replace(req, tenant=bind_tenant(current_principal(), req.tenant))
+    tenant = bind_tenant(current_principal(), req.tenant)
+    return req if tenant == req.tenant else evolve(req, tenant=tenant)
 
 
 def _actor(claimed: str) -> str:

@@ -13,7 +13,6 @@ charged for the part that ran.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from wattserve.types import GenerateCall
 
 from .lifecycle import Call, Lifecycle
 from .replicas import COLD_REPLICA, Key, Lease, ReplicaDied, ReplicaStream
-from .request import Chunk, Final, engine_deadline
+from .request import Chunk, Final, engine_deadline, new_call_id
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ async def _attempt(call: Call, plan: Plan, ranked: list[Candidate], failed: set[
     """One dispatch (a fresh call id, so a restarted replica cannot mix it up)."""
     lc, req = call.lifecycle, call.request
     engine_call = GenerateCall(
-        request_id=uuid.uuid4().hex, prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling,
+        request_id=new_call_id(), prompt=req.prompt, max_tokens=req.max_tokens, sampling=req.sampling,
         priority=req.priority, tenant=req.tenant, deadline_unix_s=engine_deadline(call.deadline_s, call.clock),
         messages=req.messages, compute_budget=req.compute_budget, energy_budget_j=req.energy_budget_j,
     )

@@ -14,6 +14,8 @@ possibly on another host: :func:`engine_deadline` is the one place that conversi
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,3 +97,14 @@ def engine_deadline(deadline_s: float | None, clock: Callable[[], float],
                     wall_clock: Callable[[], float] = time.time) -> float | None:
     """A deadline on the gateway's clock as the wall-clock second an engine process compares with."""
     return None if deadline_s is None else wall_clock() + (deadline_s - clock())
+
+
+_CALL_ID_PREFIX = os.urandom(8).hex()
+_call_numbers = itertools.count()
+
+
+def new_call_id() -> str:
+    """A fresh id for one call to a replica: 32 hex digits, a random half drawn once per gateway
+    process and a counter, so no two calls share one (within this process or across gateways and
+    restarts) without ``uuid4``'s read of the system's random source per call."""
+    return f"{_CALL_ID_PREFIX}{next(_call_numbers) & 0xFFFF_FFFF_FFFF_FFFF:016x}"

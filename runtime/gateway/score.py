@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 from dataclasses import dataclass
 
 from router.base import Candidate, Plan
@@ -20,7 +19,7 @@ from wattserve.errors import WattserveError
 from wattserve.types import ScoreCall, ScoreResult
 
 from .lifecycle import Call, Lifecycle
-from .request import Request
+from .request import Request, new_call_id
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,7 +64,7 @@ async def score(lc: Lifecycle, request: Request) -> ScoreOutcome:
 async def _score(call: Call) -> ScoreOutcome:
     lc, req = call.lifecycle, call.request
     plan = await call.route()
-    call_id = uuid.uuid4().hex
+    call_id = new_call_id()
     engine_call = ScoreCall(request_id=call_id, prompt=req.prompt, choices=req.choices, priority=req.priority,
                             tenant=req.tenant)
     groups = [[c for c in plan.ranked if c.expert == e] for e in plan.experts]

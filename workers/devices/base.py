@@ -1,8 +1,8 @@
 """The one door to hardware: every device backend implements :class:`Device`.
 
 An engine loop brackets each step with :meth:`Device.begin_step` / :meth:`Device.end_step` and
-reads the cumulative :meth:`Device.energy_j` counter before and after; the difference is split
-over the requests in the step (``workers/energy.py``). Measured backends ignore the step hooks
+reads the cumulative :meth:`Device.energy_j` counter at its end (the previous reading is its
+start); the difference is split over the requests in the step (``workers/energy.py``). Measured backends ignore the step hooks
 and read hardware counters; modeled backends use them to turn the step's work into joules.
 
 Every backend says where its joules come from in :attr:`Device.energy_source`:
