@@ -149,8 +149,8 @@ class ExpertPool:
         at once would each measure the other's contention. A probe that fails is reported and
         skipped; that replica is priced by ``router.cost_priors`` until it has served a request."""
         for r in replicas:
-            spec = self.specs[r.expert]
-            if spec.modality != "text" or not spec.startup_probe:
+            spec = self.specs.get(r.expert)
+            if spec is None or spec.modality != "text" or not spec.startup_probe:
                 continue
             try:
                 m = await asyncio.wait_for(r.actor.probe.remote(), PROBE_TIMEOUT_S)
