@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
-import subprocess
 from pathlib import Path
 
 import grpc
+from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
@@ -40,12 +39,6 @@ PROMPTS = [
 ]
 
 
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 async def run(modes: list[str], probe: bool = True) -> None:
@@ -85,7 +78,7 @@ async def run(modes: list[str], probe: bool = True) -> None:
     finally:
         await srv.stop()
         ray.shutdown()
-    print(f"\nCPU: {_cpu()}; start-up probes {'on' if probe else 'off'}; price: router.quality_per_j={cfg.router.quality_per_j} "
+    print(f"\nCPU: {cpu_model()}; start-up probes {'on' if probe else 'off'}; price: router.quality_per_j={cfg.router.quality_per_j} "
           f"(default {cfg.router.price.default_quality_per_j}/J)")
     print(f"{'mode':<8} {'split':<28} {'energy J':>9}")
     for mode, split, total in summary:

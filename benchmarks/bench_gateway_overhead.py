@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import grpc
+from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
@@ -186,15 +187,6 @@ def show(name: str, r: dict) -> None:
           f"{r['messages_per_request']:5.2f} msg/req  TTFT p50 {r['ttft_ms_p50']:6.1f} p99 {r['ttft_ms_p99']:6.1f} ms  "
           f"ITL p50 {r['itl_ms_p50']:5.2f} p99 {r['itl_ms_p99']:6.2f} ms  TPOT p50 {r['tpot_ms_p50']:5.2f} ms  "
           f"failures {r['failures']}", flush=True)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return "unknown"
-    m = re.search(r"Model name:\s*(.+)", out)
-    return m.group(1).strip() if m else "unknown"
 
 
 def main() -> None:

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
 
 from router.base import Candidate, RequestFeatures, RouterSettings  # noqa: E402
 from router.cost import CostModel  # noqa: E402
@@ -114,12 +114,6 @@ def features(prompts: int = 40) -> dict | None:
             "gate_mlp_8_outputs_us": {"p50": pct(mlp_t, 0.5), "p99": pct(mlp_t, 0.99)}}
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), platform.processor())
-    except OSError:
-        return platform.processor()
 
 
 def main() -> int:

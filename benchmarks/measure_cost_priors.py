@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
 
 from router.cost import CostModel, CostPrior  # noqa: E402
 from runtime.config import load_config  # noqa: E402
@@ -43,12 +43,6 @@ LONG_PROMPT = ("Read the passage and answer the question at the end. " + (
 SHORT_PROMPT = "Write a short story about a lighthouse keeper."
 
 
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 async def _serve(worker: ExpertWorker, rid: str, prompt: str, max_tokens: int):
@@ -111,7 +105,7 @@ def main() -> int:
     args = ap.parse_args()
     cfg = load_config(args.config)
     cache_dir = args.cache_dir or cfg.model_cache_dir or tempfile.mkdtemp()
-    print(f"CPU: {_cpu()}; config {args.config}; {args.rounds} rounds per request shape, one expert at a time")
+    print(f"CPU: {cpu_model()}; config {args.config}; {args.rounds} rounds per request shape, one expert at a time")
     results = [asyncio.run(measure(e, cache_dir, args.rounds, args.output_tokens))
                for e in cfg.experts if e.modality == "text"]
     for r in results:

@@ -63,3 +63,18 @@ def start_serve_process(config_path, timeout_s: float = 150.0, env: dict[str, st
         proc.wait()
         raise AssertionError("server did not come up:\n" + "".join(lines))
     return proc, lines, target, http
+
+
+def stop_process(proc, sig: int | None = None, timeout_s: float = 60.0) -> None:
+    """Send ``sig`` (SIGTERM by default) to ``proc`` if it still runs, wait up to ``timeout_s`` for
+    it to exit, then kill it."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM if sig is None else sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

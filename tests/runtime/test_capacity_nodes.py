@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +50,7 @@ import yaml
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
-from tests.runtime.grpc_helpers import collect, start_serve_process
+from tests.runtime.grpc_helpers import collect, start_serve_process, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480),
               pytest.mark.skipif(sys.platform != "linux", reason="needs the loopback address 127.0.0.2")]
@@ -138,13 +137,7 @@ class Cluster:
             if p.pid != os.getpid() and str(self.tmp) in " ".join(p.info["cmdline"] or ()):
                 family.append(p)
         for proc in reversed(self.procs):  # the worker node first
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout_s=30)
         _, alive = psutil.wait_procs(family, timeout=10)
         for p in alive:
             try:
@@ -223,12 +216,7 @@ def served(cluster):
     try:
         yield target, lines
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         drain.join(timeout=5)
 
 

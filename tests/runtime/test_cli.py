@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from runtime.security.keys import digest_of
-from tests.runtime.grpc_helpers import start_serve_process
+from tests.runtime.grpc_helpers import start_serve_process, stop_process
 
 BIN = Path(sys.executable).parent / "wattserve"
 pytestmark = pytest.mark.timeout(240)
@@ -84,13 +84,7 @@ experts:
         assert ray_heads, "the serve process started no Ray head of its own"
         yield target, proc, lines
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGINT)
     assert not [p.pid for p in ray_heads if _alive(p)], "ray processes left behind"
 
 
