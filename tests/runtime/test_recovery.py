@@ -13,7 +13,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import parse_config
-from tests.runtime.test_e2e_grpc import collect, wait_for
+from tests.runtime.grpc_helpers import collect, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
