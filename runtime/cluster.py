@@ -86,7 +86,25 @@ class _OnNode:
 
 
 class ExpertActor(_OnNode, ExpertWorker):
-    """A text expert replica as a Ray actor."""
+    """A text expert replica as a Ray actor. One that Ray restarted after a crash probes itself
+    (:meth:`ExpertWorker.probe`), started by the gateway's first telemetry poll: the pool probed
+    the process it started, and without a probe the new one is priced by its prior until it serves."""
+
+    _restart_checked = False
+
+    async def profile(self):
+        if not self._restart_checked:
+            self._restart_checked = True
+            if self.spec.startup_probe and ray.get_runtime_context().was_current_actor_reconstructed:
+                self._restart_probe = asyncio.ensure_future(self._probe_after_restart())
+        return await super().profile()
+
+    async def _probe_after_restart(self) -> None:
+        try:
+            await asyncio.wait_for(self.probe(), PROBE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - priced by its prior until it serves, as at start-up
+            log.warning("%s restarted; its probe failed (%s): priced by router.cost_priors until it serves",
+                        actor_name(self.spec.name, self.replica), exc)
 
 
 def __getattr__(name: str):

@@ -87,3 +87,20 @@ def tiny_diffusion_dir(tmp_path_factory) -> Path:
     from tests.tiny_diffusion import build_diffusion_model
 
     return build_diffusion_model(tmp_path_factory.mktemp("tiny-diffusion") / "sd")
+
+
+@pytest.fixture
+def real_nvml():
+    """The real pynvml, initialised; skips where no NVIDIA driver and GPU are present."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        pytest.skip(f"no NVIDIA driver: {exc}")
+    try:
+        if pynvml.nvmlDeviceGetCount() < 1:
+            pytest.skip("NVML sees no GPU")
+        yield pynvml
+    finally:
+        pynvml.nvmlShutdown()

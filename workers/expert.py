@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from wattserve.errors import ExpertUnavailable
 from wattserve.specs import ExpertSpec
 from wattserve.types import EnergyTotals, ExpertProfile, GenerateCall, SamplingParams, ScoreCall, ScoreResult
 
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 #: seconds between a fatal engine error and the process exit that lets Ray restart the actor
 EXIT_DELAY_S = 1.0
+#: a stream that requests were submitted to but that its caller never opened (the caller died, or
+#: its stream failed while a submit was on its way) has its requests aborted after this long
+STREAM_OPEN_GRACE_S = 30.0
+#: closed stream ids remembered, so that a submit arriving after its stream closed is refused
+CLOSED_STREAMS_KEPT = 4096
 
 #: The start-up probe's prompt: plain prose, ~60 tokens on the default experts' tokenizers. Long
 #: enough that prefill ms/token is not all per-step overhead, short enough to cost well under a
@@ -75,6 +81,7 @@ class ExpertWorker(GovernedDevice):
         self.device = self.loop.device
         self.loop.start()
         self._outboxes: dict[str, Outbox] = {}  # stream id -> its caller's requests (workers/streams.py)
+        self._closed_streams: dict[str, None] = {}  # insertion-ordered, at most CLOSED_STREAMS_KEPT
         self._probes = 0  # start-up probes served (not client requests)
         self._probe_j = 0.0  # and their energy, part of the loop ledger's requests_j
         self._init_governed()
@@ -168,11 +175,15 @@ class ExpertWorker(GovernedDevice):
             async for batch in self._outbox(stream_id).batches():
                 yield batch
         finally:
-            self._outboxes.pop(stream_id, None)
+            self._close_stream(stream_id)
 
     async def submit(self, stream_id: str, calls: list[GenerateCall]) -> list[BaseException | None]:
         """Start ``calls``, their events going to stream ``stream_id``; per call None (started) or
-        the exception that refused it (InvalidRequest, QueueFull, EngineDead), in order."""
+        the exception that refused it (InvalidRequest, QueueFull, EngineDead, or ExpertUnavailable
+        when the stream has already closed: nobody would read the events), in order."""
+        if stream_id in self._closed_streams:
+            return [ExpertUnavailable(f"expert {self.spec.name}/{self.replica}: the stream this call was "
+                                      "sent on has closed; retry") for _ in calls]
         outbox = self._outbox(stream_id)
         results: list[BaseException | None] = []
         for call in calls:
@@ -187,11 +198,26 @@ class ExpertWorker(GovernedDevice):
         return results
 
     def _outbox(self, stream_id: str) -> Outbox:
-        # Either call may come first: Ray starts an async actor's tasks concurrently.
+        # Either call may come first: Ray starts an async actor's tasks concurrently. A submit
+        # that comes first gives the stream STREAM_OPEN_GRACE_S to be opened.
         outbox = self._outboxes.get(stream_id)
         if outbox is None:
-            outbox = self._outboxes[stream_id] = Outbox(asyncio.get_running_loop(), self.loop.abort)
+            loop = asyncio.get_running_loop()
+            outbox = self._outboxes[stream_id] = Outbox(loop, self.loop.abort)
+            loop.call_later(STREAM_OPEN_GRACE_S, self._reap_unopened, stream_id, outbox)
         return outbox
+
+    def _reap_unopened(self, stream_id: str, outbox: Outbox) -> None:
+        if self._outboxes.get(stream_id) is outbox and not outbox.opened:
+            log.warning("stream %s was never opened: aborting its %d requests", stream_id, len(outbox.requests))
+            outbox.abort_all()
+            self._close_stream(stream_id)
+
+    def _close_stream(self, stream_id: str) -> None:
+        self._outboxes.pop(stream_id, None)
+        self._closed_streams[stream_id] = None
+        while len(self._closed_streams) > CLOSED_STREAMS_KEPT:
+            del self._closed_streams[next(iter(self._closed_streams))]
 
     async def score(self, call: ScoreCall) -> ScoreResult:
         """Log-probabilities of ``call.choices`` given ``call.prompt``, computed by the engine loop

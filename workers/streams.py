@@ -37,6 +37,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self._armed = False  # a wake-up is on its way to the event loop
         self.requests: set[str] = set()  # submitted, not finished: aborted if the stream closes
+        self.opened = False  # its caller has started reading (:meth:`batches`)
 
     def sink_for(self, request_id: str) -> Callable[[list[StreamEvent] | BaseException], None]:
         """A sink for the engine loop's thread; thread-safe."""
@@ -54,6 +55,7 @@ class Outbox:
     async def batches(self) -> AsyncIterator[list[StreamItem]]:
         """Yield every item delivered since the last yield, forever; when the caller goes away
         (the stream is cancelled or closed), abort the requests that had not finished."""
+        self.opened = True
         try:
             while True:
                 await self._wake.wait()
@@ -63,9 +65,13 @@ class Outbox:
                 if batch:
                     yield batch
         finally:
-            for rid in list(self.requests):
-                self._abort(rid)
-            self.requests.clear()
+            self.abort_all()
+
+    def abort_all(self) -> None:
+        """Abort the requests that have not finished (their caller is gone)."""
+        for rid in list(self.requests):
+            self._abort(rid)
+        self.requests.clear()
 
     def _take(self) -> list[StreamItem]:
         """Everything delivered so far, each request's events merged into one event: the caller

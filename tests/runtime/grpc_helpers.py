@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from runtime.api.gen import wattserve_pb2 as pb
+
 
 async def collect(stub, req, timeout=60):
     """Text, token ids and usage of one ``Inference.Generate`` call (checks nothing follows usage)."""
@@ -78,3 +80,9 @@ def stop_process(proc, sig: int | None = None, timeout_s: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def request(prompt="The capital of France is", max_tokens=16, expert="", **kw) -> pb.GenerateRequest:
+    """A GenerateRequest that ignores EOS (so ``max_tokens`` is what comes back)."""
+    sampling = pb.SamplingParams(ignore_eos=kw.pop("ignore_eos", True))
+    return pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, expert=expert, sampling=sampling, **kw)

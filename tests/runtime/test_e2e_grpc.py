@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.config import parse_config
-from tests.runtime.grpc_helpers import collect, wait_for
+from tests.runtime.grpc_helpers import collect, request, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,11 +48,6 @@ def config(tiny_model_dirs, tmp_path_factory):
         },
         "test-config",
     )
-
-
-def request(prompt="The capital of France is", max_tokens=16, expert="", **kw) -> pb.GenerateRequest:
-    sampling = pb.SamplingParams(ignore_eos=kw.pop("ignore_eos", True))
-    return pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, expert=expert, sampling=sampling, **kw)
 
 
 async def replica_load(channel, expert):

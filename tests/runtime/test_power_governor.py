@@ -11,7 +11,6 @@ from runtime.power.agent import ExpertTarget, NodeAgent
 from runtime.power.config import PowerConfig
 from runtime.power.governor import PowerGovernor
 from tests.fakes import ControlFakePynvml, FakeActor, FakeClock
-from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
 from wattserve.errors import InvalidRequest
 from wattserve.power import CapLevel, EventKind, PowerCap
 from workers.devices import nvml as nvml_module

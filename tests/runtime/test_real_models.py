@@ -14,7 +14,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import load_config
-from tests.runtime.test_e2e_grpc import collect
+from tests.runtime.grpc_helpers import collect
 from workers.models import default_cache_dir, locate_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -1,5 +1,5 @@
 """An expert process that dies is restarted by Ray; its in-flight stream ends with UNAVAILABLE
-(never a hang) and the gateway routes to it again once it is healthy."""
+(never a hang), the new process probes itself, and the gateway routes to it again once it is healthy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import parse_config
-from tests.runtime.test_e2e_grpc import collect, wait_for
+from tests.runtime.grpc_helpers import collect, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,6 +57,11 @@ async def test_killed_expert_fails_the_stream_then_comes_back(server):
             return r.healthy and r.pid not in (0, first_pid)
 
         assert await wait_for(healthy_again, timeout_s=60), "the replica did not come back"
+
+        async def probed_again():  # the new process starts at 0 probe joules; its own probe adds some
+            return (await _replica(admin)).probe_energy_j > 0
+
+        assert await wait_for(probed_again, timeout_s=30), "the restarted replica was not probed"
         _, _, usage = await collect(stub, pb.GenerateRequest(prompt="a b c", max_tokens=3))
         assert usage.completion_tokens == 3 and usage.expert == "crashy"
         status = await admin.GetStatus(pb.GetStatusRequest())

@@ -20,8 +20,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
 from runtime.api.server import WattserveServer
 from runtime.config import parse_config
-from tests.runtime.grpc_helpers import wait_for
-from tests.runtime.test_e2e_grpc import collect
+from tests.runtime.grpc_helpers import collect, wait_for
 from wattserve.specs import GgufPackageSource
 from workers.models import default_cache_dir, prepare_model
 

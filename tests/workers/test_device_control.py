@@ -13,7 +13,6 @@ import pynvml
 import pytest
 
 from tests.fakes import ControlFakePynvml, FakeClock
-from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
 from wattserve.devices import parse_device_spec
 from wattserve.errors import ActuationUnavailable, DeviceError, InvalidRequest
 from wattserve.power import PowerCap

@@ -365,19 +365,7 @@ def test_nvml_sampler_thread_runs(monkeypatch):
     assert not dev._sampler._thread.is_alive()
 
 
-@pytest.fixture
-def real_nvml():
-    """The real pynvml, initialised; skips where no NVIDIA driver and GPU are present."""
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        pytest.skip(f"no NVIDIA driver: {exc}")
-    try:
-        if pynvml.nvmlDeviceGetCount() < 1:
-            pytest.skip("NVML sees no GPU")
-        yield pynvml
-    finally:
-        pynvml.nvmlShutdown()
+
 
 
 @pytest.mark.gpu

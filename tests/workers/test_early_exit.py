@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.workers.engine_helpers import TV_MEDIANS
 from workers.engines.torch_engine.early_exit.decode import (
     ALWAYS,
     NEVER,
@@ -22,9 +23,6 @@ from workers.engines.torch_engine.kv_cache import SlotKVCache
 from workers.engines.torch_engine.runner import DecoderRunner
 
 LAYERS = 8
-TV_MEDIANS = [0.4, 0.21, 0.18]  # per-exit medians of the tv criterion on these tiny models
-
-
 @pytest.fixture(scope="module")
 def deep_models(tmp_path_factory):
     """Tiny models with 8 layers (exits after 2, 4, 6 and 8) whose layers change the prediction."""

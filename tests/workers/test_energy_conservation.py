@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.fakes import Collector, FakeClock, FakePynvml
-from tests.workers.test_loop import gen
+from tests.workers.engine_helpers import gen
 from wattserve.devices import parse_device_spec
 from wattserve.specs import ExpertSpec
 from workers.devices import nvml as nvml_module

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from tests.workers.engine_helpers import make_engine
 from wattserve.errors import ExitCalibrationError
 from workers.engines.torch_engine.early_exit.calibrate import deer_thresholds, read_documents, simulate, solve_lambda
 from workers.engines.torch_engine.early_exit.points import (
@@ -17,8 +18,6 @@ from workers.engines.torch_engine.early_exit.points import (
     OperatingPoint,
     PointChooser,
 )
-
-from .test_torch_engine import make_engine
 
 EXITS = (2, 4, 6, 8)
 

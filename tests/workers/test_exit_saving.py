@@ -8,11 +8,10 @@ from functools import partial
 import pytest
 
 from tests.fakes import Collector, FakeDevice
+from tests.workers.engine_helpers import EXIT_PROMPTS, exit_engine
 from wattserve.types import GenerateCall, SamplingParams, StepWork
 from workers.energy import ExitSavingMeter
 from workers.loop import EngineLoop
-
-from .test_torch_engine_exits import PROMPTS, _engine, deep_llama  # noqa: F401 - a fixture
 
 
 def test_meter_compares_early_exit_steps_with_full_depth_ones_of_the_same_batch():
@@ -37,14 +36,14 @@ def decode_cost_j(fixed_j: float, per_layer_j: float, work: StepWork) -> float:
 
 def serve_one(loop, rid, **kw):
     sink = Collector()
-    loop.submit(GenerateCall(rid, PROMPTS[0], max_tokens=12, sampling=SamplingParams(ignore_eos=True), **kw), sink)
+    loop.submit(GenerateCall(rid, EXIT_PROMPTS[0], max_tokens=12, sampling=SamplingParams(ignore_eos=True), **kw), sink)
     assert sink.done.wait(60) and sink.error is None
     return sink.usage.exits
 
 
 @pytest.mark.parametrize(("fixed_j", "per_layer_j"), [(1.0, 0.0), (0.2, 1.0)])
 def test_gross_estimate_and_net_saving_on_a_device_that_saves_nothing_or_something(deep_llama, fixed_j, per_layer_j):  # noqa: F811
-    engine = _engine(deep_llama, thresholds=[math.inf] * 3)  # every early-exit token leaves at layer 2
+    engine = exit_engine(deep_llama, thresholds=[math.inf] * 3)  # every early-exit token leaves at layer 2
     loop = EngineLoop(engine, FakeDevice(partial(decode_cost_j, fixed_j, per_layer_j)), max_queue=2)
     loop.start()
     try:

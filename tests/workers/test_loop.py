@@ -7,11 +7,11 @@ import time
 import pytest
 
 from tests.fakes import Collector
-from tests.workers.test_devices import real_nvml  # noqa: F401 - a fixture
+from tests.workers.engine_helpers import gen
 from wattserve.devices import parse_device_spec
 from wattserve.errors import EngineDead, InvalidRequest, QueueFull
 from wattserve.specs import ExpertSpec
-from wattserve.types import FinishReason, GenerateCall, SamplingParams
+from wattserve.types import FinishReason
 from workers.devices import open_device
 from workers.engines.torch_engine import TorchEngine
 from workers.loop import EngineLoop
@@ -29,11 +29,6 @@ def make_loop(engine, device="cpu", max_queue=2):
     loop = EngineLoop(engine, dev, max_queue=max_queue)
     loop.start()
     return loop
-
-
-def gen(rid, n=12, **kw):
-    return GenerateCall(request_id=rid, prompt="Energy is measured in", max_tokens=n,
-                        sampling=SamplingParams(ignore_eos=True, **kw))
 
 
 @pytest.mark.parametrize("device", ["cpu", "simulated:h100"])

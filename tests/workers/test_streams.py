@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from wattserve.errors import InvalidRequest, QueueFull
+import workers.expert
+from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull
 from wattserve.specs import ExpertSpec
 from wattserve.types import GenerateCall, StreamEvent
 from workers.expert import ExpertWorker
@@ -92,6 +93,48 @@ def test_closing_the_stream_aborts_its_unfinished_requests(worker):
     assert got["short"][-1][-1].finished
     assert snap.requests_finished == 2  # the long one ended as aborted
     assert "s1" not in worker._outboxes
+
+
+async def _until_idle(worker) -> object:
+    for _ in range(200):
+        snap = worker.loop.snapshot()
+        if snap.running == snap.waiting == 0:
+            return snap
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"still running: {snap}")
+
+
+def test_a_submit_after_its_stream_closed_is_refused_and_runs_nothing(worker):
+    async def main():
+        stream = worker.open_stream("s1")
+        reader = asyncio.ensure_future(_collect(stream, {"a"}))
+        await worker.submit("s1", [_call("a", 2)])
+        await asyncio.wait_for(reader, 10)
+        await stream.aclose()  # the gateway's stream failed or was cancelled ...
+        late = await worker.submit("s1", [_call("late", 10_000)])  # ... while this submit was on its way
+        return late, await _until_idle(worker)
+
+    late, snap = asyncio.run(main())
+    assert isinstance(late[0], ExpertUnavailable) and "retry" in str(late[0])
+    assert snap.requests_finished == 1  # "late" never started
+    assert "s1" not in worker._outboxes
+
+
+def test_a_stream_never_opened_has_its_requests_aborted(worker, monkeypatch):
+    monkeypatch.setattr(workers.expert, "STREAM_OPEN_GRACE_S", 0.2)
+
+    async def main():
+        assert await worker.submit("orphan", [_call("long", 10_000)]) == [None]
+        assert worker.loop.snapshot().running + worker.loop.snapshot().waiting == 1
+        await asyncio.sleep(0.3)
+        snap = await _until_idle(worker)
+        late = await worker.submit("orphan", [_call("later", 5)])
+        return snap, late
+
+    snap, late = asyncio.run(main())
+    assert snap.requests_finished == 1  # ended as aborted, its slot free
+    assert "orphan" not in worker._outboxes
+    assert isinstance(late[0], ExpertUnavailable)
 
 
 def test_outbox_wakes_once_for_items_delivered_together():

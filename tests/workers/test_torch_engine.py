@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.workers.engine_helpers import make_engine, run
 from wattserve.errors import InvalidRequest
-from wattserve.specs import ExpertSpec
 from wattserve.types import FinishReason, GenerateCall, SamplingParams
-from workers.engines.torch_engine import TorchEngine
-
-
-def make_engine(model_dir, **overrides) -> TorchEngine:
-    spec = ExpertSpec(
-        name="t",
-        model={"kind": "local", "path": str(model_dir)},
-        engine={"kind": "torch", "threads": 1, **overrides.pop("engine", {})},
-        **{"max_batch": 4, "max_model_len": 128, **overrides},
-    )
-    return TorchEngine(model_dir, spec)
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +16,6 @@ def engine(tiny_llama):
 
 def call(rid, prompt="The capital of France is", max_tokens=8, **sampling) -> GenerateCall:
     return GenerateCall(request_id=rid, prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(**sampling))
-
-
-def run(engine, calls, join_at=None, max_steps=500):
-    """Drive ``engine`` until idle; ``join_at`` maps step number -> calls added then.
-    Returns per-request (text, token ids, finish reason) and the batch sizes seen."""
-    join_at = dict(join_at or {})
-    for c in calls:
-        engine.add(engine.validate(c, 0.0))
-    texts, ids, reasons, batches = {}, {}, {}, []
-    for step in range(max_steps):
-        for c in join_at.pop(step, []):
-            engine.add(engine.validate(c, 0.0))
-        if not engine.has_work() and not join_at:
-            break
-        res = engine.step(float(step))
-        batches.append(res.work.batch_size)
-        for out in res.outputs:
-            texts[out.request_id] = texts.get(out.request_id, "") + out.text
-            ids.setdefault(out.request_id, []).extend(out.token_ids)
-            if out.finish_reason is not None:
-                reasons[out.request_id] = out.finish_reason
-    return texts, ids, reasons, batches
 
 
 def test_batched_output_equals_solo_output(engine):

@@ -7,23 +7,8 @@ import math
 
 import pytest
 
+from tests.workers.engine_helpers import EXIT_PROMPTS, TV_MEDIANS, exit_engine, make_engine, run
 from wattserve.types import GenerateCall, SamplingParams
-
-from .test_early_exit import TV_MEDIANS
-from .test_torch_engine import make_engine, run
-
-PROMPTS = ["The capital of France is", "Energy is measured in", "Hello world! How", "A small model"]
-
-
-@pytest.fixture(scope="module")
-def deep_llama(tmp_path_factory):
-    from tests.tiny_models import build_model
-
-    return build_model(tmp_path_factory.mktemp("eng") / "llama", "llama", layers=8, seed=1, layer_gain=10.0)
-
-
-def _engine(model_dir, **early_exit):
-    return make_engine(model_dir, engine={"early_exit": {"exit_every": 2, **early_exit}})
 
 
 def _call(rid, prompt, n=12, **kw):
@@ -51,8 +36,8 @@ def _run_collect(engine, calls, join_at=None):
 
 def test_exits_off_by_default_equal_the_plain_engine_token_for_token(deep_llama):
     plain = make_engine(deep_llama)
-    exits = _engine(deep_llama, thresholds=TV_MEDIANS, default_compute_budget=1.0)
-    calls = [_call(f"r{i}", p) for i, p in enumerate(PROMPTS)]
+    exits = exit_engine(deep_llama, thresholds=TV_MEDIANS, default_compute_budget=1.0)
+    calls = [_call(f"r{i}", p) for i, p in enumerate(EXIT_PROMPTS)]
     ref, _, _ = _run_collect(plain, calls)
     # requests asking for full depth, and an expert whose default is full depth
     explicit = [_call(c.request_id, c.prompt, compute_budget=1.0) for c in calls]
@@ -66,10 +51,10 @@ def test_exits_off_by_default_equal_the_plain_engine_token_for_token(deep_llama)
 
 
 def test_zero_thresholds_are_full_depth_and_infinite_ones_the_first_exit(deep_llama):
-    ref, _, _ = _run_collect(make_engine(deep_llama), [_call("a", PROMPTS[0])])
-    got, finals, works = _run_collect(_engine(deep_llama, thresholds=[0.0, 0.0, 0.0]), [_call("a", PROMPTS[0])])
+    ref, _, _ = _run_collect(make_engine(deep_llama), [_call("a", EXIT_PROMPTS[0])])
+    got, finals, works = _run_collect(exit_engine(deep_llama, thresholds=[0.0, 0.0, 0.0]), [_call("a", EXIT_PROMPTS[0])])
     assert got == ref and finals["a"].exits.avg_exit_layer == 8
-    _, finals, works = _run_collect(_engine(deep_llama, thresholds=[math.inf] * 3), [_call("a", PROMPTS[0])])
+    _, finals, works = _run_collect(exit_engine(deep_llama, thresholds=[math.inf] * 3), [_call("a", EXIT_PROMPTS[0])])
     u = finals["a"].exits
     assert u.operating_point == "inline"
     assert u.avg_exit_layer == pytest.approx((8 + 2 * 11) / 12)  # first token from prefill, then layer 2
@@ -83,9 +68,9 @@ def test_zero_thresholds_are_full_depth_and_infinite_ones_the_first_exit(deep_ll
 @pytest.mark.parametrize("kv_fill", ["propagate", "deferred"])
 def test_batched_requests_with_different_exits_equal_each_alone(deep_llama, kv_fill):
     # requests join and finish at different steps, so slots move while tokens wait (deferred)
-    engine = _engine(deep_llama, thresholds=TV_MEDIANS, kv_fill=kv_fill)
+    engine = exit_engine(deep_llama, thresholds=TV_MEDIANS, kv_fill=kv_fill)
     budgets = [None, 1.0, None, None]  # one request at full depth beside early-exiting ones
-    calls = [_call(f"r{i}", p, compute_budget=b) for i, (p, b) in enumerate(zip(PROMPTS, budgets, strict=True))]
+    calls = [_call(f"r{i}", p, compute_budget=b) for i, (p, b) in enumerate(zip(EXIT_PROMPTS, budgets, strict=True))]
     alone = {c.request_id: _run_collect(engine, [c])[0][c.request_id] for c in calls}
     together, finals, works = _run_collect(engine, calls[:2], join_at={2: [calls[2]], 4: [calls[3]]})
     assert together == alone
@@ -104,8 +89,8 @@ def test_batched_requests_with_different_exits_equal_each_alone(deep_llama, kv_f
 def test_deferred_tokens_catch_up_at_full_depth_with_the_full_models_answer(deep_llama):
     import torch
 
-    engine = _engine(deep_llama, thresholds=[math.inf] * 3, kv_fill="deferred", max_deferred_tokens=3)
-    ids, finals, works = _run_collect(engine, [_call("a", PROMPTS[0])])
+    engine = exit_engine(deep_llama, thresholds=[math.inf] * 3, kv_fill="deferred", max_deferred_tokens=3)
+    ids, finals, works = _run_collect(engine, [_call("a", EXIT_PROMPTS[0])])
     decode = [(w, c) for w, c in works if w.prefill_tokens == 0 and w.decode_tokens]
     # three tokens leave at the first exit; the fourth runs every layer and fills their 3 x 6
     assert [next(iter(c)) for _, c in decode] == [2, 2, 2, 8, 2, 2, 2, 8, 2, 2, 2]
@@ -117,7 +102,7 @@ def test_deferred_tokens_catch_up_at_full_depth_with_the_full_models_answer(deep
     assert u.avg_exit_layer == pytest.approx((8 + 9 * 2 + 2 * 8) / 12)
     assert u.compute_fraction == pytest.approx((8 + 9 * 2 + 2 * 26) / 8 / 12)  # 3 last tokens never filled
     # a full-depth token saw exact K/V at every layer: it is the plain model's greedy token
-    prompt = engine.validate(_call("a", PROMPTS[0]), 0.0).prompt_ids
+    prompt = engine.validate(_call("a", EXIT_PROMPTS[0]), 0.0).prompt_ids
     out = ids["a"]
     with torch.no_grad():
         plain = engine.model(torch.tensor([prompt + out[:-1]])).logits[0].argmax(-1).tolist()
@@ -127,26 +112,26 @@ def test_deferred_tokens_catch_up_at_full_depth_with_the_full_models_answer(deep
 
 def test_max_exit_layer_loads_fewer_layers(deep_llama):
     full = make_engine(deep_llama)
-    capped = _engine(deep_llama, max_exit_layer=4, thresholds=[0.0])
+    capped = exit_engine(deep_llama, max_exit_layer=4, thresholds=[0.0])
     assert capped.info.num_layers == 4 and len(capped.runner.layers) == 4
     per_layer = sum(p.numel() for p in full.model.model.layers[0].parameters())
     assert full.info.params - capped.info.params == 4 * per_layer
-    _, finals, _ = _run_collect(capped, [_call("a", PROMPTS[0])])
+    _, finals, _ = _run_collect(capped, [_call("a", EXIT_PROMPTS[0])])
     assert finals["a"].exits.num_layers == 4 and finals["a"].exits.avg_exit_layer == 4
 
 
 def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_path):
     from workers.engines.torch_engine.early_exit.points import ExitProfile, OperatingPoint
 
-    engine = _engine(deep_llama)
+    engine = exit_engine(deep_llama)
     exits = engine.exits
     points = [
         OperatingPoint(f"L{d}", (t, t, t, math.inf), d, d, c, None, (0.25,) * 4, 1.0)
         for d, t, c in ((3.0, 0.5, 0.45), (6.0, 0.2, 0.8))
     ]
     profile = ExitProfile(exits.fingerprint, "tv", 2, None, exits.layout.exits, exits.kv_share, (), None, points)
-    engine = _engine(deep_llama, thresholds_path=str(profile.save(tmp_path / "p.json")))
-    prompt_ids = len(engine.tokenizer(PROMPTS[0]).input_ids)
+    engine = exit_engine(deep_llama, thresholds_path=str(profile.save(tmp_path / "p.json")))
+    prompt_ids = len(engine.tokenizer(EXIT_PROMPTS[0]).input_ids)
     engine.observe_energy(0.001, 0.01)
     # 0.01 J per layer-token measured at full depth also paid the LM head (head layer
     # equivalents per token), so a layer costs 0.01 * 8 / (8 + head); 12 tokens at compute 0.8
@@ -155,9 +140,9 @@ def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_pat
     assert 0.1 < head < 8  # the tiny model's head is a fraction of its 8 layers
     per_layer_j = 0.01 * 8 / (8 + head)
     budget = prompt_ids * 8 * 0.001 + 12 * (0.8 * 8 + head) * per_layer_j
-    _, finals, _ = _run_collect(engine, [_call("rich", PROMPTS[0], energy_budget_j=budget),
-                                         _call("poor", PROMPTS[0], energy_budget_j=budget / 2),
-                                         _call("free", PROMPTS[0], energy_budget_j=100.0)])
+    _, finals, _ = _run_collect(engine, [_call("rich", EXIT_PROMPTS[0], energy_budget_j=budget),
+                                         _call("poor", EXIT_PROMPTS[0], energy_budget_j=budget / 2),
+                                         _call("free", EXIT_PROMPTS[0], energy_budget_j=100.0)])
     assert finals["rich"].exits.operating_point == "L6.0"
     assert finals["poor"].exits.operating_point == "L3.0"
     assert finals["free"].exits.operating_point == "full"
@@ -167,7 +152,7 @@ def test_energy_budgets_map_to_depth_through_measured_joules(deep_llama, tmp_pat
     assert saved.energy_saved_j == pytest.approx(12 * (1 - saved.compute_fraction) * 8 * per_layer_j)
     # exactly L6's cost if energy fell in proportion to depth (no head): short of it now
     proportional = prompt_ids * 8 * 0.001 + 12 * 0.8 * 8 * 0.01
-    _, finals, _ = _run_collect(engine, [_call("tight", PROMPTS[0], energy_budget_j=proportional)])
+    _, finals, _ = _run_collect(engine, [_call("tight", EXIT_PROMPTS[0], energy_budget_j=proportional)])
     assert finals["tight"].exits.operating_point == "L3.0"
 
 
