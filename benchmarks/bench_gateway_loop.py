@@ -20,7 +20,9 @@ main thread's (the event loop), the loop callbacks it ran per request (``asyncio
 counted), the CPU its garbage collector took per request (``gc.callbacks``, thread CPU time),
 and for ``wattserve`` the replica actor's CPU per request. CPU times come from psutil and are
 less sensitive to a shared machine's load than requests/s, which is printed for reference only.
-``--default-gc`` leaves the collector as CPython sets it in every variant.
+The collector is settled (``runtime/heap.py``) in ``inprocess`` and ``wattserve`` once they have
+started, as ``wattserve serve`` does, and left as CPython sets it in the two bare variants, as a
+bare grpc.aio server runs; ``--default-gc`` leaves it as CPython sets it in every variant.
 """
 
 from __future__ import annotations
