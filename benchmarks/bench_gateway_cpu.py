@@ -7,6 +7,7 @@ each request in one chunk and a final message, as the synthetic engine does at f
 
 What ``bench_gateway_overhead.py`` cannot separate from the gRPC and Ray machinery around it:
 process CPU seconds (``time.process_time``) per request, each repeat printed and their median.
+The collector is tuned as in ``wattserve serve`` (``runtime/heap.py``; ``--default-gc``: not).
 Compare two versions of the code by running this from each checkout in turn.
 """
 
@@ -23,6 +24,7 @@ from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.servicer import InferenceServicer
 from runtime.config import parse_config
 from runtime.gateway import Gateway
+from runtime.heap import settle_heap
 from tests.fakes import FakeReplicaClient
 
 # the synthetic expert of bench_gateway_overhead.py, served by an in-memory replica
@@ -42,11 +44,13 @@ class _Context:
         return None
 
 
-async def measure(requests: int, repeats: int, concurrency: int) -> list[float]:
+async def measure(requests: int, repeats: int, concurrency: int, settle: bool = True) -> list[float]:
     """Microseconds of CPU per request, one figure per repeat."""
     replica = FakeReplicaClient("synth", tokens=1)  # one chunk, then the final message
     gateway = Gateway(parse_config(yaml.safe_load(CONFIG)), [replica])
     await gateway.start()
+    if settle:
+        settle_heap()
     servicer = InferenceServicer(gateway)
     message = pb.GenerateRequest(prompt="a b c", max_tokens=32)
     slots = asyncio.Semaphore(concurrency)
@@ -73,8 +77,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--default-gc", action="store_true", help="leave the collector as CPython sets it")
     args = ap.parse_args()
-    us = asyncio.run(measure(args.requests, args.repeats, args.concurrency))
+    us = asyncio.run(measure(args.requests, args.repeats, args.concurrency, settle=not args.default_gc))
     print(f"gateway CPU per request (no gRPC transport, no Ray): {' '.join(f'{x:.0f}' for x in us)} us; "
           f"median {statistics.median(us):.0f} us")
 

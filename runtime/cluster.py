@@ -27,6 +27,7 @@ from workers.expert import ExpertWorker
 
 from .config import RayConfig
 from .gateway.replicas import ReplicaClient, ReplicaDied, ReplicaStream
+from .heap import settle_heap
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,16 @@ def actor_name(expert: str, index: int) -> str:
 
 class _OnNode:
     """What only Ray can tell an expert body: the node it runs on (the power plane gives each
-    expert to its node's agent). Mixed in here so ``workers/`` stays free of Ray."""
+    expert to its node's agent). Mixed in here so ``workers/`` stays free of Ray. Also what only
+    a process of its own may do: settle the collector once the replica is ready (``heap.py``)."""
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    async def ready(self) -> bool:
+        ok = await super().ready()
+        settle_heap()  # the actor's process is this replica's alone; the model and engine are loaded
+        return ok
 
 
 class ExpertActor(_OnNode, ExpertWorker):

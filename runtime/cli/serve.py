@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+from ..heap import settle_heap
 from . import say
 
 DEFAULT_CONFIG = "configs/local.yaml"
@@ -69,6 +70,7 @@ async def _serve(cfg) -> int:
         await server.stop()
         return 130
     port = start.result()
+    settle_heap()  # this process is the server's alone: start-up's objects leave the collector's walks
     loop.add_signal_handler(signal.SIGHUP, lambda: say(server.reload_keys()))
     target = f"{cfg.gateway.host}:{port}"
     experts = ", ".join(f"{e.name} ({e.model_label}, {e.engine.kind}, {e.device.label}) x{e.replicas}" for e in cfg.experts)
