@@ -157,3 +157,24 @@ def test_local_config_ships_a_gate_fitted_on_its_own_experts():
     seen = set(meta["train_prompt_sha1"]) | set(meta["heldout_prompt_sha1"])
     assert seen == {prompt_sha1(p) for p in labels.prompts} and not set(meta["train_prompt_sha1"]) & set(meta["heldout_prompt_sha1"])
     assert meta["heldout_report"]["within_task_auc"] is not None
+
+
+def test_local_config_ships_the_measured_ensemble_lift_its_router_reads():
+    """configs/local.yaml's gate directory holds ensemble.json, measured from the shipped per-choice
+    log-likelihoods (which reproduce the shipped labels), for the config's own experts."""
+    from router.ensemble import ENSEMBLE_FILE, EnsembleGains
+    from router.quality import mc_correct
+    from runtime.config import load_config
+    from runtime.routing import RoutingService
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(LOCAL)
+    gains = EnsembleGains.load(Path(cfg.router.gate_path) / ENSEMBLE_FILE)
+    pair = gains.measures[frozenset(e.name for e in cfg.experts)]
+    logprobs = read_logprobs(root / "data" / "quality" / "logprobs_local.jsonl")
+    both = {i for i, _ in logprobs if all((i, e.name) in logprobs for e in cfg.experts)}
+    assert pair.n == len(both) > 200
+    items = {it.id: it for it in read_items(root / "data" / "quality" / "prompts.jsonl")}
+    labels = {r["id"]: r for r in csv.DictReader((root / "data" / "quality" / "labels_local.csv").open())}
+    assert all(labels[i][e] == ("1" if mc_correct(lps, items[i]) else "0") for (i, e), lps in logprobs.items())
+    assert RoutingService(cfg).settings.ensemble.lift([e.name for e in cfg.experts]) == pytest.approx(pair.lift)
