@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
+
 from router.quality import exact_match, mc_choice, read_items  # noqa: E402
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")
@@ -98,7 +100,8 @@ def ask(stub, pb, item, expert: str, max_tokens: int, norm: str, timeout_s: floa
         right = exact_match("".join(text), item.answers, item.match)
         answered, sources, energy_j = [usage.expert], {usage.energy_source}, usage.energy_j
     return {"experts": answered, "right": right, "energy_j": energy_j, "sources": sorted(sources),
-            "latency_ms": (time.perf_counter() - t0) * 1000}
+            "latency_ms": (time.perf_counter() - t0) * 1000, "path": "score" if item.kind == "mc" else "generate",
+            "task": item.task}
 
 
 def summarise(results: dict[str, list[dict]]) -> dict:
@@ -115,8 +118,17 @@ def summarise(results: dict[str, list[dict]]) -> dict:
             "energy_j_per_request": total / len(rs),
             "energy_sources": sorted({s for r in rs for s in r["sources"]}),
             "latency_ms_mean": sum(r["latency_ms"] for r in rs) / len(rs),
+            "by_path": {path: _path(part) for path in ("generate", "score")
+                        if (part := [r for r in rs if r.get("path") == path])},
         }
     return out
+
+
+def _path(rs: list[dict]) -> dict:
+    """One path's requests: quality, joules, who answered (``+``-joined when several experts did)."""
+    return {"requests": len(rs), "quality": sum(r["right"] for r in rs) / len(rs),
+            "energy_j": sum(r["energy_j"] for r in rs),
+            "answered_by": dict(Counter("+".join(sorted(r["experts"])) for r in rs))}
 
 
 def main() -> int:
@@ -178,14 +190,20 @@ def main() -> int:
                 proc.kill()
     summary = summarise(results)
     tasks = Counter(it.task for it in items)
-    print(f"\n{len(items)} items ({', '.join(f'{t} {n}' for t, n in tasks.items())}); gate {gate or '-'}; target {target}")
+    print(f"\n{len(items)} items ({', '.join(f'{t} {n}' for t, n in tasks.items())}); gate {gate or '-'}; target {target}; "
+          f"CPU {cpu_model()}")
     print(f"{'policy':<8} {'requests':>8} {'quality':>8} {'J total':>9} {'J/req':>7} {'ms/req':>8}  split  (energy source)")
     for p, s in summary.items():
         split = ", ".join(f"{e} {v:.0%}" for e, v in s["split"].items())
         print(f"{p:<8} {s['requests']:>8} {s['quality']:>8.3f} {s['energy_j']:>9.1f} {s['energy_j_per_request']:>7.2f} "
               f"{s['latency_ms_mean']:>8.0f}  {split}  ({', '.join(s['energy_sources'])})")
+    for p, s in summary.items():
+        for path, part in s["by_path"].items():
+            who = ", ".join(f"{e} {n}" for e, n in sorted(part["answered_by"].items()))
+            print(f"  {p:<8} {path:<8} {part['requests']:>4} requests  quality {part['quality']:.3f}  "
+                  f"{part['energy_j']:7.1f} J  answered by {who}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"target": target, "gate": gate, "items": len(items),
+        Path(args.json).write_text(json.dumps({"target": target, "gate": gate, "items": len(items), "cpu": cpu_model(),
                                                "summary": summary, "results": results}, indent=1))
     return 0
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from wattserve.types import ExpertProfile, Priority
 
 from .gate import GateOutput
+
+if TYPE_CHECKING:
+    from .ensemble import EnsembleGains
 
 #: characters per token assumed when estimating a prompt's length before any tokenizer runs
 CHARS_PER_TOKEN = 4.0
@@ -70,6 +73,9 @@ class RouterSettings:
     threshold: float = 0.0  # threshold policy: strong when q_strong - q_weak >= threshold
     quality_prior: Mapping[str, float] = field(default_factory=dict)
     cascade_below_logprob: float | None = None  # MoE² Generate: escalate below this mean token log p
+    # MoE² Score: what mixing experts adds over the best of them, measured (router/ensemble.py);
+    # None: not measured, and Score falls back to the separable objective
+    ensemble: EnsembleGains | None = None
 
 
 @dataclass(slots=True, frozen=True)

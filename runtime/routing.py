@@ -25,11 +25,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from router.base import Candidate, Plan, RequestFeatures, RouterSettings, estimate_tokens
 from router.budget import CLUSTER, BudgetLedger, BudgetLimit, ScopeStatus, tenant_scope
 from router.cost import CostModel
+from router.ensemble import ENSEMBLE_FILE, EnsembleGains
 from router.feedback import FeedbackSettings, QualityFeedback
 from router.gate import GateOutput, load_gate
 from router.policies import Policy, make_policy
@@ -63,7 +65,7 @@ class RoutingService:
         self.settings = RouterSettings(
             infeasible=r.infeasible, aggregation_ms=r.aggregation_ms, quality_per_j=self.cluster_price.lam,
             strong=r.strong, weak=r.weak, threshold=r.threshold, quality_prior=prior,
-            cascade_below_logprob=r.cascade_below_logprob,
+            cascade_below_logprob=r.cascade_below_logprob, ensemble=self._ensemble(),
         )
         self.cost = CostModel(
             priors={name: p.prior() for name, p in r.cost_priors.items()},
@@ -84,6 +86,22 @@ class RoutingService:
             self.store.served_capacity, self.store.served_ttl_s = f.remember_requests, f.remember_s
         self.feedback = QualityFeedback(FeedbackSettings(f.prior_weight, f.max_weight, f.max_correction))
         self.served = ServedRequests(f.remember_requests, f.remember_s, clock=clock)
+
+    def _ensemble(self) -> EnsembleGains | None:
+        """What mixing experts adds in Score, measured on the gate's labels (``ensemble.json`` in
+        the gate's directory, written by ``wattserve quality ensemble``); None: not measured."""
+        r = self.config.router
+        if not r.gate_path:
+            return None
+        path = Path(r.gate_path) / ENSEMBLE_FILE
+        if not path.exists():
+            return None
+        names = {e.name: r.gate_outputs.get(e.name, e.name) for e in self.config.experts}
+        gains = EnsembleGains.load(path).renamed(names)
+        for m in gains.measures.values():
+            log.info("Score: mixing %s adds %+.3f (+- %.3f) over %s alone, measured on %d items (%s)",
+                     "+".join(m.experts), m.lift, m.lift_se, m.best, m.n, path)
+        return gains
 
     def _configure_prices(self) -> None:
         """The cluster's price (fixed or auto) and the tenants' own (a fixed number, or an auto

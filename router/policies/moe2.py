@@ -13,9 +13,13 @@ Per request (DESIGN.md sections 4 and 10):
    or ``quality_per_j``. The other feasible experts follow as fall-backs, in the same order. With
    ``explore_share`` > 0 a request is sometimes answered by another feasible expert, so feedback
    can correct an expert the router has stopped using;
-4. **Score** runs a subset S maximising Q(S) = sum g_i q_i within the budgets
-   (``router/selector.py``; with a price, experts with g_i q_i < lam E_i are left out first) and
-   mixes the answers with the weights renormalised over S (``combine`` in ``router/moe2.py``).
+4. **Score** runs a subset S and mixes the answers with the gate weights renormalised over S
+   (``combine`` in ``router/moe2.py``). Where what mixing adds was measured
+   (``settings.ensemble``, ``router/ensemble.py``): S starts from the single best expert that fits,
+   argmax q_i - lam E_i, and grows only by experts whose predicted gain over S is worth their
+   joules (``marginal_subset``). Without measurements, MoE²'s separable objective: S maximises
+   Q(S) = sum g_i q_i within the budgets (``router/selector.py``; with a price, experts with
+   g_i q_i < lam E_i are left out first, and when none is worth its joules ``least_loss`` answers).
    Cascades take the cheapest feasible expert and the top one, when both together fit.
 
 Nothing fits: ``infeasible: reject`` raises :class:`BudgetInfeasible` naming the cheapest budget
@@ -37,6 +41,7 @@ from ..moe2 import (
     feasible_hint,
     fits_budgets,
     least_loss,
+    marginal_subset,
     net_value,
     option_energy,
     worth_their_energy,
@@ -62,6 +67,8 @@ class MoE2(Policy):
         lam = self.price(request)
         if request.mode == "generate":
             return self._generate(request, usable, options, groups, gate, lam)
+        if self.settings.ensemble:
+            return self._score_marginal(request, usable, options, groups, gate, lam)
         worth = worth_their_energy(usable, lam) if lam > 0 else usable
         if not worth:
             worth = least_loss(usable, request, lam)
@@ -99,6 +106,16 @@ class MoE2(Policy):
         return self._plan(request, ranked, groups, gate, net_value(ranked[0], lam), budget_exceeded=False,
                           lam=lam, explored=explored is not None)
 
+    def _score_marginal(self, request, usable: list[Option], options, groups, gate: GateOutput, lam: float) -> Plan:
+        """Score by marginal value: the single best expert, plus others only where their measured
+        gain over it pays for their joules (``router.moe2.marginal_subset``)."""
+        pick = marginal_subset(usable, request, lam, self.settings.ensemble, self.settings.aggregation_ms)
+        if pick is None:
+            return self._infeasible(request, options, groups, gate, lam)
+        chosen = sorted(pick.chosen, key=lambda o: (-o.weight, option_energy(o), o.expert))
+        return self._plan(request, chosen, groups, gate, pick.quality, budget_exceeded=False, lam=lam,
+                          notes=pick.left_out)
+
     def _explore(self, request: RequestFeatures, ranked: list[Option]) -> Option | None:
         """With probability ``explore_share``, answer from another expert that fits the budgets
         (uniformly): feedback can only correct the estimate of an expert that is sometimes used.
@@ -118,7 +135,7 @@ class MoE2(Policy):
         return Option(expert, rep, gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0), est)
 
     def _plan(self, request, chosen: list[Option], groups, gate: GateOutput, value: float, *, budget_exceeded: bool,
-              lam: float = 0.0, explored: bool = False) -> Plan:
+              lam: float = 0.0, explored: bool = False, notes: tuple[str, ...] = ()) -> Plan:
         subset = tuple(o.expert for o in chosen)
         weights = gate.renormalised(subset)
         ranked = tuple(o.replica for o in chosen) + tuple(
@@ -137,6 +154,7 @@ class MoE2(Policy):
             predicted_energy_j=energy if energy is None or math.isfinite(energy) else None,
             predicted_latency_ms=latency, budget_exceeded=budget_exceeded,
             reason=self._reason(request, chosen, weights, gate, value, budget_exceeded, lam, explored)
+            + "".join(f"; {n}" for n in notes)
             + (f"; cascade {cascade[0]} -> {cascade[1]} below mean log p {self.settings.cascade_below_logprob:g}" if cascade else ""),
             cascade=cascade, cascade_below_logprob=self.settings.cascade_below_logprob if cascade else None,
         )
@@ -175,6 +193,10 @@ class MoE2(Policy):
         elif request.mode == "generate":
             head += (f": {chosen[0].expert} answers, " + ("exploring (feedback)" if explored else "argmax q - price x E")
                      + f" at price {lam:.4g}/J, value {value:.3f}")
+            head += (" within " + " / ".join(budgets)) if budgets else " (no budget)"
+        elif self.settings.ensemble:
+            head += (f": S={{{', '.join(o.expert for o in chosen)}}} predicted q={value:.3f} "
+                     f"(best single, then measured ensemble gains) at price {lam:.4g}/J")
             head += (" within " + " / ".join(budgets)) if budgets else " (no budget)"
         else:
             head += f": S={{{', '.join(o.expert for o in chosen)}}} Q={value:.3f}"

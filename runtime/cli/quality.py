@@ -9,6 +9,11 @@ one column per expert, the shape ``wattserve gate fit`` reads. Experts run one a
 only one model is in memory; the CSV is rewritten after every chunk, and a rerun measures only
 the cells still missing (resume after an interruption, or add an expert).
 
+With ``--logprobs FILE.jsonl`` every multiple-choice item's per-choice log-likelihoods are kept
+too (one line per item and expert): what an ensemble of experts would have answered is then a
+computation, not another run (``wattserve quality ensemble``). Items whose label exists but whose
+log-likelihoods do not are scored again (and their label checked against the new score).
+
 Why in-process rather than through a served gateway: labels must not depend on routing, budgets
 or admission (a pinned request may still be refused for its budget), and a label run should not
 need a cluster or ports; the engine code and model files are the ones the server runs.
@@ -17,6 +22,7 @@ need a cluster or ports; the engine code and model files are the ones the server
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
@@ -115,15 +121,46 @@ def unlabelled(items, rows: dict[str, dict], name: str) -> list:
     return [it for it in items if rows.get(it.id, {}).get(name, "") == ""]
 
 
+def read_logprobs(path: Path) -> dict[tuple[str, str], list[float]]:
+    """``{(item id, expert): per-choice log-likelihoods}`` from a ``--logprobs`` JSONL file."""
+    if not path.exists():
+        return {}
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            out[(str(raw["id"]), str(raw["expert"]))] = [float(v) for v in raw["logprobs"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}:{n}: not a log-likelihood line ({exc})") from None
+    return out
+
+
+def write_logprobs(path: Path, logprobs: dict[tuple[str, str], list[float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for (item, expert), lps in sorted(logprobs.items()):
+            f.write(json.dumps({"id": item, "expert": expert, "logprobs": [round(v, 5) for v in lps]}) + "\n")
+    tmp.replace(path)
+
+
 def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dict], *, max_tokens: int,
-                   mc_norm: str, save, chunk: int = 16, save_every_s: float = 30.0, progress=None) -> None:
+                   mc_norm: str, save, chunk: int = 16, save_every_s: float = 30.0, progress=None,
+                   logprobs: dict[tuple[str, str], list[float]] | None = None) -> int:
     """Fill ``rows[item.id][name]`` with "1"/"0" for every item that lacks it; ``save()`` after
-    each chunk so an interrupted run loses at most one chunk."""
+    each chunk so an interrupted run loses at most one chunk. With ``logprobs`` (a dict to fill),
+    multiple-choice items also keep their per-choice log-likelihoods, and labelled items that lack
+    them are scored again. Returns how many existing labels a new score contradicted."""
     from router.quality import exact_match, mc_correct
 
     missing = unlabelled(items, rows, name)
     exact = [it for it in missing if it.kind == "exact"]
-    mc = [it for it in missing if it.kind == "mc"]
+    missing_ids = {it.id for it in missing}
+    mc = [it for it in items if it.kind == "mc"
+          and (it.id in missing_ids or (logprobs is not None and (it.id, name) not in logprobs))]
+    changed = 0
     for i in range(0, len(exact), chunk):
         part = exact[i : i + chunk]
         for it, text in zip(part, answers.generate([it.prompt for it in part], max_tokens, ("\n",)), strict=True):
@@ -133,13 +170,20 @@ def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dic
             progress(len(part))
     last_save = time.monotonic()
     for i, it in enumerate(mc, start=1):
-        rows.setdefault(it.id, {})[name] = "1" if mc_correct(answers.score(it.prompt, it.choices), it, mc_norm) else "0"
+        lps = answers.score(it.prompt, it.choices)
+        if logprobs is not None:
+            logprobs[(it.id, name)] = list(lps)
+        label = "1" if mc_correct(lps, it, mc_norm) else "0"
+        row = rows.setdefault(it.id, {})
+        changed += row.get(name, "") not in ("", label)
+        row[name] = label
         # Long few-shot prompts take tens of seconds each on a busy CPU: save by time too.
         if i % chunk == 0 or i == len(mc) or time.monotonic() - last_save > save_every_s:
             save()
             last_save = time.monotonic()
         if progress:
             progress(1)
+    return changed
 
 
 def cmd_measure(args) -> int:
@@ -170,11 +214,19 @@ def cmd_measure(args) -> int:
     cache = Path(args.cache_dir or os.environ.get("WATTSERVE_CACHE_DIR") or cfg.model_cache_dir or default_cache_dir())
     say(f"{len(items)} items from {args.data}; experts {', '.join(names)}; labels -> {out}")
 
+    lp_path = Path(args.logprobs) if args.logprobs else None
+    logprobs = read_logprobs(lp_path) if lp_path else None
+
     def save() -> None:
         _write_labels(out, items, rows, experts)
+        if lp_path is not None:
+            write_logprobs(lp_path, logprobs)
 
     for spec in specs:
-        missing = len(unlabelled(items, rows, spec.name))
+        todo = {it.id for it in unlabelled(items, rows, spec.name)}
+        if logprobs is not None:
+            todo |= {it.id for it in items if it.kind == "mc" and (it.id, spec.name) not in logprobs}
+        missing = len(todo)
         if not missing:
             say(f"{spec.name}: every item already labelled in {out}")
             continue
@@ -182,9 +234,11 @@ def cmd_measure(args) -> int:
         try:
             t0 = time.monotonic()
             with tqdm(total=missing, desc=f"{spec.name}", unit="item", file=sys.stderr) as bar:
-                measure_expert(EngineAnswers(engine, spec.max_batch), items, spec.name, rows,
-                               max_tokens=args.max_tokens, mc_norm=args.mc_norm, save=save, progress=bar.update)
-            say(f"{spec.name}: {missing} items in {time.monotonic() - t0:.0f} s")
+                changed = measure_expert(EngineAnswers(engine, spec.max_batch), items, spec.name, rows,
+                                         max_tokens=args.max_tokens, mc_norm=args.mc_norm, save=save,
+                                         progress=bar.update, logprobs=logprobs)
+            say(f"{spec.name}: {missing} items in {time.monotonic() - t0:.0f} s"
+                + (f"; {changed} existing label(s) changed when scored again" if logprobs is not None else ""))
         finally:
             engine.close()
     save()
@@ -194,6 +248,53 @@ def cmd_measure(args) -> int:
         acc = ", ".join(f"{e} {a:.2f}" for e, a in s["accuracy"].items())
         print(f"  {task:<20} {s['rows']:4d} items  accuracy {acc}  experts disagree on {s['disagree_share']:.0%}")
     return 0
+
+
+def cmd_ensemble(args) -> int:
+    """Measure what mixing experts adds over the best of them from kept log-likelihoods."""
+    from router.ensemble import ENSEMBLE_FILE, measure
+    from router.quality import read_items
+
+    items = read_items(args.data)
+    logprobs: dict[tuple[str, str], list[float]] = {}
+    for path in args.logprobs:
+        logprobs.update(read_logprobs(Path(path)))
+    if not logprobs:
+        raise ConfigError(f"no log-likelihoods in {', '.join(args.logprobs)}: run `wattserve quality measure --logprobs FILE` first")
+    experts = sorted({e for _, e in logprobs})
+    if args.experts:
+        experts = [e.strip() for e in args.experts.split(",")]
+    by_id = {it.id: it for it in items}
+    for (item, expert), lps in logprobs.items():
+        it = by_id.get(item)
+        if it is not None and it.kind == "mc" and len(lps) != len(it.choices):
+            raise ConfigError(f"{item}: {len(lps)} log-likelihoods from {expert} for {len(it.choices)} choices")
+    weights = None
+    if args.gate:
+        weights = _gate_weights(args.gate, [it for it in items if it.kind == "mc"], experts)
+    gains = measure(items, logprobs, experts, norm=args.mc_norm, max_size=args.max_size, weights=weights)
+    if not gains:
+        raise ConfigError(f"no multiple-choice item of {args.data} was scored by two or more of {', '.join(experts)}")
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / ENSEMBLE_FILE
+    gains.save(out, data=str(args.data), logprobs=[str(p) for p in args.logprobs], mc_norm=args.mc_norm,
+               weights=f"gate {args.gate} (renormalised per set)" if args.gate else "equal")
+    for m in gains.measures.values():
+        print(f"{'+'.join(m.experts)}: mix right on {m.accuracy:.3f} of {m.n} items; best alone {m.best} "
+              f"{m.best_accuracy:.3f}; mix right where {m.best} was wrong on {m.wins}, wrong where it was right on "
+              f"{m.losses}: lift {m.lift:+.3f} (+- {m.lift_se:.3f})")
+    print(f"wrote {out}")
+    return 0
+
+
+def _gate_weights(gate_dir: str, items, experts: list[str]) -> dict[str, dict[str, float]]:
+    """The gate's weights per item (the served mix uses them, renormalised over the set)."""
+    from router.gate import load_gate
+
+    gate = load_gate(gate_dir, {e: 0.5 for e in experts})
+    say(f"gate weights for {len(items)} prompts from {gate_dir}")
+    return {it.id: dict(gate(it.prompt).weights) for it in items}
 
 
 def register(sub) -> None:
@@ -210,5 +311,17 @@ def register(sub) -> None:
     s.add_argument("--mc-norm", choices=("per_char", "sum"), default="per_char",
                    help="multiple choice: log-likelihood per character of the choice (default) or summed")
     s.add_argument("--threads", type=int, help="engine threads (default: the config's)")
+    s.add_argument("--logprobs", help="also keep each multiple-choice item's per-choice log-likelihoods in this "
+                   "JSONL file (resumed like the labels; input of `quality ensemble`)")
     s.add_argument("--cache-dir", help="model cache (default $WATTSERVE_CACHE_DIR, else the config's)")
     s.set_defaults(func=cmd_measure)
+    e = q.add_parser("ensemble", help="measure what mixing experts' multiple-choice answers adds over the best of them")
+    e.add_argument("--data", required=True, help="labelled JSONL the log-likelihoods were measured on")
+    e.add_argument("--logprobs", required=True, nargs="+", help="JSONL file(s) written by `quality measure --logprobs`")
+    e.add_argument("--out", required=True, help="where to write ensemble.json (a directory: the gate's, where the router reads it)")
+    e.add_argument("--experts", help="comma-separated experts (default: every expert in the files)")
+    e.add_argument("--gate", help="weigh the mix with this fitted gate's weights, as served (default: equal weights)")
+    e.add_argument("--mc-norm", choices=("per_char", "sum"), default="per_char",
+                   help="how choices are scored, as in `quality measure` (default per_char)")
+    e.add_argument("--max-size", type=int, default=3, help="largest set of experts to measure (default 3)")
+    e.set_defaults(func=cmd_ensemble)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import pytest
 
 from router.base import Candidate, RequestFeatures, RouterSettings
 from router.cost import CostModel
+from router.ensemble import EnsembleGains, EnsembleMeasure
 from router.gate import PriorGate
 from router.moe2 import combine
 from router.policies import make_policy
@@ -290,3 +292,106 @@ def test_cascade_plans_cheapest_first_then_the_top_expert():
     assert policy(cascade_below_logprob=-1.0).plan(req(latency_budget_ms=200), pool()).cascade == ()
     assert policy(cascade_below_logprob=-1.0).plan(req(mode="score", max_tokens=0, choice_tokens=(1,)), pool()).cascade == ()
     assert policy().plan(req(), pool()).cascade == ()
+
+
+def _gains(lifts: dict[tuple[str, ...], float], n: int = 200) -> EnsembleGains:
+    """Measured lifts as ``quality ensemble`` writes them (wins/losses out of ``n`` items)."""
+    out = []
+    for experts, lift in lifts.items():
+        wins = round(max(lift, 0.0) * n) + 5
+        losses = wins - round(lift * n)
+        out.append(EnsembleMeasure(tuple(sorted(experts)), n, 0.5, experts[0], 0.45, wins, losses))
+    return EnsembleGains(out)
+
+
+def _score_energy(r, cands=None):
+    return {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j
+            for c in cands or pool()}
+
+
+def test_score_adds_a_second_expert_only_when_its_measured_gain_pays():
+    """Score starts from the best single expert (argmax q - lam E) and adds another only when the
+    measured gain of the mix over what is already chosen is worth the added joules."""
+    two = [c for c in pool() if c.expert != "mid"]
+    r = req(mode="score", max_tokens=0, choice_tokens=(2, 3))
+    e = _score_energy(r, two)
+    lam = 0.5 * (PRIOR["cloud"] - PRIOR["edge"]) / e["cloud"]  # cloud's 0.45 more quality pays for it
+    assert PRIOR["cloud"] - lam * e["cloud"] > PRIOR["edge"] - lam * e["edge"]
+
+    def plan(lift, price=lam, **kw):
+        settings = dataclasses.replace(SETTINGS, quality_per_j=price, ensemble=_gains({("cloud", "edge"): lift}))
+        return MoE2(cost=CostModel(), settings=settings).plan(dataclasses.replace(r, **kw), two)
+
+    # edge costs lam x E_edge in quality; a measured lift above that adds it, below it does not
+    worth = lam * e["edge"]
+    high, low = plan(worth * 1.5), plan(worth * 0.5)
+    assert high.subset == ("cloud", "edge") and high.predicted_energy_j == pytest.approx(e["cloud"] + e["edge"])
+    assert "measured ensemble gains" in high.reason
+    assert low.subset == ("cloud",) and low.predicted_energy_j == pytest.approx(e["cloud"])
+    assert "edge not added: measured gain" in low.reason
+    # energy free: any positive measured gain is taken, a mix that spoils answers never is
+    assert plan(0.005, price=0.0).subset == ("cloud", "edge")
+    assert plan(-0.02, price=0.0).subset == ("cloud",)
+    # the high gain, but the pair does not fit the budget: the best single expert alone
+    tight = plan(worth * 1.5, energy_budget_j=e["cloud"] * 1.001)
+    assert tight.subset == ("cloud",) and "exceed the budget" in tight.reason
+    # a budget only edge fits: edge alone, whatever the gain (the pair cannot fit either)
+    assert plan(1.0, energy_budget_j=e["edge"] * 1.001).subset == ("edge",)
+    with pytest.raises(BudgetInfeasible):
+        plan(1.0, energy_budget_j=e["edge"] / 2)
+
+
+def test_score_gain_counts_what_the_gate_says_the_added_expert_knows_better():
+    """When the cheap expert answers first, adding the better one gains the gate's quality gap
+    for this prompt plus the measured lift; that is weighed against its joules like any gain."""
+    two = [c for c in pool() if c.expert != "mid"]
+    r = req(mode="score", max_tokens=0, choice_tokens=(2, 3))
+    e = _score_energy(r, two)
+    gap = PRIOR["cloud"] - PRIOR["edge"]
+    lam = 1.5 * gap / (e["cloud"] - e["edge"])  # at this price edge answers first
+    settings = dataclasses.replace(SETTINGS, quality_per_j=lam, ensemble=_gains({("cloud", "edge"): 0.0}))
+    plan = MoE2(cost=CostModel(), settings=settings).plan(r, two)
+    assert plan.subset == ("edge",)  # gap < lam E_cloud: cloud is not worth adding either
+    rich = dataclasses.replace(settings, ensemble=_gains({("cloud", "edge"): lam * e["cloud"] - gap + 0.01}))
+    assert set(MoE2(cost=CostModel(), settings=rich).plan(r, two).subset) == {"edge", "cloud"}
+
+
+def test_score_with_measured_gains_keeps_budgets_and_stops_only_when_nothing_pays():
+    rng = random.Random(11)
+    for _ in range(300):
+        n = rng.randint(1, 5)
+        cands = [Candidate(f"e{i}", 0, True, 0, prof(f"e{i}", power_w=rng.uniform(5, 500), step_ms=rng.uniform(1, 50)))
+                 for i in range(n)]
+        prior = {c.expert: rng.random() for c in cands}
+        names = sorted(prior)
+        lifts = {s: rng.uniform(-0.1, 0.3) for k in (2, 3) for s in itertools.combinations(names, k)
+                 if rng.random() < 0.8}
+        gains = _gains(lifts)
+        r = req(gate=PriorGate(prior)(""), mode="score", max_tokens=0, choice_tokens=(3, 4),
+                energy_budget_j=rng.choice([None, rng.uniform(0.001, 0.05)]),
+                latency_budget_ms=rng.choice([None, rng.uniform(0.5, 20)]))
+        price = rng.choice([0.0, rng.uniform(0, 20)])
+        p = MoE2(cost=CostModel(), settings=RouterSettings(quality_prior=prior, aggregation_ms=0.5, quality_per_j=price,
+                                                           ensemble=gains))
+        est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False) for c in cands}
+
+        def fits(s, r=r, est=est):
+            return ((r.energy_budget_j is None or sum(est[x].energy_j for x in s) <= r.energy_budget_j * (1 + 1e-9))
+                    and (r.latency_budget_ms is None
+                         or max(est[x].latency_ms for x in s) + (0.5 if len(s) > 1 else 0) <= r.latency_budget_ms))
+
+        alone = [x for x in names if fits([x])]
+        try:
+            plan = p.plan(r, cands)
+        except BudgetInfeasible:
+            assert alone == []
+            continue
+        s = list(plan.subset)
+        assert fits(s)
+        net = {x: prior[x] - price * est[x].energy_j for x in alone}
+        assert any(net[x] == pytest.approx(max(net.values())) for x in s)  # it started from the best single
+        for x in alone:  # nothing left out would have paid for itself
+            if x in s:
+                continue
+            dq = gains.gain(prior, s, x)
+            assert dq is None or dq <= 0 or dq < price * est[x].energy_j or not fits([*s, x])

@@ -13,7 +13,7 @@ import pytest
 from router.gate_fit import read_labelled
 from router.quality import read_items
 from runtime.cli import main
-from runtime.cli.quality import EngineAnswers, _write_labels, measure_expert
+from runtime.cli.quality import EngineAnswers, _write_labels, measure_expert, read_logprobs, write_logprobs
 
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 ITEMS = [
@@ -71,6 +71,47 @@ def test_measure_writes_gate_fit_shaped_labels_and_resumes(tmp_path):
     assert data.quality.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
 
 
+def test_measure_keeps_choice_logprobs_and_rescoring_fills_only_what_is_missing(tmp_path):
+    items = read_items(_items(tmp_path))
+    out, lp_path = tmp_path / "labels.csv", tmp_path / "logprobs.jsonl"
+    rows: dict = {}
+
+    def save():
+        _write_labels(out, items, rows, ["edge"])
+
+    measure_expert(FakeAnswers(), items, "edge", rows, max_tokens=4, mc_norm="sum", save=save)
+    assert rows["cap/1"]["edge"] == "0"
+    # labels exist; asking for log-likelihoods scores only the multiple-choice item again
+    logprobs: dict = {}
+    again = FakeAnswers()
+    changed = measure_expert(again, items, "edge", rows, max_tokens=4, mc_norm="sum", save=save, logprobs=logprobs)
+    assert again.calls == 1 and changed == 0 and logprobs == {("cap/1", "edge"): [-3.0, -3.0, -0.5]}
+    write_logprobs(lp_path, logprobs)
+    assert read_logprobs(lp_path) == logprobs
+    done = FakeAnswers()
+    measure_expert(done, items, "edge", rows, max_tokens=4, mc_norm="sum", save=save, logprobs=read_logprobs(lp_path))
+    assert done.calls == 0
+    # a label that the new score contradicts is counted (and replaced)
+    rows["cap/1"]["edge"] = "1"
+    assert measure_expert(FakeAnswers(), items, "edge", rows, max_tokens=4, mc_norm="sum", save=save, logprobs={}) == 1
+    assert rows["cap/1"]["edge"] == "0"
+
+
+def test_quality_ensemble_command_writes_what_the_router_reads(tmp_path, capsys):
+    from router.ensemble import EnsembleGains
+
+    data = _items(tmp_path)
+    lp_path = tmp_path / "logprobs.jsonl"
+    write_logprobs(lp_path, {("cap/1", "edge"): [-0.1, -5.0, -5.0], ("cap/1", "cloud"): [-2.0, -1.9, -5.0]})
+    assert main(["quality", "ensemble", "--data", str(data), "--logprobs", str(lp_path), "--out", str(tmp_path)]) == 0
+    gains = EnsembleGains.load(tmp_path / "ensemble.json")
+    m = gains.measures[frozenset({"edge", "cloud"})]
+    assert (m.n, m.best, m.wins, m.losses) == (1, "edge", 0, 0)
+    assert "lift +0.000" in capsys.readouterr().out
+    write_logprobs(lp_path, {("cap/1", "edge"): [-0.1, -5.0]})  # two scores for three choices
+    assert main(["quality", "ensemble", "--data", str(data), "--logprobs", str(lp_path), "--out", str(tmp_path)]) != 0
+
+
 def test_engine_answers_drive_the_synthetic_engine_step_loop():
     from wattserve.specs import ExpertSpec
     from workers.engines import build_engine
@@ -116,3 +157,24 @@ def test_local_config_ships_a_gate_fitted_on_its_own_experts():
     seen = set(meta["train_prompt_sha1"]) | set(meta["heldout_prompt_sha1"])
     assert seen == {prompt_sha1(p) for p in labels.prompts} and not set(meta["train_prompt_sha1"]) & set(meta["heldout_prompt_sha1"])
     assert meta["heldout_report"]["within_task_auc"] is not None
+
+
+def test_local_config_ships_the_measured_ensemble_lift_its_router_reads():
+    """configs/local.yaml's gate directory holds ensemble.json, measured from the shipped per-choice
+    log-likelihoods (which reproduce the shipped labels), for the config's own experts."""
+    from router.ensemble import ENSEMBLE_FILE, EnsembleGains
+    from router.quality import mc_correct
+    from runtime.config import load_config
+    from runtime.routing import RoutingService
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(LOCAL)
+    gains = EnsembleGains.load(Path(cfg.router.gate_path) / ENSEMBLE_FILE)
+    pair = gains.measures[frozenset(e.name for e in cfg.experts)]
+    logprobs = read_logprobs(root / "data" / "quality" / "logprobs_local.jsonl")
+    both = {i for i, _ in logprobs if all((i, e.name) in logprobs for e in cfg.experts)}
+    assert pair.n == len(both) > 200
+    items = {it.id: it for it in read_items(root / "data" / "quality" / "prompts.jsonl")}
+    labels = {r["id"]: r for r in csv.DictReader((root / "data" / "quality" / "labels_local.csv").open())}
+    assert all(labels[i][e] == ("1" if mc_correct(lps, items[i]) else "0") for (i, e), lps in logprobs.items())
+    assert RoutingService(cfg).settings.ensemble.lift([e.name for e in cfg.experts]) == pytest.approx(pair.lift)

@@ -70,6 +70,30 @@ async def test_a_fitted_gate_is_loaded_by_path_and_named_in_the_plan(tmp_path):
     assert set(plan.weights) == set(plan.subset)
 
 
+async def test_measured_ensemble_gains_are_read_from_the_gate_directory(tmp_path):
+    """``ensemble.json`` beside the gate (``wattserve quality ensemble``) is keyed by the labels'
+    columns; the service maps them to its experts, and Score adds a second expert only when the
+    measured gain pays for it."""
+    from router.ensemble import ENSEMBLE_FILE, EnsembleGains, EnsembleMeasure
+
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    fit_gate(data, FakeEncoder().encode(data.prompts), tmp_path / "gate", epochs=5, hidden=8)
+    names = {"edge": "prose", "cloud": "math"}
+    assert RoutingService(config(gate_path=str(tmp_path / "gate"), gate_outputs=names)).settings.ensemble is None
+    score = req(kind="score", choices=(" yes", " no"), max_tokens=0)
+
+    async def subset(wins, losses):
+        EnsembleGains([EnsembleMeasure(("math", "prose"), 100, 0.5, "math", 0.45, wins, losses)]).save(
+            tmp_path / "gate" / ENSEMBLE_FILE)
+        svc = RoutingService(config(gate_path=str(tmp_path / "gate"), gate_outputs=names))
+        svc.gate = svc.prior_gate  # the fitted gate's encoder is not what this test is about
+        assert svc.settings.ensemble.lift(["edge", "cloud"]) == pytest.approx((wins - losses) / 100)
+        return set((await svc.plan(score, CANDS)).subset)
+
+    assert await subset(wins=10, losses=2) == {"edge", "cloud"}  # price 0: any measured gain is worth it
+    assert await subset(wins=2, losses=10) == {"cloud"}  # the mix spoils more answers than it saves
+
+
 async def test_a_deadline_is_a_latency_budget_but_never_a_reason_to_refuse():
     svc = RoutingService(config())
     assert (await svc.plan(req(tenant="default"), CANDS)).ranked[0].expert == "cloud"
