@@ -90,14 +90,21 @@ def _read_labels(path: Path) -> dict[str, dict]:
 
 
 def _write_labels(path: Path, items, rows: dict[str, dict], experts: list[str]) -> None:
+    """Rewrite ``path``: ``items`` in order, then every other row the file already held (a run
+    limited by ``--tasks`` or ``--limit`` must not drop the labels it did not measure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    written = set()
     with tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([*KEY_COLUMNS, *experts])
         for it in items:
             r = rows.get(it.id, {})
             w.writerow([it.id, it.task, it.prompt, *(r.get(e, "") for e in experts)])
+            written.add(it.id)
+        for rid, r in rows.items():
+            if rid not in written and "task" in r:  # read from the file, not measured this run
+                w.writerow([rid, r["task"], r.get("prompt", ""), *(r.get(e) or "" for e in experts)])
     tmp.replace(path)
 
 

@@ -13,7 +13,14 @@ import pytest
 from router.gate_fit import read_labelled
 from router.quality import read_items
 from runtime.cli import main
-from runtime.cli.quality import EngineAnswers, _write_labels, measure_expert, read_logprobs, write_logprobs
+from runtime.cli.quality import (
+    EngineAnswers,
+    _read_labels,
+    _write_labels,
+    measure_expert,
+    read_logprobs,
+    write_logprobs,
+)
 
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
 ITEMS = [
@@ -69,6 +76,23 @@ def test_measure_writes_gate_fit_shaped_labels_and_resumes(tmp_path):
     data = read_labelled(out)
     assert data.experts == ["edge", "cloud"] and data.groups == ["add", "add", "capital"]
     assert data.quality.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+
+
+def test_a_run_on_some_tasks_keeps_the_labels_of_the_others(tmp_path):
+    items = read_items(_items(tmp_path))
+    out = tmp_path / "labels.csv"
+    rows: dict = {}
+    measure_expert(FakeAnswers(), items, "edge", rows, max_tokens=4, mc_norm="sum",
+                   save=lambda: _write_labels(out, items, rows, ["edge"]))
+    rows = _read_labels(out)  # a second run, as with --tasks add: only the "add" items selected
+    only_add = [it for it in items if it.task == "add"]
+    measure_expert(FakeAnswers(), only_add, "cloud", rows, max_tokens=4, mc_norm="sum",
+                   save=lambda: _write_labels(out, only_add, rows, ["edge", "cloud"]))
+    saved = {r["id"]: r for r in csv.DictReader(out.open())}
+    assert set(saved) == {"add/1", "add/2", "cap/1"}  # before: the capital row was dropped
+    assert saved["cap/1"]["edge"] == "0" and saved["cap/1"]["cloud"] == ""
+    assert saved["cap/1"]["prompt"] == "The capital of France is"
+    assert [saved[i]["cloud"] for i in ("add/1", "add/2")] == ["1", "0"]
 
 
 def test_measure_keeps_choice_logprobs_and_rescoring_fills_only_what_is_missing(tmp_path):
