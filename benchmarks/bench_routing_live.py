@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
 
-from router.quality import exact_match, mc_choice, read_items  # noqa: E402
+from router.quality import exact_match, read_items  # noqa: E402
 
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 
@@ -59,32 +58,13 @@ def start_server(config: str, timeout_s: float) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"wattserve serve did not listen within {timeout_s:.0f} s")
 
 
-def _softmax(xs: list[float]) -> list[float]:
-    top = max(xs)
-    e = [math.exp(x - top) for x in xs]
-    return [v / sum(e) for v in e]
-
-
-def mc_answer(resp, item, norm: str) -> int:
-    """The served answer, scored like ``quality measure``: each expert's per-character-normalised
-    choice scores, mixed with the gate weights the server used (one expert: its own argmax)."""
-    if len(resp.experts) == 1:
-        return mc_choice(list(resp.experts[0].choice_logprobs), item.choices, norm)
-    mixed = [0.0] * len(item.choices)
-    for c in resp.experts:
-        lps = list(c.choice_logprobs)
-        scores = [lp / max(1, len(ch.strip())) for lp, ch in zip(lps, item.choices, strict=True)] if norm == "per_char" else lps
-        for k, p in enumerate(_softmax(scores)):
-            mixed[k] += c.weight * p
-    return max(range(len(mixed)), key=mixed.__getitem__)
-
-
 def ask(stub, pb, item, expert: str, max_tokens: int, norm: str, timeout_s: float) -> dict:
     """One request; returns who answered, right or wrong, joules and their source, latency."""
     t0 = time.perf_counter()
     if item.kind == "mc":
-        resp = stub.Score(pb.ScoreRequest(prompt=item.prompt, choices=list(item.choices), expert=expert), timeout=timeout_s)
-        right = mc_answer(resp, item, norm) == item.gold
+        resp = stub.Score(pb.ScoreRequest(prompt=item.prompt, choices=list(item.choices), expert=expert,
+                                          choice_norm=norm), timeout=timeout_s)
+        right = resp.best_choice == item.gold  # the served answer, ranked as the labels were measured
         answered = [c.expert for c in resp.experts]
         sources = {c.energy_source for c in resp.experts}
         energy_j = resp.energy_j

@@ -140,13 +140,20 @@ def mc_choice(logprobs: Sequence[float], choices: Sequence[str], norm: str = "pe
     """Index of the choice with the highest (normalised) log-likelihood; ties go to the first."""
     if len(logprobs) != len(choices) or not choices:
         raise ValueError(f"{len(logprobs)} log-probabilities for {len(choices)} choices")
+    scores = choice_scores(logprobs, choices, norm)
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def choice_scores(logprobs: Sequence[float], choices: Sequence[str], norm: str = "per_char") -> list[float]:
+    """The choices' log-likelihoods as ranked under ``norm``: ``sum`` as given (summed over the
+    choice's tokens), ``per_char`` divided by the choice's length in characters (lm-eval's
+    ``acc_norm``: long choices are not penalised for their length). The served Score path and the
+    labels use this one function, so the router's quality is that of the answer it serves."""
     if norm not in MC_NORMS:
         raise ValueError(f"norm must be one of {MC_NORMS}, got {norm!r}")
     if norm == "per_char":
-        scores = [lp / max(1, len(c.strip()) or len(c)) for lp, c in zip(logprobs, choices, strict=True)]
-    else:
-        scores = list(logprobs)
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+        return [lp / max(1, len(c.strip()) or len(c)) for lp, c in zip(logprobs, choices, strict=True)]
+    return list(logprobs)
 
 
 def mc_correct(logprobs: Sequence[float], item: LabelledItem, norm: str = "per_char") -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from router.base import Plan
 from router.budget import BudgetChange, BudgetLimit
+from router.quality import MC_NORMS
 from wattserve.errors import InvalidRequest
 from wattserve.types import Priority
 
@@ -37,6 +38,7 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> Request:
         kind="score",
         prompt=msg.prompt,
         choices=tuple(msg.choices),
+        choice_norm=_choice_norm(msg.choice_norm),
         energy_budget_j=msg.energy_budget_j if msg.HasField("energy_budget_j") else None,
         latency_budget_ms=msg.latency_budget_ms if msg.HasField("latency_budget_ms") else None,
         priority=Priority(msg.priority) if msg.priority else Priority.NORMAL,
@@ -44,6 +46,15 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> Request:
         expert=msg.expert,
         request_id=msg.request_id,
     )
+
+
+def _choice_norm(value: str) -> str:
+    if not value:
+        return "sum"
+    if value not in MC_NORMS:
+        raise InvalidRequest(f"choice_norm must be one of {', '.join(MC_NORMS)} (or empty for sum); got {value!r}",
+                             param="choice_norm")
+    return value
 
 
 def score_response_to_proto(out: ScoreOutcome, choices) -> pb.ScoreResponse:

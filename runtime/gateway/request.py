@@ -45,6 +45,7 @@ class Request:
     max_tokens: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
     choices: tuple[str, ...] = ()
+    choice_norm: str = "sum"  # Score: how choices are ranked (router/quality.py choice_scores)
     image: ImageParams | None = None
     similarity: SimilarityFilterParams | None = None
     frame_buffer_size: int = 0

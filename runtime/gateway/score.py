@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from router.base import Candidate, Plan
 from router.moe2 import combine
+from router.quality import choice_scores
 from wattserve.errors import WattserveError
 from wattserve.types import ScoreCall, ScoreResult
 
@@ -88,11 +89,12 @@ async def _score(call: Call) -> ScoreOutcome:
     if sum(weights.values()) <= 0:
         weights = {e: 1.0 for e in answered}
     total = sum(weights.values())
-    probs = combine(weights, {e: r.choice_logprobs for e, (_, r) in answered.items()})
+    ranked = {e: choice_scores(r.choice_logprobs, req.choices, req.choice_norm) for e, (_, r) in answered.items()}
+    probs = combine(weights, ranked)
     contributions = tuple(
         ExpertContribution(
             expert=e, replica=c.replica, weight=weights[e] / total, choice_logprobs=r.choice_logprobs,
-            choice_probs=_softmax(r.choice_logprobs), energy_j=r.energy_j, energy_source=r.energy_source,
+            choice_probs=_softmax(ranked[e]), energy_j=r.energy_j, energy_source=r.energy_source,
             latency_ms=r.latency_ms,
         )
         for e, (c, r) in answered.items()

@@ -195,6 +195,9 @@ async def test_score_bad_input(channel):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await pb_grpc.InferenceStub(channel).Score(pb.ScoreRequest(prompt="x", choices=[]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "choices is empty" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await pb_grpc.InferenceStub(channel).Score(pb.ScoreRequest(prompt="x", choices=["a", "b"], choice_norm="mean"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "choice_norm must be one of" in err.value.details()
 
 
 async def test_admin_exports_prediction_error(channel, predicted):

@@ -349,7 +349,7 @@ class GetStatusResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., ray_address: _Optional[str] = ..., routing_policy: _Optional[str] = ..., inflight: _Optional[int] = ..., max_inflight: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., total_replicas: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_energy_j: _Optional[float] = ..., idle_energy_j: _Optional[float] = ..., energy_sources: _Optional[_Iterable[str]] = ..., gate: _Optional[str] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("prompt", "choices", "energy_budget_j", "latency_budget_ms", "priority", "tenant", "expert", "request_id")
+    __slots__ = ("prompt", "choices", "energy_budget_j", "latency_budget_ms", "priority", "tenant", "expert", "request_id", "choice_norm")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     ENERGY_BUDGET_J_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +358,7 @@ class ScoreRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_NORM_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     choices: _containers.RepeatedScalarFieldContainer[str]
     energy_budget_j: float
@@ -366,7 +367,8 @@ class ScoreRequest(_message.Message):
     tenant: str
     expert: str
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., energy_budget_j: _Optional[float] = ..., latency_budget_ms: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., expert: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    choice_norm: str
+    def __init__(self, prompt: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., energy_budget_j: _Optional[float] = ..., latency_budget_ms: _Optional[float] = ..., priority: _Optional[_Union[Priority, str]] = ..., tenant: _Optional[str] = ..., expert: _Optional[str] = ..., request_id: _Optional[str] = ..., choice_norm: _Optional[str] = ...) -> None: ...
 
 class ExpertScore(_message.Message):
     __slots__ = ("expert", "replica", "weight", "choice_logprobs", "choice_probs", "energy_j", "energy_source", "latency_ms")

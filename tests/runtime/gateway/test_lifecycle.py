@@ -173,6 +173,18 @@ async def test_score_mixes_the_experts_that_answered_and_survives_one_that_died(
             await gw.score(Request(kind="score", prompt="pick"))
 
 
+async def test_score_ranks_choices_by_the_requested_normalisation():
+    # summed log p prefers the short choice; per character, the long one is likelier
+    a = FakeReplicaClient("a", choice_logprobs=(-2.0, -3.0))
+    choices = ("no", " a much longer answer")
+    async with running(make_gateway([a])) as gw:
+        summed = await gw.score(Request(kind="score", prompt="pick", choices=choices))
+        per_char = await gw.score(Request(kind="score", prompt="pick", choices=choices, choice_norm="per_char"))
+    assert summed.best == 0 and per_char.best == 1
+    assert per_char.contributions[0].choice_logprobs == (-2.0, -3.0)  # the raw sums stay as they were
+    assert per_char.contributions[0].choice_probs[1] > per_char.contributions[0].choice_probs[0]
+
+
 async def test_replicas_added_and_removed_at_run_time_are_seen_by_the_router():
     a0 = FakeReplicaClient("a", 0)
     async with running(make_gateway([a0])) as gw:
