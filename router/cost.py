@@ -115,6 +115,10 @@ class CostModel:
     energy_clock_exponent: float = 0.5
     power_clock_exponent: float = 1.5
     errors: dict[str, PredictionError] = field(default_factory=dict)
+    # Prefill-only work (Score: no output tokens) learns its own corrections: its error is not
+    # Generate's (measured live: Score predictions 1.0-2.0x the measured joules while Generate's
+    # were close), and one shared correction would pull both wrong.
+    prefill_only_errors: dict[str, PredictionError] = field(default_factory=dict)
     _clock_refs: dict[tuple[str, int], _ClockRef] = field(default_factory=dict)
 
     # -- prediction ----------------------------------------------------------------------------
@@ -130,7 +134,7 @@ class CostModel:
         raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
         if raw is None:
             return None
-        err = self.errors.get(expert)
+        err = self._errors(output_tokens).get(expert)
         if err is None or raw.basis != "measured":
             return raw  # corrections are learned against measured figures only
         return CostEstimate(
@@ -196,11 +200,16 @@ class CostModel:
         it actually processed, and update the corrections and error figures."""
         raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
         if raw is not None:
-            self.observe(expert, raw, actual_energy_j, actual_latency_ms)
+            self.observe(expert, raw, actual_energy_j, actual_latency_ms, prefill_only=output_tokens <= 0)
 
-    def observe(self, expert: str, raw: CostEstimate, actual_energy_j: float, actual_latency_ms: float) -> None:
-        """A request finished: ``raw`` is the uncorrected prediction for its actual token counts."""
-        err = self.errors.setdefault(expert, PredictionError())
+    def _errors(self, output_tokens: int) -> dict[str, PredictionError]:
+        return self.prefill_only_errors if output_tokens <= 0 else self.errors
+
+    def observe(self, expert: str, raw: CostEstimate, actual_energy_j: float, actual_latency_ms: float,
+                *, prefill_only: bool = False) -> None:
+        """A request finished: ``raw`` is the uncorrected prediction for its actual token counts;
+        ``prefill_only`` (a Score) updates the corrections of prefill-only work."""
+        err = (self.prefill_only_errors if prefill_only else self.errors).setdefault(expert, PredictionError())
         a = self.alpha
         learn = raw.basis == "measured"  # a prior's bias says nothing about the measured figures
         for kind, pred, actual in (("energy", raw.energy_j, actual_energy_j), ("latency", raw.latency_ms, actual_latency_ms)):

@@ -135,6 +135,21 @@ def test_learning_corrects_bias_and_tracks_error():
     assert model.predict(p, "e", 100, 11).energy_j == pytest.approx(raw.energy_j * 1.2, rel=1e-3)
 
 
+def test_scoring_and_generating_learn_their_own_corrections():
+    """Live, Score (prefill only) ran 1.0-2.0x its predicted joules while Generate was close: one
+    shared correction per expert moved both."""
+    model = CostModel(alpha=0.5)
+    p = profile()
+    gen, score = model.raw(p, "e", 100, 11), model.raw(p, "e", 400, 0)
+    for _ in range(30):
+        model.learn(p, "e", 100, 11, gen.energy_j, gen.latency_ms)  # Generate: predicted right
+        model.learn(p, "e", 400, 0, score.energy_j * 2.0, score.latency_ms * 2.0, queue=False)  # Score: 2x
+    assert model.errors["e"].energy_correction == pytest.approx(1.0)
+    assert model.prefill_only_errors["e"].energy_correction == pytest.approx(2.0, rel=1e-3)
+    assert model.predict(p, "e", 100, 11).energy_j == pytest.approx(gen.energy_j)
+    assert model.predict(p, "e", 400, 0, queue=False).energy_j == pytest.approx(2.0 * score.energy_j, rel=1e-3)
+
+
 def test_tiny_requests_cannot_bend_the_correction_of_large_ones():
     """One-token answers cost far more than their prediction (fixed per-request work); on the real
     default experts an average of ratios let a few of them inflate every prediction by ~1.7x."""
