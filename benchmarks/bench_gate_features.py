@@ -118,8 +118,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--holdout", type=float, default=0.2)
     ap.add_argument("--val", type=float, default=0.2)
+    ap.add_argument("--served-cost", type=int, default=0, metavar="N",
+                    help="also time MiniLM against the edge expert's llama.cpp prefill on N prompts, alternating")
+    ap.add_argument("--sets", default=None, help="comma-separated feature sets to run (default: all; MiniLM always)")
     ap.add_argument("--json", default=None, help="write every held-out report here")
     args = ap.parse_args()
+    sets = SETS
+    if args.sets:
+        wanted = ["minilm", *(n.strip() for n in args.sets.split(",") if n.strip() != "minilm")]
+        unknown = [n for n in wanted if n not in SETS]
+        if unknown:
+            ap.error(f"unknown feature sets {unknown}; known: {', '.join(SETS)}")
+        sets = {n: SETS[n] for n in wanted}
     import torch
 
     torch.set_num_threads(1)  # a shared machine; the fits are small
@@ -141,6 +151,13 @@ def main() -> None:
           f"{minilm_ms(data.prompts):.0f} ms; edge prefill (torch float32, all features from one forward) "
           f"{float(edge['ms'].mean()):.0f} ms mean, {float(np.median(edge['ms'])):.0f} ms median, "
           f"{float(edge['tokens'].mean()):.0f} tokens mean")
+    if args.served_cost:
+        from gate_edge_features import served_cost
+
+        c = served_cost(data.prompts, args.served_cost)
+        print(f"served cost per prompt ({c['prompts']} prompts, one at a time, alternating): MiniLM "
+              f"{c['minilm_mean_ms']:.0f} ms mean / {c['minilm_median_ms']:.0f} median; edge prefill on llama.cpp "
+              f"{c['edge_prefill_mean_ms']:.0f} ms mean / {c['edge_prefill_median_ms']:.0f} median: {c['ratio']:.1f}x MiniLM")
     print(f"cut: MiniLM head_tail window {cut_minilm} of {len(data.prompts)} prompts (> 254 word pieces); "
           f"edge {int(edge['cut'].sum())} (> 2048 tokens)")
 
@@ -150,7 +167,7 @@ def main() -> None:
     splits = {s: split(len(y), args.holdout, s) for s in args.seeds}
     t0 = time.monotonic()
     chosen: dict[str, dict] = {}
-    for name, names in SETS.items():
+    for name, names in sets.items():
         losses = {i: [] for i in range(len(settings))}
         for seed in args.seeds:
             tr, _ = splits[seed]
@@ -167,11 +184,11 @@ def main() -> None:
     print(f"settings chosen on validation rows ({len(settings)} per feature set x {len(args.seeds)} seeds, "
           f"{time.monotonic() - t0:.0f} s)")
 
-    results: dict[str, list[dict]] = {name: [] for name in [*SETS, "task prior (yardstick)"]}
+    results: dict[str, list[dict]] = {name: [] for name in [*sets, "task prior (yardstick)"]}
     for seed in args.seeds:
         tr, ho = splits[seed]
         g_ho = [groups[i] for i in ho] if groups else None
-        for name, names in SETS.items():
+        for name, names in sets.items():
             x = blocks_for(names, raw, tr)
             logits = predict(x[tr], y[tr], x[ho], chosen[name], seed)
             results[name].append(report(logits, y[ho], data.experts, g_ho))

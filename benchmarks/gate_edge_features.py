@@ -137,3 +137,43 @@ def confidence(logits, ids) -> np.ndarray:
     return np.asarray([float(nll.mean()), float(nll.std()) if len(nll) > 1 else 0.0,
                        float(nll[-TAIL_TOKENS:].mean()), entropy, float(nxt.exp().max()),
                        float(np.log(len(ids)))], dtype=np.float32)
+
+
+def served_cost(prompts: list[str], n: int = 100, config: Path = ROOT / "configs" / "local.yaml") -> dict[str, float]:
+    """What each feature costs on the serving path, one prompt at a time, the two sides
+    alternating per prompt (a shared machine's load hits both alike): MiniLM through the served
+    gate's encoder (``head_tail``), and the edge expert's prefill on the engine it is served on
+    (configs/local.yaml: llama.cpp, the Q4_1 GGUF), through its Score path with a one-token
+    continuation (the prefill a hidden-state hook would run). Returns mean and median ms per
+    prompt for each, and their ratio."""
+    import statistics
+
+    from router.gate import shared_encoder
+    from runtime.cli.quality import _load_engine  # loads an expert exactly as its actor does
+    from runtime.config import load_config
+    from wattserve.types import ScoreCall
+    from workers.models import default_cache_dir
+
+    cfg = load_config(config)
+    spec = next(e for e in cfg.experts if e.name == "edge")
+    engine = _load_engine(cfg, spec, default_cache_dir(), None)
+    encoder = shared_encoder("head_tail")
+
+    def prefill(i: int, text: str) -> None:
+        call = ScoreCall(request_id=f"feature-{i}", prompt=text, choices=[" x"])
+        engine.score(engine.validate_score(call, time.monotonic()))
+
+    prefill(-1, "warm-up")
+    encoder.encode_with_cuts(["warm-up"])
+    step = max(1, len(prompts) // n)
+    ms: dict[str, list[float]] = {"minilm": [], "edge_prefill": []}
+    for i, text in enumerate(prompts[::step][:n]):
+        for side in (("minilm", "edge_prefill") if i % 2 == 0 else ("edge_prefill", "minilm")):
+            t0 = time.perf_counter()
+            encoder.encode_with_cuts([text]) if side == "minilm" else prefill(i, text)
+            ms[side].append(1000 * (time.perf_counter() - t0))
+    engine.close()
+    out = {f"{k}_{f.__name__}_ms": f(v) for k, v in ms.items() for f in (statistics.mean, statistics.median)}
+    out["ratio"] = statistics.mean(ms["edge_prefill"]) / statistics.mean(ms["minilm"])
+    out["prompts"] = len(ms["minilm"])
+    return out
