@@ -147,10 +147,10 @@ def main() -> None:
            "length": np.log(pieces)[:, None],
            **{k: edge[k] for k in ("last_final", "mean_final", "last_mid", "mean_mid")}}
     print(f"{len(data.prompts)} prompts, experts {data.experts}; CPU: {cpu_model()}")
-    print(f"feature cost per prompt (one prompt per call, 1-2 threads on the shared machine): MiniLM "
-          f"{minilm_ms(data.prompts):.0f} ms; edge prefill (torch float32, all features from one forward) "
-          f"{float(edge['ms'].mean()):.0f} ms mean, {float(np.median(edge['ms'])):.0f} ms median, "
-          f"{float(edge['tokens'].mean()):.0f} tokens mean")
+    print(f"feature cost per prompt: MiniLM {minilm_ms(data.prompts):.0f} ms (one prompt per call); the edge forward "
+          f"that extracted its features (torch float32, 16 prompts a batch: not the serving path, see --served-cost) "
+          f"{float(edge['ms'].mean()):.0f} ms mean, {float(np.median(edge['ms'])):.0f} ms median when computed; "
+          f"{float(edge['tokens'].mean()):.0f} edge tokens per prompt")
     if args.served_cost:
         from gate_edge_features import served_cost
 
