@@ -117,9 +117,12 @@ def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 30, lr: float = 2e-3,
               weight_decay: float = 1e-3, dropout: float = 0.1, batch_size: int = 256, seed: int = 0,
-              on_epoch: Callable[[int, float], None] | None = None):
+              on_epoch: Callable[[int, float], None] | None = None,
+              after_epoch: Callable[[int, object], None] | None = None):
     """Fit logits to qualities with BCE (AdamW: ``weight_decay``; ``dropout`` between the layers
-    while training only); returns the torch module (eval mode)."""
+    while training only); returns the torch module (eval mode). ``after_epoch(epoch, module)``
+    sees the module after each epoch in eval mode (so one run scores every shorter epoch count:
+    the first k epochs of a run are the run of k epochs)."""
     import torch
 
     torch.manual_seed(seed)
@@ -139,6 +142,8 @@ def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 3
             total += float(loss.detach()) * len(batch)
         if on_epoch:
             on_epoch(epoch, total / len(xt))
+        if after_epoch:
+            after_epoch(epoch, mlp.eval())
     return mlp.eval()
 
 
