@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,7 +103,7 @@ class ExpertActor(_OnNode, ExpertWorker):
     async def profile(self):
         if not self._restart_checked:
             self._restart_checked = True
-            if self.spec.startup_probe and ray.get_runtime_context().was_current_actor_reconstructed:
+            if self.spec.startup_probe and _was_restarted():
                 self._restart_probe = asyncio.ensure_future(self._probe_after_restart())
         return await super().profile()
 
@@ -112,6 +113,14 @@ class ExpertActor(_OnNode, ExpertWorker):
         except Exception as exc:  # noqa: BLE001 - priced by its prior until it serves, as at start-up
             log.warning("%s restarted; its probe failed (%s): priced by router.cost_priors until it serves",
                         actor_name(self.spec.name, self.replica), exc)
+
+
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor; asked once per process (a query to Ray's state API, whose
+    property reads a deprecated attribute and would warn in every replica's log)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def __getattr__(name: str):
