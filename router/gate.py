@@ -243,6 +243,7 @@ class FittedGate:
         self.prompts_seen = 0
         self.prompts_cut = 0
         self.knn_weight = float(self.meta.get("knn_weight", 0.0))
+        self.calibration = self.meta.get("calibration")  # per expert [a, b] (router/gate_cv.py), or None
         self.neighbours: Neighbours | None = None
         if self.knn_weight > 0:
             self.neighbours = Neighbours.load(self.directory / NEIGHBOURS_FILE, int(self.meta.get("knn_k", DEFAULT_KNN_K)))
@@ -273,13 +274,16 @@ class FittedGate:
 
     def quality(self, embeddings):
         """numpy (N, dim) -> numpy (N, outputs) predicted quality: sigmoid of the logits, averaged
-        with the neighbours' mean quality when the gate keeps neighbours."""
+        with the neighbours' mean quality when the gate keeps neighbours, then calibrated per
+        expert when the gate records a calibration."""
         import numpy as np
 
+        from .gate_cv import apply_calibration
+
         p = 1.0 / (1.0 + np.exp(-self.logits(embeddings).astype(np.float64)))
-        if self.neighbours is None:
-            return p
-        return blend(p, self.neighbours.predict(embeddings), self.knn_weight)
+        if self.neighbours is not None:
+            p = blend(p, self.neighbours.predict(embeddings), self.knn_weight)
+        return apply_calibration(p, self.calibration)
 
     def output_for_quality(self, quality_row) -> GateOutput:
         return quality_output(quality_row, self.outputs, self.names, self.source)
