@@ -246,7 +246,8 @@ class FittedGate:
         self.calibration = self.meta.get("calibration")  # per expert [a, b] (router/gate_cv.py), or None
         self.neighbours: Neighbours | None = None
         if self.knn_weight > 0:
-            self.neighbours = Neighbours.load(self.directory / NEIGHBOURS_FILE, int(self.meta.get("knn_k", DEFAULT_KNN_K)))
+            self.neighbours = Neighbours.load(self.directory / NEIGHBOURS_FILE, int(self.meta.get("knn_k", DEFAULT_KNN_K)),
+                                              float(self.meta.get("knn_tau", 0.0)))
 
     def _encoder(self):
         if self.encoder is None:
@@ -306,7 +307,7 @@ class Neighbours:
     """The training prompts' embeddings (L2-normalised) and labels: the mean quality of the ``k``
     nearest (cosine) per expert. A few MB for thousands of prompts."""
 
-    def __init__(self, embeddings, quality, k: int = DEFAULT_KNN_K) -> None:
+    def __init__(self, embeddings, quality, k: int = DEFAULT_KNN_K, tau: float = 0.0) -> None:
         import numpy as np
 
         emb = np.asarray(embeddings, dtype=np.float32)
@@ -317,12 +318,18 @@ class Neighbours:
             raise ConfigError(f"neighbours: k must be >= 1, got {k}")
         self.embeddings = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         self.quality = q
+        if tau < 0:
+            raise ConfigError(f"neighbours: tau must be >= 0, got {tau}")
         self.k = min(int(k), len(emb))
+        self.tau = float(tau)  # > 0: nearer neighbours weigh more (eval_baselines.knn_predict)
 
     def predict(self, embeddings):
+        import numpy as np
+
         from .eval_baselines import knn_predict
 
-        return knn_predict(self.embeddings, self.quality, embeddings, k=self.k)
+        return knn_predict(self.embeddings, self.quality, np.asarray(embeddings, dtype=np.float32), k=self.k,
+                           tau=self.tau, train_normalised=True)
 
     def save(self, path: str | Path) -> None:
         import torch
@@ -332,14 +339,14 @@ class Neighbours:
                    "quality": torch.as_tensor(self.quality).contiguous()}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, k: int) -> Neighbours:
+    def load(cls, path: str | Path, k: int, tau: float = 0.0) -> Neighbours:
         from safetensors.numpy import load_file
 
         try:
             t = load_file(str(path))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the gate's neighbours {path}: {exc}") from None
-        return cls(t["embeddings"], t["quality"], k)
+        return cls(t["embeddings"], t["quality"], k, tau)
 
 
 def blend(p_gate, p_knn, knn_weight: float):

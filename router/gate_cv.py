@@ -32,6 +32,7 @@ import numpy as np
 EPOCHS = (10, 20, 40, 80, 160)
 WEIGHT_DECAYS = (1e-3, 1e-1)
 KNN_KS = (10, 20, 40, 80)
+KNN_TAUS = (0.0,)  # kernel widths tried (0: the plain mean of the k nearest)
 KNN_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
 DEFAULT_FOLDS = 5
 _EPS = 1e-4
@@ -45,6 +46,7 @@ class BlendChoice:
     weight_decay: float
     knn_k: int
     knn_weight: float
+    knn_tau: float  # 0: plain mean of the k nearest; > 0: weights exp((s - s_max) / tau)
     calibration: list[list[float]] | None  # per expert [a, b] of sigmoid(a logit(q) + b)
     cv_logloss: float  # of the chosen blend, calibrated when calibration is kept
     cv_logloss_uncalibrated: float
@@ -81,17 +83,23 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def knn_sorted(train_x: np.ndarray, test_x: np.ndarray, k_max: int) -> np.ndarray:
     """Indices of each test row's ``k_max`` nearest training rows (cosine), nearest first."""
+    return knn_sorted_sims(train_x, test_x, k_max)[0]
+
+
+def knn_sorted_sims(train_x: np.ndarray, test_x: np.ndarray, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`knn_sorted`'s indices, their cosine similarities)."""
     a = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
     b = test_x / np.maximum(np.linalg.norm(test_x, axis=1, keepdims=True), 1e-12)
     sim = b @ a.T
     k_max = min(k_max, len(train_x))
     part = np.argpartition(-sim, k_max - 1, axis=1)[:, :k_max]
     order = np.argsort(-np.take_along_axis(sim, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    idx = np.take_along_axis(part, order, axis=1)
+    return idx, np.take_along_axis(sim, idx, axis=1).astype(np.float64)
 
 
-def _oof(x, y, folds, epochs_grid, wd_grid, k_grid, seed, hidden, dropout, on_fold):
-    """Out-of-fold predictions: {(wd, epochs): (N, E)} for the MLP and {k: (N, E)} for kNN."""
+def _oof(x, y, folds, epochs_grid, wd_grid, k_grid, tau_grid, seed, hidden, dropout, on_fold):
+    """Out-of-fold predictions: {(wd, epochs): (N, E)} for the MLP and {(k, tau): (N, E)} for kNN."""
     import torch
 
     from .eval_baselines import one_thread
@@ -99,7 +107,7 @@ def _oof(x, y, folds, epochs_grid, wd_grid, k_grid, seed, hidden, dropout, on_fo
 
     n, e = y.shape
     mlp = {(wd, ep): np.zeros((n, e)) for wd in wd_grid for ep in epochs_grid}
-    knn = {k: np.zeros((n, e)) for k in k_grid}
+    knn = {(k, t): np.zeros((n, e)) for k in k_grid for t in tau_grid}
     last = max(epochs_grid)
     for f, val in enumerate(folds):
         fit = np.setdiff1d(np.arange(n), val, assume_unique=True)
@@ -113,11 +121,15 @@ def _oof(x, y, folds, epochs_grid, wd_grid, k_grid, seed, hidden, dropout, on_fo
                         with torch.inference_mode():
                             z = net(xv).numpy().astype(np.float64)
                         mlp[(wd, epoch)][val] = 1.0 / (1.0 + np.exp(-z))
-        nearest = knn_sorted(x[fit], x[val], max(k_grid))
-        csum = np.cumsum(y[fit][nearest], axis=1)  # (val, k_max, E)
+        from .eval_baselines import kernel_mean
+
+        nearest, sims = knn_sorted_sims(x[fit], x[val], max(k_grid))
+        labels = y[fit][nearest]  # (val, k_max, E)
+        csum = np.cumsum(labels, axis=1)
         for k in k_grid:
             kk = min(k, nearest.shape[1])
-            knn[k][val] = csum[:, kk - 1] / kk
+            for t in tau_grid:
+                knn[(k, t)][val] = csum[:, kk - 1] / kk if t <= 0 else kernel_mean(labels[:, :kk], sims[:, :kk], t)
         if on_fold:
             on_fold(f)
     return mlp, knn
@@ -162,6 +174,7 @@ def _cross_fitted_platt(p: np.ndarray, y: np.ndarray, folds: list[np.ndarray]) -
 def choose_blend(x: np.ndarray, y: np.ndarray, *, folds: int = DEFAULT_FOLDS, seed: int = 0,
                  epochs: Iterable[int] = EPOCHS, weight_decay: Iterable[float] = WEIGHT_DECAYS,
                  knn_k: Iterable[int] = KNN_KS, knn_weight: Iterable[float] = KNN_WEIGHTS,
+                 knn_tau: Iterable[float] = KNN_TAUS,
                  calibrate: bool | None = False, hidden: int = 64, dropout: float = 0.1,
                  on_fold: Callable[[int], None] | None = None) -> BlendChoice:
     """Choose the blend on (``x``, ``y``) — the training rows, nothing else — by ``folds``-fold
@@ -171,32 +184,35 @@ def choose_blend(x: np.ndarray, y: np.ndarray, *, folds: int = DEFAULT_FOLDS, se
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.float64)
     grids = {"epochs": sorted({int(v) for v in epochs}), "weight_decay": sorted({float(v) for v in weight_decay}),
-             "knn_k": sorted({int(v) for v in knn_k}), "knn_weight": sorted({float(v) for v in knn_weight})}
+             "knn_k": sorted({int(v) for v in knn_k}), "knn_tau": sorted({float(v) for v in knn_tau}),
+             "knn_weight": sorted({float(v) for v in knn_weight})}
     if not all(grids.values()):
         raise ValueError(f"every grid needs a value: {grids}")
-    if min(grids["epochs"]) < 1 or min(grids["knn_k"]) < 1 or not 0 <= min(grids["knn_weight"]) <= max(grids["knn_weight"]) <= 1:
+    if (min(grids["epochs"]) < 1 or min(grids["knn_k"]) < 1 or min(grids["knn_tau"]) < 0
+            or not 0 <= min(grids["knn_weight"]) <= max(grids["knn_weight"]) <= 1):
         raise ValueError(f"bad grid: {grids}")
     parts = inner_folds(len(x), folds, seed)
-    mlp, knn = _oof(x, y, parts, grids["epochs"], grids["weight_decay"], grids["knn_k"], seed, hidden, dropout, on_fold)
+    mlp, knn = _oof(x, y, parts, grids["epochs"], grids["weight_decay"], grids["knn_k"], grids["knn_tau"], seed,
+                    hidden, dropout, on_fold)
     best, best_key = np.inf, None
     by_weight: dict[float, float] = {}
     for wd in grids["weight_decay"]:
         for ep in grids["epochs"]:
-            for k in grids["knn_k"]:
+            for kt in knn:
                 for w in grids["knn_weight"]:
-                    loss = round(logloss((1 - w) * mlp[(wd, ep)] + w * knn[k], y), 6)
+                    loss = round(logloss((1 - w) * mlp[(wd, ep)] + w * knn[kt], y), 6)
                     by_weight[w] = min(by_weight.get(w, np.inf), loss)
                     if loss < best:  # strict: ties keep the earlier (simpler) combination
-                        best, best_key = loss, (wd, ep, k, w)
-    wd, ep, k, w = best_key
-    p = (1 - w) * mlp[(wd, ep)] + w * knn[k]
+                        best, best_key = loss, (wd, ep, kt, w)
+    wd, ep, (k, tau), w = best_key
+    p = (1 - w) * mlp[(wd, ep)] + w * knn[(k, tau)]
     calibration, chosen = None, best
     if calibrate is not False:
         cal_loss = round(logloss(_cross_fitted_platt(p, y, parts), y), 6)
         if calibrate or cal_loss < best:
             calibration = [list(fit_platt(p[:, i], y[:, i])) for i in range(y.shape[1])]
             chosen = cal_loss
-    return BlendChoice(epochs=ep, weight_decay=wd, knn_k=k, knn_weight=w, calibration=calibration,
+    return BlendChoice(epochs=ep, weight_decay=wd, knn_k=k, knn_weight=w, knn_tau=tau, calibration=calibration,
                        cv_logloss=chosen, cv_logloss_uncalibrated=best,
                        cv_logloss_mlp_alone=by_weight.get(0.0, float("nan")),
                        cv_logloss_knn_alone=by_weight.get(1.0, float("nan")),
@@ -234,5 +250,5 @@ def fit_blend(x: np.ndarray, y: np.ndarray, choice: BlendChoice, *, seed: int = 
     with one_thread():
         mlp = train_mlp(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32), hidden=hidden,
                         epochs=choice.epochs, weight_decay=choice.weight_decay, dropout=dropout, seed=seed)
-    neighbours = Neighbours(x, y, choice.knn_k) if choice.knn_weight > 0 else None
+    neighbours = Neighbours(x, y, choice.knn_k, choice.knn_tau) if choice.knn_weight > 0 else None
     return BlendPredictor(mlp, neighbours, choice.knn_weight, choice.calibration)

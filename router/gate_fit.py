@@ -197,7 +197,7 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
              hidden: int = 64, epochs: int = 30, weight_decay: float = 1e-3, dropout: float = 0.1,
              on_epoch: Callable[[int, float], None] | None = None, window: str = "head",
              head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None,
-             knn_weight: float = 0.0, knn_k: int = DEFAULT_KNN_K, inner_folds: int = 0,
+             knn_weight: float = 0.0, knn_k: int = DEFAULT_KNN_K, knn_tau: float = 0.0, inner_folds: int = 0,
              grid: Mapping[str, Sequence] | None = None, calibrate: bool | None = False,
              on_fold: Callable[[int], None] | None = None) -> dict:
     """Train on the train split, report on the held-out split, save to ``out_dir``; returns the
@@ -226,6 +226,7 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         choice = choose_blend(emb[tr], data.quality[tr], folds=inner_folds, seed=seed, calibrate=calibrate,
                               hidden=hidden, dropout=dropout, on_fold=on_fold, **dict(grid or {}))
         epochs, weight_decay, knn_k, knn_weight = choice.epochs, choice.weight_decay, choice.knn_k, choice.knn_weight
+        knn_tau = choice.knn_tau
     calibration = choice.calibration if choice is not None else None
     mlp = train_mlp(emb[tr], data.quality[tr], hidden=hidden, epochs=epochs, weight_decay=weight_decay,
                     dropout=dropout, seed=seed, on_epoch=on_epoch)
@@ -233,7 +234,7 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
 
     with torch.inference_mode():
         held = mlp(torch.as_tensor(emb[ho])).numpy()
-    neighbours = Neighbours(emb[tr], data.quality[tr], knn_k) if knn_weight > 0 else None
+    neighbours = Neighbours(emb[tr], data.quality[tr], knn_k, knn_tau) if knn_weight > 0 else None
     if neighbours is not None or calibration is not None:
         from .gate_cv import apply_calibration
 
@@ -264,6 +265,7 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         "dropout": dropout,
         "knn_weight": knn_weight,
         "knn_k": int(neighbours.k) if neighbours is not None else knn_k,
+        "knn_tau": knn_tau,
         "calibration": calibration,
         "inner_cv": choice.record() if choice is not None else None,
         "seed": seed,

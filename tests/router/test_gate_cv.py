@@ -203,5 +203,24 @@ def test_a_calibrated_gate_is_saved_and_served_calibrated(tmp_path):
 
 
 def test_choice_record_round_trips_through_json():
-    c = BlendChoice(40, 1e-3, 20, 0.6, None, 0.5, 0.5, 0.6, 0.55, 5, 100, {"epochs": [40]})
+    c = BlendChoice(40, 1e-3, 20, 0.6, 0.0, None, 0.5, 0.5, 0.6, 0.55, 5, 100, {"epochs": [40]})
     assert json.loads(json.dumps(c.record()))["knn_weight"] == 0.6
+
+
+def test_distance_weighted_neighbours_weigh_the_nearest_more_and_survive_a_reload(tmp_path):
+    from router.eval_baselines import kernel_mean, knn_predict
+    from router.gate import Neighbours
+
+    labels = np.array([[[1.0], [0.0], [0.0]]])
+    sims = np.array([[0.9, 0.5, 0.4]])
+    assert kernel_mean(labels, sims, 0.05)[0, 0] > 0.99  # the nearest dominates
+    assert kernel_mean(labels, sims, 100.0)[0, 0] == pytest.approx(1 / 3, abs=1e-2)  # wide: the plain mean
+    x, _, y = _clustered(200, seed=0)
+    xt = _clustered(20, seed=1)[0]
+    assert np.allclose(knn_predict(x, y, xt, k=15, tau=1e3), knn_predict(x, y, xt, k=15), atol=1e-3)
+    nb = Neighbours(x, y, k=15, tau=0.05)
+    nb.save(tmp_path / "n.safetensors")
+    again = Neighbours.load(tmp_path / "n.safetensors", 15, 0.05)
+    assert np.allclose(again.predict(xt), knn_predict(x, y, xt, k=15, tau=0.05), atol=1e-6)
+    choice = choose_blend(x, y, folds=3, seed=0, knn_tau=(0.0, 0.05), **SMALL)
+    assert choice.knn_tau in (0.0, 0.05) and choice.grid["knn_tau"] == [0.0, 0.05]
