@@ -151,6 +151,9 @@ def main() -> int:
     ap.add_argument("--out-dir", default="bench-out")
     ap.add_argument("--mmlu-sample", type=int, default=3000, help="seeded sample of MMLU rows (0: all 14,042)")
     ap.add_argument("--only", help="comma-separated data set names to run (default: all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read <set>-s<seed>.json where --out-dir has it instead of running it again (e.g. after "
+                         "running sets side by side with --only)")
     ap.add_argument("--png", action="store_true", help="also write a quality-vs-energy PNG per data set")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="split seeds, comma-separated (the MMLU sample stays the seed-0 sample)")
     ap.add_argument("--gate-knn-weight", type=float, default=None,
@@ -172,6 +175,9 @@ def main() -> int:
         runs = []
         for seed in seeds:
             path = out / f"{name}-s{seed}.json"
+            if args.reuse and path.exists():
+                runs.append(json.loads(path.read_text()))
+                continue
             argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(path),
                     "--seed", str(seed), "--steps", str(args.steps),
                     "--inner-folds", str(args.inner_folds), *extra]

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-EPOCHS = (10, 20, 40, 80, 160)
+EPOCHS = (10, 20, 40, 80)
 WEIGHT_DECAYS = (1e-3, 1e-1)
 KNN_KS = (10, 20, 40, 80)
 KNN_TAUS = (0.0,)  # kernel widths tried (0: the plain mean of the k nearest)

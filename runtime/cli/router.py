@@ -129,7 +129,7 @@ def _choose(args, x, y):
         epochs = _gate_epochs(x, y, args.seed)
     w = 0.5 if pinned_w is None else pinned_w
     nan = float("nan")
-    return BlendChoice(epochs=epochs, weight_decay=1e-3, knn_k=args.knn_k, knn_weight=w, calibration=None,
+    return BlendChoice(epochs=epochs, weight_decay=1e-3, knn_k=args.knn_k, knn_weight=w, knn_tau=0.0, calibration=None,
                        cv_logloss=nan, cv_logloss_uncalibrated=nan, cv_logloss_mlp_alone=nan,
                        cv_logloss_knn_alone=nan, folds=0, rows=len(x))
 
