@@ -30,7 +30,10 @@ def knn_predict(train_x: np.ndarray, train_q: np.ndarray, test_x: np.ndarray, k:
     b = test_x / np.maximum(np.linalg.norm(test_x, axis=1, keepdims=True), 1e-12)
     out = np.empty((len(test_x), train_q.shape[1]), dtype=np.float64)
     for i in range(0, len(b), batch):
-        sim = b[i:i + batch] @ a.T
+        chunk = b[i:i + batch]
+        # One request: numpy's own loop, not BLAS (whose threads, woken for a 1 x N product, cost
+        # milliseconds on a busy host: benchmarks/bench_selector.py); batches: BLAS.
+        sim = np.einsum("ij,kj->ik", chunk, a) if len(chunk) <= 8 else chunk @ a.T
         nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < sim.shape[1] else np.broadcast_to(
             np.arange(k), sim.shape)
         if tau > 0:

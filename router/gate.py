@@ -233,6 +233,8 @@ class FittedGate:
         self.mlp.load_state_dict(load_file(str(self.directory / WEIGHTS_FILE)))
         self.mlp.eval()
         self.torch = torch
+        layers = [m for m in self.mlp if isinstance(m, torch.nn.Linear)]
+        self._numpy_weights = tuple(t.detach().numpy().copy() for m in layers for t in (m.weight, m.bias))
         self.encoder = encoder
         self.source = f"fitted:{self.directory}"
         # Gates fitted before windows existed read the head, like MiniLM's own truncation.
@@ -265,10 +267,21 @@ class FittedGate:
                       MAX_EMBED_TOKENS, self.window, self.prompts_cut, self.prompts_seen)
 
     def logits(self, embeddings):
-        """numpy (N, dim) -> numpy (N, outputs) logits."""
+        """numpy (N, dim) -> numpy (N, outputs) logits. A few rows (a request) go through numpy:
+        torch's thread pool, spinning after a forward this small, took the cores from the
+        neighbours' numpy lookup that follows (~30 ms per request on a 2-core host,
+        benchmarks/bench_selector.py); batches go through torch."""
+        import numpy as np
+
+        x = np.asarray(embeddings, dtype=np.float32)
+        if len(x) <= SMALL_BATCH:
+            w1, b1, w2, b2 = self._numpy_weights
+            h = x @ w1.T + b1
+            h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))  # exact GELU, as torch.nn.GELU()
+            return (h @ w2.T + b2).astype(np.float32)
         torch = self.torch
         with torch.inference_mode():
-            return self.mlp(torch.as_tensor(embeddings, dtype=torch.float32)).numpy()
+            return self.mlp(torch.as_tensor(x)).numpy()
 
     def output_for(self, logits_row) -> GateOutput:
         return gate_output(logits_row, self.outputs, self.names, self.source)
@@ -301,6 +314,15 @@ class FittedGate:
 
 
 DEFAULT_KNN_K = 40
+SMALL_BATCH = 8  # FittedGate.logits: up to this many rows in numpy
+
+
+def _erf(x):
+    """Elementwise erf of a numpy array (math.erf per value: the hidden layer has ~64 per row)."""
+    import numpy as np
+
+    flat = [math.erf(v) for v in x.ravel().tolist()]
+    return np.asarray(flat, dtype=x.dtype).reshape(x.shape)
 
 
 class Neighbours:

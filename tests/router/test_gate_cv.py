@@ -224,3 +224,17 @@ def test_distance_weighted_neighbours_weigh_the_nearest_more_and_survive_a_reloa
     assert np.allclose(again.predict(xt), knn_predict(x, y, xt, k=15, tau=0.05), atol=1e-6)
     choice = choose_blend(x, y, folds=3, seed=0, knn_tau=(0.0, 0.05), **SMALL)
     assert choice.knn_tau in (0.0, 0.05) and choice.grid["knn_tau"] == [0.0, 0.05]
+
+
+def test_a_request_s_logits_in_numpy_match_the_torch_forward(tmp_path):
+    """The serving gate computes one request's logits without torch (router/gate.py SMALL_BATCH)."""
+    import torch
+
+    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=60))
+    emb = FakeEncoder().encode(data.prompts)
+    fit_gate(data, emb, tmp_path / "gate", epochs=5, hidden=8)
+    gate = FittedGate(tmp_path / "gate", encoder=FakeEncoder())
+    with torch.inference_mode():
+        ref = gate.mlp(torch.as_tensor(emb)).numpy()
+    assert np.allclose(gate.logits(emb[:3]), ref[:3], atol=1e-5)  # numpy path
+    assert np.allclose(gate.logits(emb), ref, atol=1e-6)  # torch path
