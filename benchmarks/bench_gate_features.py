@@ -46,7 +46,7 @@ from gate_edge_features import CONF_NAMES, default_edge_dir, edge_features  # no
 from gate_select import log_loss, predict, task_prior  # noqa: E402
 from host import cpu_model  # noqa: E402
 
-from router.gate_fit import embed_cached, read_labelled, report, split, train_mlp  # noqa: E402
+from router.gate_fit import embed_cached, read_labelled, report, split, train_mlp_epochs  # noqa: E402
 
 METRICS = ("top_choice_quality", "brier", "ece", "auc", "within_task_auc")
 SETS = {
@@ -69,18 +69,16 @@ GRID = {"weight_decay": (0.01, 0.1), "dropout": (0.3,), "hidden": (16, 64)}
 
 def validation_losses(x_tr, y_tr, x_va, y_va, cfg: dict, seed: int) -> dict[int, float]:
     """Validation log loss after each of EPOCHS epochs, from one run to the longest (the first k
-    epochs of a run are the k-epoch run: ``train_mlp``'s ``after_epoch``)."""
+    epochs of a run are the k-epoch run: ``train_mlp_epochs``)."""
     import torch
 
     losses: dict[int, float] = {}
-
-    def score(epoch: int, mlp) -> None:
-        if epoch + 1 in EPOCHS:
+    for epoch, mlp in train_mlp_epochs(x_tr, y_tr, hidden=cfg["hidden"], epochs=max(EPOCHS),
+                                       weight_decay=cfg["weight_decay"], dropout=cfg["dropout"], seed=seed):
+        if epoch in EPOCHS:
+            mlp.eval()
             with torch.inference_mode():
-                losses[epoch + 1] = log_loss(mlp(torch.as_tensor(x_va)).numpy(), y_va)
-
-    train_mlp(x_tr, y_tr, hidden=cfg["hidden"], epochs=max(EPOCHS), weight_decay=cfg["weight_decay"],
-              dropout=cfg["dropout"], seed=seed, after_epoch=score)
+                losses[epoch] = log_loss(mlp(torch.as_tensor(x_va)).numpy(), y_va)
     return losses
 
 

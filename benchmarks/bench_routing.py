@@ -23,6 +23,11 @@ the energy of their points. Writes ``<out-dir>/<set>-s<seed>.json`` per set and 
 
     .venv/bin/python benchmarks/bench_routing.py [--out-dir bench-out] [--seeds 0,1,2,3,4] [--steps 41]
                                                  [--mmlu-sample 3000] [--only alpacaeval_8,...] [--png]
+                                                 [--inner-folds 5] [--gate-knn-weight W]
+
+MoE²'s gate knobs (training length, weight decay, neighbours and their weight) are chosen by
+``--inner-folds`` folds inside each training half (router/gate_cv.py); the evaluated half never
+steers them. ``--inner-folds 0`` runs the fixed rule of before for a side-by-side comparison.
 
 MiniLM embeddings are cached under $WATTSERVE_CACHE_DIR/embeddings (the first run embeds every
 prompt: ~10 prompts/s on 2 shared cores).
@@ -82,7 +87,9 @@ def summarise(runs: list[dict]) -> dict:
     and MoE²'s mean quality gain at equal energy over threshold and kNN (min over seeds too)."""
     out = {"rows": [r["rows"] for r in runs], "strong": runs[0]["strong"], "experts": len(runs[0]["experts"]),
            "gate": {k: _mean([r["gate"][k] for r in runs]) for k in ("brier", "ece", "auc", "within_task_auc")},
-           "policies": {}, "moe2_vs": {}}
+           "policies": {}, "moe2_vs": {},
+           "gate_choice_by_seed": [{k: (r.get("gate_choice") or {}).get(k) for k in ("epochs", "weight_decay", "knn_k", "knn_weight")}
+                                   for r in runs]}
     for p in runs[0]["policies"]:
         ms = [r["policies"][p] for r in runs]
         out["policies"][p] = {
@@ -99,8 +106,9 @@ def summarise(runs: list[dict]) -> dict:
             diffs = equal_energy(_curve(r["curves"]["moe2"], "moe2"), _curve(r["curves"][other], other))
             gains.append([mq - q for _, mq, q in diffs])
         if gains:
-            out["moe2_vs"][other] = {"mean": float(np.mean([np.mean(g) for g in gains])),
-                                     "min": float(min(min(g) for g in gains)), "seeds": len(gains)}
+            means = [float(np.mean(g)) for g in gains]
+            out["moe2_vs"][other] = {"mean": float(np.mean(means)), "min": float(min(min(g) for g in gains)),
+                                     "seed_means": means, "seeds": len(gains)}
     return out
 
 
@@ -126,12 +134,15 @@ def table(results: dict[str, dict]) -> list[str]:
         r = results[n]
         g = r["gate"]
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-        vs = "; ".join(f"vs {o} {v['mean']:+.4f} (worst point {v['min']:+.4f})" for o, v in r["moe2_vs"].items())
+        vs = "; ".join(f"vs {o} {v['mean']:+.4f} (seed means {min(v['seed_means']):+.4f} to {max(v['seed_means']):+.4f}, "
+                       f"worst point {v['min']:+.4f})" for o, v in r["moe2_vs"].items())
+        chosen = ", ".join(f"{c['epochs']}ep/wd{c['weight_decay']:g}/k{c['knn_k']}/w{c['knn_weight']:g}"
+                           for c in r["gate_choice_by_seed"] if c.get("epochs") is not None)
         by_seed = ", ".join(f"{x:.0%}" if x is not None else "never" for x in r["policies"]["moe2"]["oracle_saving_share_by_seed"])
         lines.append(f"{n}: {r['rows'][0]} evaluated prompts x {len(r['rows'])} seeds, {r['experts']} experts, strongest "
                      f"{r['strong']}; gate AUC {fmt(g['auc'])}, within-task AUC {fmt(g['within_task_auc'])}, "
                      f"Brier {fmt(g['brier'])}, ECE {fmt(g['ece'])}; moe2's oracle share by seed {by_seed}; "
-                     f"moe2 quality at equal energy {vs}")
+                     f"moe2 quality at equal energy {vs}; gate knobs by seed {chosen or '-'}")
     return lines
 
 
@@ -140,10 +151,17 @@ def main() -> int:
     ap.add_argument("--out-dir", default="bench-out")
     ap.add_argument("--mmlu-sample", type=int, default=3000, help="seeded sample of MMLU rows (0: all 14,042)")
     ap.add_argument("--only", help="comma-separated data set names to run (default: all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read <set>-s<seed>.json where --out-dir has it instead of running it again (e.g. after "
+                         "running sets side by side with --only)")
     ap.add_argument("--png", action="store_true", help="also write a quality-vs-energy PNG per data set")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="split seeds, comma-separated (the MMLU sample stays the seed-0 sample)")
-    ap.add_argument("--gate-knn-weight", type=float, default=0.5,
-                    help="MoE²'s gate: weight of the nearest training prompts (0: the MLP alone, as before issue 14's item 5)")
+    ap.add_argument("--gate-knn-weight", type=float, default=None,
+                    help="MoE²'s gate: fix the weight of the nearest training prompts (0: the MLP alone; default: "
+                         "chosen by the inner folds)")
+    ap.add_argument("--inner-folds", type=int, default=5,
+                    help="folds inside each training half that choose MoE²'s gate knobs (0: the fixed rule of "
+                         "before, 40 nearest at weight 0.5 unless --gate-knn-weight)")
     ap.add_argument("--steps", type=int, default=41, help="knob values per swept policy (the same for every policy)")
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -157,9 +175,14 @@ def main() -> int:
         runs = []
         for seed in seeds:
             path = out / f"{name}-s{seed}.json"
+            if args.reuse and path.exists():
+                runs.append(json.loads(path.read_text()))
+                continue
             argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(path),
                     "--seed", str(seed), "--steps", str(args.steps),
-                    "--gate-knn-weight", str(args.gate_knn_weight), *extra]
+                    "--inner-folds", str(args.inner_folds), *extra]
+            if args.gate_knn_weight is not None:
+                argv += ["--gate-knn-weight", str(args.gate_knn_weight)]
             if args.png:
                 argv += ["--png", str(out / f"{name}-s{seed}.png")]
             rc = cli(argv)
@@ -169,7 +192,8 @@ def main() -> int:
         results[name] = summarise(runs)
     lines = table(results)
     print("\n" + "\n".join(lines))
-    (out / "routing.json").write_text(json.dumps({"seeds": seeds, "steps": args.steps, "gate_knn_weight": args.gate_knn_weight, "sets": results}, indent=1))
+    (out / "routing.json").write_text(json.dumps({"seeds": seeds, "steps": args.steps, "gate_knn_weight": args.gate_knn_weight,
+                                                  "inner_folds": args.inner_folds, "sets": results}, indent=1))
     return 0
 
 

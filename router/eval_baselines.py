@@ -17,19 +17,37 @@ from contextlib import contextmanager
 import numpy as np
 
 
-def knn_predict(train_x: np.ndarray, train_q: np.ndarray, test_x: np.ndarray, k: int = 40, batch: int = 512) -> np.ndarray:
-    """Mean quality (N_test, experts) of the ``k`` training rows nearest in cosine distance."""
+def knn_predict(train_x: np.ndarray, train_q: np.ndarray, test_x: np.ndarray, k: int = 40, batch: int = 512,
+                tau: float = 0.0, train_normalised: bool = False) -> np.ndarray:
+    """Mean quality (N_test, experts) of the ``k`` training rows nearest in cosine distance;
+    ``tau`` > 0 weights each of them by ``exp((s - s_max) / tau)``, ``s`` its cosine similarity
+    (nearer counts more; 0: the plain mean, RouterBench's kNN). ``train_normalised``: the
+    training rows are already L2-normalised (the serving gate's neighbours: no copy per call)."""
     if len(train_x) == 0:
         raise ValueError("kNN needs training rows")
     k = max(1, min(k, len(train_x)))
-    a = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
+    a = train_x if train_normalised else train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)
     b = test_x / np.maximum(np.linalg.norm(test_x, axis=1, keepdims=True), 1e-12)
     out = np.empty((len(test_x), train_q.shape[1]), dtype=np.float64)
     for i in range(0, len(b), batch):
-        sim = b[i:i + batch] @ a.T
-        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        out[i:i + batch] = train_q[nearest].mean(axis=1)
+        chunk = b[i:i + batch]
+        # One request: numpy's own loop, not BLAS (whose threads, woken for a 1 x N product, cost
+        # milliseconds on a busy host: benchmarks/bench_selector.py); batches: BLAS.
+        sim = np.einsum("ij,kj->ik", chunk, a) if len(chunk) <= 8 else chunk @ a.T
+        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < sim.shape[1] else np.broadcast_to(
+            np.arange(k), sim.shape)
+        if tau > 0:
+            s = np.take_along_axis(sim, nearest, axis=1).astype(np.float64)
+            out[i:i + batch] = kernel_mean(train_q[nearest], s, tau)
+        else:
+            out[i:i + batch] = train_q[nearest].mean(axis=1)
     return out
+
+
+def kernel_mean(labels: np.ndarray, sims: np.ndarray, tau: float) -> np.ndarray:
+    """Weighted mean over axis 1 of ``labels`` (N, k, E) with weights ``exp((sims - max) / tau)``."""
+    w = np.exp((sims - sims.max(axis=1, keepdims=True)) / tau)
+    return np.einsum("nk,nke->ne", w, labels) / w.sum(axis=1, keepdims=True)
 
 
 def mlp_predict(train_x: np.ndarray, train_q: np.ndarray, test_x: np.ndarray, *, hidden: int = 100, epochs: int = 60,

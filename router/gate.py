@@ -233,6 +233,8 @@ class FittedGate:
         self.mlp.load_state_dict(load_file(str(self.directory / WEIGHTS_FILE)))
         self.mlp.eval()
         self.torch = torch
+        layers = [m for m in self.mlp if isinstance(m, torch.nn.Linear)]
+        self._numpy_weights = tuple(t.detach().numpy().copy() for m in layers for t in (m.weight, m.bias))
         self.encoder = encoder
         self.source = f"fitted:{self.directory}"
         # Gates fitted before windows existed read the head, like MiniLM's own truncation.
@@ -243,9 +245,11 @@ class FittedGate:
         self.prompts_seen = 0
         self.prompts_cut = 0
         self.knn_weight = float(self.meta.get("knn_weight", 0.0))
+        self.calibration = self.meta.get("calibration")  # per expert [a, b] (router/gate_cv.py), or None
         self.neighbours: Neighbours | None = None
         if self.knn_weight > 0:
-            self.neighbours = Neighbours.load(self.directory / NEIGHBOURS_FILE, int(self.meta.get("knn_k", DEFAULT_KNN_K)))
+            self.neighbours = Neighbours.load(self.directory / NEIGHBOURS_FILE, int(self.meta.get("knn_k", DEFAULT_KNN_K)),
+                                              float(self.meta.get("knn_tau", 0.0)))
 
     def _encoder(self):
         if self.encoder is None:
@@ -263,23 +267,37 @@ class FittedGate:
                       MAX_EMBED_TOKENS, self.window, self.prompts_cut, self.prompts_seen)
 
     def logits(self, embeddings):
-        """numpy (N, dim) -> numpy (N, outputs) logits."""
+        """numpy (N, dim) -> numpy (N, outputs) logits. A few rows (a request) go through numpy:
+        torch's thread pool, spinning after a forward this small, took the cores from the
+        neighbours' numpy lookup that follows (~30 ms per request on a 2-core host,
+        benchmarks/bench_selector.py); batches go through torch."""
+        import numpy as np
+
+        x = np.asarray(embeddings, dtype=np.float32)
+        if len(x) <= SMALL_BATCH:
+            w1, b1, w2, b2 = self._numpy_weights
+            h = x @ w1.T + b1
+            h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))  # exact GELU, as torch.nn.GELU()
+            return (h @ w2.T + b2).astype(np.float32)
         torch = self.torch
         with torch.inference_mode():
-            return self.mlp(torch.as_tensor(embeddings, dtype=torch.float32)).numpy()
+            return self.mlp(torch.as_tensor(x)).numpy()
 
     def output_for(self, logits_row) -> GateOutput:
         return gate_output(logits_row, self.outputs, self.names, self.source)
 
     def quality(self, embeddings):
         """numpy (N, dim) -> numpy (N, outputs) predicted quality: sigmoid of the logits, averaged
-        with the neighbours' mean quality when the gate keeps neighbours."""
+        with the neighbours' mean quality when the gate keeps neighbours, then calibrated per
+        expert when the gate records a calibration."""
         import numpy as np
 
+        from .gate_cv import apply_calibration
+
         p = 1.0 / (1.0 + np.exp(-self.logits(embeddings).astype(np.float64)))
-        if self.neighbours is None:
-            return p
-        return blend(p, self.neighbours.predict(embeddings), self.knn_weight)
+        if self.neighbours is not None:
+            p = blend(p, self.neighbours.predict(embeddings), self.knn_weight)
+        return apply_calibration(p, self.calibration)
 
     def output_for_quality(self, quality_row) -> GateOutput:
         return quality_output(quality_row, self.outputs, self.names, self.source)
@@ -296,13 +314,22 @@ class FittedGate:
 
 
 DEFAULT_KNN_K = 40
+SMALL_BATCH = 8  # FittedGate.logits: up to this many rows in numpy
+
+
+def _erf(x):
+    """Elementwise erf of a numpy array (math.erf per value: the hidden layer has ~64 per row)."""
+    import numpy as np
+
+    flat = [math.erf(v) for v in x.ravel().tolist()]
+    return np.asarray(flat, dtype=x.dtype).reshape(x.shape)
 
 
 class Neighbours:
     """The training prompts' embeddings (L2-normalised) and labels: the mean quality of the ``k``
     nearest (cosine) per expert. A few MB for thousands of prompts."""
 
-    def __init__(self, embeddings, quality, k: int = DEFAULT_KNN_K) -> None:
+    def __init__(self, embeddings, quality, k: int = DEFAULT_KNN_K, tau: float = 0.0) -> None:
         import numpy as np
 
         emb = np.asarray(embeddings, dtype=np.float32)
@@ -313,12 +340,18 @@ class Neighbours:
             raise ConfigError(f"neighbours: k must be >= 1, got {k}")
         self.embeddings = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         self.quality = q
+        if tau < 0:
+            raise ConfigError(f"neighbours: tau must be >= 0, got {tau}")
         self.k = min(int(k), len(emb))
+        self.tau = float(tau)  # > 0: nearer neighbours weigh more (eval_baselines.knn_predict)
 
     def predict(self, embeddings):
+        import numpy as np
+
         from .eval_baselines import knn_predict
 
-        return knn_predict(self.embeddings, self.quality, embeddings, k=self.k)
+        return knn_predict(self.embeddings, self.quality, np.asarray(embeddings, dtype=np.float32), k=self.k,
+                           tau=self.tau, train_normalised=True)
 
     def save(self, path: str | Path) -> None:
         import torch
@@ -328,14 +361,14 @@ class Neighbours:
                    "quality": torch.as_tensor(self.quality).contiguous()}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, k: int) -> Neighbours:
+    def load(cls, path: str | Path, k: int, tau: float = 0.0) -> Neighbours:
         from safetensors.numpy import load_file
 
         try:
             t = load_file(str(path))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the gate's neighbours {path}: {exc}") from None
-        return cls(t["embeddings"], t["quality"], k)
+        return cls(t["embeddings"], t["quality"], k, tau)
 
 
 def blend(p_gate, p_knn, knn_weight: float):

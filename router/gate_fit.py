@@ -27,7 +27,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,18 +117,31 @@ def split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 30, lr: float = 2e-3,
               weight_decay: float = 1e-3, dropout: float = 0.1, batch_size: int = 256, seed: int = 0,
-              on_epoch: Callable[[int, float], None] | None = None,
-              after_epoch: Callable[[int, object], None] | None = None):
+              on_epoch: Callable[[int, float], None] | None = None):
     """Fit logits to qualities with BCE (AdamW: ``weight_decay``; ``dropout`` between the layers
-    while training only); returns the torch module (eval mode). ``after_epoch(epoch, module)``
-    sees the module after each epoch in eval mode (so one run scores every shorter epoch count:
-    the first k epochs of a run are the run of k epochs)."""
+    while training only); returns the torch module (eval mode)."""
+    if epochs < 1:
+        raise InvalidRequest(f"epochs must be >= 1, got {epochs}")
+    mlp = None
+    for epoch, mlp in train_mlp_epochs(x, y, hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                       dropout=dropout, batch_size=batch_size, seed=seed):
+        if on_epoch:
+            on_epoch(epoch - 1, mlp.last_loss)
+    return mlp.eval()
+
+
+def train_mlp_epochs(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 30, lr: float = 2e-3,
+                     weight_decay: float = 1e-3, dropout: float = 0.1, batch_size: int = 256, seed: int = 0):
+    """:func:`train_mlp` one epoch at a time: yields (epochs done, the module) after each epoch, so
+    a caller can read the predictions of every training length from one run (``router/gate_cv.py``).
+    The module is in train mode when the next epoch starts; ``mlp.last_loss`` is that epoch's
+    mean loss."""
     import torch
 
     torch.manual_seed(seed)
     mlp = build_mlp(x.shape[1], hidden, y.shape[1], dropout=dropout)
     opt = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=weight_decay)
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for epoch in range(epochs):
@@ -140,11 +153,8 @@ def train_mlp(x: np.ndarray, y: np.ndarray, *, hidden: int = 64, epochs: int = 3
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(batch)
-        if on_epoch:
-            on_epoch(epoch, total / len(xt))
-        if after_epoch:
-            after_epoch(epoch, mlp.eval())
-    return mlp.eval()
+        mlp.last_loss = total / len(xt)
+        yield epoch + 1, mlp
 
 
 def report(logits: np.ndarray, y: np.ndarray, experts: Sequence[str], groups: Sequence[str] | None = None) -> dict:
@@ -187,11 +197,20 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
              hidden: int = 64, epochs: int = 30, weight_decay: float = 1e-3, dropout: float = 0.1,
              on_epoch: Callable[[int, float], None] | None = None, window: str = "head",
              head_tokens: int = DEFAULT_HEAD_TOKENS, truncated: int | None = None,
-             knn_weight: float = 0.0, knn_k: int = DEFAULT_KNN_K) -> dict:
+             knn_weight: float = 0.0, knn_k: int = DEFAULT_KNN_K, knn_tau: float = 0.0, inner_folds: int = 0,
+             grid: Mapping[str, Sequence] | None = None, calibrate: bool | None = False,
+             on_fold: Callable[[int], None] | None = None) -> dict:
     """Train on the train split, report on the held-out split, save to ``out_dir``; returns the
     report. ``knn_weight`` > 0 keeps the training rows as neighbours and averages their mean
-    quality into the prediction with that weight (``router/gate.py``). ``window``/``head_tokens`` record how ``emb`` was computed (the serving gate embeds
-    the same way); ``truncated`` is how many of the prompts were longer than MiniLM reads."""
+    quality into the prediction with that weight (``router/gate.py``). ``window``/``head_tokens``
+    record how ``emb`` was computed (the serving gate embeds the same way); ``truncated`` is how
+    many of the prompts were longer than MiniLM reads.
+
+    ``inner_folds`` >= 2 chooses ``epochs``, ``weight_decay``, ``knn_k`` and ``knn_weight`` by
+    cross-validation inside the train split (``router/gate_cv.py``; ``grid`` maps a knob to the
+    values tried, a knob missing from it takes the module's default grid, a one-value list fixes
+    it; ``calibrate`` None lets the folds decide on per-expert calibration). The held-out rows
+    never enter the choice; gate.json records it under ``inner_cv``."""
     from safetensors.torch import save_file
 
     if not 0 < holdout < 1:
@@ -200,16 +219,29 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         raise InvalidRequest(f"{data.source}: {len(data.prompts)} rows are too few to fit and hold out (need >= 10)")
     tr, ho = split(len(data.prompts), holdout, seed)
     t0 = time.monotonic()
+    choice = None
+    if inner_folds:
+        from .gate_cv import choose_blend
+
+        choice = choose_blend(emb[tr], data.quality[tr], folds=inner_folds, seed=seed, calibrate=calibrate,
+                              hidden=hidden, dropout=dropout, on_fold=on_fold, **dict(grid or {}))
+        epochs, weight_decay, knn_k, knn_weight = choice.epochs, choice.weight_decay, choice.knn_k, choice.knn_weight
+        knn_tau = choice.knn_tau
+    calibration = choice.calibration if choice is not None else None
     mlp = train_mlp(emb[tr], data.quality[tr], hidden=hidden, epochs=epochs, weight_decay=weight_decay,
                     dropout=dropout, seed=seed, on_epoch=on_epoch)
     import torch
 
     with torch.inference_mode():
         held = mlp(torch.as_tensor(emb[ho])).numpy()
-    neighbours = Neighbours(emb[tr], data.quality[tr], knn_k) if knn_weight > 0 else None
-    if neighbours is not None:
-        p = blend(1.0 / (1.0 + np.exp(-held.astype(np.float64))), neighbours.predict(emb[ho]), knn_weight)
-        p = np.clip(p, 1e-6, 1 - 1e-6)
+    neighbours = Neighbours(emb[tr], data.quality[tr], knn_k, knn_tau) if knn_weight > 0 else None
+    if neighbours is not None or calibration is not None:
+        from .gate_cv import apply_calibration
+
+        p = 1.0 / (1.0 + np.exp(-held.astype(np.float64)))
+        if neighbours is not None:
+            p = blend(p, neighbours.predict(emb[ho]), knn_weight)
+        p = np.clip(apply_calibration(p, calibration), 1e-6, 1 - 1e-6)
         held = np.log(p / (1 - p))  # the report reads logits
     rep = report(held, data.quality[ho], data.experts, [data.groups[i] for i in ho] if data.groups else None)
     rep["prompts_truncated"] = truncated
@@ -233,6 +265,9 @@ def fit_gate(data: LabelledPrompts, emb: np.ndarray, out_dir: str | Path, *, hol
         "dropout": dropout,
         "knn_weight": knn_weight,
         "knn_k": int(neighbours.k) if neighbours is not None else knn_k,
+        "knn_tau": knn_tau,
+        "calibration": calibration,
+        "inner_cv": choice.record() if choice is not None else None,
         "seed": seed,
         "holdout": holdout,
         "train_rows": int(len(tr)),

@@ -35,11 +35,18 @@ def cmd_gate_fit(args) -> int:
     from tqdm import tqdm
 
     from router.gate_fit import count_truncated, embed_cached, fit_gate, read_labelled
+    from wattserve.errors import InvalidRequest
 
-    if not 0 <= args.knn_weight <= 1:
-        from wattserve.errors import InvalidRequest
-
+    if args.knn_weight is not None and not 0 <= args.knn_weight <= 1:
         raise InvalidRequest(f"--knn-weight must be in [0, 1], got {args.knn_weight}")
+    if args.inner_folds == 1 or args.inner_folds < 0:
+        raise InvalidRequest(f"--inner-folds must be 0 (fixed knobs) or >= 2, got {args.inner_folds}")
+    # Knobs given on the command line are fixed; the others are chosen by the inner folds (or take
+    # the fixed defaults with --inner-folds 0).
+    given = {"epochs": args.epochs, "weight_decay": args.weight_decay, "knn_k": args.knn_k, "knn_weight": args.knn_weight}
+    fixed = {"epochs": 30, "weight_decay": 1e-3, "knn_k": 40, "knn_weight": 0.5}
+    knobs = {k: v if v is not None else fixed[k] for k, v in given.items()}
+    grid = {k: [v] for k, v in given.items() if v is not None}
     cols = [c.strip() for c in args.columns.split(",")] if args.columns else None
     data = read_labelled(args.data, cols, limit=args.limit, sample=args.sample, seed=args.seed)
     say(f"{len(data.prompts)} prompts, experts (quality columns): {', '.join(data.experts)}")
@@ -50,15 +57,30 @@ def cmd_gate_fit(args) -> int:
         emb = embed_cached(data.prompts, None if args.no_cache else _embedding_cache(), progress=bar.update,
                            window=args.window, head_tokens=args.head_tokens)
         bar.update(bar.total - bar.n)
-    with tqdm(total=args.epochs, desc="training gate", unit="epoch", file=sys.stderr) as bar:
+    if args.inner_folds:
+        say(f"choosing {', '.join(k for k in given if k not in grid) or 'nothing'} by {args.inner_folds}-fold "
+            "cross-validation inside the training rows (the held-out rows are not read)")
+    with tqdm(total=args.inner_folds or None, desc="inner folds", unit="fold", file=sys.stderr,
+              disable=not args.inner_folds) as folds_bar, \
+         tqdm(desc="training gate", unit="epoch", file=sys.stderr) as bar:
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
 
         rep = fit_gate(data, emb, args.out, holdout=args.holdout, seed=args.seed, hidden=args.hidden,
-                       epochs=args.epochs, weight_decay=args.weight_decay, dropout=args.dropout,
+                       epochs=knobs["epochs"], weight_decay=knobs["weight_decay"], dropout=args.dropout,
                        on_epoch=on_epoch, window=args.window, head_tokens=args.head_tokens,
-                       truncated=truncated, knn_weight=args.knn_weight, knn_k=args.knn_k)
+                       truncated=truncated, knn_weight=knobs["knn_weight"], knn_k=knobs["knn_k"],
+                       inner_folds=args.inner_folds, grid=grid,
+                       calibrate={"auto": None, "on": True, "off": False}[args.calibration],
+                       on_fold=lambda f: folds_bar.update(1))
+    meta = json.loads((Path(args.out) / "gate.json").read_text())
+    cv = meta.get("inner_cv")
+    if cv:
+        print(f"inner {cv['folds']}-fold cross-validation on {cv['rows']} training prompts chose: {meta['epochs']} epochs, "
+              f"weight decay {meta['weight_decay']:g}, {meta['knn_k']} nearest at weight {meta['knn_weight']:g}, "
+              f"calibration {'per expert' if meta['calibration'] else 'none'}; out-of-fold log-loss {cv['cv_logloss']:.4f} "
+              f"(MLP alone {cv['cv_logloss_mlp_alone']:.4f}, neighbours alone {cv['cv_logloss_knn_alone']:.4f})")
     print(f"held-out report ({rep['rows']} prompts):")
     print(f"  quality of the gate's top choice   {rep['top_choice_quality']:.4f}  (oracle {rep['oracle_quality']:.4f})")
     for e, q in rep["expert_quality"].items():
@@ -90,51 +112,52 @@ def _shared_data_dir() -> Path | None:
     return None
 
 
-def _fit_quality(x, y, seed: int, epochs: int, knn_weight: float, knn_k: int):
-    """MoE²'s quality predictor fitted on (x, y): the gate MLP, averaged with the k nearest
-    training prompts' mean quality when ``knn_weight`` > 0 (router/gate.py). Returns emb -> q."""
-    import numpy as np
-    import torch
-
+def _choose(args, x, y):
+    """MoE²'s on-the-fly predictor for ``route eval``: with ``--inner-folds`` >= 2 its knobs are
+    chosen by cross-validation inside the training rows ``x``, ``y`` (router/gate_cv.py; a knob
+    given on the command line is fixed); with 0, the fixed rule (training length on a validation
+    fifth, the 40 nearest at weight 0.5 or ``--gate-knn-weight``)."""
     from router.eval_baselines import one_thread
-    from router.gate import Neighbours, blend
-    from router.gate_fit import train_mlp
+    from router.gate_cv import KNN_WEIGHTS, BlendChoice, choose_blend
 
+    pinned_w = args.gate_knn_weight
+    if args.inner_folds >= 2:
+        return choose_blend(x, y, folds=args.inner_folds, seed=args.seed,
+                            knn_weight=KNN_WEIGHTS if pinned_w is None else (pinned_w,),
+                            calibrate={"auto": None, "on": True, "off": False}[args.calibration])
     with one_thread():
-        mlp = train_mlp(x, y, seed=seed, epochs=epochs)
-    neighbours = Neighbours(x, y, knn_k) if knn_weight > 0 else None
-
-    def predict(emb):
-        with one_thread(), torch.inference_mode():
-            p = 1.0 / (1.0 + np.exp(-mlp(torch.as_tensor(emb)).numpy().astype(np.float64)))
-        return blend(p, neighbours.predict(emb), knn_weight) if neighbours is not None else p
-
-    return predict
+        epochs = _gate_epochs(x, y, args.seed)
+    w = 0.5 if pinned_w is None else pinned_w
+    nan = float("nan")
+    return BlendChoice(epochs=epochs, weight_decay=1e-3, knn_k=args.knn_k, knn_weight=w, knn_tau=0.0, calibration=None,
+                       cv_logloss=nan, cv_logloss_uncalibrated=nan, cv_logloss_mlp_alone=nan,
+                       cv_logloss_knn_alone=nan, folds=0, rows=len(x))
 
 
 def _eval_gates(args, train_emb, train_q, test_emb, test_q, experts, names):
     """Gate outputs for the evaluated rows (a fitted gate from --gate, or MoE²'s predictor fitted
-    on the training rows), and the in-sample ceiling's predictions (the same predictor fitted on
-    the training *and* evaluated rows; None with --gate)."""
+    on the training rows, its knobs chosen on them alone), the in-sample ceiling's predictions (the
+    same knobs fitted on the training *and* evaluated rows; None with --gate), and the choice."""
     import numpy as np
 
-    from router.eval_baselines import one_thread
     from router.gate import FittedGate, quality_output
+    from router.gate_cv import fit_blend
 
     if args.gate:
         gate = FittedGate(args.gate, names)
         q, outputs, source = gate.quality(test_emb), gate.outputs, gate.source
-        return [quality_output(row, outputs, names, source) for row in q], None
-    with one_thread():
-        epochs = _gate_epochs(train_emb, train_q, args.seed)
-    w = args.gate_knn_weight
-    say(f"fitting a gate on {len(train_emb)} prompts for {epochs} epochs" + (f", averaged with its {args.knn_k} nearest "
-        f"training prompts at weight {w:g}" if w > 0 else "") + f" (evaluated: {len(test_emb)})")
-    q = _fit_quality(train_emb, train_q, args.seed, epochs, w, args.knn_k)(test_emb)
+        return [quality_output(row, outputs, names, source) for row in q], None, None
+    choice = _choose(args, train_emb, train_q)
+    how = (f"chosen by {choice.folds}-fold cross-validation inside the training rows" if choice.folds
+           else "fixed (--inner-folds 0)")
+    say(f"fitting a gate on {len(train_emb)} prompts, knobs {how}: {choice.epochs} epochs, weight decay "
+        f"{choice.weight_decay:g}, its {choice.knn_k} nearest training prompts at weight {choice.knn_weight:g}, "
+        f"calibration {'per expert' if choice.calibration else 'none'} (evaluated: {len(test_emb)})")
+    q = fit_blend(train_emb, train_q, choice, seed=args.seed).predict(test_emb)
     gates = [quality_output(row, experts, names, "fitted:on-the-fly") for row in q]
     both_x, both_y = np.concatenate([train_emb, test_emb]), np.concatenate([train_q, test_q])
-    ceiling = _fit_quality(both_x, both_y, args.seed, epochs, w, args.knn_k)(test_emb)
-    return gates, ceiling
+    ceiling = fit_blend(both_x, both_y, choice, seed=args.seed).predict(test_emb)
+    return gates, ceiling, choice
 
 
 def _gate_epochs(x, y, seed: int, choices=(10, 20, 40, 80)) -> int:
@@ -235,8 +258,10 @@ def cmd_route_eval(args) -> int:
 
     if not 0 < args.holdout <= 1:
         raise InvalidRequest(f"--holdout must be in (0, 1], got {args.holdout}")
-    if not 0 <= args.gate_knn_weight <= 1:
+    if args.gate_knn_weight is not None and not 0 <= args.gate_knn_weight <= 1:
         raise InvalidRequest(f"--gate-knn-weight must be in [0, 1], got {args.gate_knn_weight}")
+    if args.inner_folds == 1 or args.inner_folds < 0:
+        raise InvalidRequest(f"--inner-folds must be 0 (fixed knobs) or >= 2, got {args.inner_folds}")
     spec_path = Path(args.experts)
     spec = yaml.safe_load(spec_path.read_text())
     experts = load_experts(spec, spec_path.parent, _shared_data_dir())
@@ -274,7 +299,7 @@ def cmd_route_eval(args) -> int:
     names = {e.name: e.column for e in experts}
     q_idx = [data.experts.index(c) for c in cols]
     train_q, test_q = train.quality[:, q_idx], test.quality[:, q_idx]
-    gates, ceiling_insample = _eval_gates(args, train_emb, train_q, test_emb, test_q, cols, names)
+    gates, ceiling_insample, choice = _eval_gates(args, train_emb, train_q, test_emb, test_q, cols, names)
     if len(train.prompts):
         # The static baselines' "strongest" is the expert with the best mean quality on the training rows.
         prior = {e.name: float(train_q[:, k].mean()) for k, e in enumerate(experts)}
@@ -310,6 +335,7 @@ def cmd_route_eval(args) -> int:
     m["energy_ties"] = ties
     m["skipped_blank_rows"] = skipped
     m["leaked_rows_dropped"] = leaked
+    m["gate_choice"] = choice.record() if choice is not None else None
     _report(args, experts, curves, m, tokens, len(test.prompts), len(train.prompts))
     return 0
 
@@ -429,9 +455,16 @@ def register(sub) -> None:
     s.add_argument("--limit", type=int, help="use only the first N rows")
     s.add_argument("--sample", type=int, help="use a seeded random sample of N rows")
     s.add_argument("--holdout", type=float, default=0.2, help="share of rows held out for the report (default 0.2)")
-    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--inner-folds", type=int, default=5,
+                   help="choose epochs, weight decay, neighbours and their weight by this many folds inside the "
+                        "training rows; a knob given below is fixed instead (0: fixed knobs 30 epochs, weight decay "
+                        "0.001, 40 neighbours at weight 0.5; default 5)")
+    s.add_argument("--calibration", choices=("off", "auto", "on"), default="off",
+                   help="per-expert Platt calibration of the gate's qualities (auto: kept when the inner folds "
+                        "say it lowers the log-loss; default off, docs/routing.md §1)")
+    s.add_argument("--epochs", type=int, default=None, help="fix the training length (default: chosen)")
     s.add_argument("--hidden", type=int, default=64, help="MLP hidden units")
-    s.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay (default 0.001)")
+    s.add_argument("--weight-decay", type=float, default=None, help="fix AdamW's weight decay (default: chosen)")
     s.add_argument("--dropout", type=float, default=0.1, help="dropout between the MLP's layers while training (default 0.1)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-cache", action="store_true", help="do not cache prompt embeddings on disk")
@@ -439,10 +472,10 @@ def register(sub) -> None:
                    help="what MiniLM reads of a prompt over 256 word pieces: the head, or the head and the "
                         "end where the question is (default head_tail; docs/routing.md)")
     s.add_argument("--head-tokens", type=int, default=32, help="head_tail: word pieces kept from the start (default 32)")
-    s.add_argument("--knn-weight", type=float, default=0.5,
-                   help="keep the training prompts as neighbours and average their mean quality into the gate's "
-                        "prediction at this weight (0: the MLP alone; default 0.5)")
-    s.add_argument("--knn-k", type=int, default=40, help="neighbours averaged (default 40)")
+    s.add_argument("--knn-weight", type=float, default=None,
+                   help="fix the weight at which the training prompts' mean quality (nearest neighbours) is "
+                        "averaged into the gate's prediction (0: the MLP alone; default: chosen)")
+    s.add_argument("--knn-k", type=int, default=None, help="fix the number of neighbours averaged (default: chosen)")
     s.set_defaults(func=cmd_gate_fit)
 
     route = sub.add_parser("route", help="offline routing evaluation").add_subparsers(dest="route_command", required=True)
@@ -450,10 +483,17 @@ def register(sub) -> None:
     s.add_argument("--data", required=True, help="labelled CSV or RouterBench pickle (e.g. shared/data/routing/routellm/*.csv)")
     s.add_argument("--test", help="a separate labelled file to evaluate on (then all of --data trains the gate and baselines)")
     s.add_argument("--skip-blank", action="store_true", help="skip rows with a blank quality cell (and count them)")
-    s.add_argument("--knn-k", type=int, default=40, help="neighbours of the kNN router and of the gate (default 40)")
-    s.add_argument("--gate-knn-weight", type=float, default=0.5,
-                   help="weight of the nearest training prompts' quality in the on-the-fly gate's prediction "
-                        "(0: the MLP alone; default 0.5)")
+    s.add_argument("--knn-k", type=int, default=40,
+                   help="neighbours of the kNN router (default 40; the gate's are chosen by the inner folds)")
+    s.add_argument("--gate-knn-weight", type=float, default=None,
+                   help="fix the weight of the nearest training prompts' quality in the on-the-fly gate's "
+                        "prediction (0: the MLP alone; default: chosen by the inner folds, or 0.5 with --inner-folds 0)")
+    s.add_argument("--inner-folds", type=int, default=5,
+                   help="choose the on-the-fly gate's knobs (training length, weight decay, neighbours, their "
+                        "weight, calibration) by this many folds inside the training rows (0: fixed knobs; default 5)")
+    s.add_argument("--calibration", choices=("off", "auto", "on"), default="off",
+                   help="per-expert Platt calibration of the on-the-fly gate (auto: kept when the inner folds say "
+                        "it lowers the log-loss; default off)")
     s.add_argument("--experts", required=True, help="expert profiles YAML (e.g. configs/eval/routellm_mixtral_gpt4.yaml)")
     s.add_argument("--gate", help="a fitted gate directory (default: fit one on the training split)")
     s.add_argument("--holdout", type=float, default=0.5,

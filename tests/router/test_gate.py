@@ -91,31 +91,6 @@ def test_weight_decay_and_dropout_are_used_and_recorded(tmp_path):
     assert norms[10.0] < 0.5 * norms[0.0]  # AdamW's decay shrank the first layer
 
 
-def test_after_epoch_sees_each_shorter_run_so_one_run_scores_every_epoch_count():
-    import torch
-
-    from router.gate_fit import train_mlp
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(120, 8)).astype(np.float32)
-    y = (rng.random((120, 2)) < 0.5).astype(np.float32)
-    probe = torch.as_tensor(x[:10])
-    seen = {}
-
-    def keep(epoch, mlp):
-        assert not mlp.training  # scored without dropout
-        with torch.inference_mode():
-            seen[epoch + 1] = mlp(probe).numpy().copy()
-
-    train_mlp(x, y, hidden=16, epochs=12, dropout=0.3, seed=3, after_epoch=keep)
-    assert sorted(seen) == list(range(1, 13))
-    for epochs in (4, 12):
-        mlp = train_mlp(x, y, hidden=16, epochs=epochs, dropout=0.3, seed=3)
-        with torch.inference_mode():
-            np.testing.assert_allclose(seen[epochs], mlp(probe).numpy(), rtol=1e-6, atol=1e-7)
-    assert not np.allclose(seen[4], seen[12])  # training moved it in between
-
-
 def test_the_shipped_gate_was_fitted_on_the_shipped_labels():
     """data/quality/gate-local (configs/local.yaml's gate) saw exactly the rows of labels_local.csv."""
     root = Path(__file__).resolve().parents[2] / "data" / "quality"

@@ -25,8 +25,12 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     assert "held-out report (12 prompts)" in out.out and "calibration: Brier" in out.out
     assert "training gate" in out.err and "embedding prompts" in out.err  # progress bars
     meta = json.loads((tmp_path / "gate" / "gate.json").read_text())
-    assert meta["experts"] == ["math", "prose"] and meta["knn_weight"] == 0.5  # the default keeps neighbours
-    assert (tmp_path / "gate" / "neighbours.safetensors").exists()
+    assert meta["experts"] == ["math", "prose"] and meta["epochs"] == 20  # a knob given is fixed
+    # the others are chosen by 5 folds inside the 48 training rows, and recorded
+    assert meta["inner_cv"]["folds"] == 5 and meta["inner_cv"]["rows"] == 48 == meta["train_rows"]
+    assert meta["inner_cv"]["grid"]["epochs"] == [20] and meta["knn_weight"] == meta["inner_cv"]["knn_weight"]
+    assert (tmp_path / "gate" / "neighbours.safetensors").exists() == (meta["knn_weight"] > 0)
+    assert "inner 5-fold cross-validation on 48 training prompts chose" in out.out
 
     profiles = tmp_path / "experts.yaml"
     profiles.write_text(PROFILES)
