@@ -31,20 +31,18 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import psutil
 import yaml
-from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
+from host import cpu_model, start_server  # noqa: E402 - benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -201,19 +199,7 @@ async def _serve(variant: str, stats_path: str, settle: bool) -> None:
 # -- the client side ----------------------------------------------------------------------------
 def _start(variant: str, stats_path: str, settle: bool) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, __file__, "--serve", variant, "--stats", stats_path] + ([] if settle else ["--default-gc"])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # never block it
-            return proc, m.group(1)
-    proc.kill()
-    raise SystemExit(f"the {variant} server did not start")
+    return start_server(cmd, {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
 
 
 async def _load(target: str, requests: int, concurrency: int, tokens: int) -> float:

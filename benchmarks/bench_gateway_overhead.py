@@ -31,17 +31,15 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
-from host import cpu_model  # noqa: E402 - benchmarks/ is the script's directory
+from host import cpu_model, start_server  # noqa: E402 - benchmarks/ is the script's directory
 
 from runtime.api.gen import wattserve_pb2 as pb
 from runtime.api.gen import wattserve_pb2_grpc as pb_grpc
@@ -94,22 +92,6 @@ http: {enabled: false}
 experts:
   - {name: synth, engine: {kind: synthetic, step_ms: STEP_MS}, device: cpu, max_batch: 256, max_queue: 256}
 """
-
-
-def start(cmd: list[str], env=None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
-        if m:
-            # keep draining output so the child never blocks on a full pipe
-            asyncio.get_event_loop().run_in_executor(None, lambda: [None for _ in proc.stdout])
-            return proc, m.group(1)
-    proc.kill()
-    raise SystemExit(f"{cmd[0]} did not start")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -218,7 +200,7 @@ def main() -> None:
                 ("wattserve", [str(Path(sys.executable).parent / "wattserve"), "serve", "--config", str(cfg)]),
             ):
                 print(f"starting {name} ...", flush=True)
-                servers[name] = start(cmd, env)
+                servers[name] = start_server(cmd, env, timeout_s=120)
             messages = None  # wattserve's last mean messages per request, for "matched"
             for i in range(args.rounds):
                 results = {}

@@ -25,9 +25,10 @@ def exit_engine(model_dir, **early_exit):
     return make_engine(model_dir, engine={"early_exit": {"exit_every": 2, **early_exit}})
 
 
-def run(engine, calls, join_at=None, max_steps=500):
+def run(engine, calls, join_at=None, max_steps=500, logprobs: dict | None = None):
     """Drive ``engine`` until idle; ``join_at`` maps step number -> calls added then.
-    Returns per-request (text, token ids, finish reason) and the batch sizes seen."""
+    Returns per-request (text, token ids, finish reason) and the batch sizes seen; ``logprobs``
+    (a dict) gets each request's summed log-probability."""
     join_at = dict(join_at or {})
     for c in calls:
         engine.add(engine.validate(c, 0.0))
@@ -42,6 +43,8 @@ def run(engine, calls, join_at=None, max_steps=500):
         for out in res.outputs:
             texts[out.request_id] = texts.get(out.request_id, "") + out.text
             ids.setdefault(out.request_id, []).extend(out.token_ids)
+            if logprobs is not None:
+                logprobs[out.request_id] = out.logprob_sum
             if out.finish_reason is not None:
                 reasons[out.request_id] = out.finish_reason
     return texts, ids, reasons, batches

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./dev builds it)")
 
+from tests.workers.engine_helpers import run as drive  # noqa: E402
 from wattserve.devices import parse_device_spec  # noqa: E402
 from wattserve.errors import InvalidRequest, ModelSourceError  # noqa: E402
 from wattserve.specs import ExpertSpec, GgufPackageSource  # noqa: E402
@@ -54,25 +55,9 @@ def call(rid, prompt="The capital of France is", max_tokens=8, **sampling) -> Ge
 
 
 def run(engine, calls, join_at=None, max_steps=500):
-    """Drive ``engine`` until idle; ``join_at`` maps step number -> calls added then."""
-    join_at = dict(join_at or {})
-    for c in calls:
-        engine.add(engine.validate(c, 0.0))
-    texts, ids, reasons, batches, logprobs = {}, {}, {}, [], {}
-    for step in range(max_steps):
-        for c in join_at.pop(step, []):
-            engine.add(engine.validate(c, 0.0))
-        if not engine.has_work() and not join_at:
-            break
-        res = engine.step(float(step))
-        batches.append(res.work.batch_size)
-        for out in res.outputs:
-            texts[out.request_id] = texts.get(out.request_id, "") + out.text
-            ids.setdefault(out.request_id, []).extend(out.token_ids)
-            logprobs[out.request_id] = out.logprob_sum
-            if out.finish_reason is not None:
-                reasons[out.request_id] = out.finish_reason
-    return texts, ids, reasons, batches, logprobs
+    """:func:`tests.workers.engine_helpers.run`, with each request's summed log-probability as a fifth result."""
+    logprobs: dict = {}
+    return (*drive(engine, calls, join_at, max_steps, logprobs=logprobs), logprobs)
 
 
 def assert_no_leak(engine):
