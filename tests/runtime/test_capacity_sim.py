@@ -15,7 +15,7 @@ import pytest
 from runtime.capacity.planner import SLO, PlannerConfig, PoolSpec
 from runtime.capacity.profile import replica_profile_from_device
 from runtime.capacity.report import CapacityExperiment, run_experiment
-from runtime.capacity.sim import SimConfig, request_latencies, simulate_day
+from runtime.capacity.sim import SimConfig, WarmTier, request_latencies, simulate_day
 from runtime.capacity.workload import DayShape, day_workload
 from runtime.cli import main as cli_main
 from runtime.power.workload import Trace, Workload, load_trace
@@ -189,3 +189,132 @@ def test_fast_clock_loop_only_moves_clocks(profile):
     fast = simulate_day(work, specs(), profile, SimConfig(policy="both", clock_interval_s=2.0))
     assert sum(p.replica_changes for p in fast.pools) == sum(p.replica_changes for p in slow.pools)
     assert sum(p.clock_changes for p in fast.pools) >= sum(p.clock_changes for p in slow.pools)
+
+
+def burst_after_gap(hp: bool = True) -> Workload:
+    rng = np.random.default_rng(11)
+    arr = np.sort(np.concatenate([rng.uniform(0, 100, 100), rng.uniform(900, 960, 120)]))
+    n = len(arr)
+    return Workload("gap", arr, np.full(n, 800), np.full(n, 40), high_priority=np.full(n, hp))
+
+
+def test_oracle_starts_replicas_before_a_burst_it_sees_coming(profile):
+    work = burst_after_gap()
+    plain = simulate_day(work, specs(max_replicas=3), profile, SimConfig(policy="both"))
+    oracle = simulate_day(work, specs(max_replicas=3), profile, SimConfig(policy="oracle"))
+    late = work.arrival_s >= 900
+    # the serving planner released the idle pool and made the burst wait a cold start; the oracle woke it in time
+    assert np.nanmax(plain.pools[0].ttft_s[late]) >= 20.0
+    assert np.nanmax(oracle.pools[0].ttft_s[late]) < 5.0
+    assert oracle.pools[0].replicas[500] == 0  # released at once in the gap (nothing coming for minutes)
+    assert oracle.pools[0].replicas[899] >= 1  # and up before the burst
+    assert oracle.energy_j < plain.energy_j
+
+
+def test_oracle_window_plans_for_finer_bursts(profile):
+    work = synthetic(4.0, 900, seed=12)
+    coarse = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="oracle", oracle_window_s=60.0))
+    fine = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="oracle", oracle_window_s=5.0))
+    assert fine.pools[0].replicas.mean() >= coarse.pools[0].replicas.mean()
+
+
+def test_warm_tier_wakes_faster_and_draws_its_power(profile):
+    work = burst_after_gap()
+    cold = simulate_day(work, specs(max_replicas=2), profile, SimConfig(policy="autoscale"))
+    warm = simulate_day(work, specs(max_replicas=2), profile,
+                        SimConfig(policy="autoscale", warm=WarmTier(wake_s=5.0, power_w=80.0)))
+    late = work.arrival_s >= 900
+    assert warm.pools[0].warm_starts >= 1 and cold.pools[0].warm_starts == 0
+    assert np.nanmax(warm.pools[0].ttft_s[late]) < np.nanmax(cold.pools[0].ttft_s[late]) - 20.0
+    assert warm.pools[0].energy_j["warm"] > 0 and cold.pools[0].energy_j["warm"] == 0
+    assert warm.pools[0].energy_j["cold_start"] < cold.pools[0].energy_j["cold_start"]
+    # a released replica that stayed warm 1 s at most goes cold: no warm start, no warm power to speak of
+    brief = simulate_day(work, specs(max_replicas=2), profile,
+                         SimConfig(policy="autoscale", warm=WarmTier(wake_s=5.0, power_w=80.0, keep_s=1.0)))
+    assert brief.pools[0].warm_starts == 0
+    for r in (warm, brief):
+        assert r.energy_j == pytest.approx(float(r.power_w.sum() * r.tick_s), rel=1e-9)
+    with pytest.raises(ValueError):
+        WarmTier(wake_s=-1.0)
+
+
+def test_packing_decode_saves_energy_at_low_load_and_keeps_every_request(profile):
+    work = synthetic(0.5, 900, seed=13)
+    spread = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="static"))
+    packed = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="static", pack_decode=True))
+    assert packed.energy_j < spread.energy_j
+    for a, b in zip(spread.pools, packed.pools, strict=True):
+        assert not np.isnan(b.ttft_s).any()
+        assert a.energy_j["idle"] == pytest.approx(b.energy_j["idle"])  # the same replicas stay up
+        assert np.nanmedian(b.tpot_s) >= np.nanmedian(a.tpot_s)  # fuller batches step a little slower
+    assert packed.energy_j == pytest.approx(float(packed.power_w.sum() * packed.tick_s), rel=1e-9)
+
+
+def test_classes_share_replicas_at_low_load_high_first(profile):
+    work = synthetic(0.6, 1800, seed=14)
+    cfg = SimConfig(policy="both", share_classes=True)
+    apart = simulate_day(work, specs(max_replicas=3), profile, SimConfig(policy="both"))
+    shared = simulate_day(work, specs(max_replicas=3), profile, cfg)
+    assert shared.share_changes >= 1 and shared.shared_s > 600
+    assert apart.share_changes == 0 and apart.shared_s == 0
+    hp, lp = shared.pools
+    assert lp.replicas[-300:].max() == 0 and hp.replicas[-300:].min() >= 1  # the low pool released
+    for p in shared.pools:
+        assert not np.isnan(p.ttft_s).any()
+    assert shared.energy_j < apart.energy_j
+    assert shared.energy_j == pytest.approx(float(shared.power_w.sum() * shared.tick_s), rel=1e-9)
+
+
+def test_shared_replicas_prefill_the_high_class_first(profile):
+    # one shared replica gets a burst of both classes at once: the high class's prompts go first
+    rng = np.random.default_rng(15)
+    n = 80
+    arr = np.sort(rng.uniform(0, 5, n))
+    work = Workload("burst", arr, np.full(n, 3000), np.full(n, 20), high_priority=np.arange(n) % 2 == 0)
+    hp, lp = specs(max_replicas=1)
+    r = simulate_day(work, (hp, lp), profile, SimConfig(policy="static", share_classes=True))
+    assert r.share_changes == 0  # static never plans: the classes stay apart
+    from runtime.capacity.sim import _Class, _Pool
+
+    cfg = SimConfig(policy="static")
+    n_ticks = 200
+    classes = [_Class(s, work, m, n_ticks, 1.0) for s, m in zip((hp, lp), (work.high_priority, ~work.high_priority),
+                                                               strict=True)]
+    pool = _Pool(hp, profile, classes, n_ticks, 1.0, cfg)
+    for k in range(n_ticks):
+        pool.tick(k, float(k), None, [0, 1])
+        for c in classes:
+            c.c_tok[k] = c.cum_tok
+    # by the time half of the high class's tokens are prefilled, the low class has had almost none
+    half = np.searchsorted(classes[0].c_tok, classes[0].prompt.sum() / 2)
+    assert classes[1].c_tok[half] < 0.1 * classes[1].prompt.sum()
+    assert classes[0].c_tok[-1] == pytest.approx(classes[0].prompt.sum())
+    assert classes[1].c_tok[-1] == pytest.approx(classes[1].prompt.sum())
+
+
+@needs_traces
+def test_cli_runs_the_oracle_and_the_levers_on_a_short_slice(tmp_path, capsys):
+    js = tmp_path / "cap.json"
+    rc = cli_main(["simulate", "capacity", "--trace", str(CONV), "--hours", "0.05", "--start-hour", "13",
+                   "--policy", "both,oracle", "--share-classes", "--pack-decode", "--warm-wake-s", "10",
+                   "--oracle-window-s", "10", "--json", str(js), "--plot", ""])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    assert [r["policy"] for r in rows] == ["static", "both", "oracle"]
+    assert all(r["unfinished"] == 0 for r in rows)
+    assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--warm-wake-s", "-1"]) == 2
+    assert "warm tier" in capsys.readouterr().err
+
+
+def test_oracle_holds_a_replica_needed_again_before_a_restart_pays(profile):
+    # cold start 1e5 J vs 320 W idle: a replica needed again within ~312 s is cheaper kept than restarted
+    rng = np.random.default_rng(16)
+    arr = np.sort(np.concatenate([rng.uniform(0, 60, 60), rng.uniform(260, 320, 60), rng.uniform(1400, 1460, 60)]))
+    n = len(arr)
+    work = Workload("gaps", arr, np.full(n, 800), np.full(n, 40), high_priority=np.ones(n, dtype=bool))
+    hp, lp = (s.model_copy(update={"cold_start_energy_j": 1e5}) for s in specs(max_replicas=2))
+    r = simulate_day(work, (hp, lp), profile, SimConfig(policy="oracle"))
+    reps = r.pools[0].replicas
+    assert reps[150:250].min() >= 1  # the 200 s gap: held
+    assert reps[700:1200].max() == 0  # the 1080 s gap: released
+    assert r.pools[0].cold_starts == 1  # only the start before the last burst (the day begins with the fleet up)
