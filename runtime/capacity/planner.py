@@ -30,6 +30,10 @@ How a plan is made (DESIGN.md section 11; DynamoLLM, HPCA'25, does the same at t
    remaining cold start in its predicted TTFT (what a router should see for a cold expert).
 
 Every plan says why in ``reason``.
+
+:func:`plan_sharing` decides, per control interval, whether the two priority classes of an expert
+share replicas (low load: one pool for both, held to the stricter SLO, the high class first) or
+run apart; it is pure too, and says why.
 """
 
 from __future__ import annotations

@@ -205,25 +205,22 @@ def _pair(v: tuple[float, float]) -> str:
     return f"{v[0]:.0f}/{v[1]:.0f}"
 
 
-def saving_sources(rows: list[PolicySummary]) -> str:
-    """Where ``both`` saves against ``static``: idle (replicas released), clocks (the busy
-    energy ``dvfs`` saves at static's replica count) and batching (the busy energy ``autoscale``
-    saves by consolidating at max clocks); the rest is their interaction and cold starts."""
+def saving_sources(rows: list[PolicySummary], policy: str = "both") -> str:
+    """Where ``policy`` saves against ``static``, by energy part (exact: the parts add up to the
+    saving): idle (replicas released; warm ones count as idle), prefill (mostly clocks: prefill is
+    compute-bound), decode (batching: consolidation and packing, and clocks) and cold starts (a cost)."""
     by = {r.policy: r for r in rows}
-    if not {"static", "both"} <= by.keys():
+    if not {"static", policy} <= by.keys():
         return ""
-    s, b = by["static"], by["both"]
-    busy = lambda r: r.energy_kwh_by_part["prefill"] + r.energy_kwh_by_part["decode"]  # noqa: E731
-    idle = lambda r: sum(r.energy_kwh_by_part[k] for k in ("idle", "released", "warm"))  # noqa: E731
+    s, b = by["static"], by[policy]
+    part = lambda r, *keys: sum(r.energy_kwh_by_part[k] for k in keys)  # noqa: E731
+    parts = {"idle": part(s, "idle", "released", "warm") - part(b, "idle", "released", "warm"),
+             "prefill (clocks)": part(s, "prefill") - part(b, "prefill"),
+             "decode (batching + packing + clocks)": part(s, "decode") - part(b, "decode"),
+             "cold starts": part(s, "cold_start") - part(b, "cold_start")}
     total = s.energy_kwh - b.energy_kwh
-    parts = {"idle": idle(s) - idle(b)}
-    if "dvfs" in by:
-        parts["clocks"] = busy(s) - busy(by["dvfs"])
-    if "autoscale" in by:
-        parts["batching"] = busy(s) - busy(by["autoscale"])
-    parts["interaction, cold starts"] = total - sum(parts.values())
-    text = ", ".join(f"{k} {v:.0f} kWh ({v / s.energy_kwh:.1%} of static)" for k, v in parts.items())
-    return f"{s.trace}: both saves {total:.0f} kWh = {total / s.energy_kwh:.1%}: {text}"
+    text = ", ".join(f"{k} {v:.0f} kWh ({v / s.energy_kwh:.1%})" for k, v in parts.items())
+    return f"{s.trace}: {policy} saves {total:.0f} kWh = {total / s.energy_kwh:.1%} of static: {text}"
 
 
 def plot_day(results: dict[str, DayResult], path: Path, title: str) -> Path:

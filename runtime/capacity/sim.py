@@ -19,6 +19,24 @@ ticks its decode spans. Prefill is chunked (``prefill_chunk_tokens``, vLLM's chu
 during the tick's prefill time every decoding sequence still gets one token per chunk step.
 Within-tick ordering and per-sequence KV growth are not modeled.
 
+Each pool holds one LANE per priority class (waiting, in prefill, decoding); the FIFO bookkeeping
+is per class, across pools. Normally a pool serves its own class. The levers of issue 16 item 5:
+
+- ``share_classes``: at low load both classes run on the high pool's replicas
+  (:func:`~runtime.capacity.planner.plan_sharing` decides; the high class is admitted and
+  prefilled first, the batch is shared), the low pool is released once drained; when load rises
+  the classes split again, the low class staying on the shared replicas until its own pool serves;
+- ``pack_decode``: the decode batch sits on the fewest replicas that hold it within
+  ``0.9 x max_batch`` (a packing router; re-packed every tick, so optimistic for long decodes),
+  the others idle as hot spares while prefill still spreads over every replica;
+- ``warm`` (:class:`WarmTier`): a released replica keeps its weights in host memory, drawing
+  ``power_w``, for ``keep_s``; waking it takes ``wake_s`` at the start-up power instead of the cold start.
+
+The ``oracle`` policy is an analysis, never a serving policy: the planner is told the busiest
+``oracle_window_s`` among the arrivals of the next cold start plus two intervals (and of this
+hour's token sizes), has no scale-down delay, and releases a replica as soon as nothing needs it
+within the cold start's energy / idle power (ski rental with the future known).
+
 Every joule is modeled from the replica profile and labelled with its ``energy_source``.
 """
 

@@ -14,7 +14,7 @@ import pytest
 
 from runtime.capacity.planner import SLO, PlannerConfig, PoolSpec
 from runtime.capacity.profile import replica_profile_from_device
-from runtime.capacity.report import CapacityExperiment, run_experiment
+from runtime.capacity.report import CapacityExperiment, run_experiment, saving_sources
 from runtime.capacity.sim import SimConfig, WarmTier, request_latencies, simulate_day
 from runtime.capacity.workload import DayShape, day_workload
 from runtime.cli import main as cli_main
@@ -161,6 +161,10 @@ def test_experiment_on_a_trace_slice_reports_every_policy():
     for r in rows:
         assert set(r.slo_attainment) == {"high", "low", "all"}
         assert r.unfinished == 0
+    # the breakdown by energy part adds up to the saving
+    text = saving_sources(rows)
+    kwh = [float(x.split(" kWh")[0].rsplit(" ", 1)[-1]) for x in text.split(": ", 2)[2].split(", ")]
+    assert sum(kwh) == pytest.approx(rows[0].energy_kwh - rows[3].energy_kwh, abs=2.0)
     assert len(load_trace(CONV).arrival_s) > 0
 
 
