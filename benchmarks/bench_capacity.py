@@ -5,7 +5,9 @@ attainment, cold starts, reconfigurations), then what bounds the saving and what
 - the energy floor (every token at its best operating point within the SLO, nothing idle) and the
   ``oracle`` (the same planner told the arrivals still to come; an analysis, never a serving policy);
 - the levers, each on the same day: shared replicas across priority classes at low load and decode
-  packed onto the fewest replicas (the rest hot spares), both on by default, each alone and neither;
+  packed at admission (a new sequence goes to the fullest replica with room and stays there; the rest
+  hot spares), both on by default, each alone and neither; the idealised bound where sequences
+  migrate for free (re-packed every tick: no engine does this);
   a warm tier of released replicas on top (its wake time and power swept: assumptions);
 - a PNG of power, replicas and latency over the day, and the clock-to-power exponent sensitivity.
 
@@ -64,6 +66,7 @@ def run_trace(name: str, hours: float, out: Path, sweeps: bool) -> dict:
     for label, e in ((" (no levers)", replace(exp, share_classes=False, pack_decode=False)),
                      (" share only", replace(exp, pack_decode=False)),
                      (" pack only", replace(exp, share_classes=False)),
+                     (" migrating pack (idealised bound)", replace(exp, pack_migrate=True)),
                      ("+warm15", replace(exp, warm=WarmTier(15.0, 100.0)))):
         levers.append(variant(e, "both", label)[0])
     oracles = []

@@ -51,7 +51,8 @@ class CapacityExperiment:
     # traces over the day, docs/capacity.md); the warm tier is off (its wake time and power are assumptions)
     share_classes: bool = True  # both classes on shared replicas at low load (planner.plan_sharing)
     share_max_replicas: int | None = None  # None: the high pool's max
-    pack_decode: bool = True  # decode packed onto the fewest replicas, the rest idle as hot spares
+    pack_decode: bool = True  # decode packed at admission (fullest replica with room), sequences never move
+    pack_migrate: bool = False  # idealised upper bound: the decode batch re-packed every tick (sequences move)
     oracle_window_s: float = 60.0
     warm: WarmTier | None = None  # lever (b): released replicas kept warm in host memory (assumed costs)
     oracle_planner: PlannerConfig | None = None  # the oracle's knobs (None: ``planner``)
@@ -134,7 +135,8 @@ def run_experiment(exp: CapacityExperiment, policies=SERVING_POLICIES, *, label:
                         released_replica_power_w=exp.released_replica_power_w,
                         share_classes=exp.share_classes and policy != "static",
                         share_max_replicas=exp.share_max_replicas, warm=exp.warm if policy != "static" else None,
-                        pack_decode=exp.pack_decode and policy != "static", oracle_window_s=exp.oracle_window_s)
+                        pack_decode=exp.pack_decode and policy != "static", pack_migrate=exp.pack_migrate,
+                        oracle_window_s=exp.oracle_window_s)
         name = policy if policy == "static" else policy + label
         results[name] = simulate_day(work, specs, profile, cfg)
         rows.append((name, results[name], time.perf_counter() - t0))

@@ -26,9 +26,18 @@ is per class, across pools. Normally a pool serves its own class. The levers of 
   (:func:`~runtime.capacity.planner.plan_sharing` decides; the high class is admitted and
   prefilled first, the batch is shared), the low pool is released once drained; when load rises
   the classes split again, the low class staying on the shared replicas until its own pool serves;
-- ``pack_decode``: the decode batch sits on the fewest replicas that hold it within
-  ``0.9 x max_batch`` (a packing router; re-packed every tick, so optimistic for long decodes),
-  the others idle as hot spares while prefill still spreads over every replica;
+- ``pack_decode``: decode is packed WITHOUT moving sequences, as a live router could do it. The
+  sequences are discrete (each with its own output length, FIFO per class): a sequence whose prefill
+  ends is admitted to the fullest ready replica whose batch is below ``max_batch_fill x max_batch``
+  (bin packing at admission; none with room: the emptiest), and stays there until it finishes;
+  each replica steps its own batch (its step time and power at its own batch size), so replicas
+  left without sequences idle as hot spares while prefill still spreads over every ready replica.
+  A replica the plan releases while it holds sequences drains (takes nothing new, finishes its
+  sequences, then is released; reused first if the plan grows again). The request's TPOT is that of
+  the fullest replica (the one new sequences go to);
+- ``pack_migrate`` (with ``pack_decode``): an IDEALISED UPPER BOUND, not a serving policy: the same
+  discrete sequences re-packed every tick onto the fewest ready replicas that hold them within
+  ``max_batch_fill x max_batch``, as if sequences (and their KV caches) moved between replicas for free;
 - ``warm`` (:class:`WarmTier`): a released replica keeps its weights in host memory, drawing
   ``power_w``, for ``keep_s``; waking it takes ``wake_s`` at the start-up power instead of the cold start.
 
@@ -90,7 +99,8 @@ class SimConfig:
     drain_s: float = 3600.0
     share_classes: bool = False  # both classes on shared replicas at low load (planner.plan_sharing)
     share_max_replicas: int | None = None  # most replicas a shared pool may use (None: the high pool's max)
-    pack_decode: bool = False  # decode packed onto the fewest replicas that hold it, the rest idle as hot spares
+    pack_decode: bool = False  # decode packed at admission (fullest replica with room), sequences never move
+    pack_migrate: bool = False  # idealised upper bound: the batch re-packed every tick (sequences move for free)
     oracle_window_s: float = 60.0  # the oracle plans for the busiest window this long among the arrivals ahead
     warm: WarmTier | None = None  # None: a released replica is cold (a start takes the pool's cold_start_s)
 
@@ -161,6 +171,8 @@ class _Class:
         self.bin_o = np.bincount(k, self.out - 1.0, minlength=n_ticks)  # after the first token
         self.bin_m = np.bincount(k, (self.out > 1).astype(float), minlength=n_ticks)
         self.cum_n = np.concatenate([[0.0], np.cumsum(self.bin_n)])
+        self.dec_len = self.out[self.out > 1] - 1.0  # decode tokens of each decoding request, FIFO
+        self.dec_in, self.dec_taken = 0.0, 0  # (packing) decoders out of prefill: fluid, and admitted as sequences
         self.cum_tok = 0.0
         self.ewma = 0.0
         self.c_tok, self.tpot, self.clocks = np.zeros(n_ticks), np.zeros(n_ticks), np.zeros(n_ticks)
@@ -195,7 +207,17 @@ class _Pool:
         self.spec, self.prof, self.dt, self.classes = spec, profile, tick_s, classes
         self._released_w = config.released_replica_power_w  # what a released replica still draws
         self._warm = config.warm
-        self._pack = config.pack_decode
+        self._pack_seq = config.pack_decode
+        self._migrate = config.pack_decode and config.pack_migrate  # the idealised upper bound
+        self._fill = max(1, int(config.planner.max_batch_fill * profile.max_batch + 1e-9))
+        # (packing) replica ids: ready, draining (released by a plan, finishing their sequences), free;
+        # the sequences decoding: replica id, decode tokens left, class
+        self.rids: list[int] = list(range(spec.max_replicas))
+        self.dids: list[int] = []
+        self.free_ids: list[int] = []
+        self._n_ids = spec.max_replicas
+        self.s_rep, self.s_rem, self.s_cls = np.zeros(0, dtype=int), np.zeros(0), np.zeros(0, dtype=int)
+        self._np_tables = (np.asarray(profile.decode_step_s, dtype=float), np.asarray(profile.decode_power_w, dtype=float))
         self._window_s = config.oracle_window_s
         self.lanes = [_Lane() for _ in classes]
         self.ready, self.starting = spec.max_replicas, []  # ready-at times of starting replicas
@@ -227,6 +249,8 @@ class _Pool:
             done = [t for t in self.starting if t <= now]
             self.starting = self.starting[len(done):]
             self.ready += len(done)
+            for _ in done:
+                self.rids.append(self._new_id())
         arrived = 0.0
         for c in routed:
             cls, w = self.classes[c], self.lanes[c].wait
@@ -243,24 +267,27 @@ class _Pool:
         n_start = len(self.starting)
         if self.warm and self._warm is not None:
             self.warm = [t for t in self.warm if now - t < self._warm.keep_s]
-        released = spec.max_replicas - self.ready - n_start
+        draining = len(self.dids)
+        released = spec.max_replicas - self.ready - n_start - draining
         n_warm = min(len(self.warm), released)
         self.energy["cold_start"] += n_start * cold_w * dt
         self.energy["released"] += (released - n_warm) * self._released_w * dt
         warm_w = self._warm.power_w if self._warm is not None else 0.0
         self.energy["warm"] += n_warm * warm_w * dt
         power += n_start * cold_w + (released - n_warm) * self._released_w + n_warm * warm_w
-        self.power[k], self.replicas[k], self.clocks[k] = power, self.ready + n_start, prof.clocks_mhz[clock]
+        self.power[k], self.replicas[k], self.clocks[k] = power, self.ready + n_start + draining, \
+            prof.clocks_mhz[clock]
         busy = self.work() > 1e-9 or arrived > 0
         self.idle_since = None if busy else (now if self.idle_since is None else self.idle_since)
         return power
 
     def _serve(self, k: int, dt: float, prof: ReplicaProfile) -> float:
         n, lanes = self.ready, self.lanes
-        if n == 0:
+        if n == 0 and not self.dids:
             self.tpot_now = dt
             return 0.0
-        slots = n * prof.max_batch - sum(ln.pre[0] + ln.dec_n for ln in lanes)
+        draining_seqs = float(np.isin(self.s_rep, self.dids).sum()) if self.dids else 0.0
+        slots = n * prof.max_batch - sum(ln.pre[0] + ln.dec_n for ln in lanes) + draining_seqs
         for ln in lanes:  # the high class first
             w, pre = ln.wait, ln.pre
             if w[0] > 1e-12 and slots > 0:
@@ -272,7 +299,7 @@ class _Pool:
         spt, ovh = prof.prefill_s_per_token[self.clock], prof.prefill_overhead_s
         total = sum(ln.pre[1] for ln in lanes)
         t_p = frac = 0.0
-        if total > 1e-9:
+        if total > 1e-9 and n > 0:
             full = ovh + total / n * spt
             t_p, frac = min(dt, full), min(1.0, dt / full)
         budget, before = frac * total, 0.0
@@ -294,11 +321,11 @@ class _Pool:
                 cls.t_off[k], cls.t_end[k] = off, end
                 cls.clocks[k] = prof.clocks_mhz[self.clock]
             before += moved[1]
+        if self._pack_seq:
+            return self._decode_packed(n, t_p, moved_by_lane, ovh + prof.prefill_chunk_tokens * spt)
         dec_n = sum(ln.dec_n for ln in lanes)
         dec_o = sum(ln.dec_o for ln in lanes)
-        # n_d replicas decode: all of them (the load spread evenly), or with packing the fewest whose
-        # batches stay within max_batch_fill (decode power hardly depends on the batch)
-        n_d = n if not self._pack else min(n, max(1, math.ceil(dec_n / (0.9 * prof.max_batch) - 1e-9)))
+        n_d = n  # without packing every replica decodes: the load spread evenly
         t_d, busy_d, nd = dt - t_p, 0.0, dec_n / n_d
         step = self._row(0, nd)
         chunk = ovh + prof.prefill_chunk_tokens * spt
@@ -325,6 +352,81 @@ class _Pool:
         self.energy["prefill"] += n * t_p * (pre_w - idle_w)
         self.energy["decode"] += n_d * busy_d * (dec_w - idle_w)
         return (n * t_p * pre_w + n_d * busy_d * dec_w + idle_t * idle_w) / dt
+
+    def _new_id(self) -> int:
+        if self.free_ids:
+            return self.free_ids.pop()
+        self._n_ids += 1
+        return self._n_ids - 1
+
+    def _counts(self) -> np.ndarray:
+        return np.bincount(self.s_rep, minlength=self._n_ids)
+
+    def _decode_packed(self, n: int, t_p: float, moved_by_lane: list[list[float]], chunk_s: float) -> float:
+        """Decode without migration (``pack_decode``): each replica steps its own sequences, then the
+        sequences out of prefill are admitted, each to the fullest ready replica with room. Returns watts."""
+        dt, prof, clock = self.dt, self.prof, self.clock
+        t_d, ride = dt - t_p, t_p / chunk_s  # a decoding sequence gets one token per chunked-prefill step
+        steps, watts = self._np_tables[0][clock], self._np_tables[1][clock]
+        grid = np.arange(len(steps), dtype=float)
+        idle_w = prof.idle_power_w
+        dec_e = 0.0  # decode joules above idle, this tick
+        if self._migrate and len(self.s_rem) and self.rids:  # idealised: every sequence re-packed, for free
+            slot = np.arange(len(self.s_rem)) // self._fill
+            slot = np.where(slot < len(self.rids), slot, np.arange(len(self.s_rem)) % len(self.rids))
+            self.s_rep = np.asarray(self.rids, dtype=int)[slot]
+        worst = float(steps[1])  # the fullest replica's step: what a new sequence gets
+        if len(self.s_rem):
+            counts = self._counts()
+            occ = np.flatnonzero(counts)
+            b = np.clip(counts[occ].astype(float), 1.0, len(steps) - 1.0)
+            step_occ, w_occ = np.interp(b, grid, steps), np.interp(b, grid, watts)
+            step = np.zeros(self._n_ids)
+            step[occ] = step_occ
+            s = step[self.s_rep]
+            need = np.clip((self.s_rem - ride) * s, 0.0, t_d)  # decode-step time each sequence still needs
+            busy = np.zeros(self._n_ids)
+            np.maximum.at(busy, self.s_rep, need)
+            dec_e = float((busy[occ] * (w_occ - idle_w)).sum())
+            worst = float(step_occ.max())
+            self.s_rem = self.s_rem - (ride + t_d / s)
+            alive = self.s_rem > 1e-9
+            self.s_rep, self.s_rem, self.s_cls = self.s_rep[alive], self.s_rem[alive], self.s_cls[alive]
+        self.tpot_now = dt / (ride + t_d / worst)
+        counts = self._counts()
+        if self.dids:  # a draining replica whose last sequence finished is released
+            left = [r for r in self.dids if counts[r] > 0]
+            self.free_ids += [r for r in self.dids if counts[r] == 0]
+            self.dids = left
+        new_rep, new_rem, new_cls = [], [], []
+        cnt = {r: int(counts[r]) for r in self.rids}
+        for c, moved in enumerate(moved_by_lane):
+            cls = self.classes[c]
+            cls.dec_in += moved[3]
+            m = min(int(cls.dec_in + 1e-6), len(cls.dec_len)) - cls.dec_taken
+            if m <= 0 or not self.rids:
+                continue
+            for rem in cls.dec_len[cls.dec_taken:cls.dec_taken + m]:
+                room = [r for r in self.rids if cnt[r] < self._fill]
+                r = max(room, key=lambda x: (cnt[x], -x)) if room else min(self.rids, key=lambda x: (cnt[x], x))
+                cnt[r] += 1
+                new_rep.append(r)
+                new_rem.append(rem)
+                new_cls.append(c)
+            cls.dec_taken += m
+        if new_rep:
+            self.s_rep = np.concatenate([self.s_rep, np.asarray(new_rep, dtype=int)])
+            self.s_rem = np.concatenate([self.s_rem, np.asarray(new_rem, dtype=float)])
+            self.s_cls = np.concatenate([self.s_cls, np.asarray(new_cls, dtype=int)])
+        for c, ln in enumerate(self.lanes):
+            mine = self.s_cls == c
+            ln.dec_n, ln.dec_o = float(mine.sum()), float(self.s_rem[mine].sum())
+        up = n + len(self.dids)
+        self.energy["idle"] += up * idle_w * dt
+        pre_w = prof.prefill_power_w[clock]
+        self.energy["prefill"] += n * t_p * (pre_w - idle_w)
+        self.energy["decode"] += dec_e
+        return (up * idle_w * dt + n * t_p * (pre_w - idle_w) + dec_e) / dt
 
     def load(self, serves: list[int], k: int, cfg: PlannerConfig, stats: tuple[float, float, float],
              oracle_lookahead: int = 0) -> PoolLoad:
@@ -365,6 +467,12 @@ class _Pool:
     def apply(self, plan: Plan, now: float) -> None:
         spec = self.spec
         current = self.ready + len(self.starting)
+        if plan.replicas > current and self.dids:  # draining replicas are still up: they serve again first
+            back = self.dids[:plan.replicas - current]
+            self.dids = self.dids[len(back):]
+            self.rids += back
+            self.ready += len(back)
+            current += len(back)
         if plan.replicas > current:
             add = plan.replicas - current
             warm = min(add, len(self.warm)) if self._warm is not None else 0
@@ -382,7 +490,14 @@ class _Pool:
             if self._warm is not None:
                 self.warm += [now] * (current - plan.replicas)
             self.starting = self.starting[:keep]
-            self.ready -= drop  # a released replica's work goes to the others (drain not modeled)
+            if self._pack_seq and drop > 0:  # the emptiest go; one that holds sequences drains first
+                counts = self._counts()
+                gone = sorted(self.rids, key=lambda r: (counts[r], -r))[:drop]
+                self.rids = [r for r in self.rids if r not in gone]
+                self.dids += [r for r in gone if counts[r] > 0]
+                self.free_ids += [r for r in gone if counts[r] == 0]
+            # without packing the fluid's released replica's work goes to the others (drain not modeled)
+            self.ready -= drop
         if plan.replicas != current:
             self.replica_changes += 1
         new_clock = int(np.searchsorted(self.prof.clocks_mhz, plan.clock_mhz))

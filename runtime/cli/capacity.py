@@ -43,7 +43,8 @@ def cmd_simulate_capacity(args) -> int:
             planner=PlannerConfig(interval_s=args.interval_s), budget_fraction=args.budget_fraction,
             clock_interval_s=args.clock_interval_s,
             released_replica_power_w=args.released_replica_power_w,
-            share_classes=args.share_classes, pack_decode=args.pack_decode, oracle_window_s=args.oracle_window_s,
+            share_classes=args.share_classes, pack_decode=args.pack_decode, pack_migrate=args.pack_migrate,
+            oracle_window_s=args.oracle_window_s,
             warm=None if args.warm_wake_s is None else WarmTier(args.warm_wake_s, args.warm_power_w, args.warm_keep_s),
             shape=DayShape(trough_fraction=args.trough_fraction, peak_hour=args.peak_hour), seed=args.seed,
         )
@@ -144,7 +145,11 @@ def register_simulate(ssub) -> None:
     s.add_argument("--share-classes", action=argparse.BooleanOptionalAction, default=True,
                    help="both priority classes on shared replicas at low load (high first), split when busy")
     s.add_argument("--pack-decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="decode packed onto the fewest replicas (a packing router), the others idle as hot spares")
+                   help="decode packed at admission: a new sequence goes to the fullest replica with batch room and "
+                        "stays there (never migrated); replicas left without sequences idle as hot spares")
+    s.add_argument("--pack-migrate", action="store_true",
+                   help="with --pack-decode: IDEALISED upper bound, the batch re-packed every tick as if sequences "
+                        "could move between replicas (no serving engine does this)")
     s.add_argument("--warm-wake-s", type=float,
                    help="lever: released replicas keep weights in host memory and wake in this many s (assumed)")
     s.add_argument("--warm-power-w", type=float, default=100.0, help="power a warm released replica draws (assumed)")
