@@ -5,6 +5,7 @@ Every policy ranks replicas for a request from plain values and returns a
 (:func:`register`); this package imports every module in it, so adding a policy is adding a file.
 
 - ``least_loaded``: the replica with the lowest occupancy.
+- ``packed``: the fullest replica with batch room (bin packing at admission: idle replicas can go).
 - ``random``: an expert uniformly at random.
 - ``round_robin``: experts in turn.
 - ``cheapest``: the lowest predicted energy.

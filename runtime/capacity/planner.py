@@ -30,6 +30,10 @@ How a plan is made (DESIGN.md section 11; DynamoLLM, HPCA'25, does the same at t
    remaining cold start in its predicted TTFT (what a router should see for a cold expert).
 
 Every plan says why in ``reason``.
+
+:func:`plan_sharing` decides, per control interval, whether the two priority classes of an expert
+share replicas (low load: one pool for both, held to the stricter SLO, the high class first) or
+run apart; it is pure too, and says why.
 """
 
 from __future__ import annotations
@@ -315,3 +319,68 @@ def _may_release(load: PoolLoad, state: PoolState, spec: PoolSpec, config: Plann
 def _wake_ttft_ms(profile: ReplicaProfile, load: PoolLoad, spec: PoolSpec) -> float:
     top = profile.max_clock_index
     return 1e3 * (spec.cold_start_s + float(profile.prefill_s(load.prompt_tokens_p99, top)))
+
+
+def merge_loads(a: PoolLoad, b: PoolLoad) -> PoolLoad:
+    """The load of two classes served by the same replicas: rates add, token means are weighted by
+    rate, the 99th-percentile prompt is the larger of the two (a bound: the union's p99 is no larger)."""
+    wa = max(a.arrival_rate_ewma_rps, a.arrival_rate_rps, 1e-12)
+    wb = max(b.arrival_rate_ewma_rps, b.arrival_rate_rps, 1e-12)
+    mean = lambda x, y: (x * wa + y * wb) / (wa + wb)  # noqa: E731
+    return PoolLoad(a.arrival_rate_rps + b.arrival_rate_rps, a.arrival_rate_ewma_rps + b.arrival_rate_ewma_rps,
+                    mean(a.prompt_tokens_mean, b.prompt_tokens_mean), max(a.prompt_tokens_p99, b.prompt_tokens_p99),
+                    mean(a.output_tokens_mean, b.output_tokens_mean), a.queued_requests + b.queued_requests,
+                    a.busy or b.busy, a.arrival_rate_peak_rps + b.arrival_rate_peak_rps)
+
+
+def shared_spec(high: PoolSpec, low: PoolSpec, max_replicas: int) -> PoolSpec:
+    """The spec a shared pool is planned with: the high-priority pool's, held to the stricter of the
+    two classes' targets (each class keeps its own SLO in the accounting), at most ``max_replicas``."""
+    slo = SLO(ttft_ms=min(high.slo.ttft_ms, low.slo.ttft_ms), tpot_ms=min(high.slo.tpot_ms, low.slo.tpot_ms))
+    return high.model_copy(update={"slo": slo, "max_replicas": max_replicas,
+                                   "min_replicas": min(high.min_replicas, max_replicas)})
+
+
+@dataclass(slots=True, frozen=True)
+class SharingDecision:
+    """Whether the two priority classes share replicas, since when sharing has been wanted, and why."""
+
+    shared: bool
+    wanted_since_s: float | None
+    reason: str
+
+
+def plan_sharing(high_load: PoolLoad, low_load: PoolLoad, high: PoolSpec, low: PoolSpec, profile: ReplicaProfile,
+                 config: PlannerConfig, *, shared: bool, now_s: float, wanted_since_s: float | None,
+                 max_shared_replicas: int = 1, power_budget_w: float | None = None) -> SharingDecision:
+    """Share replicas across priority classes at low load (the high class keeps priority inside the
+    shared replicas' queue and batch), split again when load rises.
+
+    Sharing is wanted when one plan for both classes' load, held to the stricter SLO, meets it with at
+    most ``max_shared_replicas`` replicas and is predicted to draw less than the two pools planned
+    apart (each pays its own idle and small-batch decode power). Splitting is at once (the SLO is at
+    stake); sharing starts only after it has been wanted for ``config.scale_down_delay_s`` (it releases
+    the low pool's replicas, and splitting again costs a start). Never with ``low.min_replicas > 0``."""
+    fresh = config.model_copy(update={"scale_down_delay_s": 0.0})
+    if low.min_replicas > 0:
+        return SharingDecision(False, None, f"{low.name}: min_replicas {low.min_replicas} > 0: never shared")
+    merged = merge_loads(high_load, low_load)
+    spec = shared_spec(high, low, max_shared_replicas).model_copy(update={"min_replicas": 1})
+    both = plan_pool(merged, PoolState(now_s, max_shared_replicas), spec, profile, fresh,
+                     power_budget_w=power_budget_w)
+    apart = [plan_pool(ld, PoolState(now_s, s.max_replicas), s.model_copy(update={"min_replicas": 1}), profile,
+                       fresh, power_budget_w=power_budget_w) for ld, s in ((high_load, high), (low_load, low))]
+    apart_w = sum(p.predicted_power_w for p in apart)
+    want = both.slo_met and both.predicted_power_w < apart_w
+    what = (f"both classes on {both.replicas} shared replica(s): {both.predicted_power_w:.0f} W vs "
+            f"{apart_w:.0f} W apart ({apart[0].replicas}+{apart[1].replicas} replicas)")
+    if not want:
+        why = "SLO not met within the shared limit" if not both.slo_met else "no saving"
+        return SharingDecision(False, None, f"{'split' if shared else 'apart'}: {what}; {why}")
+    if shared:
+        return SharingDecision(True, wanted_since_s, f"shared: {what}")
+    since = now_s if wanted_since_s is None else wanted_since_s
+    if now_s - since >= config.scale_down_delay_s:
+        return SharingDecision(True, since, f"share: {what}")
+    return SharingDecision(False, since, f"apart (sharing wanted for {now_s - since:.0f} s < "
+                                         f"{config.scale_down_delay_s:g} s): {what}")

@@ -17,7 +17,7 @@ from workers.devices.simulated import load_profile
 
 from .planner import SLO, PlannerConfig, PoolLoad, PoolSpec, PoolState, plan_pool
 from .profile import ReplicaProfile, replica_profile_from_device
-from .sim import POLICIES, DayResult, SimConfig, simulate_day
+from .sim import SERVING_POLICIES, DayResult, SimConfig, WarmTier, simulate_day
 from .workload import DayShape, day_workload
 
 
@@ -47,6 +47,15 @@ class CapacityExperiment:
     shape: DayShape = field(default_factory=DayShape)
     tick_s: float = 1.0
     clock_interval_s: float | None = None  # the fast clock loop in seconds (None: clocks only at replica plans)
+    # the levers of issue 16 item 5: sharing and packing are on (each held >= 99% SLO per class on both
+    # traces over the day, docs/capacity.md); the warm tier is off (its wake time and power are assumptions)
+    share_classes: bool = True  # both classes on shared replicas at low load (planner.plan_sharing)
+    share_max_replicas: int | None = None  # None: the high pool's max
+    pack_decode: bool = True  # decode packed at admission (fullest replica with room), sequences never move
+    pack_migrate: bool = False  # idealised upper bound: the decode batch re-packed every tick (sequences move)
+    oracle_window_s: float = 60.0
+    warm: WarmTier | None = None  # lever (b): released replicas kept warm in host memory (assumed costs)
+    oracle_planner: PlannerConfig | None = None  # the oracle's knobs (None: ``planner``)
     seed: int = 0
 
     def replica_profile(self) -> ReplicaProfile:
@@ -66,7 +75,10 @@ class PolicySummary:
     ttft_ms: dict[str, tuple[float, float]]  # class -> (p50, p99)
     tpot_ms: dict[str, tuple[float, float]]
     slo_attainment: dict[str, float]  # class and "all"
-    cold_starts: int
+    cold_starts: int  # every start, warm ones included
+    warm_starts: int
+    share_changes: int
+    shared_h: float
     reconfigurations: int
     brake_events: int
     unfinished: int
@@ -94,10 +106,16 @@ def size_fleet(exp: CapacityExperiment, work, profile: ReplicaProfile, tdp_w: fl
     return specs[0], specs[1]
 
 
-def run_experiment(exp: CapacityExperiment, policies=POLICIES) -> tuple[list[PolicySummary], dict[str, DayResult]]:
-    trace = load_trace(exp.trace)
-    work = day_workload(trace, exp.peak_rate_rps, hp_fraction=exp.hp_fraction, seed=exp.seed, hours=exp.hours,
-                        shape=exp.shape, start_hour=exp.start_hour)
+def experiment_workload(exp: CapacityExperiment):
+    return day_workload(load_trace(exp.trace), exp.peak_rate_rps, hp_fraction=exp.hp_fraction, seed=exp.seed,
+                        hours=exp.hours, shape=exp.shape, start_hour=exp.start_hour)
+
+
+def run_experiment(exp: CapacityExperiment, policies=SERVING_POLICIES, *, label: str = "", static_j: float | None = None,
+                   ) -> tuple[list[PolicySummary], dict[str, DayResult]]:
+    """Each policy over the experiment's day; rows are named ``policy + label`` (a lever variant).
+    Savings are against ``static`` in ``policies``, else against ``static_j``."""
+    work = experiment_workload(exp)
     profile = exp.replica_profile()
     tdp_w = load_profile(exp.profile).tdp_w
     specs = size_fleet(exp, work, profile, tdp_w)
@@ -110,16 +128,25 @@ def run_experiment(exp: CapacityExperiment, policies=POLICIES) -> tuple[list[Pol
         planner = exp.planner.model_copy(update={"budget_fraction": min(exp.planner.budget_fraction,
                                                                          PolicyConfig().t1_fraction)}) \
             if policy == "both+polca" else exp.planner
+        if policy == "oracle" and exp.oracle_planner is not None:
+            planner = exp.oracle_planner
         cfg = SimConfig(policy=policy, tick_s=exp.tick_s, planner=planner, clock_interval_s=exp.clock_interval_s,
                         provisioned_power_w=exp.budget_fraction * nameplate if policy == "both+polca" else None,
-                        released_replica_power_w=exp.released_replica_power_w)
-        results[policy] = simulate_day(work, specs, profile, cfg)
-        rows.append((policy, results[policy], time.perf_counter() - t0))
-    base = results["static"].energy_j if "static" in results else None
-    return [summarise(Path(exp.trace).stem.replace("AzureLLMInferenceTrace_", ""), r, base, s) for _, r, s in rows], results
+                        released_replica_power_w=exp.released_replica_power_w,
+                        share_classes=exp.share_classes and policy != "static",
+                        share_max_replicas=exp.share_max_replicas, warm=exp.warm if policy != "static" else None,
+                        pack_decode=exp.pack_decode and policy != "static", pack_migrate=exp.pack_migrate,
+                        oracle_window_s=exp.oracle_window_s)
+        name = policy if policy == "static" else policy + label
+        results[name] = simulate_day(work, specs, profile, cfg)
+        rows.append((name, results[name], time.perf_counter() - t0))
+    base = results["static"].energy_j if "static" in results else static_j
+    trace = Path(exp.trace).stem.replace("AzureLLMInferenceTrace_", "")
+    return [summarise(trace, r, base, s, name) for name, r, s in rows], results
 
 
-def summarise(trace: str, r: DayResult, static_j: float | None, seconds: float) -> PolicySummary:
+def summarise(trace: str, r: DayResult, static_j: float | None, seconds: float, row_name: str | None = None,
+              ) -> PolicySummary:
     ttft, tpot, att = {}, {}, {}
     ok_all, n_all, unfinished, tokens = 0, 0, 0, 0
     parts: dict[str, float] = {}
@@ -139,10 +166,11 @@ def summarise(trace: str, r: DayResult, static_j: float | None, seconds: float) 
     att["all"] = ok_all / n_all if n_all else 1.0
     energy = r.energy_j
     return PolicySummary(
-        trace=trace, policy=r.policy, energy_kwh=energy / 3.6e6,
+        trace=trace, policy=row_name or r.policy, energy_kwh=energy / 3.6e6,
         saving=(1.0 - energy / static_j) if static_j else math.nan, j_per_token=energy / max(tokens, 1),
         energy_kwh_by_part=parts, ttft_ms=ttft, tpot_ms=tpot, slo_attainment=att,
-        cold_starts=sum(p.cold_starts for p in r.pools),
+        cold_starts=sum(p.cold_starts for p in r.pools), warm_starts=sum(p.warm_starts for p in r.pools),
+        share_changes=r.share_changes, shared_h=r.shared_s / 3600.0,
         reconfigurations=sum(p.replica_changes + p.clock_changes for p in r.pools),
         brake_events=r.brake_events, unfinished=unfinished,
         replicas_max=sum(p.spec.max_replicas for p in r.pools), seconds=seconds,
@@ -169,7 +197,7 @@ def format_table(rows: list[PolicySummary]) -> str:
         lat = " ".join(f"{_pair(d[c]):>19} {_pair(t[c]):>16}" for c, d, t in
                        (("high", r.ttft_ms, r.tpot_ms), ("low", r.ttft_ms, r.tpot_ms)))
         out.append(f"{r.trace:<6} {r.policy:<11} {r.energy_kwh:>7.1f} {r.saving:>7.1%} {r.j_per_token:>6.2f} "
-                   f"{e['idle'] + e['released']:>6.1f} {e['prefill']:>7.1f} {e['decode']:>7.1f} {e['cold_start']:>5.1f} "
+                   f"{e['idle'] + e['released'] + e['warm']:>6.1f} {e['prefill']:>7.1f} {e['decode']:>7.1f} {e['cold_start']:>5.1f} "
                    f"| {lat} | {r.slo_attainment['high']:>7.2%} {r.slo_attainment['low']:>7.2%} "
                    f"{r.slo_attainment['all']:>7.2%} {r.cold_starts:>5} {r.reconfigurations:>6} {r.brake_events:>6}")
     return "\n".join(out)
@@ -179,25 +207,22 @@ def _pair(v: tuple[float, float]) -> str:
     return f"{v[0]:.0f}/{v[1]:.0f}"
 
 
-def saving_sources(rows: list[PolicySummary]) -> str:
-    """Where ``both`` saves against ``static``: idle (replicas released), clocks (the busy
-    energy ``dvfs`` saves at static's replica count) and batching (the busy energy ``autoscale``
-    saves by consolidating at max clocks); the rest is their interaction and cold starts."""
+def saving_sources(rows: list[PolicySummary], policy: str = "both") -> str:
+    """Where ``policy`` saves against ``static``, by energy part (exact: the parts add up to the
+    saving): idle (replicas released; warm ones count as idle), prefill (mostly clocks: prefill is
+    compute-bound), decode (batching: consolidation and packing, and clocks) and cold starts (a cost)."""
     by = {r.policy: r for r in rows}
-    if not {"static", "both"} <= by.keys():
+    if not {"static", policy} <= by.keys():
         return ""
-    s, b = by["static"], by["both"]
-    busy = lambda r: r.energy_kwh_by_part["prefill"] + r.energy_kwh_by_part["decode"]  # noqa: E731
-    idle = lambda r: r.energy_kwh_by_part["idle"] + r.energy_kwh_by_part["released"]  # noqa: E731
+    s, b = by["static"], by[policy]
+    part = lambda r, *keys: sum(r.energy_kwh_by_part[k] for k in keys)  # noqa: E731
+    parts = {"idle": part(s, "idle", "released", "warm") - part(b, "idle", "released", "warm"),
+             "prefill (clocks)": part(s, "prefill") - part(b, "prefill"),
+             "decode (batching + packing + clocks)": part(s, "decode") - part(b, "decode"),
+             "cold starts": part(s, "cold_start") - part(b, "cold_start")}
     total = s.energy_kwh - b.energy_kwh
-    parts = {"idle": idle(s) - idle(b)}
-    if "dvfs" in by:
-        parts["clocks"] = busy(s) - busy(by["dvfs"])
-    if "autoscale" in by:
-        parts["batching"] = busy(s) - busy(by["autoscale"])
-    parts["interaction, cold starts"] = total - sum(parts.values())
-    text = ", ".join(f"{k} {v:.0f} kWh ({v / s.energy_kwh:.1%} of static)" for k, v in parts.items())
-    return f"{s.trace}: both saves {total:.0f} kWh = {total / s.energy_kwh:.1%}: {text}"
+    text = ", ".join(f"{k} {v:.0f} kWh ({v / s.energy_kwh:.1%})" for k, v in parts.items())
+    return f"{s.trace}: {policy} saves {total:.0f} kWh = {total / s.energy_kwh:.1%} of static: {text}"
 
 
 def plot_day(results: dict[str, DayResult], path: Path, title: str) -> Path:
@@ -235,3 +260,47 @@ def plot_day(results: dict[str, DayResult], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@dataclass(slots=True, frozen=True)
+class EnergyFloor:
+    """The least energy the model allows for a day's tokens (see :func:`energy_floor`)."""
+
+    kwh: float
+    prefill_kwh: float
+    decode_kwh: float
+    prefill_j_per_token: dict[str, float]  # class -> J per prompt token at its best clock
+    decode_j_per_token: dict[str, float]  # class -> J per output token at its best (batch, clock)
+    energy_source: str
+
+    def saving_bound(self, static_kwh: float) -> float:
+        return 1.0 - self.kwh / static_kwh
+
+
+def energy_floor(work, specs: tuple[PoolSpec, PoolSpec], profile: ReplicaProfile) -> EnergyFloor:
+    """A bound no policy can beat in this model: every prompt token prefilled at the clock with the
+    fewest joules per token whose prefill of the class's 99th-percentile prompt fits its TTFT SLO,
+    every later token decoded at the (batch <= max_batch, clock) with the fewest joules per token
+    whose step fits its TPOT SLO, and nothing else: no idle power, no cold start, no queueing, every
+    replica always at its best batch. Real plans pay idle time between bursts and smaller batches."""
+    pre_j, dec_j, pre_total, dec_total = {}, {}, 0.0, 0.0
+    batches = np.arange(1, profile.max_batch + 1, dtype=float)
+    for spec, mask in zip(specs, (work.high_priority, ~work.high_priority), strict=True):
+        prompt, out = work.prompt_tokens[mask].astype(float), work.output_tokens[mask].astype(float)
+        if not len(prompt):
+            continue
+        p99 = float(np.percentile(prompt, 99))
+        best_p = best_d = math.inf
+        for c in range(len(profile.clocks_mhz)):
+            if profile.prefill_s(p99, c) * 1e3 <= spec.slo.ttft_ms:
+                best_p = min(best_p, float(profile.prefill_power_w[c] * profile.prefill_s_per_token[c]))
+            step = profile.decode_step(batches, np.full(len(batches), c))
+            joules = profile.decode_power(batches, np.full(len(batches), c)) * step / batches
+            fits = step * 1e3 <= spec.slo.tpot_ms
+            if fits.any():
+                best_d = min(best_d, float(joules[fits].min()))
+        pre_j[spec.priority], dec_j[spec.priority] = best_p, best_d
+        pre_total += best_p * float(prompt.sum())
+        dec_total += best_d * float(np.maximum(out - 1.0, 0.0).sum())
+    return EnergyFloor((pre_total + dec_total) / 3.6e6, pre_total / 3.6e6, dec_total / 3.6e6, pre_j, dec_j,
+                       profile.energy_source)

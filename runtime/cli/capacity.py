@@ -4,6 +4,7 @@ capacity show``: the live controller of a running server."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import sys
@@ -13,18 +14,20 @@ from pathlib import Path
 from .connect import add_connection_args, admin_call
 
 POLICY_CHOICES = ("static", "autoscale", "dvfs", "both", "both+polca")
+ANALYSIS_CHOICES = ("oracle",)  # the planner told the arrivals ahead: a ceiling, never a serving policy
 
 
 def cmd_simulate_capacity(args) -> int:
     from ..capacity.planner import SLO, PlannerConfig
     from ..capacity.report import CapacityExperiment, format_table, plot_day, run_experiment, saving_sources
+    from ..capacity.sim import WarmTier
     from ..capacity.workload import DayShape
 
     policies = list(POLICY_CHOICES) if args.policy == "all" else [p for p in args.policy.split(",") if p]
-    bad = [p for p in policies if p not in POLICY_CHOICES]
+    bad = [p for p in policies if p not in POLICY_CHOICES + ANALYSIS_CHOICES]
     if bad:
-        print(f"error: unknown policy {', '.join(bad)}; choose from {', '.join(POLICY_CHOICES)} or all",
-              file=sys.stderr)
+        print(f"error: unknown policy {', '.join(bad)}; choose from {', '.join(POLICY_CHOICES + ANALYSIS_CHOICES)} "
+              "or all", file=sys.stderr)
         return 2
     if "static" not in policies:
         policies.insert(0, "static")  # the reference every saving is measured against
@@ -40,6 +43,9 @@ def cmd_simulate_capacity(args) -> int:
             planner=PlannerConfig(interval_s=args.interval_s), budget_fraction=args.budget_fraction,
             clock_interval_s=args.clock_interval_s,
             released_replica_power_w=args.released_replica_power_w,
+            share_classes=args.share_classes, pack_decode=args.pack_decode, pack_migrate=args.pack_migrate,
+            oracle_window_s=args.oracle_window_s,
+            warm=None if args.warm_wake_s is None else WarmTier(args.warm_wake_s, args.warm_power_w, args.warm_keep_s),
             shape=DayShape(trough_fraction=args.trough_fraction, peak_hour=args.peak_hour), seed=args.seed,
         )
     except ValueError as exc:
@@ -107,7 +113,9 @@ def register_simulate(ssub) -> None:
     """Add ``capacity`` under the ``simulate`` command (created by runtime.cli.power)."""
     s = ssub.add_parser("capacity", help="replicas and clocks vs load: a day of a trace under capacity policies")
     s.add_argument("--trace", required=True, help="Azure LLM inference trace CSV (shared/data/traces/azure_llm_2023)")
-    s.add_argument("--policy", default="all", help=f"{', '.join(POLICY_CHOICES)}, a comma list, or all")
+    s.add_argument("--policy", default="all",
+                   help=f"{', '.join(POLICY_CHOICES)}, a comma list, or all (the serving policies); also oracle, "
+                   "the planner told the arrivals ahead (a ceiling, not a serving policy)")
     s.add_argument("--peak-rate-rps", type=float, default=8.0, help="request rate at the day's peak hour")
     s.add_argument("--hours", type=float, default=24.0, help="hours simulated")
     s.add_argument("--start-hour", type=float, default=0.0, help="hour of day the run starts at")
@@ -134,6 +142,20 @@ def register_simulate(ssub) -> None:
                    help="both+polca: budget P as a fraction of the static fleet's nameplate power")
     s.add_argument("--released-replica-power-w", type=float, default=0.0,
                    help="power a released replica still draws (0: powered down or lent elsewhere)")
+    s.add_argument("--share-classes", action=argparse.BooleanOptionalAction, default=True,
+                   help="both priority classes on shared replicas at low load (high first), split when busy")
+    s.add_argument("--pack-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode packed at admission: a new sequence goes to the fullest replica with batch room and "
+                        "stays there (never migrated); replicas left without sequences idle as hot spares")
+    s.add_argument("--pack-migrate", action="store_true",
+                   help="with --pack-decode: IDEALISED upper bound, the batch re-packed every tick as if sequences "
+                        "could move between replicas (no serving engine does this)")
+    s.add_argument("--warm-wake-s", type=float,
+                   help="lever: released replicas keep weights in host memory and wake in this many s (assumed)")
+    s.add_argument("--warm-power-w", type=float, default=100.0, help="power a warm released replica draws (assumed)")
+    s.add_argument("--warm-keep-s", type=float, default=float("inf"), help="a released replica stays warm this long")
+    s.add_argument("--oracle-window-s", type=float, default=60.0,
+                   help="oracle: plan for the busiest window this long among the arrivals ahead")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--plot", default="capacity_sim.png", help="PNG of power, replicas and TTFT ('' for none)")
     s.add_argument("--json", help="write the summary rows as JSON here")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -10,6 +11,7 @@ from router.base import Candidate, RequestFeatures, RouterSettings
 from router.cost import CostModel
 from router.policies import Policy, make_policy, policy_names, register
 from router.policies.least_loaded import LeastLoaded
+from router.policies.packed import Packed
 from wattserve.errors import NoHealthyExpert
 from wattserve.types import ExpertProfile
 
@@ -58,6 +60,39 @@ def test_ties_are_broken_at_random_but_reproducibly():
     assert LeastLoaded(rng=random.Random(5)).plan(REQ, pool) == LeastLoaded(rng=random.Random(5)).plan(REQ, pool)
 
 
+def test_packed_sends_to_the_fullest_replica_with_room():
+    # batch 10, filled to 9 at most: 8 running has room (the fullest such), 9 has none, 2 and 0 are emptier
+    pool = [cand("a", 0, running=2, max_batch=10), cand("a", 1, running=9, max_batch=10),
+            cand("a", 2, running=8, max_batch=10), cand("a", 3, running=0, max_batch=10)]
+    plan = Packed().plan(REQ, pool)
+    assert [c.replica for c in plan.ranked] == [2, 0, 3, 1]  # fullest with room first; full ones last
+    assert plan.policy == "packed" and "a/2" in plan.reason and "fullest with room" in plan.reason
+    assert LeastLoaded(rng=random.Random(0)).plan(REQ, pool).ranked[0].replica == 3  # the opposite choice
+    # the gateway's fresher in-flight count fills a replica too
+    assert Packed().plan(REQ, [cand("a", 0, inflight=9, max_batch=10), cand("a", 1, running=1, max_batch=10)]
+                         ).ranked[0].replica == 1
+    # every replica full: the least loaded, said so
+    full = Packed().plan(REQ, [cand("a", 0, running=10, max_batch=10), cand("a", 1, running=9, max_batch=10)])
+    assert full.ranked[0].replica == 1 and "no replica with room" in full.reason
+
+
+def test_packed_passes_over_a_replica_that_would_miss_the_latency_budget():
+    def measured(replica, running):  # a replica with measured figures, so the cost model predicts latency
+        p = replace(profile("a", replica, running=running, max_batch=10), prefill_ms_per_token=0.5,
+                    decode_ms_per_token=10.0, j_per_token=1.0, decode_ms_per_step_by_batch={1: 10.0, 10: 30.0},
+                    busy_power_w=300.0)
+        return Candidate("a", replica, True, 0, p)
+
+    pool = [measured(0, 8), measured(1, 0)]
+    cost = CostModel()
+    lat = {c.replica: cost.predict(c.profile, c.expert, REQ.tokens_in, REQ.tokens_out, inflight=c.inflight,
+                                   queue=True).latency_ms for c in pool}
+    assert lat[0] > lat[1]  # a fuller batch waits longer
+    tight = RequestFeatures(prompt_chars=10, max_tokens=5, latency_budget_ms=(lat[0] + lat[1]) / 2)
+    assert Packed(cost=cost).plan(tight, pool).ranked[0].replica == 1
+    assert Packed(cost=cost).plan(REQ, pool).ranked[0].replica == 0
+
+
 def test_unknown_policy_name_lists_the_registered_ones():
     with pytest.raises(ValueError) as err:
         make_policy("oracle")
@@ -65,7 +100,7 @@ def test_unknown_policy_name_lists_the_registered_ones():
 
 
 def test_every_policy_module_registers_its_policy_under_its_name():
-    assert policy_names() == ("cheapest", "least_loaded", "moe2", "random", "round_robin", "strongest", "threshold")
+    assert policy_names() == ("cheapest", "least_loaded", "moe2", "packed", "random", "round_robin", "strongest", "threshold")
     cost, settings = CostModel(), RouterSettings(threshold=0.1)
     for name in policy_names():
         policy = make_policy(name, cost=cost, settings=settings)

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from runtime.capacity.planner import SLO, PlannerConfig, PoolLoad, PoolSpec, PoolState, plan_pool, predict
+from runtime.capacity.planner import (
+    SLO,
+    PlannerConfig,
+    PoolLoad,
+    PoolSpec,
+    PoolState,
+    merge_loads,
+    plan_pool,
+    plan_sharing,
+    predict,
+)
 from runtime.capacity.profile import replica_profile_from_device
 
 
@@ -174,3 +184,41 @@ def test_pinned_count_plans_only_the_clock(profile):
     assert busier.replicas == 4 and busier.clock_mhz >= plan.clock_mhz
     with pytest.raises(ValueError):
         plan_pool(load(1.0), PoolState(0.0, 0), spec(), profile, CFG, replicas=0)
+
+
+def low_spec(**kw) -> PoolSpec:
+    return spec(name="lp", priority="low", slo=SLO(ttft_ms=10000, tpot_ms=200), min_replicas=0, **kw)
+
+
+def test_merged_load_adds_rates_and_keeps_the_larger_p99():
+    a = PoolLoad(1.0, 2.0, 1000.0, 4000.0, 100.0, queued_requests=1.0, arrival_rate_peak_rps=3.0)
+    b = PoolLoad(1.0, 2.0, 2000.0, 7000.0, 300.0, busy=True, arrival_rate_peak_rps=1.0)
+    m = merge_loads(a, b)
+    assert (m.arrival_rate_rps, m.arrival_rate_ewma_rps, m.arrival_rate_peak_rps) == (2.0, 4.0, 4.0)
+    assert m.prompt_tokens_mean == pytest.approx(1500.0) and m.prompt_tokens_p99 == 7000.0
+    assert m.output_tokens_mean == pytest.approx(200.0) and m.queued_requests == 1.0 and m.busy
+
+
+def test_sharing_at_low_load_waits_for_its_delay_then_shares(profile):
+    cfg = PlannerConfig(scale_down_delay_s=120.0)
+    quiet = load(0.3)
+    first = plan_sharing(quiet, quiet, spec(), low_spec(), profile, cfg, shared=False, now_s=0.0, wanted_since_s=None)
+    assert not first.shared and first.wanted_since_s == 0.0 and "wanted for" in first.reason
+    later = plan_sharing(quiet, quiet, spec(), low_spec(), profile, cfg, shared=False, now_s=130.0,
+                         wanted_since_s=first.wanted_since_s)
+    assert later.shared and "share" in later.reason
+    # one shared replica draws less than one per class: that is the whole point
+    assert "1 shared replica(s)" in later.reason
+
+
+def test_sharing_splits_at_once_when_the_load_rises(profile):
+    busy = load(12.0)
+    d = plan_sharing(busy, busy, spec(), low_spec(), profile, CFG, shared=True, now_s=0.0, wanted_since_s=0.0,
+                     max_shared_replicas=1)
+    assert not d.shared and d.wanted_since_s is None and d.reason.startswith("split")
+
+
+def test_sharing_never_with_a_low_class_floor(profile):
+    d = plan_sharing(load(0.1), load(0.1), spec(), low_spec().model_copy(update={"min_replicas": 1}), profile, CFG,
+                     shared=False, now_s=1e4, wanted_since_s=0.0)
+    assert not d.shared and "never shared" in d.reason

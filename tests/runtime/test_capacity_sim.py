@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.capacity.planner import SLO, PlannerConfig, PoolSpec
+from runtime.capacity.planner import SLO, Plan, PlannerConfig, PoolSpec
 from runtime.capacity.profile import replica_profile_from_device
-from runtime.capacity.report import CapacityExperiment, run_experiment
-from runtime.capacity.sim import SimConfig, request_latencies, simulate_day
+from runtime.capacity.report import CapacityExperiment, run_experiment, saving_sources
+from runtime.capacity.sim import SimConfig, WarmTier, _Class, _Pool, request_latencies, simulate_day
 from runtime.capacity.workload import DayShape, day_workload
 from runtime.cli import main as cli_main
 from runtime.power.workload import Trace, Workload, load_trace
@@ -161,6 +161,10 @@ def test_experiment_on_a_trace_slice_reports_every_policy():
     for r in rows:
         assert set(r.slo_attainment) == {"high", "low", "all"}
         assert r.unfinished == 0
+    # the breakdown by energy part adds up to the saving
+    text = saving_sources(rows)
+    kwh = [float(x.split(" kWh")[0].rsplit(" ", 1)[-1]) for x in text.split(": ", 2)[2].split(", ")]
+    assert sum(kwh) == pytest.approx(rows[0].energy_kwh - rows[3].energy_kwh, abs=2.0)
     assert len(load_trace(CONV).arrival_s) > 0
 
 
@@ -189,3 +193,208 @@ def test_fast_clock_loop_only_moves_clocks(profile):
     fast = simulate_day(work, specs(), profile, SimConfig(policy="both", clock_interval_s=2.0))
     assert sum(p.replica_changes for p in fast.pools) == sum(p.replica_changes for p in slow.pools)
     assert sum(p.clock_changes for p in fast.pools) >= sum(p.clock_changes for p in slow.pools)
+
+
+def burst_after_gap(hp: bool = True) -> Workload:
+    rng = np.random.default_rng(11)
+    arr = np.sort(np.concatenate([rng.uniform(0, 100, 100), rng.uniform(900, 960, 120)]))
+    n = len(arr)
+    return Workload("gap", arr, np.full(n, 800), np.full(n, 40), high_priority=np.full(n, hp))
+
+
+def test_oracle_starts_replicas_before_a_burst_it_sees_coming(profile):
+    work = burst_after_gap()
+    plain = simulate_day(work, specs(max_replicas=3), profile, SimConfig(policy="both"))
+    oracle = simulate_day(work, specs(max_replicas=3), profile, SimConfig(policy="oracle"))
+    late = work.arrival_s >= 900
+    # the serving planner released the idle pool and made the burst wait a cold start; the oracle woke it in time
+    assert np.nanmax(plain.pools[0].ttft_s[late]) >= 20.0
+    assert np.nanmax(oracle.pools[0].ttft_s[late]) < 5.0
+    assert oracle.pools[0].replicas[500] == 0  # released at once in the gap (nothing coming for minutes)
+    assert oracle.pools[0].replicas[899] >= 1  # and up before the burst
+    assert oracle.energy_j < plain.energy_j
+
+
+def test_oracle_window_plans_for_finer_bursts(profile):
+    work = synthetic(4.0, 900, seed=12)
+    coarse = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="oracle", oracle_window_s=60.0))
+    fine = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="oracle", oracle_window_s=5.0))
+    assert fine.pools[0].replicas.mean() >= coarse.pools[0].replicas.mean()
+
+
+def test_warm_tier_wakes_faster_and_draws_its_power(profile):
+    work = burst_after_gap()
+    cold = simulate_day(work, specs(max_replicas=2), profile, SimConfig(policy="autoscale"))
+    warm = simulate_day(work, specs(max_replicas=2), profile,
+                        SimConfig(policy="autoscale", warm=WarmTier(wake_s=5.0, power_w=80.0)))
+    late = work.arrival_s >= 900
+    assert warm.pools[0].warm_starts >= 1 and cold.pools[0].warm_starts == 0
+    assert np.nanmax(warm.pools[0].ttft_s[late]) < np.nanmax(cold.pools[0].ttft_s[late]) - 20.0
+    assert warm.pools[0].energy_j["warm"] > 0 and cold.pools[0].energy_j["warm"] == 0
+    assert warm.pools[0].energy_j["cold_start"] < cold.pools[0].energy_j["cold_start"]
+    # a released replica that stayed warm 1 s at most goes cold: no warm start, no warm power to speak of
+    brief = simulate_day(work, specs(max_replicas=2), profile,
+                         SimConfig(policy="autoscale", warm=WarmTier(wake_s=5.0, power_w=80.0, keep_s=1.0)))
+    assert brief.pools[0].warm_starts == 0
+    for r in (warm, brief):
+        assert r.energy_j == pytest.approx(float(r.power_w.sum() * r.tick_s), rel=1e-9)
+    with pytest.raises(ValueError):
+        WarmTier(wake_s=-1.0)
+
+
+def test_packing_decode_saves_energy_at_low_load_and_keeps_every_request(profile):
+    work = synthetic(0.5, 900, seed=13)
+    spread = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="static"))
+    packed = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="static", pack_decode=True))
+    assert packed.energy_j < spread.energy_j
+    for a, b in zip(spread.pools, packed.pools, strict=True):
+        assert not np.isnan(b.ttft_s).any()
+        # the same replicas stay up (the runs end when the last sequence does: compare per tick)
+        assert a.energy_j["idle"] / len(a.power_w) == pytest.approx(b.energy_j["idle"] / len(b.power_w))
+        assert np.nanmedian(b.tpot_s) >= np.nanmedian(a.tpot_s)  # fuller batches step a little slower
+    assert packed.energy_j == pytest.approx(float(packed.power_w.sum() * packed.tick_s), rel=1e-9)
+
+
+def _one_pool(profile, work: Workload, replicas: int, **cfg):
+    spec = specs(max_replicas=replicas)[0]
+    cls = _Class(spec, work, np.ones(len(work.arrival_s), dtype=bool), 10, 1.0)
+    return _Pool(spec, profile, [cls], 10, 1.0, SimConfig(policy="static", pack_decode=True, **cfg)), cls
+
+
+def _decoders(pool, n: float) -> None:
+    """``n`` sequences out of prefill this tick, no prefill time."""
+    pool._decode_packed(pool.ready, 0.0, [[n, 0.0, 0.0, n]], 1.0)
+
+
+def test_packing_admits_to_the_fullest_replica_with_room_and_never_moves_a_sequence(profile):
+    # 200 decoding requests of 5000 tokens each: none finishes within the ticks below
+    n = 200
+    work = Workload("long", np.zeros(n), np.full(n, 100), np.full(n, 5001), high_priority=np.ones(n, dtype=bool))
+    pool, cls = _one_pool(profile, work, 4)
+    fill = int(PlannerConfig().max_batch_fill * profile.max_batch)  # 57 of 64
+    _decoders(pool, 10)
+    assert np.bincount(pool.s_rep, minlength=4).tolist() == [10, 0, 0, 0]  # all on one replica
+    _decoders(pool, fill - 10 + 5)
+    assert np.bincount(pool.s_rep, minlength=4).tolist() == [fill, 5, 0, 0]  # full: the next one fills up
+    assert pool.lanes[0].dec_n == fill + 5 and cls.dec_taken == fill + 5
+    # replica 1's sequences are the oldest now: 3 of them end; replica 0 keeps its own, nothing moves
+    before = pool.s_rep.copy()
+    ones = np.flatnonzero(pool.s_rep == 1)[:3]
+    pool.s_rem[ones] = 1e-3
+    _decoders(pool, 0)
+    assert np.bincount(pool.s_rep, minlength=4).tolist() == [fill, 2, 0, 0]
+    assert (pool.s_rep == np.delete(before, ones)).all()
+    # a new sequence goes to the fullest replica with room (1, not the empty 2 and 3); fractions wait
+    _decoders(pool, 1.5)
+    assert np.bincount(pool.s_rep, minlength=4).tolist() == [fill, 3, 0, 0]
+    _decoders(pool, 0.5)
+    assert np.bincount(pool.s_rep, minlength=4).tolist() == [fill, 4, 0, 0]
+    # the idealised bound re-packs: the same sequences on the fewest replicas
+    moving, _ = _one_pool(profile, work, 4, pack_migrate=True)
+    moving.s_rep, moving.s_rem, moving.s_cls = np.array([0, 1, 2, 3] * 5), np.full(20, 4000.0), np.zeros(20, dtype=int)
+    _decoders(moving, 0)
+    assert np.bincount(moving.s_rep, minlength=4).tolist() == [20, 0, 0, 0]
+
+
+def test_a_released_replica_holding_sequences_drains_then_serves_again_first(profile):
+    n = 100
+    work = Workload("long", np.zeros(n), np.full(n, 100), np.full(n, 5001), high_priority=np.ones(n, dtype=bool))
+    pool, _ = _one_pool(profile, work, 3)
+    fill = int(PlannerConfig().max_batch_fill * profile.max_batch)
+    _decoders(pool, fill + 4)  # replica 0 full, replica 1 holds 4, replica 2 empty
+    keep_one = Plan(1, float(profile.clocks_mhz[-1]), 0.0, 0.0, 0.0, True, "test")
+    pool.apply(keep_one, 10.0)
+    # the emptiest go: replica 2 is released, replica 1 drains with its 4 sequences, still drawing power
+    assert pool.ready == 1 and pool.rids == [0] and pool.dids == [1]
+    assert np.bincount(pool.s_rep, minlength=3).tolist() == [fill, 4, 0]
+    watts = pool._decode_packed(pool.ready, 0.0, [[0.0] * 4], 1.0)
+    assert watts > 2 * profile.idle_power_w  # two replicas up, both decoding
+    pool.apply(replace(keep_one, replicas=2), 11.0)  # the plan grows: the draining replica serves again
+    assert pool.ready == 2 and pool.dids == [] and not pool.starting and pool.cold_starts == 0
+    pool.apply(keep_one, 12.0)
+    ones = pool.s_rep == 1
+    pool.s_rem[ones] = 1e-3  # its sequences end: released
+    pool._decode_packed(pool.ready, 0.0, [[0.0] * 4], 1.0)
+    assert pool.dids == [] and pool.ready == 1 and 1 in pool.free_ids
+
+
+def test_migration_free_packing_costs_at_least_the_idealised_bound(profile):
+    # 8 req/s needs several replicas per class: sequences left on a replica keep it decoding
+    work = synthetic(8.0, 900, seed=13)
+    fixed = simulate_day(work, specs(max_replicas=4), profile, SimConfig(policy="both", pack_decode=True))
+    moving = simulate_day(work, specs(max_replicas=4), profile,
+                          SimConfig(policy="both", pack_decode=True, pack_migrate=True))
+    assert fixed.energy_j > moving.energy_j
+    for p in fixed.pools:
+        assert not np.isnan(p.ttft_s).any()
+    assert fixed.energy_j == pytest.approx(float(fixed.power_w.sum() * fixed.tick_s), rel=1e-9)
+
+
+def test_classes_share_replicas_at_low_load_high_first(profile):
+    work = synthetic(0.6, 1800, seed=14)
+    cfg = SimConfig(policy="both", share_classes=True)
+    apart = simulate_day(work, specs(max_replicas=3), profile, SimConfig(policy="both"))
+    shared = simulate_day(work, specs(max_replicas=3), profile, cfg)
+    assert shared.share_changes >= 1 and shared.shared_s > 600
+    assert apart.share_changes == 0 and apart.shared_s == 0
+    hp, lp = shared.pools
+    assert lp.replicas[-300:].max() == 0 and hp.replicas[-300:].min() >= 1  # the low pool released
+    for p in shared.pools:
+        assert not np.isnan(p.ttft_s).any()
+    assert shared.energy_j < apart.energy_j
+    assert shared.energy_j == pytest.approx(float(shared.power_w.sum() * shared.tick_s), rel=1e-9)
+
+
+def test_shared_replicas_prefill_the_high_class_first(profile):
+    # one shared replica gets a burst of both classes at once: the high class's prompts go first
+    rng = np.random.default_rng(15)
+    n = 80
+    arr = np.sort(rng.uniform(0, 5, n))
+    work = Workload("burst", arr, np.full(n, 3000), np.full(n, 20), high_priority=np.arange(n) % 2 == 0)
+    hp, lp = specs(max_replicas=1)
+    r = simulate_day(work, (hp, lp), profile, SimConfig(policy="static", share_classes=True))
+    assert r.share_changes == 0  # static never plans: the classes stay apart
+    from runtime.capacity.sim import _Class, _Pool
+
+    cfg = SimConfig(policy="static")
+    n_ticks = 200
+    classes = [_Class(s, work, m, n_ticks, 1.0) for s, m in zip((hp, lp), (work.high_priority, ~work.high_priority),
+                                                               strict=True)]
+    pool = _Pool(hp, profile, classes, n_ticks, 1.0, cfg)
+    for k in range(n_ticks):
+        pool.tick(k, float(k), None, [0, 1])
+        for c in classes:
+            c.c_tok[k] = c.cum_tok
+    # by the time half of the high class's tokens are prefilled, the low class has had almost none
+    half = np.searchsorted(classes[0].c_tok, classes[0].prompt.sum() / 2)
+    assert classes[1].c_tok[half] < 0.1 * classes[1].prompt.sum()
+    assert classes[0].c_tok[-1] == pytest.approx(classes[0].prompt.sum())
+    assert classes[1].c_tok[-1] == pytest.approx(classes[1].prompt.sum())
+
+
+@needs_traces
+def test_cli_runs_the_oracle_and_the_levers_on_a_short_slice(tmp_path, capsys):
+    js = tmp_path / "cap.json"
+    rc = cli_main(["simulate", "capacity", "--trace", str(CONV), "--hours", "0.05", "--start-hour", "13",
+                   "--policy", "both,oracle", "--share-classes", "--pack-decode", "--warm-wake-s", "10",
+                   "--oracle-window-s", "10", "--json", str(js), "--plot", ""])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    assert [r["policy"] for r in rows] == ["static", "both", "oracle"]
+    assert all(r["unfinished"] == 0 for r in rows)
+    assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--warm-wake-s", "-1"]) == 2
+    assert "warm tier" in capsys.readouterr().err
+
+
+def test_oracle_holds_a_replica_needed_again_before_a_restart_pays(profile):
+    # cold start 1e5 J vs 320 W idle: a replica needed again within ~312 s is cheaper kept than restarted
+    rng = np.random.default_rng(16)
+    arr = np.sort(np.concatenate([rng.uniform(0, 60, 60), rng.uniform(260, 320, 60), rng.uniform(1400, 1460, 60)]))
+    n = len(arr)
+    work = Workload("gaps", arr, np.full(n, 800), np.full(n, 40), high_priority=np.ones(n, dtype=bool))
+    hp, lp = (s.model_copy(update={"cold_start_energy_j": 1e5}) for s in specs(max_replicas=2))
+    r = simulate_day(work, (hp, lp), profile, SimConfig(policy="oracle"))
+    reps = r.pools[0].replicas
+    assert reps[150:250].min() >= 1  # the 200 s gap: held
+    assert reps[700:1200].max() == 0  # the 1080 s gap: released
+    assert r.pools[0].cold_starts == 1  # only the start before the last burst (the day begins with the fleet up)
