@@ -87,13 +87,15 @@ async def test_chat_uses_smollm2s_template_and_the_plain_format_for_gemma(server
     assert cloud.choices[0].finish_reason == "stop" and "User:" not in cloud.choices[0].message.content, cloud
 
 
-async def test_score_ensemble_of_the_packaged_models_prefers_the_right_answer(server):
+async def test_score_on_the_packaged_models_prefers_the_right_answer(server):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         resp = await pb_grpc.InferenceStub(ch).Score(
             pb.ScoreRequest(prompt="The capital of France is", choices=[" Berlin", " Paris", " Madrid"]), timeout=120
         )
     assert resp.best_text == " Paris", resp
-    assert {e.expert for e in resp.experts} == {"edge", "cloud"}  # no budget: the whole subset
+    # configs/local.yaml ships the measured lift of mixing these two experts (negative: the mix
+    # spoils more answers than it rescues, docs/routing.md §3b), so Score answers from one expert
+    assert len(resp.experts) == 1 and resp.experts[0].expert in {"edge", "cloud"}, resp
     assert all(e.choice_probs[1] == max(e.choice_probs) for e in resp.experts)
     # configs/local.yaml ships a gate fitted on these two experts (docs/routing.md §10)
     assert resp.energy_j > 0 and resp.gate.startswith("fitted:") and resp.gate.endswith("gate-local")

@@ -115,7 +115,12 @@ def test_fake_nvml_counter_delta_is_what_requests_and_idle_got(engines, monkeypa
     loop_j, told_j = booked(loop, sinks)
     assert loop_j == pytest.approx(counter_j, rel=1e-9)
     assert told_j == pytest.approx(counter_j, rel=1e-9)
-    assert all(s.usage.energy_j > 0 and s.usage.energy_source == "measured:nvml" for s in sinks)
+    # Each request's share is whatever the counter moved during its steps, read by the background
+    # sampler: with this frozen clock (no extrapolation between samples) a short request whose steps
+    # all fall between two samples books 0 J and the next step's requests carry it (it failed once
+    # in a full run). Every joule is still booked once (above); per request only its source holds.
+    assert all(s.usage.energy_j >= 0 and s.usage.energy_source == "measured:nvml" for s in sinks)
+    assert sum(s.usage.energy_j for s in sinks) > 0
 
 
 def test_replicas_sharing_one_gpu_add_up_to_its_counter(engines, monkeypatch):
