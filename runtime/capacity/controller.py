@@ -229,10 +229,8 @@ class CapacityController:
             for _ in range(plan.replicas - have):
                 self._start(name)
         elif plan.replicas < have:
-            # unhealthy ones first (dead, restarting), then the newest: the oldest have the warmest
-            # caches and measured profiles. Replicas still starting are left to finish (counted as
-            # serving at the next plan).
-            leaving = sorted(self._serving(name), key=lambda s: (s.healthy, -s.client.index))[: have - plan.replicas]
+            # Replicas still starting are left to finish (counted as serving at the next plan).
+            leaving = release_order(self._serving(name))[: have - plan.replicas]
             if leaving:
                 after = have - len(leaving)
                 self._event(name, "scale_to_zero" if after == 0 else "scale_down", have, after, plan)
@@ -351,3 +349,11 @@ class CapacityController:
         """An event that leaves the replica count as it is (a start finished or failed, a release)."""
         n = len(self._serving(name))
         self._event_text(name, action, n, n, None, reason, level)
+
+
+def release_order(states):
+    """Which replicas a scale-down releases first: unhealthy ones (dead, restarting), then the
+    emptiest (fewest calls in flight: they drain soonest, and with the ``packed`` routing policy
+    they are the ones left idle), then the newest (the oldest have the warmest caches and
+    measured profiles)."""
+    return sorted(states, key=lambda s: (s.healthy, s.inflight, -s.client.index))

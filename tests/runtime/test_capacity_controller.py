@@ -14,10 +14,10 @@ from router.cost import CostModel
 from router.policies.base import predict
 from router.policies.least_loaded import LeastLoaded
 from runtime.api.prometheus import export
-from runtime.capacity.controller import CapacityController
+from runtime.capacity.controller import CapacityController, release_order
 from runtime.config import parse_config
 from runtime.gateway import Final, Gateway, Request
-from runtime.gateway.replicas import COLD_REPLICA
+from runtime.gateway.replicas import COLD_REPLICA, ReplicaState
 from tests.fakes import FakeClock, FakeReplicaClient, FixedOrderPolicy
 from wattserve.errors import ExpertUnavailable
 from wattserve.types import ExpertProfile
@@ -241,16 +241,20 @@ async def test_a_replica_released_while_streaming_finishes_its_request_there():
     async with running(gw, ctl):
         await gw.replicas.poll_once()
         first = gw.replicas.state(("a", 0)).client
-        first.full = True  # the request goes to replica 1, the one a scale-down releases first
+        first.full = True  # one request goes to replica 1 ...
         pending = asyncio.ensure_future(ask(gw, 1))
         await asyncio.sleep(0.02)
-        first.full = False
-        assert second.open_streams
+        first.full, second.full, first.step_s = False, True, 0.005
+        others = asyncio.ensure_future(ask(gw, 2))  # ... two to replica 0: replica 1 is the emptiest,
+        await asyncio.sleep(0.02)  # the one a scale-down releases first
+        second.full = False
+        assert second.open_streams and len(first.open_streams) == 2
         for _ in range(4):
             clock.advance(1.0)
             (plan,) = ctl.tick()
         assert plan.replicas == 1 and gw.replicas.state(("a", 1)).removing
         (final,) = await pending
+        await others
         await settle(ctl)
         assert final.usage.completion_tokens == 64 and final.replica == 1
         assert pool.removed == [("a", 1)] and names(gw) == [0]
@@ -311,3 +315,16 @@ def test_capacity_show_says_when_the_controller_is_off_and_labels_targets_and_es
     gw.admin.capacity.experts["a"].target_clock_mhz = 1200.0
     shown = render_capacity(capacity_to_proto(gw.admin.capacity_view()))
     assert "1200 (n/a)" in shown and "estimate" in shown
+
+
+def test_scale_down_releases_the_unhealthy_then_the_emptiest_then_the_newest():
+    def state(index, healthy=True, inflight=0):
+        return ReplicaState(FakeReplicaClient("a", index), healthy=healthy, inflight=inflight)
+
+    busy_old, idle_old, idle_new, busy_new, dead = state(0, inflight=3), state(1), state(2), state(3, inflight=1), \
+        state(4, healthy=False, inflight=2)
+    order = release_order([busy_old, idle_old, idle_new, busy_new, dead])
+    # before: the newest healthy went first, busy or not (3 before 2), draining a full replica while
+    # an idle one stayed up
+    assert [s.client.index for s in order] == [4, 2, 1, 3, 0]
+
