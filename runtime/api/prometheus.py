@@ -80,10 +80,11 @@ class GatewayCollector:
             used[scope] = used.get(scope, 0.0) + st.used_j
         yield _gauge("wattserve_energy_budget_used_joules", "Measured energy charged to a budget scope in its current window.",
                      ["scope"], [([scope], j) for scope, j in used.items()])
-        errors = [([e, kind], v) for e, err in sorted(admin.prediction_errors().items())
-                  for kind, v in (("energy", err.energy_rel_error), ("latency", err.latency_rel_error)) if v is not None]
-        yield _gauge("wattserve_router_prediction_relative_error", "EWMA of |predicted - measured| / measured per expert.",
-                     ["expert", "kind"], errors)
+        yield _gauge("wattserve_router_prediction_relative_error", "EWMA of |predicted - measured| / measured per expert "
+                     "(Generate).", ["expert", "kind"], _errors(admin.prediction_errors()))
+        yield _gauge("wattserve_router_score_prediction_relative_error", "EWMA of |predicted - measured| / measured "
+                     "per expert for Score's prefill-only work (its own corrections).", ["expert", "kind"],
+                     _errors(admin.prediction_errors(prefill_only=True)))
 
     def _replicas(self, admin: Admin):
         labels = ["expert", "replica", "device"]
@@ -151,3 +152,8 @@ def _gauge(name: str, doc: str, labels: list[str], rows) -> GaugeMetricFamily:
     for values, value in rows:
         family.add_metric(values, float(value))
     return family
+
+
+def _errors(errors) -> list:
+    return [([e, kind], v) for e, err in sorted(errors.items())
+            for kind, v in (("energy", err.energy_rel_error), ("latency", err.latency_rel_error)) if v is not None]

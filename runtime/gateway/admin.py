@@ -158,8 +158,10 @@ class Admin:
     def tenant_label(self, tenant: str) -> str:
         return self._lifecycle.tenant_label(tenant)
 
-    def prediction_errors(self) -> dict[str, PredictionError]:
-        return dict(self._routing.cost.errors)
+    def prediction_errors(self, prefill_only: bool = False) -> dict[str, PredictionError]:
+        """The cost model's accuracy per expert: Generate's, or Score's prefill-only work's."""
+        cost = self._routing.cost
+        return dict(cost.prefill_only_errors if prefill_only else cost.errors)
 
     # -- energy budgets and prices --------------------------------------------------------------
     def budgets(self, scopes: Sequence[str] = ()) -> list[BudgetView]:

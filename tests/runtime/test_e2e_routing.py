@@ -245,10 +245,13 @@ async def test_http_api_and_metrics_show_the_routing_decision(server, predicted)
             info = (await resp.json())["wattserve"]
         assert info["expert"] == "edge" and info["gate"] == "prior" and info["subset"] == ["edge"]
         assert info["budget_exceeded"] is False and info["predicted_energy_j"] <= 4 * predicted["edge"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # Score learns apart
+            await pb_grpc.InferenceStub(ch).Score(pb.ScoreRequest(prompt=PROMPT, choices=["a", "b"], expert="cloud"))
         async with http.get(f"{base}/metrics") as resp:
             text = await resp.text()
     assert 'wattserve_energy_budget_used_joules{scope="cluster"}' in text
     assert 'wattserve_router_prediction_relative_error{expert="cloud",kind="energy"}' in text
+    assert 'wattserve_router_score_prediction_relative_error{expert="cloud",kind="energy"}' in text
 
 
 async def test_cascade_keeps_a_confident_cheap_answer_and_escalates_an_unsure_one(server, channel, predicted):
