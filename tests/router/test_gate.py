@@ -3,7 +3,6 @@ is there; a hashing stand-in for the encoder otherwise), renormalisation over su
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from router.gate import (
 )
 from router.gate_fit import count_truncated, embed_cached, fit_gate, prompt_sha1, read_labelled, report
 from tests.fakes import FakeEncoder
+from tests.router.helpers import clustered, synthetic_csv
 from wattserve.errors import ConfigError, InvalidRequest
 
 
@@ -42,24 +42,8 @@ def test_prior_gate_is_a_softmax_of_prior_logits():
     assert sum(out.weights.values()) == pytest.approx(1.0)
 
 
-def _synthetic_csv(path: Path, n=200):
-    """Expert 'math' is right on arithmetic prompts, 'prose' on the others."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        arith = i % 2 == 0
-        words = ["add", "sum", "multiply", "number"] if arith else ["poem", "story", "write", "essay"]
-        prompt = " ".join(rng.choice(words, 6)) + f" item{i}"
-        rows.append({"prompt": prompt, "subject": "x", "math": str(arith), "prose": str(not arith)})
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["subject", "prompt", "math", "prose"])
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def test_fit_learns_which_expert_to_trust_and_renormalises(tmp_path):
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv"))
     assert data.experts == ["math", "prose"]  # 'subject' is not a quality column
     emb = embed_cached(data.prompts, tmp_path / "cache", encoder_factory=FakeEncoder)
     assert list((tmp_path / "cache").glob("minilm-*.npy"))  # cached for the next run
@@ -80,7 +64,7 @@ def test_fit_learns_which_expert_to_trust_and_renormalises(tmp_path):
 def test_weight_decay_and_dropout_are_used_and_recorded(tmp_path):
     from safetensors.numpy import load_file
 
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv"))
     emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
     norms = {}
     for wd in (0.0, 10.0):
@@ -131,7 +115,7 @@ def test_fit_and_predict_on_a_slice_of_routellm_with_minilm(tmp_path):
 
 
 def test_gate_json_records_train_and_heldout_prompts(tmp_path):
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=50))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=50))
     emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
     fit_gate(data, emb, tmp_path / "gate", holdout=0.2, epochs=2, hidden=8)
     meta = json.loads((tmp_path / "gate" / GATE_FILE).read_text())
@@ -183,7 +167,7 @@ def test_long_prompts_are_counted_and_the_head_tail_window_keeps_the_question():
 
 
 def test_serving_gate_embeds_with_its_window_and_logs_cuts(tmp_path, caplog):
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=30))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=30))
     emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
     fit_gate(data, emb, tmp_path / "gate", epochs=1, hidden=8, window="head_tail", head_tokens=16)
 
@@ -203,25 +187,14 @@ def test_serving_gate_embeds_with_its_window_and_logs_cuts(tmp_path, caplog):
     assert "was cut (head_tail window); 1 of 2 prompts" in caplog.text
 
 
-def _clustered(n, seed, dim=16, clusters=12, experts=4):
-    """Prompts from clusters; each cluster has an expected quality per expert; labels are one
-    Bernoulli draw of it (the structure of judged labels: noisy single samples)."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(99).normal(0, 1, (clusters, dim))
-    expected = np.random.default_rng(98).uniform(0.05, 0.95, (clusters, experts))
-    c = rng.integers(0, clusters, n)
-    x = (centres[c] + rng.normal(0, 0.35, (n, dim))).astype(np.float32)
-    return x, expected[c], (rng.random((n, experts)) < expected[c]).astype(np.float32)
-
-
 def test_neighbours_lower_the_error_of_the_predicted_quality_on_noisy_labels(tmp_path):
     """On noisy single-draw labels the average of the MLP and the nearest training prompts is
     closer to the expected quality than the MLP alone (what argmax q - price E compares)."""
     from router.gate import Neighbours, blend
     from router.gate_fit import train_mlp
 
-    x, _, y = _clustered(400, seed=0)
-    xt, expected, _ = _clustered(400, seed=1)
+    x, _, y = clustered(400, seed=0)
+    xt, expected, _ = clustered(400, seed=1)
     import torch
 
     mlp = train_mlp(x, y, epochs=60, hidden=32, seed=0)
@@ -235,7 +208,7 @@ def test_neighbours_lower_the_error_of_the_predicted_quality_on_noisy_labels(tmp
 def test_a_gate_with_neighbours_is_saved_loaded_and_blends(tmp_path):
     from router.gate import NEIGHBOURS_FILE, blend
 
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=60))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=60))
     emb = FakeEncoder().encode(data.prompts)
     fit_gate(data, emb, tmp_path / "gate", epochs=3, hidden=8, knn_weight=0.5, knn_k=5)
     meta = json.loads((tmp_path / "gate" / GATE_FILE).read_text())

@@ -21,7 +21,7 @@ from router.gate_cv import (
 )
 from router.gate_fit import embed_cached, fit_gate, read_labelled, split, train_mlp, train_mlp_epochs
 from tests.fakes import FakeEncoder
-from tests.router.test_gate import _clustered, _synthetic_csv
+from tests.router.helpers import clustered, synthetic_csv
 
 SMALL = {"epochs": (5, 20), "weight_decay": (1e-3,), "knn_k": (5, 20)}
 
@@ -40,7 +40,7 @@ def test_one_run_read_epoch_by_epoch_is_the_run_of_that_length():
     """The folds read every training length from one run: it must be the same net as a shorter run."""
     import torch
 
-    x, _, y = _clustered(120, seed=0)
+    x, _, y = clustered(120, seed=0)
     short = train_mlp(x, y, epochs=7, hidden=16, seed=2)
     for epoch, net in train_mlp_epochs(x, y, epochs=12, hidden=16, seed=2):
         if epoch == 7:
@@ -65,7 +65,7 @@ def test_nearest_are_sorted_by_cosine_similarity():
 def test_the_choice_is_the_lowest_out_of_fold_log_loss_and_prefers_neighbours_on_noisy_clusters():
     """Clusters with noisy single-draw labels: averaging neighbours helps, so the folds keep some;
     the chosen blend's log-loss is no worse than either estimator alone."""
-    x, _, y = _clustered(300, seed=0)
+    x, _, y = clustered(300, seed=0)
     choice = choose_blend(x, y, folds=4, seed=0, **SMALL)
     assert choice.knn_weight > 0 and choice.rows == 300 and choice.folds == 4
     assert choice.cv_logloss <= min(choice.cv_logloss_mlp_alone, choice.cv_logloss_knn_alone)
@@ -74,7 +74,7 @@ def test_the_choice_is_the_lowest_out_of_fold_log_loss_and_prefers_neighbours_on
     pinned = choose_blend(x, y, folds=4, seed=0, knn_weight=(0.0,), **SMALL)
     assert pinned.knn_weight == 0.0 and pinned.cv_logloss >= choice.cv_logloss
     # on held-out draws of the same clusters the choice predicts the expected quality better than the MLP alone
-    xt, expected, _ = _clustered(300, seed=1)
+    xt, expected, _ = clustered(300, seed=1)
     mlp_only = fit_blend(x, y, pinned, seed=0).predict(xt)
     chosen = fit_blend(x, y, choice, seed=0).predict(xt)
     assert ((chosen - expected) ** 2).mean() < ((mlp_only - expected) ** 2).mean()
@@ -95,7 +95,7 @@ def test_platt_scaling_recovers_a_known_miscalibration():
 def _fit_twice(tmp_path, corrupt):
     """gate fit with inner folds on the synthetic data, then again with the held-out rows changed
     by ``corrupt``; returns both gate.json records."""
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=120))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=120))
     emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
     kw = dict(holdout=0.25, seed=1, hidden=16, inner_folds=3, grid=SMALL)
     fit_gate(data, emb, tmp_path / "a", **kw)
@@ -138,11 +138,11 @@ def test_the_leak_check_would_catch_a_choice_that_read_held_out_rows(tmp_path, m
         return real(x, y, **kw)
 
     monkeypatch.setattr(gate_cv, "choose_blend", spy)
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=60))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=60))
     emb = embed_cached(data.prompts, None, encoder_factory=FakeEncoder)
     fit_gate(data, emb, tmp_path / "g", holdout=0.25, seed=1, hidden=16, inner_folds=3, grid=SMALL)
     assert seen["rows"] == 45  # the training rows, not the 60
-    x, _, y = _clustered(120, seed=0)
+    x, _, y = clustered(120, seed=0)
     y2 = y.copy()
     y2[:30] = 1 - y2[:30]
     kw = dict(folds=3, seed=0, **SMALL)
@@ -157,7 +157,7 @@ def test_route_eval_chooses_on_its_training_half_only(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("WATTSERVE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr("runtime.cli.router._embed", lambda prompts, cache: FakeEncoder().encode(prompts))
-    data = _synthetic_csv(tmp_path / "d.csv", n=80)
+    data = synthetic_csv(tmp_path / "d.csv", n=80)
     profiles = tmp_path / "experts.yaml"
     profiles.write_text(PROFILES)
     _, te = split(80, 0.5, 0)
@@ -190,7 +190,7 @@ def test_route_eval_chooses_on_its_training_half_only(tmp_path, monkeypatch, cap
 
 
 def test_a_calibrated_gate_is_saved_and_served_calibrated(tmp_path):
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=80))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=80))
     emb = FakeEncoder().encode(data.prompts)
     fit_gate(data, emb, tmp_path / "gate", hidden=8, inner_folds=3, grid=SMALL, calibrate=True)
     meta = json.loads((tmp_path / "gate" / GATE_FILE).read_text())
@@ -215,8 +215,8 @@ def test_distance_weighted_neighbours_weigh_the_nearest_more_and_survive_a_reloa
     sims = np.array([[0.9, 0.5, 0.4]])
     assert kernel_mean(labels, sims, 0.05)[0, 0] > 0.99  # the nearest dominates
     assert kernel_mean(labels, sims, 100.0)[0, 0] == pytest.approx(1 / 3, abs=1e-2)  # wide: the plain mean
-    x, _, y = _clustered(200, seed=0)
-    xt = _clustered(20, seed=1)[0]
+    x, _, y = clustered(200, seed=0)
+    xt = clustered(20, seed=1)[0]
     assert np.allclose(knn_predict(x, y, xt, k=15, tau=1e3), knn_predict(x, y, xt, k=15), atol=1e-3)
     nb = Neighbours(x, y, k=15, tau=0.05)
     nb.save(tmp_path / "n.safetensors")
@@ -230,7 +230,7 @@ def test_a_request_s_logits_in_numpy_match_the_torch_forward(tmp_path):
     """The serving gate computes one request's logits without torch (router/gate.py SMALL_BATCH)."""
     import torch
 
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv", n=60))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv", n=60))
     emb = FakeEncoder().encode(data.prompts)
     fit_gate(data, emb, tmp_path / "gate", epochs=5, hidden=8)
     gate = FittedGate(tmp_path / "gate", encoder=FakeEncoder())

@@ -16,20 +16,11 @@ from router.moe2 import combine
 from router.policies import make_policy
 from router.policies.moe2 import MoE2
 from router.selector import Item, exhaustive_subset
+from tests.router.helpers import prof
 from wattserve.errors import BudgetInfeasible
-from wattserve.types import ExpertProfile
 
 PRIOR = {"edge": 0.35, "mid": 0.6, "cloud": 0.8}
 SETTINGS = RouterSettings(quality_prior=PRIOR, aggregation_ms=5.0)
-
-
-def prof(expert, replica=0, *, power_w, step_ms, running=0, waiting=0, max_batch=4, clock=None):
-    return ExpertProfile(
-        expert=expert, replica=replica, model="m", engine="synthetic", device="d", energy_source="modeled:x",
-        priority_class="high", max_batch=max_batch, max_queue=8, max_model_len=4096, params=1, healthy=True,
-        running=running, waiting=waiting, prefill_ms_per_token=0.1, decode_ms_per_token=step_ms, j_per_token=1.0,
-        decode_ms_per_step_by_batch={1: step_ms}, busy_power_w=power_w, sm_clock_mhz=clock, max_sm_clock_mhz=clock,
-    )
 
 
 def pool(**overrides):

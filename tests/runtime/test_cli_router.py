@@ -6,7 +6,7 @@ import json
 
 from router.eval_data import prompt_sha1, read_eval_data
 from runtime.cli import main
-from tests.router.test_gate import _synthetic_csv
+from tests.router.helpers import synthetic_csv
 
 PROFILES = (
     "output_tokens: 10\n"
@@ -19,7 +19,7 @@ PROFILES = (
 def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WATTSERVE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    data = _synthetic_csv(tmp_path / "d.csv", n=60)
+    data = synthetic_csv(tmp_path / "d.csv", n=60)
     assert main(["gate", "fit", "--data", str(data), "--out", str(tmp_path / "gate"), "--epochs", "20"]) == 0
     out = capsys.readouterr()
     assert "held-out report (12 prompts)" in out.out and "calibration: Brier" in out.out
@@ -82,7 +82,7 @@ def test_gate_fit_then_route_eval(tmp_path, monkeypatch, capsys):
 
 def test_route_eval_refuses_a_gate_that_saw_every_row_and_reads_a_test_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WATTSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    data = _synthetic_csv(tmp_path / "d.csv", n=60)
+    data = synthetic_csv(tmp_path / "d.csv", n=60)
     assert main(["gate", "fit", "--data", str(data), "--out", str(tmp_path / "gate"), "--epochs", "5"]) == 0
     meta = json.loads((tmp_path / "gate" / "gate.json").read_text())
     meta["train_prompt_sha1"] = [prompt_sha1(p) for p in read_eval_data(data).prompts]  # as gate fit records it
@@ -105,7 +105,7 @@ def test_route_eval_refuses_a_gate_that_saw_every_row_and_reads_a_test_file(tmp_
 
 def test_route_eval_blank_cells(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WATTSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    data = _synthetic_csv(tmp_path / "d.csv", n=40)
+    data = synthetic_csv(tmp_path / "d.csv", n=40)
     lines = data.read_text().splitlines()
     lines[5] = lines[5].rsplit(",", 1)[0] + ","  # blank 'prose' cell on file row 6
     data.write_text("\n".join(lines) + "\n")
@@ -121,7 +121,7 @@ def test_route_eval_blank_cells(tmp_path, monkeypatch, capsys):
 
 def test_route_eval_with_three_experts_adds_the_label_only_ceiling(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WATTSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    data = _synthetic_csv(tmp_path / "d.csv", n=40)
+    data = synthetic_csv(tmp_path / "d.csv", n=40)
     lines = data.read_text().splitlines()
     rows = [lines[0] + ",mid"] + [f"{line},{0.5 if i % 3 else 1.0}" for i, line in enumerate(lines[1:])]
     data.write_text("\n".join(rows) + "\n")

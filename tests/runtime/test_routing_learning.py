@@ -10,7 +10,7 @@ import pytest
 from router.price import DEFAULT_QUALITY_PER_J
 from runtime.config import parse_config
 from runtime.routing import RoutingService
-from tests.runtime.test_routing_service import CANDS, req
+from tests.runtime.routing_helpers import CANDS, req
 from wattserve.errors import AlreadyRecorded, InvalidRequest, NotFound
 
 

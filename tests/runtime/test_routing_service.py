@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from router.base import Candidate
 from router.budget import CLUSTER, BudgetState
 from router.gate_fit import fit_gate, read_labelled
 from router.policies.cheapest import Cheapest
 from runtime.config import parse_config
-from runtime.gateway.request import Request
 from runtime.routing import RoutingService
 from tests.fakes import FakeEncoder
-from tests.router.test_gate import _synthetic_csv
-from tests.router.test_moe2 import prof
+from tests.router.helpers import synthetic_csv
+from tests.runtime.routing_helpers import CANDS, req
 from wattserve.errors import BudgetExhausted, InvalidRequest
-from wattserve.types import Priority
 
 
 def config(**router):
@@ -27,14 +24,6 @@ def config(**router):
         "tenants": [{"name": "acme", "energy_budget_j": 10.0, "budget_window_s": 60}],
         "router": {"quality_per_j": 0, **router},  # budgets alone decide in these tests
     })
-
-
-CANDS = [Candidate("edge", 0, True, 0, prof("edge", power_w=10.0, step_ms=5.0)),
-         Candidate("cloud", 0, True, 0, prof("cloud", power_w=400.0, step_ms=20.0))]
-
-
-def req(**kw):
-    return Request(**{"prompt": "add these numbers", "tenant": "acme", "priority": Priority.NORMAL, "max_tokens": 8, **kw})
 
 
 async def test_configured_budgets_throttle_and_exhaust():
@@ -61,7 +50,7 @@ async def test_configured_budgets_throttle_and_exhaust():
 
 
 async def test_a_fitted_gate_is_loaded_by_path_and_named_in_the_plan(tmp_path):
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv"))
     fit_gate(data, FakeEncoder().encode(data.prompts), tmp_path / "gate", epochs=5, hidden=8)
     svc = RoutingService(config(gate_path=str(tmp_path / "gate"), gate_outputs={"edge": "prose", "cloud": "math"}))
     await svc.start()  # loads the real MiniLM encoder in a thread
@@ -76,7 +65,7 @@ async def test_measured_ensemble_gains_are_read_from_the_gate_directory(tmp_path
     measured gain pays for it."""
     from router.ensemble import ENSEMBLE_FILE, EnsembleGains, EnsembleMeasure
 
-    data = read_labelled(_synthetic_csv(tmp_path / "d.csv"))
+    data = read_labelled(synthetic_csv(tmp_path / "d.csv"))
     fit_gate(data, FakeEncoder().encode(data.prompts), tmp_path / "gate", epochs=5, hidden=8)
     names = {"edge": "prose", "cloud": "math"}
     assert RoutingService(config(gate_path=str(tmp_path / "gate"), gate_outputs=names)).settings.ensemble is None
