@@ -153,6 +153,17 @@ def write_logprobs(path: Path, logprobs: dict[tuple[str, str], list[float]]) -> 
     tmp.replace(path)
 
 
+def to_measure(items, rows: dict[str, dict], name: str,
+               logprobs: dict[tuple[str, str], list[float]] | None = None) -> tuple[list, list]:
+    """What expert ``name`` still has to answer: the short-answer items it has no label for, and
+    the multiple-choice items it has no label for or (with ``logprobs``) no log-likelihoods for."""
+    missing = {it.id for it in unlabelled(items, rows, name)}
+    exact = [it for it in items if it.kind == "exact" and it.id in missing]
+    mc = [it for it in items if it.kind == "mc"
+          and (it.id in missing or (logprobs is not None and (it.id, name) not in logprobs))]
+    return exact, mc
+
+
 def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dict], *, max_tokens: int,
                    mc_norm: str, save, chunk: int = 16, save_every_s: float = 30.0, progress=None,
                    logprobs: dict[tuple[str, str], list[float]] | None = None) -> int:
@@ -162,11 +173,7 @@ def measure_expert(answers: EngineAnswers, items, name: str, rows: dict[str, dic
     them are scored again. Returns how many existing labels a new score contradicted."""
     from router.quality import exact_match, mc_correct
 
-    missing = unlabelled(items, rows, name)
-    exact = [it for it in missing if it.kind == "exact"]
-    missing_ids = {it.id for it in missing}
-    mc = [it for it in items if it.kind == "mc"
-          and (it.id in missing_ids or (logprobs is not None and (it.id, name) not in logprobs))]
+    exact, mc = to_measure(items, rows, name, logprobs)
     changed = 0
     for i in range(0, len(exact), chunk):
         part = exact[i : i + chunk]
@@ -230,10 +237,8 @@ def cmd_measure(args) -> int:
             write_logprobs(lp_path, logprobs)
 
     for spec in specs:
-        todo = {it.id for it in unlabelled(items, rows, spec.name)}
-        if logprobs is not None:
-            todo |= {it.id for it in items if it.kind == "mc" and (it.id, spec.name) not in logprobs}
-        missing = len(todo)
+        exact, mc = to_measure(items, rows, spec.name, logprobs)
+        missing = len(exact) + len(mc)
         if not missing:
             say(f"{spec.name}: every item already labelled in {out}")
             continue
