@@ -82,12 +82,17 @@ async def test_feedback_is_attributed_to_the_answering_expert_and_validated():
     assert "feedback" in after.gate and after.predicted_quality["cloud"] == 0.9  # raw q kept for residuals
 
 
-async def test_learned_quality_survives_a_restart(tmp_path):
-    cfg = config()
+async def _started_with_a_ledger(cfg, tmp_path):
+    """A started service whose ledger file is in ``tmp_path``, and its plan for an acme request."""
     cfg.ledger.path = str(tmp_path / "ledger.sqlite3")
     svc = RoutingService(cfg)
     await svc.start()
-    plan = await svc.plan(req(tenant="acme"), CANDS)
+    return svc, await svc.plan(req(tenant="acme"), CANDS)
+
+
+async def test_learned_quality_survives_a_restart(tmp_path):
+    cfg = config()
+    svc, plan = await _started_with_a_ledger(cfg, tmp_path)
     for i in range(3):
         svc.remember(f"r{i}", "acme", "cloud", plan)
         await svc.record_feedback(f"r{i}", 0.0)
@@ -106,10 +111,7 @@ async def test_feedback_for_a_request_served_before_a_restart_is_accepted(tmp_pa
     """Who answered which request is kept in the ledger file, with the memory's bounds (count and
     age): after a restart a client can still score it, once."""
     cfg = config(feedback={"remember_requests": 3, "remember_s": 3600})
-    cfg.ledger.path = str(tmp_path / "ledger.sqlite3")
-    svc = RoutingService(cfg)
-    await svc.start()
-    plan = await svc.plan(req(tenant="acme"), CANDS)
+    svc, plan = await _started_with_a_ledger(cfg, tmp_path)
     for i in range(5):
         svc.remember(f"r{i}", "acme", "cloud", plan)
         await svc.flush()  # what the gateway does before the final message

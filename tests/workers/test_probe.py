@@ -10,18 +10,8 @@ import pytest
 
 from router.cost import CostModel
 from wattserve.errors import EngineDead
-from wattserve.specs import ExpertSpec
 from wattserve.types import GenerateCall
 from workers.expert import PROBE_OUTPUT_TOKENS, ExpertWorker
-
-
-@pytest.fixture
-def worker(tmp_path):
-    spec = ExpertSpec.model_validate({"name": "synth", "engine": {"kind": "synthetic", "step_ms": 2},
-                                      "device": "cpu", "max_batch": 4, "max_queue": 2})
-    w = ExpertWorker(spec, 0, str(tmp_path), exit_on_failure=False)
-    yield w
-    w.shutdown()
 
 
 async def _serve(worker: ExpertWorker, rid: str, tokens: int):
@@ -36,13 +26,13 @@ async def _serve(worker: ExpertWorker, rid: str, tokens: int):
     raise AssertionError("the stream ended")
 
 
-def test_the_probe_measures_the_profile_and_books_its_energy_apart(worker):
+def test_the_probe_measures_the_profile_and_books_its_energy_apart(text_worker):
     async def main():
-        before = await worker.profile()
-        measured = await worker.probe()
-        after = await worker.profile()
-        usage = await _serve(worker, "client-1", 4)
-        return before, measured, after, usage, await worker.profile()
+        before = await text_worker.profile()
+        measured = await text_worker.probe()
+        after = await text_worker.profile()
+        usage = await _serve(text_worker, "client-1", 4)
+        return before, measured, after, usage, await text_worker.profile()
 
     before, measured, after, usage, served = asyncio.run(main())
     assert before.decode_ms_per_token is None and before.busy_power_w is None
@@ -64,13 +54,13 @@ def test_the_probe_measures_the_profile_and_books_its_energy_apart(worker):
     assert e.requests_j + e.idle_j + e.probe_j == pytest.approx(e.device_j, rel=1e-9)
 
 
-def test_a_probe_on_a_dead_engine_fails_and_counts_nothing(worker):
-    worker.loop._dead = "boom"  # what a failed engine step leaves behind
+def test_a_probe_on_a_dead_engine_fails_and_counts_nothing(text_worker):
+    text_worker.loop._dead = "boom"  # what a failed engine step leaves behind
 
     async def main():
         with pytest.raises(EngineDead, match="boom"):
-            await worker.probe()
-        return await worker.profile()
+            await text_worker.probe()
+        return await text_worker.profile()
 
     profile = asyncio.run(main())
-    assert profile.energy.probe_j == 0.0 and worker._probes == 0
+    assert profile.energy.probe_j == 0.0 and text_worker._probes == 0

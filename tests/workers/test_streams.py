@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 import workers.expert
 from wattserve.errors import ExpertUnavailable, InvalidRequest, QueueFull
-from wattserve.specs import ExpertSpec
 from wattserve.types import GenerateCall, StreamEvent
-from workers.expert import ExpertWorker
 from workers.streams import Outbox
-
-
-@pytest.fixture
-def worker(tmp_path):
-    spec = ExpertSpec.model_validate({"name": "synth", "engine": {"kind": "synthetic", "step_ms": 1},
-                                      "device": "cpu", "max_batch": 4, "max_queue": 2})
-    w = ExpertWorker(spec, 0, str(tmp_path), exit_on_failure=False)
-    yield w
-    w.shutdown()
 
 
 def _call(rid: str, tokens: int = 5, prompt: str = "a b c") -> GenerateCall:
@@ -41,11 +28,11 @@ async def _collect(stream, want: set[str]) -> dict[str, list]:
     raise AssertionError("the stream ended")
 
 
-def test_many_requests_share_one_stream_in_order(worker):
+def test_many_requests_share_one_stream_in_order(text_worker):
     async def main():
-        stream = worker.open_stream("s1")
+        stream = text_worker.open_stream("s1")
         reader = asyncio.ensure_future(_collect(stream, {"r1", "r2", "r3"}))
-        assert await worker.submit("s1", [_call("r1", 5), _call("r2", 3), _call("r3", 7)]) == [None, None, None]
+        assert await text_worker.submit("s1", [_call("r1", 5), _call("r2", 3), _call("r3", 7)]) == [None, None, None]
         got = await asyncio.wait_for(reader, 10)
         await stream.aclose()
         return got
@@ -57,15 +44,15 @@ def test_many_requests_share_one_stream_in_order(worker):
         assert "".join(ev.text for ev in events) == " tok" * n
         assert [ev.finished for ev in events] == [False] * (len(events) - 1) + [True]
         assert events[-1].usage.completion_tokens == n
-    assert worker.loop.snapshot().requests_finished == 3
+    assert text_worker.loop.snapshot().requests_finished == 3
 
 
-def test_refusals_come_back_per_call(worker):
+def test_refusals_come_back_per_call(text_worker):
     async def main():
         calls = [_call("ok"), _call("empty", prompt=""), *(_call(f"f{i}", 500) for i in range(6))]
-        results = await worker.submit("s1", calls)
+        results = await text_worker.submit("s1", calls)
         await asyncio.sleep(0)
-        stream = worker.open_stream("s1")
+        stream = text_worker.open_stream("s1")
         await stream.aclose()  # aborts what was admitted
         return results
 
@@ -76,14 +63,14 @@ def test_refusals_come_back_per_call(worker):
     assert sum(r is None for r in results) == 6
 
 
-def test_closing_the_stream_aborts_its_unfinished_requests(worker):
+def test_closing_the_stream_aborts_its_unfinished_requests(text_worker):
     async def main():
-        stream = worker.open_stream("s1")
-        await worker.submit("s1", [_call("long", 10_000), _call("short", 2)])
+        stream = text_worker.open_stream("s1")
+        await text_worker.submit("s1", [_call("long", 10_000), _call("short", 2)])
         got = await asyncio.wait_for(_collect(stream, {"short"}), 10)
         await stream.aclose()  # what Ray does when the gateway cancels the stream
         for _ in range(100):
-            snap = worker.loop.snapshot()
+            snap = text_worker.loop.snapshot()
             if snap.running == snap.waiting == 0:
                 return got, snap
             await asyncio.sleep(0.02)
@@ -92,48 +79,48 @@ def test_closing_the_stream_aborts_its_unfinished_requests(worker):
     got, snap = asyncio.run(main())
     assert got["short"][-1][-1].finished
     assert snap.requests_finished == 2  # the long one ended as aborted
-    assert "s1" not in worker._outboxes
+    assert "s1" not in text_worker._outboxes
 
 
-async def _until_idle(worker) -> object:
+async def _until_idle(text_worker) -> object:
     for _ in range(200):
-        snap = worker.loop.snapshot()
+        snap = text_worker.loop.snapshot()
         if snap.running == snap.waiting == 0:
             return snap
         await asyncio.sleep(0.02)
     raise AssertionError(f"still running: {snap}")
 
 
-def test_a_submit_after_its_stream_closed_is_refused_and_runs_nothing(worker):
+def test_a_submit_after_its_stream_closed_is_refused_and_runs_nothing(text_worker):
     async def main():
-        stream = worker.open_stream("s1")
+        stream = text_worker.open_stream("s1")
         reader = asyncio.ensure_future(_collect(stream, {"a"}))
-        await worker.submit("s1", [_call("a", 2)])
+        await text_worker.submit("s1", [_call("a", 2)])
         await asyncio.wait_for(reader, 10)
         await stream.aclose()  # the gateway's stream failed or was cancelled ...
-        late = await worker.submit("s1", [_call("late", 10_000)])  # ... while this submit was on its way
-        return late, await _until_idle(worker)
+        late = await text_worker.submit("s1", [_call("late", 10_000)])  # ... while this submit was on its way
+        return late, await _until_idle(text_worker)
 
     late, snap = asyncio.run(main())
     assert isinstance(late[0], ExpertUnavailable) and "retry" in str(late[0])
     assert snap.requests_finished == 1  # "late" never started
-    assert "s1" not in worker._outboxes
+    assert "s1" not in text_worker._outboxes
 
 
-def test_a_stream_never_opened_has_its_requests_aborted(worker, monkeypatch):
+def test_a_stream_never_opened_has_its_requests_aborted(text_worker, monkeypatch):
     monkeypatch.setattr(workers.expert, "STREAM_OPEN_GRACE_S", 0.2)
 
     async def main():
-        assert await worker.submit("orphan", [_call("long", 10_000)]) == [None]
-        assert worker.loop.snapshot().running + worker.loop.snapshot().waiting == 1
+        assert await text_worker.submit("orphan", [_call("long", 10_000)]) == [None]
+        assert text_worker.loop.snapshot().running + text_worker.loop.snapshot().waiting == 1
         await asyncio.sleep(0.3)
-        snap = await _until_idle(worker)
-        late = await worker.submit("orphan", [_call("later", 5)])
+        snap = await _until_idle(text_worker)
+        late = await text_worker.submit("orphan", [_call("later", 5)])
         return snap, late
 
     snap, late = asyncio.run(main())
     assert snap.requests_finished == 1  # ended as aborted, its slot free
-    assert "orphan" not in worker._outboxes
+    assert "orphan" not in text_worker._outboxes
     assert isinstance(late[0], ExpertUnavailable)
 
 
