@@ -1,6 +1,6 @@
 """What an ensemble of experts adds over its best member, measured on labelled multiple choice.
 
-Score can run several experts and mix their answers (``router.moe2.combine``). Whether a second
+Score can run several experts and mix their answers (``router.quality.combine``). Whether a second
 expert is worth its joules depends on how often the mix is right where the better expert alone is
 wrong, and how often the mix spoils a right answer: a property of the experts and the tasks,
 measured here from each expert's per-choice log-likelihoods on a labelled set (kept by
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from wattserve.errors import ConfigError
 
-from .quality import MC_NORMS, LabelledItem
+from .quality import LabelledItem, choice_scores, combine
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -137,32 +137,13 @@ class EnsembleGains:
         return cls(measures, source=str(path))
 
 
-def _scores(logprobs: Sequence[float], choices: Sequence[str], norm: str) -> list[float]:
-    if norm == "per_char":
-        return [lp / max(1, len(c.strip()) or len(c)) for lp, c in zip(logprobs, choices, strict=True)]
-    return list(logprobs)
-
-
-def _softmax(xs: Sequence[float]) -> list[float]:
-    top = max(xs)
-    e = [math.exp(v - top) for v in xs]
-    z = sum(e)
-    return [v / z for v in e]
-
-
 def mixed_choice(item: LabelledItem, logprobs: Mapping[str, Sequence[float]], norm: str = "per_char",
                  weights: Mapping[str, float] | None = None) -> int:
     """The choice a weighted mix of ``logprobs`` (per expert) picks; ties go to the first choice."""
-    if norm not in MC_NORMS:
-        raise ValueError(f"norm must be one of {MC_NORMS}, got {norm!r}")
     w = {e: (weights or {}).get(e, 1.0) for e in logprobs}
-    total = sum(w.values())
-    if total <= 0:
-        w, total = {e: 1.0 for e in logprobs}, float(len(logprobs))
-    mix = [0.0] * len(item.choices)
-    for e, lps in logprobs.items():
-        for k, p in enumerate(_softmax(_scores(lps, item.choices, norm))):
-            mix[k] += w[e] / total * p
+    if sum(w.values()) <= 0:
+        w = dict.fromkeys(logprobs, 1.0)
+    mix = combine(w, {e: choice_scores(lps, item.choices, norm) for e, lps in logprobs.items()})
     return max(range(len(mix)), key=lambda k: (mix[k], -k))
 
 

@@ -1,13 +1,12 @@
 """MoE²'s selection maths as pure functions over :class:`Option` values (one per expert).
 
 The policy that uses them is ``router/policies/moe2.py`` (the algorithm is described there);
-:func:`combine` mixes Score answers with the plan's weights.
+``router.quality.combine`` mixes Score answers with the plan's weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .base import Candidate, RequestFeatures
@@ -110,7 +109,7 @@ def marginal_subset(options: list[Option], request: RequestFeatures, lam: float,
     value = first.quality
     left_out: list[str] = []
     while True:
-        best, best_net, notes = None, -math.inf, []
+        best, best_net, best_dq, notes = None, -math.inf, 0.0, []
         for o in fits:
             if o in chosen:
                 continue
@@ -123,11 +122,11 @@ def marginal_subset(options: list[Option], request: RequestFeatures, lam: float,
             elif not _set_fits([*chosen, o], request, aggregation_ms):
                 notes.append(f"{o.expert} not added: the set would exceed the budget")
             elif dq - extra > best_net:
-                best, best_net = o, dq - extra
+                best, best_net, best_dq = o, dq - extra, dq
         if best is None:
             left_out = notes
             break
-        value += gains.gain(quality, [c.expert for c in chosen], best.expert)
+        value += best_dq
         chosen.append(best)
     return Marginal(tuple(chosen), value, tuple(left_out))
 
@@ -163,22 +162,3 @@ def fits_budgets(cost: CostEstimate, request: RequestFeatures) -> bool:
     # the relative slack keeps a budget set to exactly the predicted joules feasible after rounding
     e, lat = request.energy_budget_j, request.latency_budget_ms
     return (e is None or cost.energy_j <= e * (1 + 1e-12)) and (lat is None or cost.latency_ms <= lat)
-
-
-def combine(weights: Mapping[str, float], logprobs: Mapping[str, Sequence[float]]) -> list[float]:
-    """The MoE² ensemble over choices: sum_i w_i * softmax_k(logprob_i[k]), w renormalised over the
-    experts that answered. Returns a probability per choice (sums to 1)."""
-    experts = [e for e in logprobs if e in weights]
-    total = sum(weights[e] for e in experts)
-    if not experts or total <= 0:
-        raise ValueError("combine needs at least one answering expert with positive weight")
-    n = len(next(iter(logprobs.values())))
-    mix = [0.0] * n
-    for e in experts:
-        row = list(logprobs[e])
-        top = max(row)
-        exp = [math.exp(v - top) for v in row]
-        z = sum(exp)
-        for k in range(n):
-            mix[k] += weights[e] / total * exp[k] / z
-    return mix

@@ -23,9 +23,10 @@ No Ray, no gRPC, no torch: the runtime feeds engine outputs in and writes the la
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,29 @@ def choice_scores(logprobs: Sequence[float], choices: Sequence[str], norm: str =
     if norm == "per_char":
         return [lp / max(1, len(c.strip()) or len(c)) for lp, c in zip(logprobs, choices, strict=True)]
     return list(logprobs)
+
+
+def softmax(row: Sequence[float]) -> list[float]:
+    """Probabilities from log-scores (shifted by the largest, so long choices cannot overflow)."""
+    top = max(row)
+    exp = [math.exp(v - top) for v in row]
+    z = sum(exp)
+    return [v / z for v in exp]
+
+
+def combine(weights: Mapping[str, float], scores: Mapping[str, Sequence[float]]) -> list[float]:
+    """The MoE² ensemble over choices: sum_i w_i * softmax_k(score_i[k]), w renormalised over the
+    experts that answered (``scores``: each expert's :func:`choice_scores`). Returns a probability
+    per choice (sums to 1). The served Score path and the ensemble measurement both mix with it."""
+    experts = [e for e in scores if e in weights]
+    total = sum(weights[e] for e in experts)
+    if not experts or total <= 0:
+        raise ValueError("combine needs at least one answering expert with positive weight")
+    mix = [0.0] * len(next(iter(scores.values())))
+    for e in experts:
+        for k, p in enumerate(softmax(scores[e])):
+            mix[k] += weights[e] / total * p
+    return mix
 
 
 def mc_correct(logprobs: Sequence[float], item: LabelledItem, norm: str = "per_char") -> bool:

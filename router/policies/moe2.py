@@ -14,7 +14,7 @@ Per request (DESIGN.md sections 4 and 10):
    ``explore_share`` > 0 a request is sometimes answered by another feasible expert, so feedback
    can correct an expert the router has stopped using;
 4. **Score** runs a subset S and mixes the answers with the gate weights renormalised over S
-   (``combine`` in ``router/moe2.py``). Where what mixing adds was measured
+   (``combine`` in ``router/quality.py``). Where what mixing adds was measured
    (``settings.ensemble``, ``router/ensemble.py``): S starts from the single best expert that fits,
    argmax q_i - lam E_i, and grows only by experts whose predicted gain over S is worth their
    joules (``marginal_subset``). Without measurements, MoE²'s separable objective: S maximises

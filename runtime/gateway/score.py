@@ -3,7 +3,7 @@
 The router picks a subset S of experts within the request's budgets (for a baseline policy, S is
 its one chosen expert). Every expert of S scores every choice in parallel (log p(choice | prompt),
 computed by its engine loop between steps and metered like any step); the answers are mixed with
-the gate weights renormalised over the experts that answered (``router.moe2.combine``). Each
+the gate weights renormalised over the experts that answered (``router.quality.combine``). Each
 expert's measured energy is charged to the tenant and teaches the cost model.
 """
 
@@ -14,8 +14,7 @@ import math
 from dataclasses import dataclass
 
 from router.base import Candidate, Plan
-from router.moe2 import combine
-from router.quality import choice_scores
+from router.quality import choice_scores, combine, softmax
 from wattserve.errors import WattserveError
 from wattserve.types import ScoreCall, ScoreResult
 
@@ -44,13 +43,6 @@ class ScoreOutcome:
     energy_j: float
     total_latency_ms: float
     plan: Plan
-
-
-def _softmax(row) -> tuple[float, ...]:
-    top = max(row)
-    exp = [math.exp(v - top) for v in row]
-    z = sum(exp)
-    return tuple(v / z for v in exp)
 
 
 async def score(lc: Lifecycle, request: Request) -> ScoreOutcome:
@@ -94,7 +86,7 @@ async def _score(call: Call) -> ScoreOutcome:
     contributions = tuple(
         ExpertContribution(
             expert=e, replica=c.replica, weight=weights[e] / total, choice_logprobs=r.choice_logprobs,
-            choice_probs=_softmax(ranked[e]), energy_j=r.energy_j, energy_source=r.energy_source,
+            choice_probs=tuple(softmax(ranked[e])), energy_j=r.energy_j, energy_source=r.energy_source,
             latency_ms=r.latency_ms,
         )
         for e, (c, r) in answered.items()
