@@ -134,7 +134,7 @@ class CostModel:
         raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
         if raw is None:
             return None
-        err = self._errors(output_tokens).get(expert)
+        err = self.errors_for(prefill_only=output_tokens <= 0).get(expert)
         if err is None or raw.basis != "measured":
             return raw  # corrections are learned against measured figures only
         return CostEstimate(
@@ -202,14 +202,15 @@ class CostModel:
         if raw is not None:
             self.observe(expert, raw, actual_energy_j, actual_latency_ms, prefill_only=output_tokens <= 0)
 
-    def _errors(self, output_tokens: int) -> dict[str, PredictionError]:
-        return self.prefill_only_errors if output_tokens <= 0 else self.errors
+    def errors_for(self, prefill_only: bool) -> dict[str, PredictionError]:
+        """Per expert: the accuracy of Generate's predictions, or of Score's prefill-only ones."""
+        return self.prefill_only_errors if prefill_only else self.errors
 
     def observe(self, expert: str, raw: CostEstimate, actual_energy_j: float, actual_latency_ms: float,
                 *, prefill_only: bool = False) -> None:
         """A request finished: ``raw`` is the uncorrected prediction for its actual token counts;
         ``prefill_only`` (a Score) updates the corrections of prefill-only work."""
-        err = (self.prefill_only_errors if prefill_only else self.errors).setdefault(expert, PredictionError())
+        err = self.errors_for(prefill_only).setdefault(expert, PredictionError())
         a = self.alpha
         learn = raw.basis == "measured"  # a prior's bias says nothing about the measured figures
         for kind, pred, actual in (("energy", raw.energy_j, actual_energy_j), ("latency", raw.latency_ms, actual_latency_ms)):

@@ -160,8 +160,7 @@ class Admin:
 
     def prediction_errors(self, prefill_only: bool = False) -> dict[str, PredictionError]:
         """The cost model's accuracy per expert: Generate's, or Score's prefill-only work's."""
-        cost = self._routing.cost
-        return dict(cost.prefill_only_errors if prefill_only else cost.errors)
+        return dict(self._routing.cost.errors_for(prefill_only))
 
     # -- energy budgets and prices --------------------------------------------------------------
     def budgets(self, scopes: Sequence[str] = ()) -> list[BudgetView]:

@@ -12,9 +12,9 @@ from router.base import Candidate, RequestFeatures, RouterSettings
 from router.cost import CostModel
 from router.ensemble import EnsembleGains, EnsembleMeasure
 from router.gate import PriorGate
-from router.moe2 import combine
 from router.policies import make_policy
 from router.policies.moe2 import MoE2
+from router.quality import combine
 from router.selector import Item, exhaustive_subset
 from tests.router.helpers import prof
 from wattserve.errors import BudgetInfeasible
