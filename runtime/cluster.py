@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import uuid
 import warnings
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from wattserve.errors import ConfigError, ExpertUnavailable, WattserveError
+from wattserve.errors import ClusterUnavailable, ConfigError, ExpertUnavailable, WattserveError
 from wattserve.specs import ExpertSpec
 from workers.expert import ExpertWorker
 
@@ -42,19 +43,40 @@ def start_ray(cfg: RayConfig) -> tuple[str, bool]:
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address, False
     if cfg.address:
-        ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True)
-    else:
-        # Keep every Ray port on loopback: by default Ray binds the external interface.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
-            _node_ip_address=cfg.node_ip_address,
-            include_dashboard=False,
-            namespace=cfg.namespace,
-            log_to_driver=True,
-        )
+        _check_reachable(cfg.address)
+    try:
+        if cfg.address:
+            ray.init(address=cfg.address, namespace=cfg.namespace, log_to_driver=True)
+        else:
+            # Keep every Ray port on loopback: by default Ray binds the external interface.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+                _node_ip_address=cfg.node_ip_address,
+                include_dashboard=False,
+                namespace=cfg.namespace,
+                log_to_driver=True,
+            )
+    except Exception as exc:  # Ray raises bare Exception/ConnectionError/RuntimeError here
+        where = f"join the Ray cluster at ray.address={cfg.address!r}" if cfg.address else "start an embedded Ray"
+        hint = ("check that `ray start --head` runs there and the address and port are right" if cfg.address
+                else "an overloaded host or a stale Ray session can cause this: retry, or `ray stop` and retry")
+        raise ClusterUnavailable(f"could not {where}: {str(exc).strip() or type(exc).__name__} ({hint})") from exc
     return ray.get_runtime_context().gcs_address, True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``host:port`` nobody listens on at once: ``ray.init`` would retry it for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses: Ray resolves them itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnavailable(
+            f"could not join the Ray cluster at ray.address={address!r}: nothing answers there ({exc}); "
+            "check that `ray start --head` runs on that host and the address and port are right") from exc
 
 
 def stop_ray() -> None:

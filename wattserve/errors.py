@@ -113,6 +113,13 @@ class ModelSourceError(WattserveError):
     http_status = 500
 
 
+class ClusterUnavailable(WattserveError):
+    """Ray could not be started or joined (the address is wrong, or its processes did not come up)."""
+
+    grpc_code = "UNAVAILABLE"
+    http_status = 503
+
+
 class DeviceError(WattserveError):
     """A device backend could not be opened or read (no driver, no permission)."""
 

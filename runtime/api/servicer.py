@@ -234,7 +234,7 @@ def _expert_to_proto(e) -> pb.ExpertInfo:
         priority_class=spec.priority_class, max_batch=spec.max_batch,
         max_model_len=first.max_model_len if first else spec.max_model_len, params=first.params if first else 0,
         replicas=[_replica_to_proto(r) for r in e.replicas], prediction=_prediction_to_proto(e.prediction),
-        quality_prior=spec.quality_prior,
+        quality_prior=spec.quality_prior, score_prediction=_prediction_to_proto(e.score_prediction),
     )
 
 

@@ -116,12 +116,12 @@ def cmd_status(args) -> int:
                 avg = sum(d * n for d, n in r.exit_histogram.items()) / tokens
                 hist = " ".join(f"{d}:{n}" for d, n in sorted(r.exit_histogram.items()))
                 print(f"  {'':<10} early exit: {avg:.1f}/{r.num_layers} layers per decode token; exits {hist}")
-    errors = [e for e in experts.experts if e.prediction.samples]
+    errors = [(e.name, call, p) for e in experts.experts
+              for call, p in (("generate", e.prediction), ("score", e.score_prediction)) if p.samples]
     if errors:
         print("  router cost predictions (EWMA |predicted - measured| / measured):")
-        for e in errors:
-            p = e.prediction
-            print(f"  {e.name:<10} energy {p.energy_rel_error:6.1%} (x{p.energy_correction:.2f})  "
+        for name, call, p in errors:
+            print(f"  {name:<10} {call:<8} energy {p.energy_rel_error:6.1%} (x{p.energy_correction:.2f})  "
                   f"latency {p.latency_rel_error:6.1%} (x{p.latency_correction:.2f})  over {p.samples} requests")
     return 0
 

@@ -40,7 +40,8 @@ class ReplicaView:
 class ExpertView:
     spec: ExpertSpec
     replicas: tuple[ReplicaView, ...]
-    prediction: PredictionError | None  # the cost model's error on it so far
+    prediction: PredictionError | None  # the cost model's error on its Generate requests so far
+    score_prediction: PredictionError | None = None  # ... and on its Score requests (learnt apart)
 
     @property
     def name(self) -> str:
@@ -118,9 +119,10 @@ class Admin:
 
     def experts(self, modality: str | None = None) -> list[ExpertView]:
         views = self.replicas()
-        errors = self._routing.cost.errors
+        errors, score_errors = self.prediction_errors(), self.prediction_errors(prefill_only=True)
         return [
-            ExpertView(spec, tuple(v for v in views if v.expert == spec.name), errors.get(spec.name))
+            ExpertView(spec, tuple(v for v in views if v.expert == spec.name), errors.get(spec.name),
+                       score_errors.get(spec.name))
             for spec in self.config.experts if modality is None or spec.modality == modality
         ]
 

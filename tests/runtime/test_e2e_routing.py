@@ -200,12 +200,20 @@ async def test_score_bad_input(channel):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "choice_norm must be one of" in err.value.details()
 
 
-async def test_admin_exports_prediction_error(channel, predicted):
+async def test_admin_exports_prediction_error(channel, predicted, server, capsys):
+    await pb_grpc.InferenceStub(channel).Score(pb.ScoreRequest(prompt=PROMPT, choices=["a", "b"], expert="edge"))
     experts = await pb_grpc.AdminStub(channel).ListExperts(pb.ListExpertsRequest())
     by_name = {e.name: e for e in experts.experts}
     for name in ("edge", "cloud"):
         p = by_name[name].prediction
         assert p.samples > 0 and p.energy_correction > 0
+    score = by_name["edge"].score_prediction  # Score's own corrections, apart from Generate's
+    assert score.samples >= 1 and score.energy_correction > 0
+    from runtime.cli import main
+
+    rc = await asyncio.to_thread(main, ["status", "--target", f"127.0.0.1:{server.port}"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "edge       score" in out and "edge       generate" in out, out
     status = await pb_grpc.AdminStub(channel).GetStatus(pb.GetStatusRequest())
     assert status.gate == "prior" and status.routing_policy == "moe2"
 

@@ -44,3 +44,21 @@ def test_the_gateway_process_does_not_import_torch_for_text_experts():
     code = "import runtime.cluster as c; print(c.ImageExpertActor.__qualname__, c.ImageExpertActor.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ImageExpertActor runtime.cluster", out.stderr
+
+
+def test_serve_with_a_wrong_ray_address_says_so_at_once(tmp_path):
+    # ray.init retried an address where nothing listens for minutes, printing only Ray's warnings
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"ray: {{address: '127.0.0.1:{port}'}}\nauth: {{enabled: false}}\n"
+                   "experts: [{name: e, engine: {kind: synthetic}, device: cpu}]\n")
+    out = subprocess.run([sys.executable, "-c", "import sys; from runtime.cli import main; sys.exit(main())",
+                          "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"could not join the Ray cluster at ray.address='127.0.0.1:{port}'" in out.stderr
+    assert "ray start --head" in out.stderr and "Traceback" not in out.stderr

@@ -279,7 +279,7 @@ class PredictionError(_message.Message):
     def __init__(self, energy_rel_error: _Optional[float] = ..., latency_rel_error: _Optional[float] = ..., energy_correction: _Optional[float] = ..., latency_correction: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class ExpertInfo(_message.Message):
-    __slots__ = ("name", "model", "engine", "device_backend", "energy_source", "priority_class", "max_batch", "max_model_len", "params", "replicas", "prediction", "quality_prior")
+    __slots__ = ("name", "model", "engine", "device_backend", "energy_source", "priority_class", "max_batch", "max_model_len", "params", "replicas", "prediction", "quality_prior", "score_prediction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class ExpertInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     QUALITY_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    SCORE_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     engine: str
@@ -304,7 +305,8 @@ class ExpertInfo(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ExpertReplica]
     prediction: PredictionError
     quality_prior: float
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., device_backend: _Optional[str] = ..., energy_source: _Optional[str] = ..., priority_class: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_model_len: _Optional[int] = ..., params: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertReplica, _Mapping]]] = ..., prediction: _Optional[_Union[PredictionError, _Mapping]] = ..., quality_prior: _Optional[float] = ...) -> None: ...
+    score_prediction: PredictionError
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., device_backend: _Optional[str] = ..., energy_source: _Optional[str] = ..., priority_class: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_model_len: _Optional[int] = ..., params: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertReplica, _Mapping]]] = ..., prediction: _Optional[_Union[PredictionError, _Mapping]] = ..., quality_prior: _Optional[float] = ..., score_prediction: _Optional[_Union[PredictionError, _Mapping]] = ...) -> None: ...
 
 class ListExpertsResponse(_message.Message):
     __slots__ = ("experts",)
