@@ -129,7 +129,9 @@ class BudgetLedger:
         if energy_j <= 0:
             return
         for scope in (tenant_scope(tenant), CLUSTER):
-            s = self._scopes.setdefault(scope, _Scope())
+            s = self._scopes.get(scope)
+            if s is None:
+                s = self._scopes[scope] = _Scope()
             s.events.append((now_s, energy_j))
             s.used_j += energy_j
 
