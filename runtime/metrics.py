@@ -193,7 +193,7 @@ class RequestRecorder:
         series.e2e.observe(final.total_latency_ms / 1000.0)
         series.prompt_tokens.inc(u.prompt_tokens)
         series.generation_tokens.inc(u.completion_tokens)
-        key = (expert, tenant, u.energy_source)  # bounded: tenant labels are (tenant_label)
+        key = (expert, tenant, u.energy_source)  # a bounded set: tenant is Lifecycle.tenant_label
         energy = m._energy.get(key)
         if energy is None:
             energy = m._energy[key] = m.energy.labels(*key)
