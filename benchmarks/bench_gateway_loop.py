@@ -18,7 +18,8 @@ as the synthetic engine does at full speed):
 Per variant and round: requests/s (32 in flight), the server process's CPU per request and its
 main thread's (the event loop), the loop callbacks it ran per request (``asyncio.Handle._run``
 counted), the CPU its garbage collector took per request (``gc.callbacks``, thread CPU time),
-and for ``wattserve`` the replica actor's CPU per request. CPU times come from psutil and are
+and for ``wattserve`` the replica actor's CPU per request, the calls per submit and the stream batches
+per request of its Ray hop (``runtime/cluster.py``, counted in the gateway). CPU times come from psutil and are
 less sensitive to a shared machine's load than requests/s, which is printed for reference only.
 The collector is settled (``runtime/heap.py``) in ``inprocess`` and ``wattserve`` once they have
 started, as ``wattserve serve`` does, and left as CPython sets it in the two bare variants, as a
