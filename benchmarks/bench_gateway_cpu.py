@@ -4,6 +4,7 @@ accounting, metrics) and an in-memory replica (``tests/fakes.FakeReplicaClient``
 each request in one chunk and a final message, as the synthetic engine does at full speed.
 
     .venv/bin/python benchmarks/bench_gateway_cpu.py [--requests 5000] [--repeats 5] [--concurrency 32]
+        [--count-calls]
 
 What ``bench_gateway_overhead.py`` cannot separate from the gRPC and Ray machinery around it:
 process CPU seconds (``time.process_time``) per request, each repeat printed and their median.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -44,8 +47,11 @@ class _Context:
         return None
 
 
-async def measure(requests: int, repeats: int, concurrency: int, settle: bool = True) -> list[float]:
-    """Microseconds of CPU per request, one figure per repeat."""
+async def measure(requests: int, repeats: int, concurrency: int, settle: bool = True,
+                  count_calls: bool = False) -> list[float]:
+    """Microseconds of CPU per request, one figure per repeat; with ``count_calls``, function calls
+    per request instead (Python functions and builtins, counted by cProfile): the same figure on a
+    loaded machine as on a quiet one, where CPU time moves by tens of percent."""
     replica = FakeReplicaClient("synth", tokens=1)  # one chunk, then the final message
     gateway = Gateway(parse_config(yaml.safe_load(CONFIG)), [replica])
     await gateway.start()
@@ -64,6 +70,13 @@ async def measure(requests: int, repeats: int, concurrency: int, settle: bool = 
     try:
         for _ in range(repeats):
             replica.calls.clear()
+            if count_calls:
+                profile = cProfile.Profile()
+                profile.enable()
+                await asyncio.gather(*(one() for _ in range(requests)))
+                profile.disable()
+                per_request_us.append(pstats.Stats(profile).total_calls / requests)
+                continue
             start = time.process_time()
             await asyncio.gather(*(one() for _ in range(requests)))
             per_request_us.append(1e6 * (time.process_time() - start) / requests)
@@ -78,8 +91,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--default-gc", action="store_true", help="leave the collector as CPython sets it")
+    ap.add_argument("--count-calls", action="store_true",
+                    help="function calls per request (cProfile) instead of CPU time: independent of the machine's load")
     args = ap.parse_args()
-    us = asyncio.run(measure(args.requests, args.repeats, args.concurrency, settle=not args.default_gc))
+    us = asyncio.run(measure(args.requests, args.repeats, args.concurrency, settle=not args.default_gc,
+                             count_calls=args.count_calls))
+    if args.count_calls:
+        print(f"function calls per request (Python and builtins, no gRPC transport, no Ray): "
+              f"{' '.join(f'{x:.0f}' for x in us)}; median {statistics.median(us):.0f}")
+        return
     print(f"gateway CPU per request (no gRPC transport, no Ray): {' '.join(f'{x:.0f}' for x in us)} us; "
           f"median {statistics.median(us):.0f} us")
 

@@ -18,7 +18,8 @@ as the synthetic engine does at full speed):
 Per variant and round: requests/s (32 in flight), the server process's CPU per request and its
 main thread's (the event loop), the loop callbacks it ran per request (``asyncio.Handle._run``
 counted), the CPU its garbage collector took per request (``gc.callbacks``, thread CPU time),
-and for ``wattserve`` the replica actor's CPU per request. CPU times come from psutil and are
+and for ``wattserve`` the replica actor's CPU per request, the calls per submit and the stream batches
+per request of its Ray hop (``runtime/cluster.py``, counted in the gateway). CPU times come from psutil and are
 less sensitive to a shared machine's load than requests/s, which is printed for reference only.
 The collector is settled (``runtime/heap.py``) in ``inprocess`` and ``wattserve`` once they have
 started, as ``wattserve serve`` does, and left as CPython sets it in the two bare variants, as a
@@ -72,6 +73,7 @@ class _Probe:
         import gc
 
         self.path = path
+        self.gateway = None  # wattserve's: its replica streams' counters are dumped too
         self.callbacks = 0
         self.gc_s = 0.0
         self._gc_start = 0.0
@@ -92,7 +94,14 @@ class _Probe:
             self.gc_s += time.thread_time() - self._gc_start
 
     def dump(self) -> None:
-        Path(self.path).write_text(json.dumps({"callbacks": self.callbacks, "gc_s": self.gc_s}))
+        stats = {"callbacks": self.callbacks, "gc_s": self.gc_s, "submits": 0, "calls": 0, "batches": 0}
+        for state in self.gateway.replicas.states() if self.gateway else ():
+            mux = getattr(state.client, "_mux", None)  # the Ray replica's multiplexed stream
+            if mux is not None:
+                stats["submits"] += getattr(mux, "submits", 0)  # counted since issue 17's third pass
+                stats["calls"] += getattr(mux, "calls_submitted", 0)
+                stats["batches"] += getattr(mux, "batches_read", 0)
+        Path(self.path).write_text(json.dumps(stats))
 
 
 class _Bare(pb_grpc.InferenceServicer):
@@ -163,6 +172,7 @@ async def _serve(variant: str, stats_path: str, settle: bool) -> None:
     if variant == "wattserve":
         server = WattserveServer(parse_config(yaml.safe_load(CONFIG)), progress=lambda _: None)
         port = await server.start()
+        probe.gateway = server.gateway
         if settle:
             settle_heap()  # as ``wattserve serve`` does
         print(f"listening on 127.0.0.1:{port}", flush=True)
@@ -253,6 +263,9 @@ def _round(proc: psutil.Process, stats_path: str, target: str, args) -> dict:
         "callbacks": (after["callbacks"] - before["callbacks"]) / n,
         "gc_ms": 1e3 * (after["gc_s"] - before["gc_s"]) / n,
         "replica_ms": 1e3 * replica_s / n,
+        # the Ray hop (wattserve only): calls per submit, and stream batches read per request
+        "calls_per_submit": (after["calls"] - before["calls"]) / max(1, after["submits"] - before["submits"]),
+        "batches_per_request": (after["batches"] - before["batches"]) / n,
     }
 
 
@@ -292,7 +305,9 @@ def main() -> None:
                     results[v].append(r)
                     print(f"  round {i + 1} {v:<12} {r['requests_per_s']:6.0f} req/s  server CPU {r['cpu_ms']:.3f} ms/req, "
                           f"main thread {r['main_ms']:.3f}, collector {r['gc_ms']:.3f}; {r['callbacks']:.1f} loop "
-                          f"callbacks/req" + (f"; replica {r['replica_ms']:.3f} ms/req" if v == "wattserve" else ""),
+                          f"callbacks/req" + (f"; replica {r['replica_ms']:.3f} ms/req; {r['calls_per_submit']:.1f} "
+                                               f"calls/submit, {r['batches_per_request']:.2f} stream batches/req"
+                                               if v == "wattserve" else ""),
                           flush=True)
         finally:
             for proc, _, _ in servers.values():
@@ -306,7 +321,9 @@ def main() -> None:
     for v, rs in results.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         print(f"  {v:<12} server {med['cpu_ms']:.3f}, main thread {med['main_ms']:.3f}, collector {med['gc_ms']:.3f}, "
-              f"{med['callbacks']:.1f} callbacks/req" + (f", replica {med['replica_ms']:.3f}" if v == "wattserve" else "")
+              f"{med['callbacks']:.1f} callbacks/req" + (f", replica {med['replica_ms']:.3f}, {med['calls_per_submit']:.1f} "
+                                                          f"calls/submit, {med['batches_per_request']:.2f} batches/req"
+                                                          if v == "wattserve" else "")
               + f"; {med['requests_per_s']:.0f} req/s")
 
 

@@ -129,7 +129,11 @@ class BudgetLedger:
         if energy_j <= 0:
             return
         for scope in (tenant_scope(tenant), CLUSTER):
-            s = self._scopes.setdefault(scope, _Scope())
+            s = self._scopes.get(scope)
+            if s is None:
+                s = self._scopes[scope] = _Scope()
+            # expired here as well as in status(): admit() no longer reads scopes without a limit
+            self._expire(s, now_s, _UNLIMITED_WINDOW_S if s.limit is None else s.limit.window_s)
             s.events.append((now_s, energy_j))
             s.used_j += energy_j
 
@@ -149,7 +153,11 @@ class BudgetLedger:
     def admit(self, tenant: str, now_s: float) -> Admission:
         """Whether ``tenant`` may send a request now; raises BudgetExhausted if not."""
         throttled = []
-        for st in (self.status(tenant_scope(tenant), now_s), self.status(CLUSTER, now_s)):
+        for scope in (tenant_scope(tenant), CLUSTER):
+            s = self._scopes.get(scope)
+            if s is None or s.limit is None:
+                continue  # no limit: nothing to refuse or throttle (status() reports its use)
+            st = self.status(scope, now_s)
             who = "the cluster" if st.scope == CLUSTER else f"tenant {tenant!r}"
             if st.state is BudgetState.EXHAUSTED:
                 raise BudgetExhausted(

@@ -120,6 +120,9 @@ class ServingMetrics:
             ["kind", "expert"], registry=r,
         )
         self._by_expert: dict[str, _ExpertSeries] = {}
+        # label children of the two per-request counters whose labels are not only the expert
+        self._ok: dict[tuple[str, str], Counter] = {}
+        self._energy: dict[tuple[str, str, str], Counter] = {}
 
     def expert_series(self, expert: str) -> _ExpertSeries:
         """``expert``'s labelled series, looked up once: ``labels()`` costs a lock and a dict
@@ -182,12 +185,19 @@ class RequestRecorder:
         m, expert, u = self.metrics, final.expert, final.usage
         self._done = True
         series = m.expert_series(expert)
-        m.requests.labels(self.api, expert, "ok").inc()
+        ok = m._ok.get((self.api, expert))
+        if ok is None:
+            ok = m._ok[self.api, expert] = m.requests.labels(self.api, expert, "ok")
+        ok.inc()
         series.ttft.observe(final.ttft_ms / 1000.0)
         series.e2e.observe(final.total_latency_ms / 1000.0)
         series.prompt_tokens.inc(u.prompt_tokens)
         series.generation_tokens.inc(u.completion_tokens)
-        m.energy.labels(expert, tenant, u.energy_source).inc(u.energy_j)
+        key = (expert, tenant, u.energy_source)  # a bounded set: tenant is Lifecycle.tenant_label
+        energy = m._energy.get(key)
+        if energy is None:
+            energy = m._energy[key] = m.energy.labels(*key)
+        energy.inc(u.energy_j)
         series.energy_per_request.observe(u.energy_j)
         if energy_budget_j is not None:
             m.budgeted.labels("energy", expert).inc()

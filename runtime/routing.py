@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,7 +237,7 @@ class RoutingService:
             # A deadline is a latency budget too; when it alone cannot be met the request is still
             # served (the engine ends it at the deadline) rather than refused up front.
             try:
-                return self.policy.plan(replace(features, latency_budget_ms=max(deadline, 0.0)), candidates)
+                return self.policy.plan(evolve(features, latency_budget_ms=max(deadline, 0.0)), candidates)
             except BudgetInfeasible:
                 pass
         return self.policy.plan(features, candidates)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,32 @@ def _pickled_by_position(cls):
     return cls
 
 
-_FIELD_NAMES: dict[type, tuple[tuple[str, ...], frozenset[str]]] = {}
+class _Copier:
+    """How :func:`evolve` copies one class: its fields' values read in one ``attrgetter`` call and
+    written through the slots' own descriptors (a frozen dataclass's ``__setattr__`` refuses)."""
+
+    __slots__ = ("names", "index", "values", "setters")
+
+    def __init__(self, cls: type) -> None:
+        if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
+            raise TypeError(f"evolve() needs a dataclass without __post_init__, not {cls.__name__}")
+        fields = dataclasses.fields(cls)
+        self.names = tuple(f.name for f in fields if f.init)
+        if len(self.names) != len(fields):
+            raise TypeError(f"evolve() needs every field of {cls.__name__} to be an __init__ field")
+        self.index = {name: i for i, name in enumerate(self.names)}
+        getter = operator.attrgetter(*self.names)
+        self.values = getter if len(self.names) > 1 else (lambda obj: (getter(obj),))
+        slots = all(isinstance(cls.__dict__.get(name), types.MemberDescriptorType) for name in self.names)
+        self.setters = (tuple(cls.__dict__[name].__set__ for name in self.names) if slots
+                        else tuple(_object_setter(name) for name in self.names))
+
+
+def _object_setter(name: str):
+    return lambda obj, value: object.__setattr__(obj, name, value)
+
+
+_COPIERS: dict[type, _Copier] = {}
 
 
 def evolve(obj, **changes):
@@ -42,20 +68,19 @@ def evolve(obj, **changes):
     and keyword ``__init__``: a request was copied four times on its way in, an eighth of the
     gateway's own CPU time per request (docs/benchmarks.md, "Serving-path overhead")."""
     cls = type(obj)
-    known = _FIELD_NAMES.get(cls)
-    if known is None:
-        if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
-            raise TypeError(f"evolve() needs a dataclass without __post_init__, not {cls.__name__}")
-        names = tuple(f.name for f in dataclasses.fields(cls) if f.init)
-        if len(names) != len(dataclasses.fields(cls)):
-            raise TypeError(f"evolve() needs every field of {cls.__name__} to be an __init__ field")
-        known = _FIELD_NAMES[cls] = (names, frozenset(names))
-    names, name_set = known
-    if not changes.keys() <= name_set:
-        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(changes.keys() - name_set))}")
+    copier = _COPIERS.get(cls)
+    if copier is None:
+        copier = _COPIERS[cls] = _Copier(cls)
+    values = list(copier.values(obj))
+    index = copier.index
+    for name, value in changes.items():
+        i = index.get(name)
+        if i is None:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(changes.keys() - index.keys()))}")
+        values[i] = value
     new = object.__new__(cls)
-    for name in names:
-        object.__setattr__(new, name, changes[name] if name in changes else getattr(obj, name))
+    for setter, value in zip(copier.setters, values, strict=True):
+        setter(new, value)
     return new
 
 

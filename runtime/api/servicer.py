@@ -48,7 +48,7 @@ def request_from_proto(msg: pb.GenerateRequest, time_remaining_s: float | None) 
         max_tokens=msg.max_tokens,
         sampling=SamplingParams(
             temperature=s.temperature,
-            top_p=s.top_p,
+            top_p=s.top_p or 1.0,  # unset (0) is 1, as validation reads it: no copy there
             top_k=s.top_k,
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(s.stop),

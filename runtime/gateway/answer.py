@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from itertools import chain
 
 from router.base import Candidate, Plan
 from wattserve.errors import ExpertUnavailable, QueueFull
@@ -110,8 +111,11 @@ async def _attempt(call: Call, plan: Plan, ranked: list[Candidate], failed: set[
         while True:
             # Events that arrived together (the replica coalesces under load) leave as one chunk:
             # fewer, larger messages when the server is busy.
-            text = "".join(ev.text for ev in events)
-            ids = tuple(t for ev in events for t in ev.token_ids)
+            if len(events) == 1:  # the usual case: the replica merges a request's events per batch
+                text, ids = events[0].text, events[0].token_ids
+            else:
+                text = "".join([ev.text for ev in events])
+                ids = tuple(chain.from_iterable([ev.token_ids for ev in events]))
             if text or ids:
                 if ttft_ms is None:
                     ttft_ms = call.elapsed_ms()

@@ -41,6 +41,19 @@ def test_cluster_budget_applies_to_every_tenant():
     assert ledger.status(CLUSTER, 2.0).state is BudgetState.EXHAUSTED
 
 
+def test_scopes_without_a_limit_admit_and_forget_their_use_after_a_day_without_status_calls():
+    ledger = BudgetLedger()
+    for t in range(5):
+        ledger.charge("a", 2.0, float(t))
+        assert ledger.admit("a", float(t)).throttled is False
+    scope = ledger._scopes[tenant_scope("a")]
+    assert len(scope.events) == 5 and scope.used_j == pytest.approx(10.0)
+    ledger.charge("a", 1.0, 86_402.5)  # a day later the first three have left (charges expire too)
+    assert len(scope.events) == 3 and scope.used_j == pytest.approx(5.0)
+    assert ledger.status(CLUSTER, 86_402.5).used_j == pytest.approx(5.0)
+    assert ledger.status(tenant_scope("a"), 86_405.0).used_j == pytest.approx(1.0)
+
+
 def test_changes_are_recorded_with_who_and_why():
     ledger = BudgetLedger()
     ledger.set_limit(CLUSTER, BudgetLimit(5.0), actor="alice", peer="ipv4:127.0.0.1:5", reason="night", unix_s=10.0)

@@ -22,6 +22,22 @@ def test_evolve_copies_like_dataclasses_replace():
     assert evolve(plan) == plan and evolve(plan) is not plan
 
 
+def test_evolve_copies_dataclasses_with_and_without_slots_and_of_one_field():
+    @dataclasses.dataclass(frozen=True)
+    class Plain:  # no slots: written through object.__setattr__
+        a: int
+        b: str = "x"
+
+    @dataclasses.dataclass(slots=True, frozen=True)
+    class One:
+        only: tuple
+
+    assert evolve(Plain(1), b="y") == Plain(1, "y") and evolve(Plain(1)) == Plain(1)
+    assert evolve(One((1,)), only=(2,)) == One((2,)) and evolve(One((1,))) == One((1,))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolve(One((1,))).only = (3,)  # the copy is as frozen as the original
+
+
 def test_evolve_refuses_unknown_fields_and_unsupported_classes():
     with pytest.raises(TypeError, match="no field bogus"):
         evolve(Request(), bogus=1)
