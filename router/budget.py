@@ -93,9 +93,30 @@ class Admission:
 
 @dataclass(slots=True)
 class _Scope:
+    """A scope's limit and its use in the window, as buckets ``(last_s, joules)``, oldest first.
+
+    A charge within :data:`BUCKETS_PER_WINDOW`-th of a window after the bucket's first charge
+    joins it, so memory is bounded by the window, not by the request rate (500 requests/s kept
+    43 million entries per unlimited scope for a day). A bucket leaves the window at its *last*
+    charge's time: use is remembered at most one bucket too long, never forgotten early.
+    """
+
     limit: BudgetLimit | None = None
-    events: deque = field(default_factory=deque)  # (now_s, joules), oldest first
+    events: deque = field(default_factory=deque)  # (last_s, joules), oldest first
     used_j: float = 0.0
+    bucket_first_s: float = float("-inf")  # when the newest bucket's first charge came
+
+    @property
+    def window_s(self) -> float:
+        return _UNLIMITED_WINDOW_S if self.limit is None else self.limit.window_s
+
+    def add(self, now_s: float, energy_j: float) -> None:
+        if self.events and now_s - self.bucket_first_s < self.window_s / BUCKETS_PER_WINDOW:
+            self.events[-1] = (now_s, self.events[-1][1] + energy_j)
+        else:
+            self.events.append((now_s, energy_j))
+            self.bucket_first_s = now_s
+        self.used_j += energy_j
 
 
 class BudgetLedger:
@@ -133,9 +154,8 @@ class BudgetLedger:
             if s is None:
                 s = self._scopes[scope] = _Scope()
             # expired here as well as in status(): admit() no longer reads scopes without a limit
-            self._expire(s, now_s, _UNLIMITED_WINDOW_S if s.limit is None else s.limit.window_s)
-            s.events.append((now_s, energy_j))
-            s.used_j += energy_j
+            self._expire(s, now_s, s.window_s)
+            s.add(now_s, energy_j)
 
     def status(self, scope: str, now_s: float) -> ScopeStatus:
         s = self._scopes.get(scope) or _Scope()
@@ -206,9 +226,8 @@ class BudgetLedger:
         ledger = cls()
         for name, s in data.get("scopes", {}).items():
             scope = _Scope(BudgetLimit(**s["limit"]) if s["limit"] else None)
-            for t, j in s["events"]:
-                scope.events.append((float(t), float(j)))
-                scope.used_j += float(j)
+            for t, j in sorted(s["events"]):
+                scope.add(float(t), float(j))
             ledger._scopes[name] = scope
         for c in data.get("changes", []):
             old = BudgetLimit(**c["old"]) if c["old"] else None
@@ -222,6 +241,8 @@ class BudgetLedger:
 
 #: scopes without a limit still report use; they forget it after a day
 _UNLIMITED_WINDOW_S = 86400.0
+#: buckets per window: 1 s for an hour's window, 24 s for a day's
+BUCKETS_PER_WINDOW = 3600
 
 
 def _fmt(limit: BudgetLimit | None) -> str:

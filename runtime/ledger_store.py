@@ -158,7 +158,10 @@ class LedgerStore:
         self.longest_window_s = max([UNLIMITED_WINDOW_S] + [s["limit"]["window_s"] for s in scopes.values() if s["limit"]])
         self._prune()
         now_unix = self.wall_clock()
-        charges = self._db.execute("SELECT unix_s, tenant, energy_j FROM charges WHERE unix_s > ? ORDER BY unix_s",
+        # summed per tenant and second (the ledger keeps no finer buckets): a busy day is
+        # millions of rows, and each one would otherwise cross into Python
+        charges = self._db.execute("SELECT MAX(unix_s), tenant, SUM(energy_j) FROM charges WHERE unix_s > ? "
+                                   "GROUP BY tenant, CAST(unix_s AS INTEGER) ORDER BY 1",
                                    (now_unix - self.longest_window_s,)).fetchall()
         for unix_s, tenant, energy_j in charges:
             if energy_j <= 0:
@@ -168,7 +171,7 @@ class LedgerStore:
                 scopes.setdefault(scope, {"limit": None, "events": []})["events"].append([t, energy_j])
         changes.sort(key=lambda c: c["unix_s"])
         if rows or charges:
-            log.info("budget ledger %s: restored %d charge(s) and %d operator change(s)", self.path, len(charges), len(rows))
+            log.info("budget ledger %s: restored charges in %d tenant-second(s) and %d operator change(s)", self.path, len(charges), len(rows))
         return {"scopes": scopes, "changes": changes}
 
     # -- writing --------------------------------------------------------------------------------

@@ -43,15 +43,30 @@ def test_cluster_budget_applies_to_every_tenant():
 
 def test_scopes_without_a_limit_admit_and_forget_their_use_after_a_day_without_status_calls():
     ledger = BudgetLedger()
-    for t in range(5):
+    for t in range(0, 150, 30):  # 30 s apart: more than a day's bucket (24 s), one bucket each
         ledger.charge("a", 2.0, float(t))
         assert ledger.admit("a", float(t)).throttled is False
     scope = ledger._scopes[tenant_scope("a")]
     assert len(scope.events) == 5 and scope.used_j == pytest.approx(10.0)
-    ledger.charge("a", 1.0, 86_402.5)  # a day later the first three have left (charges expire too)
+    ledger.charge("a", 1.0, 86_465.0)  # a day later the first three have left (charges expire too)
     assert len(scope.events) == 3 and scope.used_j == pytest.approx(5.0)
-    assert ledger.status(CLUSTER, 86_402.5).used_j == pytest.approx(5.0)
-    assert ledger.status(tenant_scope("a"), 86_405.0).used_j == pytest.approx(1.0)
+    assert ledger.status(CLUSTER, 86_465.0).used_j == pytest.approx(5.0)
+    assert ledger.status(tenant_scope("a"), 86_525.0).used_j == pytest.approx(1.0)
+
+
+def test_memory_is_bounded_by_the_window_not_the_request_rate_and_use_is_never_forgotten_early():
+    ledger = BudgetLedger()
+    ledger.set_limit(tenant_scope("a"), BudgetLimit(1e9, window_s=60.0))
+    for i in range(60_000):  # 1,000 requests/s for a minute
+        ledger.charge("a", 0.5, i / 1000)
+    limited, unlimited = ledger._scopes[tenant_scope("a")], ledger._scopes[CLUSTER]
+    assert len(limited.events) <= 3600 + 1 and len(unlimited.events) <= 3 + 1  # 1/60 s and 24 s buckets
+    assert ledger.status(tenant_scope("a"), 59.999).used_j == pytest.approx(30_000.0)
+    # a window after a charge, that charge is gone; never before: at most one bucket (1/60 s) late
+    at = 60.0 + 30.0
+    used = ledger.status(tenant_scope("a"), at).used_j
+    exact = 0.5 * sum(1 for i in range(60_000) if i / 1000 > at - 60.0)
+    assert exact <= used <= exact + 0.5 * 1000 / 60 + 1e-6
 
 
 def test_changes_are_recorded_with_who_and_why():
