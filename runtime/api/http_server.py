@@ -177,6 +177,10 @@ class HttpApi:
         except web.HTTPRequestEntityTooLarge:
             raise RequestTooLarge(f"request body is larger than this server's limit of {self.config.max_body_bytes} "
                                   "bytes (http.max_body_bytes)", param="body") from None
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes are not in
+            encoding = request.headers.get("Content-Encoding", "identity")
+            raise InvalidRequest(f"the request body could not be read as sent (Content-Encoding: {encoding}): {exc}",
+                                 param="body", reason="invalid_json") from None
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
