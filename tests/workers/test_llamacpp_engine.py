@@ -154,7 +154,8 @@ def test_max_batch_queues_the_rest(engine):
     "bad, match",
     [
         (call("e", prompt=""), "prompt is empty"),
-        (call("long", prompt="word " * 300), "allows at most 256 tokens"),
+        (call("long", prompt="word " * 300), r"allows at most 256 tokens in total \(prompt \+ max_tokens\): "
+                                             r"shorten the prompt to at most 255 tokens$"),
         (call("max", max_tokens=254), "lower max_tokens to 251"),
     ],
 )

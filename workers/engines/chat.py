@@ -76,11 +76,16 @@ def encode_checked(
     ids = encode_prompt(tokenizer, call)
     if not ids:
         raise InvalidRequest("prompt tokenizes to nothing")
+    if len(ids) >= max_model_len:  # no max_tokens would fit: the prompt itself must shrink
+        raise InvalidRequest(
+            f"prompt has {len(ids)} tokens, but expert {expert!r} allows at most {max_model_len} tokens in total "
+            f"(prompt + max_tokens): shorten the prompt to at most {max_model_len - 1} tokens"
+        )
     if len(ids) + call.max_tokens > max_model_len:
         raise InvalidRequest(
             f"prompt has {len(ids)} tokens and max_tokens is {call.max_tokens}, but expert "
             f"{expert!r} allows at most {max_model_len} tokens in total: shorten the "
-            f"prompt or lower max_tokens to {max(0, max_model_len - len(ids))}"
+            f"prompt or lower max_tokens to {max_model_len - len(ids)}"
         )
     s = call.sampling
     if call.messages and not getattr(tokenizer, "chat_template", None) and not s.ignore_eos:
