@@ -67,7 +67,18 @@ async def _openai_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _plain_error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        message = f"{exc.reason}: {request.method} {request.path}"
+        if exc.status == 404:
+            if f"/v1{request.path}" in _V1_PATHS:  # the commonest slip: a client base_url without /v1
+                message += (f" (did you mean /v1{request.path}? an OpenAI client's base_url ends in /v1, "
+                            "e.g. http://127.0.0.1:8000/v1)")
+            message += f"; this server answers {_ENDPOINTS}"
+        return _plain_error(exc.status, message)
+
+
+_V1_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/feedback", "/v1/models")
+_ENDPOINTS = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/feedback, GET /v1/models, "
+              "GET /v1/models/{model}, GET /metrics, GET /health")
 
 
 class HttpApi:
