@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -234,6 +234,11 @@ def parse_body(model: type[_Strict], body: object) -> _Strict:
                              reason="not_an_object")
     fields = dict(body)
     _pop_neutral(fields, neutral_only(model), "")
+    for name, value in fields.items():  # pydantic's lax mode reads true as 1: `"max_tokens": true` is a slip
+        info = model.model_fields.get(name)
+        if isinstance(value, bool) and info is not None and {int, float} & set(get_args(info.annotation)):
+            raise InvalidRequest(f"{name}: expected a number, got {json.dumps(value)}", param=name,
+                                 reason="invalid_value")
     if isinstance(fields.get("stream_options"), dict):
         fields["stream_options"] = dict(fields["stream_options"])
         _pop_neutral(fields["stream_options"], _STREAM_OPTIONS_NEUTRAL, "stream_options.")

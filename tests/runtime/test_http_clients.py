@@ -236,6 +236,8 @@ async def test_grpc_sampling_params_carry_the_same_fields(channel):
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens", "above max_tokens"),
     ({"max_tokens": 100_000}, "max_tokens", "above this server's limit"),
     ({"temperature": 101}, "temperature", "above this server's limit"),
+    ({"max_tokens": True}, "max_tokens", "expected a number, got true"),  # not max_tokens=1
+    ({"temperature": False}, "temperature", "expected a number, got false"),
 ])
 async def test_values_that_cannot_be_honoured_are_400_naming_the_param(base_url, extra, param, fragment):
     status, text = await _post(base_url, "/v1/completions", {"model": "slow", "prompt": "a", **extra})
