@@ -237,6 +237,9 @@ async def test_grpc_sampling_params_carry_the_same_fields(channel):
     ({"max_tokens": 100_000}, "max_tokens", "above this server's limit"),
     ({"temperature": 101}, "temperature", "above this server's limit"),
     ({"max_tokens": True}, "max_tokens", "expected a number, got true"),  # not max_tokens=1
+    # a negative seed (-1: "random" to some clients) restarted every llama.cpp expert it reached
+    ({"seed": -1, "temperature": 0.7}, "seed", "leave it out for a random seed"),
+    ({"seed": 2**64, "temperature": 0.7}, "seed", "must be in [0, 2^64)"),
     ({"temperature": False}, "temperature", "expected a number, got false"),
 ])
 async def test_values_that_cannot_be_honoured_are_400_naming_the_param(base_url, extra, param, fragment):
