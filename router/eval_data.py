@@ -4,8 +4,8 @@ Reads a table of (prompt, per-expert quality) rows from a CSV file or a pickled 
 Two layouts are understood without options:
 
 - wattserve / RouteLLM CSVs: a ``prompt`` column and one quality column per expert
-  (``True``/``False`` or a number; columns whose values exceed 1, such as 1-10 judge scores, are
-  divided by their maximum);
+  (``True``/``False``, a number, or a percentage such as ``87%``; scores above 1, such as 1-10
+  judge scores, are all divided by the largest score in the table, one scale for every expert);
 - RouterBench's released table: ``sample_id, prompt, eval_name, <model>...`` with per-model quality,
   plus ``<model>|model_response`` and ``<model>|total_cost`` columns. Columns whose name holds a
   ``|`` describe a model's answer and are never quality columns.
@@ -67,6 +67,11 @@ def _parse(value: object) -> float | None:
         return None
     if v.lower() in ("true", "false"):
         return 1.0 if v.lower() == "true" else 0.0
+    if v.endswith("%"):  # a percentage score: 87% is 0.87
+        x = float(v[:-1]) / 100.0
+        if not math.isfinite(x):
+            raise ValueError(v)
+        return x
     x = float(v)
     if not math.isfinite(x):
         raise ValueError(v)
@@ -127,7 +132,9 @@ def read_eval_data(path: str | Path, columns: Sequence[str] | None = None, *, li
     path = Path(path)
     header, rows = _read_rows(path)
     if not rows or "prompt" not in header:
-        raise InvalidRequest(f"{path}: expected a table with a 'prompt' column and one quality column per expert")
+        found = ", ".join(repr(c) for c in header) or "none"
+        raise InvalidRequest(f"{path}: expected a table with a 'prompt' column and one quality column per expert; "
+                             f"{'columns found: ' + found if rows else 'it has no rows'}")
     if columns:
         unknown = [c for c in columns if c not in header]
         if unknown:
@@ -171,6 +178,9 @@ def read_eval_data(path: str | Path, columns: Sequence[str] | None = None, *, li
     if not prompts:
         raise InvalidRequest(f"{path}: no usable rows ({skipped} skipped for blank cells)")
     q = np.asarray(values, dtype=np.float32)
-    top = q.max(axis=0)
-    q = np.where(top > 1.0, q / np.maximum(top, 1e-9), q)  # scores such as 1-10 -> [0, 1]
+    # scores such as 1-10 -> [0, 1]: one scale for every expert's column, so that an expert whose
+    # best score in these rows is a 9 does not have it read as the other's 10
+    top = float(q.max())
+    if top > 1.0:
+        q = q / top
     return EvalData(prompts, cols, np.clip(q, 0.0, 1.0), tasks if task_col else None, str(path), skipped)

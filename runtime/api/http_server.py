@@ -59,15 +59,32 @@ def _plain_error(status: int, message: str, kind: str = "invalid_request_error")
     return web.json_response(body, status=status)
 
 
+_CLOSE_AFTER = web.RequestKey("close_after", bool)  # the body was unreadable: end the connection
+
+
 @web.middleware
 async def _openai_errors(request: web.Request, handler):
     """aiohttp's own errors (unknown path, wrong method, body too large) in OpenAI's shape."""
     try:
-        return await handler(request)
+        response = await handler(request)
+        if request.get(_CLOSE_AFTER):
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _plain_error(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        message = f"{exc.reason}: {request.method} {request.path}"
+        if exc.status == 404:
+            if f"/v1{request.path}" in _V1_PATHS:  # the commonest slip: a client base_url without /v1
+                message += (f" (did you mean /v1{request.path}? an OpenAI client's base_url ends in /v1, "
+                            "e.g. http://127.0.0.1:8000/v1)")
+            message += f"; this server answers {_ENDPOINTS}"
+        return _plain_error(exc.status, message)
+
+
+_V1_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/feedback", "/v1/models")
+_ENDPOINTS = ("POST /v1/completions, POST /v1/chat/completions, POST /v1/feedback, GET /v1/models, "
+              "GET /v1/models/{model}, GET /metrics, GET /health")
 
 
 class HttpApi:
@@ -177,6 +194,15 @@ class HttpApi:
         except web.HTTPRequestEntityTooLarge:
             raise RequestTooLarge(f"request body is larger than this server's limit of {self.config.max_body_bytes} "
                                   "bytes (http.max_body_bytes)", param="body") from None
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding the bytes are not in
+            # The rest of the body cannot be read either: end it here and close the connection after
+            # the answer (aiohttp would otherwise drain it after the response, fail again and log a
+            # traceback per such request).
+            request.content.feed_eof()
+            request[_CLOSE_AFTER] = True
+            encoding = request.headers.get("Content-Encoding", "identity")
+            raise InvalidRequest(f"the request body could not be read as sent (Content-Encoding: {encoding}): {exc}",
+                                 param="body", reason="invalid_json") from None
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

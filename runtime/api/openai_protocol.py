@@ -3,9 +3,10 @@
 Requests are parsed by pydantic models that reject unknown keys and say which field is wrong.
 vLLM's sampling extensions (repetition, presence and frequency penalties, min_p, min_tokens,
 top_k, ignore_eos) are honoured by the engines. Fields that OpenAI or vLLM's OpenAI server define
-and wattserve does not implement (``NEUTRAL_ONLY``: ``n``, ``echo``, ``logprobs``, ...) are
-accepted only at their neutral value and refused otherwise, so a client never silently gets
-less than it asked for; docs/http_api.md compares every field with vLLM's. Range checks
+and wattserve does not implement (``NEUTRAL_ONLY``: ``n``, ``echo``, ``logprobs``, ``store``, ...,
+and the null fields of a response message sent back in a conversation) are accepted only at
+their neutral value and refused otherwise, so a client never silently gets less than it asked
+for; docs/http_api.md compares every field with vLLM's and OpenAI's. Range checks
 (temperature, top_p, penalties, max_tokens, budgets, experts, tenants) are the gateway's,
 shared with gRPC.
 
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -107,6 +109,10 @@ class ChatMessageIn(_Strict):
 class ChatRequest(_GenerationRequest):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    # OpenAI's tags and hints about the caller, like ``user``: accepted, unused
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 _TOKEN_IDS = "token ids mean different tokens to different experts' tokenizers"
@@ -170,7 +176,36 @@ _CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "media_io_kwargs": ((None, {}), "text only"),
     "mm_processor_kwargs": ((None, {}), "text only"),
     "return_prompt_text": ((None, False), "text responses only"),
+    # defined by OpenAI's API (openai-python's chat CompletionCreateParams), not by vLLM
+    "audio": ((None,), "text responses only"),
+    "modalities": ((None, ["text"]), "text responses only"),
+    "functions": ((None, []), "no tool calls"),
+    "function_call": ((None, "none", "auto"), "no tool calls"),
+    "prediction": ((None,), "no predicted outputs"),
+    "store": ((None, False), "no stored completions"),
+    "service_tier": ((None, "auto", "default"),
+                     "one service tier (priority and latency_budget_ms say how urgent a request is)"),
+    "verbosity": ((None, "medium"), "no verbosity control (no reasoning models)"),
+    "web_search_options": ((None,), "no web search"),
+    "moderation": ((None,), "no moderation"),
+    "prompt_cache_retention": ((None, "in_memory"), "no prompt-cache retention control"),
+    "prompt_cache_options": ((None, {}), "no prompt-cache retention control"),
 }
+#: Fields of an OpenAI message that a client echoes back from an earlier response (e.g. a
+#: ``ChatCompletionMessage.model_dump()``): accepted at their empty values.
+_MESSAGE_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "refusal": ((None, ""), "no refusals (text content only)"),
+    "annotations": ((None, []), "no annotations"),
+    "audio": ((None,), "text content only"),
+    "function_call": ((None,), "no tool calls"),
+    "tool_calls": ((None, []), "no tool calls"),
+}
+#: OpenAI pads streamed chunks with random text to hide their lengths unless this is false;
+#: this server sends no padding, so only the values that ask for none are accepted.
+_STREAM_OPTIONS_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "include_obfuscation": ((None, False), "no stream obfuscation (no padding in chunks)"),
+}
+_ROLES = ("system", "developer", "user", "assistant")
 
 
 def neutral_only(model: type[_Strict]) -> dict[str, tuple[tuple[Any, ...], str]]:
@@ -198,19 +233,73 @@ def parse_body(model: type[_Strict], body: object) -> _Strict:
         raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}",
                              reason="not_an_object")
     fields = dict(body)
-    for name, (allowed, what) in neutral_only(model).items():
-        if name in fields and not _is_neutral(value := fields.pop(name), allowed):
-            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-            raise InvalidRequest(f"{name}={shown} is not supported: this server offers {what}; leave it out or "
-                                 f"send {_neutral_text(allowed)}", param=name, reason="unsupported_value")
+    _pop_neutral(fields, neutral_only(model), "")
+    for name, value in fields.items():  # pydantic's lax mode reads true as 1: `"max_tokens": true` is a slip
+        info = model.model_fields.get(name)
+        if isinstance(value, bool) and info is not None and {int, float} & set(get_args(info.annotation)):
+            raise InvalidRequest(f"{name}: expected a number, got {json.dumps(value)}", param=name,
+                                 reason="invalid_value")
+    if isinstance(fields.get("stream_options"), dict):
+        fields["stream_options"] = dict(fields["stream_options"])
+        _pop_neutral(fields["stream_options"], _STREAM_OPTIONS_NEUTRAL, "stream_options.")
+    if model is ChatRequest and isinstance(fields.get("messages"), list):
+        fields["messages"] = [_check_message(n, m) for n, m in enumerate(fields["messages"])]
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        problems = "; ".join(_describe(e) for e in exc.errors()[:5])
+        where = _loc(first["loc"])
+        problems = "; ".join(dict.fromkeys(_describe(e) for e in exc.errors()[:5]))  # a union repeats itself
         unknown = first["type"] == "extra_forbidden"
         raise InvalidRequest(problems, param=where, reason="unknown_field" if unknown else "invalid_value") from None
+
+
+def _pop_neutral(fields: dict, table: dict[str, tuple[tuple[Any, ...], str]], prefix: str) -> None:
+    """Remove the neutral-only fields of ``table`` from ``fields``; refuse any other value."""
+    for name, (allowed, what) in table.items():
+        if name in fields and not _is_neutral(value := fields.pop(name), allowed):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise InvalidRequest(f"{prefix}{name}={shown} is not supported: this server offers {what}; leave it out "
+                                 f"or send {_neutral_text(allowed)}", param=prefix + name, reason="unsupported_value")
+
+
+def _check_message(n: int, message: object) -> object:
+    """One chat message with its echoed neutral fields removed; tool messages and non-text
+    content parts are refused in words (pydantic would list every branch of the union)."""
+    if not isinstance(message, dict):
+        return message  # pydantic says what is wrong with it
+    message = dict(message)
+    where = f"messages[{n}]."
+    role = message.get("role")
+    if role in ("tool", "function"):
+        raise InvalidRequest(f"{where}role={role!r} is not supported: this server offers no tool calls, so there "
+                             f"are no tool results to send; roles are {', '.join(_ROLES)}",
+                             param=where + "role", reason="unsupported_value")
+    _pop_neutral(message, _MESSAGE_NEUTRAL, where)
+    content = message.get("content")
+    if isinstance(content, list):
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise InvalidRequest(f"{where}content[{k}] is a {kind!r} part: this server's experts read text only; "
+                                     'send the content as a string or as {"type": "text", "text": ...} parts',
+                                     param=f"{where}content[{k}].type", reason="unsupported_value")
+    return message
+
+
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|function-\w+\[.*\])$")
+
+
+def _loc(loc: tuple) -> str:
+    """A pydantic error location as the client wrote it: ``messages[0].content``, without the
+    names pydantic gives the branches of a union (``str``, ``list[...]``)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _UNION_BRANCH.match(str(part)):
+            out += f".{part}" if out else str(part)
+    return out or "body"
 
 
 def _neutral_text(allowed: tuple[Any, ...]) -> str:
@@ -219,7 +308,7 @@ def _neutral_text(allowed: tuple[Any, ...]) -> str:
 
 
 def _describe(err: dict) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "body"
+    where = _loc(err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown field"
     if err["type"] == "missing":

@@ -70,6 +70,9 @@ def _print_summary(s: dict) -> None:
         ("budget violations", ", ".join(f"{k} {v}" for k, v in s["budget_violations"].items())),
         ("errors by status", ", ".join(f"{k} x{v}" for k, v in s["errors_by_status"].items()) or "none"),
     ]
+    for status, error in s.get("first_error_by_status", {}).items():
+        shown = error if len(error) <= 300 else error[:297] + "..."
+        lines.append((f"  first {status}", shown or "-"))
     width = max(len(k) for k, _ in lines)
     print("=" * 20 + " wattserve load test " + "=" * 20)
     for k, v in lines:

@@ -96,6 +96,11 @@ def summarize(records: Sequence[Record], duration_s: float, slos: dict[str, floa
     summary.update(_energy(ok, good))
     summary.update(_budgets(ok))
     summary["errors_by_status"] = dict(Counter(r.status for r in records if not r.ok))
+    # what the server said, once per status: a run whose every request failed says why on screen
+    summary["first_error_by_status"] = {}
+    for r in records:
+        if not r.ok:
+            summary["first_error_by_status"].setdefault(r.status, r.error)
     summary["per_expert"] = _per_expert(ok)
     return summary
 

@@ -127,6 +127,21 @@ def test_read_eval_data_blank_cells_tasks_and_routerbench_layout(tmp_path):
     assert prompt_sha1("what is 2+2") == hashlib.sha1(b"what is 2+2").hexdigest()[:16]
 
 
+
+def test_read_eval_data_scores_share_one_scale_and_percentages_are_read(tmp_path):
+    # 1-10 judge scores where expert b never reached 10 in these rows: its 9 is not a's 10
+    judged = tmp_path / "judged.csv"
+    judged.write_text("question_id,prompt,a,b\n1,p1,10,9\n2,p2,5,9\n3,p3,8,6\n")
+    d = read_eval_data(judged)
+    assert np.allclose(d.quality, [[1.0, 0.9], [0.5, 0.9], [0.8, 0.6]])
+    pct = tmp_path / "pct.csv"
+    pct.write_text("prompt,a,b\np1,87%,100%\np2,0%, 12.5 %\n")
+    assert np.allclose(read_eval_data(pct).quality, [[0.87, 1.0], [0.0, 0.125]])
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("question,a,b\nq1,1,0\n")
+    with pytest.raises(InvalidRequest, match=r"columns found: 'question', 'a', 'b'"):
+        read_eval_data(renamed)
+
 def test_energy_profiles_are_labelled_by_where_they_come_from(tmp_path):
     header = ("source,task,model,total_params_B,active_params_B,precision,gpu,num_gpus,tp,pp,max_batch_size,avg_batch_size,"
               "energy_per_request_J,avg_output_tokens,energy_per_output_token_J,throughput_output_tok_s,avg_tpot_or_itl_ms,"

@@ -14,10 +14,12 @@ times as many for a deeper search.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
 import threading
+import zlib
 from collections import Counter
 
 import grpc
@@ -342,6 +344,26 @@ def test_fuzz_http_chat(server, body, extra):
 def test_fuzz_http_raw_bytes(server, path, raw):
     TRIED["http_bytes"] += 1
     _check_http(*_post(server, path, raw, {}))
+
+
+@pytest.mark.parametrize("encoding, raw, status", [
+    ("gzip", gzip.compress(b'{"model": "syn", "prompt": "a b", "max_tokens": 2}'), 200),
+    ("deflate", zlib.compress(b'{"model": "syn", "prompt": "a b", "max_tokens": 2}'), 200),
+    ("gzip", b'{"model": "syn", "prompt": "a b"}', 400),  # says gzip, is not
+    ("deflate", b"\x1f\x8b\x08\x00 not deflate", 400),
+])
+def test_http_body_in_a_content_encoding_it_is_not_in_is_400(server, encoding, raw, status, caplog):
+    """A body the handler cannot decompress is the client's error, in words (it was a 500). A body
+    so short that aiohttp's parser fails on it before any handler runs still gets aiohttp's own
+    plain-text 400."""
+    got, data, content_type = _post(server, "/v1/completions", raw, {"Content-Encoding": encoding})
+    assert got == status, data[:300]
+    _check_http(got, data, content_type)
+    if status == 400:
+        err = json.loads(data)["error"]
+        assert f"Content-Encoding: {encoding}" in err["message"] and err["param"] == "body", err
+    # nothing left for aiohttp to drain (and fail on) after the answer: no traceback in the log
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
 # -- each configured limit, one by one (the fuzzer hits them at random; these name them) -------------------

@@ -241,7 +241,14 @@ async def test_a_deadline_stops_the_answer_and_frees_the_slot(base_url, client):
 async def test_unknown_path_and_method_are_openai_shaped(base_url):
     async with aiohttp.ClientSession() as s:
         async with s.get(base_url + "/v1/nothing") as r:
-            assert r.status == 404 and "error" in await r.json()
+            assert r.status == 404 and "this server answers POST /v1/completions" in (await r.json())["error"]["message"]
+        async with s.post(base_url + "/v1/embeddings", json={"input": "a"}) as r:
+            assert r.status == 404 and "POST /v1/chat/completions" in (await r.json())["error"]["message"]
+    # an OpenAI client whose base_url lacks /v1 is told so
+    bare = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match=r"did you mean /v1/chat/completions\?"):
+        await bare.chat.completions.create(model="slow", messages=[{"role": "user", "content": "a"}], max_tokens=2)
+    async with aiohttp.ClientSession() as s:
         async with s.get(base_url + "/v1/completions") as r:
             assert r.status == 405 and "error" in await r.json()
 

@@ -126,6 +126,73 @@ def test_every_field_of_vllms_openai_requests_is_ours_or_neutral_only():
         assert not both, f"fields both honoured and neutral-only: {both}"
 
 
+
+# -- the official openai client's fields ------------------------------------------------------------
+def _typed_dict_keys(cls) -> set[str]:
+    return {k for c in cls.__mro__ for k in getattr(c, "__annotations__", {})}
+
+
+def test_every_field_the_openai_client_can_send_is_ours_or_neutral_only():
+    """Fields of openai-python's request types (what ``client.chat.completions.create`` and
+    ``client.completions.create`` accept, and what a response message's ``model_dump()`` holds
+    when a client sends the conversation back) get an answer here: honoured, accepted unused, or
+    neutral only; never "unknown field"."""
+    from openai.types import completion_create_params
+    from openai.types.chat import ChatCompletionMessage, ChatCompletionStreamOptionsParam
+    from openai.types.chat import completion_create_params as chat_params
+
+    from runtime.api.openai_protocol import (
+        _MESSAGE_NEUTRAL,
+        _STREAM_OPTIONS_NEUTRAL,
+        ChatMessageIn,
+        ChatRequest,
+        CompletionRequest,
+        StreamOptions,
+        neutral_only,
+    )
+
+    for theirs, ours in ((completion_create_params.CompletionCreateParamsBase, CompletionRequest),
+                         (chat_params.CompletionCreateParamsBase, ChatRequest)):
+        known = set(ours.model_fields) | set(neutral_only(ours))
+        assert _typed_dict_keys(theirs) - known == set(), f"{ours.__name__}: openai fields without an answer here"
+    assert set(ChatCompletionMessage.model_fields) - set(ChatMessageIn.model_fields) - set(_MESSAGE_NEUTRAL) == set()
+    assert _typed_dict_keys(ChatCompletionStreamOptionsParam) - set(StreamOptions.model_fields) \
+        - set(_STREAM_OPTIONS_NEUTRAL) == set()
+
+
+async def test_openai_clients_conversation_round_trip_and_neutral_openai_fields_are_served(client):
+    messages = [{"role": "user", "content": "a b"}]
+    first = await client.chat.completions.create(model="slow", messages=messages, max_tokens=2)
+    # a client that keeps the conversation as plain dicts sends the whole message back, nulls included
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "c d"}]
+    again = await client.chat.completions.create(
+        model="slow", messages=messages, max_tokens=2, store=False, metadata={"run": "1"}, service_tier="auto",
+        modalities=["text"], prompt_cache_key="k", safety_identifier="u1", verbosity="medium",
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False})
+    chunks = [c async for c in again]
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("extra, param, fragment", [
+    ({"store": True}, "store", "no stored completions"),
+    ({"service_tier": "flex"}, "service_tier", "one service tier"),
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation",
+     "no stream obfuscation"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages[0].content[1].type", "read text only"),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role", "no tool calls"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]}, "messages[0].tool_calls",
+     "no tool calls"),
+    ({"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role", "Input should be"),
+])
+async def test_chat_refusals_name_the_field_as_the_client_wrote_it(base_url, extra, param, fragment):
+    body = {"model": "slow", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2, **extra}
+    status, text = await _post(base_url, "/v1/chat/completions", body)
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == param and fragment in err["message"], err
+    assert "_TextPart" not in err["message"] and ".str" not in err["message"]
+
 # -- sampling extensions -----------------------------------------------------------------------------
 async def test_vllm_sampling_extensions_are_honoured(client):
     async def greedy(**extra):
@@ -169,6 +236,11 @@ async def test_grpc_sampling_params_carry_the_same_fields(channel):
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens", "above max_tokens"),
     ({"max_tokens": 100_000}, "max_tokens", "above this server's limit"),
     ({"temperature": 101}, "temperature", "above this server's limit"),
+    ({"max_tokens": True}, "max_tokens", "expected a number, got true"),  # not max_tokens=1
+    # a negative seed (-1: "random" to some clients) restarted every llama.cpp expert it reached
+    ({"seed": -1, "temperature": 0.7}, "seed", "leave it out for a random seed"),
+    ({"seed": 2**64, "temperature": 0.7}, "seed", "must be in [0, 2^64)"),
+    ({"temperature": False}, "temperature", "expected a number, got false"),
 ])
 async def test_values_that_cannot_be_honoured_are_400_naming_the_param(base_url, extra, param, fragment):
     status, text = await _post(base_url, "/v1/completions", {"model": "slow", "prompt": "a", **extra})

@@ -37,7 +37,7 @@ def test_summary_on_known_data():
         rec(3, 40.0, 400.0, 10, itl=[40.0], energy=4.0, expert="cloud"),
         rec(4, None, 5.0, 0, ok=False, status="RESOURCE_EXHAUSTED"),
         rec(5, None, 5.0, 0, ok=False, status="RESOURCE_EXHAUSTED"),
-        rec(6, None, 5.0, 0, ok=False, status="INVALID_ARGUMENT"),
+        rec(6, None, 5.0, 0, ok=False, status="INVALID_ARGUMENT", error="prompt has 6955 tokens"),
     ]
     s = summarize(records, duration_s=2.0, slos={"ttft": 25.0})
     assert (s["num_prompts"], s["completed"], s["failed"]) == (7, 4, 3)
@@ -60,6 +60,7 @@ def test_summary_on_known_data():
     assert s["goodput_output_tokens_per_joule"] == pytest.approx(2.0)
     assert s["energy_sources"] == {"modeled:cpu": 4}
     assert s["errors_by_status"] == {"RESOURCE_EXHAUSTED": 2, "INVALID_ARGUMENT": 1}
+    assert s["first_error_by_status"] == {"RESOURCE_EXHAUSTED": "", "INVALID_ARGUMENT": "prompt has 6955 tokens"}
     assert s["per_expert"]["cloud"]["completed"] == 2 and s["per_expert"]["cloud"]["energy_j"] == 7.0
 
 
@@ -67,6 +68,19 @@ def test_empty_run_has_no_statistics_but_a_valid_summary():
     s = summarize([rec(0, None, 1.0, 0, ok=False, status="UNAVAILABLE")], duration_s=1.0)
     assert s["completed"] == 0 and s["mean_ttft_ms"] is None and s["energy_per_output_token_j"] is None
     assert s["errors_by_status"] == {"UNAVAILABLE": 1}
+
+
+
+def test_a_run_whose_requests_failed_says_why_on_screen(capsys):
+    from runtime.cli.loadtest import _print_summary
+
+    why = "prompt has 6955 tokens, but expert 'edge' allows at most 2048 tokens in total"
+    records = [rec(i, None, 1.0, 0, ok=False, status="INVALID_ARGUMENT", error=why if i else "x" * 400) for i in range(3)]
+    _print_summary(summarize(records, duration_s=1.0))
+    out = capsys.readouterr().out
+    assert "INVALID_ARGUMENT x3" in out and "first INVALID_ARGUMENT" in out and "x" * 297 + "..." in out
+    _print_summary(summarize(records[1:], duration_s=1.0))
+    assert why in capsys.readouterr().out
 
 
 def test_tpot_needs_two_tokens_and_budgets_are_judged():

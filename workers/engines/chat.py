@@ -64,6 +64,8 @@ def encode_prompt(tokenizer, call: GenerateCall) -> list[int]:
     return list(tokenizer(render_plain(call.messages)).input_ids)
 
 
+SEED_LIMIT = 2**64  # seeds are uint64, as gRPC's SamplingParams.seed
+
 def encode_checked(
     tokenizer, call: GenerateCall, *, expert: str, max_model_len: int
 ) -> tuple[list[int], GenerateCall]:
@@ -73,14 +75,22 @@ def encode_checked(
     caller holds its tokenizer lock (fast tokenizers are not safe for concurrent use)."""
     if not call.prompt and not call.messages:
         raise InvalidRequest("prompt is empty: send at least one character of text")
+    seed = call.sampling.seed
+    if seed is not None and not 0 <= seed < SEED_LIMIT:  # numpy refuses a negative seed: at queueing, not mid-batch
+        raise InvalidRequest(f"sampling.seed must be in [0, 2^64) (got {seed})")
     ids = encode_prompt(tokenizer, call)
     if not ids:
         raise InvalidRequest("prompt tokenizes to nothing")
+    if len(ids) >= max_model_len:  # no max_tokens would fit: the prompt itself must shrink
+        raise InvalidRequest(
+            f"prompt has {len(ids)} tokens, but expert {expert!r} allows at most {max_model_len} tokens in total "
+            f"(prompt + max_tokens): shorten the prompt to at most {max_model_len - 1} tokens"
+        )
     if len(ids) + call.max_tokens > max_model_len:
         raise InvalidRequest(
             f"prompt has {len(ids)} tokens and max_tokens is {call.max_tokens}, but expert "
             f"{expert!r} allows at most {max_model_len} tokens in total: shorten the "
-            f"prompt or lower max_tokens to {max(0, max_model_len - len(ids))}"
+            f"prompt or lower max_tokens to {max_model_len - len(ids)}"
         )
     s = call.sampling
     if call.messages and not getattr(tokenizer, "chat_template", None) and not s.ignore_eos:
