@@ -129,16 +129,13 @@ class MoE2(Policy):
         return self.rng.choice(ranked[1:])
 
     def _option(self, request: RequestFeatures, expert: str, reps: list[Candidate], gate: GateOutput) -> Option:
-        if self.settings.replica_order == "packed":
-            # Packed: the replica the order puts first (the fullest with room within the latency
-            # budget) is where the request goes, so its cost is the expert's.
-            return Option(expert, reps[0], gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0),
-                          predict(self.cost, request, reps[0]))
-        # Least loaded: the replica that would answer soonest represents the expert.
-        costs = [(predict(self.cost, request, c), c) for c in reps]
-        with_cost = [(est, c) for est, c in costs if est is not None]
-        est, rep = min(with_cost, key=lambda x: (x[0].latency_ms, x[1].replica)) if with_cost else (None, reps[0])
-        return Option(expert, rep, gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0), est)
+        """The expert as one option, represented (and priced) by the replica the request goes to:
+        the first of ``reps``, which come in the configured replica order (``order_replicas``).
+        An expert's replicas run one spec, so their predictions differ only by measurement noise
+        and by telemetry that has not yet seen the gateway's latest dispatches: picking the soonest
+        among them would pile requests onto whichever replica measured a little faster."""
+        return Option(expert, reps[0], gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0),
+                      predict(self.cost, request, reps[0]))
 
     def _plan(self, request, chosen: list[Option], groups, gate: GateOutput, value: float, *, budget_exceeded: bool,
               lam: float = 0.0, explored: bool = False, notes: tuple[str, ...] = ()) -> Plan:

@@ -183,3 +183,15 @@ def test_the_baselines_that_choose_an_expert_order_its_replicas_as_configured(na
     packed = make_policy(name, rng=random.Random(0), settings=RouterSettings(replica_order="packed")).plan(REQ, reps)
     spread = make_policy(name, rng=random.Random(0), settings=RouterSettings()).plan(REQ, reps)
     assert [c.replica for c in packed.ranked] == [1, 2, 0] and [c.replica for c in spread.ranked] == [0, 2, 1]
+
+
+def test_moe2_spreads_by_the_gateways_count_not_by_noise_in_measured_speed():
+    # replica 0 measured a slightly faster step, and telemetry has not yet seen the gateway's
+    # dispatches: the order (the gateway's in-flight count) decides, not the faster measurement
+    p = replace(profile("a", max_batch=4), prefill_ms_per_token=0.5, decode_ms_per_token=10.0, j_per_token=1.0,
+                decode_ms_per_step_by_batch={1: 10.0, 4: 10.0}, busy_power_w=300.0)
+    slower = replace(p, replica=1, decode_ms_per_step_by_batch={1: 10.5, 4: 10.5}, decode_ms_per_token=10.5)
+    reps = [Candidate("a", 0, True, 2, p), Candidate("a", 1, True, 1, slower)]
+    spread = make_policy("moe2", cost=CostModel(), settings=RouterSettings()).plan(REQ, reps)
+    packed = make_policy("moe2", cost=CostModel(), settings=RouterSettings(replica_order="packed")).plan(REQ, reps)
+    assert spread.ranked[0].replica == 1 and packed.ranked[0].replica == 0
