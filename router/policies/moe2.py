@@ -5,8 +5,9 @@ Per request (DESIGN.md sections 4 and 10):
 1. the gate gives each expert a weight g_i(x) and a predicted quality q_i(x) (``router/gate.py``),
    corrected by online feedback where the gateway has any (``router/feedback.py``);
 2. the cost model predicts each expert's energy E_i and latency L_i for this prompt on the replica
-   the request would use, from live profiles (``router/cost.py``): the soonest to answer, or with
-   ``gateway.replica_order: packed`` the fullest with batch room (``order_replicas``);
+   the request would use, from live profiles (``router/cost.py``): the first in the replica order
+   (``order_replicas``), the least loaded or, with ``gateway.replica_order: packed``, the fullest
+   with batch room;
 3. **Generate** answers from one expert (k = 1), so the objective is that expert's quality less
    the price of its energy: argmax_i q_i - lam E_i over the experts that fit
    ``energy_budget_j`` and ``latency_budget_ms`` alone. ``lam`` (quality units per joule) is the
