@@ -61,6 +61,11 @@ class RequestFeatures:
         return 0 if self.mode == "score" else max(1, self.max_tokens)
 
 
+#: how a policy orders one expert's replicas (``router.policies.base.order_replicas``)
+ReplicaOrder = Literal["least_loaded", "packed"]
+REPLICA_ORDERS: tuple[str, ...] = ("least_loaded", "packed")
+
+
 @dataclass(slots=True, frozen=True)
 class RouterSettings:
     """Knobs shared by the policies (plain values; runtime/config.py fills them from YAML)."""
@@ -76,6 +81,9 @@ class RouterSettings:
     # MoE² Score: what mixing experts adds over the best of them, measured (router/ensemble.py);
     # None: not measured, and Score falls back to the separable objective
     ensemble: EnsembleGains | None = None
+    # which of the chosen expert's replicas a request tries first: the least loaded (spread) or the
+    # fullest with batch room (packed: leaves replicas idle for the capacity controller to release)
+    replica_order: ReplicaOrder = "least_loaded"
 
 
 @dataclass(slots=True, frozen=True)

@@ -15,6 +15,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from router.base import ReplicaOrder
 from router.cost import CostPrior
 from router.policies import policy_names
 from router.price import DEFAULT_QUALITY_PER_J
@@ -100,6 +101,15 @@ class GatewayConfig(Strict):
         default="least_loaded",
         description="How experts are chosen: moe2 (gate + budgets, docs/routing.md) or a baseline; one of "
         + ", ".join(policy_names()) + ".",
+    )
+
+    replica_order: ReplicaOrder = Field(
+        default="least_loaded",
+        description="Which of the chosen expert's replicas a request tries first, in every policy but "
+        "least_loaded and packed (whose names say it): least_loaded spreads requests over the replicas; packed "
+        "sends each to the fullest replica whose occupancy plus the request stays within 0.9 of its max_batch "
+        "(and whose predicted latency meets latency_budget_ms, if given), none with room: the least loaded, so "
+        "idle replicas are left for the capacity controller to release (docs/capacity.md, packing live).",
     )
 
     @field_validator("routing_policy")

@@ -65,6 +65,7 @@ class RoutingService:
             infeasible=r.infeasible, aggregation_ms=r.aggregation_ms, quality_per_j=self.cluster_price.lam,
             strong=r.strong, weak=r.weak, threshold=r.threshold, quality_prior=prior,
             cascade_below_logprob=r.cascade_below_logprob, ensemble=self._ensemble(),
+            replica_order=config.gateway.replica_order,
         )
         self.cost = CostModel(
             priors={name: p.prior() for name, p in r.cost_priors.items()},

@@ -1,5 +1,5 @@
-"""What every routing policy shares: eligibility, throttling, cost prediction and a plan that
-ranks one expert's replicas first.
+"""What every routing policy shares: eligibility, throttling, cost prediction, the replica order
+(least loaded or packed, :func:`order_replicas`) and a plan that ranks one expert's replicas first.
 
 The baselines ignore per-request budgets (that is what they are baselines for) but all of them obey
 tenant/cluster throttling: a throttled request only sees the cheapest expert's replicas.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from wattserve.errors import NoHealthyExpert
 
-from ..base import Candidate, Plan, RequestFeatures, RouterSettings
+from ..base import REPLICA_ORDERS, Candidate, Plan, ReplicaOrder, RequestFeatures, RouterSettings
 from ..cost import CostEstimate, CostModel
 from ..gate import GateOutput, PriorGate
 
@@ -54,12 +54,59 @@ def predict(cost: CostModel, request: RequestFeatures, c: Candidate) -> CostEsti
     return est.waiting(c.cold_start_ms) if est is not None and c.cold_start_ms else est
 
 
-def by_expert(pool: Sequence[Candidate]) -> dict[str, list[Candidate]]:
-    """Replicas grouped by expert, each group least loaded first (ties: lower replica index)."""
+#: most of a replica's batch packing fills it to (the capacity planner's ``max_batch_fill`` default)
+FILL = 0.9
+
+
+def has_room(c: Candidate, fill: float = FILL) -> bool:
+    """Whether ``c`` takes one more request within ``fill`` of its batch (a cold replica: no)."""
+    if c.cold_start_ms:
+        return False
+    batch = max(1, c.profile.max_batch if c.profile else 1)
+    return load_fraction(c) * batch + 1 <= fill * batch
+
+
+def packs(request: RequestFeatures | None, c: Candidate, cost: CostModel | None) -> bool:
+    """Whether packing may put ``request`` on ``c``: batch room (:func:`has_room`) and, where the
+    request gives ``latency_budget_ms`` and its latency can be predicted, a prediction within it."""
+    if not has_room(c):
+        return False
+    if request is None or request.latency_budget_ms is None or cost is None:
+        return True
+    est = predict(cost, request, c)
+    return est is None or est.latency_ms <= request.latency_budget_ms
+
+
+def order_replicas(replicas: Sequence[Candidate], order: ReplicaOrder = "least_loaded", *,
+                   request: RequestFeatures | None = None, cost: CostModel | None = None) -> list[Candidate]:
+    """The replica-ordering rule every policy uses: which replica a request tries first.
+
+    ``least_loaded``: the lowest occupancy first (spreads the load: every replica stays busy at a
+    small batch). ``packed``: bin packing at admission (docs/capacity.md, decode packing): the
+    FULLEST replica that :func:`packs` the request first, then the rest least loaded first. A
+    sequence never moves once it runs (its KV cache lives on its replica), so packing has to happen
+    when a request is admitted; the replicas it leaves without work idle and are the ones the
+    capacity controller releases (``release_order``: emptiest first). Ties: expert name, then
+    replica index (deterministic).
+    """
+    if order == "least_loaded":
+        return sorted(replicas, key=lambda c: (load_fraction(c), c.expert, c.replica))
+    if order != "packed":
+        raise ValueError(f"unknown replica order {order!r}; known: {', '.join(REPLICA_ORDERS)}")
+    room = [c for c in replicas if packs(request, c, cost)]
+    taken = {c.key for c in room}
+    rest = [c for c in replicas if c.key not in taken]
+    return (sorted(room, key=lambda c: (-load_fraction(c), c.expert, c.replica))
+            + sorted(rest, key=lambda c: (load_fraction(c), c.expert, c.replica)))
+
+
+def by_expert(pool: Sequence[Candidate], order: ReplicaOrder = "least_loaded", *,
+              request: RequestFeatures | None = None, cost: CostModel | None = None) -> dict[str, list[Candidate]]:
+    """Replicas grouped by expert, each group in ``order`` (:func:`order_replicas`)."""
     groups: dict[str, list[Candidate]] = {}
     for c in pool:
         groups.setdefault(c.expert, []).append(c)
-    return {e: sorted(g, key=lambda c: (load_fraction(c), c.replica)) for e, g in groups.items()}
+    return {e: order_replicas(g, order, request=request, cost=cost) for e, g in groups.items()}
 
 
 def throttle(request: RequestFeatures, pool: list[Candidate], cost: CostModel) -> list[Candidate]:
@@ -97,12 +144,21 @@ class Policy:
         prior = {e: self.settings.quality_prior.get(e, 0.5) for e in experts}
         return PriorGate(prior)("")
 
+    def replica_groups(self, request: RequestFeatures, pool: Sequence[Candidate]) -> dict[str, list[Candidate]]:
+        """The pool's replicas by expert, each expert's in the configured ``replica_order``."""
+        return by_expert(pool, self.settings.replica_order, request=request, cost=self.cost)
+
+    def order_note(self) -> str:
+        """What a plan's reason says of the replica order (nothing for the default spread)."""
+        return "; replicas packed (fullest with room first)" if self.settings.replica_order == "packed" else ""
+
     def plan_for(self, request: RequestFeatures, pool: list[Candidate], chosen: str, reason: str) -> Plan:
-        groups = by_expert(pool)
+        groups = self.replica_groups(request, pool)
         order = [chosen] + sorted(e for e in groups if e != chosen)
         ranked = tuple(c for e in order for c in groups[e])
         est = predict(self.cost, request, groups[chosen][0])
         why = reason + (f" ({request.throttle_reason}: cheapest expert only)" if request.throttled else "")
+        why += self.order_note()
         return Plan(
             ranked=ranked, policy=self.name, reason=why, subset=(chosen,), weights={chosen: 1.0},
             predicted_energy_j=est.energy_j if est else None, predicted_latency_ms=est.latency_ms if est else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..base import Candidate, Plan, RequestFeatures
-from .base import Policy, by_expert, predict
+from .base import Policy, predict
 from .registry import register
 
 
@@ -15,7 +15,7 @@ class Cheapest(Policy):
 
     def plan(self, request: RequestFeatures, candidates: Sequence[Candidate]) -> Plan:
         pool = self.pool(request, candidates)
-        groups = by_expert(pool)
+        groups = self.replica_groups(request, pool)
         energy = {}
         for e, reps in groups.items():
             est = predict(self.cost, request, reps[0])

@@ -4,8 +4,10 @@ Per request (DESIGN.md sections 4 and 10):
 
 1. the gate gives each expert a weight g_i(x) and a predicted quality q_i(x) (``router/gate.py``),
    corrected by online feedback where the gateway has any (``router/feedback.py``);
-2. the cost model predicts each expert's energy E_i and latency L_i for this prompt on its least
-   loaded replica, from live profiles (``router/cost.py``);
+2. the cost model predicts each expert's energy E_i and latency L_i for this prompt on the replica
+   the request would use, from live profiles (``router/cost.py``): the first in the replica order
+   (``order_replicas``), the least loaded or, with ``gateway.replica_order: packed``, the fullest
+   with batch room;
 3. **Generate** answers from one expert (k = 1), so the objective is that expert's quality less
    the price of its energy: argmax_i q_i - lam E_i over the experts that fit
    ``energy_budget_j`` and ``latency_budget_ms`` alone. ``lam`` (quality units per joule) is the
@@ -47,7 +49,7 @@ from ..moe2 import (
     worth_their_energy,
 )
 from ..selector import Item, select_subset
-from .base import Policy, by_expert, predict
+from .base import Policy, predict
 from .registry import register
 
 
@@ -58,7 +60,7 @@ class MoE2(Policy):
 
     def plan(self, request: RequestFeatures, candidates: Sequence[Candidate]) -> Plan:
         pool = self.pool(request, candidates)
-        groups = by_expert(pool)
+        groups = self.replica_groups(request, pool)
         gate = self.quality(request, sorted(groups))
         options = [self._option(request, e, reps, gate) for e, reps in sorted(groups.items())]
         known = [o for o in options if o.cost is not None]
@@ -128,11 +130,13 @@ class MoE2(Policy):
         return self.rng.choice(ranked[1:])
 
     def _option(self, request: RequestFeatures, expert: str, reps: list[Candidate], gate: GateOutput) -> Option:
-        # The replica that would answer soonest represents the expert.
-        costs = [(predict(self.cost, request, c), c) for c in reps]
-        with_cost = [(est, c) for est, c in costs if est is not None]
-        est, rep = min(with_cost, key=lambda x: (x[0].latency_ms, x[1].replica)) if with_cost else (None, reps[0])
-        return Option(expert, rep, gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0), est)
+        """The expert as one option, represented (and priced) by the replica the request goes to:
+        the first of ``reps``, which come in the configured replica order (``order_replicas``).
+        An expert's replicas run one spec, so their predictions differ only by measurement noise
+        and by telemetry that has not yet seen the gateway's latest dispatches: picking the soonest
+        among them would pile requests onto whichever replica measured a little faster."""
+        return Option(expert, reps[0], gate.weights.get(expert, 0.0), gate.quality.get(expert, 0.0),
+                      predict(self.cost, request, reps[0]))
 
     def _plan(self, request, chosen: list[Option], groups, gate: GateOutput, value: float, *, budget_exceeded: bool,
               lam: float = 0.0, explored: bool = False, notes: tuple[str, ...] = ()) -> Plan:
@@ -154,7 +158,7 @@ class MoE2(Policy):
             predicted_energy_j=energy if energy is None or math.isfinite(energy) else None,
             predicted_latency_ms=latency, budget_exceeded=budget_exceeded,
             reason=self._reason(request, chosen, weights, gate, value, budget_exceeded, lam, explored)
-            + "".join(f"; {n}" for n in notes)
+            + "".join(f"; {n}" for n in notes) + self.order_note()
             + (f"; cascade {cascade[0]} -> {cascade[1]} below mean log p {self.settings.cascade_below_logprob:g}" if cascade else ""),
             cascade=cascade, cascade_below_logprob=self.settings.cascade_below_logprob if cascade else None,
         )

@@ -353,7 +353,7 @@ class CapacityController:
 
 def release_order(states):
     """Which replicas a scale-down releases first: unhealthy ones (dead, restarting), then the
-    emptiest (fewest calls in flight: they drain soonest, and with the ``packed`` routing policy
+    emptiest (fewest calls in flight: they drain soonest, and with ``gateway.replica_order: packed``
     they are the ones left idle), then the newest (the oldest have the warmest caches and
     measured profiles)."""
     return sorted(states, key=lambda s: (s.healthy, s.inflight, -s.client.index))

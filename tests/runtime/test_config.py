@@ -53,6 +53,8 @@ def _write(tmp_path, text):
         ("experts: [{name: a, engine: synthetic, device: 'cpu:2'}]\n", "device 'cpu' takes no ':<argument>'"),
         ("gateway: {routing_policy: oracle}\nexperts: [{name: a, engine: synthetic}]\n",
          "gateway.routing_policy: Value error, unknown routing policy 'oracle'; known: cheapest, least_loaded, moe2, "),
+        ("gateway: {replica_order: fullest}\nexperts: [{name: a, engine: synthetic}]\n",
+         "gateway.replica_order: Input should be 'least_loaded' or 'packed'"),
         ("experts: [{name: a, engine: synthetic, max_batch: 0}]\n", "experts.0.max_batch"),
         ("experts: [\n", "not valid YAML"),
         ("- just a list\n", "expected a mapping"),
