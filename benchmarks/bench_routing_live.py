@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ def ask(stub, pb, item, expert: str, max_tokens: int, norm: str, timeout_s: floa
         answered = [c.expert for c in resp.experts]
         sources = {c.energy_source for c in resp.experts}
         energy_j = resp.energy_j
+        reason, predicted_j = resp.routing_reason, resp.predicted_energy_j
     else:
         req = pb.GenerateRequest(prompt=item.prompt, max_tokens=max_tokens, expert=expert,
                                  sampling=pb.SamplingParams(temperature=0.0, stop=["\n"]))
@@ -87,9 +89,10 @@ def ask(stub, pb, item, expert: str, max_tokens: int, norm: str, timeout_s: floa
                 usage = msg.usage
         right = exact_match("".join(text), item.answers, item.match)
         answered, sources, energy_j = [usage.expert], {usage.energy_source}, usage.energy_j
+        reason, predicted_j = usage.routing_reason, usage.predicted_energy_j
     return {"experts": answered, "right": right, "energy_j": energy_j, "sources": sorted(sources),
             "latency_ms": (time.perf_counter() - t0) * 1000, "path": "score" if item.kind == "mc" else "generate",
-            "task": item.task, "id": item.id}
+            "task": item.task, "id": item.id, "reason": reason, "predicted_energy_j": predicted_j}
 
 
 def summarise(results: dict[str, list[dict]]) -> dict:
@@ -150,6 +153,26 @@ def paired(results: dict[str, list[dict]], a: str, b: str, n_boot: int = 4000, s
             "energy_j_a": float(ea.sum()), "energy_j_b": float(eb.sum()),
             "energy_ratio": float(ea.sum() / eb.sum()) if eb.sum() > 0 else float("inf"),
             "energy_ratio_ci95": [float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))]}
+
+
+def where_auto_differs(results: dict[str, list[dict]], pinned: str) -> dict[str, dict]:
+    """Per task, the items ``auto`` sent to some other expert than ``pinned``: on the rest both
+    answers come from the same expert, so the difference auto makes is here (its joules elsewhere
+    differ only by measurement noise)."""
+    ids, by_id = _aligned(results)
+    out: dict[str, dict] = {}
+    for i in ids:
+        a, b = by_id["auto"][i], by_id[pinned][i]
+        if sorted(a["experts"]) == [pinned]:
+            continue
+        cell = out.setdefault(a["task"], {"items": 0, "only_auto_right": 0, "only_pinned_right": 0,
+                                          "energy_j_auto": 0.0, "energy_j_pinned": 0.0})
+        cell["items"] += 1
+        cell["only_auto_right"] += int(a["right"] and not b["right"])
+        cell["only_pinned_right"] += int(b["right"] and not a["right"])
+        cell["energy_j_auto"] += a["energy_j"]
+        cell["energy_j_pinned"] += b["energy_j"]
+    return out
 
 
 def per_task(results: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
@@ -234,6 +257,18 @@ def report(results: dict[str, list[dict]], meta: dict) -> dict:
             print(f"  auto - {p:<6} quality {d['quality_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]  "
                   f"(only auto right {d['only_a_right']}, only {p} right {d['only_b_right']}, of {d['items']})  "
                   f"joules x{d['energy_ratio']:.3f} [{rlo:.3f}, {rhi:.3f}] ({d['energy_j_a']:.1f} vs {d['energy_j_b']:.1f} J)")
+        for p in policies:
+            if p == "auto":
+                continue
+            differs = where_auto_differs(results, p)
+            if not differs:
+                continue
+            n = sum(c["items"] for c in differs.values())
+            print(f"\nwhere auto did not answer with {p} alone ({n} items): items, only auto right, only {p} right, joules auto vs {p}")
+            for task, c in differs.items():
+                print(f"  {task:<24} {c['items']:>4}  {c['only_auto_right']:>3}  {c['only_pinned_right']:>3}  "
+                      f"{c['energy_j_auto']:8.1f} vs {c['energy_j_pinned']:8.1f} J")
+            pairs[p]["where_auto_differs"] = differs
     return {"summary": summary, "per_task": tasks_table, "paired": pairs}
 
 
@@ -274,6 +309,8 @@ def main() -> int:
     mixed = [q for group in zip(*by_task.values(), strict=False) for q in group]
     items = mixed[: args.limit] if args.limit else mixed
 
+    # A run stopped with SIGTERM (kill PID) still stops the server it started and keeps its JSON.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     proc = None
     target = args.target
     if target is None:
