@@ -175,6 +175,30 @@ def where_auto_differs(results: dict[str, list[dict]], pinned: str) -> dict[str,
     return out
 
 
+_PREDICTED = re.compile(r"(\w+) w=[\d.]+ q=[\d.]+ \(([\d.eE+-]+) J|(\w+) not added: .*? price x ([\d.eE+-]+) J")
+
+
+def cost_ranking(results: dict[str, list[dict]]) -> dict[str, list[int]]:
+    """Per task, on Score items: how often the joules auto's plan predicted (read from its routing
+    reason) put two experts in the order their pinned requests measured: [agreeing, compared]."""
+    ids, by_id = _aligned(results)
+    pinned = [p for p in results if p != "auto"]
+    out: dict[str, list[int]] = {}
+    for i in ids:
+        a = by_id["auto"][i]
+        if a.get("path") != "score" or len(pinned) != 2:
+            continue
+        predicted = {m[1] or m[3]: float(m[2] or m[4]) for m in _PREDICTED.finditer(a.get("reason", ""))}
+        x, y = pinned
+        if x not in predicted or y not in predicted:
+            continue
+        measured = by_id[x][i]["energy_j"] - by_id[y][i]["energy_j"]
+        cell = out.setdefault(a["task"], [0, 0])
+        cell[0] += int((predicted[x] > predicted[y]) == (measured > 0))
+        cell[1] += 1
+    return out
+
+
 def per_task(results: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
     """task -> policy -> items, quality, joules, answers per expert (items every policy answered)."""
     ids, by_id = _aligned(results)
@@ -269,7 +293,12 @@ def report(results: dict[str, list[dict]], meta: dict) -> dict:
                 print(f"  {task:<24} {c['items']:>4}  {c['only_auto_right']:>3}  {c['only_pinned_right']:>3}  "
                       f"{c['energy_j_auto']:8.1f} vs {c['energy_j_pinned']:8.1f} J")
             pairs[p]["where_auto_differs"] = differs
-    return {"summary": summary, "per_task": tasks_table, "paired": pairs}
+    ranking = cost_ranking(results) if "auto" in results else {}
+    if ranking:
+        agree, n = sum(c[0] for c in ranking.values()), sum(c[1] for c in ranking.values())
+        print(f"\nScore: the experts' predicted joules (auto's plan) in the order the pinned requests measured: {agree} of {n} "
+              f"({', '.join(f'{t} {c[0]}/{c[1]}' for t, c in ranking.items())})")
+    return {"summary": summary, "per_task": tasks_table, "paired": pairs, "cost_ranking": ranking}
 
 
 def main() -> int:

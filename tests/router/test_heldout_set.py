@@ -136,3 +136,19 @@ def test_paired_comparison_and_per_task_use_only_items_every_policy_answered(liv
     assert set(table) == {"a"} and table["a"]["auto"]["answered_by"] == {"edge": 1}
     with pytest.raises(ValueError, match="no item"):
         live_bench.paired({"auto": [], "edge": []}, "auto", "edge")
+
+
+def test_cost_ranking_reads_the_plans_predicted_joules_and_compares_with_the_pinned_ones(live_bench):
+    reason = ("moe2 [gate fitted]: S={edge} predicted q=0.508 (best single, then measured ensemble gains) at price "
+              "0.02/J (no budget); edge w=1.00 q=0.51 (28.5 J, 12077 ms); cloud not added: measured gain -0.026 < "
+              "price x 29.4 J = 0.588")
+    auto = [{**_result("h", "a", True, 20.0, "edge"), "path": "score", "reason": reason},
+            {**_result("h", "b", True, 20.0, "edge"), "path": "score", "reason": reason},
+            {**_result("g", "c", True, 2.0, "edge"), "path": "generate", "reason": reason}]
+    results = {"auto": auto,
+               "edge": [_result("h", "a", True, 21.0, "edge"), _result("h", "b", True, 19.0, "edge"),
+                        _result("g", "c", True, 2.0, "edge")],
+               "cloud": [_result("h", "a", True, 20.0, "cloud"), _result("h", "b", True, 20.0, "cloud"),
+                         _result("g", "c", True, 2.0, "cloud")]}
+    # predicted edge cheaper (28.5 < 29.4): wrong on "a" (edge measured dearer), right on "b"; Generate not counted
+    assert live_bench.cost_ranking(results) == {"h": [1, 2]}
