@@ -49,11 +49,14 @@ class RequestFeatures:
 
     @property
     def tokens_in(self) -> int:
-        """Prompt tokens (estimated) an expert processes before answering."""
-        p = self.prompt_tokens or max(1, math.ceil(self.prompt_chars / CHARS_PER_TOKEN))
-        if self.mode == "score":
-            return sum(p + c for c in self.choice_tokens) or p
-        return p
+        """Prompt tokens (estimated) an expert processes before answering; a Score runs its
+        prompt once and each choice after it (those are ``scored_tokens``)."""
+        return self.prompt_tokens or max(1, math.ceil(self.prompt_chars / CHARS_PER_TOKEN))
+
+    @property
+    def scored_tokens(self) -> int:
+        """Score: the choices' tokens (estimated), whose log-probabilities are read; 0 when generating."""
+        return sum(self.choice_tokens) if self.mode == "score" else 0
 
     @property
     def tokens_out(self) -> int:

@@ -6,9 +6,10 @@ decode step ms by batch size, J/token, queue, SM clock) and the request's token 
     r_t       = clock_at_measurement / clock_now          (1 when the device reports no clock)
     prefill   = prefill_ms_per_token * prompt_tokens * r_t ** prefill_clock_exponent
     decode    = decode_step_ms(batch) * (output_tokens - 1) * r_t ** decode_clock_exponent
+    scored    = decode_step_ms(1) * scored_tokens * r_t ** decode_clock_exponent     (Score's choices)
     queue     = rounds_ahead * output_tokens * decode_step_ms(max_batch)
-    latency   = (queue + prefill + decode) * latency_correction
-    energy    = r_t ** -power_clock_exponent * (prefill_power_w * prefill + decode_power_w * decode / batch)
+    latency   = (queue + prefill + decode + scored) * latency_correction
+    energy    = r_t ** -power_clock_exponent * (prefill_power_w * prefill + decode_power_w * (decode / batch + scored))
                 * energy_correction
               (each phase's power measured over steps of that phase only; busy_power_w, over all
               steps, until such a step was measured)
@@ -19,6 +20,14 @@ through the same formula: a prior gives prefill ms/token, decode ms/step and the
 a prompt-heavy request and an output-heavy one rank two experts as their measurements would (a
 shallow wide model can be cheaper per prompt token and dearer per output token than a deep narrow
 one). A prior with only ``j_per_token`` (the old form) prices every token alike, prompt or output.
+
+Score (``output_tokens == 0``) runs the prompt once, then each choice after it reading the
+log-probabilities at every choice token: a choice token pays the whole model *and* the output
+layer over the vocabulary, as a decode step does, so ``scored_tokens`` (the choices' tokens) are
+priced at the batch-1 decode step, the prompt at the prefill rate. One rate for both misranked
+the default experts live: Gemma 3 270M's 262k-entry output layer makes its choice tokens dear and
+its prompt tokens cheap, so cloud was the dearer expert on 0-shot questions with sentence-long
+choices and the cheaper one on 5-shot prompts with one-word choices (docs/routing.md §10).
 
 Energy follows compute time because the engine attributes each step's energy by tokens: a
 request pays its prefill and a 1/batch share of every decode step. Why these exponents: prefill is
@@ -124,14 +133,16 @@ class CostModel:
     # -- prediction ----------------------------------------------------------------------------
     def predict(
         self, profile: ExpertProfile | None, expert: str, prompt_tokens: int, output_tokens: int,
-        *, inflight: int = 0, queue: bool = True,
+        *, inflight: int = 0, queue: bool = True, scored_tokens: int = 0,
     ) -> CostEstimate | None:
-        """Predicted cost of ``prompt_tokens`` in and ``output_tokens`` out on this replica.
+        """Predicted cost of ``prompt_tokens`` in and ``output_tokens`` out on this replica
+        (``scored_tokens``: tokens whose log-probabilities a Score reads, its choices).
 
         ``inflight`` is the gateway's own count of requests sent to the replica (fresher than
         the profile's queue). None when neither measurements nor a prior exist.
         """
-        raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
+        raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue,
+                       scored_tokens=scored_tokens)
         if raw is None:
             return None
         err = self.errors_for(prefill_only=output_tokens <= 0).get(expert)
@@ -146,7 +157,7 @@ class CostModel:
 
     def raw(
         self, profile: ExpertProfile | None, expert: str, prompt_tokens: int, output_tokens: int,
-        *, inflight: int = 0, queue: bool = True,
+        *, inflight: int = 0, queue: bool = True, scored_tokens: int = 0,
     ) -> CostEstimate | None:
         """The prediction before the online corrections."""
         f = _figures(profile, self.priors.get(expert))
@@ -162,7 +173,9 @@ class CostModel:
         decode_scale = r_t**self.decode_clock_exponent
         step_ms = _step_ms(f.decode_by_batch, f.decode_ms, batch) * decode_scale
         prefill_ms = f.prefill_ms * p * r_t**self.prefill_clock_exponent
-        latency = prefill_ms + step_ms * max(0, n - 1)
+        # Score's choice tokens: each one runs the model and its output layer, like a decode step.
+        scored_ms = _step_ms(f.decode_by_batch, f.decode_ms, 1) * decode_scale * max(0, scored_tokens)
+        latency = prefill_ms + step_ms * max(0, n - 1) + scored_ms
         queue_ms = 0.0
         if queue and n and occupied >= max_batch:
             # Rounds of whole batches ahead of us, each assumed as long as this request's decode.
@@ -173,10 +186,10 @@ class CostModel:
             # (the engine splits a step's energy by tokens). Power falls with the clock.
             prefill_w = f.prefill_power_w or f.busy_power_w
             decode_w = f.decode_power_w or f.busy_power_w
-            busy_mj = prefill_w * prefill_ms + decode_w * step_ms / batch * n
+            busy_mj = prefill_w * prefill_ms + decode_w * (step_ms / batch * n + scored_ms)
             energy = r_t**-self.power_clock_exponent * busy_mj / 1000.0
         else:
-            energy = f.j_per_token * (p + n) * r_t**-self.energy_clock_exponent
+            energy = f.j_per_token * (p + n + max(0, scored_tokens)) * r_t**-self.energy_clock_exponent
         return CostEstimate(energy_j=energy, latency_ms=latency + queue_ms, queue_ms=queue_ms, basis=f.basis)
 
     def _time_ratio(self, profile: ExpertProfile | None) -> float:
@@ -195,10 +208,12 @@ class CostModel:
     def learn(
         self, profile: ExpertProfile | None, expert: str, prompt_tokens: int, output_tokens: int,
         actual_energy_j: float, actual_latency_ms: float, *, inflight: int = 0, queue: bool = True,
+        scored_tokens: int = 0,
     ) -> None:
         """A request finished: compare with what the plan-time ``profile`` predicts for the tokens
         it actually processed, and update the corrections and error figures."""
-        raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue)
+        raw = self.raw(profile, expert, prompt_tokens, output_tokens, inflight=inflight, queue=queue,
+                       scored_tokens=scored_tokens)
         if raw is not None:
             self.observe(expert, raw, actual_energy_j, actual_latency_ms, prefill_only=output_tokens <= 0)
 

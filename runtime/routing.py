@@ -262,7 +262,7 @@ class RoutingService:
 
     def finish(self, plan: Plan, tenant: str, expert: str, replica: int, *, prompt_tokens: int,
                output_tokens: int, energy_j: float, latency_ms: float, score: bool = False,
-               request_id: str = "") -> None:
+               request_id: str = "", scored_tokens: int = 0) -> None:
         """A request (or one expert's part of a score) finished: charge its measured energy and
         compare the cost model's prediction with what happened."""
         self.ledger.charge(tenant, energy_j, self.clock())
@@ -272,7 +272,7 @@ class RoutingService:
         cand = next((c for c in plan.ranked if c.expert == expert and c.replica == replica), None)
         if cand is not None:
             self.cost.learn(cand.profile, expert, prompt_tokens, output_tokens, energy_j, latency_ms,
-                            inflight=cand.inflight, queue=not score)
+                            inflight=cand.inflight, queue=not score, scored_tokens=scored_tokens)
 
     def charge_unfinished(self, tenant: str, plan: Plan, fraction: float, request_id: str = "") -> None:
         """A request ended without a final usage (cancelled, failed): charge the predicted energy

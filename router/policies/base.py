@@ -50,7 +50,7 @@ def load_fraction(c: Candidate) -> float:
 def predict(cost: CostModel, request: RequestFeatures, c: Candidate) -> CostEstimate | None:
     """Predicted cost of ``request`` on replica ``c`` (a cold replica's start included in its latency)."""
     est = cost.predict(c.profile, c.expert, request.tokens_in, request.tokens_out,
-                       inflight=c.inflight, queue=request.mode == "generate")
+                       inflight=c.inflight, queue=request.mode == "generate", scored_tokens=request.scored_tokens)
     return est.waiting(c.cold_start_ms) if est is not None and c.cold_start_ms else est
 
 

@@ -70,8 +70,9 @@ async def _score(call: Call) -> ScoreOutcome:
             continue
         cand, result = res
         answered[cand.expert] = res
-        tokens = result.prompt_tokens * len(req.choices) + sum(result.choice_tokens)  # all of it is prefill work
-        lc.routing.finish(plan, req.tenant, cand.expert, cand.replica, prompt_tokens=tokens, output_tokens=0,
+        # The prompt runs once; each choice's tokens are scored after it (router/cost.py prices them apart).
+        lc.routing.finish(plan, req.tenant, cand.expert, cand.replica, prompt_tokens=result.prompt_tokens,
+                          output_tokens=0, scored_tokens=sum(result.choice_tokens),
                           energy_j=result.energy_j, latency_ms=result.latency_ms, score=True,
                           request_id=f"{call_id}:{cand.expert}")
     await lc.routing.flush()  # the charges are durable before the caller gets the answer

@@ -184,3 +184,40 @@ def test_outcomes_of_prior_based_predictions_do_not_bend_measured_ones():
     assert err.samples == 1 and err.learned == 0 and err.energy_correction == 1.0
     assert err.energy_rel_error == pytest.approx(9.0)  # still reported
     assert model.predict(profile(), "e", 10, 5) == model.raw(profile(), "e", 10, 5)
+
+
+def test_score_prices_its_prompt_once_and_each_choice_token_as_a_decode_step():
+    """The engine runs a Score's prompt once, then every choice token with the output layer: the
+    prompt at the prefill rate, the choices at the batch-1 decode step (not n_choices x prompt)."""
+    model, p = CostModel(), profile()
+    est = model.raw(p, "e", 100, 0, queue=False, scored_tokens=12)
+    prefill_ms, scored_ms = 0.5 * 100, 10.0 * 12  # decode_ms_per_step_by_batch[1] = 10 ms
+    assert est.latency_ms == pytest.approx(prefill_ms + scored_ms)
+    assert est.energy_j == pytest.approx(300.0 * (prefill_ms + scored_ms) / 1000.0)
+    assert model.raw(p, "e", 100, 0, queue=False).energy_j == pytest.approx(300.0 * prefill_ms / 1000.0)
+
+
+def test_score_ranks_experts_by_the_shape_of_the_request():
+    """Measured live on the default experts: a model with a huge output layer (cloud: cheap
+    prompt tokens, dear scored tokens) is the dearer one on a short question with long choices and
+    the cheaper one on a long few-shot prompt with one-word choices."""
+    model = CostModel(priors={
+        "edge": CostPrior(prefill_ms_per_token=4.0, decode_ms_per_token=29.0, busy_power_w=5.0),
+        "cloud": CostPrior(prefill_ms_per_token=2.9, decode_ms_per_token=37.2, busy_power_w=5.0),
+    })
+
+    def joules(expert, prompt, scored):
+        return model.predict(None, expert, prompt, 0, queue=False, scored_tokens=scored).energy_j
+
+    assert joules("cloud", 30, 20) > joules("edge", 30, 20)      # 0-shot question, four sentence-long choices
+    assert joules("cloud", 600, 8) < joules("edge", 600, 8)      # 5-shot prompt, four two-token choices
+
+
+def test_score_learns_against_the_tokens_it_ran():
+    """A Score outcome matching the two-rate prediction leaves the correction at 1."""
+    model, p = CostModel(alpha=0.5), profile()
+    est = model.raw(p, "e", 80, 0, queue=False, scored_tokens=9)
+    for _ in range(5):
+        model.learn(p, "e", 80, 0, est.energy_j, est.latency_ms, queue=False, scored_tokens=9)
+    assert model.prefill_only_errors["e"].energy_correction == pytest.approx(1.0)
+    assert model.predict(p, "e", 80, 0, queue=False, scored_tokens=9).energy_j == pytest.approx(est.energy_j)

@@ -102,7 +102,7 @@ def test_score_mode_runs_the_subset_and_adds_aggregation_time():
     plan = policy().plan(r, pool())
     assert set(plan.subset) == {"edge", "mid", "cloud"}
     m = CostModel()
-    parts = [m.predict(c.profile, c.expert, r.tokens_in, 0, queue=False) for c in pool()]
+    parts = [m.predict(c.profile, c.expert, r.tokens_in, 0, queue=False, scored_tokens=r.scored_tokens) for c in pool()]
     assert plan.predicted_energy_j == pytest.approx(sum(p.energy_j for p in parts))
     assert plan.predicted_latency_ms == pytest.approx(max(p.latency_ms for p in parts) + 5.0)
 
@@ -121,7 +121,7 @@ def test_plans_never_exceed_budgets_and_match_the_exhaustive_optimum():
         price = rng.choice([0.0, 0.0, rng.uniform(0, 0.5)])
         p = MoE2(cost=CostModel(), settings=RouterSettings(quality_prior=prior, aggregation_ms=2.0, quality_per_j=price))
         m = CostModel()
-        est = {c.expert: m.predict(c.profile, c.expert, r.tokens_in, r.tokens_out, queue=r.mode == "generate") for c in cands}
+        est = {c.expert: m.predict(c.profile, c.expert, r.tokens_in, r.tokens_out, queue=r.mode == "generate", scored_tokens=r.scored_tokens) for c in cands}
         fits = [c.expert for c in cands if est[c.expert].energy_j <= r.energy_budget_j
                 and (r.latency_budget_ms is None or est[c.expert].latency_ms <= r.latency_budget_ms)]
         if r.mode == "generate":
@@ -187,7 +187,7 @@ def test_generate_answers_from_the_best_single_expert_that_fits():
     assert "A answers" in plan.reason
     # Score still uses the subset: {B, C} is the better ensemble within 10 J
     sr = dataclasses.replace(r, mode="score", max_tokens=0, choice_tokens=(9,))
-    se = {c.expert: CostModel().predict(c.profile, c.expert, sr.tokens_in, 0, queue=False).energy_j for c in cands}
+    se = {c.expert: CostModel().predict(c.profile, c.expert, sr.tokens_in, 0, queue=False, scored_tokens=sr.scored_tokens).energy_j for c in cands}
     score = MoE2(cost=CostModel(), settings=settings).plan(dataclasses.replace(sr, energy_budget_j=se["A"]), cands)
     assert set(score.subset) == {"B", "C"}
     # with a price, A must be worth its extra 5 J: q_A - q_B = 0.1 buys 5 J at up to 0.02 quality per J
@@ -227,7 +227,7 @@ def test_price_of_energy_answers_from_the_lagrangian_optimum():
     # the ensemble keeps an expert while g_i q_i >= price x E_i
     r = req(mode="score", max_tokens=0, choice_tokens=(2,))
     g = PriorGate(PRIOR)("")
-    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j for c in pool()}
+    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False, scored_tokens=r.scored_tokens).energy_j for c in pool()}
     price = g.weights["cloud"] * g.quality["cloud"] / est["cloud"] * 1.01
     assert "cloud" not in policy(quality_per_j=price).plan(r, pool()).subset
 
@@ -239,7 +239,7 @@ def test_score_without_a_budget_is_served_when_no_expert_is_worth_its_joules():
     cands = pool()
     p = policy(quality_per_j=0.5)
     gate = r.gate
-    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j for c in cands}
+    est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False, scored_tokens=r.scored_tokens).energy_j for c in cands}
     assert all(gate.weights[e] * gate.quality[e] < 0.5 * est[e] for e in est)  # nobody is worth it
     plan = p.plan(r, cands)
     best = max(est, key=lambda e: gate.weights[e] * gate.quality[e] - 0.5 * est[e])
@@ -296,7 +296,7 @@ def _gains(lifts: dict[tuple[str, ...], float], n: int = 200) -> EnsembleGains:
 
 
 def _score_energy(r, cands=None):
-    return {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False).energy_j
+    return {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False, scored_tokens=r.scored_tokens).energy_j
             for c in cands or pool()}
 
 
@@ -310,7 +310,8 @@ def test_score_adds_a_second_expert_only_when_its_measured_gain_pays():
     assert PRIOR["cloud"] - lam * e["cloud"] > PRIOR["edge"] - lam * e["edge"]
 
     def plan(lift, price=lam, **kw):
-        settings = dataclasses.replace(SETTINGS, quality_per_j=price, ensemble=_gains({("cloud", "edge"): lift}))
+        # many items: the lifts here are small (edge's joules are a few percent of cloud's)
+        settings = dataclasses.replace(SETTINGS, quality_per_j=price, ensemble=_gains({("cloud", "edge"): lift}, n=100_000))
         return MoE2(cost=CostModel(), settings=settings).plan(dataclasses.replace(r, **kw), two)
 
     # edge costs lam x E_edge in quality; a measured lift above that adds it, below it does not
@@ -364,7 +365,7 @@ def test_score_with_measured_gains_keeps_budgets_and_stops_only_when_nothing_pay
         price = rng.choice([0.0, rng.uniform(0, 20)])
         p = MoE2(cost=CostModel(), settings=RouterSettings(quality_prior=prior, aggregation_ms=0.5, quality_per_j=price,
                                                            ensemble=gains))
-        est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False) for c in cands}
+        est = {c.expert: CostModel().predict(c.profile, c.expert, r.tokens_in, 0, queue=False, scored_tokens=r.scored_tokens) for c in cands}
 
         def fits(s, r=r, est=est):
             return ((r.energy_budget_j is None or sum(est[x].energy_j for x in s) <= r.energy_budget_j * (1 + 1e-9))
@@ -386,3 +387,22 @@ def test_score_with_measured_gains_keeps_budgets_and_stops_only_when_nothing_pay
                 continue
             dq = gains.gain(prior, s, x)
             assert dq is None or dq <= 0 or dq < price * est[x].energy_j or not fits([*s, x])
+
+
+def test_score_first_choice_follows_the_shape_of_the_request():
+    """Equal predicted quality: Score's answering expert is the cheaper one for *this* request.
+    "big_vocab" has cheap prompt tokens and dear scored (choice) tokens, "deep" the reverse."""
+    gate = PriorGate({"deep": 0.5, "big_vocab": 0.5})("")
+    cands = [Candidate("deep", 0, True, 0, prof("deep", power_w=5.0, step_ms=29.0)),
+             Candidate("big_vocab", 0, True, 0, prof("big_vocab", power_w=5.0, step_ms=37.0))]
+    cands = [dataclasses.replace(c, profile=dataclasses.replace(c.profile, prefill_ms_per_token=pf))
+             for c, pf in zip(cands, (4.0, 2.9), strict=True)]
+    settings = dataclasses.replace(SETTINGS, quality_prior={"deep": 0.5, "big_vocab": 0.5}, quality_per_j=0.02,
+                                   ensemble=_gains({("big_vocab", "deep"): -0.02}))
+
+    def first(prompt_chars, choice_tokens):
+        r = RequestFeatures(prompt_chars=prompt_chars, max_tokens=0, gate=gate, mode="score", choice_tokens=choice_tokens)
+        return MoE2(cost=CostModel(), settings=settings).plan(r, cands).subset
+
+    assert first(120, (5, 5, 5, 5)) == ("deep",)          # short question, sentence-long choices
+    assert first(2400, (2, 2, 2, 2)) == ("big_vocab",)    # long few-shot prompt, short choices
