@@ -16,8 +16,8 @@ from .ensemble import EnsembleGains
 
 @dataclass(slots=True, frozen=True)
 class Option:
-    """One expert as MoE² weighs it: the replica the request would go to (the first in the replica order), its gate weight and
-    predicted quality, and that replica's predicted cost (None: unknown)."""
+    """One expert as MoE² weighs it: the replica the request would go to (the first in the replica
+    order), its gate weight and predicted quality, and that replica's predicted cost (None: unknown)."""
 
     expert: str
     replica: Candidate
