@@ -222,3 +222,20 @@ def test_sharing_never_with_a_low_class_floor(profile):
     d = plan_sharing(load(0.1), load(0.1), spec(), low_spec().model_copy(update={"min_replicas": 1}), profile, CFG,
                      shared=False, now_s=1e4, wanted_since_s=0.0)
     assert not d.shared and "never shared" in d.reason
+
+
+@pytest.mark.parametrize("ready", [0, 2])
+def test_starting_replicas_count_their_start_up_power_against_the_budget(profile, ready):
+    # a replica loading its weights draws cold_start_energy_j / cold_start_s on top of the pool's
+    # serving power; a scale-up from a cold (or small) pool must fit the budget with it, or a burst's
+    # scale-up is the row's peak (the four brakes of both+polca on the code trace)
+    s = spec(cold_start_energy_j=9.6e4, max_replicas=9)  # 1600 W while starting: 8 x A100 at half TDP
+    budget = 8000.0
+    plan = plan_pool(load(13.0), PoolState(0.0, ready), s, profile, CFG, power_budget_w=budget)
+    starting_w = max(0, plan.replicas - ready) * s.cold_start_energy_j / s.cold_start_s
+    assert plan.startup_power_w == pytest.approx(starting_w)
+    assert plan.predicted_power_w + starting_w <= budget
+    assert plan.replicas > ready and f"+{starting_w:.0f} W until ready" in plan.reason
+    free = plan_pool(load(13.0), PoolState(0.0, ready), s.model_copy(update={"cold_start_energy_j": 0.0}), profile,
+                     CFG, power_budget_w=budget)
+    assert free.replicas > plan.replicas  # with free starts the same budget buys more replicas
