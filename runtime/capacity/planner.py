@@ -238,6 +238,10 @@ def plan_pool(load: PoolLoad, state: PoolState, spec: PoolSpec, profile: Replica
     # plan that starts replicas must fit the budget with that on top, or a burst's scale-up is the peak
     startup_w = np.maximum(0, pred.replicas - state.replicas_ready) * _cold_start_w(spec)
     in_budget = np.ones_like(ok_slo) if ceiling is None else pred.power_w + startup_w <= ceiling
+    # holding the current count starts nothing new: replicas already starting were priced when they
+    # were started, and cancelling them to shed their start-up power would only restart them later
+    keep_budget = in_budget if ceiling is None else \
+        pred.power_w + np.maximum(0, pred.replicas - state.replicas) * _cold_start_w(spec) <= ceiling
     cost = pred.power_w + np.maximum(0, pred.replicas - state.replicas) * spec.cold_start_energy_j \
         / config.cold_start_amortise_s
     shrink_since = None
@@ -245,7 +249,7 @@ def plan_pool(load: PoolLoad, state: PoolState, spec: PoolSpec, profile: Replica
     if choice is not None and scale and pred.replicas[choice] < state.replicas:
         shrink_since = state.shrink_since_s if state.shrink_since_s is not None else state.now_s
         if state.now_s - shrink_since < config.scale_down_delay_s:
-            hold = (ok_slo & in_budget) & (pred.replicas == state.replicas)
+            hold = (ok_slo & keep_budget) & (pred.replicas == state.replicas)
             held = _choose(hold, cost, pred, len(clocks))
             if held is not None:
                 return _plan(pred, held, spec, profile, state, rate, shrink_since, startup_w,

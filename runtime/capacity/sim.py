@@ -669,11 +669,12 @@ class _Control:
             serves[0] = [0, 1]
         if self.sharing and not self.shared and route[1] == 0:
             serves = [[0, 1], [1]]  # after a split: the high pool carries the low class until its own pool serves
-        # the planner plans within budget_fraction x the budget it is given, so what a pool plans
-        # (serving and start-up power) comes off that planning ceiling, scaled back to a budget
-        frac = self.planner.budget_fraction
+        # the high pool plans first within budget_fraction x the budget (less the low pool's floor);
+        # the low pool within budget_fraction x what the high pool's plan leaves of the budget, its
+        # start-up power included. Together at most budget_fraction x P + (1 - budget_fraction) x the
+        # high pool's plan: into POLCA's T1-T2 band, where POLCA caps the low class, never above P
         lp_floor = pools[1].spec.min_replicas * profile.idle_power_w
-        left = None if budget is None else budget - lp_floor / frac
+        left = None if budget is None else budget - lp_floor
         for i, pool in enumerate(pools):
             spec = pool.spec
             if len(serves[i]) > 1:
@@ -706,7 +707,7 @@ class _Control:
                     continue  # draining only: never start replicas for a pool that takes no new work
                 pool.apply(plan, now)
             if budget is not None:
-                left = budget - (plan.predicted_power_w + plan.startup_power_w) / frac
+                left = budget - plan.predicted_power_w - plan.startup_power_w
 
     def _oracle_hold(self, pool: _Pool, serves: list[int], k: int, hour: int, spec: PoolSpec, load: PoolLoad,
                      state: PoolState, plan: Plan, left: float | None) -> Plan:

@@ -423,19 +423,21 @@ def test_after_a_split_the_low_pool_is_not_released_while_its_class_keeps_arrivi
     assert lp.replicas[1000:1500].min() >= 1  # it started once and serves its class
 
 
-def test_two_pools_under_a_budget_plan_within_its_planning_ceiling_together(profile, monkeypatch):
-    # both+polca: each pool plans within budget_fraction x what is left; what the first pool plans
-    # (serving and start-up power) must come off that ceiling, not off the whole budget (it did: the
-    # two plans together reached 0.8 P + 0.2 x the first pool's)
+def test_two_pools_under_a_budget_count_start_up_power_and_stay_below_it(profile, monkeypatch):
+    # both+polca: the high pool plans within budget_fraction x P, the low pool within budget_fraction x
+    # what the high pool's plan (serving and start-up power) leaves; together never above P
     import runtime.capacity.sim as sim
 
-    planned: dict[float, float] = {}
+    planned: dict[float, dict[str, tuple[float, float | None]]] = {}
+    startups: list[float] = []
     plan_pool = sim.plan_pool
 
     def recording(load, state, spec, prof, config, **kw):
         plan = plan_pool(load, state, spec, prof, config, **kw)
         if kw.get("replicas") is None:
-            planned[state.now_s] = planned.get(state.now_s, 0.0) + plan.predicted_power_w + plan.startup_power_w
+            planned.setdefault(state.now_s, {})[spec.priority] = (plan.predicted_power_w + plan.startup_power_w,
+                                                                  kw.get("power_budget_w"))
+            startups.append(plan.startup_power_w)
         return plan
 
     monkeypatch.setattr(sim, "plan_pool", recording)
@@ -443,4 +445,11 @@ def test_two_pools_under_a_budget_plan_within_its_planning_ceiling_together(prof
     r = simulate_day(synthetic(6.0, 600, seed=9), specs(), profile,
                      SimConfig(policy="both+polca", provisioned_power_w=budget, planner=PlannerConfig(budget_fraction=0.8)))
     assert len(planned) > 50 and r.polca_capped_s > 0
-    assert max(planned.values()) <= 0.8 * budget + 1e-6
+    for pools in planned.values():
+        high_w, high_budget = pools["high"]
+        assert high_budget == budget and high_w <= 0.8 * budget + 1e-6
+        if "low" in pools:
+            low_w, low_budget = pools["low"]
+            assert low_budget == pytest.approx(budget - high_w)
+            assert high_w + low_w <= budget
+    assert max(startups) > 0  # replicas were started under the budget, their start-up power priced
