@@ -46,6 +46,8 @@ def cmd_simulate_capacity(args) -> int:
             released_replica_power_w=args.released_replica_power_w,
             share_classes=args.share_classes, pack_decode=args.pack_decode, pack_migrate=args.pack_migrate,
             oracle_window_s=args.oracle_window_s,
+            oracle_planner=None if args.oracle_load_headroom is None else PlannerConfig(
+                interval_s=args.interval_s, load_headroom=args.oracle_load_headroom),
             warm=None if args.warm_wake_s is None else WarmTier(args.warm_wake_s, args.warm_power_w, args.warm_keep_s),
             shape=DayShape(trough_fraction=args.trough_fraction, peak_hour=args.peak_hour), seed=args.seed,
         )
@@ -162,6 +164,8 @@ def register_simulate(ssub) -> None:
     s.add_argument("--warm-keep-s", type=float, default=float("inf"), help="a released replica stays warm this long")
     s.add_argument("--oracle-window-s", type=float, default=60.0,
                    help="oracle: plan for the busiest window this long among the arrivals ahead")
+    s.add_argument("--oracle-load-headroom", type=float,
+                   help="oracle: plan for its window's rate times this (default: the planner's 1.3)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--plot", default="capacity_sim.png", help="PNG of power, replicas and TTFT ('' for none)")
     s.add_argument("--json", help="write the summary rows as JSON here")

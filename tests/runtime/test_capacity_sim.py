@@ -377,7 +377,8 @@ def test_cli_runs_the_oracle_and_the_levers_on_a_short_slice(tmp_path, capsys):
     js = tmp_path / "cap.json"
     rc = cli_main(["simulate", "capacity", "--trace", str(CONV), "--hours", "0.05", "--start-hour", "13",
                    "--policy", "both,oracle", "--share-classes", "--pack-decode", "--warm-wake-s", "10",
-                   "--oracle-window-s", "10", "--json", str(js), "--plot", ""])
+                   "--oracle-window-s", "10", "--oracle-load-headroom", "1", "--cold-start-s", "5",
+                   "--cold-start-power-fraction", "0.25", "--json", str(js), "--plot", ""])
     assert rc == 0
     rows = json.loads(js.read_text())
     assert [r["policy"] for r in rows] == ["static", "both", "oracle"]
@@ -386,6 +387,8 @@ def test_cli_runs_the_oracle_and_the_levers_on_a_short_slice(tmp_path, capsys):
     assert "warm tier" in capsys.readouterr().err
     assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--cold-start-power-fraction", "-0.5"]) == 2
     assert "cold_start_power_fraction" in capsys.readouterr().err
+    assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--oracle-load-headroom", "0.5"]) == 2
+    assert "load_headroom" in capsys.readouterr().err
 
 
 def test_oracle_holds_a_replica_needed_again_before_a_restart_pays(profile):
