@@ -146,6 +146,7 @@ class Plan:
     slo_met: bool
     reason: str
     shrink_since_s: float | None = None
+    startup_power_w: float = 0.0  # drawn on top while the plan's replicas not yet ready start (cold-start power)
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,7 +234,14 @@ def plan_pool(load: PoolLoad, state: PoolState, spec: PoolSpec, profile: Replica
               & (pred.tpot_s * 1e3 <= config.slo_margin * spec.slo.tpot_ms)
               & (pred.prefill_fraction <= config.max_prefill_fraction)
               & (pred.batch <= config.max_batch_fill * profile.max_batch))
-    in_budget = np.ones_like(ok_slo) if ceiling is None else pred.power_w <= ceiling
+    # a replica not yet ready draws its cold-start power (weights loading) while the others serve: a
+    # plan that starts replicas must fit the budget with that on top, or a burst's scale-up is the peak
+    startup_w = np.maximum(0, pred.replicas - state.replicas_ready) * _cold_start_w(spec)
+    in_budget = np.ones_like(ok_slo) if ceiling is None else pred.power_w + startup_w <= ceiling
+    # holding the current count starts nothing new: replicas already starting were priced when they
+    # were started, and cancelling them to shed their start-up power would only restart them later
+    keep_budget = in_budget if ceiling is None else \
+        pred.power_w + np.maximum(0, pred.replicas - state.replicas) * _cold_start_w(spec) <= ceiling
     cost = pred.power_w + np.maximum(0, pred.replicas - state.replicas) * spec.cold_start_energy_j \
         / config.cold_start_amortise_s
     shrink_since = None
@@ -241,10 +249,10 @@ def plan_pool(load: PoolLoad, state: PoolState, spec: PoolSpec, profile: Replica
     if choice is not None and scale and pred.replicas[choice] < state.replicas:
         shrink_since = state.shrink_since_s if state.shrink_since_s is not None else state.now_s
         if state.now_s - shrink_since < config.scale_down_delay_s:
-            hold = (ok_slo & in_budget) & (pred.replicas == state.replicas)
+            hold = (ok_slo & keep_budget) & (pred.replicas == state.replicas)
             held = _choose(hold, cost, pred, len(clocks))
             if held is not None:
-                return _plan(pred, held, spec, profile, state, rate, shrink_since,
+                return _plan(pred, held, spec, profile, state, rate, shrink_since, startup_w,
                              f"holding {state.replicas} (fewer wanted for {state.now_s - shrink_since:.0f} s "
                              f"< {config.scale_down_delay_s:g} s)")
     if choice is not None:
@@ -252,8 +260,13 @@ def plan_pool(load: PoolLoad, state: PoolState, spec: PoolSpec, profile: Replica
         kept = _keep_clock(ok_slo & in_budget, cost, pred, choice, state, profile, config)
         if kept is not None:
             choice, why = kept, f"{why} (clock kept: a change would save < {config.clock_change_min_saving:.0%})"
-        return _plan(pred, choice, spec, profile, state, rate, shrink_since, why)
-    return _fallback(pred, in_budget, spec, profile, state, rate, ceiling)
+        return _plan(pred, choice, spec, profile, state, rate, shrink_since, startup_w, why)
+    return _fallback(pred, in_budget, spec, profile, state, rate, ceiling, startup_w)
+
+
+def _cold_start_w(spec: PoolSpec) -> float:
+    """What one starting replica draws: its cold-start energy spread over the cold start."""
+    return spec.cold_start_energy_j / spec.cold_start_s if spec.cold_start_s > 0 else 0.0
 
 
 def _choose(mask: np.ndarray, cost: np.ndarray, pred: Prediction, n_clocks: int) -> int | None:
@@ -281,7 +294,7 @@ def _keep_clock(ok, cost, pred: Prediction, choice: int, state: PoolState, profi
     return i if cost.ravel()[i] <= cost.ravel()[choice] * (1.0 + config.clock_change_min_saving) else None
 
 
-def _fallback(pred, in_budget, spec, profile, state, rate, ceiling) -> Plan:
+def _fallback(pred, in_budget, spec, profile, state, rate, ceiling, startup_w) -> Plan:
     """No plan meets the SLO: the most capacity the budget allows (most replicas, then the
     highest clock); if even the smallest fleet is over budget, the smallest fleet at its lowest clock."""
     flat = np.flatnonzero(in_budget.ravel())
@@ -291,11 +304,11 @@ def _fallback(pred, in_budget, spec, profile, state, rate, ceiling) -> Plan:
     else:
         best = int(np.lexsort((pred.clock_index, pred.replicas))[0])
         why = f"even {pred.replicas[best]} replica(s) at the lowest clock exceed {ceiling:.0f} W"
-    return _plan(pred, best, spec, profile, state, rate, None, f"best effort: {why}", slo_met=False)
+    return _plan(pred, best, spec, profile, state, rate, None, startup_w, f"best effort: {why}", slo_met=False)
 
 
 def _plan(pred: Prediction, i: int, spec: PoolSpec, profile: ReplicaProfile, state: PoolState, rate: float,
-          shrink_since: float | None, why: str, slo_met: bool = True) -> Plan:
+          shrink_since: float | None, startup_w: np.ndarray, why: str, slo_met: bool = True) -> Plan:
     n, clock = int(pred.replicas[i]), float(profile.clocks_mhz[pred.clock_index[i]])
     ttft_ms, tpot_ms = float(pred.ttft_s[i] * 1e3), float(pred.tpot_s[i] * 1e3)
     cold = ""
@@ -304,10 +317,13 @@ def _plan(pred: Prediction, i: int, spec: PoolSpec, profile: ReplicaProfile, sta
         ttft_ms += wait_s * 1e3
         slo_met = slo_met and ttft_ms <= spec.slo.ttft_ms  # requests arriving before a replica serves
         cold = f"; cold: {wait_s:.0f} s of start-up counted in TTFT"
+    start_w = float(startup_w[i])
+    if start_w > 0:
+        cold += f"; {pred.replicas[i] - state.replicas_ready} starting: +{start_w:.0f} W until ready"
     reason = (f"{spec.name}: plan {rate:.2f} req/s -> {n} replica(s) at {clock:.0f} MHz: predicted TTFT "
               f"{ttft_ms:.0f} ms (p99 prompt), TPOT {tpot_ms:.0f} ms vs SLO {spec.slo.ttft_ms:g}/{spec.slo.tpot_ms:g} "
               f"ms, batch {pred.batch[i]:.1f}, {pred.power_w[i]:.0f} W {profile.energy_source}; {why}{cold}")
-    return Plan(n, clock, ttft_ms, tpot_ms, float(pred.power_w[i]), slo_met, reason, shrink_since)
+    return Plan(n, clock, ttft_ms, tpot_ms, float(pred.power_w[i]), slo_met, reason, shrink_since, start_w)
 
 
 def _may_release(load: PoolLoad, state: PoolState, spec: PoolSpec, config: PlannerConfig) -> bool:

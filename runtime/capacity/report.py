@@ -58,6 +58,11 @@ class CapacityExperiment:
     oracle_planner: PlannerConfig | None = None  # the oracle's knobs (None: ``planner``)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.cold_start_s < 0 or self.cold_start_power_fraction < 0:
+            raise ValueError(f"cold start: cold_start_s ({self.cold_start_s}) and cold_start_power_fraction "
+                             f"({self.cold_start_power_fraction}) must be >= 0")
+
     def replica_profile(self) -> ReplicaProfile:
         return replica_profile_from_device(self.profile, gpus=self.gpus_per_replica, model_params=self.model_params,
                                            max_batch=self.max_batch, clock_power_exponent=self.clock_power_exponent,

@@ -146,6 +146,7 @@ class DayResult:
     polca_capped_s: float = 0.0
     share_changes: int = 0  # the classes were merged onto shared replicas or split again
     shared_s: float = 0.0  # seconds the classes shared replicas
+    brakes_at_s: list[float] = field(default_factory=list)  # when POLCA braked (both+polca)
 
     @property
     def power_w(self) -> np.ndarray:
@@ -220,6 +221,9 @@ class _Pool:
         self._np_tables = (np.asarray(profile.decode_step_s, dtype=float), np.asarray(profile.decode_power_w, dtype=float))
         self._window_s = config.oracle_window_s
         self.lanes = [_Lane() for _ in classes]
+        # the class this pool is for: its requests keep the pool from counting as idle even while they
+        # are served elsewhere (after a split the low class rides the high pool until its own is ready)
+        self.own = next((c for c, cls in enumerate(classes) if cls.spec == spec), None)
         self.ready, self.starting = spec.max_replicas, []  # ready-at times of starting replicas
         self.warm: list[float] = []  # release times of released replicas still holding weights in host memory
         self.clock = profile.max_clock_index
@@ -277,7 +281,8 @@ class _Pool:
         power += n_start * cold_w + (released - n_warm) * self._released_w + n_warm * warm_w
         self.power[k], self.replicas[k], self.clocks[k] = power, self.ready + n_start + draining, \
             prof.clocks_mhz[clock]
-        busy = self.work() > 1e-9 or arrived > 0
+        own = self.own is not None and self.own not in routed and self.classes[self.own].bin_n[k] > 0
+        busy = self.work() > 1e-9 or arrived > 0 or own
         self.idle_since = None if busy else (now if self.idle_since is None else self.idle_since)
         return power
 
@@ -581,7 +586,7 @@ def simulate_day(work: Workload, specs: tuple[PoolSpec, PoolSpec], profile: Repl
     ctl = _Control(config, profile, pools, classes)
     row = np.zeros(n_ticks)
     last_arrival_tick = n_ticks if not len(work.arrival_s) else int(work.arrival_s[-1] // dt) + 1
-    brakes = 0
+    brakes: list[float] = []
     k = 0
     for k in range(n_ticks):
         now = k * dt
@@ -596,7 +601,7 @@ def simulate_day(work: Workload, specs: tuple[PoolSpec, PoolSpec], profile: Repl
                 cls.clocks[k] = profile.clocks_mhz[pools[route[c]].clock]
         if policy is not None and (k + 1) % polca_every == 0:
             decision = policy.update(now + dt, float(row[k + 1 - polca_every:k + 1].mean()))
-            brakes += sum(1 for kind, _ in decision.events if kind.value == "brake")
+            brakes += [now + dt for kind, _ in decision.events if kind.value == "brake"]
             for cls in (HIGH, LOW):
                 target = policy.target(cls, float(profile.clocks_mhz[-1]), float(profile.clocks_mhz[0]))
                 caps[cls] = None if target.sm_clock_mhz is None else \
@@ -610,8 +615,8 @@ def simulate_day(work: Workload, specs: tuple[PoolSpec, PoolSpec], profile: Repl
     n = k + 1
     return DayResult(config.policy, profile.energy_source, dt,
                      [pool.result(cls, n) for pool, cls in zip(pools, classes, strict=True)],
-                     config.provisioned_power_w, brakes, policy.capped_s if policy else 0.0,
-                     ctl.share_changes, ctl.shared_s)
+                     config.provisioned_power_w, len(brakes), policy.capped_s if policy else 0.0,
+                     ctl.share_changes, ctl.shared_s, brakes)
 
 
 class _Control:
@@ -664,6 +669,10 @@ class _Control:
             serves[0] = [0, 1]
         if self.sharing and not self.shared and route[1] == 0:
             serves = [[0, 1], [1]]  # after a split: the high pool carries the low class until its own pool serves
+        # the high pool plans first within budget_fraction x the budget (less the low pool's floor);
+        # the low pool within budget_fraction x what the high pool's plan leaves of the budget, its
+        # start-up power included. Together at most budget_fraction x P + (1 - budget_fraction) x the
+        # high pool's plan: into POLCA's T1-T2 band, where POLCA caps the low class, never above P
         lp_floor = pools[1].spec.min_replicas * profile.idle_power_w
         left = None if budget is None else budget - lp_floor
         for i, pool in enumerate(pools):
@@ -698,7 +707,7 @@ class _Control:
                     continue  # draining only: never start replicas for a pool that takes no new work
                 pool.apply(plan, now)
             if budget is not None:
-                left = budget - plan.predicted_power_w
+                left = budget - plan.predicted_power_w - plan.startup_power_w
 
     def _oracle_hold(self, pool: _Pool, serves: list[int], k: int, hour: int, spec: PoolSpec, load: PoolLoad,
                      state: PoolState, plan: Plan, left: float | None) -> Plan:

@@ -40,11 +40,14 @@ def cmd_simulate_capacity(args) -> int:
             hp_slo=SLO(ttft_ms=args.hp_ttft_ms, tpot_ms=args.hp_tpot_ms),
             lp_slo=SLO(ttft_ms=args.lp_ttft_ms, tpot_ms=args.lp_tpot_ms),
             min_replicas=args.min_replicas, cold_start_s=args.cold_start_s,
+            cold_start_power_fraction=args.cold_start_power_fraction,
             planner=PlannerConfig(interval_s=args.interval_s), budget_fraction=args.budget_fraction,
             clock_interval_s=args.clock_interval_s,
             released_replica_power_w=args.released_replica_power_w,
             share_classes=args.share_classes, pack_decode=args.pack_decode, pack_migrate=args.pack_migrate,
             oracle_window_s=args.oracle_window_s,
+            oracle_planner=None if args.oracle_load_headroom is None else PlannerConfig(
+                interval_s=args.interval_s, load_headroom=args.oracle_load_headroom),
             warm=None if args.warm_wake_s is None else WarmTier(args.warm_wake_s, args.warm_power_w, args.warm_keep_s),
             shape=DayShape(trough_fraction=args.trough_fraction, peak_hour=args.peak_hour), seed=args.seed,
         )
@@ -58,6 +61,9 @@ def cmd_simulate_capacity(args) -> int:
           f"fleet {rows[0].replicas_max} replicas (busiest minute at max clock); energy {first.energy_source}")
     print(format_table(rows))
     print(saving_sources(rows))
+    for name, r in results.items():
+        if r.brakes_at_s:
+            print(f"{name}: power brake at " + ", ".join(f"{t / 3600:.2f} h" for t in r.brakes_at_s))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     if args.plot:
@@ -134,7 +140,9 @@ def register_simulate(ssub) -> None:
     s.add_argument("--lp-ttft-ms", type=float, default=10000.0)
     s.add_argument("--lp-tpot-ms", type=float, default=200.0)
     s.add_argument("--min-replicas", type=int, default=0, help="per pool; 0 allows scale to zero")
-    s.add_argument("--cold-start-s", type=float, default=60.0)
+    s.add_argument("--cold-start-s", type=float, default=60.0, help="seconds from 'add a replica' to serving (assumed)")
+    s.add_argument("--cold-start-power-fraction", type=float, default=0.5,
+                   help="a starting replica draws this fraction of its GPUs' TDP (assumed; 0: starts cost no energy)")
     s.add_argument("--interval-s", type=float, default=10.0, help="planner control period")
     s.add_argument("--clock-interval-s", type=float,
                    help="also re-plan clocks (replicas fixed) this often between replica plans (default: off)")
@@ -156,6 +164,8 @@ def register_simulate(ssub) -> None:
     s.add_argument("--warm-keep-s", type=float, default=float("inf"), help="a released replica stays warm this long")
     s.add_argument("--oracle-window-s", type=float, default=60.0,
                    help="oracle: plan for the busiest window this long among the arrivals ahead")
+    s.add_argument("--oracle-load-headroom", type=float,
+                   help="oracle: plan for its window's rate times this (default: the planner's 1.3)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--plot", default="capacity_sim.png", help="PNG of power, replicas and TTFT ('' for none)")
     s.add_argument("--json", help="write the summary rows as JSON here")

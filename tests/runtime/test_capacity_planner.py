@@ -222,3 +222,33 @@ def test_sharing_never_with_a_low_class_floor(profile):
     d = plan_sharing(load(0.1), load(0.1), spec(), low_spec().model_copy(update={"min_replicas": 1}), profile, CFG,
                      shared=False, now_s=1e4, wanted_since_s=0.0)
     assert not d.shared and "never shared" in d.reason
+
+
+@pytest.mark.parametrize("ready", [0, 2])
+def test_starting_replicas_count_their_start_up_power_against_the_budget(profile, ready):
+    # a replica loading its weights draws cold_start_energy_j / cold_start_s on top of the pool's
+    # serving power; a scale-up from a cold (or small) pool must fit the budget with it, or a burst's
+    # scale-up is the row's peak (the four brakes of both+polca on the code trace)
+    s = spec(cold_start_energy_j=9.6e4, max_replicas=9)  # 1600 W while starting: 8 x A100 at half TDP
+    budget = 8000.0
+    plan = plan_pool(load(13.0), PoolState(0.0, ready), s, profile, CFG, power_budget_w=budget)
+    starting_w = max(0, plan.replicas - ready) * s.cold_start_energy_j / s.cold_start_s
+    assert plan.startup_power_w == pytest.approx(starting_w)
+    assert plan.predicted_power_w + starting_w <= budget
+    assert plan.replicas > ready and f"+{starting_w:.0f} W until ready" in plan.reason
+    free = plan_pool(load(13.0), PoolState(0.0, ready), s.model_copy(update={"cold_start_energy_j": 0.0}), profile,
+                     CFG, power_budget_w=budget)
+    assert free.replicas > plan.replicas  # with free starts the same budget buys more replicas
+
+
+def test_replicas_already_starting_are_held_not_cancelled_for_their_start_up_power(profile):
+    # 2 ready, 3 starting (priced when they were started); the load now fits fewer: the scale-down
+    # delay holds all 5 while their serving power fits the budget, rather than cancelling the three
+    # to shed start-up power and starting them again at the next rise
+    s = spec(cold_start_energy_j=9.6e4, max_replicas=9)
+    cfg = PlannerConfig(scale_down_delay_s=120.0)
+    state = PoolState(100.0, 2, replicas_starting=3, cold_start_left_s=30.0)
+    budget = plan_pool(load(4.0), state, s, profile, cfg, replicas=5).predicted_power_w + 2000.0
+    plan = plan_pool(load(4.0), state, s, profile, cfg, power_budget_w=budget)
+    assert plan.replicas == 5 and "holding 5" in plan.reason
+    assert plan.predicted_power_w <= budget < plan.predicted_power_w + 3 * 1600.0

@@ -377,13 +377,18 @@ def test_cli_runs_the_oracle_and_the_levers_on_a_short_slice(tmp_path, capsys):
     js = tmp_path / "cap.json"
     rc = cli_main(["simulate", "capacity", "--trace", str(CONV), "--hours", "0.05", "--start-hour", "13",
                    "--policy", "both,oracle", "--share-classes", "--pack-decode", "--warm-wake-s", "10",
-                   "--oracle-window-s", "10", "--json", str(js), "--plot", ""])
+                   "--oracle-window-s", "10", "--oracle-load-headroom", "1", "--cold-start-s", "5",
+                   "--cold-start-power-fraction", "0.25", "--json", str(js), "--plot", ""])
     assert rc == 0
     rows = json.loads(js.read_text())
     assert [r["policy"] for r in rows] == ["static", "both", "oracle"]
     assert all(r["unfinished"] == 0 for r in rows)
     assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--warm-wake-s", "-1"]) == 2
     assert "warm tier" in capsys.readouterr().err
+    assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--cold-start-power-fraction", "-0.5"]) == 2
+    assert "cold_start_power_fraction" in capsys.readouterr().err
+    assert cli_main(["simulate", "capacity", "--trace", str(CONV), "--oracle-load-headroom", "0.5"]) == 2
+    assert "load_headroom" in capsys.readouterr().err
 
 
 def test_oracle_holds_a_replica_needed_again_before_a_restart_pays(profile):
@@ -398,3 +403,56 @@ def test_oracle_holds_a_replica_needed_again_before_a_restart_pays(profile):
     assert reps[150:250].min() >= 1  # the 200 s gap: held
     assert reps[700:1200].max() == 0  # the 1080 s gap: released
     assert r.pools[0].cold_starts == 1  # only the start before the last burst (the day begins with the fleet up)
+
+
+def test_after_a_split_the_low_pool_is_not_released_while_its_class_keeps_arriving(profile):
+    # the classes share at low load; then the high class surges and they split: the low class rides the
+    # high pool until its own pool has a ready replica. Those requests are the low pool's: it must not
+    # count as idle and release its starting replica whenever a 10 s interval had no low request (it did:
+    # start, release, start... every 10-30 s, so the low pool never served and each start was paid)
+    rng = np.random.default_rng(17)
+    quiet = np.sort(rng.uniform(0, 900, 540))
+    surge, low = np.sort(rng.uniform(900, 1500, 7200)), np.arange(905.0, 1500.0, 25.0)  # a low request every 25 s
+    arr = np.concatenate([quiet, surge, low])
+    high = np.concatenate([rng.random(len(quiet)) < 0.5, np.ones(len(surge), bool), np.zeros(len(low), bool)])
+    order = np.argsort(arr, kind="stable")
+    n = len(arr)
+    work = Workload("split", arr[order], np.full(n, 1500), np.full(n, 60), high_priority=high[order])
+    r = simulate_day(work, specs(), profile, SimConfig(policy="both", share_classes=True, pack_decode=True))
+    assert r.share_changes >= 2  # shared, then split by the surge
+    lp = r.pools[1]
+    assert lp.cold_starts <= 2
+    assert not [t for t, why in lp.plans if t > 900 and "no request and no work" in why]
+    assert lp.replicas[1000:1500].min() >= 1  # it started once and serves its class
+
+
+def test_two_pools_under_a_budget_count_start_up_power_and_stay_below_it(profile, monkeypatch):
+    # both+polca: the high pool plans within budget_fraction x P, the low pool within budget_fraction x
+    # what the high pool's plan (serving and start-up power) leaves; together never above P
+    import runtime.capacity.sim as sim
+
+    planned: dict[float, dict[str, tuple[float, float | None]]] = {}
+    startups: list[float] = []
+    plan_pool = sim.plan_pool
+
+    def recording(load, state, spec, prof, config, **kw):
+        plan = plan_pool(load, state, spec, prof, config, **kw)
+        if kw.get("replicas") is None:
+            planned.setdefault(state.now_s, {})[spec.priority] = (plan.predicted_power_w + plan.startup_power_w,
+                                                                  kw.get("power_budget_w"))
+            startups.append(plan.startup_power_w)
+        return plan
+
+    monkeypatch.setattr(sim, "plan_pool", recording)
+    budget = 10000.0
+    r = simulate_day(synthetic(6.0, 600, seed=9), specs(), profile,
+                     SimConfig(policy="both+polca", provisioned_power_w=budget, planner=PlannerConfig(budget_fraction=0.8)))
+    assert len(planned) > 50 and r.polca_capped_s > 0
+    for pools in planned.values():
+        high_w, high_budget = pools["high"]
+        assert high_budget == budget and high_w <= 0.8 * budget + 1e-6
+        if "low" in pools:
+            low_w, low_budget = pools["low"]
+            assert low_budget == pytest.approx(budget - high_w)
+            assert high_w + low_w <= budget
+    assert max(startups) > 0  # replicas were started under the budget, their start-up power priced
