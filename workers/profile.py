@@ -50,8 +50,9 @@ class ProfileTracker:
             if depth in self.exit_histogram:
                 self.exit_histogram[depth] += n
         a = self.alpha
-        if timings.prefill_tokens and timings.prefill_s > 0:
-            per_token = 1000.0 * timings.prefill_s / timings.prefill_tokens
+        prompt_s = timings.prefill_s - timings.scored_s  # a Score's choices are not prompt tokens
+        if timings.prefill_tokens and prompt_s > 0:
+            per_token = 1000.0 * prompt_s / timings.prefill_tokens
             self.prefill_ms_per_token = _ewma(self.prefill_ms_per_token, per_token, a)
         if timings.decode_batch:
             step_ms = 1000.0 * timings.decode_s

@@ -199,6 +199,9 @@ def test_score_prefers_the_right_answer_and_matches_generation(engine):
     out = engine.score(PreparedScore(ScoreCall("t", "x", ("y",)), prompt_ids, [ids["g"], ids["g"][:2]], 0.0))
     assert out.logprobs[0] == pytest.approx(logprobs["g"], rel=0.02, abs=0.05)
     assert out.work.prefill_tokens == len(prompt_ids) + 4 + 1
+    # the profile's prompt rate is learnt from the prompt alone: the choices are timed apart
+    assert out.timings.prefill_tokens == len(prompt_ids)
+    assert 0 < out.timings.scored_s < out.timings.prefill_s
     assert_no_leak(engine)
 
 

@@ -70,6 +70,9 @@ class StepTimings:
     prefill_tokens: int = 0
     decode_s: float = 0.0
     decode_batch: int = 0
+    # a Score's choices after its prompt (inside prefill_s, not in prefill_tokens): each choice
+    # token also runs the output layer over the vocabulary, so it is not a prompt token's cost
+    scored_s: float = 0.0
 
 
 @dataclass(slots=True)

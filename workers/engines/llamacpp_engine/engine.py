@@ -267,6 +267,7 @@ class LlamaCppEngine(Engine):
             row = batch.add(prompt, 0, seq)
             batch.decode(model.ctx)
             after_prompt = np.array(batch.logits(model.ctx, row, model.n_vocab))  # next decode reuses the buffer
+            prompt_s = time.perf_counter() - t0
             tokens = n
             for choice in request.choice_ids:
                 total = log_prob(after_prompt, choice[0])
@@ -283,7 +284,9 @@ class LlamaCppEngine(Engine):
             model.forget(seq)
         elapsed = time.perf_counter() - t0
         work = StepWork(prefill_tokens=tokens, batch_size=len(request.choice_ids))
-        return ScoreOutput(logprobs, work, StepTimings(prefill_s=elapsed, prefill_tokens=tokens))
+        # the profile learns the prompt rate from the prompt alone (prefill_tokens = n): the
+        # choices' tokens also read the output layer, which the router prices apart
+        return ScoreOutput(logprobs, work, StepTimings(prefill_s=elapsed, prefill_tokens=n, scored_s=elapsed - prompt_s))
 
     def close(self) -> None:
         self.scheduler.running.clear()
