@@ -8,6 +8,7 @@ and leave only at these boundaries, each with its own KV rows.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,43 @@ def resolve_device_and_dtype(spec: TorchEngineSpec) -> tuple[torch.device, torch
         # bf16 matmuls are slow on CPUs without AVX512-BF16/AMX; fp32 is the safe default there.
         dtype_name = "bfloat16" if device == "cuda" else "float32"
     return torch.device(device), getattr(torch, dtype_name)
+
+
+def score_choices(
+    model: torch.nn.Module,
+    prompt_cache,
+    after_prompt: torch.Tensor,
+    choice_ids: list[list[int]],
+    device: torch.device,
+    max_rows: int,
+) -> tuple[list[float], int]:
+    """Each choice's summed log-prob after a prompt already run, and the choice tokens computed.
+
+    ``after_prompt`` is the log-softmax at the prompt's last position: it scores every choice's
+    first token, so a one-token choice costs no forward at all. The others run their tokens but
+    the last (position t predicts token t+1) in batches of at most ``max_rows`` rows, each batch
+    on its own copy of ``prompt_cache`` repeated once per row, right padded: a padded position
+    comes after every real one, so causal attention keeps it out of the real ones and its logits
+    are never read. ``prompt_cache`` itself is left as it was.
+    """
+    totals = [float(after_prompt[c[0]]) for c in choice_ids]
+    longer = [i for i, c in enumerate(choice_ids) if len(c) > 1]
+    computed = 0
+    for b in range(0, len(longer), max(1, max_rows)):
+        rows = longer[b : b + max(1, max_rows)]
+        width = max(len(choice_ids[i]) - 1 for i in rows)
+        # pad with each row's own last input token: any id works, its outputs are never read
+        inputs = [choice_ids[i][:-1] + [choice_ids[i][-2]] * (width - len(choice_ids[i]) + 1) for i in rows]
+        cache = copy.deepcopy(prompt_cache)
+        cache.batch_repeat_interleave(len(rows))
+        logits = model(input_ids=torch.tensor(inputs, device=device), past_key_values=cache, use_cache=True).logits
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        for r, i in enumerate(rows):
+            targets = torch.tensor(choice_ids[i][1:], device=device)
+            totals[i] += float(lp[r, : len(targets)].gather(1, targets[:, None]).sum())
+            computed += len(targets)
+        del cache
+    return totals, computed
 
 
 class TorchEngine(Engine):
@@ -161,22 +199,28 @@ class TorchEngine(Engine):
 
     @torch.no_grad()
     def score(self, request: PreparedScore) -> ScoreOutput:
-        """One plain forward of the model per choice over prompt + choice (no KV slot used)."""
+        """Sum of log p(choice | prompt) per choice: the prompt runs once (a plain transformers
+        forward with its own cache, never the engine's KV slots), then the choices run together
+        on copies of that cache (:func:`score_choices`). Timings as the llama.cpp engine's: the
+        prompt's tokens in ``prefill_tokens``, the choices' time in ``scored_s``."""
         t0 = time.perf_counter()
-        logprobs: list[float] = []
-        tokens = 0
-        for choice in request.choice_ids:
-            ids = request.prompt_ids + choice
-            tokens += len(ids)
-            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
-            # position t predicts token t+1: the choice's tokens are predicted from len(prompt)-1 on
-            start = len(request.prompt_ids) - 1
-            lp = torch.log_softmax(logits[start : len(ids) - 1], dim=-1)
-            target = torch.tensor(choice, device=self.device)
-            logprobs.append(float(lp.gather(1, target[:, None]).sum()))
+        prompt_ids = torch.tensor([request.prompt_ids], device=self.device)
+        out = self.model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+        after_prompt = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        self._sync()
+        prompt_s = time.perf_counter() - t0
+        logprobs, choice_tokens = score_choices(
+            self.model, out.past_key_values, after_prompt, request.choice_ids, self.device, self.scheduler.max_batch
+        )
+        self._sync()
         elapsed = time.perf_counter() - t0
-        work = StepWork(prefill_tokens=tokens, batch_size=len(request.choice_ids))
-        return ScoreOutput(logprobs, work, StepTimings(prefill_s=elapsed, prefill_tokens=tokens))
+        n = len(request.prompt_ids)
+        work = StepWork(prefill_tokens=n + choice_tokens, batch_size=len(request.choice_ids))
+        return ScoreOutput(logprobs, work, StepTimings(prefill_s=elapsed, prefill_tokens=n, scored_s=elapsed - prompt_s))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the phase's kernels, not just their launch
 
     def add(self, request: PreparedRequest) -> None:
         with self._tok_lock:
