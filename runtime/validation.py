@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from wattserve.errors import InvalidRequest, UnknownExpert
 from wattserve.types import Priority, evolve
-from workers.engines.chat import check_messages
+from workers.engines.chat import check_messages, check_seed
 
 if TYPE_CHECKING:
     from .config import WattserveConfig
@@ -139,9 +139,7 @@ class Validator:
                                      param=name)
         if not 0 <= s.min_p <= 1:
             raise InvalidRequest(f"sampling.min_p must be in [0, 1] (got {s.min_p}); 0 disables it", param="min_p")
-        if s.seed is not None and not 0 <= s.seed < 2**64:  # gRPC's uint64; HTTP's JSON integer is unbounded
-            raise InvalidRequest(f"sampling.seed must be in [0, 2^64) (got {s.seed}); leave it out for a random seed",
-                                 param="seed")
+        check_seed(s.seed)
         if s.min_tokens < 0:
             raise InvalidRequest(f"sampling.min_tokens must be >= 0 (got {s.min_tokens})", param="min_tokens")
         if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):

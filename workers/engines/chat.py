@@ -66,6 +66,15 @@ def encode_prompt(tokenizer, call: GenerateCall) -> list[int]:
 
 SEED_LIMIT = 2**64  # seeds are uint64, as gRPC's SamplingParams.seed
 
+
+def check_seed(seed: int | None) -> None:
+    """A seed outside [0, 2^64) is refused here, before queueing: numpy's generator raises on a
+    negative one mid-batch, which took the engine (and every request in its batch) down."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:  # HTTP's JSON integer is unbounded
+        raise InvalidRequest(f"sampling.seed must be in [0, 2^64) (got {seed}); leave it out for a random seed",
+                             param="seed")
+
+
 def encode_checked(
     tokenizer, call: GenerateCall, *, expert: str, max_model_len: int
 ) -> tuple[list[int], GenerateCall]:
@@ -75,9 +84,7 @@ def encode_checked(
     caller holds its tokenizer lock (fast tokenizers are not safe for concurrent use)."""
     if not call.prompt and not call.messages:
         raise InvalidRequest("prompt is empty: send at least one character of text")
-    seed = call.sampling.seed
-    if seed is not None and not 0 <= seed < SEED_LIMIT:  # numpy refuses a negative seed: at queueing, not mid-batch
-        raise InvalidRequest(f"sampling.seed must be in [0, 2^64) (got {seed})")
+    check_seed(call.sampling.seed)
     ids = encode_prompt(tokenizer, call)
     if not ids:
         raise InvalidRequest("prompt tokenizes to nothing")
