@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from router.evaluate import Curve, equal_energy  # noqa: E402
 from runtime.cli import main as cli  # noqa: E402
-from runtime.cli.router import _shared_data_dir  # noqa: E402
+from runtime.cli.router import _shared_data_dir, add_eval_gate_args  # noqa: E402
 
 POLICIES = ("moe2", "threshold", "knn", "mlp", "random", "cheapest", "strongest", "ceiling_denoised",
             "ceiling_insample", "oracle")
@@ -156,12 +156,7 @@ def main() -> int:
                          "running sets side by side with --only)")
     ap.add_argument("--png", action="store_true", help="also write a quality-vs-energy PNG per data set")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="split seeds, comma-separated (the MMLU sample stays the seed-0 sample)")
-    ap.add_argument("--gate-knn-weight", type=float, default=None,
-                    help="MoE²'s gate: fix the weight of the nearest training prompts (0: the MLP alone; default: "
-                         "chosen by the inner folds)")
-    ap.add_argument("--inner-folds", type=int, default=5,
-                    help="folds inside each training half that choose MoE²'s gate knobs (0: the fixed rule of "
-                         "before, 40 nearest at weight 0.5 unless --gate-knn-weight)")
+    add_eval_gate_args(ap)  # MoE²'s gate in every run, as `route eval` takes them
     ap.add_argument("--steps", type=int, default=41, help="knob values per swept policy (the same for every policy)")
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -180,7 +175,7 @@ def main() -> int:
                 continue
             argv = ["route", "eval", "--data", str(data), "--experts", str(profiles), "--json", str(path),
                     "--seed", str(seed), "--steps", str(args.steps),
-                    "--inner-folds", str(args.inner_folds), *extra]
+                    "--inner-folds", str(args.inner_folds), "--calibration", args.calibration, *extra]
             if args.gate_knn_weight is not None:
                 argv += ["--gate-knn-weight", str(args.gate_knn_weight)]
             if args.png:

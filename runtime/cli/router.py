@@ -445,6 +445,20 @@ def cmd_budget_show(args) -> int:
     return 0
 
 
+def add_eval_gate_args(s) -> None:
+    """How `route eval` fits its on-the-fly gate (also offered by benchmarks/bench_routing.py,
+    which passes them on)."""
+    s.add_argument("--gate-knn-weight", type=float, default=None,
+                   help="fix the weight of the nearest training prompts' quality in the on-the-fly gate's "
+                        "prediction (0: the MLP alone; default: chosen by the inner folds, or 0.5 with --inner-folds 0)")
+    s.add_argument("--inner-folds", type=int, default=5,
+                   help="choose the on-the-fly gate's knobs (training length, weight decay, neighbours, their "
+                        "weight, calibration) by this many folds inside the training rows (0: fixed knobs; default 5)")
+    s.add_argument("--calibration", choices=("off", "auto", "on"), default="off",
+                   help="per-expert Platt calibration of the on-the-fly gate (auto: kept when the inner folds say "
+                        "it lowers the log-loss; default off)")
+
+
 def register(sub) -> None:
     gate = sub.add_parser("gate", help="train the MoE² gate").add_subparsers(dest="gate_command", required=True)
     s = gate.add_parser("fit", help="fit the gate on a CSV of (prompt, per-expert quality) rows")
@@ -485,15 +499,7 @@ def register(sub) -> None:
     s.add_argument("--skip-blank", action="store_true", help="skip rows with a blank quality cell (and count them)")
     s.add_argument("--knn-k", type=int, default=40,
                    help="neighbours of the kNN router (default 40; the gate's are chosen by the inner folds)")
-    s.add_argument("--gate-knn-weight", type=float, default=None,
-                   help="fix the weight of the nearest training prompts' quality in the on-the-fly gate's "
-                        "prediction (0: the MLP alone; default: chosen by the inner folds, or 0.5 with --inner-folds 0)")
-    s.add_argument("--inner-folds", type=int, default=5,
-                   help="choose the on-the-fly gate's knobs (training length, weight decay, neighbours, their "
-                        "weight, calibration) by this many folds inside the training rows (0: fixed knobs; default 5)")
-    s.add_argument("--calibration", choices=("off", "auto", "on"), default="off",
-                   help="per-expert Platt calibration of the on-the-fly gate (auto: kept when the inner folds say "
-                        "it lowers the log-loss; default off)")
+    add_eval_gate_args(s)
     s.add_argument("--experts", required=True, help="expert profiles YAML (e.g. configs/eval/routellm_mixtral_gpt4.yaml)")
     s.add_argument("--gate", help="a fitted gate directory (default: fit one on the training split)")
     s.add_argument("--holdout", type=float, default=0.5,
