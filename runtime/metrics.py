@@ -120,9 +120,7 @@ class ServingMetrics:
             ["kind", "expert"], registry=r,
         )
         self._by_expert: dict[str, _ExpertSeries] = {}
-        # label children of the two per-request counters whose labels are not only the expert
-        self._ok: dict[tuple[str, str], Counter] = {}
-        self._energy: dict[tuple[str, str, str], Counter] = {}
+        self._children: dict[tuple, object] = {}  # labelled(): per-request series with other labels
 
     def expert_series(self, expert: str) -> _ExpertSeries:
         """``expert``'s labelled series, looked up once: ``labels()`` costs a lock and a dict
@@ -135,6 +133,15 @@ class ServingMetrics:
                 self.energy_per_request.labels(expert),
             )
         return series
+
+    def labelled(self, metric, *values: str):
+        """``metric.labels(*values)``, looked up once (as :meth:`expert_series` does for the
+        series labelled by expert alone); callers pass bounded label sets only."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def refused(self, api: str, exc: BaseException) -> None:
         """Count ``exc`` in ``wattserve_refused_requests_total`` if it is a refusal (a 4xx)."""
@@ -185,19 +192,12 @@ class RequestRecorder:
         m, expert, u = self.metrics, final.expert, final.usage
         self._done = True
         series = m.expert_series(expert)
-        ok = m._ok.get((self.api, expert))
-        if ok is None:
-            ok = m._ok[self.api, expert] = m.requests.labels(self.api, expert, "ok")
-        ok.inc()
+        m.labelled(m.requests, self.api, expert, "ok").inc()
         series.ttft.observe(final.ttft_ms / 1000.0)
         series.e2e.observe(final.total_latency_ms / 1000.0)
         series.prompt_tokens.inc(u.prompt_tokens)
         series.generation_tokens.inc(u.completion_tokens)
-        key = (expert, tenant, u.energy_source)  # a bounded set: tenant is Lifecycle.tenant_label
-        energy = m._energy.get(key)
-        if energy is None:
-            energy = m._energy[key] = m.energy.labels(*key)
-        energy.inc(u.energy_j)
+        m.labelled(m.energy, expert, tenant, u.energy_source).inc(u.energy_j)  # tenant: Lifecycle.tenant_label, bounded
         series.energy_per_request.observe(u.energy_j)
         if energy_budget_j is not None:
             m.budgeted.labels("energy", expert).inc()

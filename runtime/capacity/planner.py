@@ -236,12 +236,14 @@ def plan_pool(load: PoolLoad, state: PoolState, spec: PoolSpec, profile: Replica
               & (pred.batch <= config.max_batch_fill * profile.max_batch))
     # a replica not yet ready draws its cold-start power (weights loading) while the others serve: a
     # plan that starts replicas must fit the budget with that on top, or a burst's scale-up is the peak
-    startup_w = np.maximum(0, pred.replicas - state.replicas_ready) * _cold_start_w(spec)
+    def starting_w(up: int) -> np.ndarray:  # start-up power of each plan's replicas beyond ``up``
+        return np.maximum(0, pred.replicas - up) * _cold_start_w(spec)
+
+    startup_w = starting_w(state.replicas_ready)
     in_budget = np.ones_like(ok_slo) if ceiling is None else pred.power_w + startup_w <= ceiling
     # holding the current count starts nothing new: replicas already starting were priced when they
     # were started, and cancelling them to shed their start-up power would only restart them later
-    keep_budget = in_budget if ceiling is None else \
-        pred.power_w + np.maximum(0, pred.replicas - state.replicas) * _cold_start_w(spec) <= ceiling
+    keep_budget = in_budget if ceiling is None else pred.power_w + starting_w(state.replicas) <= ceiling
     cost = pred.power_w + np.maximum(0, pred.replicas - state.replicas) * spec.cold_start_energy_j \
         / config.cold_start_amortise_s
     shrink_since = None
